@@ -1,0 +1,1 @@
+"""Command line of the diffusion feature cache: `pipeline --help`."""

@@ -1,0 +1,106 @@
+"""Loading a diffusion U-Net and its noise schedule, and naming them (weights hash, config)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+
+# What a model directory without a scheduler config is assumed to have been trained with.
+DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+
+
+@dataclass
+class LoadedModel:
+    unet: UNet2DModel
+    scheduler: DDPMScheduler
+    source: str  # what the user passed: a directory or a hub id
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.scheduler.config.num_train_timesteps)
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """abar_t for every t, float64: recomputed from the betas, so x_t is not limited by float32 cumprod."""
+        betas = self.scheduler.betas.to(torch.float64)
+        return torch.cumprod(1.0 - betas, dim=0)
+
+    def identity(self) -> dict:
+        """Everything about the model that determines its features."""
+        return {
+            "source": self.source,
+            "weights_sha256": weights_hash(self.unet),
+            "config": json.loads(json.dumps(dict(self.unet.config), default=str)),
+            "scheduler": json.loads(json.dumps(dict(self.scheduler.config), default=str)),
+        }
+
+
+class ModelLoadError(RuntimeError):
+    pass
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes, bytes), independent of how it was saved."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        array = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)};".encode())
+        digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
+    return digest.hexdigest()
+
+
+def _layout(path: Path) -> tuple[Path, Path | None]:
+    """(unet directory, scheduler directory or None) for a bare model dir or a pipeline dir."""
+    if (path / "model_index.json").exists() or (path / "unet" / "config.json").exists():
+        scheduler = path / "scheduler"
+        return path / "unet", scheduler if (scheduler / "scheduler_config.json").exists() else None
+    return path, path if (path / "scheduler_config.json").exists() else None
+
+
+def load_model(source: str | Path) -> LoadedModel:
+    """Load a `UNet2DModel` (a `save_pretrained` directory, a pipeline directory or a hub id).
+
+    The scheduler comes from `scheduler_config.json` beside the weights (or `scheduler/` in a
+    pipeline directory); without one the model is assumed to use DDPM's linear 1000-step schedule.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelLoadError(f"--model {text}: expected a directory saved by UNet2DModel.save_pretrained, got a file")
+        unet_dir, scheduler_dir = _layout(path)
+        if not (unet_dir / "config.json").exists():
+            raise ModelLoadError(
+                f"--model {text}: no config.json in {unet_dir}; expected a directory saved by UNet2DModel.save_pretrained"
+            )
+        unet = UNet2DModel.from_pretrained(unet_dir)
+        scheduler = DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
+        return LoadedModel(unet.eval(), scheduler, text)
+    if text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise ModelLoadError(f"--model {text}: no such directory")
+    return _load_from_hub(text)
+
+
+def _load_from_hub(repo_id: str) -> LoadedModel:
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "unet/*", "scheduler/*"])
+    except Exception as error:  # the hub client raises many types for "offline" and "not found"
+        raise ModelLoadError(
+            f"--model {repo_id}: could not fetch it from the Hugging Face Hub ({type(error).__name__}: {error}). "
+            f"Without network, download it elsewhere (`huggingface-cli download {repo_id} --local-dir models/NAME`), "
+            "copy the directory here and pass --model models/NAME"
+        ) from error
+    loaded = load_model(local)
+    loaded.source = repo_id
+    return loaded
+
+
+def to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float32).numpy()
