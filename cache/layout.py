@@ -15,7 +15,7 @@ PROGRESS = "_progress"
 DIMENSIONS = ("sample", "channel", "y", "x")
 
 # Settings that decide what every stored number is; a store only accepts writes that agree on all.
-IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "chunk_samples")
+IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples")
 
 
 def block_group(split: str, block: int) -> str:

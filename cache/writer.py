@@ -181,6 +181,10 @@ class FeatureStoreWriter:
             dimension_names=("chunk",),
         )
 
+    def update_info(self, **info) -> None:
+        """Record descriptive attributes (not part of the identity), e.g. where the model came from."""
+        self._update_attrs(**info)
+
     def _update_attrs(self, **changes) -> None:
         self._attrs.update(changes)
         self._group.attrs.update(changes)

@@ -7,7 +7,6 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
@@ -35,9 +34,14 @@ class LoadedModel:
         return {
             "source": self.source,
             "weights_sha256": weights_hash(self.unet),
-            "config": json.loads(json.dumps(dict(self.unet.config), default=str)),
-            "scheduler": json.loads(json.dumps(dict(self.scheduler.config), default=str)),
+            "config": _public(self.unet.config),
+            "scheduler": _public(self.scheduler.config),
         }
+
+
+def _public(config) -> dict:
+    # Keys like "_name_or_path" and "_diffusers_version" say where a model was loaded from, not what it is.
+    return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
 
 
 class ModelLoadError(RuntimeError):
@@ -78,7 +82,7 @@ def load_model(source: str | Path) -> LoadedModel:
             raise ModelLoadError(
                 f"--model {text}: no config.json in {unet_dir}; expected a directory saved by UNet2DModel.save_pretrained"
             )
-        unet = UNet2DModel.from_pretrained(unet_dir)
+        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
         scheduler = DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
         return LoadedModel(unet.eval(), scheduler, text)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
@@ -101,6 +105,3 @@ def _load_from_hub(repo_id: str) -> LoadedModel:
     loaded.source = repo_id
     return loaded
 
-
-def to_numpy_f32(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float32).numpy()
