@@ -21,3 +21,62 @@ def blocks(model: str) -> None:
 
     loaded = options.load_or_fail(load_model, model)
     click.echo(format_table(block_table(loaded.unet)))
+
+
+@main.command()
+@options.model_option
+@click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
+@click.option("--out", required=True, help="The feature store (a directory; created or resumed).")
+@click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
+@click.option("--timesteps", type=options.INTS, default="90", help="Comma list of noise timesteps.")
+@click.option("--pool", "pools", type=options.INTS, default="1,2,4", help="Pooled grid sizes to make readable.")
+@click.option("--splits", default="train,val", help="Comma list of split folders under --data.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored dtype.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Compute precision.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decoding processes [default: 0 on CPU, up to 8 on CUDA].")
+@click.option("--noise-seed", type=click.IntRange(min=0), default=0, help="Seed of the per-sample noise.")
+@click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk [default: ~4 MB chunks].")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
+@click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
+def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
+            noise_seed, chunk_samples, overwrite, dry_run) -> None:
+    """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
+    from stages.extract import ExtractConfig, make_plan, run_extract
+
+    config = ExtractConfig(
+        model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), batch_size=batch_size, dtype=dtype,
+        precision=precision, device=device, workers=workers, noise_seed=noise_seed, chunk_samples=chunk_samples,
+        overwrite=overwrite,
+    )
+    if dry_run:
+        click.echo(options.load_or_fail(make_plan, config).describe())
+        return
+    plan = options.load_or_fail(run_extract, config)
+    click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
+
+
+@main.command("convert-adm")
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option(
+    "--flags",
+    required=True,
+    help="The MODEL_FLAGS the checkpoint was trained with, in guided-diffusion's syntax "
+    "(DIFFUSION_FLAGS may follow), e.g. \"--image_size 256 --num_channels 256 --learn_sigma True ...\".",
+)
+def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
+    """Convert an OpenAI guided-diffusion (ADM) checkpoint into a UNet2DModel directory.
+
+    OUT_DIR (new or empty) gets config.json, the weights as safetensors and scheduler_config.json;
+    pass it as --model to the other commands.
+    """
+    from stages.adm import convert_adm_checkpoint
+
+    try:
+        written = convert_adm_checkpoint(checkpoint, out_dir, flags)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {written}; `pipeline blocks --model {written}` prints its block table")
