@@ -166,9 +166,6 @@ class AdmArchitecture:
     new_attention_order: bool  # QKVAttention ([q | k | v] of all heads) rather than QKVAttentionLegacy
     out_channels: int
 
-    def level_channels(self, level: int) -> int:
-        return int(self.channel_mult[level] * self.model_channels)
-
     def has_attention(self, level: int) -> bool:
         return 2**level in self.attention_ds
 
@@ -222,10 +219,10 @@ def _channel_mult(flags: dict) -> tuple[float, ...]:
     return _int_list("channel_mult", flags["channel_mult"])
 
 
-def _head_channels(flags: dict, arch_channels: list[tuple[str, int, bool]]) -> int:
+def _head_channels(flags: dict, layers: list[tuple[str, int, bool]]) -> int:
     """The one head size shared by every attention layer, or an error naming the layers that differ.
 
-    `arch_channels` is (layer description, channels, is a decoder layer) for every attention layer.
+    `layers` is (where, channels, in the decoder) for every attention layer.
     guided-diffusion sizes heads by `num_head_channels` when set, else splits each layer's channels
     into `num_heads` heads (`num_heads_upsample` in the decoder).
     """
@@ -233,7 +230,7 @@ def _head_channels(flags: dict, arch_channels: list[tuple[str, int, bool]]) -> i
     heads_down = flags["num_heads"]
     heads_up = flags["num_heads_upsample"] if flags["num_heads_upsample"] != -1 else heads_down
     sizes: dict[int, list[str]] = {}
-    for where, channels, decoder in arch_channels:
+    for where, channels, decoder in layers:
         if fixed != -1:
             if fixed <= 0 or channels % fixed:
                 raise AdmConversionError(
@@ -262,9 +259,9 @@ def adm_architecture(flags: str | Mapping) -> AdmArchitecture:
     flags = _as_flags(flags)
     if flags["class_cond"]:
         raise AdmConversionError(
-            "class-conditional checkpoints (--class_cond True) are not supported: the model needs a class label at "
-            "every forward pass and this pipeline extracts features from unconditional ones; use an unconditional "
-            "checkpoint (e.g. 256x256_diffusion_uncond.pt)"
+            "class-conditional checkpoints (--class_cond True) are not supported: their forward pass needs a class "
+            "label (label_emb), which this pipeline's feature extraction does not supply; use an unconditional "
+            "checkpoint such as 256x256_diffusion_uncond.pt"
         )
     size, width, depth = flags["image_size"], flags["num_channels"], flags["num_res_blocks"]
     if size <= 0 or width <= 0:
@@ -296,7 +293,7 @@ def adm_architecture(flags: str | Mapping) -> AdmArchitecture:
     return AdmArchitecture(
         image_size=size,
         model_channels=width,
-        channel_mult=tuple(int(m) if float(m).is_integer() else m for m in mult),
+        channel_mult=tuple(int(m) for m in mult),  # whole numbers: only 512's 0.5 is not, refused above
         num_res_blocks=depth,
         attention_ds=attention_ds,
         head_channels=_head_channels(flags, attention_layers),
@@ -378,6 +375,13 @@ def adm_scheduler(flags: str | Mapping) -> DDPMScheduler:
 # ---------------------------------------------------------------------------------------------
 
 
+def _unpickling_reason(error: Exception) -> str:
+    # torch's message is a paragraph of advice; the line naming the refused global is the useful one.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (named or lines or [type(error).__name__])[0]
+
+
 def load_adm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a guided-diffusion state dict without running any code stored in the file."""
     path = Path(path)
@@ -386,7 +390,7 @@ def load_adm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = _unpickling_reason(error)
         raise AdmConversionError(
             f"{path}: refused to load: the file asks to run code or build objects other than tensors while it is "
             f"read (torch weights_only: {reason}). A guided-diffusion checkpoint is a plain dict of tensors; do not "
