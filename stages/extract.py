@@ -259,21 +259,23 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
         log.info("%s: nothing to do, every requested chunk is done", split)
         return
     chunks = sorted(needs)
+    # Every pass of this split runs the same timesteps, even for a chunk a killed run had partly
+    # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
+    steps = sorted({t for wanted in needs.values() for _, t in wanted})
     batches = _batches(chunks, n, cs, config.batch_size)
     size = plan.settings["preprocessing"]["size"]
     channels = plan.settings["preprocessing"]["channels"]
-    timesteps = list(config.timesteps)
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, size, channels, timesteps, config.noise_seed),
+        _NoisedImages(data, size, channels, steps, config.noise_seed),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
     abar = plan.model.alphas_cumprod()
-    scale_x0 = {t: float(math.sqrt(abar[t])) for t in timesteps}
-    scale_eps = {t: float(math.sqrt(1.0 - abar[t])) for t in timesteps}
+    scale_x0 = [float(math.sqrt(abar[t])) for t in steps]
+    scale_eps = [float(math.sqrt(1.0 - abar[t])) for t in steps]
     autocast = (
         torch.autocast(device.type, dtype=PRECISIONS[config.precision])
         if config.precision != "fp32"
@@ -288,12 +290,11 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
         for x0, eps, index in loader:
             chunk = int(index[0]) // cs
             wanted = needs[chunk]
-            steps = sorted({t for _, t in wanted})
             grids = {b: plan.grids[b] for b in sorted({b for b, _ in wanted})}
             x0 = x0.to(device, non_blocking=True)
             eps = eps.to(device, non_blocking=True)
             # (T*B, C, H, W): timestep-major, so rows [i*B:(i+1)*B] belong to steps[i].
-            xt = torch.cat([scale_x0[t] * x0 + scale_eps[t] * eps[:, timesteps.index(t)] for t in steps])
+            xt = torch.cat([scale_x0[i] * x0 + scale_eps[i] * eps[:, i] for i in range(len(steps))])
             tt = torch.tensor(steps, device=device).repeat_interleave(x0.shape[0])
             if device.type == "cuda":
                 xt = xt.contiguous(memory_format=torch.channels_last)

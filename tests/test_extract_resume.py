@@ -1,0 +1,151 @@
+"""Resumability and safety of the store: kill -9, mismatched settings, a second writer, additions."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from cache import FeatureStore, FeatureStoreWriter, StoreLockedError, StoreMismatchError
+from cache.writer import SplitIndex
+from conftest import make_image_folder
+from stages.extract import ExtractConfig, run_extract
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def chunk_files(store: Path) -> dict[str, bytes]:
+    """Every file of the store by relative path: the bit-for-bit view of it."""
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def config(model, data, out, **changes) -> ExtractConfig:
+    base = dict(model=str(model), data=str(data), out=str(out), blocks="2-9", timesteps=(10, 90), pools=(1, 2),
+                batch_size=3, chunk_samples=4)
+    return ExtractConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("many") / "images", counts={"train": 60, "val": 12}, seed=1)
+
+
+def done_chunks(store: Path) -> int:
+    """Finished chunks of the deepest array of the train split, read while another process writes."""
+    try:
+        return int(np.sum(zarr.open_group(store, mode="r")["_progress/train/block9/t90"][:]))
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_model, many_images, tmp_path,
+                                                                         monkeypatch):
+    reference = tmp_path / "reference.zarr"
+    run_extract(config(tiny_model, many_images, reference, batch_size=1), progress=False)
+
+    killed = tmp_path / "killed.zarr"
+    command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(many_images),
+               "--out", str(killed), "--blocks", "2-9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "1",
+               "--chunk-samples", "4"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    try:
+        while done_chunks(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.02)
+        assert process.poll() is None, "the extraction finished before it could be killed"
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    finished_before = FeatureStore.open(killed)
+    missing_before = finished_before.missing()
+    assert missing_before, "the kill came too late to test anything"
+
+    written = []
+    original = FeatureStoreWriter.write_chunk
+
+    def record(self, split, chunk, features):
+        written.extend((split, chunk, key) for key in features)
+        return original(self, split, chunk, features)
+
+    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    run_extract(config(tiny_model, many_images, killed, batch_size=1), progress=False)
+
+    for split, chunk, (block, timestep) in written:
+        assert chunk in missing_before[(split, block, timestep)], f"recomputed finished chunk {chunk} of {split}"
+    resumed = chunk_files(killed)
+    expected = chunk_files(reference)
+    # attributes differ only where this test asked for them to: nothing; the file sets and bytes are equal
+    assert resumed.keys() == expected.keys()
+    differing = [key for key in expected if resumed[key] != expected[key]]
+    assert differing == [], differing
+
+
+def test_mismatched_store_is_refused_with_the_difference_named(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    before = chunk_files(out)
+    with pytest.raises(StoreMismatchError, match="noise_seed: the store has 0, this run asks for 5"):
+        run_extract(config(tiny_model, tiny_data, out, blocks="3", noise_seed=5), progress=False)
+    with pytest.raises(StoreMismatchError, match="dtype"):
+        run_extract(config(tiny_model, tiny_data, out, blocks="3", dtype="float32"), progress=False)
+    assert chunk_files(out) == before
+    run_extract(config(tiny_model, tiny_data, out, blocks="3", noise_seed=5, overwrite=True), progress=False)
+    assert FeatureStore.open(out).attrs["noise_seed"] == 5
+
+
+def test_other_data_is_refused(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    other = make_image_folder(tmp_path / "other", counts={"train": 5, "val": 3}, seed=7)
+    with pytest.raises(StoreMismatchError, match="data.file_list_sha256"):
+        run_extract(config(tiny_model, other, out, blocks="3"), progress=False)
+
+
+def test_a_second_writer_gets_a_clear_error(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    store = FeatureStore.open(out)
+    attrs = store.attrs
+    settings = {key: attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
+                                            "precision", "chunk_samples")}
+    splits = {s: SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
+    before = chunk_files(out)
+    with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=attrs["block_table"]):
+        with pytest.raises(StoreLockedError, match="being written by another process"):
+            run_extract(config(tiny_model, tiny_data, out, blocks="3-4"), progress=False)
+    assert chunk_files(out) == before
+    run_extract(config(tiny_model, tiny_data, out, blocks="3-4"), progress=False)  # the lock is gone
+
+
+def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "s.zarr"
+    run_extract(config(tiny_model, tiny_data, out, blocks="3,5", timesteps=(10,)), progress=False)
+    first = chunk_files(out)
+    written = []
+    original = FeatureStoreWriter.write_chunk
+
+    def record(self, split, chunk, features):
+        written.extend(features)
+        return original(self, split, chunk, features)
+
+    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    run_extract(config(tiny_model, tiny_data, out, blocks="3,5,8", timesteps=(10, 90)), progress=False)
+    assert set(written) == {(3, 90), (5, 90), (8, 10), (8, 90)}
+    after = chunk_files(out)
+    unchanged = [k for k in first if "block3/t10/" in k or "block5/t10/" in k]
+    assert unchanged and all(after[k] == first[k] for k in unchanged)
+    store = FeatureStore.open(out)
+    assert store.blocks == [3, 5, 8] and store.timesteps == [10, 90] and not store.missing()
+
+    # a pool that needs a finer grid than block 3 was stored at cannot be added silently
+    with pytest.raises(StoreMismatchError, match="block 3 is stored pooled to 2x2"):
+        run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,)), progress=False)
