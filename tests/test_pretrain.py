@@ -127,3 +127,41 @@ def test_random_init_refuses_to_overwrite_its_source(trained):
 def test_missing_train_split(tmp_path):
     with pytest.raises(FileNotFoundError, match="train"):
         pretrain_ddpm(tmp_path, tmp_path / "out", epochs=1, progress=False, **TINY)
+
+
+def test_cli_pretrain_and_random_init(data_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    runner = CliRunner()
+    model = tmp_path / "ddpm"
+    result = runner.invoke(
+        main, ["pretrain", "--data", str(data_dir), "--out", str(model), "--epochs", "1", "--image-size", "8",
+               "--seed", "2", "--batch-size", "20", "--lr", "1e-3"],
+    )
+    assert result.exit_code == 0, result.output
+    log = json.loads((model / "train_log.json").read_text())
+    assert log["steps"] == 2 and log["seed"] == 2 and log["optimizer"]["lr"] == 1e-3
+    assert log["config"]["block_out_channels"] == [32, 64, 64]  # the default architecture
+    assert load_model(model).unet.config.sample_size == 8
+
+    result = runner.invoke(main, ["random-init", "--model", str(model), "--out", str(tmp_path / "r"), "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    assert weights_hash(load_model(tmp_path / "r").unet) == log["init_weights_sha256"]
+
+    result = runner.invoke(main, ["pretrain", "--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "no train split" in result.output and "Traceback" not in result.output
+    result = runner.invoke(main, ["random-init", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "m")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+
+
+def test_cli_defaults_match_the_stage_defaults():
+    import inspect
+
+    from pipeline.cli import main
+
+    signature = inspect.signature(pretrain_ddpm).parameters
+    options = {p.name: p.default for p in main.commands["pretrain"].params}
+    for name in ("epochs", "image_size", "seed", "batch_size", "lr", "device"):
+        assert options[name] == signature[name].default, name
