@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -29,11 +30,15 @@ class LoadedModel:
         betas = self.scheduler.betas.to(torch.float64)
         return torch.cumprod(1.0 - betas, dim=0)
 
+    @cached_property
+    def weights_sha256(self) -> str:
+        return weights_hash(self.unet)
+
     def identity(self) -> dict:
         """Everything about the model that determines its features."""
         return {
             "source": self.source,
-            "weights_sha256": weights_hash(self.unet),
+            "weights_sha256": self.weights_sha256,
             "config": _public(self.unet.config),
             "scheduler": _public(self.scheduler.config),
         }

@@ -1,0 +1,169 @@
+"""Extraction overhead, measured side by side in one run on the same model and images.
+
+    python bench/extract.py                          # CPU: ADM-shaped 32 px model, 3 timesteps
+    python bench/extract.py --device cuda --adm256   # GPU: ADM-256-sized random weights, blocks 18-30
+
+CPU mode prints wall time of (a) bare full forward passes, one per timestep, on tensors already in
+memory; (b) extraction of every block at those timesteps into a store (decoding, noise, hooks,
+pooling, compression and writes included); (c) extraction of blocks up to the middle of the network;
+and the ratios (b)/(a), (c)/(a). CUDA mode prints images per second for the bare forward to block 30
+at fp32 and bf16 and for extracting blocks 18-30 at 3 timesteps at each precision.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.blocks import block_table  # noqa: E402
+from stages.capture import BlockCapture  # noqa: E402
+from stages.data import load_image, scan  # noqa: E402
+from stages.extract import PRECISIONS, ExtractConfig, noise, run_extract  # noqa: E402
+from stages.models import load_model  # noqa: E402
+from stages.unet_configs import adm_unet_config  # noqa: E402
+
+ADM256 = dict(image_size=256, num_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
+              attention_resolutions=(8, 16, 32), num_head_channels=64, out_channels=6)
+SMALL = dict(image_size=32, num_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
+             attention_resolutions=(2, 4), num_head_channels=32, out_channels=6)
+
+
+def build(workdir: Path, images: int, adm256: bool) -> tuple[Path, Path]:
+    config = adm_unet_config(**(ADM256 if adm256 else SMALL))
+    torch.manual_seed(0)
+    unet = UNet2DModel(**config)
+    model_dir = workdir / "model"
+    unet.save_pretrained(model_dir)
+    DDPMScheduler(num_train_timesteps=1000).save_pretrained(model_dir)
+    rng = np.random.default_rng(0)
+    size = config["sample_size"]
+    for split, count in (("train", images),):
+        for i in range(count):
+            folder = workdir / "data" / split / f"c{i % 4}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return model_dir, workdir / "data"
+
+
+def inputs(model_dir: Path, data: Path, timesteps: list[int]):
+    unet = UNet2DModel.from_pretrained(model_dir, low_cpu_mem_usage=False).eval()
+    split = scan(data, ["train"])["train"]
+    x0 = torch.stack([load_image(data / p, unet.config.sample_size, 3) for p in split.paths])
+    abar = DDPMScheduler.from_pretrained(model_dir).alphas_cumprod
+    xts = {t: abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t, x0.shape[1:]) for i in range(len(x0))])
+           for t in timesteps}
+    return unet, xts
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> float:
+    """Seconds for forward passes over every image at every timestep, batch by batch."""
+    unet = unet.to(device)
+    capture = None
+    if stop_block is not None:
+        block = block_table(unet)[stop_block - 1]
+        capture = BlockCapture(unet, [block])
+    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode(), autocast:
+        for t, xt in xts.items():
+            for s in range(0, len(xt), batch):
+                x = xt[s : s + batch].to(device, non_blocking=True)
+                tt = torch.full((len(x),), t, device=device)
+                if capture is None:
+                    unet(x, tt)
+                else:
+                    capture(x, tt, {stop_block: block.resolution})
+    sync(device)
+    if capture is not None:
+        capture.close()
+    return time.perf_counter() - start
+
+
+def extraction(model, data, out, blocks, timesteps, batch, device, precision="fp32", workers=None) -> float:
+    """Seconds for `pipeline extract` on an already loaded model (loading and hashing it once is not per image)."""
+    shutil.rmtree(out, ignore_errors=True)
+    config = ExtractConfig(model=model.source, data=str(data), out=str(out), blocks=blocks, timesteps=tuple(timesteps),
+                           pools=(1, 2, 4), splits=("train",), batch_size=batch, device=str(device),
+                           precision=precision, workers=workers)
+    start = time.perf_counter()
+    run_extract(config, progress=False, model=model)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--adm256", action="store_true", help="ADM-256-sized random weights (554M parameters)")
+    parser.add_argument("--images", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--timesteps", default="10,90,150")
+    parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    images = args.images or (256 if device.type == "cuda" else 96)
+    batch = args.batch_size or 32
+    workdir = Path(tempfile.mkdtemp(prefix="bench-extract-"))
+    try:
+        model_dir, data = build(workdir, images, args.adm256)
+        unet, xts = inputs(model_dir, data, timesteps)
+        loaded = load_model(model_dir)
+        loaded.unet = unet
+        table = block_table(unet)
+        middle = next(b.number for b in table if b.module == "mid_block")
+        print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks, "
+              f"{unet.config.sample_size}px; {images} images x {len(timesteps)} timesteps; batch {batch}; {device}"
+              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+        store = workdir / "features.zarr"
+        if device.type == "cpu":
+            bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device)  # warm-up
+            # Interleaved repeats, best of each: drift in machine load hits all three alike.
+            runs = [(bare(unet, xts, batch, device),
+                     extraction(loaded, data, store, "all", timesteps, batch, device),
+                     extraction(loaded, data, store, f"1-{middle}", timesteps, batch, device))
+                    for _ in range(args.repeats)]
+            a, b, c = (min(column) for column in zip(*runs))
+            n = images * len(timesteps)
+            print(f"(a) bare full forward, one pass per timestep : {a:7.2f} s  {n / a:8.1f} img*t/s")
+            print(f"(b) extract all {len(table)} blocks into a store   : {b:7.2f} s  {n / b:8.1f} img*t/s")
+            print(f"(c) extract blocks 1-{middle} (to the middle)    : {c:7.2f} s  {n / c:8.1f} img*t/s")
+            print(f"ratio (b)/(a) = {b / a:.3f}   (target <= 1.10)")
+            print(f"ratio (c)/(a) = {c / a:.3f}   (target well under 1)")
+        else:
+            last = min(30, len(table))
+            first = max(1, last - 12)
+            for precision in ("fp32", "bf16"):
+                bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device, precision, last)
+                runs = [(bare(unet, xts, batch, device, precision, last),
+                         extraction(loaded, data, store, f"{first}-{last}", timesteps, batch, device, precision))
+                        for _ in range(args.repeats)]
+                a, b = (min(column) for column in zip(*runs))
+                n = images * len(timesteps)
+                print(f"{precision}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
+                      f"x {len(timesteps)} timesteps into a store: {n / b:8.1f} img*t/s | ratio {b / a:.3f} "
+                      "(target <= 1.10)")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
