@@ -132,3 +132,99 @@ def random_init(model: str, out: str, seed: int) -> None:
     except (ValueError, RuntimeError, OSError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote a random-init copy of {model} ({record['parameters']} parameters, seed {seed}) to {out}")
+
+
+@main.command()
+@click.option("--store", default="cache/features.zarr", help="The feature store (only read, never changed).")
+@click.option("--head", required=True, type=click.Choice(["linear", "mlp", "cnn", "attention", "logreg", "knn", "ridge"]),
+              help="torch: linear, mlp, cnn, attention; scikit-learn: logreg, knn, ridge.")
+@click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
+@click.option("--timesteps", type=options.INTS, default=None, help="Comma list [default: every stored timestep].")
+@click.option("--pool", "pools", type=options.INTS, default=None, help="Pooled grid sizes [default: the store's pools].")
+@click.option("--fuse", is_flag=True, help="One head over all requested blocks x timesteps (per pool).")
+@click.option("--out", default="results", type=click.Path(file_okay=False), help="Results root; the run goes to OUT/NAME.")
+@click.option("--name", default=None, help="Run directory name [default: the head, or <head>_fused].")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the fit rows [default: 30].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="[default: 256]")
+@click.option("--lr", "lrs", type=options.FLOATS, default=None, help="Learning-rate grid [default: per head].")
+@click.option("--weight-decay", "weight_decays", type=options.FLOATS, default=None, help="Weight-decay grid [default: per head].")
+@click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None, help="[default: adamw, cosine schedule]")
+@click.option("--batchnorm/--no-batchnorm", default=None, help="linear/mlp: BatchNorm without affine first [default: off].")
+@click.option("--hidden", type=options.INTS, default=None, help="mlp hidden sizes [default: 1024].")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="cnn channels [default: 256].")
+@click.option("--dim", type=click.IntRange(min=1), default=None, help="attention token width d [default: 256].")
+@click.option("--depth", type=click.IntRange(min=1), default=None, help="attention transformer blocks k [default: 2].")
+@click.option("--attention-heads", type=click.IntRange(min=1), default=None, help="[default: 4]")
+@click.option("--C", "Cs", type=options.FLOATS, default=None, help="logreg C grid [default: 0.001,0.01,0.1,1,10].")
+@click.option("--knn-k", "ks", type=options.INTS, default=None, help="knn k grid [default: 1,5,10,20,50,100].")
+@click.option("--alpha", "alphas", type=options.FLOATS, default=None, help="ridge alpha grid [default: 0.1 to 1e4].")
+@click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Share of train carved out for choosing hyper-parameters [default: 0.1].")
+@click.option("--seed", type=click.IntRange(min=0), default=None, help="[default: 0]")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N [default: auto].")
+@click.option("--memory-budget", type=options.BYTES, default=None, help="e.g. 8GB [default: half the available memory].")
+@click.option("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default=None,
+              help="Keep features in memory or stream them each epoch [default: auto, by the budget].")
+@click.option("--shuffle-window", type=click.IntRange(min=1), default=None, help="Samples shuffled together [default: 65536].")
+@click.option("--allow-incomplete", is_flag=True, default=None, help="Probe only the finished samples of an unfinished store.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
+def probe(store, head, blocks_spec, **flags) -> None:
+    """Train probe heads on every requested (block, timestep, pool) of the store in one sweep."""
+    import logging
+
+    from stages.blocks import parse_block_spec
+    from stages.probe import ProbeSettings, run_probe
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    blocks = parse_block_spec(blocks_spec)
+    given = {key: value for key, value in flags.items() if value is not None}
+    settings = options.load_or_fail(ProbeSettings, store=store, head=head,
+                                    blocks=None if blocks is None else tuple(blocks), **given)
+    result = options.load_or_fail(run_probe, settings)
+    best = result.metrics["best"]
+    click.echo(f"{len(result.rows)} configurations -> {result.run_dir}; chosen on validation: {best['key']} "
+               f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+
+
+@main.command()
+@click.option("--results", "results", type=options.NAMED_PATH, multiple=True, required=True,
+              help="A result directory (runs side by side, or one run); NAME=PATH names it; repeat to compare.")
+@click.option("--out", default="report", type=click.Path(file_okay=False), help="Where the report goes.")
+def report(results, out) -> None:
+    """Tables, heatmaps and a summary from finished probe results (nothing is retrained)."""
+    from stages.report import build_report
+
+    names = [name for name, _ in results]
+    if len(set(names)) != len(names):
+        raise click.UsageError(f"result sets need distinct names, got {names}; use NAME=PATH")
+    metrics = options.load_or_fail(build_report, dict(results), out)
+    for run, per_set in sorted(metrics.items()):
+        cells = ", ".join(f"{name} {100 * best['test_top1']:.1f}%" for name, best in per_set.items() if best)
+        click.echo(f"{run}: {cells}")
+    click.echo(f"wrote {out}/summary.md")
+
+
+@main.command()
+@click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
+@click.option("--out", required=True, help="The pixel store to write.")
+@click.option("--model", default=None, help="Take image size and channels from this model (as its extraction does).")
+@click.option("--size", type=click.IntRange(min=1), default=None, help="Image size, without --model.")
+@click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 or 3, without --model.")
+@click.option("--pool", "pools", type=options.INTS, default=None, help="Pool sizes [default: the full image].")
+@click.option("--splits", default="train,val", help="Comma list of split folders under --data.")
+@click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
+def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
+    """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
+    from stages.models import load_model
+    from stages.pixels import write_pixel_store
+
+    if model is not None:
+        config = options.load_or_fail(load_model, model).unet.config
+        size, channels = config.sample_size, config.in_channels
+    if size is None or channels is None:
+        raise click.UsageError("give --model, or both --size and --channels")
+    options.load_or_fail(
+        write_pixel_store, data, out, size=int(size), channels=int(channels), pools=pools,
+        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), overwrite=overwrite,
+    )
+    click.echo(f"wrote the pixel store {out}")
