@@ -1,0 +1,23 @@
+# Two commands on a fresh machine:  `make repro` (the default pipeline) and `make test`.
+# TORCH picks the PyTorch wheel installed first: the default is a CPU build here and a CUDA build
+# from PyPI on a Linux GPU machine; set TORCH=torch (or your own pin) to take another.
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+PYTHON ?= python3
+BIN := $(VENV)/bin
+
+.PHONY: repro test install
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH)"
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+repro: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+test: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
