@@ -1,0 +1,235 @@
+"""scikit-learn probes over a hyper-parameter grid, each chosen on a held-out validation set.
+
+    probe = LogRegProbe(Cs=(0.01, 0.1, 1.0)).fit(X_fit, y_fit, X_val, y_val)
+    probe.val_top1_        # (n_C,) validation top-1 of every C
+    probe.best_C_          # the chosen C; predict / decision_function use it
+    probe.decision_grid(X) # (n_C, N, K) scores of every C
+
+All three follow scikit-learn's conventions (`__init__` stores hyper-parameters, `fit` validates,
+learns, returns self; learned state ends in `_`). They fit the whole grid in one go where the
+model allows it: LogRegProbe warm-starts along increasing C, KNNProbe answers every k from one
+neighbour search, RidgeProbe solves every alpha from one eigendecomposition.
+Without validation data the first grid value is used.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+
+SKLEARN_KINDS = ("logreg", "knn", "ridge")
+
+
+def check_grid(owner: str, name: str, values, *, integer: bool = False, low: float = 0.0) -> tuple:
+    """Validate a hyper-parameter grid: a non-empty sequence of numbers above `low` (ints if `integer`)."""
+    kind = "integers" if integer else "floats"
+    message = (f"The {name!r} parameter of {owner} must be a non-empty sequence of {kind} in the range "
+               f"({low}, inf). Got {values!r} instead.")
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ValueError(message) from None
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) for v in items):
+        raise ValueError(message)
+    if any(not v > low or not np.isfinite(v) for v in items) or (integer and any(int(v) != v for v in items)):
+        raise ValueError(message)
+    return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
+
+
+def topk_labels(scores: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
+    """(N, K) scores -> (N, min(k, K)) class labels, best first (ties: lower class index first)."""
+    k = min(k, scores.shape[1])
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return np.asarray(classes)[order]
+
+
+class _GridProbe(ClassifierMixin, BaseEstimator):
+    """Shared: choose the grid value with the best validation top-1 (first on ties)."""
+
+    _grid_name = ""
+
+    def _select(self, X_val, y_val) -> None:
+        if X_val is None:
+            self.val_top1_ = None
+            self.best_index_ = 0
+            return
+        X_val = check_array(X_val, dtype=np.float32)
+        y_val = np.asarray(y_val)
+        scores = self.decision_grid(X_val)
+        self.val_top1_ = np.array([np.mean(self.classes_[s.argmax(axis=1)] == y_val) for s in scores])
+        self.best_index_ = int(np.argmax(self.val_top1_))
+
+    def grid_index(self, value) -> int:
+        """Position of a grid value in `grid_` (the order of `decision_grid`)."""
+        return int(np.flatnonzero(self.grid_ == value)[0])
+
+    def decision_function(self, X) -> np.ndarray:
+        """(N, n_classes) scores of the chosen grid value."""
+        check_is_fitted(self)
+        return self.decision_grid(X)[self.best_index_]
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.decision_function(X).argmax(axis=1)]
+
+
+class LogRegProbe(_GridProbe):
+    """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C."""
+
+    def __init__(self, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0), *, max_iter: int = 1000, tol: float = 1e-4):
+        self.Cs = Cs
+        self.max_iter = max_iter
+        self.tol = tol
+
+    def fit(self, X, y, X_val=None, y_val=None) -> LogRegProbe:
+        Cs = check_grid(type(self).__name__, "Cs", self.Cs)
+        X, y = check_X_y(X, y, dtype=np.float32)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+        self.Cs_ = self.grid_ = np.array(sorted(set(Cs)))
+        model = LogisticRegression(C=self.Cs_[0], max_iter=self.max_iter, tol=self.tol, warm_start=True)
+        coefs, intercepts, self.n_iter_ = [], [], []
+        for C in self.Cs_:
+            model.set_params(C=float(C))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X, y)
+            coef, intercept = model.coef_, model.intercept_
+            if coef.shape[0] == 1:  # binary: scikit-learn keeps one row; two symmetric rows give the same argmax
+                coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+            coefs.append(coef.astype(np.float32))
+            intercepts.append(intercept.astype(np.float32))
+            self.n_iter_.append(int(np.max(model.n_iter_)))
+        self.coefs_, self.intercepts_ = np.stack(coefs), np.stack(intercepts)  # (n_C, K, D), (n_C, K)
+        self._select(X_val, y_val)
+        self.best_C_ = float(self.Cs_[self.best_index_])
+        self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
+        return self
+
+    def decision_grid(self, X) -> np.ndarray:
+        """(n_C, N, K) logits of every C."""
+        X = check_array(X, dtype=np.float32)
+        return np.einsum("nd,ckd->cnk", X, self.coefs_) + self.intercepts_[:, None, :]
+
+
+class RidgeProbe(_GridProbe):
+    """One-vs-rest ridge regression on {-1, 1} targets (RidgeClassifier) for every alpha.
+
+    Solved in float64 from one eigendecomposition of X^T X (or X X^T when there are fewer samples
+    than features), so the grid costs one factorisation.
+    """
+
+    def __init__(self, alphas: Sequence[float] = (0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0)):
+        self.alphas = alphas
+
+    def fit(self, X, y, X_val=None, y_val=None) -> RidgeProbe:
+        alphas = check_grid(type(self).__name__, "alphas", self.alphas)
+        X, y = check_X_y(X, y, dtype=np.float64)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+        self.alphas_ = self.grid_ = np.array(sorted(set(alphas)))
+        Y = np.where(y[:, None] == self.classes_[None, :], 1.0, -1.0)
+        x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
+        Xc, Yc = X - x_mean, Y - y_mean
+        coefs = []
+        if X.shape[1] <= X.shape[0]:
+            eigenvalues, V = np.linalg.eigh(Xc.T @ Xc)
+            projected = V.T @ (Xc.T @ Yc)
+            for alpha in self.alphas_:
+                coefs.append(V @ (projected / (eigenvalues + alpha)[:, None]))
+        else:
+            eigenvalues, U = np.linalg.eigh(Xc @ Xc.T)
+            projected = U.T @ Yc
+            for alpha in self.alphas_:
+                coefs.append(Xc.T @ (U @ (projected / (eigenvalues + alpha)[:, None])))
+        coefs = np.stack(coefs)  # (n_alpha, D, K)
+        self.coefs_ = np.ascontiguousarray(coefs.transpose(0, 2, 1)).astype(np.float32)  # (n_alpha, K, D)
+        self.intercepts_ = (y_mean[None, :] - np.einsum("d,adk->ak", x_mean, coefs)).astype(np.float32)
+        self._select(X_val, y_val)
+        self.best_alpha_ = float(self.alphas_[self.best_index_])
+        self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
+        return self
+
+    def decision_grid(self, X) -> np.ndarray:
+        X = check_array(X, dtype=np.float32)
+        return np.einsum("nd,akd->ank", X, self.coefs_) + self.intercepts_[:, None, :]
+
+
+class KNNProbe(_GridProbe):
+    """k nearest neighbours by cosine similarity, votes weighted by 1 / cosine distance.
+
+    Every k is answered from one search for the largest k. The vote matches scikit-learn's
+    `KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")`, including its
+    rule that neighbours at distance 0 take the whole vote.
+    """
+
+    def __init__(self, ks: Sequence[int] = (1, 5, 10, 20, 50, 100), *, batch_size: int = 1024):
+        self.ks = ks
+        self.batch_size = batch_size
+
+    def fit(self, X, y, X_val=None, y_val=None) -> KNNProbe:
+        ks = check_grid(type(self).__name__, "ks", self.ks, integer=True)
+        X, y = check_X_y(X, y, dtype=np.float32)
+        self.classes_, self._codes = np.unique(y, return_inverse=True)
+        usable = sorted({min(k, len(y)) for k in ks})
+        self.ks_ = self.grid_ = np.array(usable)
+        self._train = _unit_rows(torch.from_numpy(np.ascontiguousarray(X)))
+        self._select(X_val, y_val)
+        self.best_k_ = int(self.ks_[self.best_index_])
+        return self
+
+    def grid_index(self, value) -> int:
+        """k above the number of training rows means all of them."""
+        return super().grid_index(min(int(value), len(self._codes)))
+
+    def kneighbors(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k_max) cosine distances (ascending) and indices into the training rows."""
+        queries = _unit_rows(torch.from_numpy(check_array(X, dtype=np.float32)))
+        k = int(self.ks_.max())
+        distances, indices = [], []
+        for start in range(0, len(queries), self.batch_size):
+            sims = queries[start : start + self.batch_size] @ self._train.T
+            top, index = torch.topk(sims, k, dim=1)
+            distances.append(torch.clamp(1.0 - top.double(), min=0.0).numpy())
+            indices.append(index.numpy())
+        return np.concatenate(distances), np.concatenate(indices)
+
+    def decision_grid(self, X) -> np.ndarray:
+        """(n_k, N, n_classes) weighted votes of every k, from one neighbour search."""
+        distances, indices = self.kneighbors(X)
+        codes = self._codes[indices]  # (N, k_max)
+        out = np.zeros((len(self.ks_), len(distances), len(self.classes_)))
+        rows = np.arange(len(distances))[:, None]
+        for j, k in enumerate(self.ks_):
+            d = distances[:, :k]
+            with np.errstate(divide="ignore"):
+                weights = 1.0 / d
+            exact = (d == 0).any(axis=1)
+            weights[exact] = (d[exact] == 0).astype(float)
+            np.add.at(out[j], (np.broadcast_to(rows, codes[:, :k].shape), codes[:, :k]), weights)
+        return out
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def make_probe(kind: str, grid: Sequence) -> _GridProbe:
+    if kind == "logreg":
+        return LogRegProbe(Cs=tuple(grid))
+    if kind == "knn":
+        return KNNProbe(ks=tuple(grid))
+    if kind == "ridge":
+        return RidgeProbe(alphas=tuple(grid))
+    raise ValueError(f"unknown scikit-learn probe {kind!r}; choose from {', '.join(SKLEARN_KINDS)}")
+
+
+GRID_NAMES = {"logreg": "C", "knn": "k", "ridge": "alpha"}
