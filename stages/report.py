@@ -1,0 +1,271 @@
+"""Tables, heatmaps and summaries from probe result files alone (nothing is recomputed).
+
+A *run* is one `pipeline probe` output directory (run.json + configs.csv, see `stages.probe`).
+A *result set* is a directory holding runs side by side (results/linear, results/knn, ...) or a
+run itself. `render_run` writes a run's metrics.json, heatmaps and summary.md; `build_report`
+combines named result sets, e.g. a pretrained model, its random-init twin and raw pixels:
+
+    build_report({"pretrained": "results/pretrained", "random_init": "results/random_init"}, "report")
+
+"Best" always means chosen on validation (the honest choice); its test accuracy is what is reported.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+
+METRIC_KEYS = ("val_top1", "test_top1", "test_top5")
+HYPER_KEYS = ("lr", "weight_decay", "C", "k", "alpha")
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
+    """(run.json, configs.csv rows with numbers parsed)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").exists() or not (run_dir / "configs.csv").exists():
+        raise FileNotFoundError(f"{run_dir} is not a probe result (no run.json and configs.csv); run `pipeline probe` first")
+    record = json.loads((run_dir / "run.json").read_text())
+    with open(run_dir / "configs.csv", newline="") as f:
+        rows = [_parse(row) for row in csv.DictReader(f)]
+    return record, rows
+
+
+def _parse(row: dict) -> dict:
+    out = dict(row)
+    for key in ("pool", "dim", "fused", "selected", "k"):
+        out[key] = int(float(out[key])) if out.get(key, "") != "" else None
+    for key in ("val_top1", "val_top5", "val_loss", "test_top1", "test_top5", "lr", "weight_decay", "C", "alpha"):
+        out[key] = float(out[key]) if out.get(key, "") != "" else None
+    return out
+
+
+def find_runs(path: str | Path) -> list[Path]:
+    """The run directories of a result set: the path itself, or its sub-directories holding run.json."""
+    path = Path(path)
+    if (path / "run.json").exists():
+        return [path]
+    runs = sorted(p for p in path.iterdir() if (p / "run.json").exists()) if path.is_dir() else []
+    if not runs:
+        raise FileNotFoundError(f"no probe results under {path} (looked for run.json in it and its sub-directories)")
+    return runs
+
+
+def best_row(rows: list[dict]) -> dict | None:
+    """The chosen configuration with the best validation top-1 (first on ties)."""
+    chosen = [r for r in rows if r["selected"] == 1]
+    return max(chosen, key=lambda r: r["val_top1"]) if chosen else None
+
+
+def _summary_of(row: dict | None) -> dict | None:
+    if row is None:
+        return None
+    out = {"key": row["key"], "blocks": row["blocks"], "timesteps": row["timesteps"], "pool": row["pool"]}
+    out.update({k: row[k] for k in HYPER_KEYS if row.get(k) is not None})
+    out.update({k: row[k] for k in METRIC_KEYS if row.get(k) is not None})
+    return out
+
+
+# -- one run ---------------------------------------------------------------------------------------
+def run_metrics(record: dict, rows: list[dict]) -> dict:
+    pools = sorted({r["pool"] for r in rows})
+    return {
+        "head": record["head"],
+        "name": record["name"],
+        "best": _summary_of(best_row(rows)),
+        "by_pool": {str(p): _summary_of(best_row([r for r in rows if r["pool"] == p])) for p in pools},
+        "num_input_sets": sum(1 for r in rows if r["selected"] == 1),
+        "num_configurations": len(rows),
+    }
+
+
+def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title: str | None = None) -> dict:
+    """Write metrics.json, heatmap_pool<p>.png and summary.md of one run (into the run by default)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir or run_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record, rows = read_run(run_dir)
+    metrics = run_metrics(record, rows)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
+    (out_dir / "summary.md").write_text(run_markdown(record, rows, images, out_dir) + "\n")
+    return metrics
+
+
+def heatmaps(rows: list[dict], out_dir: Path, *, prefix: str, title: str) -> list[Path]:
+    """One PNG per pool of test top-1 over blocks x timesteps (single-input runs only)."""
+    chosen = [r for r in rows if r["selected"] == 1 and not r["fused"]]
+    written = []
+    for pool in sorted({r["pool"] for r in chosen}):
+        cells = [r for r in chosen if r["pool"] == pool]
+        path = out_dir / f"{prefix}heatmap_pool{pool}.png"
+        plot_heatmap(cells, path, title=f"{title} · pool {pool}×{pool}")
+        written.append(path)
+    return written
+
+
+def plot_heatmap(cells: list[dict], path: Path, *, title: str) -> None:
+    """Test top-1 (%) per (timestep row, block column); the cell chosen on validation is outlined."""
+    blocks = sorted({int(r["blocks"]) for r in cells})
+    timesteps = sorted({int(r["timesteps"]) for r in cells})
+    values = np.full((len(timesteps), len(blocks)), np.nan)
+    for r in cells:
+        values[timesteps.index(int(r["timesteps"])), blocks.index(int(r["blocks"]))] = 100 * r["test_top1"]
+    best = best_row(cells)
+    figure = Figure(figsize=(max(4.5, 0.62 * len(blocks) + 2.2), max(2.8, 0.5 * len(timesteps) + 2.0)), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 100.0)
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=max(high, low + 1e-6), aspect="auto")
+    middle = (low + high) / 2
+    for i in range(len(timesteps)):
+        for j in range(len(blocks)):
+            if np.isfinite(values[i, j]):
+                axes.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                          color="black" if values[i, j] > middle else "white")
+    if best is not None:
+        i, j = timesteps.index(int(best["timesteps"])), blocks.index(int(best["blocks"]))
+        axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
+        axes.set_xlabel(f"U-Net block (ADM numbering)\nred box: chosen on validation (block {best['blocks']}, "
+                        f"t={best['timesteps']}: val {100 * best['val_top1']:.1f}%, test {100 * best['test_top1']:.1f}%)")
+    else:
+        axes.set_xlabel("U-Net block (ADM numbering)")
+    axes.set_xticks(range(len(blocks)), [str(b) for b in blocks])
+    axes.set_yticks(range(len(timesteps)), [str(t) for t in timesteps])
+    axes.set_ylabel("noise timestep t")
+    axes.set_title(f"{title}: test top-1 (%)")
+    figure.colorbar(image, ax=axes, label="test top-1 (%)")
+    figure.tight_layout()
+    figure.savefig(path)
+
+
+def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to: Path, *, level: int = 1) -> str:
+    h = "#" * level
+    best = best_row(rows)
+    lines = [f"{h} {record['name']} ({record['head']} head)", ""]
+    samples = record.get("samples", {})
+    lines.append(f"Store `{record.get('store')}` (fingerprint `{str(record.get('store_fingerprint', ''))[:12]}`), seed "
+                 f"{record.get('seed')}, {samples.get('fit')} fit / {samples.get('val')} validation (carved from train) / "
+                 f"{samples.get('test')} test samples, {len(record.get('hypers', []))} hyper-parameter sets per input set.")
+    lines.append("")
+    if best is not None:
+        lines.append(f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
+                     f"test top-1 **{_pct(best['test_top1'])}**" + (f", test top-5 {_pct(best['test_top5'])}"
+                                                                   if best.get("test_top5") is not None else "") + ".")
+        lines.append("")
+    chosen = sorted((r for r in rows if r["selected"] == 1), key=lambda r: -r["val_top1"])
+    lines += [f"{h}# Chosen configuration per input set (sorted by validation top-1)", "",
+              "| input set | hyper-parameters | val top-1 | test top-1 | test top-5 |", "|---|---|---:|---:|---:|"]
+    for r in chosen:
+        lines.append(f"| {r['key']} | {_hypers(r)} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
+                     f"{_pct(r.get('test_top5'))} |")
+    single = [r for r in chosen if not r["fused"]]
+    for pool in sorted({r["pool"] for r in single}):
+        cells = [r for r in single if r["pool"] == pool]
+        blocks = sorted({int(r["blocks"]) for r in cells})
+        timesteps = sorted({int(r["timesteps"]) for r in cells})
+        table = {(int(r["timesteps"]), int(r["blocks"])): r["test_top1"] for r in cells}
+        lines += ["", f"{h}# Test top-1 (%), pool {pool}×{pool}: timestep × block", "",
+                  "| t \\ block | " + " | ".join(map(str, blocks)) + " |", "|---" * (len(blocks) + 1) + "|"]
+        for t in timesteps:
+            lines.append(f"| {t} | " + " | ".join(_pct(table.get((t, b)), sign=False) for b in blocks) + " |")
+    for image in images:
+        lines += ["", f"![{image.stem}]({image.relative_to(relative_to).as_posix()})"]
+    return "\n".join(lines)
+
+
+def _describe(row: dict) -> str:
+    noun = "blocks" if "+" in str(row["blocks"]) else "block"
+    return f"{noun} {row['blocks']}, t={row['timesteps']}, pool {row['pool']}, {_hypers(row)}"
+
+
+def _hypers(row: dict) -> str:
+    return ", ".join(f"{k}={row[k]:g}" for k in HYPER_KEYS if row.get(k) is not None)
+
+
+def _pct(value, *, sign: bool = True) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{100 * value:.1f}" + ("%" if sign else "")
+
+
+# -- several result sets -----------------------------------------------------------------------------
+def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
+    """Combine named result sets into `out_dir`: metrics.json, configs.csv, summary.md, heatmaps/, comparison.png.
+
+    metrics.json maps run name (the head, e.g. "linear") -> result-set name -> the configuration
+    chosen on validation and its accuracies. Result sets are only read.
+    """
+    if not result_dirs:
+        raise ValueError("build_report needs at least one result directory")
+    out_dir = Path(out_dir)
+    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+    runs = {name: [(p.name, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
+    metrics: dict[str, dict] = {}
+    all_rows = []
+    sections = []
+    for set_name, set_runs in runs.items():
+        for run_name, record, rows in set_runs:
+            metrics.setdefault(run_name, {})[set_name] = _summary_of(best_row(rows))
+            all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
+            images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
+                              title=f"{set_name} / {run_name}")
+            sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2))
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _write_rows(out_dir / "configs.csv", all_rows)
+    names = list(runs)
+    comparison = out_dir / "comparison.png"
+    plot_comparison(metrics, names, comparison)
+    lines = ["# Probe report", "", "Test top-1 of the configuration chosen on validation, per head and result set.", "",
+             "| head | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for run_name, per_set in sorted(metrics.items()):
+        cells = []
+        for name in names:
+            best = per_set.get(name)
+            cells.append("–" if best is None else f"{_pct(best['test_top1'])} ({best['key']})")
+        lines.append(f"| {run_name} | " + " | ".join(cells) + " |")
+    lines += ["", f"![comparison]({comparison.name})", "", *sections]
+    (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
+    return metrics
+
+
+def _write_rows(path: Path, rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in r.items()})
+
+
+def plot_comparison(metrics: dict, names: list[str], path: Path) -> None:
+    """Grouped bars: per head, the chosen configuration's test top-1 of each result set."""
+    heads = sorted(metrics)
+    figure = Figure(figsize=(max(4.5, 1.2 * len(heads) * max(1, len(names)) * 0.6 + 2), 3.6), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [100 * metrics[h][name]["test_top1"] if metrics[h].get(name) else np.nan for h in heads]
+        bars = axes.bar(np.arange(len(heads)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
+        for bar, value in zip(bars, values):
+            if np.isfinite(value):
+                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+    axes.set_xticks(range(len(heads)), heads)
+    axes.set_ylabel("test top-1 (%)")
+    axes.set_ylim(0, 105)
+    axes.set_title("chosen on validation, scored on test")
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path)
