@@ -68,7 +68,10 @@ class _GridProbe(ClassifierMixin, BaseEstimator):
 
     def grid_index(self, value) -> int:
         """Position of a grid value in `grid_` (the order of `decision_grid`)."""
-        return int(np.flatnonzero(self.grid_ == value)[0])
+        found = np.flatnonzero(self.grid_ == value)
+        if not len(found):
+            raise ValueError(f"{value!r} is not in the fitted grid {self.grid_.tolist()}")
+        return int(found[0])
 
     def decision_function(self, X) -> np.ndarray:
         """(N, n_classes) scores of the chosen grid value."""
