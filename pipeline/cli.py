@@ -100,7 +100,7 @@ def data(out: str, seed: int, val_fraction: float) -> None:
 @main.command()
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="Image folder root; only <data>/train is used.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory (save_pretrained layout).")
-@click.option("--epochs", type=click.IntRange(min=1), default=12, help="Passes over the train split (the stopping rule).")
+@click.option("--epochs", type=click.IntRange(min=1), default=16, help="Passes over the train split (the stopping rule).")
 @click.option("--image-size", type=click.IntRange(min=4), default=16, help="Training resolution (bicubic resize).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the weights, data order, timesteps and noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)

@@ -72,8 +72,13 @@ def ddpm_unet_config(
     layers_per_block: int,
     attention_levels: tuple[int, ...],
     head_channels: int,
+    resblock_updown: bool = True,
 ) -> dict:
-    """An ADM-shaped `UNet2DModel` config: one level per entry of `channels`, attention at `attention_levels`."""
+    """An ADM-shaped `UNet2DModel` config: one level per entry of `channels`, attention at `attention_levels`.
+
+    `resblock_updown` (ADM's default) resamples with residual blocks; False uses strided/nearest convolutions
+    (about 13% fewer parameters at the default size).
+    """
     if not channels:
         raise ValueError("channels must name at least one level")
     bad = [level for level in attention_levels if not 0 <= level < len(channels)]
@@ -88,6 +93,7 @@ def ddpm_unet_config(
         num_res_blocks=layers_per_block,
         attention_resolutions=tuple(2**level for level in attention_levels),
         num_head_channels=head_channels,
+        resblock_updown=resblock_updown,
         in_channels=in_channels,
         out_channels=in_channels,
     )
@@ -116,7 +122,8 @@ def pretrain_ddpm(
     layers_per_block: int = 1,
     attention_levels: tuple[int, ...] = (1,),
     head_channels: int = 32,
-    epochs: int = 12,
+    resblock_updown: bool = True,
+    epochs: int = 16,
     max_seconds: float | None = None,
     batch_size: int = 128,
     lr: float = 2e-3,
@@ -150,6 +157,7 @@ def pretrain_ddpm(
         layers_per_block=layers_per_block,
         attention_levels=tuple(attention_levels),
         head_channels=head_channels,
+        resblock_updown=resblock_updown,
     )
     dev = _resolve_device(device)
 

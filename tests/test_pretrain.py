@@ -165,3 +165,25 @@ def test_cli_defaults_match_the_stage_defaults():
     options = {p.name: p.default for p in main.commands["pretrain"].params}
     for name in ("epochs", "image_size", "seed", "batch_size", "lr", "device"):
         assert options[name] == signature[name].default, name
+
+
+def test_default_architecture_is_adm_shaped():
+    from diffusers import UNet2DModel
+
+    from stages.pretrain import ddpm_unet_config
+
+    config = ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
+                              attention_levels=(1,), head_channels=32)
+    assert config["down_block_types"] == ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
+    assert config["resnet_time_scale_shift"] == "scale_shift"
+    unet = UNet2DModel(**config)
+    assert len(block_table(unet)) == 13
+    conv = ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
+                            attention_levels=(1,), head_channels=32, resblock_updown=False)
+    assert conv["downsample_type"] == "conv" and conv["down_block_types"][0] == "DownBlock2D"
+    with pytest.raises(ValueError):
+        ddpm_unet_config(image_size=10, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
+                         attention_levels=(1,), head_channels=32)
+    with pytest.raises(ValueError):
+        ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64), layers_per_block=1,
+                         attention_levels=(2,), head_channels=32)
