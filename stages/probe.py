@@ -47,7 +47,6 @@ import torch
 import torch.nn.functional as F
 
 from cache.errors import IncompleteStoreError
-from cache.pooling import adaptive_avg_pool
 from cache.reader import FeatureStore
 from stages import heads as H
 from stages import sklearn_probes as S
@@ -55,7 +54,9 @@ from stages import sklearn_probes as S
 log = logging.getLogger(__name__)
 
 HEADS = H.TORCH_KINDS + S.SKLEARN_KINDS
-DEFAULT_LRS = {"linear": (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), "mlp": (1e-4, 3e-4, 1e-3), "cnn": (1e-4, 3e-4, 1e-3),
+DEFAULT_EPOCHS = {"linear": 10, "mlp": 20, "cnn": 20, "attention": 20}
+MIN_DEFAULT_STEPS = 300  # default epochs are raised on small data sets to reach this many steps
+DEFAULT_LRS = {"linear": (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1), "mlp": (1e-4, 3e-4, 1e-3), "cnn": (1e-4, 3e-4, 1e-3),
                "attention": (1e-4, 3e-4, 1e-3)}
 DEFAULT_WEIGHT_DECAYS = {"linear": (1e-4,), "mlp": (1e-4,), "cnn": (0.05,), "attention": (0.05,)}
 COLUMNS = ("head", "key", "blocks", "timesteps", "pool", "grid", "dim", "fused", "lr", "weight_decay", "C", "k",
@@ -79,7 +80,7 @@ class ProbeSettings:
     timesteps: tuple[int, ...] | None = None  # None: every stored timestep of each block
     pools: tuple[int, ...] | None = None  # None: the pools the store was extracted for
     fuse: bool = False  # one head over all requested blocks x timesteps (per pool)
-    epochs: int = 30
+    epochs: int | None = None  # None: 10 for linear, 20 for the other torch heads, at least 300 steps
     batch_size: int = 256
     lrs: tuple[float, ...] | None = None
     weight_decays: tuple[float, ...] | None = None
@@ -110,7 +111,9 @@ class ProbeSettings:
 
         if self.head not in HEADS:
             fail("head", f"one of {', '.join(HEADS)}", self.head)
-        for name in ("epochs", "batch_size", "width", "dim", "depth", "attention_heads", "shuffle_window", "read_threads"):
+        if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
+            fail("epochs", "a positive integer or None", self.epochs)
+        for name in ("batch_size", "width", "dim", "depth", "attention_heads", "shuffle_window", "read_threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 fail(name, "a positive integer", value)
@@ -140,6 +143,12 @@ class ProbeSettings:
             fail("name", "a plain directory name", self.name)
         if self.dim % self.attention_heads:
             fail("dim", f"divisible by attention_heads ({self.attention_heads})", self.dim)
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        """The epochs asked for, or the head's default raised to reach MIN_DEFAULT_STEPS steps."""
+        if self.epochs is not None:
+            return self.epochs
+        return max(DEFAULT_EPOCHS.get(self.head, 1), -(-MIN_DEFAULT_STEPS // max(1, steps_per_epoch)))
 
     @property
     def run_name(self) -> str:
@@ -362,8 +371,47 @@ class _Reader:
         for i, _ in enumerate(chunks):
             raw = dict(zip(self.arrays, values[i * len(self.arrays) : (i + 1) * len(self.arrays)]))
             # Pool each chunk on its own in every mode, so that cached and streamed features are equal.
-            out.append({(b, t, g): adaptive_avg_pool(raw[(b, t)], g) for b, t, g in self.pieces})
+            out.append({(b, t, g): _pool(raw[(b, t)], g) for b, t, g in self.pieces})
         return out
+
+
+    def whole_arrays(self, split: str):
+        """(array, [pieces of chunk k for every k]) per (block, timestep), each array read in one go.
+
+        Several arrays are read at once (threads); chunks are pooled one by one as in `read`, so the
+        values are the same. Used where everything is held in memory anyway.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        def load(pair):
+            raw = self.store.read(split, *pair, None, allow_incomplete=self.settings.allow_incomplete)
+            grids = [g for b, t, g in self.pieces if (b, t) == pair]
+            return pair, [{(*pair, g): _pool(raw[self.chunk_rows(split, k)], g) for g in grids}
+                          for k in range(self.num_chunks(split))]
+
+        with ThreadPoolExecutor(self.settings.read_threads) as pool:
+            yield from pool.map(load, self.arrays)
+
+    def chunks(self, split: str, chunks: Sequence[int], *, whole: bool):
+        """(k, pieces of chunk k) for the given chunks, read whole arrays at once (`whole`) or chunk by chunk."""
+        if not whole:
+            for k in chunks:
+                yield k, self.read(split, [k])[0]
+            return
+        merged = [{} for _ in range(self.num_chunks(split))]
+        for _, per_chunk in self.whole_arrays(split):
+            for k, pieces in enumerate(per_chunk):
+                merged[k].update(pieces)
+        for k in chunks:
+            yield k, merged[k]
+
+
+def _pool(x: np.ndarray, grid: int) -> np.ndarray:
+    """(n, C, h, w) -> (n, C, grid, grid) float32: torch's adaptive average pooling (the bins the store
+    promises, `cache.pooling`), vectorised; numpy's multi-axis mean is several times slower."""
+    if x.shape[-1] == grid and x.shape[-2] == grid:
+        return np.ascontiguousarray(x, dtype=np.float32)
+    return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), grid).numpy()
 
 
 class _Stats:
@@ -377,9 +425,9 @@ class _Stats:
         if len(rows) == 0:
             return
         for key, x in pieces.items():
-            x = x[rows].astype(np.float64)
-            nb, mb = len(x), x.mean(axis=0)
-            m2b = ((x - mb) ** 2).sum(axis=0)
+            x = torch.from_numpy(x[rows]).double()
+            var, mb = torch.var_mean(x, dim=0, correction=0)
+            nb, mb, m2b = len(x), mb.numpy(), (var * len(x)).numpy()
             if key not in self.n:
                 self.n[key], self.mean[key], self.m2[key] = nb, mb, m2b
                 continue
@@ -420,7 +468,7 @@ class _Layout:
 
     def __init__(self, combos: list[Combo], flat: bool):
         self.combos, self.flat = combos, flat
-        self.groups = group_by_dim([c.dim for c in combos]) if flat else [[i] for i in range(len(combos))]
+        self.groups = H.group_by_dim([c.dim for c in combos]) if flat else [[i] for i in range(len(combos))]
 
     def allocate(self, n: int) -> list:
         if self.flat:
@@ -432,6 +480,9 @@ class _Layout:
             for j, ci in enumerate(group):
                 combo, offset = self.combos[ci], 0
                 for piece, (c, g) in zip(combo.pieces, combo.shapes):
+                    if piece not in pieces:  # filled array by array
+                        offset += c * g * g
+                        continue
                     x = torch.from_numpy(pieces[piece])
                     if self.flat:
                         packed[gi][j, rows, offset : offset + c * g * g] = x.reshape(len(x), -1)
@@ -464,11 +515,6 @@ class _Layout:
         return packed[gi][self.groups[gi].index(ci)].numpy()
 
 
-def group_by_dim(dims: Sequence[int]) -> list[list[int]]:
-    """Indices of equal values, groups ordered by value: the grouping FlatBank uses."""
-    return [[i for i, d in enumerate(dims) if d == value] for value in sorted(set(dims))]
-
-
 class _MemorySource:
     """Every train row of the pass's pieces, read once, standardised in place."""
 
@@ -476,11 +522,11 @@ class _MemorySource:
         n = len(samples.train_labels)
         self.layout, self.packed = layout, layout.allocate(n)
         stats, fit = _Stats(per_channel), samples.fit_mask()
-        for k in range(reader.num_chunks("train")):
-            rows = reader.chunk_rows("train", k)
-            (pieces,) = reader.read("train", [k])
-            layout.fill(self.packed, rows, pieces)
-            stats.update(pieces, np.flatnonzero(fit[rows]))
+        for _, per_chunk in reader.whole_arrays("train"):
+            for k, pieces in enumerate(per_chunk):
+                rows = reader.chunk_rows("train", k)
+                layout.fill(self.packed, rows, pieces)
+                stats.update(pieces, np.flatnonzero(fit[rows]))
         self.stats = stats.finish()
         layout.standardise(self.packed, self.stats)
 
@@ -551,7 +597,7 @@ def available_memory() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
-def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int,
+def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int, n_test: int,
                 window_samples: int, num_classes: int) -> tuple[str, list[list[int]], int]:
     """(mode, passes of combo indices, budget). Memory mode needs n_train rows of a pass's input sets,
     stream mode a window of rows (plus the stored grids it is pooled from); passes split the input
@@ -568,9 +614,9 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
             return hypers * sum((a + 1) * b for a, b in zip(sizes[:-1], sizes[1:]))
         return 0
 
-    def memory_cost(c: Combo) -> int:
+    def memory_cost(c: Combo) -> int:  # train rows kept, test rows while scoring
         knn_copy = 2 if settings.head == "knn" else 1
-        return 4 * n_train * c.dim * knn_copy + per_param * params(c)
+        return 4 * (n_train * knn_copy + n_test) * c.dim + per_param * params(c)
 
     def stream_cost(c: Combo) -> int:
         raw = sum(store.block_info(b)["channels"] * store.block_info(b)["grid"] ** 2 for b, _ in c.inputs)
@@ -700,8 +746,10 @@ def _run_probe(settings: ProbeSettings) -> ProbeResult:
     hypers = settings.hypers()
     device = resolve_device(settings.device)
     window_chunks = max(1, settings.shuffle_window // samples.chunk_samples)
-    mode, passes, budget = plan_passes(combos, settings, store, len(samples.train_labels),
+    mode, passes, budget = plan_passes(combos, settings, store, len(samples.train_labels), len(samples.test_labels),
                                        window_chunks * samples.chunk_samples, num_classes)
+    steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, 0))
+    epochs = settings.num_epochs(steps)
     log.info("%s: %d input sets x %d hyper-parameter sets, %d fit / %d val / %d test samples, %s mode, %d pass(es)",
              settings.head, len(combos), len(hypers), len(samples.fit), len(samples.val), len(samples.test), mode,
              len(passes))
@@ -714,7 +762,7 @@ def _run_probe(settings: ProbeSettings) -> ProbeResult:
         log.info("pass %d/%d: %s", number + 1, len(passes), ", ".join(c.key for c in pass_combos))
         sweep = _sweep_torch if settings.head in H.TORCH_KINDS else _sweep_sklearn
         pass_rows, pass_predictions = sweep(store, pass_combos, samples, settings, hypers, num_classes, device, mode,
-                                            window_chunks, partial / "heads")
+                                            window_chunks, epochs, partial / "heads")
         rows += pass_rows
         predictions.update(pass_predictions)
     record = {
@@ -725,6 +773,7 @@ def _run_probe(settings: ProbeSettings) -> ProbeResult:
         "seed": settings.seed,
         "settings": asdict(settings),
         "hypers": hypers,
+        "epochs": epochs if settings.head in H.TORCH_KINDS else None,
         "head_options": settings.head_options(),
         "num_classes": num_classes,
         "classes": classes,
@@ -783,7 +832,7 @@ def _select(rows: list[dict]) -> int:
     return min(range(len(rows)), key=lambda i: (-rows[i]["val_top1"], rows[i]["val_loss"], i))
 
 
-def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, mode, window_chunks, heads_dir):
+def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, mode, window_chunks, epochs, heads_dir):
     flat = settings.head in H.FLAT_KINDS
     reader = _Reader(store, [p for c in combos for p in c.pieces], settings)
     layout = _Layout(combos, flat)
@@ -798,13 +847,13 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
                             settings.head_options(), seeds)
     bank.to(device)
     labels = torch.from_numpy(samples.train_labels)
-    schedules = [epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, e) for e in range(settings.epochs)]
+    schedules = [epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, e) for e in range(epochs)]
     total = sum(len(w.batches) for s in schedules for w in s)
     groups = bank.param_groups(hypers)
     if settings.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999))
+        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
     else:
-        optimizer = torch.optim.SGD(groups, momentum=0.9)
+        optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
     warm = int(settings.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
@@ -817,15 +866,14 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
             for rows in window.batches:
                 batch = layout.take(packed, local(rows), device)
                 y = labels[rows].to(device)
-                logits = bank(batch)
-                loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(M)) * M
+                loss = bank.loss(batch, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
                 loss_sum += float(loss.detach()) / M
                 steps += 1
-        log.info("epoch %d/%d: mean loss per head %.4f", epoch + 1, settings.epochs, loss_sum / max(steps, 1))
+        log.info("epoch %d/%d: mean loss per head %.4f", epoch + 1, epochs, loss_sum / max(steps, 1))
     # validation: every member, chunk by chunk (the same batches in both modes)
     bank.eval()
     tally = _Tally(M, num_classes)
@@ -854,7 +902,7 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
         means = [torch.from_numpy(source.stats[p][0]) for p in combo.pieces]
         stds = [torch.from_numpy(source.stats[p][1]) for p in combo.pieces]
         probes[ci] = H.Probe(bank.export(member), means, stds).to(device).eval()
-    predictions = _score_test(reader, combos, probes, samples, device)
+    predictions = _score_test(reader, combos, probes, samples, device, whole=mode == "memory")
     for ci, (member, row) in chosen.items():
         row["test_top1"], row["test_top5"] = _test_accuracy(predictions[combos[ci].key], samples)
         config = _probe_config(settings, combos[ci], num_classes, row, store)
@@ -862,14 +910,13 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
     return rows_out, predictions
 
 
-def _score_test(reader: _Reader, combos: list[Combo], probes: dict, samples: Samples, device) -> dict:
+def _score_test(reader: _Reader, combos: list[Combo], probes: dict, samples: Samples, device, whole: bool) -> dict:
     """{key: (N_test_usable, k) top-k class indices} from raw test features, chunk by chunk."""
     cs = samples.chunk_samples
     out = {c.key: [] for c in combos}
     with torch.no_grad():
-        for k in sorted(set((samples.test // cs).tolist())):
+        for k, pieces in reader.chunks("val", sorted(set((samples.test // cs).tolist())), whole=whole):
             rows = samples.test[samples.test // cs == k] - k * cs
-            (pieces,) = reader.read("val", [k])
             for ci, combo in enumerate(combos):
                 inputs = [torch.from_numpy(pieces[p][rows]).to(device) for p in combo.pieces]
                 out[combo.key].append(_topk(probes[ci](*inputs), 5))
@@ -901,7 +948,7 @@ def _probe_config(settings: ProbeSettings, combo: Combo, num_classes: int, row: 
     }
 
 
-def _sweep_sklearn(store, combos, samples, settings, hypers, num_classes, device, mode, window_chunks, heads_dir):
+def _sweep_sklearn(store, combos, samples, settings, hypers, num_classes, device, mode, window_chunks, epochs, heads_dir):
     reader = _Reader(store, [p for c in combos for p in c.pieces], settings)
     layout = _Layout(combos, flat=True)
     source = _MemorySource(reader, layout, samples, per_channel=False)
@@ -929,9 +976,8 @@ def _sweep_sklearn(store, combos, samples, settings, hypers, num_classes, device
     # test: each probe at its chosen grid value, chunk by chunk
     cs = samples.chunk_samples
     parts = {c.key: [] for c in combos}
-    for k in sorted(set((samples.test // cs).tolist())):
+    for k, pieces in reader.chunks("val", sorted(set((samples.test // cs).tolist())), whole=True):
         rows = samples.test[samples.test // cs == k] - k * cs
-        (pieces,) = reader.read("val", [k])
         for key, (mean, std) in source.stats.items():
             _standardise(pieces[key], mean, std)
         packed = layout.allocate(len(rows))

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cache import FeatureStore, IncompleteStoreError
 from stages.heads import load_probe
-from stages.probe import ProbeInputError, ProbeSettings, carve_validation, run_probe
+from stages.probe import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, run_probe
 from tests.test_probe_support import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)
@@ -242,7 +242,7 @@ def test_results_layout_and_metrics(separable_store, tmp_path):
     assert set(metrics["best"]) >= {"key", "blocks", "timesteps", "pool", "lr", "val_top1", "test_top1", "test_top5"}
     assert set(metrics["by_pool"]) == {"1", "4"}
     rows = rows_of(run_dir)
-    assert len(rows) == 2 * 2 * 6  # timesteps x pools x default lr grid
+    assert len(rows) == 2 * 2 * len(DEFAULT_LRS["linear"])  # timesteps x pools x default lr grid
     assert {r["key"] for r in rows if r["selected"] == "1"} == {p.stem for p in (run_dir / "heads").glob("*.json")}
     assert not list(tmp_path.glob(".*partial"))
 

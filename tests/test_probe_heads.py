@@ -56,9 +56,7 @@ def test_flat_bank_members_are_the_exported_heads(hidden, batchnorm):
 
 
 def H_groups(dims):
-    from stages.probe import group_by_dim
-
-    return group_by_dim(dims)
+    return H.group_by_dim(dims)
 
 
 def test_bank_members_train_independently():
@@ -181,3 +179,14 @@ def test_grids_are_validated():
 def test_topk_labels_breaks_ties_by_class_order():
     scores = np.array([[0.0, 1.0, 1.0, -1.0]])
     np.testing.assert_array_equal(topk_labels(scores, np.array([10, 11, 12, 13]), 3), [[11, 12, 10]])
+
+
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_flat_bank_loss_is_the_sum_of_member_cross_entropies(hidden):
+    torch.manual_seed(0)
+    bank = H.FlatBank([6, 4, 6], 2, 3, hidden=hidden)
+    inputs = [torch.randn(1, 7, 4), torch.randn(2, 7, 6)]
+    labels = torch.randint(0, 3, (7,))
+    logits = bank(inputs)
+    expected = sum(torch.nn.functional.cross_entropy(member, labels) for member in logits)
+    torch.testing.assert_close(bank.loss(inputs, labels), expected)
