@@ -235,7 +235,7 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
             best = per_set.get(name)
             cells.append("–" if best is None else f"{_pct(best['test_top1'])} ({best['key']})")
         lines.append(f"| {run_name} | " + " | ".join(cells) + " |")
-    lines += ["", f"![comparison]({comparison.name})", "", *sections]
+    lines += ["", f"![comparison]({comparison.name})", "", "\n\n".join(sections)]
     (out_dir / "summary.md").write_text("\n".join(lines) + "\n")
     return metrics
 
