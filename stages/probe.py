@@ -14,18 +14,22 @@ What one run does, in order:
    the hyper-parameters; the store's "val" split (the *test* split here) is scored once, for the
    chosen configuration of each input set only.
 3. Train. Torch heads of every input set x hyper-parameter set train together, in the same
-   passes over the data, each with its own optimizer param group (`stages.heads`): the cost is
-   dominated by reading features once per epoch. scikit-learn probes fit one input set after the
+   passes over the data, each with its own optimizer param group (`stages.heads`): the features
+   are read once per epoch for all heads (once in all when they are kept in memory), and heads
+   of equal input size are batched matmuls. scikit-learn probes fit one input set after the
    other over their whole grid (`stages.sklearn_probes`).
 4. Write `<out>/<name>/`: configs.csv (every configuration: validation accuracy, and test accuracy
    where chosen), run.json (seed, store fingerprint, every setting), heads/<key>.{safetensors,json},
    predictions.npz, validation_subset.json, then `stages.report.render_run` adds metrics.json,
    heatmaps and summary.md from those files.
 
-Data that fits the memory budget is read once and kept; otherwise features are streamed chunk by
-chunk from the store each epoch. Both follow one batch schedule (shuffled windows of store chunks,
-shuffled rows within a window) and standardise with the same arithmetic, so they train the same
-heads; the budget only decides what is cached.
+Data that fits the memory budget is read once and kept (in several passes over groups of input
+sets when all of them together do not fit); an input set too large for the budget on its own is
+streamed chunk by chunk from the store each epoch (`data_mode` overrides the choice). Memory and
+stream modes follow one batch schedule (shuffled windows of store chunks, shuffled rows within a
+window), heads are seeded per member, and features are pooled and standardised with the same
+arithmetic, so every mode and every split into passes trains the same heads: the budget only
+decides what is cached.
 """
 
 from __future__ import annotations
@@ -638,9 +642,10 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
         current.append(i)
         used += cost(c)
     passes.append(current)
-    too_big = [combos[i].key for i in range(len(combos)) if cost(combos[i]) > budget]
-    if too_big and settings.data_mode == "auto" and mode == "memory" and settings.head in S.SKLEARN_KINDS:
-        log.warning("%s need more than the memory budget (%s); trying anyway", ", ".join(too_big), _size(budget))
+    too_big = [c.key for c in combos if cost(c) > budget]
+    if too_big:
+        log.warning("%s need more than the memory budget (%s) in %s mode; trying anyway", ", ".join(too_big),
+                    _size(budget), mode)
     return mode, passes, budget
 
 
