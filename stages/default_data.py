@@ -71,12 +71,14 @@ def write_mnist_folder(
     val_fraction: float = 0.2,
     seed: int = 0,
     image_size: int | None = None,
+    per_class: int | None = None,
 ) -> dict:
     """Write MNIST-5k as `out_dir/{train,val}/<class>/<index>.png` and return the `dataset.json` record.
 
     The split is stratified by class and fixed by `seed` (scikit-learn's `train_test_split`), so
     the same arguments always give the same files, byte for byte. `image_size` resizes (bicubic)
-    from the native 28x28; None keeps 28x28. A non-empty `out_dir` is refused unless it is a
+    from the native 28x28; None keeps 28x28. `per_class` keeps only the first that many images of each
+    class (in row order) before splitting: a small, still balanced set for quick runs. A non-empty `out_dir` is refused unless it is a
     previous output of this function, which is then replaced as a whole.
     """
     from sklearn.model_selection import train_test_split
@@ -95,10 +97,14 @@ def write_mnist_folder(
                 f"(no matching {RECORD}, or other files in it); choose another directory or empty it"
             )
 
+    if per_class is not None and per_class < 2:
+        raise ValueError(f"per_class must be at least 2 (one image per split), got {per_class}")
     images, labels = _load_mnist_5k()
     indices = np.arange(len(labels))
+    if per_class:
+        indices = np.sort(np.concatenate([indices[labels == c][:per_class] for c in np.unique(labels)]))
     train_idx, val_idx = train_test_split(
-        indices, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels
+        indices, test_size=val_fraction, random_state=seed, shuffle=True, stratify=labels[indices]
     )
     class_names = [str(c) for c in sorted(np.unique(labels).tolist())]
     width = len(str(len(labels) - 1))
@@ -134,6 +140,7 @@ def write_mnist_folder(
             },
             "seed": int(seed),
             "val_fraction": float(val_fraction),
+            "per_class_limit": per_class,
             "stratified": True,
             "image_size": size,
             "mode": "L",

@@ -202,10 +202,12 @@ def _pct(value, *, sign: bool = True) -> str:
 
 # -- several result sets -----------------------------------------------------------------------------
 def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
-    """Combine named result sets into `out_dir`: metrics.json, configs.csv, summary.md, heatmaps/, comparison.png.
+    """Combine named result sets into `out_dir`: metrics.json, best.json, configs.csv, summary.md, heatmaps/,
+    comparison.png. Result sets are only read.
 
-    metrics.json maps run name (the head, e.g. "linear") -> result-set name -> the configuration
-    chosen on validation and its accuracies. Result sets are only read.
+    metrics.json maps run name (the head, e.g. "linear") -> result-set name -> test top-1 of the
+    configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them.
+    best.json (and the return value) holds the same choice with its configuration and all accuracies.
     """
     if not result_dirs:
         raise ValueError("build_report needs at least one result directory")
@@ -222,7 +224,10 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")
             sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2))
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
+                for run, per_set in metrics.items()}
+    (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    (out_dir / "best.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_rows(out_dir / "configs.csv", all_rows)
     names = list(runs)
     comparison = out_dir / "comparison.png"
@@ -266,6 +271,6 @@ def plot_comparison(metrics: dict, names: list[str], path: Path) -> None:
     axes.set_ylabel("test top-1 (%)")
     axes.set_ylim(0, 105)
     axes.set_title("chosen on validation, scored on test")
-    axes.legend(fontsize=8, loc="lower right")
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     figure.tight_layout()
     figure.savefig(path)

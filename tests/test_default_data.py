@@ -143,3 +143,14 @@ def test_cli_data(small_mnist, tmp_path):
     (tmp_path / "foreign" / "x.txt").write_text("mine")
     result = runner.invoke(main, ["data", "--out", str(tmp_path / "foreign")])
     assert result.exit_code == 1 and "not empty" in result.output and "Traceback" not in result.output
+
+
+def test_per_class_keeps_a_balanced_subset(source, tmp_path):
+    images, labels = source
+    record = write_mnist_folder(tmp_path / "d", val_fraction=0.2, seed=0, per_class=10)
+    assert record["per_class"]["train"] == {str(c): 8 for c in range(10)}
+    assert record["per_class"]["val"] == {str(c): 2 for c in range(10)}
+    kept = {int(p.stem) for p in (tmp_path / "d").rglob("*.png")}
+    assert kept == set(np.concatenate([np.flatnonzero(labels == c)[:10] for c in range(10)]).tolist())
+    with pytest.raises(ValueError, match="per_class must be at least 2"):
+        write_mnist_folder(tmp_path / "e", per_class=1)

@@ -126,10 +126,12 @@ def test_report_combines_named_result_sets(store, noise_store, tmp_path):
                                   "--results", f"random_init={tmp_path / 'random_init'}", "--out", str(out)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert set(metrics) == {"linear", "knn"}
+    best = json.loads((out / "best.json").read_text())
+    assert set(metrics) == set(best) == {"linear", "knn"}
     for head in ("linear", "knn"):
         assert set(metrics[head]) == {"pretrained", "random_init"}
-        assert metrics[head]["pretrained"]["test_top1"] > 0.8 > 0.2 > metrics[head]["random_init"]["test_top1"]
+        assert metrics[head]["pretrained"] > 0.8 > 0.2 > metrics[head]["random_init"]
+        assert {name: best[head][name]["test_top1"] for name in metrics[head]} == metrics[head]
     summary = (out / "summary.md").read_text()
     assert "| head | pretrained | random_init |" in summary
     assert (out / "comparison.png").stat().st_size > 0
