@@ -1,6 +1,7 @@
 """Benchmark: one linear sweep over every (block, timestep, pool) versus scikit-learn one by one.
 
-    python bench/probe.py                    # MNIST-5k features, 4 blocks x 3 timesteps x pools 1,2
+    python bench/probe.py                    # small (MNIST-5k) and realistic (10k x 50 classes) stores
+    python bench/probe.py --configs realistic --sklearn-C 0.01
     python bench/probe.py --threads 2 --channels 128
 
 Both sides read the same store, in the same process, under the same thread limit:
@@ -8,7 +9,7 @@ Both sides read the same store, in the same process, under the same thread limit
 * scikit-learn: for each combination, read train and test from the store, standardise with the fit
   rows' statistics, fit `LogisticRegression()` (lbfgs, C=1) on the fit rows, score the test split.
 * sweep: `run_probe(head="linear")` with its defaults (4 learning rates, AdamW, cosine, 10 epochs or
-  at least 300 steps), all combinations and learning rates in one pass per epoch, selection on the
+  at least 200 steps), all combinations and learning rates in one pass per epoch, selection on the
   validation subset, results written (heads, predictions, heatmaps).
 
 Both fit the same rows (train minus the probe's validation subset). Printed: per combination the
@@ -79,6 +80,48 @@ def make_store(path: Path, *, blocks: int, timesteps: list[int], channels: int, 
     return path
 
 
+def make_realistic_store(path: Path, *, n_train: int = 10000, n_test: int = 2500, classes: int = 50,
+                         channels: tuple[int, ...] = (256, 1024), timesteps: tuple[int, ...] = (50, 250),
+                         latent: int = 64, seed: int = 0) -> Path:
+    """ImageNet-50-like scale: `classes` classes, blocks of 256-1024 channels on a 2x2 grid (pool 1 -> C
+    features, pool 2 -> 4C), class-conditional Gaussians with overlap seen through a random projection.
+
+    Per sample a latent z = mu_y + s_t * eps (64 dims, class means of norm ~3, so classes overlap; a
+    larger timestep t means more noise); per block a fixed random projection of z to C x 2 x 2
+    cells, plus independent noise, through a ReLU: correlated, low-rank-plus-noise features like a
+    network's, not linearly separable."""
+    from cache import FeatureStoreWriter, layout
+    from cache.writer import SplitIndex
+
+    rng = np.random.default_rng(seed)
+    means = rng.normal(size=(classes, latent)) * 3 / np.sqrt(latent)
+    sizes = {"train": n_train, "val": n_test}
+    labels = {s: np.sort(rng.integers(0, classes, n)) for s, n in sizes.items()}  # class-sorted, as a folder lists
+    settings = {key: {} for key in layout.IDENTITY_KEYS}
+    settings.update(kind="bench-realistic", data={"classes": [str(c) for c in range(classes)]}, noise_seed=seed,
+                    dtype="float16", precision="fp32", chunk_samples=512)
+    table = [{"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": c, "resolution": 2}
+             for b, c in enumerate(channels, 1)]
+    index = {s: SplitIndex(y, [f"{s}/{i}.png" for i in range(len(y))]) for s, y in labels.items()}
+    projections = [rng.normal(size=(latent, 4 * c)).astype(np.float32) / np.sqrt(latent) for c in channels]
+    with FeatureStoreWriter.open(path, settings=settings, splits=index, block_table=table, overwrite=True) as writer:
+        for b in range(1, len(channels) + 1):
+            writer.add_arrays({b: 2}, list(timesteps), [1, 2])
+        for split, y in labels.items():
+            for chunk in range(layout.num_chunks(len(y), 512)):
+                part = layout.chunk_slice(chunk, len(y), 512)
+                n = len(y[part])
+                eps = rng.normal(size=(n, latent))
+                arrays = {}
+                for t in timesteps:
+                    z = (means[y[part]] + (1 + t / 250) * eps).astype(np.float32)
+                    for b, c in enumerate(channels, 1):
+                        h = z @ projections[b - 1] + 0.5 * rng.normal(size=(n, 4 * c)).astype(np.float32)
+                        arrays[(b, t)] = np.maximum(h, 0).reshape(n, c, 2, 2)
+                writer.write_chunk(split, chunk, arrays)
+    return path
+
+
 def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
     """Features of a random-init U-Net shaped like the default pipeline's, through `pipeline extract`'s code."""
     import torch
@@ -102,7 +145,7 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
     return store
 
 
-def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray) -> dict:
+def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray, C: float = 1.0) -> dict:
     """{key: (wall seconds, cpu seconds, test top-1, features)}, one combination after the other."""
     from sklearn.linear_model import LogisticRegression
 
@@ -118,61 +161,39 @@ def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit
         x_fit = train[fit].reshape(len(fit), -1)
         mean, std = x_fit.mean(0), x_fit.std(0)
         std[std < 1e-6] = 1
-        model = LogisticRegression(max_iter=1000).fit((x_fit - mean) / std, y_train[fit])
+        model = LogisticRegression(C=C, max_iter=1000).fit((x_fit - mean) / std, y_train[fit])
         accuracy = model.score((test.reshape(len(test), -1) - mean) / std, y_test)
         out[f"b{block}_t{timestep}_p{pool}"] = (time.perf_counter() - started, time.process_time() - cpu, accuracy,
                                                 x_fit.shape[1])
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
-    parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
-    parser.add_argument("--unet", action="store_true", help="Extract real (random-init) U-Net features instead.")
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--timesteps", default="10,150,400")
-    parser.add_argument("--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
-    parser.add_argument("--epochs", type=int, default=None, help="[default: the probe's default]")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-
+def compare(store_path: Path, title: str, out: Path, args) -> dict:
+    """One side-by-side run on one store: scikit-learn per combination, then the sweep; prints the table."""
     import torch
     from threadpoolctl import threadpool_limits
 
     from cache import FeatureStore
     from stages.probe import ProbeSettings, carve_validation, run_probe
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-probe-"))
-    timesteps = [int(t) for t in args.timesteps.split(",")]
-    if args.unet:
-        started = time.perf_counter()
-        store_path = make_unet_store(workdir, [10, 100, 250])
-        print(f"store: {store_path} ({time.perf_counter() - started:.1f} s), random-init U-Net features of MNIST-5k")
-    elif args.store is None:
-        started = time.perf_counter()
-        store_path = make_store(workdir / "store.zarr", blocks=args.blocks, timesteps=timesteps, channels=args.channels)
-        print(f"store: {store_path} ({time.perf_counter() - started:.1f} s to write), 4000 train / 1000 test, "
-              f"{args.blocks} blocks x {len(timesteps)} timesteps x pools 1,2, {args.channels} channels")
-    else:
-        store_path = args.store
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]
-    settings = ProbeSettings(store=str(store_path), head="linear", out=str(workdir / "results"), pools=(1, 2),
+    settings = ProbeSettings(store=str(store_path), head="linear", out=str(out), pools=(1, 2),
                              epochs=args.epochs, threads=args.threads)
     labels = store.labels("train")
     fit, _ = carve_validation(labels, np.arange(len(labels)), settings.val_fraction, settings.seed)
 
     torch.set_num_threads(args.threads)
     with threadpool_limits(limits=args.threads):
-        sk = sklearn_one_by_one(store_path, combos, fit)
+        sk = sklearn_one_by_one(store_path, combos, fit, C=args.sklearn_C)
         started, cpu = time.perf_counter(), time.process_time()
         result = run_probe(settings)
         sweep_seconds, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu
     chosen = {r["key"]: r for r in result.rows if r["selected"]}
     per_combo = sweep_seconds / len(combos)
-    print(f"threads {args.threads}; sweep: {len(settings.hypers())} learning rates x {len(combos)} combinations, "
+    print(f"\n== {title}: {len(fit)} fit rows, {len(store.labels('val'))} test rows, {len(store.classes)} classes")
+    print(f"threads {args.threads}; scikit-learn LogisticRegression(C={args.sklearn_C:g}, lbfgs, max_iter=1000) per "
+          f"combination; sweep: {len(settings.hypers())} learning rates x {len(combos)} combinations, "
           f"{result.record['epochs']} epochs, {result.record['data_mode']} mode, {sweep_seconds:.2f} s in all\n")
     print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
           f"{'sweep top-1':>13}{'diff':>7}  chosen lr")
@@ -184,19 +205,68 @@ def main() -> None:
               f"{100 * row['test_top1']:>12.1f}%{differences[-1]:>+7.1f}  {row['lr']:g}")
     sk_mean = np.mean([v[0] for v in sk.values()])
     sk_cpu = np.mean([v[1] for v in sk.values()])
-    print(f"\nper combination, wall: scikit-learn {sk_mean:.3f} s, sweep {per_combo:.3f} s -> sweep is "
-          f"{sk_mean / per_combo:.1f}x cheaper")
-    print(f"per combination, CPU:  scikit-learn {sk_cpu:.3f} s, sweep {sweep_cpu / len(combos):.3f} s -> sweep is "
-          f"{sk_cpu / (sweep_cpu / len(combos)):.1f}x cheaper")
+    print(f"\nper combination, wall: scikit-learn {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
+          f"{sk_mean / per_combo:.2f} (sweep is {'cheaper' if sk_mean > per_combo else 'MORE expensive'})")
+    print(f"per combination, CPU:  scikit-learn {sk_cpu:.3f} s, sweep {sweep_cpu / len(combos):.3f} s -> ratio "
+          f"{sk_cpu / (sweep_cpu / len(combos)):.2f}")
     print(f"test top-1, mean over combinations: scikit-learn {100 * np.mean([v[2] for v in sk.values()]):.2f}%, "
           f"sweep {100 * np.mean([r['test_top1'] for r in chosen.values()]):.2f}% "
           f"(mean difference {np.mean(differences):+.2f}, largest |difference| {np.max(np.abs(differences)):.2f} points)")
-    (workdir / "bench.json").write_text(json.dumps({
-        "threads": args.threads, "combinations": len(combos), "sklearn_seconds_per_combination": sk_mean,
+    return {
+        "threads": args.threads, "combinations": len(combos), "sklearn_C": args.sklearn_C,
+        "epochs": result.record["epochs"], "learning_rates": len(settings.hypers()),
+        "sklearn_seconds_per_combination": sk_mean,
         "sweep_seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
         "sklearn_cpu_seconds_per_combination": sk_cpu, "sweep_cpu_seconds_per_combination": sweep_cpu / len(combos),
         "sklearn_top1": {k: v[2] for k, v in sk.items()}, "sweep_top1": {k: r["test_top1"] for k, r in chosen.items()},
-    }, indent=2))
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
+    parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
+    parser.add_argument("--unet", action="store_true", help="Extract real (random-init) U-Net features instead.")
+    parser.add_argument("--configs", default="small,realistic",
+                        help="Written stores to compare on: small (MNIST-5k, 4000 train) and/or realistic "
+                             "(10000 train, 50 classes, 256-4096 features) [default: both].")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--timesteps", default="10,150,400")
+    parser.add_argument("--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
+    parser.add_argument("--epochs", type=int, default=None, help="[default: the probe's default]")
+    parser.add_argument("--sklearn-C", dest="sklearn_C", type=float, default=1.0,
+                        help="C of the one scikit-learn fit per combination [default: 1, scikit-learn's default].")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench-probe-"))
+    timesteps = [int(t) for t in args.timesteps.split(",")]
+    report = {}
+    if args.unet:
+        started = time.perf_counter()
+        store_path = make_unet_store(workdir, [10, 100, 250])
+        print(f"store: {store_path} ({time.perf_counter() - started:.1f} s), random-init U-Net features of MNIST-5k")
+        report["unet"] = compare(store_path, "U-Net features", workdir / "results-unet", args)
+    elif args.store is not None:
+        report["store"] = compare(args.store, str(args.store), workdir / "results-store", args)
+    else:
+        for config in args.configs.split(","):
+            started = time.perf_counter()
+            if config == "small":
+                store_path = make_store(workdir / "store.zarr", blocks=args.blocks, timesteps=timesteps,
+                                        channels=args.channels)
+                title = (f"small: MNIST-5k, {args.blocks} blocks x {len(timesteps)} timesteps x pools 1,2, "
+                         f"{args.channels} channels")
+            elif config == "realistic":
+                store_path = make_realistic_store(workdir / "realistic.zarr")
+                title = ("realistic: synthetic ImageNet-50-like, 50 classes, blocks of 256 and 1024 channels on 2x2 "
+                         "x 2 timesteps x pools 1,2 (256-4096 features)")
+            else:
+                parser.error(f"unknown config {config!r}")
+            print(f"store: {store_path} ({time.perf_counter() - started:.1f} s to write)")
+            report[config] = compare(store_path, title, workdir / f"results-{config}", args)
+    (workdir / "bench.json").write_text(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
