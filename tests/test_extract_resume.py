@@ -34,7 +34,7 @@ def config(model, data, out, **changes) -> ExtractConfig:
 
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("many") / "images", counts={"train": 60, "val": 12}, seed=1)
+    return make_image_folder(tmp_path_factory.mktemp("many") / "images", counts={"train": 40, "val": 8}, seed=1)
 
 
 def done_chunks(store: Path) -> int:
