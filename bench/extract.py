@@ -13,7 +13,6 @@ at fp32 and bf16 and for extracting blocks 18-30 at 3 timesteps at each precisio
 from __future__ import annotations
 
 import argparse
-import math
 import shutil
 import sys
 import tempfile

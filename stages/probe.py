@@ -633,8 +633,8 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
         fits = sum(memory_cost(c) for c in combos) <= budget or all(memory_cost(c) <= budget for c in combos)
         mode = "memory" if fits or settings.head in S.SKLEARN_KINDS else "stream"
     if mode == "stream" and settings.head in S.SKLEARN_KINDS:
-        raise ProbeInputError(f"the scikit-learn probes need their features in memory; use a torch head "
-                              f"(--head linear) to stream, or --data-mode memory")
+        raise ProbeInputError("the scikit-learn probes need their features in memory; use a torch head "
+                              "(--head linear) to stream, or --data-mode memory")
     cost = memory_cost if mode == "memory" else stream_cost
     passes, current, used = [], [], 0
     for i, c in enumerate(combos):

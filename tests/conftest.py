@@ -15,6 +15,20 @@ from stages.unet_configs import tiny_adm_config
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Every test model and probe is tiny: intra-op and BLAS threads only add synchronisation, which
+    on a busy 2-core machine made single convolutions and solves 50-200x slower. Results do not
+    depend on the thread count, but float sums do: session scope puts every fixture on one setting."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(before)
+
+
 def make_model_dir(path: Path, *, image_size: int = 16, in_channels: int = 3, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DModel(**tiny_adm_config(image_size=image_size, in_channels=in_channels))

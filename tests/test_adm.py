@@ -36,15 +36,6 @@ ADM_256_FLAGS = (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These convolutions are tiny: extra threads only add synchronisation, which on a busy machine
-    # (tests running side by side) made each one ~50x slower. Restored for the other test modules.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:

@@ -10,7 +10,6 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from cache import FeatureStore
-from stages.blocks import block_table
 from stages.extract import ExtractConfig, noise, run_extract
 
 TIMESTEPS = (0, 90, 500)

@@ -16,14 +16,6 @@ from stages.pretrain import _load_train_images, pretrain_ddpm, random_init_copy
 TINY = dict(image_size=8, channels=(32, 32), layers_per_block=1, attention_levels=(1,), head_channels=32, batch_size=8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and lose a lot when other processes hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):

@@ -22,18 +22,6 @@ from tests.test_probe_support import digits_features, write_store
 FAST = dict(threads=1, epochs=10, batch_size=64)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny problems on a shared 2-core machine: spinning BLAS/OpenMP workers cost more than they give."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory) -> Path:
     features, labels = digits_features()

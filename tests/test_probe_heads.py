@@ -13,14 +13,6 @@ from stages import heads as H
 from stages.sklearn_probes import KNNProbe, LogRegProbe, RidgeProbe, check_grid, topk_labels
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def digits():
     X, y = load_digits(return_X_y=True)
