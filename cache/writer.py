@@ -50,6 +50,20 @@ def _describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str
     return [f"{name}: the store has {short(stored)}, this run asks for {short(wanted)}"]
 
 
+def _differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[str]:
+    lines = []
+    for key in layout.IDENTITY_KEYS:
+        lines += _describe_difference(key, existing.get(key), settings[key])
+    for block, grid in sorted(grids.items()):
+        stored = existing.get("features", {}).get(str(block))
+        if stored is not None and stored["grid"] != grid:
+            lines.append(
+                f"block {block}: the store has it pooled to {stored['grid']}x{stored['grid']}, this run needs "
+                f"{grid}x{grid} (ask only for pools that divide {stored['grid']})"
+            )
+    return lines
+
+
 class FeatureStoreWriter:
     """The one process allowed to write a store; use as a context manager (it holds a lock)."""
 
@@ -68,11 +82,15 @@ class FeatureStoreWriter:
         settings: dict,
         splits: dict[str, SplitIndex],
         block_table: list[dict],
+        grids: dict[int, int] | None = None,
         overwrite: bool = False,
     ) -> FeatureStoreWriter:
         """Create the store, or reopen one made with the same `settings` (keys in layout.IDENTITY_KEYS).
 
-        A store made with other settings is refused with the differences named, unless `overwrite`.
+        `grids` (block -> stored grid) are the grids this run will write; a block already stored at
+        another grid is a difference too. A store that differs is refused with the differences
+        named, or, with `overwrite`, replaced. A store that agrees is reopened either way, so
+        finished chunks are kept and only what is missing gets computed.
         """
         missing = [key for key in layout.IDENTITY_KEYS if key not in settings]
         if missing:
@@ -82,21 +100,19 @@ class FeatureStoreWriter:
         lock_fd = _lock(directory)
         try:
             existing = _existing_attrs(directory)
-            if existing is not None and not overwrite:
-                differences = []
-                for key in layout.IDENTITY_KEYS:
-                    differences += _describe_difference(key, existing.get(key), settings[key])
-                if differences:
-                    raise StoreMismatchError(
-                        f"{directory} was made with other settings:\n  "
-                        + "\n  ".join(differences)
-                        + "\nUse another --out, or --overwrite to replace the store."
-                    )
+            differences = [] if existing is None else _differences(existing, settings, grids or {})
+            if existing is not None and not differences:
                 group = zarr.open_group(directory, mode="r+")
                 _remove_partial_writes(directory)
-            else:
+            elif existing is None or overwrite:
                 _clear(directory)
                 group = _create(directory, settings, splits, block_table)
+            else:
+                raise StoreMismatchError(
+                    f"{directory} was made with other settings:\n  "
+                    + "\n  ".join(differences)
+                    + "\nUse another --out, or --overwrite to replace the store."
+                )
             return cls(directory, group, lock_fd)
         except BaseException:
             _unlock(lock_fd)

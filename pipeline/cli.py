@@ -38,7 +38,8 @@ def blocks(model: str) -> None:
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decoding processes [default: 0 on CPU, up to 8 on CUDA].")
 @click.option("--noise-seed", type=click.IntRange(min=0), default=0, help="Seed of the per-sample noise.")
 @click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk [default: ~4 MB chunks].")
-@click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the store if it was made with other settings (a matching one is still resumed).")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
             noise_seed, chunk_samples, overwrite, dry_run) -> None:

@@ -170,7 +170,7 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     chunk_samples = (
         config.chunk_samples
-        or (None if config.overwrite else _existing_chunk_samples(config.out))
+        or _existing_chunk_samples(config.out)
         or int(np.clip(CHUNK_BYTES // widest, 16, 4096))
     )
     size = int(model.unet.config.sample_size if not isinstance(model.unet.config.sample_size, (list, tuple)) else model.unet.config.sample_size[0])
@@ -227,6 +227,7 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
         settings=plan.settings,
         splits=splits,
         block_table=[block.as_dict() for block in plan.table],
+        grids=plan.grids,
         overwrite=config.overwrite,
     ) as writer:
         writer.add_arrays(plan.grids, list(config.timesteps), list(config.pools))

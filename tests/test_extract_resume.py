@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from cache import FeatureStore, FeatureStoreWriter, StoreLockedError, StoreMismatchError
@@ -54,7 +55,10 @@ def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_mo
     command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(many_images),
                "--out", str(killed), "--blocks", "2-9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "1",
                "--chunk-samples", "4"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # The same intra-op thread count as this process (see conftest): CPU kernels sum in a
+    # thread-dependent order, and bit-identity is promised for the same machine and settings.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     try:
         while done_chunks(killed) < 3 and time.monotonic() < deadline and process.poll() is None:
@@ -147,5 +151,27 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
     assert store.blocks == [3, 5, 8] and store.timesteps == [10, 90] and not store.missing()
 
     # a pool that needs a finer grid than block 3 was stored at cannot be added silently
-    with pytest.raises(StoreMismatchError, match="block 3 is stored pooled to 2x2"):
+    with pytest.raises(StoreMismatchError, match="block 3: the store has it pooled to 2x2, this run needs 4x4"):
         run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,)), progress=False)
+
+
+def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_model, tiny_data, tmp_path,
+                                                                        monkeypatch):
+    out = tmp_path / "s.zarr"
+    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    written = []
+    original = FeatureStoreWriter.write_chunk
+
+    def record(self, split, chunk, features):
+        written.extend(features)
+        return original(self, split, chunk, features)
+
+    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    # What `dvc repro` runs after a timestep is added: the matching store is extended, not redone.
+    run_extract(config(tiny_model, tiny_data, out, blocks="3", timesteps=(10, 90, 150), overwrite=True),
+                progress=False)
+    assert set(written) == {(3, 150)}
+    # A finer pool than block 3 was stored at, with --overwrite: the store is rebuilt at the new grid.
+    run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,), overwrite=True), progress=False)
+    store = FeatureStore.open(out)
+    assert store.block_info(3)["grid"] == 4 and store.timesteps == [10, 90] and not store.missing()
