@@ -119,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     timesteps = [int(t) for t in args.timesteps.split(",")]
-    images = args.images or (256 if device.type == "cuda" else 96)
+    images = args.images or (256 if device.type == "cuda" else 384)
     batch = args.batch_size or 32
     workdir = Path(tempfile.mkdtemp(prefix="bench-extract-"))
     try:

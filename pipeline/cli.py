@@ -31,7 +31,8 @@ def blocks(model: str) -> None:
 @click.option("--timesteps", type=options.INTS, default="90", help="Comma list of noise timesteps.")
 @click.option("--pool", "pools", type=options.INTS, default="1,2,4", help="Pooled grid sizes to make readable.")
 @click.option("--splits", default="train,val", help="Comma list of split folders under --data.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, help="Images per forward pass.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64,
+              help="Rows per forward pass: images x timesteps (all timesteps of an image share a pass).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored dtype.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Compute precision.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")

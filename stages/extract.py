@@ -102,10 +102,10 @@ class Plan:
         total = 0
         for split, data in self.splits.items():
             n = len(data.paths)
-            batches = sum(math.ceil(len(range(*layout.chunk_slice(k, n, self.chunk_samples).indices(n))) / self.config.batch_size)
-                          for k in range(layout.num_chunks(n, self.chunk_samples)))
+            images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
+            batches = len(_batches(list(range(layout.num_chunks(n, self.chunk_samples))), n, self.chunk_samples, images))
             lines.append(
-                f"{split}: {n} images, {batches} forward passes of up to {self.config.batch_size} images x "
+                f"{split}: {n} images, {batches} forward passes of up to {images} images x "
                 f"{len(self.config.timesteps)} timesteps"
             )
         lines.append(f"{'split':<6} {'block':>5} {'timestep':>8}  {'shape':<24} {'MB':>10}")
@@ -202,6 +202,15 @@ class _NoisedImages(Dataset):
         return x0, eps, index
 
 
+def images_per_pass(batch_size: int, num_timesteps: int) -> int:
+    """Images per forward pass: `batch_size` counts rows (images x timesteps), the memory and speed knob.
+
+    Sharing a pass between timesteps saves kernel launches on a GPU, but a pass T times larger than
+    the one asked for is slower per row on a CPU (cache) and may not fit a GPU.
+    """
+    return max(1, batch_size // num_timesteps)
+
+
 def _batches(chunks: list[int], num_samples: int, chunk_samples: int, batch_size: int) -> list[list[int]]:
     batches = []
     for chunk in chunks:
@@ -263,7 +272,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     # Every pass of this split runs the same timesteps, even for a chunk a killed run had partly
     # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
     steps = sorted({t for wanted in needs.values() for _, t in wanted})
-    batches = _batches(chunks, n, cs, config.batch_size)
+    batches = _batches(chunks, n, cs, images_per_pass(config.batch_size, len(steps)))
     size = plan.settings["preprocessing"]["size"]
     channels = plan.settings["preprocessing"]["channels"]
     workers = default_workers(device) if config.workers is None else config.workers
