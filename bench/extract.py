@@ -74,6 +74,8 @@ def sync(device: torch.device) -> None:
 def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> float:
     """Seconds for forward passes over every image at every timestep, batch by batch."""
     unet = unet.to(device)
+    if device.type == "cuda":  # the same layout the extraction stage uses
+        unet = unet.to(memory_format=torch.channels_last)
     capture = None
     if stop_block is not None:
         block = block_table(unet)[stop_block - 1]
@@ -85,6 +87,8 @@ def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> fl
         for t, xt in xts.items():
             for s in range(0, len(xt), batch):
                 x = xt[s : s + batch].to(device, non_blocking=True)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
                 tt = torch.full((len(x),), t, device=device)
                 if capture is None:
                     unet(x, tt)
