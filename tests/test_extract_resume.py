@@ -38,6 +38,19 @@ def many_images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("many") / "images", counts={"train": 40, "val": 8}, seed=1)
 
 
+def record_writes(monkeypatch) -> list[tuple[str, int, tuple[int, int]]]:
+    """(split, chunk, (block, timestep)) of every chunk written from now on, in order."""
+    written = []
+    original = FeatureStoreWriter.write_chunk
+
+    def record(self, split, chunk, features):
+        written.extend((split, chunk, key) for key in features)
+        return original(self, split, chunk, features)
+
+    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    return written
+
+
 def done_chunks(store: Path) -> int:
     """Finished chunks of the deepest array of the train split, read while another process writes."""
     try:
@@ -73,14 +86,7 @@ def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_mo
     missing_before = finished_before.missing()
     assert missing_before, "the kill came too late to test anything"
 
-    written = []
-    original = FeatureStoreWriter.write_chunk
-
-    def record(self, split, chunk, features):
-        written.extend((split, chunk, key) for key in features)
-        return original(self, split, chunk, features)
-
-    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    written = record_writes(monkeypatch)
     run_extract(config(tiny_model, many_images, killed, batch_size=1), progress=False)
 
     for split, chunk, (block, timestep) in written:
@@ -134,16 +140,9 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
     out = tmp_path / "s.zarr"
     run_extract(config(tiny_model, tiny_data, out, blocks="3,5", timesteps=(10,)), progress=False)
     first = chunk_files(out)
-    written = []
-    original = FeatureStoreWriter.write_chunk
-
-    def record(self, split, chunk, features):
-        written.extend(features)
-        return original(self, split, chunk, features)
-
-    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    writes = record_writes(monkeypatch)
     run_extract(config(tiny_model, tiny_data, out, blocks="3,5,8", timesteps=(10, 90)), progress=False)
-    assert set(written) == {(3, 90), (5, 90), (8, 10), (8, 90)}
+    assert {key for _, _, key in writes} == {(3, 90), (5, 90), (8, 10), (8, 90)}
     after = chunk_files(out)
     unchanged = [k for k in first if "block3/t10/" in k or "block5/t10/" in k]
     assert unchanged and all(after[k] == first[k] for k in unchanged)
@@ -159,18 +158,11 @@ def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_mode
                                                                         monkeypatch):
     out = tmp_path / "s.zarr"
     run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
-    written = []
-    original = FeatureStoreWriter.write_chunk
-
-    def record(self, split, chunk, features):
-        written.extend(features)
-        return original(self, split, chunk, features)
-
-    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    writes = record_writes(monkeypatch)
     # What `dvc repro` runs after a timestep is added: the matching store is extended, not redone.
     run_extract(config(tiny_model, tiny_data, out, blocks="3", timesteps=(10, 90, 150), overwrite=True),
                 progress=False)
-    assert set(written) == {(3, 150)}
+    assert {key for _, _, key in writes} == {(3, 150)}
     # A finer pool than block 3 was stored at, with --overwrite: the store is rebuilt at the new grid.
     run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,), overwrite=True), progress=False)
     store = FeatureStore.open(out)
