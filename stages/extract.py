@@ -32,6 +32,7 @@ from cache.writer import SplitIndex
 from stages.blocks import Block, block_table, resolve_blocks
 from stages.capture import BlockCapture
 from stages.data import ImageFolderSplit, dataset_identity, load_image, preprocessing, scan
+from stages.devices import resolve_device
 from stages.models import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
@@ -139,15 +140,6 @@ def _validate(config: ExtractConfig, model: LoadedModel) -> None:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.batch_size < 1:
         raise ValueError(f"batch size must be positive, got {config.batch_size}")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 def _existing_chunk_samples(out: str) -> int | None:

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
+from stages.devices import resolve_device
 from stages.models import DEFAULT_SCHEDULE, load_model, weights_hash
 from stages.unet_configs import adm_unet_config
 
@@ -101,12 +102,6 @@ def ddpm_unet_config(
     return config
 
 
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -159,7 +154,7 @@ def pretrain_ddpm(
         head_channels=head_channels,
         resblock_updown=resblock_updown,
     )
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
 
     _seed_everything(seed)
     unet = UNet2DModel(**config)

@@ -54,6 +54,7 @@ from cache.errors import IncompleteStoreError
 from cache.reader import FeatureStore
 from stages import heads as H
 from stages import sklearn_probes as S
+from stages.devices import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -656,18 +657,6 @@ def _size(n: float) -> str:
         if n < 1024 or unit == "TB":
             return f"{n:.1f} {unit}"
         n /= 1024
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 # -- scoring -------------------------------------------------------------------------------------------
