@@ -152,6 +152,9 @@ def random_init(model: str, out: str, seed: int) -> None:
 @click.option("--lr", "lrs", type=options.FLOATS, default=None, help="Learning-rate grid [default: per head].")
 @click.option("--weight-decay", "weight_decays", type=options.FLOATS, default=None, help="Weight-decay grid [default: per head].")
 @click.option("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None, help="[default: adamw, cosine schedule]")
+@click.option("--halving/--no-halving", default=None,
+              help="Successive halving over the learning-rate grid: after 1/4 and 1/2 of the epochs only the better "
+                   "half of each input set's heads train on [default: on].")
 @click.option("--batchnorm/--no-batchnorm", default=None, help="linear/mlp: BatchNorm without affine first [default: off].")
 @click.option("--hidden", type=options.INTS, default=None, help="mlp hidden sizes [default: 1024].")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="cnn channels [default: 256].")

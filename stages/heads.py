@@ -213,6 +213,9 @@ class FlatBank(nn.Module):
     and the softmax over K classes runs across contiguous samples, which on a CPU is several times
     faster than over a last dimension of K. Members are ordered input set (`dims` order) major,
     hyper-parameter set minor: member = index * L + l.
+
+    `keep` retires members (successive halving): forward and loss then compute only the active
+    members, the same number per input set, so each layer stays one batched matmul per group.
     """
 
     def __init__(self, dims: Sequence[int], num_hypers: int, num_classes: int, *, hidden: Sequence[int] = (),
@@ -240,10 +243,34 @@ class FlatBank(nn.Module):
                     self._slot[(g, layer, l)] = len(self.weights)
                     self.weights.append(nn.Parameter(w))
                     self.biases.append(nn.Parameter(bias))
+        self._active = None  # None: every member; else per set the active hyper-parameter indices
+        self._picks = {}  # (group, device) -> (G, n) index of the active hyper-parameter sets
 
     @property
     def num_members(self) -> int:
         return len(self.dims) * self.L
+
+    @property
+    def active(self) -> list[int]:
+        """Indices of the members that forward and loss compute, in the order forward returns them."""
+        if self._active is None:
+            return list(range(self.num_members))
+        return [i * self.L + l for i in range(len(self.dims)) for l in self._active[i]]
+
+    def keep(self, members: Sequence[int]) -> None:
+        """Compute only these members from now on; every input set must keep the same number of them."""
+        per_set = [sorted(l for i2, l in map(self.member, set(members)) if i2 == i) for i in range(len(self.dims))]
+        if len({len(ls) for ls in per_set}) != 1 or not per_set[0]:
+            raise ValueError(f"every input set must keep the same number (>= 1) of members, got {per_set}")
+        self._active = None if len(per_set[0]) == self.L else per_set
+        self._picks = {}
+
+    def _pick(self, g: int, device: torch.device) -> torch.Tensor | None:
+        if self._active is None:
+            return None
+        if (g, device) not in self._picks:
+            self._picks[(g, device)] = torch.tensor([self._active[i] for i in self.groups[g]], device=device)
+        return self._picks[(g, device)]
 
     def member(self, index: int) -> tuple[int, int]:
         """(input-set index, hyper-parameter index) of a member."""
@@ -261,13 +288,14 @@ class FlatBank(nn.Module):
         return out
 
     def forward(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
-        """groups[g]: (G_g, B, D_g) features of the group's input sets -> (M, B, K) logits, member order."""
+        """groups[g]: (G_g, B, D_g) features of the group's input sets -> (M, B, K) logits of the active
+        members, in `active` order."""
         out = [None] * len(self.dims)
         for g, x in enumerate(groups):
-            logits = self._group_logits(g, x).transpose(2, 3)  # (G, L, B, K)
+            logits = self._group_logits(g, x).transpose(2, 3)  # (G, n, B, K)
             for j, i in enumerate(self.groups[g]):
                 out[i] = logits[j]
-        return torch.cat(out, dim=0)  # (len(dims) * L, B, K)
+        return torch.cat(out, dim=0)  # (len(dims) * n, B, K)
 
     def loss(self, groups: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Sum over members of each member's mean cross-entropy (so each member gets its own gradient)."""
@@ -280,7 +308,7 @@ class FlatBank(nn.Module):
         return total / labels.shape[0]
 
     def _group_logits(self, g: int, x: torch.Tensor) -> torch.Tensor:
-        """(G, B, D) features of group g -> (G, L, K, B) logits."""
+        """(G, B, D) features of group g -> (G, n, K, B) logits of its n active members per input set."""
         if self.batchnorm:
             x = self._batchnorm(g, x)
         G, B = x.shape[0], x.shape[1]
@@ -288,17 +316,20 @@ class FlatBank(nn.Module):
         layers = len(self.hidden) + 1
         for layer in range(layers):
             slots = [self._slot[(g, layer, l)] for l in range(self.L)]
+            w = torch.stack([self.weights[s] for s in slots], dim=1)  # (G, L, out, in)
+            b = torch.stack([self.biases[s] for s in slots], dim=1)
+            pick = self._pick(g, w.device)
+            if pick is not None:  # the active members only (retired ones get zero gradients)
+                sets = torch.arange(G, device=w.device)[:, None]
+                w, b = w[sets, pick], b[sets, pick]  # (G, n, out, in)
+            n = w.shape[1]
             if layer == 0:
-                w = torch.cat([self.weights[s] for s in slots], dim=1)  # (G, L*out, D)
-                b = torch.cat([self.biases[s] for s in slots], dim=1)
-                h = torch.baddbmm(b, w, h).view(G * self.L, -1, B)
+                h = torch.baddbmm(b.flatten(1, 2), w.flatten(1, 2), h).view(G * n, -1, B)  # (G*n, out, B)
             else:
-                w = torch.stack([self.weights[s] for s in slots], dim=1).flatten(0, 1)  # (G*L, out, in)
-                b = torch.stack([self.biases[s] for s in slots], dim=1).flatten(0, 1)
-                h = torch.baddbmm(b, w, h)
+                h = torch.baddbmm(b.flatten(0, 1), w.flatten(0, 1), h)
             if layer + 1 < layers:
                 h = F.relu(h)
-        return h.view(G, self.L, self.K, B)
+        return h.view(G, -1, self.K, B)
 
     def _batchnorm(self, g: int, x: torch.Tensor) -> torch.Tensor:
         # BatchNorm1d(affine=False) per input set; members of an input set see the same batches,
@@ -365,10 +396,15 @@ class ModuleBank(nn.Module):
                     torch.manual_seed(int(seeds[i][l]))
                     heads.append(build_head(kind, shapes, num_classes, options))
         self.heads = nn.ModuleList(heads)
+        self.active = list(range(len(heads)))  # the members forward and loss compute
 
     @property
     def num_members(self) -> int:
         return len(self.heads)
+
+    def keep(self, members: Sequence[int]) -> None:
+        """Compute only these members from now on (successive halving); retired heads get no gradient."""
+        self.active = sorted(set(int(m) for m in members))
 
     def member(self, index: int) -> tuple[int, int]:
         return divmod(index, self.L)
@@ -384,12 +420,12 @@ class ModuleBank(nn.Module):
         return out
 
     def forward(self, sets: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-        """sets[i]: the input tensors of input set i -> (M, B, K) logits."""
-        return torch.stack([head(*sets[index // self.L]) for index, head in enumerate(self.heads)])
+        """sets[i]: the input tensors of input set i -> (M, B, K) logits of the active members."""
+        return torch.stack([self.heads[m](*sets[m // self.L]) for m in self.active])
 
     def loss(self, sets: Sequence[Sequence[torch.Tensor]], labels: torch.Tensor) -> torch.Tensor:
-        """Sum over members of each member's mean cross-entropy."""
-        return sum(F.cross_entropy(head(*sets[index // self.L]), labels) for index, head in enumerate(self.heads))
+        """Sum over active members of each member's mean cross-entropy."""
+        return sum(F.cross_entropy(self.heads[m](*sets[m // self.L]), labels) for m in self.active)
 
     def export(self, index: int) -> nn.Module:
         return copy.deepcopy(self.heads[index]).cpu().eval()

@@ -67,7 +67,7 @@ DEFAULT_LRS = {"linear": (1e-3, 3e-3, 1e-2, 3e-2), "mlp": (1e-4, 3e-4, 1e-3), "c
                "attention": (1e-4, 3e-4, 1e-3)}
 DEFAULT_WEIGHT_DECAYS = {"linear": (1e-4,), "mlp": (1e-4,), "cnn": (0.05,), "attention": (0.05,)}
 COLUMNS = ("head", "key", "blocks", "timesteps", "pool", "grid", "dim", "fused", "lr", "weight_decay", "C", "k",
-           "alpha", "val_top1", "val_top5", "val_loss", "selected", "test_top1", "test_top5")
+           "alpha", "epochs", "val_top1", "val_top5", "val_loss", "selected", "test_top1", "test_top5")
 
 
 class ProbeInputError(ValueError):
@@ -93,6 +93,7 @@ class ProbeSettings:
     weight_decays: tuple[float, ...] | None = None
     optimizer: str = "adamw"
     warmup: float = 0.05  # share of steps with a linear warm-up, then cosine decay to 0
+    halving: bool = True  # successive halving over each input set's hyper-parameter sets (torch heads)
     batchnorm: bool = False  # linear / mlp: BatchNorm1d without affine before the head (MAE)
     hidden: tuple[int, ...] = (1024,)  # mlp hidden sizes
     width: int = 256  # cnn channels
@@ -171,11 +172,35 @@ class ProbeSettings:
         wds = self.weight_decays if self.weight_decays is not None else DEFAULT_WEIGHT_DECAYS[self.head]
         return [{"lr": float(lr), "weight_decay": float(wd)} for lr in lrs for wd in wds]
 
+    def rungs(self, epochs: int) -> list[tuple[int, int]]:
+        """Where successive halving retires members: [(after epoch, keep per input set)]; [] without it."""
+        return halving_rungs(len(self.hypers()), epochs) if self.halving and self.head in H.TORCH_KINDS else []
+
     def head_options(self) -> dict:
         return {"linear": {"batchnorm": self.batchnorm},
                 "mlp": {"hidden": list(self.hidden), "batchnorm": self.batchnorm},
                 "cnn": {"width": self.width},
                 "attention": {"dim": self.dim, "depth": self.depth, "heads": self.attention_heads}}.get(self.head, {})
+
+
+def halving_rungs(members: int, epochs: int) -> list[tuple[int, int]]:
+    """Successive halving (Jamieson & Talwalkar, 2016) of one input set's `members` hyper-parameter sets
+    over `epochs`: [(epoch, keep)], after `epoch` epochs only the best `keep` train on. Rungs are
+    geometric, as in Hyperband: with R halvings they fall at epochs/2^R, ..., epochs/4, epochs/2, so
+    the last member trains the second half alone. Each member keeps the schedule it would have alone.
+    4 members, 10 epochs: [(2, 2), (5, 1)], 19 member-epochs instead of 40. (Equal member-epochs per
+    stage, [(1, 2), (4, 1)], was cheaper but chose worse learning rates in bench/probe.py: after one
+    epoch the larger rates look better than they end.)
+    """
+    counts = [members]
+    while counts[-1] > 1:
+        counts.append(-(-counts[-1] // 2))
+    rungs = {}
+    for i, keep in enumerate(counts[1:], 1):
+        epoch = min(max(1, round(epochs / 2 ** (len(counts) - i))), epochs - 1)
+        if epoch >= 1:
+            rungs[epoch] = keep  # rungs that round to one epoch keep the later (smaller) count
+    return sorted(rungs.items())
 
 
 # -- what to probe -----------------------------------------------------------------------------------
@@ -432,9 +457,9 @@ class _Stats:
         if len(rows) == 0:
             return
         for key, x in pieces.items():
-            x = torch.from_numpy(x[rows]).double()
-            var, mb = torch.var_mean(x, dim=0, correction=0)
-            nb, mb, m2b = len(x), mb.numpy(), (var * len(x)).numpy()
+            # float32 in: the CPU kernel accumulates in double, so a float64 copy would only cost time
+            var, mb = torch.var_mean(torch.from_numpy(x[rows]), dim=0, correction=0)
+            nb, mb, m2b = len(rows), mb.double().numpy(), (var.double() * len(rows)).numpy()
             if key not in self.n:
                 self.n[key], self.mean[key], self.m2[key] = nb, mb, m2b
                 continue
@@ -770,6 +795,7 @@ def _run_probe(settings: ProbeSettings) -> ProbeResult:
         "settings": asdict(settings),
         "hypers": hypers,
         "epochs": epochs if settings.head in H.TORCH_KINDS else None,
+        "halving": [{"after_epoch": e, "keep": k} for e, k in settings.rungs(epochs)] if settings.head in H.TORCH_KINDS else None,
         "head_options": settings.head_options(),
         "num_classes": num_classes,
         "classes": classes,
@@ -821,11 +847,34 @@ def _row(settings: ProbeSettings, combo: Combo, hyper: dict, val_top1: float, va
     return row
 
 
-def _select(rows: list[dict]) -> int:
-    """Index of the best validation top-1; ties go to the lower validation loss, then to grid order.
+def _select(rows: list[dict], candidates: Sequence[int] | None = None) -> int:
+    """Index of the best validation top-1 among `candidates` (default: all rows); ties go to the lower
+    validation loss, then to grid order.
 
     (On a small validation subset many settings tie at the top, and the loss tells them apart.)"""
-    return min(range(len(rows)), key=lambda i: (-rows[i]["val_top1"], rows[i]["val_loss"], i))
+    candidates = range(len(rows)) if candidates is None else candidates
+    return min(candidates, key=lambda i: (-rows[i]["val_top1"], rows[i]["val_loss"], i))
+
+
+def _best_members(scores: dict, members: list[int], keep: int) -> list[int]:
+    """The `keep` best of `members` by the rule `_select` uses."""
+    return sorted(members, key=lambda m: (-scores[m][1], scores[m][3], m))[:keep]
+
+
+def _validate(bank, source, layout: _Layout, samples: Samples, device, num_classes: int) -> dict:
+    """{member: (val top-1, val top-5 or None, val loss)} of the bank's active members, chunk by chunk
+    (the same batches in memory and stream mode)."""
+    bank.eval()
+    active = list(bank.active)
+    tally = _Tally(len(active), num_classes)
+    cs = samples.chunk_samples
+    with torch.no_grad():
+        for k in sorted(set((samples.val // cs).tolist())):
+            rows = samples.val[samples.val // cs == k]
+            packed, local = source.window([k])
+            tally.add(bank(layout.take(packed, local(rows), device)), torch.from_numpy(samples.train_labels[rows]))
+    top1, top5, losses = tally.result()
+    return {m: (top1[i], None if top5 is None else top5[i], losses[i]) for i, m in enumerate(active)}
 
 
 def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, mode, window_chunks, epochs, heads_dir):
@@ -853,8 +902,9 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
     warm = int(settings.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    M = bank.num_members
-    for epoch, schedule in enumerate(schedules):
+    rungs = dict(settings.rungs(epochs))
+    scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
+    for epoch, schedule in enumerate(schedules, 1):
         bank.train()
         loss_sum, steps = 0.0, 0
         for window in schedule:
@@ -867,27 +917,28 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss.detach()) / M
+                loss_sum += float(loss.detach()) / len(bank.active)
                 steps += 1
-        log.info("epoch %d/%d: mean loss per head %.4f", epoch + 1, epochs, loss_sum / max(steps, 1))
-    # validation: every member, chunk by chunk (the same batches in both modes)
-    bank.eval()
-    tally = _Tally(M, num_classes)
-    cs = samples.chunk_samples
-    with torch.no_grad():
-        for k in sorted(set((samples.val // cs).tolist())):
-            rows = samples.val[samples.val // cs == k]
-            packed, local = source.window([k])
-            tally.add(bank(layout.take(packed, local(rows), device)), torch.from_numpy(samples.train_labels[rows]))
-    top1, top5, losses = tally.result()
+        log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs, loss_sum / max(steps, 1),
+                 len(bank.active))
+        if epoch in rungs or epoch == epochs:
+            scores.update({m: (epoch, *v) for m, v in _validate(bank, source, layout, samples, device, num_classes).items()})
+        if epoch in rungs:
+            keep = [m for ci in range(len(combos))
+                    for m in _best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])]
+            log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch, rungs[epoch],
+                     len(bank.active) // len(combos))
+            bank.keep(keep)
+    finished = set(bank.active)
     rows_out, chosen = [], {}
     for ci, combo in enumerate(combos):
         combo_rows = []
         for l, hyper in enumerate(hypers):
-            m = ci * len(hypers) + l
-            combo_rows.append(_row(settings, combo, hyper, top1[m], None if top5 is None else top5[m]))
-            combo_rows[-1]["val_loss"] = float(losses[m])
-        best = _select(combo_rows)
+            trained, top1, top5, loss = scores[ci * len(hypers) + l]
+            combo_rows.append(_row(settings, combo, hyper, top1, top5))
+            combo_rows[-1].update(val_loss=float(loss), epochs=trained)
+        # only members that trained every epoch compete; retired ones keep their scores from the rung
+        best = _select(combo_rows, [l for l in range(len(hypers)) if ci * len(hypers) + l in finished])
         combo_rows[best]["selected"] = 1
         chosen[ci] = (ci * len(hypers) + best, combo_rows[best])
         rows_out += combo_rows

@@ -16,7 +16,7 @@ from sklearn.linear_model import LogisticRegression
 
 from cache import FeatureStore, IncompleteStoreError
 from stages.heads import load_probe
-from stages.probe import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, run_probe
+from stages.probe import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, halving_rungs, run_probe
 from tests.test_probe_support import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)
@@ -295,3 +295,38 @@ def test_settings_are_validated_in_one_place():
         ProbeSettings(store="s", head="linear", lrs=(-1.0,))
     with pytest.raises(ValueError, match="The 'ks' parameter"):
         ProbeSettings(store="s", head="knn", ks=(0,))
+
+
+# -- successive halving --------------------------------------------------------------------------------
+def test_halving_rungs_are_geometric_and_end_with_one_member():
+    assert halving_rungs(4, 10) == [(2, 2), (5, 1)]
+    assert halving_rungs(8, 16) == [(2, 4), (4, 2), (8, 1)]
+    assert halving_rungs(3, 20) == [(5, 2), (10, 1)]
+    assert halving_rungs(4, 2) == [(1, 1)]  # rungs that fall on one epoch merge
+    assert halving_rungs(4, 1) == [] and halving_rungs(1, 10) == []
+
+
+def test_halving_retires_members_and_the_survivor_trains_as_it_would_alone(digits_store, tmp_path):
+    common = dict(store=str(digits_store), head="linear", blocks=(1, 2), timesteps=(10,), pools=(2,), **FAST)
+    halved = run_probe(ProbeSettings(out=str(tmp_path / "halved"), **common))
+    assert halved.record["halving"] == [{"after_epoch": 2, "keep": 2}, {"after_epoch": 5, "keep": 1}]
+    for key in {r["key"] for r in halved.rows}:
+        rows = [r for r in halved.rows if r["key"] == key]
+        assert sorted(r["epochs"] for r in rows) == [2, 2, 5, 10]
+        (chosen,) = [r for r in rows if r["selected"]]
+        assert chosen["epochs"] == 10
+        # the same member trained without the others, with the same seed, schedule and batches
+        alone = run_probe(ProbeSettings(out=str(tmp_path / key), lrs=(chosen["lr"],), halving=False,
+                                        **{**common, "blocks": (int(chosen["blocks"]),)}))
+        (row,) = alone.rows
+        assert row["val_top1"] == pytest.approx(chosen["val_top1"]) and row["test_top1"] == pytest.approx(chosen["test_top1"])
+        a, _ = load_probe(halved.run_dir / "heads" / key)
+        b, _ = load_probe(alone.run_dir / "heads" / key)
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_without_halving_every_member_trains_every_epoch(digits_store, tmp_path):
+    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,),
+                                     timesteps=(10,), pools=(2,), halving=False, **FAST))
+    assert result.record["halving"] == [] and {r["epochs"] for r in result.rows} == {10}

@@ -182,3 +182,33 @@ def test_flat_bank_loss_is_the_sum_of_member_cross_entropies(hidden):
     logits = bank(inputs)
     expected = sum(torch.nn.functional.cross_entropy(member, labels) for member in logits)
     torch.testing.assert_close(bank.loss(inputs, labels), expected)
+
+
+@pytest.mark.parametrize("hidden", [(), (5,)])
+def test_flat_bank_keep_computes_only_the_kept_members(hidden):
+    torch.manual_seed(0)
+    bank = H.FlatBank([6, 4, 6], 3, 3, hidden=hidden)
+    inputs = [torch.randn(1, 7, 4), torch.randn(2, 7, 6)]
+    labels = torch.randint(0, 3, (7,))
+    full = bank(inputs)
+    kept = [1, 2, 3, 5, 6, 8]  # two of three hyper-parameter sets per input set, different ones
+    bank.keep(kept)
+    assert bank.active == kept
+    torch.testing.assert_close(bank(inputs), full[kept])
+    expected = sum(torch.nn.functional.cross_entropy(full[m], labels) for m in kept)
+    loss = bank.loss(inputs, labels)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    retired = bank.weights[bank._slot[(1, 0, 0)]].grad  # group of dim 6, hyper-parameter set 0
+    assert retired[0].abs().sum() == 0 and retired[1].abs().sum() > 0  # input set 0 retired it, input set 2 did not
+    with pytest.raises(ValueError, match="same number"):
+        bank.keep([0, 1, 3])
+
+
+def test_module_bank_keep_computes_only_the_kept_members():
+    torch.manual_seed(0)
+    bank = H.ModuleBank("cnn", [[(3, 4)], [(3, 4)]], 2, 4, {"width": 4}, seeds=[[1, 2], [3, 4]]).eval()
+    sets = [[torch.randn(5, 3, 4, 4)], [torch.randn(5, 3, 4, 4)]]
+    full = bank(sets)
+    bank.keep([1, 2])
+    torch.testing.assert_close(bank(sets), full[[1, 2]])
