@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from stages.blocks import block_table  # noqa: E402
 from stages.capture import BlockCapture  # noqa: E402
 from stages.data import load_image, scan  # noqa: E402
-from stages.extract import PRECISIONS, ExtractConfig, noise, run_extract  # noqa: E402
+from stages.extract import PRECISIONS, ExtractConfig, exact_fp32, noise, run_extract  # noqa: E402
 from stages.models import load_model  # noqa: E402
 from stages.unet_configs import adm_unet_config  # noqa: E402
 
@@ -83,7 +83,7 @@ def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> fl
     autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
     sync(device)
     start = time.perf_counter()
-    with torch.inference_mode(), autocast:
+    with torch.inference_mode(), autocast, exact_fp32(device, precision):  # as the extraction stage runs
         for t, xt in xts.items():
             for s in range(0, len(xt), batch):
                 x = xt[s : s + batch].to(device, non_blocking=True)
@@ -161,7 +161,7 @@ def main() -> None:
                         for _ in range(args.repeats)]
                 a, b = (min(column) for column in zip(*runs))
                 n = images * len(timesteps)
-                print(f"{precision}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
+                print(f"{precision + (' (no TF32)' if precision == 'fp32' else '')}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
                       f"x {len(timesteps)} timesteps into a store: {n / b:8.1f} img*t/s | ratio {b / a:.3f} "
                       "(target <= 1.10)")
     finally:

@@ -247,6 +247,16 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
     return plan
 
 
+def exact_fp32(device: torch.device, precision: str):
+    """fp32 means fp32 on a GPU too: cuDNN would otherwise run convolutions in TF32 (10-bit mantissa),
+    and the store would no longer equal a float32 forward pass. bf16 is the fast setting."""
+    if device.type != "cuda" or precision != "fp32":
+        return contextlib.nullcontext()
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
 def _extract_split(plan, split, writer, capture, pool, device, progress) -> None:
     config = plan.config
     data = plan.splits[split]
@@ -288,7 +298,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     buffers: dict[tuple[int, int], np.ndarray] = {}
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc=f"extract {split}", unit="img", disable=not progress, dynamic_ncols=True)
-    with torch.inference_mode(), bar:
+    with torch.inference_mode(), exact_fp32(device, config.precision), bar:
         for x0, eps, index in loader:
             chunk = int(index[0]) // cs
             wanted = needs[chunk]
