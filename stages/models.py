@@ -57,8 +57,10 @@ def weights_hash(module: torch.nn.Module) -> str:
     """sha256 over the state dict (names, dtypes, shapes, bytes), independent of how it was saved."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
-        array = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{array.dtype}:{tuple(array.shape)};".encode())
+        # reshape(-1) also flattens tensors that count as contiguous with a stride != 1 in a size-1
+        # dimension (1x1 convolution weights in channels-last), which a byte view refuses
+        array = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{array.dtype}:{tuple(tensor.shape)};".encode())
         digest.update(array.view(torch.uint8).numpy().tobytes() if array.numel() else b"")
     return digest.hexdigest()
 

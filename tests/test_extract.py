@@ -148,3 +148,15 @@ def test_plain_zarr_and_xarray_can_read_the_store(store_f32):
     dataset = xr.open_zarr(store_f32.path, group="train/block8", consolidated=False)
     assert set(dataset.data_vars) == {"t0", "t90", "t500"}
     assert dataset["t90"].dims == ("sample", "channel", "y", "x")
+
+
+def test_weights_hash_ignores_memory_format(tiny_model):
+    """A GPU run converts the model to channels-last; its 1x1 convolution weights then count as
+    contiguous with a last stride != 1, and the recorded hash must not change (or fail)."""
+    from stages.models import load_model, weights_hash
+
+    unet = load_model(str(tiny_model)).unet
+    before = weights_hash(unet)
+    unet = unet.to(memory_format=torch.channels_last)
+    assert any(t.dim() == 4 and t.shape[-1] == 1 and t.stride(-1) != 1 for t in unet.state_dict().values())
+    assert weights_hash(unet) == before
