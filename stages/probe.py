@@ -457,9 +457,10 @@ class _Stats:
         if len(rows) == 0:
             return
         for key, x in pieces.items():
+            x = torch.as_tensor(x)
             # float32 in: the CPU kernel accumulates in double, so a float64 copy would only cost time
-            var, mb = torch.var_mean(torch.from_numpy(x[rows]), dim=0, correction=0)
-            nb, mb, m2b = len(rows), mb.double().numpy(), (var.double() * len(rows)).numpy()
+            var, mb = torch.var_mean(x[torch.as_tensor(rows, device=x.device)], dim=0, correction=0)
+            nb, mb, m2b = len(rows), mb.double().cpu().numpy(), (var.double() * len(rows)).cpu().numpy()
             if key not in self.n:
                 self.n[key], self.mean[key], self.m2[key] = nb, mb, m2b
                 continue
@@ -485,10 +486,10 @@ class _Stats:
         return out
 
 
-def _standardise(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> None:
-    """In place; the one arithmetic used for cached and streamed features alike."""
-    np.subtract(x, mean, out=x)
-    np.divide(x, std, out=x)
+def _standardise(x: np.ndarray | torch.Tensor, mean: np.ndarray, std: np.ndarray) -> None:
+    """In place, on the CPU or a GPU; the one arithmetic used for cached and streamed features alike."""
+    x = torch.as_tensor(x)
+    x.sub_(torch.as_tensor(mean, device=x.device)).div_(torch.as_tensor(std, device=x.device))
 
 
 class _Layout:
@@ -502,10 +503,13 @@ class _Layout:
         self.combos, self.flat = combos, flat
         self.groups = H.group_by_dim([c.dim for c in combos]) if flat else [[i] for i in range(len(combos))]
 
-    def allocate(self, n: int) -> list:
+    def allocate(self, n: int, device: torch.device | str = "cpu") -> list:
         if self.flat:
-            return [torch.empty(len(g), n, self.combos[g[0]].dim) for g in self.groups]
-        return [[torch.empty(n, c, g, g) for c, g in combo.shapes] for combo in self.combos]
+            return [torch.empty(len(g), n, self.combos[g[0]].dim, device=device) for g in self.groups]
+        return [[torch.empty(n, c, g, g, device=device) for c, g in combo.shapes] for combo in self.combos]
+
+    def nbytes(self, n: int) -> int:
+        return 4 * n * sum(c.dim for c in self.combos)
 
     def fill(self, packed: list, rows: slice, pieces: dict) -> None:
         for gi, group in enumerate(self.groups):
@@ -515,7 +519,7 @@ class _Layout:
                     if piece not in pieces:  # filled array by array
                         offset += c * g * g
                         continue
-                    x = torch.from_numpy(pieces[piece])
+                    x = torch.as_tensor(pieces[piece])
                     if self.flat:
                         packed[gi][j, rows, offset : offset + c * g * g] = x.reshape(len(x), -1)
                         offset += c * g * g
@@ -529,14 +533,15 @@ class _Layout:
                 for i, (piece, (c, g)) in enumerate(zip(combo.pieces, combo.shapes)):
                     mean, std = stats[piece]
                     if self.flat:
-                        view = packed[gi][j, :, offset : offset + c * g * g].numpy()
-                        _standardise(view, mean.reshape(-1), std.reshape(-1))
+                        _standardise(packed[gi][j, :, offset : offset + c * g * g], mean.reshape(-1), std.reshape(-1))
                         offset += c * g * g
                     else:
-                        _standardise(packed[ci][i].numpy(), mean, std)
+                        _standardise(packed[ci][i], mean, std)
 
     def take(self, packed: list, index: np.ndarray, device: torch.device) -> list:
-        index = torch.from_numpy(np.asarray(index, dtype=np.int64))
+        """The rows `index` of every tensor, on `device` (gathered where the features are kept)."""
+        home = packed[0].device if self.flat else packed[0][0].device
+        index = torch.from_numpy(np.asarray(index, dtype=np.int64)).to(home)
         if self.flat:
             return [t.index_select(1, index).to(device, non_blocking=True) for t in packed]
         return [[t.index_select(0, index).to(device, non_blocking=True) for t in inputs] for inputs in packed]
@@ -548,15 +553,21 @@ class _Layout:
 
 
 class _MemorySource:
-    """Every train row of the pass's pieces, read once, standardised in place."""
+    """Every train row of the pass's pieces, read once, standardised in place.
 
-    def __init__(self, reader: _Reader, layout: _Layout, samples: Samples, per_channel: bool):
+    On a GPU the rows are kept in its memory when they fit there: statistics, standardisation and
+    every batch's gather then run on the device, and no batch crosses the bus."""
+
+    def __init__(self, reader: _Reader, layout: _Layout, samples: Samples, per_channel: bool,
+                 device: torch.device = torch.device("cpu")):
         n = len(samples.train_labels)
-        self.layout, self.packed = layout, layout.allocate(n)
+        home = device if device.type == "cuda" and _fits_on(device, layout.nbytes(n)) else torch.device("cpu")
+        self.layout, self.packed = layout, layout.allocate(n, home)
         stats, fit = _Stats(per_channel), samples.fit_mask()
         for _, per_chunk in reader.whole_arrays("train"):
             for k, pieces in enumerate(per_chunk):
                 rows = reader.chunk_rows("train", k)
+                pieces = {key: torch.from_numpy(x).to(home) for key, x in pieces.items()}
                 layout.fill(self.packed, rows, pieces)
                 stats.update(pieces, np.flatnonzero(fit[rows]))
         self.stats = stats.finish()
@@ -564,6 +575,15 @@ class _MemorySource:
 
     def window(self, chunks: Sequence[int]) -> tuple[list, callable]:
         return self.packed, lambda rows: rows
+
+
+def _fits_on(device: torch.device, nbytes: int) -> bool:
+    """Whether `nbytes` of features leave a GPU a quarter of its free memory for the heads."""
+    free, _ = torch.cuda.mem_get_info(device)
+    if nbytes > 0.75 * free:
+        log.info("features (%s) kept in host memory: the GPU has %s free", _size(nbytes), _size(free))
+        return False
+    return True
 
 
 class _StreamSource:
@@ -881,7 +901,8 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
     flat = settings.head in H.FLAT_KINDS
     reader = _Reader(store, [p for c in combos for p in c.pieces], settings)
     layout = _Layout(combos, flat)
-    source = (_MemorySource if mode == "memory" else _StreamSource)(reader, layout, samples, per_channel=not flat)
+    source = (_MemorySource(reader, layout, samples, per_channel=not flat, device=device) if mode == "memory"
+              else _StreamSource(reader, layout, samples, per_channel=not flat))
     seeds = [[H.member_seed(settings.seed, settings.head, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
              for c in combos]
     if flat:
@@ -906,7 +927,7 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
     scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
     for epoch, schedule in enumerate(schedules, 1):
         bank.train()
-        loss_sum, steps = 0.0, 0
+        loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for window in schedule:
             packed, local = source.window(window.chunks)
             for rows in window.batches:
@@ -917,10 +938,10 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                loss_sum += float(loss.detach()) / len(bank.active)
+                loss_sum += loss.detach()
                 steps += 1
-        log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs, loss_sum / max(steps, 1),
-                 len(bank.active))
+        log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs,
+                 float(loss_sum) / len(bank.active) / max(steps, 1), len(bank.active))
         if epoch in rungs or epoch == epochs:
             scores.update({m: (epoch, *v) for m, v in _validate(bank, source, layout, samples, device, num_classes).items()})
         if epoch in rungs:
