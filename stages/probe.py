@@ -447,10 +447,13 @@ def _pool(x: np.ndarray, grid: int) -> np.ndarray:
 
 
 class _Stats:
-    """Per-feature mean and std of each piece over the fit rows, merged chunk by chunk (Chan et al.) in float64."""
+    """Per-feature mean and std of each piece over the fit rows, merged chunk by chunk (Chan et al.) in float64.
 
-    def __init__(self, per_channel: bool):
-        self.per_channel = per_channel
+    Each chunk's moments are taken on `device` (the one the heads train on), wherever the features are
+    kept, so every data mode standardises with the same numbers."""
+
+    def __init__(self, per_channel: bool, device: torch.device = torch.device("cpu")):
+        self.per_channel, self.device = per_channel, device
         self.n, self.mean, self.m2 = {}, {}, {}
 
     def update(self, pieces: dict, rows: np.ndarray) -> None:
@@ -458,8 +461,9 @@ class _Stats:
             return
         for key, x in pieces.items():
             x = torch.as_tensor(x)
+            x = x[torch.as_tensor(rows, device=x.device)].to(self.device)
             # float32 in: the CPU kernel accumulates in double, so a float64 copy would only cost time
-            var, mb = torch.var_mean(x[torch.as_tensor(rows, device=x.device)], dim=0, correction=0)
+            var, mb = torch.var_mean(x, dim=0, correction=0)
             nb, mb, m2b = len(rows), mb.double().cpu().numpy(), (var.double() * len(rows)).cpu().numpy()
             if key not in self.n:
                 self.n[key], self.mean[key], self.m2[key] = nb, mb, m2b
@@ -563,7 +567,7 @@ class _MemorySource:
         n = len(samples.train_labels)
         home = device if device.type == "cuda" and _fits_on(device, layout.nbytes(n)) else torch.device("cpu")
         self.layout, self.packed = layout, layout.allocate(n, home)
-        stats, fit = _Stats(per_channel), samples.fit_mask()
+        stats, fit = _Stats(per_channel, device), samples.fit_mask()
         for _, per_chunk in reader.whole_arrays("train"):
             for k, pieces in enumerate(per_chunk):
                 rows = reader.chunk_rows("train", k)
@@ -589,9 +593,10 @@ def _fits_on(device: torch.device, nbytes: int) -> bool:
 class _StreamSource:
     """Reads the train chunks of each window from the store, standardised with statistics from a first pass."""
 
-    def __init__(self, reader: _Reader, layout: _Layout, samples: Samples, per_channel: bool):
+    def __init__(self, reader: _Reader, layout: _Layout, samples: Samples, per_channel: bool,
+                 device: torch.device = torch.device("cpu")):
         self.reader, self.layout = reader, layout
-        stats, fit = _Stats(per_channel), samples.fit_mask()
+        stats, fit = _Stats(per_channel, device), samples.fit_mask()
         for k in range(reader.num_chunks("train")):
             (pieces,) = reader.read("train", [k])
             stats.update(pieces, np.flatnonzero(fit[reader.chunk_rows("train", k)]))
@@ -902,7 +907,7 @@ def _sweep_torch(store, combos, samples, settings, hypers, num_classes, device, 
     reader = _Reader(store, [p for c in combos for p in c.pieces], settings)
     layout = _Layout(combos, flat)
     source = (_MemorySource(reader, layout, samples, per_channel=not flat, device=device) if mode == "memory"
-              else _StreamSource(reader, layout, samples, per_channel=not flat))
+              else _StreamSource(reader, layout, samples, per_channel=not flat, device=device))
     seeds = [[H.member_seed(settings.seed, settings.head, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
              for c in combos]
     if flat:
