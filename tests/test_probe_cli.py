@@ -82,6 +82,16 @@ def test_probe_command_runs_a_sweep_and_reports_the_choice(store, tmp_path):
     record = json.loads((out / "linear" / "run.json").read_text())
     assert record["settings"]["lrs"] == [0.001, 0.01] and record["settings"]["epochs"] == 3
     assert len(record["combos"]) == 2 * 2 * 2
+    assert record["settings"]["halving"] and record["halving"] == [{"after_epoch": 2, "keep": 1}]
+
+
+def test_probe_command_without_halving_trains_every_learning_rate_to_the_end(store, tmp_path):
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--blocks", "1",
+                                       "--timesteps", "10", "--pool", "1", "--lr", "1e-3,1e-2", "--no-halving",
+                                       "--out", str(tmp_path), *FAST])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "linear" / "run.json").read_text())
+    assert record["settings"]["halving"] is False and record["halving"] == []
 
 
 def test_probe_command_fuses_blocks_and_timesteps_into_one_attention_head(store, tmp_path):
