@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU checks in one call, from the repository root on a machine with a CUDA GPU:
+#
+#     bash bench/gpu_check.sh [OUT_DIR]          # about 8 minutes on an H200
+#
+# 1. parity on the GPU: the extraction tests compare GPU features with a float32 forward pass on the
+#    CPU, and the probe tests run their heads there (the probes' device "auto" is the GPU);
+# 2. bench/probe.py with the sweep on the GPU against scikit-learn on the CPU;
+# 3. bench/extract.py with ADM-256-sized random weights (bf16, then fp32).
+# Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
+# wheels in .whl/ first; they are installed into /tmp/site.
+set -u
+out=${1:-${OUT:-gpu-check}}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        || exit 1
+    export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-}
+nvidia-smi -L
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_probe.py tests/test_probe_heads.py \
+    2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
+timeout 120 python3 bench/probe.py --device cuda --threads 1 --workdir /tmp/bench-probe 2>&1 | grep -v Warn \
+    | tee "$out/probe_cuda.txt"
+timeout 300 python3 bench/extract.py --device cuda --adm256 --images 128 --repeats 1 2>&1 | grep -v Warn | tail -4 \
+    | tee "$out/extract_adm256.txt"
