@@ -57,6 +57,15 @@ def rows_of(run_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def assert_same_probe(run_a: Path, run_b: Path, key: str, **tolerance) -> None:
+    """The saved probes `key` of two runs hold the same weights and buffers."""
+    a, _ = load_probe(run_a / "heads" / key)
+    b, _ = load_probe(run_b / "heads" / key)
+    assert list(a.state_dict()) == list(b.state_dict())
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(x, y, msg=name, **tolerance)
+
+
 def tree_digest(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*")):
@@ -153,10 +162,7 @@ def test_streamed_training_equals_in_memory_training(digits_store, tmp_path, hea
     for other in (stream, passes):
         assert rows_of(other.run_dir) == rows_of(memory.run_dir)
         for key in (r["key"] for r in memory.rows if r["selected"]):
-            a, _ = load_probe(memory.run_dir / "heads" / key)
-            b, _ = load_probe(other.run_dir / "heads" / key)
-            for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=name)
+            assert_same_probe(memory.run_dir, other.run_dir, key, rtol=1e-5, atol=1e-6)
 
 
 def test_automatic_mode_streams_when_the_budget_is_small(digits_store, tmp_path):
@@ -320,10 +326,7 @@ def test_halving_retires_members_and_the_survivor_trains_as_it_would_alone(digit
                                         **{**common, "blocks": (int(chosen["blocks"]),)}))
         (row,) = alone.rows
         assert row["val_top1"] == pytest.approx(chosen["val_top1"]) and row["test_top1"] == pytest.approx(chosen["test_top1"])
-        a, _ = load_probe(halved.run_dir / "heads" / key)
-        b, _ = load_probe(alone.run_dir / "heads" / key)
-        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=name)
+        assert_same_probe(halved.run_dir, alone.run_dir, key, rtol=1e-4, atol=1e-5)
 
 
 def test_without_halving_every_member_trains_every_epoch(digits_store, tmp_path):
