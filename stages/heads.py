@@ -298,7 +298,7 @@ class FlatBank(nn.Module):
         return torch.cat(out, dim=0)  # (len(dims) * n, B, K)
 
     def loss(self, groups: Sequence[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-        """Sum over members of each member's mean cross-entropy (so each member gets its own gradient)."""
+        """Sum over active members of each member's mean cross-entropy (so each gets its own gradient)."""
         total = 0.0
         for g, x in enumerate(groups):
             logits = self._group_logits(g, x)  # (G, L, K, B)
