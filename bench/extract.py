@@ -26,12 +26,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.blocks import block_table  # noqa: E402
-from stages.capture import BlockCapture  # noqa: E402
-from stages.data import load_image, scan  # noqa: E402
-from stages.extract import PRECISIONS, ExtractConfig, exact_fp32, noise, run_extract  # noqa: E402
-from stages.models import load_model  # noqa: E402
-from stages.unet_configs import adm_unet_config  # noqa: E402
+from stages.models.blocks import block_table  # noqa: E402
+from stages.models.capture import BlockCapture  # noqa: E402
+from stages.data.folders import load_image, scan  # noqa: E402
+from stages.extract.run import PRECISIONS, ExtractConfig, exact_fp32, noise, run_extract  # noqa: E402
+from stages.models.loading import load_model  # noqa: E402
+from stages.models.unet_configs import adm_unet_config  # noqa: E402
 
 ADM256 = dict(image_size=256, num_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
               attention_resolutions=(8, 16, 32), num_head_channels=64, out_channels=6)

@@ -133,9 +133,9 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
     import torch
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from stages.default_data import write_mnist_folder
-    from stages.extract import ExtractConfig, run_extract
-    from stages.pretrain import ddpm_unet_config
+    from stages.data.mnist import write_mnist_folder
+    from stages.extract.run import ExtractConfig, run_extract
+    from stages.pretrain.ddpm import ddpm_unet_config
 
     store = workdir / "unet.zarr"
     if (store / "zarr.json").exists():
@@ -180,7 +180,7 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
     from threadpoolctl import threadpool_limits
 
     from cache import FeatureStore
-    from stages.probe import ProbeSettings, carve_validation, run_probe
+    from stages.probe.run import ProbeSettings, carve_validation, run_probe
 
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]

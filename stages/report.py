@@ -1,6 +1,6 @@
 """Tables, heatmaps and summaries from probe result files alone (nothing is recomputed).
 
-A *run* is one `pipeline probe` output directory (run.json + configs.csv, see `stages.probe`).
+A *run* is one `pipeline probe` output directory (run.json + configs.csv, see `stages.probe.run`).
 A *result set* is a directory holding runs side by side (results/linear, results/knn, ...) or a
 run itself. `render_run` writes a run's metrics.json, heatmaps and summary.md; `build_report`
 combines named result sets, e.g. a pretrained model, its random-init twin and raw pixels:

@@ -2,7 +2,7 @@
 
 Written from the structure of guided-diffusion's `unet.py`, `nn.py` and `script_util.create_model`
 (module names and nesting match, so `state_dict()` keys and shapes are the ones its checkpoints
-carry), sharing nothing with `stages.adm`. It is trusted because it reproduces the fixture's golden
+carry), sharing nothing with `stages.models.adm`. It is trusted because it reproduces the fixture's golden
 outputs, which guided-diffusion itself produced; it then stands in for guided-diffusion on
 configurations the fixture does not cover. float32 only, no class conditioning, dims=2.
 """

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from stages.unet_configs import tiny_adm_config
+from stages.models.unet_configs import tiny_adm_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

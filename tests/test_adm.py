@@ -14,7 +14,7 @@ from diffusers import UNet2DModel
 
 from adm_reference import ReferenceUNet, reference_from_flags
 from pipeline.cli import main
-from stages.adm import (
+from stages.models.adm import (
     ADM_DEFAULTS,
     AdmConversionError,
     adm_architecture,
@@ -22,8 +22,8 @@ from stages.adm import (
     convert_adm_checkpoint,
     parse_adm_flags,
 )
-from stages.blocks import block_table
-from stages.models import load_model
+from stages.models.blocks import block_table
+from stages.models.loading import load_model
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/adm_tiny"
 FIXTURE_FLAGS = (FIXTURE / "flags.txt").read_text().strip()

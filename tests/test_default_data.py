@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stages import default_data
-from stages.default_data import write_mnist_folder
+from stages.data import mnist as default_data
+from stages.data.mnist import write_mnist_folder
 
 
 def _files(root: Path) -> dict[str, bytes]:

@@ -10,7 +10,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from cache import FeatureStore
-from stages.extract import ExtractConfig, noise, run_extract
+from stages.extract.run import ExtractConfig, noise, run_extract
 
 TIMESTEPS = (0, 90, 500)
 POOLS = (1, 2, 4)
@@ -153,7 +153,7 @@ def test_plain_zarr_and_xarray_can_read_the_store(store_f32):
 def test_weights_hash_ignores_memory_format(tiny_model):
     """A GPU run converts the model to channels-last; its 1x1 convolution weights then count as
     contiguous with a last stride != 1, and the recorded hash must not change (or fail)."""
-    from stages.models import load_model, weights_hash
+    from stages.models.loading import load_model, weights_hash
 
     unet = load_model(str(tiny_model)).unet
     before = weights_hash(unet)

@@ -17,7 +17,7 @@ import zarr
 from cache import FeatureStore, FeatureStoreWriter, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex
 from conftest import make_image_folder
-from stages.extract import ExtractConfig, run_extract
+from stages.extract.run import ExtractConfig, run_extract
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from stages import default_data
-from stages.blocks import block_table
-from stages.models import load_model, weights_hash
-from stages.pretrain import _load_train_images, pretrain_ddpm, random_init_copy
+from stages.data import mnist as default_data
+from stages.models.blocks import block_table
+from stages.models.loading import load_model, weights_hash
+from stages.pretrain.ddpm import _load_train_images, pretrain_ddpm, random_init_copy
 
 TINY = dict(image_size=8, channels=(32, 32), layers_per_block=1, attention_levels=(1,), head_channels=32, batch_size=8)
 
@@ -162,7 +162,7 @@ def test_cli_defaults_match_the_stage_defaults():
 def test_default_architecture_is_adm_shaped():
     from diffusers import UNet2DModel
 
-    from stages.pretrain import ddpm_unet_config
+    from stages.pretrain.ddpm import ddpm_unet_config
 
     config = ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
                               attention_levels=(1,), head_channels=32)

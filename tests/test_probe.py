@@ -15,8 +15,8 @@ import torch
 from sklearn.linear_model import LogisticRegression
 
 from cache import FeatureStore, IncompleteStoreError
-from stages.heads import load_probe
-from stages.probe import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, halving_rungs, run_probe
+from stages.probe.heads import load_probe
+from stages.probe.run import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, halving_rungs, run_probe
 from tests.test_probe_support import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)

@@ -9,8 +9,8 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
-from stages import heads as H
-from stages.sklearn_probes import KNNProbe, LogRegProbe, RidgeProbe, check_grid, topk_labels
+from stages.probe import heads as H
+from stages.probe.sklearn_probes import KNNProbe, LogRegProbe, RidgeProbe, check_grid, topk_labels
 
 
 @pytest.fixture(scope="module")

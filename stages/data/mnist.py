@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-GENERATOR = "stages.default_data.write_mnist_folder"
+GENERATOR = "stages.data.mnist.write_mnist_folder"
 SPLITS = ("train", "val")
 RECORD = "dataset.json"
 

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 from cache import FeatureStore, FeatureStoreWriter, layout
 from cache.pooling import stored_grid
 from cache.writer import SplitIndex
-from stages.blocks import Block, block_table, resolve_blocks
-from stages.capture import BlockCapture
-from stages.data import ImageFolderSplit, dataset_identity, load_image, preprocessing, scan
+from stages.models.blocks import Block, block_table, resolve_blocks
+from stages.models.capture import BlockCapture
+from stages.data.folders import ImageFolderSplit, dataset_identity, load_image, preprocessing, scan
 from stages.devices import resolve_device
-from stages.models import LoadedModel, load_model
+from stages.models.loading import LoadedModel, load_model
 
 log = logging.getLogger(__name__)
 

@@ -8,9 +8,9 @@ every tensor onto the diffusers model (splitting the fused qkv attention project
 the flags select), and writes the model with a `DDPMScheduler` config beside it:
 
     convert_adm_checkpoint("256x256_diffusion_uncond.pt", "models/adm256", flags=MODEL_FLAGS)
-    load_model("models/adm256")  # stages.models
+    load_model("models/adm256")  # stages.models.loading
 
-The block numbering (`stages.blocks.block_table`) then matches guided-diffusion's `input_blocks`,
+The block numbering (`stages.models.blocks.block_table`) then matches guided-diffusion's `input_blocks`,
 `middle_block`, `output_blocks` one to one.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
-from stages.unet_configs import adm_unet_config
+from stages.models.unet_configs import adm_unet_config
 
 
 class AdmConversionError(ValueError):
@@ -620,7 +620,7 @@ def convert_adm_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fla
     `flags` is the MODEL_FLAGS string the checkpoint was trained with (DIFFUSION_FLAGS may be
     appended), or a dict from `parse_adm_flags`. The directory gets `config.json`,
     `diffusion_pytorch_model.safetensors` (float32; fp16 checkpoints are widened losslessly) and
-    `scheduler_config.json`, and loads with `stages.models.load_model`. Everything is checked before
+    `scheduler_config.json`, and loads with `stages.models.loading.load_model`. Everything is checked before
     anything is written; `out_dir` must not exist or be empty.
     """
     flags = _as_flags(flags)

@@ -20,12 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from cache.reader import FeatureStore
-from stages import heads as H
+from stages.probe import heads as H
 
 if TYPE_CHECKING:
-    from stages.probe import Combo, ProbeSettings, Samples
+    from stages.probe.run import Combo, ProbeSettings, Samples
 
-log = logging.getLogger("stages.probe")
+log = logging.getLogger("stages.probe.run")
 
 
 # -- reading and standardising -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Train the default pipeline's own small DDPM, and make its untrained twin.
 
 `pretrain_ddpm` trains an ADM-shaped `UNet2DModel` (scale-shift norm, residual up/down-sampling,
-attention at chosen levels; see `stages.unet_configs`) as a DDPM: linear 1000-step schedule,
+attention at chosen levels; see `stages.models.unet_configs`) as a DDPM: linear 1000-step schedule,
 epsilon prediction, MSE loss, AdamW. Only the train split's images are used; labels are not.
 Epochs are the stopping rule (reproducible); `max_seconds` is an optional safety cap that makes a
 run irreproducible when it fires, and the log says so.
@@ -11,7 +11,7 @@ a trained one: the "same U-Net, no pretraining" baseline. With the seed of the t
 bit-for-bit the trained model's starting point (`init_weights_sha256` in both logs).
 
 Both save `save_pretrained` directories (`config.json`, weights, `scheduler_config.json`) that
-`stages.models.load_model` reads.
+`stages.models.loading.load_model` reads.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from stages.devices import resolve_device
-from stages.models import DEFAULT_SCHEDULE, load_model, weights_hash
-from stages.unet_configs import adm_unet_config
+from stages.models.loading import DEFAULT_SCHEDULE, load_model, weights_hash
+from stages.models.unet_configs import adm_unet_config
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -40,7 +40,7 @@ def _load_train_images(data_dir: str | Path, image_size: int) -> torch.Tensor:
     """All images of `data_dir/train/<class>/*`, resized (bicubic), as float32 (N, C, H, W) in [-1, 1].
 
     Minimal on purpose (labels are not needed to train a DDPM); an ImageFolder-style reader in
-    `stages.data` can replace it. Grayscale data gives C=1, anything else is converted to RGB.
+    `stages.data.folders` can replace it. Grayscale data gives C=1, anything else is converted to RGB.
     """
     train = Path(data_dir) / "train"
     if not train.is_dir():

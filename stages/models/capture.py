@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.blocks import Block
+from stages.models.blocks import Block
 
 
 class _StopForward(Exception):

@@ -1,6 +1,6 @@
 """The probe sweep: train heads on stored features for every requested (block, timestep, pool) at once.
 
-    from stages.probe import ProbeSettings, run_probe
+    from stages.probe.run import ProbeSettings, run_probe
     result = run_probe(ProbeSettings(store="cache/features.zarr", head="linear", pools=(1, 2)))
     result.metrics["best"]          # chosen on validation, with its test accuracy
 
@@ -14,18 +14,18 @@ What one run does, in order:
    the hyper-parameters; the store's "val" split (the *test* split here) is scored once, for the
    chosen configuration of each input set only.
 3. Train. Torch heads of every input set x hyper-parameter set train together, in the same
-   passes over the data, each with its own optimizer param group (`stages.heads`): the features
+   passes over the data, each with its own optimizer param group (`stages.probe.heads`): the features
    are read once per epoch for all heads (once in all when they are kept in memory), and heads
    of equal input size are batched matmuls. Successive halving (`halving_rungs`) retires the
    worse half of each input set's hyper-parameter sets, by validation accuracy, after a quarter
    and after half of the epochs; the survivors train exactly as they would alone. scikit-learn probes fit one input set after the
-   other over their whole grid (`stages.sklearn_probes`).
+   other over their whole grid (`stages.probe.sklearn_probes`).
 4. Write `<out>/<name>/`: configs.csv (every configuration: validation accuracy, and test accuracy
    where chosen), run.json (seed, store fingerprint, every setting), heads/<key>.{safetensors,json},
    predictions.npz, validation_subset.json, then `stages.report.render_run` adds metrics.json,
    heatmaps and summary.md from those files.
 
-Reading, standardising and batching live in `stages.probe_data`. Data that fits the memory budget
+Reading, standardising and batching live in `stages.probe.features`. Data that fits the memory budget
 is read once and kept (in several passes over groups of input
 sets when all of them together do not fit); an input set too large for the budget on its own is
 streamed chunk by chunk from the store each epoch (`data_mode` overrides the choice). Memory and
@@ -55,10 +55,10 @@ import torch.nn.functional as F
 
 from cache.errors import IncompleteStoreError
 from cache.reader import FeatureStore
-from stages import heads as H
-from stages import sklearn_probes as S
+from stages.probe import heads as H
+from stages.probe import sklearn_probes as S
 from stages.devices import resolve_device
-from stages.probe_data import Layout, MemorySource, Reader, StreamSource, epoch_schedule, size_text, standardise
+from stages.probe.features import Layout, MemorySource, Reader, StreamSource, epoch_schedule, size_text, standardise
 
 log = logging.getLogger(__name__)
 
