@@ -28,8 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from stages.models.blocks import block_table  # noqa: E402
 from stages.models.capture import BlockCapture  # noqa: E402
-from stages.data.folders import load_image, scan  # noqa: E402
-from stages.extract.run import PRECISIONS, ExtractConfig, exact_fp32, noise, run_extract  # noqa: E402
+from stages.data.folders import scan  # noqa: E402
+from stages.data.images import load_image  # noqa: E402
+from stages.extract import noise  # noqa: E402
+from stages.extract.plan import ExtractConfig  # noqa: E402
+from stages.extract.run import COMPUTE_DTYPES, exact_fp32, run_extract  # noqa: E402
 from stages.models.loading import load_model  # noqa: E402
 from stages.models.unet_configs import adm_unet_config  # noqa: E402
 
@@ -80,7 +83,7 @@ def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> fl
     if stop_block is not None:
         block = block_table(unet)[stop_block - 1]
         capture = BlockCapture(unet, [block])
-    autocast = torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32")
+    autocast = torch.autocast(device.type, dtype=COMPUTE_DTYPES[precision], enabled=precision != "fp32")
     sync(device)
     start = time.perf_counter()
     with torch.inference_mode(), autocast, exact_fp32(device, precision):  # as the extraction stage runs

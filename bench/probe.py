@@ -134,7 +134,8 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
     from diffusers import DDPMScheduler, UNet2DModel
 
     from stages.data.mnist import write_mnist_folder
-    from stages.extract.run import ExtractConfig, run_extract
+    from stages.extract.plan import ExtractConfig
+from stages.extract.run import run_extract
     from stages.pretrain.ddpm import ddpm_unet_config
 
     store = workdir / "unet.zarr"

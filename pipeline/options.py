@@ -1,16 +1,50 @@
-"""Parameter types and options shared by the commands (click idioms: a ParamType per value syntax)."""
+"""Parameter types and options shared by the commands (click idioms: a ParamType per value syntax).
+
+Each type parses its syntax once and hands the command the resolved value. Nothing here imports
+torch: `pipeline --help` and every command's `--help` stay fast.
+"""
 
 from __future__ import annotations
 
+import math
+import re
+
 import click
 
-from stages.models.blocks import parse_block_spec
+
+_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+def parse_block_spec(spec: str) -> list[int] | None:
+    """Parse '18-30', '24', '6,12,18-20' or 'all' (None) into sorted unique block numbers.
+
+    Only the syntax is checked here; `stages.models.blocks.resolve_blocks` checks the numbers against a model.
+    """
+    text = str(spec).strip()
+    if text.lower() == "all":
+        return None
+    numbers: set[int] = set()
+    for part in text.split(","):
+        match = _RANGE.match(part)
+        if not match:
+            raise ValueError(
+                f"cannot read block list {spec!r}: use numbers and ranges such as '24', '18-30', '6,12,18-20' or 'all'"
+            )
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) is not None else first
+        if last < first:
+            raise ValueError(f"cannot read block range {part.strip()!r} in {spec!r}: the range runs backwards")
+        numbers.update(range(first, last + 1))
+    return sorted(numbers)
 
 
 class IntListType(click.ParamType):
-    """A comma list of integers, e.g. `10,90,150`."""
+    """A comma list of distinct integers of at least `minimum`, e.g. `10,90,150`."""
 
     name = "INTS"
+
+    def __init__(self, minimum: int | None = None):
+        self.minimum = minimum
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -21,41 +55,78 @@ class IntListType(click.ParamType):
             self.fail(f"{value!r} is not a comma list of integers such as 10,90,150", param, ctx)
         if not numbers:
             self.fail("the list is empty", param, ctx)
+        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+        if repeated:
+            self.fail(f"{', '.join(map(str, repeated))} appear(s) more than once in {value!r}", param, ctx)
+        if self.minimum is not None and min(numbers) < self.minimum:
+            self.fail(f"{value!r} holds {min(numbers)}; every value must be at least {self.minimum}", param, ctx)
         return numbers
 
 
 class BlockSpecType(click.ParamType):
-    """Block numbers: `24`, `18-30`, `6,12,18-20` or `all` (checked against the model later)."""
+    """Block numbers: `24`, `18-30`, `6,12,18-20` or `all`, as a tuple (None: all); checked against the
+    model later."""
 
     name = "BLOCKS"
 
     def convert(self, value, param, ctx):
-        if value is None or isinstance(value, list):
+        if value is None or isinstance(value, tuple):
             return value
         try:
-            parse_block_spec(value)
+            numbers = parse_block_spec(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
-        return str(value)
+        return None if numbers is None else tuple(numbers)
+
+
+class NameListType(click.ParamType):
+    """A comma list of distinct names, e.g. the splits `train,val,test`."""
+
+    name = "NAMES"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        names = tuple(part.strip() for part in str(value).split(",") if part.strip())
+        if not names:
+            self.fail(f"{value!r} names nothing; give a comma list such as train,val", param, ctx)
+        if len(set(names)) != len(names):
+            self.fail(f"{value!r} names something twice", param, ctx)
+        return names
+
+
+class HeadType(click.Choice):
+    """A head kind of `stages.probe.registry`, read when first needed (so that importing the command line
+    stays light)."""
+
+    name = "HEAD"
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        from stages.probe.registry import HEADS
+
+        return tuple(HEADS)
+
+    @choices.setter
+    def choices(self, value):  # click.Choice sets it in __init__
+        pass
 
 
 INTS = IntListType()
+TIMESTEPS = IntListType(minimum=0)
+POOLS = IntListType(minimum=1)
 BLOCKS = BlockSpecType()
+NAMES = NameListType()
+HEAD = HeadType()
 
 model_option = click.option(
     "--model",
     required=True,
     help="A UNet2DModel directory (save_pretrained layout) or a Hugging Face Hub id.",
 )
-
-
-def load_or_fail(load, *args, **kwargs):
-    """Call a stage function, turning its user-facing errors into click errors (no traceback)."""
-    try:
-        return load(*args, **kwargs)
-    except (ValueError, RuntimeError, KeyError, FileNotFoundError) as error:
-        message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-        raise click.ClickException(str(message)) from error
 
 
 def parse_float_list(text: str) -> tuple[float, ...]:
@@ -84,6 +155,8 @@ def parse_byte_size(text: str) -> int | None:
         size = float(number) * _SIZE_UNITS[unit]
     except (ValueError, KeyError):
         raise ValueError(f"{text!r} is not a size such as 512MB, 8GB or auto") from None
+    if not math.isfinite(size):
+        raise ValueError(f"{text!r} is not a finite size; give one such as 512MB or 8GB, or auto")
     if size < 1:
         raise ValueError(f"{text!r} is not a positive size")
     return int(size)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from cache.errors import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     """`auto` is CUDA when available, else the CPU; an unusable name is a ValueError that says why."""
@@ -12,7 +14,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from error
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available; use --device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device

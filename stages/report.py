@@ -1,9 +1,9 @@
 """Tables, heatmaps and summaries from probe result files alone (nothing is recomputed).
 
-A *run* is one `pipeline probe` output directory (run.json + configs.csv, see `stages.probe.run`).
-A *result set* is a directory holding runs side by side (results/linear, results/knn, ...) or a
-run itself. `render_run` writes a run's metrics.json, heatmaps and summary.md; `build_report`
-combines named result sets, e.g. a pretrained model, its random-init twin and raw pixels:
+A *run* is one `pipeline probe` output directory (its files: `stages.probe.results`). A *result
+set* is a directory holding runs side by side (results/linear, results/knn, ...) or a run itself.
+`render_run` writes a run's heatmaps and summary.md; `build_report` combines named result sets,
+e.g. a pretrained model, its random-init twin and raw pixels:
 
     build_report({"pretrained": "results/pretrained", "random_init": "results/random_init"}, "report")
 
@@ -24,78 +24,17 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-METRIC_KEYS = ("val_top1", "test_top1", "test_top5")
-HYPER_KEYS = ("lr", "weight_decay", "C", "k", "alpha")
-
-
-# -- reading ---------------------------------------------------------------------------------------
-def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
-    """(run.json, configs.csv rows with numbers parsed)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "run.json").exists() or not (run_dir / "configs.csv").exists():
-        raise FileNotFoundError(f"{run_dir} is not a probe result (no run.json and configs.csv); run `pipeline probe` first")
-    record = json.loads((run_dir / "run.json").read_text())
-    with open(run_dir / "configs.csv", newline="") as f:
-        rows = [_parse(row) for row in csv.DictReader(f)]
-    return record, rows
-
-
-def _parse(row: dict) -> dict:
-    out = dict(row)
-    for key in ("pool", "dim", "fused", "selected", "k"):
-        out[key] = int(float(out[key])) if out.get(key, "") != "" else None
-    for key in ("val_top1", "val_top5", "val_loss", "test_top1", "test_top5", "lr", "weight_decay", "C", "alpha"):
-        out[key] = float(out[key]) if out.get(key, "") != "" else None
-    return out
-
-
-def find_runs(path: str | Path) -> list[Path]:
-    """The run directories of a result set: the path itself, or its sub-directories holding run.json."""
-    path = Path(path)
-    if (path / "run.json").exists():
-        return [path]
-    runs = sorted(p for p in path.iterdir() if (p / "run.json").exists()) if path.is_dir() else []
-    if not runs:
-        raise FileNotFoundError(f"no probe results under {path} (looked for run.json in it and its sub-directories)")
-    return runs
-
-
-def best_row(rows: list[dict]) -> dict | None:
-    """The chosen configuration with the best validation top-1 (first on ties)."""
-    chosen = [r for r in rows if r["selected"] == 1]
-    return max(chosen, key=lambda r: r["val_top1"]) if chosen else None
-
-
-def _summary_of(row: dict | None) -> dict | None:
-    if row is None:
-        return None
-    out = {"key": row["key"], "blocks": row["blocks"], "timesteps": row["timesteps"], "pool": row["pool"]}
-    out.update({k: row[k] for k in HYPER_KEYS if row.get(k) is not None})
-    out.update({k: row[k] for k in METRIC_KEYS if row.get(k) is not None})
-    return out
+from stages.probe.results import HYPER_KEYS, best_row, find_runs, read_run, run_metrics, summary_of
 
 
 # -- one run ---------------------------------------------------------------------------------------
-def run_metrics(record: dict, rows: list[dict]) -> dict:
-    pools = sorted({r["pool"] for r in rows})
-    return {
-        "head": record["head"],
-        "name": record["name"],
-        "best": _summary_of(best_row(rows)),
-        "by_pool": {str(p): _summary_of(best_row([r for r in rows if r["pool"] == p])) for p in pools},
-        "num_input_sets": sum(1 for r in rows if r["selected"] == 1),
-        "num_configurations": len(rows),
-    }
-
-
 def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title: str | None = None) -> dict:
-    """Write metrics.json, heatmap_pool<p>.png and summary.md of one run (into the run by default)."""
+    """Write heatmap_pool<p>.png and summary.md of one run (into the run by default); returns its metrics."""
     run_dir = Path(run_dir)
     out_dir = Path(out_dir or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record, rows = read_run(run_dir)
     metrics = run_metrics(record, rows)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
     (out_dir / "summary.md").write_text(run_markdown(record, rows, images, out_dir) + "\n")
     return metrics
@@ -155,9 +94,11 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     best = best_row(rows)
     lines = [f"{h} {record['name']} ({record['head']} head)", ""]
     samples = record.get("samples", {})
+    roles = record.get("splits", {"train": "train", "validation": "carved from train", "test": "val"})
     lines.append(f"Store `{record.get('store')}` (fingerprint `{str(record.get('store_fingerprint', ''))[:12]}`), seed "
-                 f"{record.get('seed')}, {samples.get('fit')} fit / {samples.get('val')} validation (carved from train) / "
-                 f"{samples.get('test')} test samples, {len(record.get('hypers', []))} hyper-parameter sets per input set.")
+                 f"{record.get('seed')}, {samples.get('fit')} fit ({roles['train']}) / {samples.get('val')} validation "
+                 f"({roles['validation']}) / {samples.get('test')} test ({roles['test']}) samples, "
+                 f"{len(record.get('hypers', []))} hyper-parameter sets per input set.")
     lines.append("")
     if best is not None:
         lines.append(f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
@@ -219,7 +160,7 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
     sections = []
     for set_name, set_runs in runs.items():
         for run_name, record, rows in set_runs:
-            metrics.setdefault(run_name, {})[set_name] = _summary_of(best_row(rows))
+            metrics.setdefault(run_name, {})[set_name] = summary_of(best_row(rows))
             all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")

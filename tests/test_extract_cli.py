@@ -10,7 +10,7 @@ from click.testing import CliRunner
 from cache import FeatureStore
 from conftest import make_image_folder
 from pipeline.cli import main
-from stages.models.blocks import parse_block_spec
+from pipeline.options import parse_block_spec
 
 
 def invoke(*args):

@@ -17,7 +17,9 @@ import zarr
 from cache import FeatureStore, FeatureStoreWriter, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex
 from conftest import make_image_folder
-from stages.extract.run import ExtractConfig, run_extract
+from stages.extract.plan import ExtractConfig
+from pipeline.options import parse_block_spec
+from stages.extract.run import run_extract
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +30,7 @@ def chunk_files(store: Path) -> dict[str, bytes]:
 
 
 def config(model, data, out, **changes) -> ExtractConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), blocks="2-9", timesteps=(10, 90), pools=(1, 2),
+    base = dict(model=str(model), data=str(data), out=str(out), blocks=parse_block_spec("2-9"), timesteps=(10, 90), pools=(1, 2),
                 batch_size=3, chunk_samples=4)
     return ExtractConfig(**{**base, **changes})
 
@@ -101,28 +103,28 @@ def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_mo
 
 def test_mismatched_store_is_refused_with_the_difference_named(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "s.zarr"
-    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     before = chunk_files(out)
     with pytest.raises(StoreMismatchError, match="noise_seed: the store has 0, this run asks for 5"):
-        run_extract(config(tiny_model, tiny_data, out, blocks="3", noise_seed=5), progress=False)
+        run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5), progress=False)
     with pytest.raises(StoreMismatchError, match="dtype"):
-        run_extract(config(tiny_model, tiny_data, out, blocks="3", dtype="float32"), progress=False)
+        run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), dtype="float32"), progress=False)
     assert chunk_files(out) == before
-    run_extract(config(tiny_model, tiny_data, out, blocks="3", noise_seed=5, overwrite=True), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5, overwrite=True), progress=False)
     assert FeatureStore.open(out).attrs["noise_seed"] == 5
 
 
 def test_other_data_is_refused(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "s.zarr"
-    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     other = make_image_folder(tmp_path / "other", counts={"train": 5, "val": 3}, seed=7)
     with pytest.raises(StoreMismatchError, match="data.file_list_sha256"):
-        run_extract(config(tiny_model, other, out, blocks="3"), progress=False)
+        run_extract(config(tiny_model, other, out, blocks=parse_block_spec("3")), progress=False)
 
 
 def test_a_second_writer_gets_a_clear_error(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "s.zarr"
-    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     store = FeatureStore.open(out)
     attrs = store.attrs
     settings = {key: attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
@@ -131,17 +133,17 @@ def test_a_second_writer_gets_a_clear_error(tiny_model, tiny_data, tmp_path):
     before = chunk_files(out)
     with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=attrs["block_table"]):
         with pytest.raises(StoreLockedError, match="being written by another process"):
-            run_extract(config(tiny_model, tiny_data, out, blocks="3-4"), progress=False)
+            run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3-4")), progress=False)
     assert chunk_files(out) == before
-    run_extract(config(tiny_model, tiny_data, out, blocks="3-4"), progress=False)  # the lock is gone
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3-4")), progress=False)  # the lock is gone
 
 
 def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "s.zarr"
-    run_extract(config(tiny_model, tiny_data, out, blocks="3,5", timesteps=(10,)), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5"), timesteps=(10,)), progress=False)
     first = chunk_files(out)
     writes = record_writes(monkeypatch)
-    run_extract(config(tiny_model, tiny_data, out, blocks="3,5,8", timesteps=(10, 90)), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5,8"), timesteps=(10, 90)), progress=False)
     assert {key for _, _, key in writes} == {(3, 90), (5, 90), (8, 10), (8, 90)}
     after = chunk_files(out)
     unchanged = [k for k in first if "block3/t10/" in k or "block5/t10/" in k]
@@ -151,19 +153,19 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
 
     # a pool that needs a finer grid than block 3 was stored at cannot be added silently
     with pytest.raises(StoreMismatchError, match="block 3: the store has it pooled to 2x2, this run needs 4x4"):
-        run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,)), progress=False)
+        run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,)), progress=False)
 
 
 def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_model, tiny_data, tmp_path,
                                                                         monkeypatch):
     out = tmp_path / "s.zarr"
-    run_extract(config(tiny_model, tiny_data, out, blocks="3"), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     writes = record_writes(monkeypatch)
     # What `dvc repro` runs after a timestep is added: the matching store is extended, not redone.
-    run_extract(config(tiny_model, tiny_data, out, blocks="3", timesteps=(10, 90, 150), overwrite=True),
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), timesteps=(10, 90, 150), overwrite=True),
                 progress=False)
     assert {key for _, _, key in writes} == {(3, 150)}
     # A finer pool than block 3 was stored at, with --overwrite: the store is rebuilt at the new grid.
-    run_extract(config(tiny_model, tiny_data, out, blocks="3", pools=(4,), overwrite=True), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,), overwrite=True), progress=False)
     store = FeatureStore.open(out)
     assert store.block_info(3)["grid"] == 4 and store.timesteps == [10, 90] and not store.missing()

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cache import FeatureStore
 from pipeline.cli import main
-from stages.data.folders import load_image
+from stages.data.images import load_image
 
 
 def test_pixel_store_holds_the_preprocessed_images(tiny_model, tiny_data, tmp_path):

@@ -11,7 +11,8 @@ import torch
 from stages.data import mnist as default_data
 from stages.models.blocks import block_table
 from stages.models.loading import load_model, weights_hash
-from stages.pretrain.ddpm import _load_train_images, pretrain_ddpm, random_init_copy
+from stages.pretrain.ddpm import load_train_images, pretrain_ddpm
+from stages.pretrain.random_init import random_init_copy
 
 TINY = dict(image_size=8, channels=(32, 32), layers_per_block=1, attention_levels=(1,), head_channels=32, batch_size=8)
 
@@ -40,7 +41,7 @@ def trained(data_dir, tmp_path_factory):
 
 
 def test_loader_reads_train_only_scaled(data_dir):
-    images = _load_train_images(data_dir, 8)
+    images = load_train_images(data_dir, 8)
     assert images.shape == (40, 1, 8, 8) and images.dtype == torch.float32
     assert images.min() >= -1.0 and images.max() <= 1.0
     assert images.min() < -0.9 and images.max() > 0.5  # black background, bright strokes

@@ -16,7 +16,11 @@ from sklearn.linear_model import LogisticRegression
 
 from cache import FeatureStore, IncompleteStoreError
 from stages.probe.heads import load_probe
-from stages.probe.run import DEFAULT_LRS, ProbeInputError, ProbeSettings, carve_validation, halving_rungs, run_probe
+from stages.probe.plan import ProbeInputError, carve_validation
+from stages.probe.registry import HEADS
+from stages.probe.run import run_probe
+from stages.probe.settings import ProbeSettings, halving_rungs
+from stages.report import render_run
 from tests.test_probe_support import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)
@@ -229,6 +233,7 @@ def test_saved_probes_reproduce_the_test_predictions_from_raw_store_features(dig
 def test_results_layout_and_metrics(separable_store, tmp_path):
     run_probe(ProbeSettings(store=str(separable_store), head="linear", out=str(tmp_path), pools=(1, 4), **FAST))
     run_dir = tmp_path / "linear"
+    render_run(run_dir)  # what `pipeline probe` does after the run: the report module draws from the results
     names = {p.name for p in run_dir.iterdir()}
     assert {"configs.csv", "run.json", "metrics.json", "predictions.npz", "validation_subset.json", "summary.md",
             "heatmap_pool1.png", "heatmap_pool4.png", "heads"} <= names
@@ -236,7 +241,7 @@ def test_results_layout_and_metrics(separable_store, tmp_path):
     assert set(metrics["best"]) >= {"key", "blocks", "timesteps", "pool", "lr", "val_top1", "test_top1", "test_top5"}
     assert set(metrics["by_pool"]) == {"1", "4"}
     rows = rows_of(run_dir)
-    assert len(rows) == 2 * 2 * len(DEFAULT_LRS["linear"])  # timesteps x pools x default lr grid
+    assert len(rows) == 2 * 2 * len(HEADS["linear"].grid[0].default)  # timesteps x pools x default lr grid
     assert {r["key"] for r in rows if r["selected"] == "1"} == {p.stem for p in (run_dir / "heads").glob("*.json")}
     assert not list(tmp_path.glob(".*partial"))
 

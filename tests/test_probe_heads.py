@@ -9,6 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.linear_model import LogisticRegression, RidgeClassifier
 from sklearn.neighbors import KNeighborsClassifier
 
+from stages.probe import banks
 from stages.probe import heads as H
 from stages.probe.sklearn_probes import KNNProbe, LogRegProbe, RidgeProbe, check_grid, topk_labels
 
@@ -28,7 +29,7 @@ def digits():
 def test_flat_bank_members_are_the_exported_heads(hidden, batchnorm):
     torch.manual_seed(0)
     dims, L, K, B = [12, 7, 12, 3], 3, 5, 9
-    bank = H.FlatBank(dims, L, K, hidden=hidden, batchnorm=batchnorm)
+    bank = banks.FlatBank(dims, L, K, hidden=hidden, batchnorm=batchnorm)
     groups = H_groups(dims)
     inputs = [torch.randn(len(g), B, dims[g[0]]) for g in groups]
     bank.train()
@@ -48,7 +49,7 @@ def test_flat_bank_members_are_the_exported_heads(hidden, batchnorm):
 
 
 def H_groups(dims):
-    return H.group_by_dim(dims)
+    return banks.group_by_dim(dims)
 
 
 def test_bank_members_train_independently():
@@ -59,7 +60,7 @@ def test_bank_members_train_independently():
     seeds = [[11, 12], [13, 14]]
 
     def train(dims_seeds, inputs):
-        bank = H.FlatBank([10] * len(dims_seeds), len(hypers), 4, hidden=(6,), seeds=dims_seeds)
+        bank = banks.FlatBank([10] * len(dims_seeds), len(hypers), 4, hidden=(6,), seeds=dims_seeds)
         optimizer = torch.optim.AdamW(bank.param_groups(hypers))
         for _ in range(5):
             logits = bank([inputs])
@@ -78,7 +79,7 @@ def test_bank_members_train_independently():
 
 
 def test_param_groups_carry_each_hyper_set():
-    bank = H.FlatBank([4, 4, 6], 2, 3)
+    bank = banks.FlatBank([4, 4, 6], 2, 3)
     groups = bank.param_groups([{"lr": 0.1, "weight_decay": 0.01}, {"lr": 0.2, "weight_decay": 0.02}])
     assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.1, 0.01), (0.1, 0.0), (0.2, 0.02), (0.2, 0.0)]
     seen = [id(p) for g in groups for p in g["params"]]
@@ -116,8 +117,8 @@ def test_attention_head_fuses_inputs_of_different_grids():
 
 
 def test_member_seeds_are_stable_and_distinct():
-    assert H.member_seed(0, "linear", "b1_t10_p1", 0.1) == H.member_seed(0, "linear", "b1_t10_p1", 0.1)
-    assert len({H.member_seed(s, "linear", k, 0.1) for s in (0, 1) for k in ("a", "b")}) == 4
+    assert banks.member_seed(0, "linear", "b1_t10_p1", 0.1) == banks.member_seed(0, "linear", "b1_t10_p1", 0.1)
+    assert len({banks.member_seed(s, "linear", k, 0.1) for s in (0, 1) for k in ("a", "b")}) == 4
 
 
 # -- scikit-learn probes ---------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ def test_topk_labels_breaks_ties_by_class_order():
 @pytest.mark.parametrize("hidden", [(), (5,)])
 def test_flat_bank_loss_is_the_sum_of_member_cross_entropies(hidden):
     torch.manual_seed(0)
-    bank = H.FlatBank([6, 4, 6], 2, 3, hidden=hidden)
+    bank = banks.FlatBank([6, 4, 6], 2, 3, hidden=hidden)
     inputs = [torch.randn(1, 7, 4), torch.randn(2, 7, 6)]
     labels = torch.randint(0, 3, (7,))
     logits = bank(inputs)
@@ -187,7 +188,7 @@ def test_flat_bank_loss_is_the_sum_of_member_cross_entropies(hidden):
 @pytest.mark.parametrize("hidden", [(), (5,)])
 def test_flat_bank_keep_computes_only_the_kept_members(hidden):
     torch.manual_seed(0)
-    bank = H.FlatBank([6, 4, 6], 3, 3, hidden=hidden)
+    bank = banks.FlatBank([6, 4, 6], 3, 3, hidden=hidden)
     inputs = [torch.randn(1, 7, 4), torch.randn(2, 7, 6)]
     labels = torch.randint(0, 3, (7,))
     full = bank(inputs)
@@ -207,7 +208,7 @@ def test_flat_bank_keep_computes_only_the_kept_members(hidden):
 
 def test_module_bank_keep_computes_only_the_kept_members():
     torch.manual_seed(0)
-    bank = H.ModuleBank("cnn", [[(3, 4)], [(3, 4)]], 2, 4, {"width": 4}, seeds=[[1, 2], [3, 4]]).eval()
+    bank = banks.ModuleBank("cnn", [[(3, 4)], [(3, 4)]], 2, 4, {"width": 4}, seeds=[[1, 2], [3, 4]]).eval()
     sets = [[torch.randn(5, 3, 4, 4)], [torch.randn(5, 3, 4, 4)]]
     full = bank(sets)
     bank.keep([1, 2])

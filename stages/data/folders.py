@@ -1,8 +1,7 @@
-"""Image folders: `root/<split>/<class>/<image>`, read in a fixed order and preprocessed as ADM expects.
+"""Image folders: `root/<split>/<class>/<image>`, read in a fixed order.
 
 Sample index i of a split is its i-th file in (class name, file name) order, the order the store's
-`paths` record. Preprocessing: RGB or grayscale to the model's input channels, short side resized
-to the model's sample size (bicubic), centre crop, scaled to [-1, 1].
+`paths` record. How an image becomes model input: `stages.data.images`.
 """
 
 from __future__ import annotations
@@ -12,14 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
+
+from stages.data.errors import DataError, MissingDataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-
-
-class DataError(ValueError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -37,7 +32,7 @@ def find_classes(root: Path, splits: list[str]) -> list[str]:
     for split in splits:
         directory = root / split
         if not directory.is_dir():
-            raise DataError(f"no split folder {directory}: expected {root}/<split>/<class>/<images>")
+            raise MissingDataError(f"no split folder {directory}: expected {root}/<split>/<class>/<images>")
         classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
             raise DataError(f"{directory} has no class folders: expected {directory}/<class>/<images>")
@@ -69,7 +64,7 @@ def scan_split(root: str | Path, split: str, classes: list[str]) -> ImageFolderS
 def scan(root: str | Path, splits: list[str]) -> dict[str, ImageFolderSplit]:
     root = Path(root)
     if not root.is_dir():
-        raise DataError(f"--data {root}: no such directory")
+        raise MissingDataError(f"--data {root}: no such directory")
     classes = find_classes(root, splits)
     return {split: scan_split(root, split, classes) for split in splits}
 
@@ -88,28 +83,3 @@ def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:
         "classes": first.classes,
         "splits": {name: len(split.paths) for name, split in splits.items()},
     }
-
-
-def preprocessing(size: int, channels: int) -> dict:
-    return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
-
-
-def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """(channels, size, size) float32 in [-1, 1]."""
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB" if channels == 3 else "L")
-            width, height = image.size
-            scale = size / min(width, height)
-            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
-            if resized != image.size:
-                image = image.resize(resized, Image.BICUBIC)
-            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-            image = image.crop((left, top, left + size, top + size))
-            array = np.asarray(image, dtype=np.float32)
-    except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
-    if channels not in (1, 3):
-        raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array / 127.5 - 1.0)

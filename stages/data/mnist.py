@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cache.errors import ConfigError
+from stages.outputs import OutputExistsError
+
 GENERATOR = "stages.data.mnist.write_mnist_folder"
 SPLITS = ("train", "val")
 RECORD = "dataset.json"
@@ -84,21 +87,21 @@ def write_mnist_folder(
     from sklearn.model_selection import train_test_split
 
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+        raise ConfigError(f"val_fraction must be between 0 and 1, got {val_fraction}")
     if image_size is not None and image_size < 1:
-        raise ValueError(f"image_size must be positive, got {image_size}")
+        raise ConfigError(f"image_size must be positive, got {image_size}")
     out = Path(out_dir)
     if out.exists():
         if not out.is_dir():
-            raise FileExistsError(f"{out} exists and is not a directory")
+            raise OutputExistsError(f"{out} exists and is not a directory")
         if any(out.iterdir()) and not _is_previous_output(out):
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{out} is not empty and is not a data set written by this command "
                 f"(no matching {RECORD}, or other files in it); choose another directory or empty it"
             )
 
     if per_class is not None and per_class < 2:
-        raise ValueError(f"per_class must be at least 2 (one image per split), got {per_class}")
+        raise ConfigError(f"per_class must be at least 2 (one image per split), got {per_class}")
     images, labels = _load_mnist_5k()
     indices = np.arange(len(labels))
     if per_class:

@@ -3,6 +3,6 @@
 `stages.extract.noise` is the documented way to recompute the noise of any stored feature.
 """
 
-from stages.extract.run import noise
+from stages.extract.noising import noise
 
 __all__ = ["noise"]

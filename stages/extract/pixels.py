@@ -14,7 +14,8 @@ import torch
 from cache import FeatureStoreWriter, layout
 from cache.pooling import stored_grid
 from cache.writer import SplitIndex
-from stages.data.folders import dataset_identity, load_image, preprocessing, scan
+from stages.data.folders import dataset_identity, scan
+from stages.data.images import load_image, preprocessing
 
 PIXEL_BLOCK = 0
 PIXEL_TIMESTEP = 0

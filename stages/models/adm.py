@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from cache.errors import UserError
 from stages.models.unet_configs import adm_unet_config
 
 
-class AdmConversionError(ValueError):
+class AdmConversionError(UserError, ValueError):
     """A checkpoint, flag string or output directory the conversion cannot use (the message says why)."""
 
 

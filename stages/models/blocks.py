@@ -11,10 +11,17 @@ Every consumer (the `blocks` command, extraction, the store, the heads) reads th
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-from torch import nn
+from cache.errors import ConfigError, UserError
+
+if TYPE_CHECKING:  # the block table reads a model's structure; parsing a selection needs no torch
+    from torch import nn
+
+
+class UnsupportedModelError(UserError, ValueError):
+    """The model's structure is one the block table cannot number."""
 
 
 @dataclass(frozen=True)
@@ -32,10 +39,10 @@ class Block:
 def _square(sample_size) -> int:
     if isinstance(sample_size, (tuple, list)):
         if len(set(sample_size)) != 1:
-            raise ValueError(f"only square inputs are supported; the model's sample_size is {sample_size}")
+            raise UnsupportedModelError(f"only square inputs are supported; the model's sample_size is {sample_size}")
         return int(sample_size[0])
     if sample_size is None:
-        raise ValueError("the model config has no sample_size; set it in config.json")
+        raise UnsupportedModelError("the model config has no sample_size; set it in config.json")
     return int(sample_size)
 
 
@@ -68,7 +75,7 @@ def block_table(unet: nn.Module) -> list[Block]:
             add(f"down_blocks.{level}.downsamplers.0", f"input_blocks[{adm_input}]", channels, resolution)
             adm_input += 1
     if unet.mid_block is None:
-        raise ValueError("models without a mid block are not supported")
+        raise UnsupportedModelError("models without a mid block are not supported")
     add("mid_block", "middle_block", unet.mid_block.resnets[-1].out_channels, resolution)
     for level, up in enumerate(unet.up_blocks):
         attentions = getattr(up, "attentions", None)
@@ -86,41 +93,14 @@ def block_table(unet: nn.Module) -> list[Block]:
     return blocks
 
 
-_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
-
-
-def parse_block_spec(spec: str) -> list[int] | None:
-    """Parse '18-30', '24', '6,12,18-20' or 'all' (None) into sorted unique block numbers.
-
-    Only the syntax is checked here; `resolve_blocks` checks the numbers against a model.
-    """
-    text = str(spec).strip()
-    if text.lower() == "all":
-        return None
-    numbers: set[int] = set()
-    for part in text.split(","):
-        match = _RANGE.match(part)
-        if not match:
-            raise ValueError(
-                f"cannot read block list {spec!r}: use numbers and ranges such as '24', '18-30', '6,12,18-20' or 'all'"
-            )
-        first = int(match.group(1))
-        last = int(match.group(2)) if match.group(2) is not None else first
-        if last < first:
-            raise ValueError(f"cannot read block range {part.strip()!r} in {spec!r}: the range runs backwards")
-        numbers.update(range(first, last + 1))
-    return sorted(numbers)
-
-
-def resolve_blocks(spec: str | list[int] | None, table: list[Block]) -> list[Block]:
-    """Turn a user's block selection into rows of the table, failing on any number it lacks."""
-    numbers = parse_block_spec(spec) if isinstance(spec, str) else spec
+def resolve_blocks(numbers: tuple[int, ...] | None, table: list[Block]) -> list[Block]:
+    """Turn a user's block selection (None: all) into rows of the table, failing on any number it lacks."""
     if numbers is None:
         return list(table)
     by_number = {block.number: block for block in table}
     unknown = [n for n in numbers if n not in by_number]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown block(s) {', '.join(map(str, unknown))}: this model has blocks 1-{len(table)} "
             "(`pipeline blocks --model ...` prints the table)"
         )

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from cache.errors import UserError
+
 # What a model directory without a scheduler config is assumed to have been trained with.
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
@@ -49,8 +51,8 @@ def _public(config) -> dict:
     return json.loads(json.dumps({k: v for k, v in dict(config).items() if not k.startswith("_")}, default=str))
 
 
-class ModelLoadError(RuntimeError):
-    pass
+class ModelLoadError(UserError):
+    """A model directory or hub id that cannot be loaded; the message names it and what to pass instead."""
 
 
 def weights_hash(module: torch.nn.Module) -> str:

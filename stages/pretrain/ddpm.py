@@ -6,11 +6,9 @@ epsilon prediction, MSE loss, AdamW. Only the train split's images are used; lab
 Epochs are the stopping rule (reproducible); `max_seconds` is an optional safety cap that makes a
 run irreproducible when it fires, and the log says so.
 
-`random_init_copy` saves a freshly initialised U-Net with exactly the same config and scheduler as
-a trained one: the "same U-Net, no pretraining" baseline. With the seed of the training run it is
-bit-for-bit the trained model's starting point (`init_weights_sha256` in both logs).
+Its untrained twin, the "same U-Net, no pretraining" baseline, is `stages.pretrain.random_init`.
 
-Both save `save_pretrained` directories (`config.json`, weights, `scheduler_config.json`) that
+It saves `save_pretrained` directories (`config.json`, weights, `scheduler_config.json`) that
 `stages.models.loading.load_model` reads.
 """
 
@@ -27,42 +25,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
-from PIL import Image
-
+from cache.errors import ConfigError
+from stages.data.errors import MissingDataError
+from stages.data.folders import scan
+from stages.data.images import image_channels, load_image
 from stages.devices import resolve_device
 from stages.models.loading import DEFAULT_SCHEDULE, load_model, weights_hash
 from stages.models.unet_configs import adm_unet_config
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+def load_train_images(data_dir: str | Path, image_size: int, split: str = "train") -> torch.Tensor:
+    """Every image of `data_dir/<split>/<class>/*` as float32 (N, C, image_size, image_size) in [-1, 1].
 
-
-def _load_train_images(data_dir: str | Path, image_size: int) -> torch.Tensor:
-    """All images of `data_dir/train/<class>/*`, resized (bicubic), as float32 (N, C, H, W) in [-1, 1].
-
-    Minimal on purpose (labels are not needed to train a DDPM); an ImageFolder-style reader in
-    `stages.data.folders` can replace it. Grayscale data gives C=1, anything else is converted to RGB.
+    Preprocessed exactly as extraction preprocesses them (`stages.data.images.load_image`), so the DDPM
+    trains on the images it is later probed with. Labels are not used. C is 1 when the first image is
+    grayscale, else 3.
     """
-    train = Path(data_dir) / "train"
-    if not train.is_dir():
-        raise FileNotFoundError(f"{train}: no train split (expected {data_dir}/train/<class>/<image>)")
-    files = sorted(p for p in train.glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not files:
-        raise FileNotFoundError(f"{train}: no images in train/<class>/")
-    with Image.open(files[0]) as first:
-        mode = "L" if first.mode in ("1", "L", "I", "I;16", "F") else "RGB"
-    arrays = []
-    for path in files:
-        with Image.open(path) as image:
-            image = image.convert(mode)
-            if image.size != (image_size, image_size):
-                image = image.resize((image_size, image_size), Image.BICUBIC)
-            arrays.append(np.asarray(image, dtype=np.uint8))
-    batch = np.stack(arrays)
-    if batch.ndim == 3:
-        batch = batch[:, None]
-    else:
-        batch = batch.transpose(0, 3, 1, 2)
-    return torch.from_numpy(batch).float().div_(127.5).sub_(1.0)
+    if not (Path(data_dir) / split).is_dir():
+        raise MissingDataError(f"{Path(data_dir) / split}: no {split} split (expected {data_dir}/{split}/<class>/<image>)")
+    folder = scan(data_dir, [split])[split]
+    paths = [folder.root / p for p in folder.paths]
+    channels = image_channels(paths[0])
+    return torch.stack([load_image(path, image_size, channels) for path in paths])
 
 
 def ddpm_unet_config(
@@ -81,12 +64,12 @@ def ddpm_unet_config(
     (about 13% fewer parameters at the default size).
     """
     if not channels:
-        raise ValueError("channels must name at least one level")
+        raise ConfigError("channels must name at least one level")
     bad = [level for level in attention_levels if not 0 <= level < len(channels)]
     if bad:
-        raise ValueError(f"attention_levels {bad} out of range for {len(channels)} levels")
+        raise ConfigError(f"attention_levels {bad} out of range for {len(channels)} levels")
     if image_size % 2 ** (len(channels) - 1):
-        raise ValueError(f"image_size {image_size} is not divisible by 2^{len(channels) - 1} ({len(channels)} levels)")
+        raise ConfigError(f"image_size {image_size} is not divisible by 2^{len(channels) - 1} ({len(channels)} levels)")
     config = adm_unet_config(
         image_size=image_size,
         num_channels=channels[0],
@@ -102,7 +85,7 @@ def ddpm_unet_config(
     return config
 
 
-def _seed_everything(seed: int) -> None:
+def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -139,11 +122,11 @@ def pretrain_ddpm(
     from tqdm.auto import tqdm
 
     if epochs < 1:
-        raise ValueError(f"epochs must be at least 1, got {epochs}")
+        raise ConfigError(f"epochs must be at least 1, got {epochs}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
     started = time.perf_counter()
-    images = _load_train_images(data_dir, image_size)
+    images = load_train_images(data_dir, image_size)
     n = images.shape[0]
     config = ddpm_unet_config(
         image_size=image_size,
@@ -156,7 +139,7 @@ def pretrain_ddpm(
     )
     dev = resolve_device(device)
 
-    _seed_everything(seed)
+    seed_everything(seed)
     unet = UNet2DModel(**config)
     init_hash = weights_hash(unet)
     unet.to(dev).train()
@@ -251,32 +234,6 @@ def pretrain_ddpm(
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
-
-
-def random_init_copy(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> dict:
-    """Save a freshly initialised U-Net with `model_dir`'s exact config and scheduler to `out_dir`.
-
-    Initialised as `pretrain_ddpm` initialises (seed, then construct), so with the training seed
-    the weights equal the trained model's starting point. Writes `random_init.json` and returns it.
-    """
-    out = Path(out_dir)
-    if out.resolve() == Path(model_dir).resolve():
-        raise ValueError(f"{out_dir}: the random-init copy must not overwrite the model it copies")
-    loaded = load_model(model_dir)
-    _seed_everything(seed)
-    unet = UNet2DModel.from_config(loaded.unet.config).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out)
-    loaded.scheduler.save_pretrained(out)
-    record = {
-        "seed": int(seed),
-        "config_from": str(model_dir),
-        "config_from_weights_sha256": weights_hash(loaded.unet),
-        "weights_sha256": weights_hash(unet),
-        "parameters": sum(p.numel() for p in unet.parameters()),
-    }
-    (out / "random_init.json").write_text(json.dumps(record, indent=2) + "\n")
-    return record
 
 
 def _diffusers_version() -> str:

@@ -1,106 +1,61 @@
 """Features for the probe sweep: read from the store, pooled, standardised, packed and batched.
 
-`Reader` reads pooled pieces {(block, timestep, grid): (n, C, grid, grid)} chunk by chunk or whole
-arrays at once; `Stats` merges per-chunk moments of the fit rows; `Layout` packs the pieces of a
-pass's input sets for the heads (flat groups for linear/MLP banks, grids for CNN/attention);
-`MemorySource` keeps every train row (in GPU memory when it fits there), `StreamSource` reads a
-window of chunks at a time; `epoch_schedule` is the one batch order both follow. Every mode pools,
-standardises and batches with the same arithmetic, so the data mode only decides what is cached.
+`Reader` reads pooled pieces {(block, timestep, grid): (n, C, grid, grid)} of store chunks, many
+(array, chunk) reads at once; `Stats` merges per-chunk moments of the fit rows; `Layout` packs the
+pieces of a pass's input sets for the heads (flat groups for linear/MLP banks, grids for
+CNN/attention); `MemorySource` keeps every train row (in GPU memory when it fits there),
+`StreamSource` reads a window of chunks at a time, of any split. Every mode pools, standardises and
+batches with the same arithmetic, so the data mode only decides what is cached.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from cache.pooling import adaptive_avg_pool
 from cache.reader import FeatureStore
-from stages.probe import heads as H
+from cache.text import format_bytes
+from stages.probe.banks import group_by_dim
+from stages.probe.plan import Combo, Rows
 
-if TYPE_CHECKING:
-    from stages.probe.run import Combo, ProbeSettings, Samples
-
-log = logging.getLogger("stages.probe.run")
+log = logging.getLogger(__name__)
 
 
 # -- reading and standardising -------------------------------------------------------------------------
 class Reader:
-    """Raw pooled pieces of store chunks: {(block, timestep, grid): (n, C, grid, grid) float32}."""
+    """Pooled pieces of store chunks: {(block, timestep, grid): (n, C, grid, grid) float32}."""
 
-    def __init__(self, store: FeatureStore, pieces: Sequence[tuple[int, int, int]], settings: ProbeSettings):
-        self.store, self.pieces, self.settings = store, sorted(set(pieces)), settings
+    def __init__(self, store: FeatureStore, pieces: Sequence[tuple[int, int, int]], *, allow_incomplete: bool = False,
+                 threads: int = 4):
+        self.store, self.pieces = store, sorted(set(pieces))
+        self.allow_incomplete, self.threads = allow_incomplete, threads
         self.arrays = sorted({(b, t) for b, t, _ in self.pieces})
-        self._lazy = {}
-
-    def lazy(self, split: str, block: int, timestep: int):
-        key = (split, block, timestep)
-        if key not in self._lazy:
-            self._lazy[key] = self.store.read_dask(split, block, timestep, None, allow_incomplete=self.settings.allow_incomplete)
-        return self._lazy[key]
-
-    def chunk_rows(self, split: str, chunk: int) -> slice:
-        n, cs = self.store.num_samples(split), int(self.store.attrs["chunk_samples"])
-        return slice(chunk * cs, min((chunk + 1) * cs, n))
-
-    def num_chunks(self, split: str) -> int:
-        return -(-self.store.num_samples(split) // int(self.store.attrs["chunk_samples"]))
 
     def read(self, split: str, chunks: Sequence[int]) -> list[dict]:
-        """Per chunk, every piece; one parallel read for all arrays of all chunks."""
-        import dask
+        """Per chunk, every piece; the (array, chunk) reads run in parallel threads."""
+        jobs = [(k, b, t) for k in chunks for b, t in self.arrays]
 
-        parts = [self.lazy(split, b, t)[self.chunk_rows(split, k)] for k in chunks for b, t in self.arrays]
-        values = dask.compute(*parts, scheduler="threads", num_workers=self.settings.read_threads)
-        out = []
-        for i, _ in enumerate(chunks):
-            raw = dict(zip(self.arrays, values[i * len(self.arrays) : (i + 1) * len(self.arrays)]))
-            # Pool each chunk on its own in every mode, so that cached and streamed features are equal.
-            out.append({(b, t, g): pool_grid(raw[(b, t)], g) for b, t, g in self.pieces})
-        return out
+        def load(job):
+            k, b, t = job
+            return self.store.read_chunk(split, b, t, k, allow_incomplete=self.allow_incomplete)
 
+        with ThreadPoolExecutor(self.threads) as pool:
+            raw = dict(zip(jobs, pool.map(load, jobs)))
+        # Pool each chunk on its own in every mode, so that cached and streamed features are equal.
+        return [{(b, t, g): adaptive_avg_pool(raw[(k, b, t)], g) for b, t, g in self.pieces} for k in chunks]
 
-    def whole_arrays(self, split: str):
-        """(array, [pieces of chunk k for every k]) per (block, timestep), each array read in one go.
-
-        Several arrays are read at once (threads); chunks are pooled one by one as in `read`, so the
-        values are the same. Used where everything is held in memory anyway.
-        """
-        from concurrent.futures import ThreadPoolExecutor
-
-        def load(pair):
-            raw = self.store.read(split, *pair, None, allow_incomplete=self.settings.allow_incomplete)
-            grids = [g for b, t, g in self.pieces if (b, t) == pair]
-            return pair, [{(*pair, g): pool_grid(raw[self.chunk_rows(split, k)], g) for g in grids}
-                          for k in range(self.num_chunks(split))]
-
-        with ThreadPoolExecutor(self.settings.read_threads) as pool:
-            yield from pool.map(load, self.arrays)
-
-    def chunks(self, split: str, chunks: Sequence[int], *, whole: bool):
-        """(k, pieces of chunk k) for the given chunks, read whole arrays at once (`whole`) or chunk by chunk."""
-        if not whole:
-            for k in chunks:
-                yield k, self.read(split, [k])[0]
-            return
-        merged = [{} for _ in range(self.num_chunks(split))]
-        for _, per_chunk in self.whole_arrays(split):
-            for k, pieces in enumerate(per_chunk):
-                merged[k].update(pieces)
-        for k in chunks:
-            yield k, merged[k]
-
-
-def pool_grid(x: np.ndarray, grid: int) -> np.ndarray:
-    """(n, C, h, w) -> (n, C, grid, grid) float32: torch's adaptive average pooling (the bins the store
-    promises, `cache.pooling`), vectorised; numpy's multi-axis mean is several times slower."""
-    if x.shape[-1] == grid and x.shape[-2] == grid:
-        return np.ascontiguousarray(x, dtype=np.float32)
-    return F.adaptive_avg_pool2d(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), grid).numpy()
+    def chunks(self, split: str, chunks: Sequence[int]) -> Iterator[tuple[int, dict]]:
+        """(k, pieces of chunk k) for the given chunks, read a few chunks at a time."""
+        chunks = list(chunks)
+        step = max(1, 4 * self.threads // max(1, len(self.arrays)))
+        for start in range(0, len(chunks), step):
+            group = chunks[start : start + step]
+            yield from zip(group, self.read(split, group))
 
 
 class Stats:
@@ -162,7 +117,7 @@ class Layout:
 
     def __init__(self, combos: list[Combo], flat: bool):
         self.combos, self.flat = combos, flat
-        self.groups = H.group_by_dim([c.dim for c in combos]) if flat else [[i] for i in range(len(combos))]
+        self.groups = group_by_dim([c.dim for c in combos]) if flat else [[i] for i in range(len(combos))]
 
     def allocate(self, n: int, device: torch.device | str = "cpu") -> list:
         if self.flat:
@@ -213,24 +168,33 @@ class Layout:
         return packed[gi][self.groups[gi].index(ci)].numpy()
 
 
+def fit_statistics(reader: Reader, split: str, fit_mask: np.ndarray, per_channel: bool,
+                   device: torch.device = torch.device("cpu")) -> dict:
+    """{piece: (mean, std)} over the fit rows of `split`, read chunk by chunk (a first pass of stream mode)."""
+    stats = Stats(per_channel, device)
+    for k, pieces in reader.chunks(split, range(reader.store.num_chunks(split))):
+        stats.update(pieces, np.flatnonzero(fit_mask[reader.store.chunk_rows(split, k)]))
+    return stats.finish()
+
+
 class MemorySource:
-    """Every train row of the pass's pieces, read once, standardised in place.
+    """Every row of a split's pieces, read once, standardised in place with statistics of `fit_mask` rows.
 
     On a GPU the rows are kept in its memory when they fit there: statistics, standardisation and
     every batch's gather then run on the device, and no batch crosses the bus."""
 
-    def __init__(self, reader: Reader, layout: Layout, samples: Samples, per_channel: bool,
+    def __init__(self, reader: Reader, layout: Layout, split: str, fit_mask: np.ndarray, per_channel: bool,
                  device: torch.device = torch.device("cpu")):
-        n = len(samples.train_labels)
+        store = reader.store
+        n = store.num_samples(split)
         home = device if device.type == "cuda" and fits_on(device, layout.nbytes(n)) else torch.device("cpu")
         self.layout, self.packed = layout, layout.allocate(n, home)
-        stats, fit = Stats(per_channel, device), samples.fit_mask()
-        for _, per_chunk in reader.whole_arrays("train"):
-            for k, pieces in enumerate(per_chunk):
-                rows = reader.chunk_rows("train", k)
-                pieces = {key: torch.from_numpy(x).to(home) for key, x in pieces.items()}
-                layout.fill(self.packed, rows, pieces)
-                stats.update(pieces, np.flatnonzero(fit[rows]))
+        stats = Stats(per_channel, device)
+        for k, pieces in reader.chunks(split, range(store.num_chunks(split))):
+            rows = store.chunk_rows(split, k)
+            pieces = {key: torch.from_numpy(x).to(home) for key, x in pieces.items()}
+            layout.fill(self.packed, rows, pieces)
+            stats.update(pieces, np.flatnonzero(fit_mask[rows]))
         self.stats = stats.finish()
         layout.standardise(self.packed, self.stats)
 
@@ -242,65 +206,42 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
     """Whether `nbytes` of features leave a GPU a quarter of its free memory for the heads."""
     free, _ = torch.cuda.mem_get_info(device)
     if nbytes > 0.75 * free:
-        log.info("features (%s) kept in host memory: the GPU has %s free", size_text(nbytes), size_text(free))
+        log.info("features (%s) kept in host memory: the GPU has %s free", format_bytes(nbytes), format_bytes(free))
         return False
     return True
 
 
 class StreamSource:
-    """Reads the train chunks of each window from the store, standardised with statistics from a first pass."""
+    """Reads the chunks of each window of `split` from the store, standardised with the given statistics."""
 
-    def __init__(self, reader: Reader, layout: Layout, samples: Samples, per_channel: bool,
-                 device: torch.device = torch.device("cpu")):
-        self.reader, self.layout = reader, layout
-        stats, fit = Stats(per_channel, device), samples.fit_mask()
-        for k in range(reader.num_chunks("train")):
-            (pieces,) = reader.read("train", [k])
-            stats.update(pieces, np.flatnonzero(fit[reader.chunk_rows("train", k)]))
-        self.stats = stats.finish()
+    def __init__(self, reader: Reader, layout: Layout, split: str, stats: dict):
+        self.reader, self.layout, self.split, self.stats = reader, layout, split, stats
 
     def window(self, chunks: Sequence[int]) -> tuple[list, callable]:
-        spans = [self.reader.chunk_rows("train", k) for k in chunks]
+        store = self.reader.store
+        spans = [store.chunk_rows(self.split, k) for k in chunks]
         packed = self.layout.allocate(sum(s.stop - s.start for s in spans))
-        shift, offset = np.zeros(self.reader.num_chunks("train"), np.int64), 0
-        for k, span, pieces in zip(chunks, spans, self.reader.read("train", list(chunks))):
+        shift, offset = np.zeros(store.num_chunks(self.split), np.int64), 0
+        for k, span, pieces in zip(chunks, spans, self.reader.read(self.split, list(chunks))):
             for key, (mean, std) in self.stats.items():
                 standardise(pieces[key], mean, std)
             self.layout.fill(packed, slice(offset, offset + span.stop - span.start), pieces)
             shift[k] = offset - span.start
             offset += span.stop - span.start
-        cs = int(self.reader.store.attrs["chunk_samples"])
+        cs = store.chunk_samples
         return packed, lambda rows: rows + shift[rows // cs]
 
 
-# -- the schedule ------------------------------------------------------------------------------------
-@dataclass
-class Window:
-    chunks: list[int]
-    batches: list[np.ndarray]  # train-split row indices
-
-
-def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int) -> list[Window]:
-    """Chunks in a seeded random order, cut into windows; fit rows shuffled within a window, cut into batches
-    of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder)."""
-    rng = np.random.default_rng([seed, 1, epoch])
-    n, cs = len(samples.train_labels), samples.chunk_samples
-    order = rng.permutation(-(-n // cs))
-    chunk_of_fit = samples.fit // cs
-    windows = []
-    for start in range(0, len(order), window_chunks):
-        chunks = [int(k) for k in order[start : start + window_chunks]]
-        rows = samples.fit[np.isin(chunk_of_fit, chunks)]
-        if len(rows) == 0:
-            continue
-        rows = rows[rng.permutation(len(rows))]
-        count = max(1, int(round(len(rows) / batch_size)))
-        windows.append(Window(chunks, np.array_split(rows, count)))
-    return windows
-
-
-def size_text(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.1f} {unit}"
-        n /= 1024
+def packed_rows(reader: Reader, layout: Layout, rows: Rows, stats: dict) -> list:
+    """The standardised features of `rows` (in their order), packed by `layout`, read chunk by chunk."""
+    cs = reader.store.chunk_samples
+    packed = layout.allocate(len(rows))
+    offset = 0
+    chunks = rows.by_chunk(cs)
+    for (k, index), (_, pieces) in zip(chunks, reader.chunks(rows.split, [k for k, _ in chunks])):
+        local = index - k * cs
+        for key, (mean, std) in stats.items():
+            standardise(pieces[key], mean, std)
+        layout.fill(packed, slice(offset, offset + len(local)), {key: value[local] for key, value in pieces.items()})
+        offset += len(local)
+    return packed

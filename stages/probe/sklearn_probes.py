@@ -24,23 +24,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
-SKLEARN_KINDS = ("logreg", "knn", "ridge")
-
-
-def check_grid(owner: str, name: str, values, *, integer: bool = False, low: float = 0.0) -> tuple:
-    """Validate a hyper-parameter grid: a non-empty sequence of numbers above `low` (ints if `integer`)."""
-    kind = "integers" if integer else "floats"
-    message = (f"The {name!r} parameter of {owner} must be a non-empty sequence of {kind} in the range "
-               f"({low}, inf). Got {values!r} instead.")
-    try:
-        items = tuple(values)
-    except TypeError:
-        raise ValueError(message) from None
-    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) for v in items):
-        raise ValueError(message)
-    if any(not v > low or not np.isfinite(v) for v in items) or (integer and any(int(v) != v for v in items)):
-        raise ValueError(message)
-    return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
+from cache.errors import ConfigError
+from stages.probe.settings import check_grid
 
 
 def topk_labels(scores: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
@@ -95,7 +80,7 @@ class LogRegProbe(_GridProbe):
         X, y = check_X_y(X, y, dtype=np.float32)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
         self.Cs_ = self.grid_ = np.array(sorted(set(Cs)))
         model = LogisticRegression(C=self.Cs_[0], max_iter=self.max_iter, tol=self.tol, warm_start=True)
         coefs, intercepts, self.n_iter_ = [], [], []
@@ -137,7 +122,7 @@ class RidgeProbe(_GridProbe):
         X, y = check_X_y(X, y, dtype=np.float64)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ValueError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
         self.alphas_ = self.grid_ = np.array(sorted(set(alphas)))
         Y = np.where(y[:, None] == self.classes_[None, :], 1.0, -1.0)
         x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
@@ -223,16 +208,3 @@ class KNNProbe(_GridProbe):
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def make_probe(kind: str, grid: Sequence) -> _GridProbe:
-    if kind == "logreg":
-        return LogRegProbe(Cs=tuple(grid))
-    if kind == "knn":
-        return KNNProbe(ks=tuple(grid))
-    if kind == "ridge":
-        return RidgeProbe(alphas=tuple(grid))
-    raise ValueError(f"unknown scikit-learn probe {kind!r}; choose from {', '.join(SKLEARN_KINDS)}")
-
-
-GRID_NAMES = {"logreg": "C", "knn": "k", "ridge": "alpha"}

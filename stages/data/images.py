@@ -1,0 +1,65 @@
+"""The one image preprocessing, for extraction, the pixel baseline and the default DDPM's training alike.
+
+RGB or grayscale to the model's input channels, short side resized to the model's sample size
+(bicubic), centre crop, scaled to [-1, 1]. 16-bit grayscale images are scaled to the same range (not
+clipped to 8 bits); images too large to decode safely are refused with their path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from stages.data.errors import DataError
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def preprocessing(size: int, channels: int) -> dict:
+    """What the store records about the preprocessing (part of its identity)."""
+    return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
+
+
+def image_channels(path: Path) -> int:
+    """1 for a grayscale image, 3 for anything else (what a model trained on this data set should take)."""
+    try:
+        with Image.open(path) as image:
+            return 1 if image.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_MODES) else 3
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+
+
+def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
+    """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it."""
+    if channels not in (1, 3):
+        raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
+    try:
+        with Image.open(path) as image:
+            image = _eight_bit_range(image, channels)
+            width, height = image.size
+            scale = size / min(width, height)
+            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+            if resized != image.size:
+                image = image.resize(resized, Image.BICUBIC)
+            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+            image = image.crop((left, top, left + size, top + size))
+            array = np.asarray(image, dtype=np.float32)
+    except Image.DecompressionBombError as error:
+        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data set.") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    if array.ndim == 2 and channels == 3:  # a 16-bit grayscale image for an RGB model
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array / 127.5 - 1.0)
+
+
+def _eight_bit_range(image: Image.Image, channels: int) -> Image.Image:
+    """The image in the model's channels with values in [0, 255]: 8-bit images as PIL converts them,
+    16-bit grayscale as a float image scaled by 255/65535 (PIL's own conversion would clip it)."""
+    if image.mode in SIXTEEN_BIT_MODES:
+        return Image.fromarray(np.asarray(image, dtype=np.float32) * np.float32(255 / 65535), mode="F")
+    return image.convert("RGB" if channels == 3 else "L")

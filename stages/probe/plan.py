@@ -1,0 +1,393 @@
+"""Resolving a probe request against a store, once, before any training: `make_plan` -> `ProbePlan`.
+
+1. Input sets (`Combo`): every (block, timestep, pool) asked for must be stored (one error lists all
+   problems and what the store has).
+2. Rows per role (`Samples`): the train split's rows (minus a carved validation subset, unless an
+   official validation split is named) train the heads and give the standardisation statistics;
+   the validation rows choose hyper-parameters; the test split is scored once, for the chosen
+   configuration only. An unfinished extraction is refused unless `allow_incomplete`, and then only
+   samples finished in every requested array are used.
+3. Memory: whether features are kept in memory or streamed, and in how many passes over groups of
+   input sets (`plan_passes`); results do not depend on either.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from cache.errors import IncompleteStoreError, UserError
+from cache.reader import FeatureStore
+from cache.text import format_bytes, format_ranges
+from stages.probe.registry import HeadSpec
+from stages.probe.settings import ProbeSettings
+
+log = logging.getLogger(__name__)
+
+
+class ProbeInputError(UserError, ValueError):
+    """The request does not match the store (unknown block, timestep, pool or split, ...)."""
+
+
+# -- input sets ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Combo:
+    """One input set: (block, timestep) inputs read at one pool size; `shapes` = (channels, grid) per input."""
+
+    inputs: tuple[tuple[int, int], ...]
+    pool: int
+    shapes: tuple[tuple[int, int], ...]
+
+    @property
+    def blocks(self) -> list[int]:
+        return sorted({b for b, _ in self.inputs})
+
+    @property
+    def timesteps(self) -> list[int]:
+        return sorted({t for _, t in self.inputs})
+
+    @property
+    def fused(self) -> bool:
+        return len(self.inputs) > 1
+
+    @property
+    def key(self) -> str:
+        return f"b{'+'.join(map(str, self.blocks))}_t{'+'.join(map(str, self.timesteps))}_p{self.pool}"
+
+    @property
+    def dim(self) -> int:
+        return sum(c * g * g for c, g in self.shapes)
+
+    @property
+    def pieces(self) -> list[tuple[int, int, int]]:
+        """(block, timestep, grid) per input: what is read from the store."""
+        return [(b, t, g) for (b, t), (_, g) in zip(self.inputs, self.shapes)]
+
+
+def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
+    """Every input set the request names, checked against the store (one error lists all problems)."""
+    spec = settings.spec
+    blocks = list(settings.blocks) if settings.blocks is not None else store.blocks
+    pools = list(settings.pools) if settings.pools is not None else (store.extracted_pools or [1])
+    problems = []
+    unknown = [b for b in blocks if b not in store.blocks]
+    if unknown:
+        problems.append(f"block(s) {', '.join(map(str, unknown))} not stored")
+    blocks = [b for b in blocks if b in store.blocks]
+    pairs = []
+    for b in blocks:
+        stored = [t for t in store.timesteps if store.has(b, t)]
+        wanted = list(settings.timesteps) if settings.timesteps is not None else stored
+        missing = [t for t in wanted if t not in stored]
+        if missing:
+            problems.append(f"block {b} has no timestep(s) {', '.join(map(str, missing))}")
+        pairs += [(b, t) for t in wanted if t in stored]
+    grids = {}
+    for b in blocks:
+        info, readable = store.block_info(b), store.pools(b)
+        for p in pools:
+            grid = min(int(p), info["resolution"])
+            if grid not in readable:
+                problems.append(f"block {b} cannot be read at pool {p} (stored {info['grid']}x{info['grid']}: "
+                                f"pools {readable})")
+            grids[(b, p)] = grid
+    small = sorted({(b, p) for (b, p), g in grids.items() if g < spec.min_grid})
+    if small and settings.pools is None and settings.blocks is None:
+        log.warning("%s needs grids of %dx%d or more: skipping %s", spec.name, spec.min_grid, spec.min_grid,
+                    ", ".join(f"block {b} pool {p}" for b, p in small))
+        grids = {k: g for k, g in grids.items() if g >= spec.min_grid}
+    elif small:
+        problems.append(f"the {spec.name} head needs a pooled grid of at least {spec.min_grid}x{spec.min_grid}; "
+                        + ", ".join(f"block {b} at pool {p} is {grids[(b, p)]}x{grids[(b, p)]}" for b, p in small))
+    if problems:
+        raise ProbeInputError(f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n" + describe_store(store))
+    if not pairs:
+        raise ProbeInputError(f"nothing to probe.\n{describe_store(store)}")
+    channels = {b: store.block_info(b)["channels"] for b in blocks}
+    if settings.fuse:
+        if len({b for b, _ in pairs}) * len({t for _, t in pairs}) != len(pairs):
+            raise ProbeInputError(f"--fuse needs every requested block at every requested timestep.\n{describe_store(store)}")
+        return [Combo(tuple(pairs), int(p), tuple((channels[b], grids[(b, p)]) for b, _ in pairs)) for p in pools
+                if all((b, p) in grids for b, _ in pairs)]
+    return [Combo(((b, t),), int(p), ((channels[b], grids[(b, p)]),)) for p in pools for b, t in pairs if (b, p) in grids]
+
+
+def describe_store(store: FeatureStore) -> str:
+    """What the store holds, block by block (for error messages)."""
+    lines = [f"{store.path} holds:"]
+    for b in store.blocks:
+        info = store.block_info(b)
+        stored = [t for t in store.timesteps if store.has(b, t)]
+        lines.append(f"  block {b}: timesteps {stored}, pools {store.pools(b)} ({info['channels']} channels, "
+                     f"{info['resolution']}x{info['resolution']})")
+    return "\n".join(lines if store.blocks else [f"{store.path} holds no features yet"])
+
+
+# -- rows per role -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Rows:
+    """The rows of one store split that serve one role."""
+
+    split: str
+    labels: np.ndarray  # (N,) every label of the split
+    index: np.ndarray  # (n,) sorted row indices into the split
+
+    @property
+    def y(self) -> np.ndarray:
+        return self.labels[self.index]
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def by_chunk(self, chunk_samples: int) -> list[tuple[int, np.ndarray]]:
+        """(chunk, the rows of `index` in it) for every store chunk that holds some of them, in order."""
+        chunk_of = self.index // chunk_samples
+        return [(int(k), self.index[chunk_of == k]) for k in np.unique(chunk_of)]
+
+
+@dataclass(frozen=True)
+class Samples:
+    """Rows by role: `fit` trains the heads (and gives the standardisation statistics), `selection`
+    chooses hyper-parameters, `test` scores the chosen configuration."""
+
+    fit: Rows
+    selection: Rows
+    test: Rows
+    chunk_samples: int
+
+    @property
+    def carved(self) -> bool:
+        """Whether the selection rows were carved out of the train split."""
+        return self.selection.split == self.fit.split
+
+    def fit_mask(self) -> np.ndarray:
+        mask = np.zeros(len(self.fit.labels), bool)
+        mask[self.fit.index] = True
+        return mask
+
+    def roles(self, settings: ProbeSettings) -> dict:
+        """The split of each role, as run.json records them."""
+        selection = (f"{self.selection.split} (a stratified {settings.val_fraction:g} of it, seed {settings.seed})"
+                     if self.carved else self.selection.split)
+        return {"train": self.fit.split, "validation": selection, "test": self.test.split}
+
+
+def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str | None, str]:
+    """(train, official validation or None, test) split names, checked against the store."""
+    test = settings.test_split or ("test" if "test" in store.splits else "val")
+    roles = {"--train-split": settings.train_split, "--val-split": settings.val_split, "--test-split": test}
+    for option, split in roles.items():
+        if split is not None and split not in store.splits:
+            default = " (the default: the store's 'test' split, else its 'val' split)" if option == "--test-split" and \
+                settings.test_split is None else ""
+            raise ProbeInputError(f"{store.path} has no split {split!r} for {option}{default}; it has "
+                                  f"{', '.join(store.splits)}. Name one of them with {option}.")
+    if test == settings.train_split:
+        raise ProbeInputError(f"the test split {test!r} is also the train split; name another with --test-split")
+    unused = [s for s in store.splits if s not in (settings.train_split, settings.val_split, test)]
+    if settings.val_split is None and "val" in unused:
+        log.info("the store's 'val' split is not used: validation rows are carved out of %r "
+                 "(--val-split val selects on it instead)", settings.train_split)
+    return settings.train_split, settings.val_split, test
+
+
+def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSettings) -> Samples:
+    train, official, test = role_splits(store, settings)
+    splits = [s for s in (train, official, test) if s is not None]
+    arrays = sorted({pair for c in combos for pair in c.inputs})
+    missing = {key: chunks for key, chunks in store.missing().items() if key[0] in splits and (key[1], key[2]) in arrays}
+    if missing and not settings.allow_incomplete:
+        lines = [f"  {split} block {b} timestep {t}: chunks {format_ranges(chunks, 8)}"
+                 for (split, b, t), chunks in sorted(missing.items())]
+        raise IncompleteStoreError(
+            f"{store.path} is not fully extracted for this probe; unfinished sample chunks:\n" + "\n".join(lines[:20])
+            + ("\n  ..." if len(lines) > 20 else "")
+            + "\nRe-run `pipeline extract` with the same settings to finish it, or pass --allow-incomplete to probe "
+            "only the finished samples."
+        )
+    usable = {}
+    for split in splits:
+        mask = np.ones(store.num_samples(split), bool)
+        for b, t in arrays:
+            mask &= store.finished_mask(split, b, t)
+        usable[split] = np.flatnonzero(mask)
+        if len(usable[split]) == 0:
+            raise IncompleteStoreError(f"{store.path}: no finished {split} samples in every requested array")
+    if missing:
+        log.warning("incomplete store: using %s", ", ".join(f"{len(usable[s])} of {store.num_samples(s)} {s}"
+                                                            for s in splits))
+    train_labels = store.labels(train)
+    if official is None:
+        fit, selection = carve_validation(train_labels, usable[train], settings.val_fraction, settings.seed)
+        selection_rows = Rows(train, train_labels, selection)
+    else:
+        fit = usable[train]
+        selection_rows = Rows(official, store.labels(official), usable[official])
+    return Samples(Rows(train, train_labels, fit), selection_rows, Rows(test, store.labels(test), usable[test]),
+                   store.chunk_samples)
+
+
+def carve_validation(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified split of `rows` into (fit, val): round(fraction * n_c) of each class (>= 1 if n_c >= 2)."""
+    rng = np.random.default_rng([seed, 0])
+    val = []
+    for c in np.unique(labels[rows]):
+        members = rows[labels[rows] == c]
+        n = int(round(fraction * len(members)))
+        n = min(max(n, 1 if len(members) >= 2 else 0), len(members) - 1)
+        val.append(rng.choice(members, size=n, replace=False))
+    val = np.sort(np.concatenate(val)) if val else np.zeros(0, np.int64)
+    if len(val) == 0:
+        raise ProbeInputError(f"the validation subset is empty ({len(rows)} train samples, fraction {fraction})")
+    return np.setdiff1d(rows, val), val
+
+
+# -- the batch order ------------------------------------------------------------------------------------------
+@dataclass
+class Window:
+    chunks: list[int]
+    batches: list[np.ndarray]  # train-split row indices
+
+
+def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int) -> list[Window]:
+    """Chunks in a seeded random order, cut into windows; fit rows shuffled within a window, cut into batches
+    of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder). Memory and
+    stream mode follow this one order."""
+    rng = np.random.default_rng([seed, 1, epoch])
+    n, cs = len(samples.fit.labels), samples.chunk_samples
+    order = rng.permutation(-(-n // cs))
+    chunk_of_fit = samples.fit.index // cs
+    windows = []
+    for start in range(0, len(order), window_chunks):
+        chunks = [int(k) for k in order[start : start + window_chunks]]
+        rows = samples.fit.index[np.isin(chunk_of_fit, chunks)]
+        if len(rows) == 0:
+            continue
+        rows = rows[rng.permutation(len(rows))]
+        count = max(1, int(round(len(rows) / batch_size)))
+        windows.append(Window(chunks, np.array_split(rows, count)))
+    return windows
+
+
+# -- memory ------------------------------------------------------------------------------------------------
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+
+
+def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int, n_test: int,
+                window_samples: int, num_classes: int) -> tuple[str, list[list[int]], int]:
+    """(mode, passes of combo indices, budget). Memory mode needs n_train rows of a pass's input sets,
+    stream mode a window of rows (plus the stored grids it is pooled from); passes split the input
+    sets so that each fits the budget. Results do not depend on the split."""
+    spec = settings.spec
+    budget = settings.memory_budget or available_memory() // 2
+    per_param = 16  # weight, gradient and two optimizer moments, float32
+    hypers = len(settings.hypers())
+    options = settings.head_options()
+
+    def params(c: Combo) -> int:
+        return hypers * spec.parameters(c.dim, num_classes, options)
+
+    def memory_cost(c: Combo) -> int:  # train rows kept, test rows while scoring
+        return 4 * (n_train * spec.train_copies + n_test) * c.dim + per_param * params(c)
+
+    def stream_cost(c: Combo) -> int:
+        raw = sum(store.block_info(b)["channels"] * store.block_info(b)["grid"] ** 2 for b, _ in c.inputs)
+        return 4 * window_samples * (raw + 2 * c.dim) + per_param * params(c)
+
+    mode = settings.data_mode
+    if mode == "auto":
+        fits = sum(memory_cost(c) for c in combos) <= budget or all(memory_cost(c) <= budget for c in combos)
+        mode = "memory" if fits or not spec.is_torch else "stream"
+    if mode == "stream" and not spec.is_torch:
+        raise ProbeInputError("the scikit-learn probes need their features in memory; use a torch head "
+                              "(--head linear) to stream, or --data-mode memory")
+    cost = memory_cost if mode == "memory" else stream_cost
+    passes, current, used = [], [], 0
+    for i, c in enumerate(combos):
+        if current and used + cost(c) > budget:
+            passes.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += cost(c)
+    passes.append(current)
+    too_big = [c.key for c in combos if cost(c) > budget]
+    if too_big:
+        log.warning("%s need more than the memory budget (%s) in %s mode; trying anyway", ", ".join(too_big),
+                    format_bytes(budget), mode)
+    return mode, passes, budget
+
+
+# -- the plan -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ProbePlan:
+    """A probe request resolved against its store: everything the sweeps need, decided before they run."""
+
+    settings: ProbeSettings
+    spec: HeadSpec
+    store: FeatureStore = field(repr=False)
+    combos: list[Combo]
+    samples: Samples = field(repr=False)
+    hypers: list[dict]
+    num_classes: int
+    mode: str  # "memory" or "stream"
+    passes: list[list[int]]  # combo indices per pass
+    budget: int
+    window_chunks: int  # store chunks shuffled together
+    epochs: int | None  # torch heads
+    rungs: list[tuple[int, int]]  # successive halving: [(after epoch, keep)]
+
+    @property
+    def options(self) -> dict:
+        return self.settings.head_options()
+
+    def record(self) -> dict:
+        """What run.json records about the plan."""
+        samples = self.samples
+        return {
+            "splits": samples.roles(self.settings),
+            "combos": [{"key": c.key, "blocks": c.blocks, "timesteps": c.timesteps, "pool": c.pool,
+                        "shapes": [list(s) for s in c.shapes]} for c in self.combos],
+            "samples": {"train": int(len(samples.fit.labels)), "fit": int(len(samples.fit)),
+                        "val": int(len(samples.selection)), "test": int(len(samples.test)),
+                        "test_total": int(len(samples.test.labels))},
+            "validation": {"split": samples.selection.split, "carved": samples.carved,
+                           "fraction": self.settings.val_fraction if samples.carved else None,
+                           "seed": self.settings.seed, "stratified": samples.carved,
+                           "size": int(len(samples.selection)),
+                           "indices_sha256": hashlib.sha256(samples.selection.index.astype(np.int64).tobytes()).hexdigest()},
+            "data_mode": self.mode,
+            "passes": len(self.passes),
+            "memory_budget": self.budget,
+            "shuffle_window": self.window_chunks * samples.chunk_samples,
+            "epochs": self.epochs,
+            "halving": [{"after_epoch": e, "keep": k} for e, k in self.rungs] if self.spec.is_torch else None,
+        }
+
+
+def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
+    """Resolve `settings` against `store` (see the module docstring); nothing is trained or written."""
+    combos = plan_combos(store, settings)
+    samples = select_samples(store, combos, settings)
+    num_classes = len(store.classes) or int(max(samples.fit.labels.max(), samples.test.labels.max())) + 1
+    window_chunks = max(1, settings.shuffle_window // samples.chunk_samples)
+    mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels), len(samples.test.labels),
+                                       window_chunks * samples.chunk_samples, num_classes)
+    epochs = rungs = None
+    if settings.spec.is_torch:
+        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, 0))
+        epochs = settings.num_epochs(steps)
+        rungs = settings.rungs(epochs)
+    return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(), num_classes, mode, passes,
+                     budget, window_chunks, epochs, rungs or [])

@@ -1,0 +1,174 @@
+"""What a probe run is asked to do: `ProbeSettings`, checked in one place, and the halving schedule.
+
+Every check reads the same way ("The 'C' parameter of LogisticRegression must be ...", as in
+scikit-learn) and raises `ConfigError`. Head-specific defaults (grids, epochs, options) come from
+the head's row in `stages.probe.registry`. Imports neither torch nor scikit-learn.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from cache.errors import ConfigError
+from stages.probe.registry import HEADS, default_grid, head_spec
+
+
+def check_grid(owner: str, name: str, values, *, integer: bool = False, low: float = 0.0) -> tuple:
+    """A hyper-parameter grid as a tuple of floats (ints if `integer`), each above `low`; else ConfigError."""
+    kind = "integers" if integer else "floats"
+    message = (f"The {name!r} parameter of {owner} must be a non-empty sequence of {kind} in the range "
+               f"({low}, inf). Got {values!r} instead.")
+    try:
+        items = tuple(values)
+    except TypeError:
+        raise ConfigError(message) from None
+    if not items or any(isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) for v in items):
+        raise ConfigError(message)
+    if any(not v > low or not np.isfinite(v) for v in items) or (integer and any(int(v) != v for v in items)):
+        raise ConfigError(message)
+    return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
+
+    Split roles: the heads train on `train_split`; hyper-parameters are chosen on `val_split` (an
+    official validation split) or, when it is None, on a stratified `val_fraction` of `train_split`
+    carved out with `seed`; the chosen configuration is scored once on `test_split` (None: the
+    store's "test" split if it has one, else its "val" split).
+    """
+
+    store: str
+    head: str
+    out: str = "results"
+    name: str | None = None  # result sub-directory; default: the head (with "_fused")
+    blocks: tuple[int, ...] | None = None  # None: every block in the store
+    timesteps: tuple[int, ...] | None = None  # None: every stored timestep of each block
+    pools: tuple[int, ...] | None = None  # None: the pools the store was extracted for
+    fuse: bool = False  # one head over all requested blocks x timesteps (per pool)
+    train_split: str = "train"
+    val_split: str | None = None
+    test_split: str | None = None
+    epochs: int | None = None  # None: the head's default, raised on small data to reach its minimum steps
+    batch_size: int = 256
+    lrs: tuple[float, ...] | None = None
+    weight_decays: tuple[float, ...] | None = None
+    optimizer: str = "adamw"
+    warmup: float = 0.05  # share of steps with a linear warm-up, then cosine decay to 0
+    halving: bool = True  # successive halving over each input set's hyper-parameter sets (torch heads)
+    batchnorm: bool = False  # linear / mlp: BatchNorm1d without affine before the head (MAE)
+    hidden: tuple[int, ...] = (1024,)  # mlp hidden sizes
+    width: int = 256  # cnn channels
+    dim: int = 256  # attention: token width d
+    depth: int = 2  # attention: transformer blocks k
+    attention_heads: int = 4
+    Cs: tuple[float, ...] = default_grid("logreg")
+    ks: tuple[int, ...] = default_grid("knn")
+    alphas: tuple[float, ...] = default_grid("ridge")
+    val_fraction: float = 0.1
+    seed: int = 0
+    device: str = "auto"
+    memory_budget: int | None = None  # bytes for cached features; None: half the available memory
+    data_mode: str = "auto"  # auto | memory | stream
+    shuffle_window: int = 65536  # samples shuffled together (rounded to whole store chunks)
+    allow_incomplete: bool = False
+    read_threads: int = 4
+    threads: int | None = None  # CPU threads for torch and BLAS during the run; None: the libraries' default
+
+    def __post_init__(self):
+        def fail(name, what, value):
+            raise ConfigError(f"The {name!r} setting of the probe must be {what}. Got {value!r} instead.")
+
+        if self.head not in HEADS:
+            fail("head", f"one of {', '.join(HEADS)}", self.head)
+        if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
+            fail("epochs", "a positive integer or None", self.epochs)
+        for name in ("batch_size", "width", "dim", "depth", "attention_heads", "shuffle_window", "read_threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                fail(name, "a positive integer", value)
+        if not 0.0 < self.val_fraction < 1.0:
+            fail("val_fraction", "a float in the range (0.0, 1.0)", self.val_fraction)
+        if not 0.0 <= self.warmup < 1.0:
+            fail("warmup", "a float in the range [0.0, 1.0)", self.warmup)
+        if self.optimizer not in ("adamw", "sgd"):
+            fail("optimizer", "'adamw' or 'sgd'", self.optimizer)
+        if self.data_mode not in ("auto", "memory", "stream"):
+            fail("data_mode", "'auto', 'memory' or 'stream'", self.data_mode)
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            fail("threads", "a positive integer or None", self.threads)
+        if self.memory_budget is not None and not (0 < self.memory_budget < float("inf")):
+            fail("memory_budget", "a positive, finite number of bytes or None", self.memory_budget)
+        for name in ("blocks", "timesteps", "pools", "hidden"):
+            value = getattr(self, name)
+            if value is not None and (not value or any(int(v) != v or v < (0 if name == "timesteps" else 1) for v in value)):
+                fail(name, "a non-empty list of " + ("non-negative" if name == "timesteps" else "positive") + " integers", value)
+        for name in ("lrs", "weight_decays", "Cs", "alphas"):
+            value = getattr(self, name)
+            low = -1e-300 if name == "weight_decays" else 0.0
+            if value is not None:
+                object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
+        object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
+        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")):
+            fail("name", "a plain directory name", self.name)
+        for name in ("train_split", "val_split", "test_split"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                fail(name, "the name of a split of the store", value)
+        roles = [s for s in (self.train_split, self.val_split, self.test_split) if s is not None]
+        if len(set(roles)) != len(roles):
+            fail("split roles", "three different splits (train, validation, test)",
+                 {"train": self.train_split, "val": self.val_split, "test": self.test_split})
+        if self.dim % self.attention_heads:
+            fail("dim", f"divisible by attention_heads ({self.attention_heads})", self.dim)
+
+    @property
+    def spec(self):
+        """The head's row in the registry."""
+        return head_spec(self.head)
+
+    def num_epochs(self, steps_per_epoch: int) -> int:
+        """The epochs asked for, or the head's default raised to reach its minimum number of steps."""
+        if self.epochs is not None:
+            return self.epochs
+        spec = self.spec
+        return max(spec.epochs or 1, -(-spec.min_steps // max(1, steps_per_epoch)))
+
+    @property
+    def run_name(self) -> str:
+        return self.name or (f"{self.head}_fused" if self.fuse else self.head)
+
+    def hypers(self) -> list[dict]:
+        """The grid of each input set, in member order."""
+        return self.spec.hypers(self)
+
+    def rungs(self, epochs: int) -> list[tuple[int, int]]:
+        """Where successive halving retires members: [(after epoch, keep per input set)]; [] without it."""
+        return halving_rungs(len(self.hypers()), epochs) if self.halving and self.spec.is_torch else []
+
+    def head_options(self) -> dict:
+        return self.spec.options_from(self)
+
+
+def halving_rungs(members: int, epochs: int) -> list[tuple[int, int]]:
+    """Successive halving (Jamieson & Talwalkar, 2016) of one input set's `members` hyper-parameter sets
+    over `epochs`: [(epoch, keep)], after `epoch` epochs only the best `keep` train on. Rungs are
+    geometric, as in Hyperband: with R halvings they fall at epochs/2^R, ..., epochs/4, epochs/2, so
+    the last member trains the second half alone. Each member keeps the schedule it would have alone.
+    4 members, 10 epochs: [(2, 2), (5, 1)], 19 member-epochs instead of 40. (Equal member-epochs per
+    stage, [(1, 2), (4, 1)], was cheaper but chose worse learning rates in bench/probe.py: after one
+    epoch the larger rates look better than they end.)
+    """
+    counts = [members]
+    while counts[-1] > 1:
+        counts.append(-(-counts[-1] // 2))
+    rungs = {}
+    for i, keep in enumerate(counts[1:], 1):
+        epoch = min(max(1, round(epochs / 2 ** (len(counts) - i))), epochs - 1)
+        if epoch >= 1:
+            rungs[epoch] = keep  # rungs that round to one epoch keep the later (smaller) count
+    return sorted(rungs.items())
