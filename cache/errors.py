@@ -36,3 +36,28 @@ class NotInStoreError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would show the message in quotes
         return str(self.args[0]) if self.args else ""
+
+
+class IntegrityError(StoreError):
+    """Part of the store is damaged or missing (a chunk, a completion flag, a metadata file); the message
+    names it and how to repair it."""
+
+
+class StoreInUseError(StoreError):
+    """The store is open in another process in a way that forbids what was asked (replacing it while read)."""
+
+
+class StoreReplacedError(StoreError):
+    """The store was replaced (or its settings rewritten) after this process opened it."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full; finished chunks are kept."""
+
+
+class DataChangedError(StoreError):
+    """Images changed since the store's features were computed from them."""
+
+
+class NonFiniteFeaturesError(StoreError):
+    """The model produced NaN or infinite features; the store does not record them as finished."""

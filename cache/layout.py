@@ -1,21 +1,52 @@
 """Where everything lives inside a store (the README's "Store layout" describes the same).
 
-    <store>/zarr.json                      root group; attributes = the recorded settings
-    <store>/<split>/labels                 (N,) int64 class index
-    <store>/<split>/paths                  (N,) str, image path relative to the data root
-    <store>/<split>/block<B>/t<T>          (N, C, g, g) features of block B at timestep T
-    <store>/_progress/<split>/block<B>/t<T>  (n_chunks,) uint8, 1 once sample-chunk k is written
+    <store>/zarr.json                        root group; attributes = the recorded settings
+    <store>/<split>/labels                   (N,) int64 class index
+    <store>/<split>/paths                    (N,) str, image path relative to the data root
+    <store>/<split>/files                    (N, 2) uint64: content hash and mtime of each image when it was read
+    <store>/<split>/block<B>/t<T>            (N, C, g, g) features of block B at timestep T
+    <store>/_progress/<split>/<write set>    (n_chunks,) uint8, 1 once sample chunk k of every array of the set is written
+
+A *write set* is the group of arrays one extraction computes together; its attribute "arrays" lists
+them ("block<B>/t<T>"), and the set is named after them (`write_set_name`). Completing sample chunk k
+of all of them is one write (the set's flag k), so a run killed at any moment leaves every chunk of a
+set either done in all its arrays or in none. A chunk of an array is done when any set holding the
+array has its flag set. Stores written before write sets keep one flag array per feature array,
+`_progress/<split>/block<B>/t<T>`: a set of one.
 
 Samples are in sample-index order (the order of `paths`). Arrays of one block share a group so that
 `xarray.open_zarr(store, group="<split>/block<B>")` sees every timestep of it as one data set.
 """
 
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+
 FORMAT = "diffusion-feature-cache/1"
 PROGRESS = "_progress"
 DIMENSIONS = ("sample", "channel", "y", "x")
+FILE_FIELDS = ("blake2b64", "mtime_ns")
 
 # Settings that decide what every stored number is; a store only accepts writes that agree on all.
 IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples")
+# A store is valid once its root attributes hold all of these: they are written last, in one write.
+REQUIRED_KEYS = ("format", *IDENTITY_KEYS, "block_table", "splits", "features", "pools")
+
+_ARRAY_KEY = re.compile(r"block(\d+)/t(\d+)")
+
+
+def array_key(block: int, timestep: int) -> str:
+    """'block<B>/t<T>': a feature array's path inside its split."""
+    return f"block{block}/t{timestep}"
+
+
+def parse_array_key(key: str) -> tuple[int, int]:
+    match = _ARRAY_KEY.fullmatch(key)
+    if not match:
+        raise ValueError(f"not a feature array key: {key!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def block_group(split: str, block: int) -> str:
@@ -23,11 +54,30 @@ def block_group(split: str, block: int) -> str:
 
 
 def feature_path(split: str, block: int, timestep: int) -> str:
-    return f"{split}/block{block}/t{timestep}"
+    return f"{split}/{array_key(block, timestep)}"
 
 
-def progress_path(split: str, block: int, timestep: int) -> str:
-    return f"{PROGRESS}/{split}/block{block}/t{timestep}"
+def labels_path(split: str) -> str:
+    return f"{split}/labels"
+
+
+def paths_path(split: str) -> str:
+    return f"{split}/paths"
+
+
+def files_path(split: str) -> str:
+    return f"{split}/files"
+
+
+def progress_group(split: str) -> str:
+    return f"{PROGRESS}/{split}"
+
+
+def write_set_name(arrays) -> str:
+    """'set-<12 hex>': named after its sorted (block, timestep) arrays, so a rerun finds the same set."""
+    keys = sorted({(int(b), int(t)) for b, t in arrays})
+    digest = hashlib.sha256(json.dumps(keys).encode()).hexdigest()[:12]
+    return f"set-{digest}"
 
 
 def num_chunks(num_samples: int, chunk_samples: int) -> int:
@@ -36,3 +86,8 @@ def num_chunks(num_samples: int, chunk_samples: int) -> int:
 
 def chunk_slice(chunk: int, num_samples: int, chunk_samples: int) -> slice:
     return slice(chunk * chunk_samples, min((chunk + 1) * chunk_samples, num_samples))
+
+
+def chunk_file(array_path: str, chunk: int, ndim: int) -> str:
+    """The file of sample chunk `chunk` of an array, relative to the store (zarr v3's default encoding)."""
+    return f"{array_path}/c/{chunk}" + "/0" * (ndim - 1)

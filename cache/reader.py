@@ -1,10 +1,18 @@
-"""Reading a feature store (read-only: it never writes, locks or repairs anything).
+"""Reading a feature store (read-only: it never writes or repairs anything).
 
-    store = FeatureStore.open("cache/features.zarr")
+    store = FeatureStore.open("features/pretrained.zarr")
     store.blocks, store.timesteps, store.splits, store.attrs["noise_seed"]
     x = store.read("train", block=24, timestep=90, pool=2)   # (N, C, 2, 2) float32
     y = store.labels("train")                                 # (N,) int64
     lazy = store.read_dask("train", 24, 90, pool=1)           # same values, chunked by samples
+    with store.hold(): ...                                    # no writer may replace it meanwhile
+
+What is read can be trusted or fails loudly. Opening checks the settings against the arrays (split
+sizes, shapes, completion flags), naming the file that disagrees. Every chunk read is checked: its
+checksum (zarr's crc32c codec, verified as it decodes), and, where it is marked finished, that it
+is there and finite. Every read also checks that the store is still the one that was opened (its
+identity settings), so a store replaced under a reader stops it instead of feeding it other
+features. `verify` checks every finished chunk of the store at once (`pipeline verify`).
 """
 
 from __future__ import annotations
@@ -17,29 +25,60 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from cache import layout
-from cache.errors import ConfigError, IncompleteStoreError, NotInStoreError, StoreError
+from cache import layout, locks
+from cache.errors import (ConfigError, IncompleteStoreError, IntegrityError, NotInStoreError, StoreError,
+                          StoreReplacedError)
+from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_chunks, find_damage,
+                             identity, load_write_sets, read_root_attrs)
 from cache.pooling import adaptive_avg_pool, derivable
 from cache.text import format_ranges
 
+REPAIR = "`pipeline extract` on the store (with its settings) recomputes it"
+
 
 class FeatureStore:
-    def __init__(self, group: zarr.Group, path: str):
+    def __init__(self, group: zarr.Group, path: str, attrs: dict):
         self._group = group
         self.path = path
-        self._attrs = dict(group.attrs)
+        self._attrs = attrs
+        self._identity = identity(attrs)
+        self._sets = {split: self._load_sets(split) for split in self.splits}
+        self._hold = None
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
         text = str(path)
-        if "://" not in text and not (Path(text) / "zarr.json").exists():
-            raise StoreError(f"no feature store at {text}: run `pipeline extract --out {text}` first")
-        group = zarr.open_group(text, mode="r")
-        if group.attrs.get("format") != layout.FORMAT:
-            raise StoreError(f"{text} is a Zarr group but not a feature store (no format {layout.FORMAT!r})")
-        return cls(group, text)
+        attrs = read_root_attrs(text)
+        missing = [key for key in layout.REQUIRED_KEYS if key not in attrs]
+        if missing:
+            raise StoreError(f"{text} was never finished being created (a run stopped while making it; no "
+                             f"{', '.join(missing)}). Run `pipeline extract` on it again: it is rebuilt")
+        store = cls(zarr.open_group(text, mode="r"), text, attrs)
+        store._check_shapes()
+        return store
 
-    # -- what the store holds --------------------------------------------------------------------
+    # -- holding ---------------------------------------------------------------------------------------
+    def hold(self) -> FeatureStore:
+        """Pin the store while it is read: a writer that would replace it is refused until `release`.
+
+        Use as a context manager (`with store.hold(): ...`). Only local stores have the lock; on any
+        store every read still checks that the store was not replaced."""
+        if self._hold is None and "://" not in self.path:
+            self._hold = locks.hold_for_reading(Path(self.path))
+            self._check_current()
+        return self
+
+    def release(self) -> None:
+        locks.unlock(self._hold)
+        self._hold = None
+
+    def __enter__(self) -> FeatureStore:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    # -- what the store holds --------------------------------------------------------------------------
     @property
     def attrs(self) -> dict:
         """The recorded settings: model, data, preprocessing, noise_seed, dtype, block_table, ..."""
@@ -80,6 +119,10 @@ class FeatureStore:
         entry = self._attrs["features"].get(str(block))
         return entry is not None and int(timestep) in entry["timesteps"]
 
+    def arrays(self) -> list[tuple[int, int]]:
+        """Every (block, timestep) the store lists."""
+        return [(b, int(t)) for b in self.blocks for t in self._attrs["features"][str(b)]["timesteps"]]
+
     def block_info(self, block: int) -> dict:
         """The block's row of the model's table plus the stored `grid`."""
         rows = {row["number"]: row for row in self._attrs["block_table"]}
@@ -105,49 +148,72 @@ class FeatureStore:
 
     def labels(self, split: str) -> np.ndarray:
         self._check_split(split)
-        return np.asarray(self._group[f"{split}/labels"][:], dtype=np.int64)
+        return np.asarray(self._read_whole(layout.labels_path(split)), dtype=np.int64)
 
     def paths(self, split: str) -> list[str]:
         self._check_split(split)
-        return [str(p) for p in self._group[f"{split}/paths"][:]]
+        return [str(p) for p in self._read_whole(layout.paths_path(split))]
 
-    # -- completeness ----------------------------------------------------------------------------
-    @staticmethod
-    def progress_of(group: zarr.Group, split: str, block: int, timestep: int) -> np.ndarray:
-        return np.asarray(group[layout.progress_path(split, block, timestep)][:])
+    def file_records(self, split: str) -> np.ndarray | None:
+        """(N, 2) uint64: each image's content hash and mtime (ns) when it was read, 0 where not read yet;
+        None for stores written before they were recorded."""
+        self._check_split(split)
+        if layout.files_path(split) not in self._group:
+            return None
+        return np.asarray(self._read_whole(layout.files_path(split)), dtype=np.uint64)
+
+    # -- completeness ----------------------------------------------------------------------------------
+    def write_sets(self, split: str) -> list[WriteSet]:
+        self._check_split(split)
+        return list(self._sets[split])
+
+    def done_chunks(self, split: str, block: int, timestep: int) -> np.ndarray:
+        """(n_chunks,) bool: True where sample chunk k of the array is finished."""
+        self._check(split, block, timestep)
+        return done_chunks(self._sets[split], block, timestep, self.num_chunks(split))
 
     def missing_chunks(self, split: str, block: int, timestep: int) -> list[int]:
-        self._check(split, block, timestep)
-        return [int(k) for k in np.flatnonzero(self.progress_of(self._group, split, block, timestep) == 0)]
+        return [int(k) for k in np.flatnonzero(~self.done_chunks(split, block, timestep))]
 
     def missing(self) -> dict[tuple[str, int, int], list[int]]:
         """Every array with unfinished sample chunks: (split, block, timestep) -> chunk indices."""
         result = {}
         for split in self.splits:
-            for block in self.blocks:
-                for timestep in self._attrs["features"][str(block)]["timesteps"]:
-                    chunks = self.missing_chunks(split, block, timestep)
-                    if chunks:
-                        result[(split, block, int(timestep))] = chunks
+            for block, timestep in self.arrays():
+                chunks = self.missing_chunks(split, block, timestep)
+                if chunks:
+                    result[(split, block, timestep)] = chunks
         return result
 
     def finished_mask(self, split: str, block: int, timestep: int) -> np.ndarray:
         """(N,) bool: True where the sample's chunk is finished."""
-        self._check(split, block, timestep)
-        done = self.progress_of(self._group, split, block, timestep).astype(bool)
+        done = self.done_chunks(split, block, timestep)
         return np.repeat(done, self.chunk_samples)[: self.num_samples(split)]
 
-    # -- features --------------------------------------------------------------------------------
+    # -- features --------------------------------------------------------------------------------------
     def read(
         self, split: str, block: int, timestep: int, pool: int | None = None, *, allow_incomplete: bool = False
     ) -> np.ndarray:
         """(N, C, p, p) float32 features (p = pool, or the stored grid when pool is None).
 
         Unfinished chunks are an IncompleteStoreError; with `allow_incomplete` they read as NaN
-        (see `finished_mask`).
+        (see `finished_mask`). A finished chunk that is damaged, missing or not finite is an
+        IntegrityError naming it.
         """
         array = self._array(split, block, timestep, allow_incomplete)
-        return adaptive_avg_pool(array[:], self._output_size(block, pool))
+        size = self._output_size(block, pool)
+        path = layout.feature_path(split, block, timestep)
+        try:
+            values = array[:]
+        except DECODE_ERRORS as error:  # find the chunk that does not decode
+            for chunk in range(self.num_chunks(split)):
+                self._decode(array, path, chunk)
+            raise IntegrityError(f"{self.path}/{path} cannot be read ({error})") from None
+        done = self.done_chunks(split, block, timestep)
+        for chunk in np.flatnonzero(done):
+            self._check_finite(values[self.chunk_rows(split, chunk)], path, int(chunk))
+        self._check_current()
+        return adaptive_avg_pool(values, size)
 
     def read_chunk(
         self, split: str, block: int, timestep: int, chunk: int, pool: int | None = None, *,
@@ -155,7 +221,12 @@ class FeatureStore:
     ) -> np.ndarray:
         """The rows of one sample chunk (`chunk_rows`), as `read` gives them: (n, C, p, p) float32."""
         array = self._array(split, block, timestep, allow_incomplete)
-        return adaptive_avg_pool(array[self.chunk_rows(split, chunk)], self._output_size(block, pool))
+        path = layout.feature_path(split, block, timestep)
+        values = self._decode(array, path, chunk)
+        if self.done_chunks(split, block, timestep)[chunk]:
+            self._check_finite(values, path, chunk)
+        self._check_current()
+        return adaptive_avg_pool(values, self._output_size(block, pool))
 
     def read_dask(
         self, split: str, block: int, timestep: int, pool: int | None = None, *, allow_incomplete: bool = False
@@ -163,14 +234,97 @@ class FeatureStore:
         """The same as `read`, as a dask array chunked along samples like the store (lazy, bounded memory)."""
         import dask.array as da
 
-        array = self._array(split, block, timestep, allow_incomplete)
-        lazy = da.from_zarr(array)
+        self._array(split, block, timestep, allow_incomplete)
         size = self._output_size(block, pool)
-        return lazy.map_blocks(
-            lambda chunk: adaptive_avg_pool(chunk, size),
-            dtype=np.float32,
-            chunks=(lazy.chunks[0], lazy.chunks[1], (size,), (size,)),
-        )
+        chunks = self.num_chunks(split)
+        sizes = [self.chunk_rows(split, k).stop - self.chunk_rows(split, k).start for k in range(chunks)]
+        info = self.block_info(block)
+        parts = [da.from_delayed(_delayed_chunk(self, split, block, timestep, k, pool, allow_incomplete),
+                                 shape=(sizes[k], info["channels"], size, size), dtype=np.float32)
+                 for k in range(chunks)]
+        return da.concatenate(parts, axis=0)
+
+    # -- verification ----------------------------------------------------------------------------------
+    def verify(self) -> list[Damage]:
+        """Every damaged or missing piece of the store: each finished chunk of every array decoded and
+        checked (checksum, presence, finite values), every label, path, file record and flag chunk."""
+        return find_damage(self.path, full=True)
+
+    # -- internals -------------------------------------------------------------------------------------
+    def _load_sets(self, split: str) -> list[WriteSet]:
+        sets, damage = load_write_sets(self._group, split, self.num_chunks(split))
+        if damage:
+            lines = [d.describe(self.path) for d in damage[:5]]
+            raise IntegrityError("completion flags are damaged:\n  " + "\n  ".join(lines)
+                                 + "\n`pipeline extract` on the store rebuilds them from the chunks it can verify "
+                                 "(`pipeline verify --store ... --repair` does it without extracting)")
+        return sets
+
+    def _check_shapes(self) -> None:
+        """The settings agree with the arrays: split sizes, feature shapes, flag counts (named file on failure)."""
+        settings = f"{self.path}/zarr.json"
+        table = {row["number"]: row for row in self._attrs["block_table"]}
+        for split, n in self._attrs["splits"].items():
+            for path in (layout.labels_path(split), layout.paths_path(split)):
+                shape = self._metadata(path).shape
+                if shape != (int(n),):
+                    raise IntegrityError(f"{settings} says split {split!r} has {n} samples, but {path} holds "
+                                         f"{shape[0]}: the settings were edited or damaged. Restore them, or "
+                                         "re-extract with `pipeline extract ... --overwrite`")
+            for block, timestep in self.arrays():
+                path = layout.feature_path(split, block, timestep)
+                grid = int(self._attrs["features"][str(block)]["grid"])
+                expected = (int(n), int(table[block]["channels"]), grid, grid)
+                shape = self._metadata(path).shape
+                if shape != expected:
+                    raise IntegrityError(f"{settings} describes {path} as {expected}, but it is {shape}: the settings "
+                                         f"were edited or damaged. {REPAIR.capitalize()} after --overwrite")
+
+    def _metadata(self, path: str) -> zarr.Array:
+        try:
+            return self._group[path]
+        except KeyError:
+            raise IntegrityError(f"{self.path}/{path} is missing (the settings list it). {REPAIR.capitalize()}") from None
+        except DECODE_ERRORS as error:
+            raise IntegrityError(f"{self.path}/{path}/zarr.json is damaged ({error}). {REPAIR.capitalize()}") from None
+
+    def _read_whole(self, path: str) -> np.ndarray:
+        array = self._metadata(path)
+        try:
+            values = array[:]
+        except DECODE_ERRORS:
+            chunks = -(-array.shape[0] // array.chunks[0])
+            bad = [k for k in range(chunks) if decode_error(array, chunk_rows(array, k))]
+            raise IntegrityError(f"{self.path}/{path} chunk(s) {format_ranges(bad)} are damaged. "
+                                 f"{REPAIR.capitalize()}") from None
+        self._check_current()
+        return values
+
+    def _decode(self, array: zarr.Array, path: str, chunk: int) -> np.ndarray:
+        try:
+            return array[chunk_rows(array, chunk)]
+        except DECODE_ERRORS:
+            problem = decode_error(array, chunk_rows(array, chunk))
+            raise IntegrityError(f"{self.path}/{path} chunk {chunk} {problem} "
+                                 f"({layout.chunk_file(path, chunk, array.ndim)}). {REPAIR}") from None
+
+    def _check_finite(self, values: np.ndarray, path: str, chunk: int) -> None:
+        if np.isfinite(values).all():
+            return
+        file = layout.chunk_file(path, chunk, values.ndim)
+        present = "://" in self.path or (Path(self.path) / file).exists()
+        problem = "holds non-finite values" if present else "is missing"
+        raise IntegrityError(f"{self.path}/{path} chunk {chunk} is marked finished but {problem} ({file}). {REPAIR}")
+
+    def _check_current(self) -> None:
+        try:
+            now = identity(read_root_attrs(self.path))
+        except StoreError as error:
+            raise StoreReplacedError(f"{self.path} changed after it was opened ({error})") from None
+        if now != self._identity:
+            changed = sorted(key for key in now if now[key] != self._identity[key])
+            raise StoreReplacedError(f"{self.path} was replaced after it was opened (its {', '.join(changed)} "
+                                     "changed): what was read so far is from the old store. Run again on the new one")
 
     def _array(self, split: str, block: int, timestep: int, allow_incomplete: bool) -> zarr.Array:
         self._check(split, block, timestep)
@@ -179,10 +333,10 @@ class FeatureStore:
             if missing:
                 raise IncompleteStoreError(
                     f"{self.path}: {split} block {block} timestep {timestep} is unfinished: "
-                    f"{len(missing)} of {len(self.progress_of(self._group, split, block, timestep))} sample chunks "
+                    f"{len(missing)} of {self.num_chunks(split)} sample chunks "
                     f"missing ({format_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete reads."
                 )
-        return self._group[layout.feature_path(split, block, timestep)]
+        return self._metadata(layout.feature_path(split, block, timestep))
 
     def _output_size(self, block: int, pool: int | None) -> int:
         info = self.block_info(block)
@@ -213,3 +367,9 @@ class FeatureStore:
         what = f"block {block}" if timestep is None else f"block {block} at timestep {timestep}"
         return f"{self.path} has no {what}; it holds {held or 'nothing yet'}"
 
+
+def _delayed_chunk(store: FeatureStore, split, block, timestep, chunk, pool, allow_incomplete):
+    import dask
+
+    return dask.delayed(store.read_chunk, pure=True)(split, block, timestep, chunk, pool,
+                                                    allow_incomplete=allow_incomplete)

@@ -1,28 +1,51 @@
-"""Writing a feature store: created once, then filled chunk by chunk, resumable and single-writer.
+"""Writing a feature store: created once, then filled chunk by chunk; resumable, crash-safe, single-writer.
 
-Completion is recorded per (array, sample chunk) in `_progress/...` only after the chunk's data is
-written, and local writes are atomic renames, so a process killed at any moment leaves a store whose
-finished chunks are whole and whose unfinished chunks are simply not marked done.
+Crash safety, step by step (a process may be killed between any two writes; local writes are
+atomic renames, zarr-python >= 3.1.3):
+
+- Creation. The root attributes are first only the format marker, then the groups, the labels,
+  paths and file records are written, and the settings last, in one write: a store becomes valid in
+  that one step. A store found without its settings (a run stopped while making it, or while
+  clearing it) holds nothing of value and is rebuilt.
+- Arrays. A feature array is created before the settings list it; one found without flags is simply
+  unfinished, one found with damaged metadata is made again (its chunks unfinished).
+- Chunks. Sample chunk k of a write set's arrays (see `cache.layout`) is written in full, then
+  marked done with one write. A chunk is never marked done with non-finite values, nor with images
+  whose content changed since the store's other features were computed from them.
+- Reopening checks what the settings imply (labels, paths, every array, every flag) and repairs
+  what it can: damaged flags are rebuilt from the chunks that verify; finished chunks whose files
+  are gone (or, with `verify`, that fail their checksum) are marked unfinished, to be recomputed.
+- A full disk is a `StoreFullError` naming the space needed; finished chunks are kept.
 """
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import json
+import logging
 import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from cache import layout
-from cache.errors import StoreError, StoreLockedError, StoreMismatchError
-from cache.reader import FeatureStore
+from cache import layout, locks
+from cache.errors import DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError, StoreMismatchError
+from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_problem, chunk_rows, decode_error, done_chunks,
+                             find_damage, load_write_sets)
+from cache.text import format_bytes, format_ranges
+
+log = logging.getLogger(__name__)
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+# Every chunk carries a crc32c of its bytes, which zarr verifies as it decodes.
+FEATURE_CODECS = (COMPRESSOR, Crc32cCodec())
+SMALL_CODECS = (ZstdCodec(level=3), Crc32cCodec())  # labels, paths, file records, flags
+_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 @dataclass(frozen=True)
@@ -67,13 +90,15 @@ def _differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[
 class FeatureStoreWriter:
     """The one process allowed to write a store; use as a context manager (it holds a lock)."""
 
-    def __init__(self, path: str | Path, group: zarr.Group, lock_fd: int | None):
+    def __init__(self, path: Path, group: zarr.Group, lock_fd: int | None):
         self.path = str(path)
+        self._dir = Path(path)
         self._group = group
         self._lock_fd = lock_fd
         self._attrs = dict(group.attrs)
+        self._sets: dict[str, list[WriteSet]] = {}
 
-    # -- opening ---------------------------------------------------------------------------------
+    # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(
         cls,
@@ -84,38 +109,47 @@ class FeatureStoreWriter:
         block_table: list[dict],
         grids: dict[int, int] | None = None,
         overwrite: bool = False,
+        verify: bool = False,
     ) -> FeatureStoreWriter:
         """Create the store, or reopen one made with the same `settings` (keys in layout.IDENTITY_KEYS).
 
         `grids` (block -> stored grid) are the grids this run will write; a block already stored at
         another grid is a difference too. A store that differs is refused with the differences
-        named, or, with `overwrite`, replaced. A store that agrees is reopened either way, so
-        finished chunks are kept and only what is missing gets computed.
+        named, or, with `overwrite`, replaced (never while a reader holds it). A store that agrees is
+        reopened either way and repaired where needed (module docstring), so finished chunks are kept
+        and only what is missing gets computed. `verify` also decodes every finished chunk.
         """
         missing = [key for key in layout.IDENTITY_KEYS if key not in settings]
         if missing:
             raise ValueError(f"settings lack {missing}")
+        if not splits:
+            raise ValueError("a store needs at least one split")
         directory = Path(path)
-        directory.mkdir(parents=True, exist_ok=True)
-        lock_fd = _lock(directory)
+        _make_directory(directory)
+        lock_fd = locks.lock_writer(directory)
         try:
-            existing = _existing_attrs(directory)
-            differences = [] if existing is None else _differences(existing, settings, grids or {})
-            if existing is not None and not differences:
-                group = zarr.open_group(directory, mode="r+")
-                _remove_partial_writes(directory)
-            elif existing is None or overwrite:
-                _clear(directory)
-                group = _create(directory, settings, splits, block_table)
-            else:
+            state, existing = _inspect(directory)
+            differences = _differences(existing, settings, grids or {}) if state == "valid" else []
+            if state == "valid" and not differences:
+                writer = cls(directory, zarr.open_group(directory, mode="r+"), lock_fd)
+                with writer._writing("reopening the store"):
+                    writer._reopen(splits, verify=verify)
+                return writer
+            if state == "valid" and not overwrite:
                 raise StoreMismatchError(
-                    f"{directory} was made with other settings:\n  "
-                    + "\n  ".join(differences)
+                    f"{directory} was made with other settings:\n  " + "\n  ".join(differences)
                     + "\nUse another --out, or --overwrite to replace the store."
                 )
-            return cls(directory, group, lock_fd)
+            if state == "damaged" and not overwrite:
+                raise StoreError(f"{directory}/zarr.json, the store's settings, is damaged: its features cannot be "
+                                 "trusted. Pass --overwrite to replace the store, or use another --out")
+            if state == "unfinished":
+                log.warning("%s was left unfinished by a run that stopped while making it: building it again", directory)
+            writer = cls(directory, _replace(directory, settings, splits, block_table), lock_fd)
+            writer._load_sets()
+            return writer
         except BaseException:
-            _unlock(lock_fd)
+            locks.unlock(lock_fd)
             raise
 
     def __enter__(self) -> FeatureStoreWriter:
@@ -125,16 +159,19 @@ class FeatureStoreWriter:
         self.close()
 
     def close(self) -> None:
-        _unlock(self._lock_fd)
+        locks.unlock(self._lock_fd)
         self._lock_fd = None
 
-    # -- planning --------------------------------------------------------------------------------
+    # -- planning ------------------------------------------------------------------------------------
     @property
     def chunk_samples(self) -> int:
         return int(self._attrs["chunk_samples"])
 
     def num_samples(self, split: str) -> int:
         return int(self._attrs["splits"][split])
+
+    def num_chunks(self, split: str) -> int:
+        return layout.num_chunks(self.num_samples(split), self.chunk_samples)
 
     def grid(self, block: int) -> int | None:
         entry = self._attrs["features"].get(str(block))
@@ -156,109 +193,287 @@ class FeatureStoreWriter:
                     f"{entry['grid']}, or use --overwrite (or another --out) to re-extract."
                 )
         dtype = self._attrs["dtype"]
-        for block, grid in features.items():
-            channels = table[block]["channels"]
-            entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
-            for timestep in timesteps:
-                for split in self._attrs["splits"]:
-                    self._ensure_array(split, block, timestep, channels, grid, dtype)
-                if timestep not in entry["timesteps"]:
-                    entry["timesteps"] = sorted([*entry["timesteps"], timestep])
-        # Arrays first, then the attributes that list them: a crash in between leaves unlisted
-        # (and unmarked) arrays that the next run adopts.
-        self._update_attrs(
-            features=contents,
-            pools=sorted(set(self._attrs.get("pools", [])) | {int(p) for p in pools}),
-        )
+        with self._writing("creating arrays"):
+            for block, grid in features.items():
+                channels = table[block]["channels"]
+                entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
+                for timestep in timesteps:
+                    for split in self._attrs["splits"]:
+                        self._ensure_array(split, block, timestep, channels, grid, dtype)
+                    if timestep not in entry["timesteps"]:
+                        entry["timesteps"] = sorted([*entry["timesteps"], timestep])
+            # Arrays first, then the attributes that list them: a crash in between leaves unlisted
+            # (and unfinished) arrays that the next run adopts.
+            self._update_attrs(
+                features=contents,
+                pools=sorted(set(self._attrs.get("pools", [])) | {int(p) for p in pools}),
+            )
 
     def _ensure_array(self, split: str, block: int, timestep: int, channels: int, grid: int, dtype: str) -> None:
         n = self.num_samples(split)
         name = layout.feature_path(split, block, timestep)
-        shape = (n, channels, grid, grid)
-        if name in self._group:
-            if self._group[name].shape != shape:
-                raise StoreError(f"{self.path}/{name} has shape {self._group[name].shape}, expected {shape}")
-            return
+        shape, chunks = (n, channels, grid, grid), (self.chunk_samples, channels, grid, grid)
+        try:
+            existing = self._group[name]
+        except KeyError:
+            existing = None
+        except DECODE_ERRORS:  # its zarr.json is damaged: its chunks cannot be trusted either
+            log.warning("%s/%s has damaged metadata: made again, its chunks to be recomputed", self.path, name)
+            self._forget_array(split, block, timestep)
+            existing = None
+        if existing is not None:
+            if existing.shape == shape and existing.chunks == chunks and str(existing.dtype) == dtype:
+                return
+            if self.done(split, block, timestep).any():
+                raise StoreError(f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
+                                 f"({existing.dtype}), this run needs {shape} in chunks of {chunks} ({dtype}) and it "
+                                 "holds finished chunks: use --overwrite (or another --out) to re-extract")
+            self._forget_array(split, block, timestep)
         self._group.create_array(
-            name,
-            shape=shape,
-            chunks=(self.chunk_samples, channels, grid, grid),
-            dtype=dtype,
+            name, shape=shape, chunks=chunks, dtype=dtype,
             fill_value=np.nan,  # unfinished samples read as NaN, never as plausible zeros
-            compressors=COMPRESSOR,
-            dimension_names=layout.DIMENSIONS,
-        )
-        self._group.create_array(
-            layout.progress_path(split, block, timestep),
-            shape=(layout.num_chunks(n, self.chunk_samples),),
-            chunks=(1,),
-            dtype="uint8",
-            fill_value=0,
-            dimension_names=("chunk",),
+            compressors=FEATURE_CODECS, dimension_names=layout.DIMENSIONS,
         )
 
     def update_info(self, **info) -> None:
         """Record descriptive attributes (not part of the identity), e.g. where the model came from."""
-        self._update_attrs(**info)
+        with self._writing("recording the settings"):
+            self._update_attrs(**info)
 
     def _update_attrs(self, **changes) -> None:
         self._attrs.update(changes)
         self._group.attrs.update(changes)
 
-    # -- writing ---------------------------------------------------------------------------------
+    # -- completion ----------------------------------------------------------------------------------
+    def done(self, split: str, block: int, timestep: int) -> np.ndarray:
+        """(n_chunks,) bool: chunks of the array marked finished."""
+        return done_chunks(self._sets.get(split, []), block, timestep, self.num_chunks(split))
+
     def pending_chunks(self, split: str, block: int, timestep: int) -> list[int]:
         """Sample chunks of this array not yet marked done."""
-        done = FeatureStore.progress_of(self._group, split, block, timestep)
-        return [int(k) for k in np.flatnonzero(done == 0)]
+        return [int(k) for k in np.flatnonzero(~self.done(split, block, timestep))]
 
-    def write_chunk(self, split: str, chunk: int, features: dict[tuple[int, int], np.ndarray]) -> None:
-        """Write sample chunk `chunk` of several arrays, keyed (block, timestep), then mark each done."""
+    def write_set(self, split: str, arrays) -> str:
+        """The write set of these (block, timestep) arrays in `split` (created if new); pass it to `write_chunk`."""
+        keys = sorted({(int(b), int(t)) for b, t in arrays})
+        path = f"{layout.progress_group(split)}/{layout.write_set_name(keys)}"
+        if not any(s.path == path for s in self._sets[split]):
+            with self._writing("creating completion flags"):
+                array = self._group.create_array(
+                    path, shape=(self.num_chunks(split),), chunks=(1,), dtype="uint8", fill_value=0,
+                    compressors=SMALL_CODECS, dimension_names=("chunk",),
+                    attributes={"arrays": [layout.array_key(b, t) for b, t in keys]},
+                )
+                del array
+            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_chunks(split), np.uint8)))
+        return path
+
+    # -- writing -------------------------------------------------------------------------------------
+    def write_chunk(self, split: str, chunk: int, features: dict[tuple[int, int], np.ndarray], *,
+                    write_set: str | None = None, files: np.ndarray | None = None) -> None:
+        """Write sample chunk `chunk` of several arrays, keyed (block, timestep), then mark it done in one write.
+
+        `files` (n, 2) uint64 are the chunk's images' content hashes and mtimes, as read for this
+        chunk; where the store recorded other hashes for them, nothing is written (DataChangedError).
+        `write_set` defaults to the set of exactly these arrays.
+        """
         rows = layout.chunk_slice(chunk, self.num_samples(split), self.chunk_samples)
         for (block, timestep), values in features.items():
-            array = self._group[layout.feature_path(split, block, timestep)]
             if values.shape[0] != rows.stop - rows.start:
                 raise ValueError(f"chunk {chunk} of {split} holds {rows.stop - rows.start} samples, got {values.shape[0]}")
-            array[rows] = values.astype(array.dtype, copy=False)
-        for block, timestep in features:
-            self._group[layout.progress_path(split, block, timestep)][chunk] = 1
+            if not np.isfinite(values).all():
+                bad = rows.start + np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
+                raise NonFiniteFeaturesError(
+                    f"block {block} at timestep {timestep} gave NaN or infinite features for {split} samples "
+                    f"{format_ranges(bad.tolist())}; they are not stored. Features beyond float16's range "
+                    "(65504) overflow: try --dtype float32, and --precision fp32 if the model ran in bf16 or fp16"
+                )
+        if files is not None:
+            self._check_files(split, rows, files)
+        path = write_set or self.write_set(split, features)
+        target = next(s for s in self._sets[split] if s.path == path)
+        missing = set(features) - target.arrays
+        if missing:
+            raise ValueError(f"write set {path} does not hold {sorted(missing)}")
+        with self._writing(f"chunk {chunk} of {split}"):
+            for (block, timestep), values in features.items():
+                array = self._group[layout.feature_path(split, block, timestep)]
+                array[rows] = values.astype(array.dtype, copy=False)
+            if files is not None and layout.files_path(split) in self._group:
+                self._group[layout.files_path(split)][rows] = files
+            self._group[path][chunk] = 1
+        target.flags[chunk] = 1
+
+    def file_records(self, split: str) -> np.ndarray:
+        """(N, 2) uint64 content hash and mtime (ns) of each image when it was read; 0 where not yet read."""
+        return np.asarray(self._group[layout.files_path(split)][:], dtype=np.uint64)
+
+    def update_file_records(self, split: str, rows: np.ndarray, records: np.ndarray) -> None:
+        """Record new mtimes of images whose content was checked unchanged (so they are not hashed again)."""
+        array = self._group[layout.files_path(split)]
+        current = np.asarray(array[:], dtype=np.uint64)
+        current[rows] = records
+        with self._writing("recording file checks"):
+            array[:] = current
+
+    def _check_files(self, split: str, rows: slice, files: np.ndarray) -> None:
+        stored = np.asarray(self._group[layout.files_path(split)][rows], dtype=np.uint64)
+        recorded = stored[:, 0] != 0
+        changed = recorded & (stored[:, 0] != files[:, 0])
+        if changed.any():
+            names = self._group[layout.paths_path(split)][rows][changed]
+            raise DataChangedError(
+                f"{len(names)} image(s) of {split} changed since the store's features were computed from them "
+                f"(content hash differs): {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}. "
+                "Restore them, or re-extract everything with --overwrite"
+            )
+
+    def remaining_bytes(self) -> int:
+        """Uncompressed bytes of every chunk not yet finished: what a run still writes, at most."""
+        itemsize = np.dtype(self._attrs["dtype"]).itemsize
+        table = {row["number"]: row for row in self._attrs["block_table"]}
+        total = 0
+        for split in self._attrs["splits"]:
+            for block, entry in self._attrs["features"].items():
+                per_sample = table[int(block)]["channels"] * int(entry["grid"]) ** 2 * itemsize
+                for timestep in entry["timesteps"]:
+                    pending = self.pending_chunks(split, int(block), int(timestep))
+                    total += len(pending) * self.chunk_samples * per_sample
+        return total
+
+    @contextmanager
+    def _writing(self, what: str):
+        try:
+            yield
+        except OSError as error:
+            if error.errno not in _FULL:
+                raise
+            free = shutil.disk_usage(self._dir).free
+            raise StoreFullError(
+                f"{self.path}: no space left on the device while {what}; {format_bytes(free)} free, and the "
+                f"unfinished chunks need up to {format_bytes(self.remaining_bytes())} more (before compression). "
+                "Free some space and run the same command again: finished chunks are kept."
+            ) from None
+
+    # -- reopening and repairs -----------------------------------------------------------------------
+    def _load_sets(self) -> list[Damage]:
+        damage = []
+        for split in self._attrs["splits"]:
+            self._sets[split], found = load_write_sets(self._group, split, self.num_chunks(split))
+            damage += found
+        return damage
+
+    def _reopen(self, splits: dict[str, SplitIndex], *, verify: bool) -> None:
+        _remove_partial_writes(self._dir)
+        for split, index in splits.items():
+            self._repair_index(split, index)
+        damage = self._load_sets()
+        for item in damage:
+            if item.chunk is None:  # flags of the wrong length: they are rebuilt from scratch
+                log.warning("%s: rebuilt", item.describe(self.path))
+                del self._group[item.path]
+        if any(d.chunk is None for d in damage):
+            damage = [d for d in damage if d.chunk is not None] + self._load_sets()
+        for item in damage:
+            self._rebuild_flag(item)
+        table = {row["number"]: row for row in self._attrs["block_table"]}
+        for split in self._attrs["splits"]:
+            for block, entry in self._attrs["features"].items():
+                for timestep in entry["timesteps"]:
+                    self._ensure_array(split, int(block), int(timestep), table[int(block)]["channels"],
+                                       int(entry["grid"]), self._attrs["dtype"])
+        for item in find_damage(self.path, full=verify):
+            if item.chunk is not None and "/block" in item.path:
+                log.warning("%s: marked unfinished, to be recomputed", item.describe(self.path))
+                split = item.path.split("/")[0]
+                self._mark_unfinished(split, *layout.parse_array_key(item.path.split("/", 1)[1]), item.chunk)
+
+    def _repair_index(self, split: str, index: SplitIndex) -> None:
+        """Labels, paths and file records exist and hold what the data set says (identity already matched)."""
+        n = len(index.paths)
+        group = self._group.require_group(split)
+        self._group.require_group(layout.progress_group(split))
+        expected = {layout.labels_path(split): np.asarray(index.labels, dtype=np.int64),
+                    layout.paths_path(split): np.asarray(index.paths, dtype=str)}
+        for path, values in expected.items():
+            try:
+                array = self._group[path]
+                current = array[:]
+                if array.shape == (n,) and np.array_equal(current, values):
+                    continue
+            except (KeyError, *DECODE_ERRORS):
+                pass
+            log.warning("%s/%s was missing or damaged: written again from the data set", self.path, path)
+            _write_index_array(self._group, path, values)
+        try:
+            files = self._group[layout.files_path(split)]
+            if files.shape != (n, 2):
+                raise KeyError(layout.files_path(split))
+            for k in range(-(-n // files.chunks[0])):
+                rows = chunk_rows(files, k)
+                if decode_error(files, rows):  # unknown hashes: checked again when the images are next read
+                    files[rows] = np.zeros((rows.stop - rows.start, 2), np.uint64)
+        except (KeyError, *DECODE_ERRORS):
+            if layout.files_path(split) in group:
+                del self._group[layout.files_path(split)]
+            _create_files_array(self._group, split, n, self.chunk_samples)
+
+    def _rebuild_flag(self, item: Damage) -> None:
+        """A damaged flag of chunk k: 1 if every array of its set verifies at chunk k, else 0."""
+        split = item.path.split("/")[1]
+        write_set = next(s for s in self._sets[split] if s.path == item.path)
+        ok = all(chunk_problem(self._group, self.path, layout.feature_path(split, b, t),
+                               self._group[layout.feature_path(split, b, t)], item.chunk, full=True, local=True) is None
+                 for b, t in write_set.arrays if layout.feature_path(split, b, t) in self._group)
+        log.warning("%s: rebuilt as %s", item.describe(self.path), "finished" if ok else "unfinished")
+        self._group[item.path][item.chunk] = int(ok)
+        write_set.flags[item.chunk] = int(ok)
+
+    def _mark_unfinished(self, split: str, block: int, timestep: int, chunk: int) -> None:
+        for write_set in self._sets[split]:
+            if (block, timestep) in write_set.arrays and write_set.flags[chunk]:
+                self._group[write_set.path][chunk] = 0
+                write_set.flags[chunk] = 0
+
+    def _forget_array(self, split: str, block: int, timestep: int) -> None:
+        """Delete a feature array and mark all of its chunks unfinished."""
+        shutil.rmtree(self._dir / layout.feature_path(split, block, timestep), ignore_errors=True)
+        for chunk in range(self.num_chunks(split)):
+            self._mark_unfinished(split, block, timestep, chunk)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
-def _lock(directory: Path) -> int:
-    # flock on the store directory itself: no stray lock file in the hierarchy, released by the OS
-    # when the holder dies (kill -9 included).
-    fd = os.open(directory, os.O_RDONLY)
+def _make_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise StoreError(f"--out {directory} is a file, not a directory: choose another path for the store")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(
-            f"{directory} is being written by another process; wait for it to finish or write to another --out"
-        ) from None
-    return fd
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"cannot make the store directory {directory}: {error.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise StoreError(f"cannot write to {directory} (permission denied): choose another --out")
 
 
-def _unlock(fd: int | None) -> None:
-    if fd is not None:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
-
-
-def _existing_attrs(directory: Path) -> dict | None:
+def _inspect(directory: Path) -> tuple[str, dict]:
+    """(state, root attributes): "empty", "valid", "unfinished" (no settings yet) or "damaged"; a directory
+    that is not a feature store is refused."""
     if not any(directory.iterdir()):
-        return None
+        return "empty", {}
+    root = directory / "zarr.json"
+    if not root.exists():
+        raise StoreError(f"{directory} exists and is not a feature store (no zarr.json); choose another --out")
     try:
-        attrs = dict(zarr.open_group(directory, mode="r").attrs)
-    except Exception as error:
-        raise StoreError(f"{directory} exists and is not a feature store ({error}); choose another --out") from error
+        metadata = json.loads(root.read_text())
+        attrs = dict(metadata.get("attributes", {}))
+    except (OSError, ValueError, AttributeError):
+        if (directory / layout.PROGRESS).is_dir():
+            return "damaged", {}
+        raise StoreError(f"{directory} holds a damaged zarr.json and is not a feature store; choose another --out") from None
     if attrs.get("format") != layout.FORMAT:
         raise StoreError(f"{directory} is a Zarr group but not a feature store; choose another --out")
-    return attrs
-
-
-def _clear(directory: Path) -> None:
-    for child in directory.iterdir():
-        shutil.rmtree(child) if child.is_dir() else child.unlink()
+    if any(key not in attrs for key in layout.REQUIRED_KEYS):
+        return "unfinished", attrs
+    return "valid", attrs
 
 
 def _remove_partial_writes(directory: Path) -> None:
@@ -267,24 +482,60 @@ def _remove_partial_writes(directory: Path) -> None:
         leftover.unlink()
 
 
-def _create(directory: Path, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
-    if not splits:
-        raise ValueError("a store needs at least one split")
-    attrs = {
-        "format": layout.FORMAT,
-        **settings,
-        "block_table": block_table,
-        "splits": {name: len(index.paths) for name, index in splits.items()},
-        "features": {},
-        "pools": [],
-    }
-    group = zarr.open_group(directory, mode="w-", attributes=attrs)
-    for name, index in splits.items():
-        n = len(index.paths)
-        chunk = max(1, min(n, 65536))
-        group.create_array(f"{name}/labels", shape=(n,), chunks=(chunk,), dtype="int64", dimension_names=("sample",))
-        group[f"{name}/labels"][:] = np.asarray(index.labels, dtype=np.int64)
-        group.create_array(f"{name}/paths", shape=(n,), chunks=(chunk,), dtype=str, dimension_names=("sample",))
-        group[f"{name}/paths"][:] = np.asarray(index.paths, dtype=str)
+def _mark_root(directory: Path, attrs: dict) -> None:
+    """Write the root group's zarr.json directly (temporary file, then rename): also over a damaged one."""
+    text = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=2)
+    partial = directory / "zarr.json.replacing.partial"
+    partial.write_text(text)
+    os.replace(partial, directory / "zarr.json")
+
+
+def _replace(directory: Path, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
+    """Clear the directory (never while a reader holds the store) and create the store in it, settings last."""
+    claim = locks.claim_for_replacing(directory)
+    try:
+        _mark_root(directory, {"format": layout.FORMAT})  # from here on the store is unfinished
+        for child in directory.iterdir():
+            if child.name != "zarr.json":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    finally:
+        locks.unlock(claim)
+    group = zarr.open_group(directory, mode="r+")
+    chunk_samples = int(settings["chunk_samples"])
+    try:
+        group.create_group(layout.PROGRESS)
+        for name, index in splits.items():
+            group.create_group(name)
+            group.create_group(layout.progress_group(name))
+            _write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
+            _write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
+            _create_files_array(group, name, len(index.paths), chunk_samples)
+        group.attrs.put({
+            "format": layout.FORMAT,
+            **settings,
+            "block_table": block_table,
+            "splits": {name: len(index.paths) for name, index in splits.items()},
+            "features": {},
+            "pools": [],
+        })
+    except OSError as error:
+        if error.errno in _FULL:
+            raise StoreFullError(f"{directory}: no space left on the device while creating the store "
+                                 f"({format_bytes(shutil.disk_usage(directory).free)} free). Free some space and run "
+                                 "again") from None
+        raise
     return group
 
+
+def _write_index_array(group: zarr.Group, path: str, values: np.ndarray) -> None:
+    n = len(values)
+    dtype = str if values.dtype.kind in "UO" else values.dtype  # zarr's variable-length strings
+    array = group.create_array(path, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=dtype,
+                               compressors=SMALL_CODECS, dimension_names=("sample",), overwrite=True)
+    array[:] = values
+
+
+def _create_files_array(group: zarr.Group, split: str, n: int, chunk_samples: int) -> None:
+    group.create_array(layout.files_path(split), shape=(n, 2), chunks=(chunk_samples, 2), dtype="uint64",
+                       fill_value=0, compressors=SMALL_CODECS, dimension_names=("sample", "field"),
+                       attributes={"fields": list(layout.FILE_FIELDS)}, overwrite=True)

@@ -1,6 +1,8 @@
-"""Choosing the torch device from a user's `--device` (auto, cpu, cuda, cuda:N)."""
+"""The machine: the torch device from a user's `--device` (auto, cpu, cuda, cuda:N), and its free memory."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -18,3 +20,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process now (MemAvailable where Linux reports it)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 import zarr
 
-from cache import FeatureStore, FeatureStoreWriter, StoreLockedError, StoreMismatchError
+from cache import FeatureStore, FeatureStoreWriter, StoreError, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex
 from conftest import make_image_folder
 from stages.extract.plan import ExtractConfig
@@ -45,9 +45,9 @@ def record_writes(monkeypatch) -> list[tuple[str, int, tuple[int, int]]]:
     written = []
     original = FeatureStoreWriter.write_chunk
 
-    def record(self, split, chunk, features):
+    def record(self, split, chunk, features, **kwargs):
         written.extend((split, chunk, key) for key in features)
-        return original(self, split, chunk, features)
+        return original(self, split, chunk, features, **kwargs)
 
     monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
     return written
@@ -56,8 +56,8 @@ def record_writes(monkeypatch) -> list[tuple[str, int, tuple[int, int]]]:
 def done_chunks(store: Path) -> int:
     """Finished chunks of the deepest array of the train split, read while another process writes."""
     try:
-        return int(np.sum(zarr.open_group(store, mode="r")["_progress/train/block9/t90"][:]))
-    except (FileNotFoundError, KeyError, ValueError):
+        return int(FeatureStore.open(store).done_chunks("train", 9, 90).sum())
+    except (StoreError, KeyError, ValueError):
         return 0
 
 

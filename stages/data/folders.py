@@ -7,12 +7,14 @@ Sample index i of a split is its i-th file in (class name, file name) order, the
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from stages.data.errors import DataError, MissingDataError
+from stages.data.images import file_record
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -83,3 +85,27 @@ def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:
         "classes": first.classes,
         "splits": {name: len(split.paths) for name, split in splits.items()},
     }
+
+
+def changed_images(split: ImageFolderSplit, records: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
+    """(changed rows, touched rows, the touched rows' new records) of the images a store recorded.
+
+    `records` (N, 2) are (content hash, mtime in ns) per image when it was read, 0 where never read. An
+    image whose mtime differs is hashed again: another hash means it changed; the same hash means
+    it was only touched (copied, checked out), and its new mtime should be recorded."""
+    changed, touched, updated = [], [], []
+    for row in np.flatnonzero(records[:, 0] != 0):
+        path = split.root / split.paths[row]
+        try:
+            if os.stat(path).st_mtime_ns == int(records[row, 1]):
+                continue
+            content, mtime = file_record(path)
+        except OSError:
+            changed.append(int(row))
+            continue
+        if content != int(records[row, 0]):
+            changed.append(int(row))
+        else:
+            touched.append(int(row))
+            updated.append((content, mtime))
+    return changed, touched, np.asarray(updated, dtype=np.uint64).reshape(-1, 2)

@@ -7,6 +7,9 @@ clipped to 8 bits); images too large to decode safely are refused with their pat
 
 from __future__ import annotations
 
+import hashlib
+import io
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,12 +35,35 @@ def image_channels(path: Path) -> int:
         raise DataError(f"cannot read image {path}: {error}") from error
 
 
-def load_image(path: Path, size: int, channels: int) -> torch.Tensor:
-    """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it."""
+def content_hash(data: bytes) -> int:
+    """A 63-bit hash of a file's bytes (blake2b), what the store records to notice a changed image."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def file_record(path: Path) -> tuple[int, int]:
+    """(content hash, mtime in ns) of a file, as the store records them."""
+    mtime = os.stat(path).st_mtime_ns
+    return content_hash(Path(path).read_bytes()), mtime
+
+
+def read_image(path: Path, size: int, channels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
+    try:
+        mtime = os.stat(path).st_mtime_ns
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DataError(f"cannot read image {path}: {error.strerror}") from None
+    return load_image(path, size, channels, data=data), (content_hash(data), mtime)
+
+
+def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None) -> torch.Tensor:
+    """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
+
+    `data`, when given, are the file's bytes already read (the image is decoded from them)."""
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             image = _eight_bit_range(image, channels)
             width, height = image.size
             scale = size / min(width, height)

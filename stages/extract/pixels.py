@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from cache import FeatureStoreWriter, layout
-from cache.pooling import stored_grid
+from cache.errors import ConfigError
+from cache.pooling import adaptive_avg_pool, stored_grid
+from cache.text import format_bytes
 from cache.writer import SplitIndex
 from stages.data.folders import dataset_identity, scan
-from stages.data.images import load_image, preprocessing
+from stages.data.images import preprocessing, read_image
+from stages.devices import available_memory
+from stages.extract.plan import CHUNK_BYTES, check_split_names
+from stages.extract.run import check_images_unchanged
 
 PIXEL_BLOCK = 0
 PIXEL_TIMESTEP = 0
@@ -29,10 +33,25 @@ def write_pixel_store(
     channels: int,
     pools: tuple[int, ...] | None = None,
     splits: tuple[str, ...] = ("train", "val"),
-    chunk_samples: int = 1024,
+    chunk_samples: int | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write every split's preprocessed images (float32, in [-1, 1]) to a store; pools default to full size."""
+    """Write every split's preprocessed images (float32, in [-1, 1]) to a store; pools default to full size.
+
+    Chunks hold about 4 MB (`chunk_samples` overrides); an image size whose images would not fit in
+    memory is refused before anything is read."""
+    if pools is not None and (not pools or min(pools) < 1):
+        raise ConfigError(f"pools must be positive integers, got {list(pools)}")
+    if size < 1 or channels not in (1, 3):
+        raise ConfigError(f"the pixel store needs a positive size and 1 or 3 channels, got size {size}, {channels} channels")
+    per_image = 4 * channels * size * size
+    if 4 * per_image > available_memory():
+        largest = int((available_memory() / (16 * channels)) ** 0.5)
+        raise ConfigError(f"--size {size} makes each image {format_bytes(per_image)} of float32 pixels, more than this "
+                          f"machine can hold while writing them ({format_bytes(available_memory())} available); "
+                          f"choose --size {largest} or less")
+    check_split_names(splits)
+    chunk_samples = chunk_samples or int(np.clip(CHUNK_BYTES // per_image, 1, 4096))
     folders = scan(data, list(splits))
     grid = stored_grid(size, list(pools or (size,)))
     row = {"number": PIXEL_BLOCK, "module": "input", "adm_name": "pixels", "channels": channels, "resolution": size}
@@ -51,10 +70,15 @@ def write_pixel_store(
         writer.add_arrays({PIXEL_BLOCK: grid}, [PIXEL_TIMESTEP], list(pools or (size,)))
         writer.update_info(data_root=str(Path(data).resolve()))
         for name, split in folders.items():
+            check_images_unchanged(writer, name, split)
             n = len(split.paths)
-            for chunk in writer.pending_chunks(name, PIXEL_BLOCK, PIXEL_TIMESTEP):
-                rows = range(*layout.chunk_slice(chunk, n, chunk_samples).indices(n))
-                images = torch.stack([load_image(split.root / split.paths[i], size, channels) for i in rows])
-                pooled = torch.nn.functional.adaptive_avg_pool2d(images, grid).numpy().astype(np.float32)
-                writer.write_chunk(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): pooled})
+            pending = writer.pending_chunks(name, PIXEL_BLOCK, PIXEL_TIMESTEP)
+            write_set = writer.write_set(name, [(PIXEL_BLOCK, PIXEL_TIMESTEP)]) if pending else None
+            for chunk in pending:
+                rows = range(*layout.chunk_slice(chunk, n, writer.chunk_samples).indices(n))
+                loaded = [read_image(split.root / split.paths[i], size, channels) for i in rows]
+                images = np.stack([image.numpy() for image, _ in loaded])
+                records = np.asarray([record for _, record in loaded], dtype=np.uint64)
+                writer.write_chunk(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},
+                                   write_set=write_set, files=records)
     return Path(out)

@@ -46,6 +46,7 @@ class ExtractConfig:
     noise_seed: int = 0
     chunk_samples: int | None = None  # None: the store's, or sized to CHUNK_BYTES
     overwrite: bool = False
+    verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
 
     def __post_init__(self):
         if isinstance(self.blocks, str):

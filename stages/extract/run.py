@@ -25,10 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from cache import FeatureStoreWriter, layout
-from cache.errors import ConfigError
+from cache.errors import ConfigError, DataChangedError
 from cache.writer import SplitIndex
-from stages.data.folders import ImageFolderSplit
-from stages.data.images import load_image
+from stages.data.errors import DataError
+from stages.data.folders import ImageFolderSplit, changed_images
+from stages.data.images import read_image
 from stages.devices import resolve_device
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
@@ -41,7 +42,9 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 
 class _NoisedImages(Dataset):
-    """(x0 (C, H, W), eps (T, C, H, W), index) per sample; runs in DataLoader workers."""
+    """(x0 (C, H, W), eps (T, C, H, W), index, (content hash, mtime), error) per sample; runs in DataLoader
+    workers. An unreadable image comes back as its error message (and zeros), so that the main process
+    raises it as a plain DataError rather than a worker's traceback."""
 
     def __init__(self, split: ImageFolderSplit, size: int, channels: int, timesteps: list[int], seed: int):
         self.split, self.size, self.channels, self.timesteps, self.seed = split, size, channels, timesteps, seed
@@ -50,9 +53,13 @@ class _NoisedImages(Dataset):
         return len(self.split.paths)
 
     def __getitem__(self, index: int):
-        x0 = load_image(self.split.root / self.split.paths[index], self.size, self.channels)
+        try:
+            x0, record = read_image(self.split.root / self.split.paths[index], self.size, self.channels)
+            error = ""
+        except DataError as failure:
+            x0, record, error = torch.zeros(self.channels, self.size, self.size), (0, 0), str(failure)
         eps = torch.stack([noise(self.seed, index, t, x0.shape) for t in self.timesteps])
-        return x0, eps, index
+        return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
 
 def default_workers(device: torch.device) -> int:
@@ -74,7 +81,10 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
         block_table=[block.as_dict() for block in plan.table],
         grids=plan.grids,
         overwrite=config.overwrite,
+        verify=config.verify,
     ) as writer:
+        for name, folder in plan.splits.items():
+            check_images_unchanged(writer, name, folder)
         writer.add_arrays(plan.grids, list(config.timesteps), list(config.pools))
         writer.update_info(
             model_source=str(config.model),
@@ -89,6 +99,21 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
             for split in plan.splits:
                 _extract_split(plan, split, writer, capture, pool, device, progress)
     return plan
+
+
+def check_images_unchanged(writer: FeatureStoreWriter, split: str, folder: ImageFolderSplit) -> None:
+    """Refuse a store whose images changed in place since their features were computed (same size, other
+    content: the data set's identity cannot see it); images only touched get their new mtime recorded."""
+    records = writer.file_records(split)
+    changed, touched, updated = changed_images(folder, records)
+    if changed:
+        raise DataChangedError(
+            f"{len(changed)} image(s) of {split} changed since the store's features were computed from them (same "
+            f"size, other content): {', '.join(folder.paths[i] for i in changed[:5])}{' ...' if len(changed) > 5 else ''}. "
+            f"Restore them, or re-extract with --overwrite"
+        )
+    if touched:
+        writer.update_file_records(split, np.asarray(touched), updated)
 
 
 def exact_fp32(device: torch.device, precision: str):
@@ -115,6 +140,8 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
         log.info("%s: nothing to do, every requested chunk is done", split)
         return
     chunks = sorted(needs)
+    # The arrays this run computes complete their chunks together, with one flag each (cache.layout).
+    write_set = writer.write_set(split, {key for wanted in needs.values() for key in wanted})
     # Every pass of this split runs the same timesteps, even for a chunk a killed run had partly
     # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
     steps = sorted({t for wanted in needs.values() for _, t in wanted})
@@ -140,10 +167,15 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     store_dtype = torch.float16 if config.dtype == "float16" else torch.float32
     pending: deque[Future] = deque()
     buffers: dict[tuple[int, int], np.ndarray] = {}
+    records = np.zeros((n, 2), np.uint64)
     total = sum(len(b) for b in batches)
     bar = tqdm(total=total, desc=f"extract {split}", unit="img", disable=not progress, dynamic_ncols=True)
     with torch.inference_mode(), exact_fp32(device, config.precision), bar:
-        for x0, eps, index in loader:
+        for x0, eps, index, record, errors in loader:
+            failed = [message for message in errors if message]
+            if failed:
+                raise DataError(failed[0])
+            records[index.numpy()] = record.numpy().astype(np.uint64)
             chunk = int(index[0]) // cs
             wanted = needs[chunk]
             grids = {b: plan.grids[b] for b in sorted({b for b, _ in wanted})}
@@ -171,6 +203,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
                 arrays = {key: buffers.pop(key) for key in list(wanted)}
                 while len(pending) >= 2:  # bound the memory held by chunks waiting to be written
                     pending.popleft().result()
-                pending.append(pool.submit(writer.write_chunk, split, chunk, arrays))
+                pending.append(pool.submit(writer.write_chunk, split, chunk, arrays, write_set=write_set,
+                                           files=records[rows]))
         while pending:
             pending.popleft().result()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +22,7 @@ import numpy as np
 from cache.errors import IncompleteStoreError, UserError
 from cache.reader import FeatureStore
 from cache.text import format_bytes, format_ranges
+from stages.devices import available_memory
 from stages.probe.registry import HeadSpec
 from stages.probe.settings import ProbeSettings
 
@@ -274,17 +274,6 @@ def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: 
 
 
 # -- memory ------------------------------------------------------------------------------------------------
-def available_memory() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
 def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int, n_test: int,
                 window_samples: int, num_classes: int) -> tuple[str, list[list[int]], int]:
     """(mode, passes of combo indices, budget). Memory mode needs n_train rows of a pass's input sets,

@@ -76,8 +76,13 @@ def _thread_limit(threads: int | None):
 
 
 def _run_probe(settings: ProbeSettings) -> ProbeResult:
+    # Held for the whole run: no writer may replace the store under it (a replaced one stops the reads).
+    with FeatureStore.open(settings.store).hold() as store:
+        return _probe(store, settings)
+
+
+def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
     started = time.perf_counter()
-    store = FeatureStore.open(settings.store)
     plan = make_plan(store, settings)
     device = resolve_device(settings.device)
     samples = plan.samples
