@@ -365,6 +365,11 @@ class FeatureStoreWriter:
 
     def _reopen(self, splits: dict[str, SplitIndex], *, verify: bool) -> None:
         _remove_partial_writes(self._dir)
+        sizes = {split: len(index.paths) for split, index in splits.items()}
+        if {**self._attrs["splits"], **sizes} != self._attrs["splits"]:  # edited: the data set says what they are
+            log.warning("%s/zarr.json listed split sizes %s; the data set has %s: corrected", self.path,
+                        self._attrs["splits"], sizes)
+            self._update_attrs(splits={**self._attrs["splits"], **sizes})
         for split, index in splits.items():
             self._repair_index(split, index)
         damage = self._load_sets()

@@ -24,6 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from cache.errors import ConfigError
+from stages.outputs import check_output_dir, holds_only, staged_output
 from stages.probe.results import HYPER_KEYS, best_row, find_runs, read_run, run_metrics, summary_of
 
 
@@ -151,10 +153,26 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
     best.json (and the return value) holds the same choice with its configuration and all accuracies.
     """
     if not result_dirs:
-        raise ValueError("build_report needs at least one result directory")
-    out_dir = Path(out_dir)
-    (out_dir / "heatmaps").mkdir(parents=True, exist_ok=True)
+        raise ConfigError("build_report needs at least one result directory")
+    check_output_dir(Path(out_dir), made_by=is_report_output, command="report", needs_overwrite=False)
     runs = {name: [(p.name, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
+    with staged_output(Path(out_dir)) as staging:
+        return _write_report(runs, staging)
+
+
+REPORT_FILES = {"summary.md", "configs.csv", "best.json", "metrics.json", "comparison.png"}
+
+
+def is_report_output(out: Path) -> bool:
+    """Whether `out` holds only what `build_report` writes (a report can be rebuilt, so it is replaced)."""
+    if not holds_only(out, REPORT_FILES, folders={"heatmaps": ".png"}):
+        return False
+    summary = out / "summary.md"
+    return not summary.exists() or summary.read_text().startswith("# Probe report")
+
+
+def _write_report(runs: dict, out_dir: Path) -> dict:
+    (out_dir / "heatmaps").mkdir()
     metrics: dict[str, dict] = {}
     all_rows = []
     sections = []

@@ -35,7 +35,10 @@ def find_classes(root: Path, splits: list[str]) -> list[str]:
         directory = root / split
         if not directory.is_dir():
             raise MissingDataError(f"no split folder {directory}: expected {root}/<split>/<class>/<images>")
-        classes = sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+        entries = [p for p in directory.iterdir() if not p.name.startswith(".")]
+        for entry in entries:
+            _check_link(entry, directory)
+        classes = sorted(p.name for p in entries if p.is_dir())
         if not classes:
             raise DataError(f"{directory} has no class folders: expected {directory}/<class>/<images>")
         if reference is None:
@@ -45,6 +48,20 @@ def find_classes(root: Path, splits: list[str]) -> list[str]:
                 f"{directory} has classes {sorted(set(classes) - set(reference))} that {root / splits[0]} lacks"
             )
     return reference
+
+
+def _check_link(entry: Path, folder: Path) -> None:
+    """A class folder that is a symbolic link must lead to a folder outside the split (no loop)."""
+    if not entry.is_symlink():
+        return
+    try:
+        target = entry.resolve(strict=True)
+    except (OSError, RuntimeError):
+        raise DataError(f"{entry} is a symbolic link that leads nowhere (a loop, or a missing target); "
+                        "fix it or remove it") from None
+    if folder.resolve().is_relative_to(target):
+        raise DataError(f"{entry} links to {target}, which contains it (a loop): it would be a class without images; "
+                        "fix it or remove it")
 
 
 def scan_split(root: str | Path, split: str, classes: list[str]) -> ImageFolderSplit:
@@ -68,7 +85,13 @@ def scan(root: str | Path, splits: list[str]) -> dict[str, ImageFolderSplit]:
     if not root.is_dir():
         raise MissingDataError(f"--data {root}: no such directory")
     classes = find_classes(root, splits)
-    return {split: scan_split(root, split, classes) for split in splits}
+    scanned = {split: scan_split(root, split, classes) for split in splits}
+    first = scanned[splits[0]]
+    empty = [name for label, name in enumerate(classes) if not np.any(first.labels == label)]
+    if empty:
+        raise DataError(f"class folder(s) {', '.join(empty)} of {root / splits[0]} hold no images (looked for "
+                        f"{', '.join(sorted(IMAGE_SUFFIXES))}); put images in them or remove them")
+    return scanned
 
 
 def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:

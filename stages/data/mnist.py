@@ -19,15 +19,13 @@ validation subset out of "train".
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cache.errors import ConfigError
-from stages.outputs import OutputExistsError
+from stages.outputs import check_output_dir, staged_output
 
 GENERATOR = "stages.data.mnist.write_mnist_folder"
 SPLITS = ("train", "val")
@@ -91,17 +89,18 @@ def write_mnist_folder(
     if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be positive, got {image_size}")
     out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise OutputExistsError(f"{out} exists and is not a directory")
-        if any(out.iterdir()) and not _is_previous_output(out):
-            raise OutputExistsError(
-                f"{out} is not empty and is not a data set written by this command "
-                f"(no matching {RECORD}, or other files in it); choose another directory or empty it"
-            )
+    check_output_dir(out, made_by=_is_previous_output, command="data", needs_overwrite=False)
 
     if per_class is not None and per_class < 2:
         raise ConfigError(f"per_class must be at least 2 (one image per split), got {per_class}")
+    kept = per_class or 500
+    held_out = kept * val_fraction
+    if held_out < 1 - 1e-9 or kept - held_out < 1 - 1e-9:
+        raise ConfigError(
+            f"--per-class {kept} with --val-fraction {val_fraction:g} holds out {held_out:g} images of each class; "
+            f"every class needs at least one in each split: use --per-class {max(2, int(np.ceil(1 / val_fraction)))} "
+            "or more, or a larger --val-fraction"
+        )
     images, labels = _load_mnist_5k()
     indices = np.arange(len(labels))
     if per_class:
@@ -113,13 +112,8 @@ def write_mnist_folder(
     width = len(str(len(labels) - 1))
     size = 28 if image_size is None else int(image_size)
 
-    # Build beside the target, then swap, so a failure never leaves a half-written data set.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    try:
+    # Built beside the target, then swapped in, so a failure never leaves a half-written data set.
+    with staged_output(out) as staging:
         split_counts = {}
         for split, split_idx in zip(SPLITS, (train_idx, val_idx)):
             for name in class_names:
@@ -153,10 +147,4 @@ def write_mnist_folder(
             "file_name": "<split>/<class>/<row index in mnist_data()>.png",
         }
         (staging / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return record

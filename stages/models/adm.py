@@ -391,13 +391,15 @@ def load_adm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():  # not a refused object: the bytes are simply not a checkpoint
+            raise AdmConversionError(f"{path}: not a torch checkpoint ({_unpickling_reason(error)})") from None
         reason = _unpickling_reason(error)
         raise AdmConversionError(
             f"{path}: refused to load: the file asks to run code or build objects other than tensors while it is "
             f"read (torch weights_only: {reason}). A guided-diffusion checkpoint is a plain dict of tensors; do not "
             "load this file with weights_only=False unless you trust whoever made it"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
+    except Exception as error:  # torch's unpickler meets arbitrary bytes here: any error means "not a checkpoint"
         raise AdmConversionError(f"{path}: not a readable torch checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(state, Mapping):
         raise AdmConversionError(f"{path}: expected a state dict (name -> tensor), got a {type(state).__name__}")
@@ -624,6 +626,9 @@ def convert_adm_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fla
     `scheduler_config.json`, and loads with `stages.models.loading.load_model`. Everything is checked before
     anything is written; `out_dir` must not exist or be empty.
     """
+    if isinstance(flags, str) and not flags.strip():
+        raise AdmConversionError("no flags given: pass the MODEL_FLAGS the checkpoint was trained with, e.g. "
+                                 "--flags \"--image_size 256 --num_channels 256 --num_res_blocks 2 ...\" (its README lists them)")
     flags = _as_flags(flags)
     arch = adm_architecture(flags)
     scheduler = adm_scheduler(flags)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from safetensors import SafetensorError
 
 from cache.errors import UserError
 
@@ -91,8 +92,13 @@ def load_model(source: str | Path) -> LoadedModel:
             raise ModelLoadError(
                 f"--model {text}: no config.json in {unet_dir}; expected a directory saved by UNet2DModel.save_pretrained"
             )
-        unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-        scheduler = DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
+        try:
+            unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
+            scheduler = DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
+        except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
+            # diffusers says which file is missing or not valid JSON; truncated weights come from safetensors
+            raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a directory "
+                                 "saved by UNet2DModel.save_pretrained (config.json and its weights)") from None
         return LoadedModel(unet.eval(), scheduler, text)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"--model {text}: no such directory")

@@ -30,8 +30,22 @@ from stages.data.errors import MissingDataError
 from stages.data.folders import scan
 from stages.data.images import image_channels, load_image
 from stages.devices import resolve_device
+from stages.outputs import check_output_dir, holds_only, staged_output
 from stages.models.loading import DEFAULT_SCHEDULE, load_model, weights_hash
 from stages.models.unet_configs import adm_unet_config
+
+GENERATOR = "pipeline pretrain"
+MODEL_FILES = {"config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"}
+
+
+def is_pretrain_output(out: Path) -> bool:
+    """Whether `out` holds only what `pretrain_ddpm` writes."""
+    try:
+        log = json.loads((out / "train_log.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(log, dict) and "init_weights_sha256" in log and holds_only(out, MODEL_FILES | {"train_log.json"})
+
 
 def load_train_images(data_dir: str | Path, image_size: int, split: str = "train") -> torch.Tensor:
     """Every image of `data_dir/<split>/<class>/*` as float32 (N, C, image_size, image_size) in [-1, 1].
@@ -111,6 +125,7 @@ def pretrain_ddpm(
     device: str = "auto",
     log_every: int = 10,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict:
     """Train a DDPM on `data_dir/train` and save it to `out_dir`; return the training log.
 
@@ -121,6 +136,7 @@ def pretrain_ddpm(
     """
     from tqdm.auto import tqdm
 
+    check_output_dir(Path(out_dir), made_by=is_pretrain_output, command="pretrain", overwrite=overwrite)
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
     if batch_size < 1:
@@ -197,12 +213,9 @@ def pretrain_ddpm(
         curve.append({"step": step, "epoch": len(epoch_losses) - 1, "loss": float(np.mean(window))})
     train_seconds = time.perf_counter() - train_started
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     unet.eval().to("cpu")
-    unet.save_pretrained(out)
-    scheduler.save_pretrained(out)
     log = {
+        "generator": GENERATOR,
         "seed": int(seed),
         "data_dir": str(data_dir),
         "train_images": int(n),
@@ -232,7 +245,10 @@ def pretrain_ddpm(
         "weights_sha256": weights_hash(unet),
         "config": json.loads(json.dumps(config)),
     }
-    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+    with staged_output(Path(out_dir)) as out:
+        unet.save_pretrained(out)
+        scheduler.save_pretrained(out)
+        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
     return log
 
 

@@ -14,24 +14,27 @@ from diffusers import UNet2DModel
 
 from cache.errors import ConfigError
 from stages.models.loading import load_model, weights_hash
-from stages.pretrain.ddpm import seed_everything
+from stages.outputs import check_output_dir, holds_only, staged_output
+from stages.pretrain.ddpm import MODEL_FILES, seed_everything
 
 
-def random_init_copy(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> dict:
+def is_random_init_output(out: Path) -> bool:
+    """Whether `out` holds only what `random_init_copy` writes."""
+    return (out / "random_init.json").is_file() and holds_only(out, MODEL_FILES | {"random_init.json"})
+
+
+def random_init_copy(model_dir: str | Path, out_dir: str | Path, seed: int = 0, *, overwrite: bool = False) -> dict:
     """Save a freshly initialised U-Net with `model_dir`'s exact config and scheduler to `out_dir`.
 
     Initialised as `pretrain_ddpm` initialises (seed, then construct), so with the training seed
     the weights equal the trained model's starting point. Writes `random_init.json` and returns it.
     """
-    out = Path(out_dir)
-    if out.resolve() == Path(model_dir).resolve():
+    if Path(out_dir).resolve() == Path(model_dir).resolve():
         raise ConfigError(f"{out_dir}: the random-init copy must not overwrite the model it copies")
+    check_output_dir(Path(out_dir), made_by=is_random_init_output, command="random-init", overwrite=overwrite)
     loaded = load_model(model_dir)
     seed_everything(seed)
     unet = UNet2DModel.from_config(loaded.unet.config).eval()
-    out.mkdir(parents=True, exist_ok=True)
-    unet.save_pretrained(out)
-    loaded.scheduler.save_pretrained(out)
     record = {
         "seed": int(seed),
         "config_from": str(model_dir),
@@ -39,5 +42,8 @@ def random_init_copy(model_dir: str | Path, out_dir: str | Path, seed: int = 0) 
         "weights_sha256": weights_hash(unet),
         "parameters": sum(p.numel() for p in unet.parameters()),
     }
-    (out / "random_init.json").write_text(json.dumps(record, indent=2) + "\n")
+    with staged_output(Path(out_dir)) as out:
+        unet.save_pretrained(out)
+        loaded.scheduler.save_pretrained(out)
+        (out / "random_init.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
