@@ -162,13 +162,19 @@ def data(out: str, seed: int, val_fraction: float, per_class: int) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the weights, data order, timesteps and noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="AdamW learning rate.")
+@click.option("--channels", type=options.SIZES, default="32,64,64",
+              help="Channels of each U-Net level (multiples of 32: the group norms have 32 groups).")
+@click.option("--attention-levels", type=options.LEVELS, default="1",
+              help="Levels (0 = the finest) with self-attention, e.g. 1, or none.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
-def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, batch_size: int, lr: float, device: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an earlier `pipeline pretrain` output in --out.")
+def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, batch_size: int, lr: float,
+             channels: tuple[int, ...], attention_levels: tuple[int, ...], device: str, overwrite: bool) -> None:
     """Train the default small DDPM (ADM-shaped UNet2DModel) on the train split's images."""
     from stages.pretrain.ddpm import pretrain_ddpm
 
     log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
-                        lr=lr, device=device)
+                        lr=lr, channels=channels, attention_levels=attention_levels, device=device, overwrite=overwrite)
     click.echo(f"trained {log['steps']} steps ({log['epochs']} epochs) in {log['train_seconds']:.0f} s on {log['device']}; "
                f"final loss {log['final_loss']:.4f}; saved to {out}")
 
@@ -177,11 +183,12 @@ def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, b
 @options.model_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for the untrained copy.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Initialisation seed (the training seed gives its starting point).")
-def random_init(model: str, out: str, seed: int) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an earlier `pipeline random-init` output in --out.")
+def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
     """Save a randomly initialised U-Net with MODEL's exact config and scheduler: the no-pretraining baseline."""
     from stages.pretrain.random_init import random_init_copy
 
-    record = random_init_copy(model, out, seed=seed)
+    record = random_init_copy(model, out, seed=seed, overwrite=overwrite)
     click.echo(f"wrote a random-init copy of {model} ({record['parameters']} parameters, seed {seed}) to {out}")
 
 
@@ -211,7 +218,7 @@ def random_init(model: str, out: str, seed: int) -> None:
               help="Successive halving over the learning-rate grid: after 1/4 and 1/2 of the epochs only the better "
                    "half of each input set's heads train on [default: on].")
 @click.option("--batchnorm/--no-batchnorm", default=None, help="linear/mlp: BatchNorm without affine first [default: off].")
-@click.option("--hidden", type=options.POOLS, default=None, help="mlp hidden sizes [default: 1024].")
+@click.option("--hidden", type=options.SIZES, default=None, help="mlp hidden sizes [default: 1024].")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="cnn channels [default: 256].")
 @click.option("--dim", type=click.IntRange(min=1), default=None, help="attention token width d [default: 256].")
 @click.option("--depth", type=click.IntRange(min=1), default=None, help="attention transformer blocks k [default: 2].")

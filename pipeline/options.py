@@ -39,12 +39,12 @@ def parse_block_spec(spec: str) -> list[int] | None:
 
 
 class IntListType(click.ParamType):
-    """A comma list of distinct integers of at least `minimum`, e.g. `10,90,150`."""
+    """A comma list of integers of at least `minimum`, e.g. `10,90,150`; distinct unless `distinct` is False."""
 
     name = "INTS"
 
-    def __init__(self, minimum: int | None = None):
-        self.minimum = minimum
+    def __init__(self, minimum: int | None = None, *, distinct: bool = True):
+        self.minimum, self.distinct = minimum, distinct
 
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
@@ -56,11 +56,22 @@ class IntListType(click.ParamType):
         if not numbers:
             self.fail("the list is empty", param, ctx)
         repeated = sorted({n for n in numbers if numbers.count(n) > 1})
-        if repeated:
+        if repeated and self.distinct:
             self.fail(f"{', '.join(map(str, repeated))} appear(s) more than once in {value!r}", param, ctx)
         if self.minimum is not None and min(numbers) < self.minimum:
             self.fail(f"{value!r} holds {min(numbers)}; every value must be at least {self.minimum}", param, ctx)
         return numbers
+
+
+class LevelListType(IntListType):
+    """U-Net levels, e.g. `1` or `1,2`, or `none` (an empty tuple)."""
+
+    name = "LEVELS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and value.strip().lower() == "none":
+            return ()
+        return super().convert(value, param, ctx)
 
 
 class BlockSpecType(click.ParamType):
@@ -118,6 +129,8 @@ class HeadType(click.Choice):
 INTS = IntListType()
 TIMESTEPS = IntListType(minimum=0)
 POOLS = IntListType(minimum=1)
+LEVELS = LevelListType(minimum=0)
+SIZES = IntListType(minimum=1, distinct=False)  # layer widths: repeats are fine
 BLOCKS = BlockSpecType()
 NAMES = NameListType()
 HEAD = HeadType()

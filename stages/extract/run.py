@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from cache import FeatureStoreWriter, layout
 from cache.errors import ConfigError, DataChangedError
@@ -35,6 +34,7 @@ from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
 from stages.models.capture import BlockCapture
 from stages.models.loading import LoadedModel
+from stages.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     buffers: dict[tuple[int, int], np.ndarray] = {}
     records = np.zeros((n, 2), np.uint64)
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, desc=f"extract {split}", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total, desc=f"extract {split}", unit="img", enabled=progress)
     with torch.inference_mode(), exact_fp32(device, config.precision), bar:
         for x0, eps, index, record, errors in loader:
             failed = [message for message in errors if message]

@@ -31,6 +31,7 @@ from stages.data.folders import scan
 from stages.data.images import image_channels, load_image
 from stages.devices import resolve_device
 from stages.outputs import check_output_dir, holds_only, staged_output
+from stages.progress import progress_bar
 from stages.models.loading import DEFAULT_SCHEDULE, load_model, weights_hash
 from stages.models.unet_configs import adm_unet_config
 
@@ -79,6 +80,8 @@ def ddpm_unet_config(
     """
     if not channels:
         raise ConfigError("channels must name at least one level")
+    if any(c < 32 or c % 32 for c in channels):
+        raise ConfigError(f"channels {list(channels)}: every level needs a multiple of 32 (its group norms have 32 groups)")
     bad = [level for level in attention_levels if not 0 <= level < len(channels)]
     if bad:
         raise ConfigError(f"attention_levels {bad} out of range for {len(channels)} levels")
@@ -134,8 +137,6 @@ def pretrain_ddpm(
     same on any device). `out_dir` gets `config.json`, the weights, `scheduler_config.json` and
     `train_log.json`.
     """
-    from tqdm.auto import tqdm
-
     check_output_dir(Path(out_dir), made_by=is_pretrain_output, command="pretrain", overwrite=overwrite)
     if epochs < 1:
         raise ConfigError(f"epochs must be at least 1, got {epochs}")
@@ -170,7 +171,7 @@ def pretrain_ddpm(
     step = seen = 0
     stopped_by = "epochs"
     train_started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=total_steps, desc="pretrain", unit="step", enabled=progress)
     for epoch in range(epochs):
         order = torch.randperm(n, generator=generator)
         epoch_sum, epoch_count = 0.0, 0
