@@ -42,8 +42,9 @@ class FeatureStore:
         self.path = path
         self._attrs = attrs
         self._identity = identity(attrs)
-        self._sets = {split: self._load_sets(split) for split in self.splits}
         self._hold = None
+        self._check_shapes()  # the settings first: a wrong split size would look like damaged flags
+        self._sets = {split: self._load_sets(split) for split in self.splits}
 
     @classmethod
     def open(cls, path: str | Path) -> FeatureStore:
@@ -53,9 +54,7 @@ class FeatureStore:
         if missing:
             raise StoreError(f"{text} was never finished being created (a run stopped while making it; no "
                              f"{', '.join(missing)}). Run `pipeline extract` on it again: it is rebuilt")
-        store = cls(zarr.open_group(text, mode="r"), text, attrs)
-        store._check_shapes()
-        return store
+        return cls(zarr.open_group(text, mode="r"), text, attrs)
 
     # -- holding ---------------------------------------------------------------------------------------
     def hold(self) -> FeatureStore:

@@ -372,6 +372,29 @@ class FeatureStoreWriter:
             self._update_attrs(splits={**self._attrs["splits"], **sizes})
         for split, index in splits.items():
             self._repair_index(split, index)
+        self._repair(verify=verify)
+
+    @classmethod
+    def repair(cls, path: str | Path) -> list[Damage]:
+        """Verify every finished chunk of the store at `path` and repair what needs no data set: damaged
+        flags are rebuilt, damaged or missing chunks marked unfinished (`pipeline extract` recomputes
+        them). Returns what was found; labels and paths can only be written again by `pipeline extract`."""
+        directory = Path(path)
+        lock_fd = locks.lock_writer(directory)
+        try:
+            state, _ = _inspect(directory)
+            if state != "valid":
+                raise StoreError(f"{directory} is {state}: only `pipeline extract ... --overwrite` can rebuild it")
+            writer = cls(directory, zarr.open_group(directory, mode="r+"), lock_fd)
+            found = find_damage(writer.path, full=True)
+            with writer._writing("repairing the store"):
+                writer._repair(verify=True)
+            return found
+        finally:
+            locks.unlock(lock_fd)
+
+    def _repair(self, *, verify: bool) -> None:
+        """Flags, arrays and finished chunks: what the settings imply is there, and sound."""
         damage = self._load_sets()
         for item in damage:
             if item.chunk is None:  # flags of the wrong length: they are rebuilt from scratch

@@ -101,9 +101,11 @@ def blocks(model: str) -> None:
 @click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk [default: ~4 MB chunks].")
 @click.option("--overwrite", is_flag=True,
               help="Replace the store if it was made with other settings (a matching one is still resumed).")
+@click.option("--verify", is_flag=True,
+              help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
-            noise_seed, chunk_samples, overwrite, dry_run) -> None:
+            noise_seed, chunk_samples, overwrite, verify, dry_run) -> None:
     """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
     from stages.extract.plan import ExtractConfig, make_plan
     from stages.extract.run import run_extract
@@ -111,13 +113,36 @@ def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size,
     config = ExtractConfig(
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
-        noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite,
+        noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite, verify=verify,
     )
     if dry_run:
         click.echo(make_plan(config).describe())
         return
     plan = run_extract(config)
     click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
+
+
+@main.command()
+@click.option("--store", required=True, help="The feature store to check.")
+@click.option("--repair", is_flag=True,
+              help="Rebuild damaged completion flags and mark damaged chunks unfinished, for `pipeline extract` to "
+                   "recompute.")
+def verify(store: str, repair: bool) -> None:
+    """Decode and check every finished chunk of a store: checksums, missing files, non-finite values, flags."""
+    from cache import FeatureStoreWriter
+    from cache.integrity import find_damage
+
+    damage = FeatureStoreWriter.repair(store) if repair else find_damage(store, full=True)
+    for item in damage:
+        click.echo(item.describe(store))
+    if not damage:
+        click.echo(f"{store}: every finished chunk verifies")
+    elif repair:
+        click.echo(f"{len(damage)} problem(s) repaired: damaged chunks are marked unfinished; run `pipeline extract` "
+                   "with the store's settings (or `dvc repro`) to recompute them")
+    else:
+        raise click.ClickException(f"{store}: {len(damage)} problem(s); `pipeline verify --store {store} --repair` "
+                                   "marks them for `pipeline extract` to recompute")
 
 
 @main.command("convert-adm")

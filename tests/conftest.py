@@ -42,7 +42,7 @@ def make_model_dir(path: Path, *, image_size: int = 16, in_channels: int = 3, se
 
 
 def make_image_folder(root: Path, *, counts: dict[str, int], classes: int = 3, size=(20, 24), seed: int = 0,
-                      mode: str = "RGB") -> Path:
+                      mode: str = "RGB", suffix: str = ".png") -> Path:
     """`counts` images per split, spread over `classes` folders; odd sizes exercise resize and crop."""
     rng = np.random.default_rng(seed)
     for split, count in counts.items():
@@ -51,7 +51,7 @@ def make_image_folder(root: Path, *, counts: dict[str, int], classes: int = 3, s
             directory.mkdir(parents=True, exist_ok=True)
             shape = (size[1], size[0], 3) if mode == "RGB" else (size[1], size[0])
             pixels = rng.integers(0, 256, shape, dtype=np.uint8)
-            Image.fromarray(pixels, mode).save(directory / f"img{i:04d}.png")
+            Image.fromarray(pixels, mode).save(directory / f"img{i:04d}{suffix}")
     return root
 
 

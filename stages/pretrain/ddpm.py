@@ -202,7 +202,7 @@ def pretrain_ddpm(
                 window = []
             elapsed = time.perf_counter() - train_started
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False)
             if max_seconds is not None and elapsed > max_seconds:
                 stopped_by = "max_seconds"
                 break

@@ -1,0 +1,227 @@
+"""Bad input to every command: a one-line error that names the problem and the fix, a non-zero exit, no
+traceback, and nothing already there changed. Each case is one row: how to set it up, the exit code,
+a fragment of the message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cache import layout
+from conftest import make_image_folder
+from pipeline.cli import main
+from tests.test_probe_support import digits_features, write_store
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+
+
+@dataclass
+class Env:
+    tmp: Path
+    model: Path
+    data: Path
+    store: Path
+
+    def extract(self, *extra, data=None, model=None, out=None):
+        return ["extract", "--model", model or self.model, "--data", data or self.data,
+                "--out", out or self.tmp / "new.zarr", "--blocks", "3", "--timesteps", "10", *extra]
+
+
+@pytest.fixture(scope="module")
+def probe_store(tmp_path_factory) -> Path:
+    features, labels = digits_features(n_train=300)
+    return write_store(tmp_path_factory.mktemp("bad") / "store.zarr", features, labels, pools=(1,))
+
+
+@pytest.fixture
+def env(tmp_path, tiny_model, tiny_data, probe_store) -> Env:
+    return Env(tmp_path, tiny_model, tiny_data, probe_store)
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
+        h.update(str(p.relative_to(path.parent)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+# -- set-ups: each returns (command-line arguments, paths that must stay as they were) -----------------
+def a_file(env):
+    (env.tmp / "file").write_text("not a store")
+    return env.extract(out=env.tmp / "file"), [env.tmp / "file"]
+
+
+def under_a_file(env):
+    (env.tmp / "file").write_text("not a store")
+    return env.extract(out=env.tmp / "file" / "s.zarr"), [env.tmp / "file"]
+
+
+def a_foreign_directory(env):
+    (env.tmp / "mine").mkdir()
+    (env.tmp / "mine" / "notes.txt").write_text("keep me")
+    return env.extract(out=env.tmp / "mine"), [env.tmp / "mine"]
+
+
+def broken_model(part):
+    def setup(env):
+        model = env.tmp / "model"
+        shutil.copytree(env.model, model)
+        if part == "config":
+            (model / "config.json").write_text('{"sample_size": 16,')
+        else:
+            for weights in model.glob("*.safetensors"):
+                weights.unlink()
+        return env.extract(model=model), [model]
+    return setup
+
+
+def symlink_loop(env):
+    data = make_image_folder(env.tmp / "d", counts={"train": 4, "val": 2}, classes=2)
+    (data / "train" / "loop").symlink_to(data / "train", target_is_directory=True)
+    return env.extract(data=data), [data / "train" / "class0"]
+
+
+def fake_image_with_workers(env):
+    data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2)
+    (data / "train" / "class1" / "img0003.png").write_bytes(b"not a png")
+    return env.extract("--workers", "2", data=data), []
+
+
+def truncated_image_in_pretrain(env):
+    data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2, size=(8, 8))
+    png = data / "train" / "class0" / "img0002.png"
+    png.write_bytes(png.read_bytes()[:40])
+    return ["pretrain", "--data", data, "--out", env.tmp / "m", "--epochs", "1", "--image-size", "8"], []
+
+
+def model_like(env, name, log):
+    out = env.tmp / name
+    out.mkdir()
+    for file in ("config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"):
+        shutil.copy(env.model / file, out / file)
+    (out / log[0]).write_text(json.dumps(log[1]))
+    return out
+
+
+def pretrain_into(kind):
+    def setup(env):
+        if kind == "another model":
+            out = model_like(env, "other", ("random_init.json", {"seed": 0}))
+        else:
+            out = model_like(env, "mine", ("train_log.json", {"init_weights_sha256": "0" * 64}))
+        return ["pretrain", "--data", env.data, "--out", out, "--epochs", "1", "--image-size", "8"], [out]
+    return setup
+
+
+def random_init_into_a_trained_model(env):
+    out = model_like(env, "trained", ("train_log.json", {"init_weights_sha256": "0" * 64}))
+    return ["random-init", "--model", env.model, "--out", out], [out]
+
+
+def run_dir(env):
+    result = CliRunner().invoke(main, ["probe", "--store", env.store, "--head", "ridge", "--out", env.tmp / "r",
+                                       "--no-render"])
+    assert result.exit_code == 0, result.output
+    return env.tmp / "r" / "ridge"
+
+
+def report_into_a_probe_run(env):
+    run = run_dir(env)
+    return ["report", "--results", run, "--out", run], [run]
+
+
+def report_into_a_users_summary(env):
+    run = run_dir(env)
+    (env.tmp / "notes").mkdir()
+    (env.tmp / "notes" / "summary.md").write_text("# My notes\n")
+    return ["report", "--results", run, "--out", env.tmp / "notes"], [env.tmp / "notes"]
+
+
+def report_on(damage):
+    def setup(env):
+        run = run_dir(env)
+        csv = run / "configs.csv"
+        csv.write_text("" if damage == "empty" else csv.read_text()[:150])
+        return ["report", "--results", run, "--out", env.tmp / "rep"], [run]
+    return setup
+
+
+def convert_a_text_file(env):
+    (env.tmp / "notes.txt").write_text("hello")
+    flags = (SHARED / "fixtures" / "adm_tiny" / "flags.txt").read_text().strip()
+    return ["convert-adm", env.tmp / "notes.txt", env.tmp / "o", "--flags", flags], []
+
+
+def verify_a_damaged_store(env):
+    store = env.tmp / "s.zarr"
+    shutil.copytree(env.store, store)
+    chunk = store / layout.chunk_file("train/block1/t10", 0, ndim=4)
+    chunk.write_bytes(chunk.read_bytes()[:-3])
+    return ["verify", "--store", store], [store]
+
+
+def bomb(env, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the tiny images are 480 pixels: over twice the cap
+    return env.extract(), []
+
+
+CASES = {
+    "extract --splits ''": (lambda e: (e.extract("--splits", ""), []), 2, "names nothing"),
+    "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
+    "extract --splits _progress": (lambda e: (e.extract("--splits", "_progress"), []), 1, "is not usable"),
+    "extract --timesteps 10,10": (lambda e: (e.extract("--timesteps", "10,10"), []), 2, "more than once"),
+    "extract --out an existing file": (a_file, 1, "is a file, not a directory"),
+    "extract --out under a file": (under_a_file, 1, "cannot make the store directory"),
+    "extract --out a foreign directory": (a_foreign_directory, 1, "is not a feature store"),
+    "a model whose config.json is broken": (broken_model("config"), 1, "not a valid JSON"),
+    "a model without weights": (broken_model("weights"), 1, "cannot load it"),
+    "a class folder that is a symlink loop": (symlink_loop, 1, "(a loop)"),
+    "a fake image with --workers 2": (fake_image_with_workers, 1, "cannot read image"),
+    "a decompression bomb": (bomb, 1, "Shrink the image"),
+    "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget", "inf"],
+                                             []), 2, "not a finite size"),
+    "probe a store that is not there": (lambda e: (["probe", "--store", e.tmp / "none.zarr", "--head", "linear"], []),
+                                        1, "no feature store"),
+    "probe --val-split that the store lacks": (lambda e: (["probe", "--store", e.store, "--head", "ridge", "--val-split",
+                                                           "dev", "--out", e.tmp], []), 1, "has no split 'dev'"),
+    "pixels --pool 0": (lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "8", "--channels", "3",
+                                    "--pool", "0"], []), 2, "at least 1"),
+    "pixels --size 100000": (lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "100000",
+                                         "--channels", "3"], []), 1, "choose --size"),
+    "convert-adm a text file": (convert_a_text_file, 1, "not a readable torch checkpoint"),
+    "convert-adm --flags ''": (lambda e: (["convert-adm", SHARED / "fixtures" / "adm_tiny" / "model.pt", e.tmp / "o",
+                                           "--flags", ""], []), 1, "no flags given"),
+    "report on an empty configs.csv": (report_on("empty"), 1, "configs.csv is damaged"),
+    "report on a truncated configs.csv": (report_on("truncated"), 1, "configs.csv is damaged"),
+    "report --out a probe run": (report_into_a_probe_run, 1, "was not written by `pipeline report`"),
+    "report --out a user's summary.md": (report_into_a_users_summary, 1, "was not written by `pipeline report`"),
+    "pretrain --out another command's model": (pretrain_into("another model"), 1, "not written by `pipeline pretrain`"),
+    "pretrain --out its own model, no --overwrite": (pretrain_into("its own"), 1, "pass --overwrite"),
+    "random-init --out a trained model": (random_init_into_a_trained_model, 1, "not written by `pipeline random-init`"),
+    "pretrain with a truncated image": (truncated_image_in_pretrain, 1, "cannot read image"),
+    "data --per-class 3": (lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []), 1,
+                           "--per-class 3 with --val-fraction 0.2"),
+    "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatch):
+    setup, code, fragment = CASES[case]
+    args, protected = setup(env, monkeypatch) if setup is bomb else setup(env)
+    before = {path: digest(path) for path in protected}
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # click's exit, not an escaped exception
+    assert "Traceback" not in result.output
+    assert fragment in result.output, result.output
+    assert {path: digest(path) for path in protected} == before

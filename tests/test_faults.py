@@ -1,0 +1,397 @@
+"""Faults injected on purpose, on a tiny store: kills at every write, a full disk, damaged and deleted files,
+a store replaced under a reader, images changed in place. Each is a parametrised case: inject, check
+that the fault is detected and named (or harmless), repair the way the message says, and compare the
+store with an uninterrupted one, file by file.
+
+A kill is simulated in-process: from the chosen write on, every write of the store raises, as if the
+process had died there (kill -9 runs no cleanup, and here no cleanup may write either). One case
+kills a real process to check that the two agree. Bad input to every command: tests/test_bad_input.py.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from click.testing import CliRunner
+from PIL import Image
+
+from cache import FeatureStore, FeatureStoreWriter
+from cache import writer as store_writer
+from cache.errors import (DataChangedError, IntegrityError, StoreError, StoreFullError, StoreInUseError,
+                          StoreReplacedError)
+from conftest import make_image_folder
+from pipeline.cli import main
+from stages.extract.plan import ExtractConfig
+from stages.extract.run import run_extract
+from stages.models.loading import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(blocks=(3, 5), timesteps=(10, 90), pools=(1,), batch_size=4, chunk_samples=8)
+
+
+class Crash(BaseException):
+    """The process died here (a BaseException, so no `except Exception` cleanup runs as if it lived on)."""
+
+
+def store_files(store: Path) -> dict[str, bytes]:
+    return {p.relative_to(store).as_posix(): p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file()}
+
+
+def assert_same_store(store: Path, reference: dict[str, bytes]) -> None:
+    files = store_files(store)
+    assert sorted(files) == sorted(reference)
+    assert [key for key in reference if files[key] != reference[key]] == []
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("faults") / "images", counts={"train": 20, "val": 8}, classes=2,
+                             seed=3)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model):
+    return load_model(str(tiny_model))
+
+
+def extract(model, data, out, **changes):
+    config = ExtractConfig(model=model.source, data=str(data), out=str(out), **{**TINY, **changes})
+    return run_extract(config, progress=False, model=model)
+
+
+@pytest.fixture(scope="module")
+def reference(model, data, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("reference") / "store.zarr"
+    extract(model, data, out)
+    return store_files(out)
+
+
+@pytest.fixture
+def store(model, data, tmp_path) -> Path:
+    out = tmp_path / "store.zarr"
+    extract(model, data, out)
+    return out
+
+
+@contextmanager
+def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int | None = None, torn: bool = False):
+    """Store writes fail from the `from_write`-th on (a kill), or once `after_bytes` were written (a full
+    disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does."""
+    count, written, dead = itertools.count(), [0], [False]
+    put, mark_root = store_writer.zarr.storage._local._put, store_writer._mark_root
+
+    def failing_put(path, value, exclusive=False):
+        if dead[0] or (from_write is not None and next(count) >= from_write):
+            if not dead[0] and torn:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".0f0f.partial").write_bytes(bytes(value.as_buffer_like())[: len(value) // 2])
+            dead[0] = True
+            raise Crash(str(path))
+        if after_bytes is not None and written[0] + len(value) > after_bytes:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        written[0] += len(value)
+        return put(path, value, exclusive)
+
+    def failing_mark_root(directory, attrs):
+        if dead[0] or (from_write is not None and next(count) >= from_write):
+            dead[0] = True
+            raise Crash("zarr.json")
+        return mark_root(directory, attrs)
+
+    monkeypatch.setattr(store_writer.zarr.storage._local, "_put", failing_put)
+    monkeypatch.setattr(store_writer, "_mark_root", failing_mark_root)
+    try:
+        yield count
+    finally:
+        monkeypatch.setattr(store_writer.zarr.storage._local, "_put", put)
+        monkeypatch.setattr(store_writer, "_mark_root", mark_root)
+
+
+def count_writes(model, data, out, monkeypatch) -> int:
+    with writes_fail(monkeypatch, from_write=10**9) as count:
+        extract(model, data, out)
+    return next(count)
+
+
+# -- kills ------------------------------------------------------------------------------------------
+def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference, tmp_path, monkeypatch):
+    """kill -9 at each step of store creation, array creation, chunk writes and flags, then resume.
+    (Covers the half-built store that looked complete, the array without flags that got stuck, and a
+    kill between two arrays' completion of one chunk.)"""
+    total = count_writes(model, data, tmp_path / "counted.zarr", monkeypatch)
+    assert total > 40
+    failures = []
+    for step in range(total):
+        out = tmp_path / f"killed{step}.zarr"
+        with writes_fail(monkeypatch, from_write=step, torn=step % 2 == 1), pytest.raises(Crash):
+            extract(model, data, out)
+        extract(model, data, out)
+        files = store_files(out)
+        if files != reference:
+            failures.append((step, sorted(set(files) ^ set(reference))[:3],
+                             [k for k in reference if files.get(k) != reference[k]][:3]))
+        shutil.rmtree(out)
+    assert failures == [], failures
+
+
+def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, reference, tmp_path):
+    out = tmp_path / "killed.zarr"
+    command = [sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "import cache.writer as w\n"
+        "original = w.FeatureStoreWriter.write_chunk\n"
+        "def write_chunk(self, split, chunk, *args, **kwargs):\n"
+        "    if (split, chunk) == ('train', 1):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return original(self, split, chunk, *args, **kwargs)\n"
+        "w.FeatureStoreWriter.write_chunk = write_chunk\n"
+        "from pipeline.cli import main\n"
+        "main(sys.argv[1:])\n"),
+        "extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--blocks", "3,5",
+        "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
+    assert done.returncode == -signal.SIGKILL
+    assert FeatureStore.open(out).missing()  # the kill left work to do
+    result = CliRunner().invoke(main, [str(a) for a in command[3:]])
+    assert result.exit_code == 0, result.output
+    assert_same_store(out, reference)
+
+
+# -- a full disk ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("share", [0.02, 0.3, 0.7, 0.95])
+def test_a_full_disk_is_one_line_and_a_later_run_finishes_the_store(model, data, reference, tmp_path, monkeypatch,
+                                                                     share):
+    total = sum(len(v) for v in reference.values())
+    out = tmp_path / "full.zarr"
+    args = ["extract", "--model", model.source, "--data", str(data), "--out", str(out), "--blocks", "3,5",
+            "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8"]
+    monkeypatch.setattr("stages.extract.run.load_model", lambda *_: model, raising=False)
+    with writes_fail(monkeypatch, after_bytes=int(share * total)):
+        result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "no space left" in line and str(out) in line and "free" in line and "Free some space" in line
+    assert isinstance(result.exception, SystemExit)
+    extract(model, data, out)
+    assert_same_store(out, reference)
+
+
+def test_the_full_disk_error_names_the_space_needed(model, data, tmp_path, monkeypatch):
+    out = tmp_path / "full.zarr"
+    with writes_fail(monkeypatch, after_bytes=20_000), pytest.raises(StoreFullError, match=r"need up to [\d.]+ [KM]B"):
+        extract(model, data, out)
+
+
+# -- damaged files ----------------------------------------------------------------------------------
+def feature_chunk(store: Path, split="train", block=3, timestep=10, chunk=1) -> Path:
+    return store / f"{split}/block{block}/t{timestep}/c/{chunk}/0/0/0"
+
+
+def flag_chunk(store: Path, split="train", chunk=1) -> Path:
+    (flags,) = (store / "_progress" / split).glob("set-*")
+    return flags / "c" / str(chunk)
+
+
+def flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def write_nan(store: Path) -> None:
+    array = zarr.open_group(store, mode="r+")["train/block3/t10"]
+    values = array[8:16]
+    values[0, 0, 0, 0] = np.nan
+    array[8:16] = values
+
+
+def edit_settings(store: Path) -> None:
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["splits"]["train"] = 12
+    (store / "zarr.json").write_text(json.dumps(meta))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+# (damage, what reading then says, how the message says to repair it)
+DAMAGE = {
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_chunk(s)), "chunk 1 fails its checksum", "verify"),
+    "truncated feature chunk": (lambda s: truncate(feature_chunk(s)), "chunk 1 fails its checksum", "verify"),
+    "deleted feature chunk": (lambda s: feature_chunk(s).unlink(), "chunk 1 is marked finished but is missing",
+                              "extract"),
+    "finished chunk with a NaN": (write_nan, "chunk 1 is marked finished but holds non-finite values", "verify"),
+    "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
+                                "extract"),
+    "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
+    "edited split size": (edit_settings, "says split 'train' has 12 samples", "extract"),
+    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"), "train/block5/t90/zarr.json",
+                                 "extract"),
+    "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged",
+                                  "extract"),
+    "truncated settings": (lambda s: truncate(s / "zarr.json"), "zarr.json, the store's settings, is damaged",
+                           "overwrite"),
+}
+
+
+def read_everything(path: Path) -> None:
+    store = FeatureStore.open(path)
+    for split in store.splits:
+        store.labels(split)
+        store.paths(split)
+        for block, timestep in store.arrays():
+            store.read(split, block, timestep)
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damage_is_named_on_read_and_repaired_as_the_message_says(model, data, reference, store, case):
+    damage, fragment, repair = DAMAGE[case]
+    damage(store)
+    with pytest.raises((IntegrityError, StoreError)) as error:
+        read_everything(store)
+    assert fragment in str(error.value) and str(store) in str(error.value)
+    if repair == "verify":
+        assert "pipeline extract" in str(error.value)
+        result = CliRunner().invoke(main, ["verify", "--store", str(store)])
+        assert result.exit_code == 1 and fragment.split(" is ")[0].split(" fails")[0] in result.output
+        result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
+        assert result.exit_code == 0, result.output
+        with pytest.raises(StoreError, match="unfinished"):
+            read_everything(store)  # marked unfinished: never read as if it were sound
+    if repair == "overwrite":
+        with pytest.raises(StoreError, match="--overwrite"):
+            extract(model, data, store)
+        extract(model, data, store, overwrite=True)
+    else:
+        extract(model, data, store)
+    assert_same_store(store, reference)
+
+
+def test_extract_verify_recomputes_a_damaged_chunk_in_one_go(model, data, reference, store):
+    flip_a_bit(feature_chunk(store, "val", 5, 90, 0))
+    extract(model, data, store, verify=True)
+    assert_same_store(store, reference)
+
+
+def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, store, monkeypatch):
+    flag_chunk(store).write_bytes(b"garbage!")
+    written = []
+    original = FeatureStoreWriter.write_chunk
+    monkeypatch.setattr(FeatureStoreWriter, "write_chunk",
+                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split, chunk, *a, **k))
+    extract(model, data, store)
+    assert written == []
+    assert_same_store(store, reference)
+
+
+def test_a_partial_file_left_by_a_killed_write_is_cleaned_up(model, data, reference, store):
+    (store / "train/block3/t10/c/0/0/0/0.1234.partial").write_bytes(b"half")
+    extract(model, data, store)
+    assert_same_store(store, reference)
+
+
+# -- a store replaced under a reader ----------------------------------------------------------------
+def test_a_reader_notices_a_replaced_store(model, data, store):
+    reader = FeatureStore.open(store)
+    reader.read_chunk("train", 3, 10, 0)
+    extract(model, data, store, noise_seed=1, overwrite=True)
+    with pytest.raises(StoreReplacedError, match="was replaced after it was opened .*noise_seed"):
+        reader.read_chunk("train", 3, 10, 1)
+
+
+def test_a_held_store_is_not_replaced(model, data, store):
+    before = store_files(store)
+    with FeatureStore.open(store).hold():
+        with pytest.raises(StoreInUseError, match="open for reading in another process"):
+            extract(model, data, store, noise_seed=1, overwrite=True)
+        extract(model, data, store, timesteps=(10, 90, 150))  # adding to it is fine meanwhile
+    assert {k: v for k, v in store_files(store).items() if k in before and "t150" not in k and k != "zarr.json"} == \
+        {k: v for k, v in before.items() if k != "zarr.json"}
+
+
+def test_overwrite_during_a_streaming_probe_is_refused_and_the_probe_is_unchanged(model, data, store, tmp_path,
+                                                                                 monkeypatch):
+    from stages.probe import features
+    from stages.probe.run import run_probe
+    from stages.probe.settings import ProbeSettings
+
+    settings = dict(store=str(store), head="linear", epochs=2, batch_size=8, data_mode="stream", shuffle_window=8,
+                    threads=1)
+    quiet = run_probe(ProbeSettings(out=str(tmp_path / "quiet"), **settings))
+    refused, original = [], features.Reader.read
+
+    def read_and_interfere(self, split, chunks):
+        if not refused:
+            with pytest.raises(StoreInUseError) as error:
+                extract(model, data, store, noise_seed=1, overwrite=True)
+            refused.append(str(error.value))
+        return original(self, split, chunks)
+
+    monkeypatch.setattr(features.Reader, "read", read_and_interfere)
+    busy = run_probe(ProbeSettings(out=str(tmp_path / "busy"), **settings))
+    assert refused and busy.rows == quiet.rows
+    assert busy.record["store_fingerprint"] == quiet.record["store_fingerprint"]
+
+
+# -- images changed in place ------------------------------------------------------------------------
+@pytest.fixture
+def bmp_data(tmp_path) -> Path:
+    # BMP has no compression: a changed pixel keeps the file size, as the fault sweep's edit did
+    return make_image_folder(tmp_path / "bmp", counts={"train": 12, "val": 4}, classes=2, suffix=".bmp", seed=5)
+
+
+def repaint(path: Path, *, keep_mtime: bool = False) -> None:
+    stat = path.stat()
+    with Image.open(path) as image:
+        pixels = np.asarray(image).copy()
+    pixels[0, 0] = 255 - pixels[0, 0]
+    Image.fromarray(pixels).save(path)
+    assert path.stat().st_size == stat.st_size
+    if keep_mtime:
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_an_image_changed_in_place_is_refused_on_resume_and_extension(model, bmp_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(model, bmp_data, out)
+    before = store_files(out)
+    changed = bmp_data / "train" / "class1" / "img0003.bmp"
+    repaint(changed)
+    for timesteps in ((10, 90), (10, 90, 150)):
+        with pytest.raises(DataChangedError, match="train/class1/img0003.bmp"):
+            extract(model, bmp_data, out, timesteps=timesteps)
+    assert store_files(out) == before
+
+
+def test_a_change_that_kept_its_mtime_is_caught_when_the_image_is_read_again(model, bmp_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(model, bmp_data, out)
+    repaint(bmp_data / "val" / "class0" / "img0002.bmp", keep_mtime=True)
+    with pytest.raises(DataChangedError, match="val/class0/img0002.bmp"):
+        extract(model, bmp_data, out, timesteps=(10, 90, 150))
+    assert FeatureStore.open(out).missing_chunks("val", 3, 150) == [0]  # nothing mixed in
+
+
+def test_a_touched_image_is_fine(model, bmp_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(model, bmp_data, out)
+    touched = bmp_data / "train" / "class0" / "img0000.bmp"
+    os.utime(touched, ns=(time.time_ns(), time.time_ns()))
+    extract(model, bmp_data, out, timesteps=(10, 90, 150))
+    records = FeatureStore.open(out).file_records("train")
+    assert records[0, 1] == touched.stat().st_mtime_ns
