@@ -144,8 +144,8 @@ def main() -> None:
             bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device)  # warm-up
             # Interleaved repeats, best of each: drift in machine load hits all three alike.
             runs = [(bare(unet, xts, batch, device),
-                     extraction(loaded, data, store, "all", timesteps, batch, device),
-                     extraction(loaded, data, store, f"1-{middle}", timesteps, batch, device))
+                     extraction(loaded, data, store, None, timesteps, batch, device),
+                     extraction(loaded, data, store, tuple(range(1, middle + 1)), timesteps, batch, device))
                     for _ in range(args.repeats)]
             a, b, c = (min(column) for column in zip(*runs))
             n = images * len(timesteps)
@@ -160,7 +160,7 @@ def main() -> None:
             for precision in ("bf16", "fp32"):  # the fast setting first, in case a time limit cuts the run
                 bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device, precision, last)
                 runs = [(bare(unet, xts, batch, device, precision, last),
-                         extraction(loaded, data, store, f"{first}-{last}", timesteps, batch, device, precision))
+                         extraction(loaded, data, store, tuple(range(first, last + 1)), timesteps, batch, device, precision))
                         for _ in range(args.repeats)]
                 a, b = (min(column) for column in zip(*runs))
                 n = images * len(timesteps)

@@ -135,7 +135,7 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
 
     from stages.data.mnist import write_mnist_folder
     from stages.extract.plan import ExtractConfig
-from stages.extract.run import run_extract
+    from stages.extract.run import run_extract
     from stages.pretrain.ddpm import ddpm_unet_config
 
     store = workdir / "unet.zarr"
@@ -181,7 +181,9 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
     from threadpoolctl import threadpool_limits
 
     from cache import FeatureStore
-    from stages.probe.run import ProbeSettings, carve_validation, run_probe
+    from stages.probe.plan import carve_validation
+    from stages.probe.run import run_probe
+    from stages.probe.settings import ProbeSettings
 
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]

@@ -43,6 +43,8 @@ class FeatureStore:
         self._attrs = attrs
         self._identity = identity(attrs)
         self._hold = None
+        self._arrays: dict[str, zarr.Array] = {}
+        self._root_seen = self._root_stamp()
         self._check_shapes()  # the settings first: a wrong split size would look like damaged flags
         self._sets = {split: self._load_sets(split) for split in self.splits}
 
@@ -280,8 +282,11 @@ class FeatureStore:
                                          f"were edited or damaged. {REPAIR.capitalize()} after --overwrite")
 
     def _metadata(self, path: str) -> zarr.Array:
+        if path in self._arrays:
+            return self._arrays[path]
         try:
-            return self._group[path]
+            self._arrays[path] = self._group[path]
+            return self._arrays[path]
         except KeyError:
             raise IntegrityError(f"{self.path}/{path} is missing (the settings list it). {REPAIR.capitalize()}") from None
         except DECODE_ERRORS as error:
@@ -315,7 +320,20 @@ class FeatureStore:
         problem = "holds non-finite values" if present else "is missing"
         raise IntegrityError(f"{self.path}/{path} chunk {chunk} is marked finished but {problem} ({file}). {REPAIR}")
 
+    def _root_stamp(self):
+        """(inode, mtime) of the root zarr.json: every rewrite of the settings changes it (local stores)."""
+        if "://" in self.path:
+            return None
+        try:
+            info = (Path(self.path) / "zarr.json").stat()
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
     def _check_current(self) -> None:
+        stamp = self._root_stamp()
+        if stamp is not None and stamp == self._root_seen:
+            return  # the settings file was not rewritten since it was last checked
         try:
             now = identity(read_root_attrs(self.path))
         except StoreError as error:
@@ -324,6 +342,7 @@ class FeatureStore:
             changed = sorted(key for key in now if now[key] != self._identity[key])
             raise StoreReplacedError(f"{self.path} was replaced after it was opened (its {', '.join(changed)} "
                                      "changed): what was read so far is from the old store. Run again on the new one")
+        self._root_seen = stamp
 
     def _array(self, split: str, block: int, timestep: int, allow_incomplete: bool) -> zarr.Array:
         self._check(split, block, timestep)

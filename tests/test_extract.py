@@ -163,3 +163,16 @@ def test_weights_hash_ignores_memory_format(tiny_model):
     unet = unet.to(memory_format=torch.channels_last)
     assert any(t.dim() == 4 and t.shape[-1] == 1 and t.stride(-1) != 1 for t in unet.state_dict().values())
     assert weights_hash(unet) == before
+
+
+def test_sixteen_bit_grayscale_is_scaled_not_clipped(tmp_path):
+    from stages.data.images import load_image
+
+    ramp = (np.arange(16 * 16, dtype=np.uint32).reshape(16, 16) * 257).astype(np.uint16)  # 0 .. 65535
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    with Image.open(tmp_path / "ramp.png") as image:
+        assert image.mode == "I;16"
+    x = load_image(tmp_path / "ramp.png", 16, 1)
+    expected = torch.from_numpy(ramp.astype(np.float32) / 65535 * 2 - 1)[None]
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=0)  # 8-bit clipping would put 99% of it at 1.0
+    assert float((x == 1.0).float().mean()) < 0.01

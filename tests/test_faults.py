@@ -395,3 +395,20 @@ def test_a_touched_image_is_fine(model, bmp_data, tmp_path):
     extract(model, bmp_data, out, timesteps=(10, 90, 150))
     records = FeatureStore.open(out).file_records("train")
     assert records[0, 1] == touched.stat().st_mtime_ns
+
+
+# -- what the writer refuses to record ---------------------------------------------------------------
+def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
+    out = tmp_path / "s.zarr"
+    extract(model, data, out)
+    store = FeatureStore.open(out)
+    settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
+                                                  "precision", "chunk_samples")}
+    splits = {s: store_writer.SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
+    with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=store.attrs["block_table"]) as writer:
+        writer.add_arrays({3: 1}, [150], [1])
+        values = np.ones((8, store.block_info(3)["channels"], 1, 1), np.float16)
+        values[2] = np.inf  # what float16 makes of a feature above 65504
+        with pytest.raises(StoreError, match=r"gave NaN or infinite features for train samples 2.*--dtype float32"):
+            writer.write_chunk("train", 0, {(3, 150): values})
+    assert FeatureStore.open(out).missing_chunks("train", 3, 150) == [0, 1, 2]
