@@ -44,33 +44,26 @@ def unlock(fd: int | None) -> None:
 
 def hold_for_reading(directory: Path) -> int | None:
     """A shared lock on the store's readers' directory, or None where the store has none (half-built)."""
-    target = Path(directory) / PROGRESS
-    try:
-        fd = os.open(target, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreInUseError(f"{directory} is being replaced by another process (`extract --overwrite`); "
-                              "wait for it to finish, then run again") from None
-    return fd
+    return _lock_readers(directory, fcntl.LOCK_SH,
+                         f"{directory} is being replaced by another process (`extract --overwrite`); wait for it to "
+                         "finish, then run again")
 
 
 def claim_for_replacing(directory: Path) -> int | None:
     """The readers' lock taken exclusively before a writer replaces the store; refused while a reader holds it."""
-    target = Path(directory) / PROGRESS
+    return _lock_readers(directory, fcntl.LOCK_EX,
+                         f"{directory} is open for reading in another process (a probe?); replacing it now would "
+                         "change the features under that reader. Wait for it to finish, or write to another --out.")
+
+
+def _lock_readers(directory: Path, mode: int, refusal: str) -> int | None:
     try:
-        fd = os.open(target, os.O_RDONLY)
+        fd = os.open(Path(directory) / PROGRESS, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreInUseError(
-            f"{directory} is open for reading in another process (a probe?); replacing it now would change the "
-            "features under that reader. Wait for it to finish, or write to another --out."
-        ) from None
+        raise StoreInUseError(refusal) from None
     return fd

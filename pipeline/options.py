@@ -186,48 +186,22 @@ def parse_named_path(text: str) -> tuple[str, str]:
     return name, path
 
 
-class FloatListType(click.ParamType):
-    """A comma list of numbers, e.g. `1e-3,0.01,0.1`."""
+class ParsedType(click.ParamType):
+    """A value read by one of the parsers above (each tested by table); its ValueError becomes click's usage
+    error. Values already of the parsed type (defaults, values given from Python) pass through."""
 
-    name = "FLOATS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, (list, tuple)):
-            return tuple(float(v) for v in value)
-        try:
-            return parse_float_list(value)
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-class ByteSizeType(click.ParamType):
-    """A memory size such as `8GB`, or `auto` (None)."""
-
-    name = "SIZE"
+    def __init__(self, name: str, parse, parsed: tuple[type, ...]):
+        self.name, self._parse, self._parsed = name, parse, parsed
 
     def convert(self, value, param, ctx):
-        if value is None or isinstance(value, int):
+        if value is None or isinstance(value, self._parsed):
             return value
         try:
-            return parse_byte_size(value)
+            return self._parse(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
 
-class NamedPathType(click.ParamType):
-    """A directory, optionally named: `NAME=PATH` (the name defaults to the directory's own name)."""
-
-    name = "[NAME=]PATH"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            return parse_named_path(value)
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-FLOATS = FloatListType()
-BYTES = ByteSizeType()
-NAMED_PATH = NamedPathType()
+FLOATS = ParsedType("FLOATS", parse_float_list, (tuple,))  # e.g. 1e-3,0.01,0.1
+BYTES = ParsedType("SIZE", parse_byte_size, (int,))  # e.g. 8GB, or auto (None)
+NAMED_PATH = ParsedType("[NAME=]PATH", parse_named_path, (tuple,))  # the name defaults to the directory's own

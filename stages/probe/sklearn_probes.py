@@ -66,8 +66,30 @@ class _GridProbe(ClassifierMixin, BaseEstimator):
     def predict(self, X) -> np.ndarray:
         return self.classes_[self.decision_function(X).argmax(axis=1)]
 
+    def _check_fit(self, X, y, name: str, values, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(X, y, the sorted grid) checked as scikit-learn checks them; `classes_` set."""
+        grid = check_grid(type(self).__name__, name, values)
+        X, y = check_X_y(X, y, dtype=dtype)
+        self.classes_ = np.unique(y)
+        if len(self.classes_) < 2:
+            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+        return X, y, np.array(sorted(set(grid)))
 
-class LogRegProbe(_GridProbe):
+
+class _LinearGridProbe(_GridProbe):
+    """A linear classifier per grid value: `coefs_` (n_grid, K, D) and `intercepts_` (n_grid, K)."""
+
+    def _choose(self, X_val, y_val) -> None:
+        self._select(X_val, y_val)
+        self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
+
+    def decision_grid(self, X) -> np.ndarray:
+        """(n_grid, N, K) logits of every grid value."""
+        X = check_array(X, dtype=np.float32)
+        return np.einsum("nd,gkd->gnk", X, self.coefs_) + self.intercepts_[:, None, :]
+
+
+class LogRegProbe(_LinearGridProbe):
     """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C."""
 
     def __init__(self, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0), *, max_iter: int = 1000, tol: float = 1e-4):
@@ -76,12 +98,8 @@ class LogRegProbe(_GridProbe):
         self.tol = tol
 
     def fit(self, X, y, X_val=None, y_val=None) -> LogRegProbe:
-        Cs = check_grid(type(self).__name__, "Cs", self.Cs)
-        X, y = check_X_y(X, y, dtype=np.float32)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
-        self.Cs_ = self.grid_ = np.array(sorted(set(Cs)))
+        X, y, self.Cs_ = self._check_fit(X, y, "Cs", self.Cs, np.float32)
+        self.grid_ = self.Cs_
         model = LogisticRegression(C=self.Cs_[0], max_iter=self.max_iter, tol=self.tol, warm_start=True)
         coefs, intercepts, self.n_iter_ = [], [], []
         for C in self.Cs_:
@@ -96,18 +114,12 @@ class LogRegProbe(_GridProbe):
             intercepts.append(intercept.astype(np.float32))
             self.n_iter_.append(int(np.max(model.n_iter_)))
         self.coefs_, self.intercepts_ = np.stack(coefs), np.stack(intercepts)  # (n_C, K, D), (n_C, K)
-        self._select(X_val, y_val)
+        self._choose(X_val, y_val)
         self.best_C_ = float(self.Cs_[self.best_index_])
-        self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
         return self
 
-    def decision_grid(self, X) -> np.ndarray:
-        """(n_C, N, K) logits of every C."""
-        X = check_array(X, dtype=np.float32)
-        return np.einsum("nd,ckd->cnk", X, self.coefs_) + self.intercepts_[:, None, :]
 
-
-class RidgeProbe(_GridProbe):
+class RidgeProbe(_LinearGridProbe):
     """One-vs-rest ridge regression on {-1, 1} targets (RidgeClassifier) for every alpha.
 
     Solved in float64 from one eigendecomposition of X^T X (or X X^T when there are fewer samples
@@ -118,12 +130,8 @@ class RidgeProbe(_GridProbe):
         self.alphas = alphas
 
     def fit(self, X, y, X_val=None, y_val=None) -> RidgeProbe:
-        alphas = check_grid(type(self).__name__, "alphas", self.alphas)
-        X, y = check_X_y(X, y, dtype=np.float64)
-        self.classes_ = np.unique(y)
-        if len(self.classes_) < 2:
-            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
-        self.alphas_ = self.grid_ = np.array(sorted(set(alphas)))
+        X, y, self.alphas_ = self._check_fit(X, y, "alphas", self.alphas, np.float64)
+        self.grid_ = self.alphas_
         Y = np.where(y[:, None] == self.classes_[None, :], 1.0, -1.0)
         x_mean, y_mean = X.mean(axis=0), Y.mean(axis=0)
         Xc, Yc = X - x_mean, Y - y_mean
@@ -141,14 +149,9 @@ class RidgeProbe(_GridProbe):
         coefs = np.stack(coefs)  # (n_alpha, D, K)
         self.coefs_ = np.ascontiguousarray(coefs.transpose(0, 2, 1)).astype(np.float32)  # (n_alpha, K, D)
         self.intercepts_ = (y_mean[None, :] - np.einsum("d,adk->ak", x_mean, coefs)).astype(np.float32)
-        self._select(X_val, y_val)
+        self._choose(X_val, y_val)
         self.best_alpha_ = float(self.alphas_[self.best_index_])
-        self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
         return self
-
-    def decision_grid(self, X) -> np.ndarray:
-        X = check_array(X, dtype=np.float32)
-        return np.einsum("nd,akd->ank", X, self.coefs_) + self.intercepts_[:, None, :]
 
 
 class KNNProbe(_GridProbe):
