@@ -29,6 +29,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import FeatureStore, FeatureStoreWriter
+from cache import creation
 from cache import writer as store_writer
 from cache.errors import (DataChangedError, IntegrityError, StoreError, StoreFullError, StoreInUseError,
                           StoreReplacedError)
@@ -91,7 +92,7 @@ def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int 
     """Store writes fail from the `from_write`-th on (a kill), or once `after_bytes` were written (a full
     disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does."""
     count, written, dead = itertools.count(), [0], [False]
-    put, mark_root = store_writer.zarr.storage._local._put, store_writer._mark_root
+    put, mark_root = store_writer.zarr.storage._local._put, creation._mark_root
 
     def failing_put(path, value, exclusive=False):
         if dead[0] or (from_write is not None and next(count) >= from_write):
@@ -112,12 +113,12 @@ def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int 
         return mark_root(directory, attrs)
 
     monkeypatch.setattr(store_writer.zarr.storage._local, "_put", failing_put)
-    monkeypatch.setattr(store_writer, "_mark_root", failing_mark_root)
+    monkeypatch.setattr(creation, "_mark_root", failing_mark_root)
     try:
         yield count
     finally:
         monkeypatch.setattr(store_writer.zarr.storage._local, "_put", put)
-        monkeypatch.setattr(store_writer, "_mark_root", mark_root)
+        monkeypatch.setattr(creation, "_mark_root", mark_root)
 
 
 def count_writes(model, data, out, monkeypatch) -> int:

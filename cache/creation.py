@@ -1,0 +1,167 @@
+"""Creating and inspecting a store's directory: what is there, and making it a store in crash-safe steps.
+
+`inspect_directory` tells an empty directory, a valid store, an unfinished one (a run stopped while
+making or clearing it: no settings yet) and one whose settings file is damaged, and refuses anything
+that is not a feature store. `replace` clears a store (never while a reader holds it; it is marked
+unfinished first) and creates it again, writing the settings last.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
+
+from cache import layout, locks
+from cache.errors import StoreError, StoreFullError
+from cache.text import format_bytes
+
+COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+# Every chunk carries a crc32c of its bytes, which zarr verifies as it decodes.
+FEATURE_CODECS = (COMPRESSOR, Crc32cCodec())
+SMALL_CODECS = (ZstdCodec(level=3), Crc32cCodec())  # labels, paths, file records, flags
+FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@dataclass(frozen=True)
+class SplitIndex:
+    """What a split holds, in sample-index order."""
+
+    labels: np.ndarray  # (N,) int64
+    paths: list[str]  # (N,) paths relative to the data root
+
+    def __post_init__(self):
+        if len(self.labels) != len(self.paths):
+            raise ValueError(f"{len(self.labels)} labels for {len(self.paths)} paths")
+
+
+def describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str]:
+    name = f"{prefix}{key}"
+    if isinstance(stored, dict) and isinstance(wanted, dict):
+        lines = []
+        for sub in sorted(set(stored) | set(wanted)):
+            lines += describe_difference(sub, stored.get(sub), wanted.get(sub), f"{name}.")
+        return lines
+    if stored == wanted:
+        return []
+    short = lambda value: (text if len(text := json.dumps(value, default=str)) <= 80 else text[:77] + "...")  # noqa: E731
+    return [f"{name}: the store has {short(stored)}, this run asks for {short(wanted)}"]
+
+
+def differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[str]:
+    lines = []
+    for key in layout.IDENTITY_KEYS:
+        lines += describe_difference(key, existing.get(key), settings[key])
+    for block, grid in sorted(grids.items()):
+        stored = existing.get("features", {}).get(str(block))
+        if stored is not None and stored["grid"] != grid:
+            lines.append(
+                f"block {block}: the store has it pooled to {stored['grid']}x{stored['grid']}, this run needs "
+                f"{grid}x{grid} (ask only for pools that divide {stored['grid']})"
+            )
+    return lines
+
+
+def make_directory(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise StoreError(f"--out {directory} is a file, not a directory: choose another path for the store")
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StoreError(f"cannot make the store directory {directory}: {error.strerror}") from None
+    if not os.access(directory, os.W_OK):
+        raise StoreError(f"cannot write to {directory} (permission denied): choose another --out")
+
+
+def inspect_directory(directory: Path) -> tuple[str, dict]:
+    """(state, root attributes): "empty", "valid", "unfinished" (no settings yet) or "damaged"; a directory
+    that is not a feature store is refused."""
+    if not any(directory.iterdir()):
+        return "empty", {}
+    root = directory / "zarr.json"
+    if not root.exists():
+        raise StoreError(f"{directory} exists and is not a feature store (no zarr.json); choose another --out")
+    try:
+        metadata = json.loads(root.read_text())
+        attrs = dict(metadata.get("attributes", {}))
+    except (OSError, ValueError, AttributeError):
+        if (directory / layout.PROGRESS).is_dir():
+            return "damaged", {}
+        raise StoreError(f"{directory} holds a damaged zarr.json and is not a feature store; choose another --out") from None
+    if attrs.get("format") != layout.FORMAT:
+        raise StoreError(f"{directory} is a Zarr group but not a feature store; choose another --out")
+    if any(key not in attrs for key in layout.REQUIRED_KEYS):
+        return "unfinished", attrs
+    return "valid", attrs
+
+
+def remove_partial_writes(directory: Path) -> None:
+    # An atomic write killed before its rename leaves "<key>.<uuid>.partial"; the key itself is intact.
+    for leftover in directory.rglob("*.partial"):
+        leftover.unlink()
+
+
+def _mark_root(directory: Path, attrs: dict) -> None:
+    """Write the root group's zarr.json directly (temporary file, then rename): also over a damaged one."""
+    text = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=2)
+    partial = directory / "zarr.json.replacing.partial"
+    partial.write_text(text)
+    os.replace(partial, directory / "zarr.json")
+
+
+def replace(directory: Path, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
+    """Clear the directory (never while a reader holds the store) and create the store in it, settings last."""
+    claim = locks.claim_for_replacing(directory)
+    try:
+        _mark_root(directory, {"format": layout.FORMAT})  # from here on the store is unfinished
+        for child in directory.iterdir():
+            if child.name != "zarr.json":
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    finally:
+        locks.unlock(claim)
+    group = zarr.open_group(directory, mode="r+")
+    chunk_samples = int(settings["chunk_samples"])
+    try:
+        group.create_group(layout.PROGRESS)
+        for name, index in splits.items():
+            group.create_group(name)
+            group.create_group(layout.progress_group(name))
+            write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
+            write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
+            create_files_array(group, name, len(index.paths), chunk_samples)
+        group.attrs.put({
+            "format": layout.FORMAT,
+            **settings,
+            "block_table": block_table,
+            "splits": {name: len(index.paths) for name, index in splits.items()},
+            "features": {},
+            "pools": [],
+        })
+    except OSError as error:
+        if error.errno in FULL:
+            raise StoreFullError(f"{directory}: no space left on the device while creating the store "
+                                 f"({format_bytes(shutil.disk_usage(directory).free)} free). Free some space and run "
+                                 "again") from None
+        raise
+    return group
+
+
+def write_index_array(group: zarr.Group, path: str, values: np.ndarray) -> None:
+    n = len(values)
+    dtype = str if values.dtype.kind in "UO" else values.dtype  # zarr's variable-length strings
+    array = group.create_array(path, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=dtype,
+                               compressors=SMALL_CODECS, dimension_names=("sample",), overwrite=True)
+    array[:] = values
+
+
+def create_files_array(group: zarr.Group, split: str, n: int, chunk_samples: int) -> None:
+    group.create_array(layout.files_path(split), shape=(n, 2), chunks=(chunk_samples, 2), dtype="uint64",
+                       fill_value=0, compressors=SMALL_CODECS, dimension_names=("sample", "field"),
+                       attributes={"fields": list(layout.FILE_FIELDS)}, overwrite=True)
