@@ -9,10 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import zarr
 
 from cache import FeatureStore, FeatureStoreWriter, StoreError, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex

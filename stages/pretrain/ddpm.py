@@ -32,7 +32,7 @@ from stages.data.images import image_channels, load_image
 from stages.devices import resolve_device
 from stages.outputs import check_output_dir, holds_only, staged_output
 from stages.progress import progress_bar
-from stages.models.loading import DEFAULT_SCHEDULE, load_model, weights_hash
+from stages.models.loading import DEFAULT_SCHEDULE, weights_hash
 from stages.models.unet_configs import adm_unet_config
 
 GENERATOR = "pipeline pretrain"
