@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,26 +91,46 @@ def store(model, data, tmp_path) -> Path:
 @contextmanager
 def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int | None = None, torn: bool = False):
     """Store writes fail from the `from_write`-th on (a kill), or once `after_bytes` were written (a full
-    disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does."""
+    disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does.
+
+    zarr writes several keys at once from worker threads: the kill waits for the writes already under
+    way to land (as if the process died just after them), and no write starts after it."""
     count, written, dead = itertools.count(), [0], [False]
+    in_flight, lock = [0], threading.Condition()
     put, mark_root = store_writer.zarr.storage._local._put, creation._mark_root
 
-    def failing_put(path, value, exclusive=False):
-        if dead[0] or (from_write is not None and next(count) >= from_write):
-            if not dead[0] and torn:
+    def kill(what: str, path=None, value=None):
+        with lock:
+            if not dead[0] and torn and path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.with_suffix(".0f0f.partial").write_bytes(bytes(value.as_buffer_like())[: len(value) // 2])
             dead[0] = True
-            raise Crash(str(path))
-        if after_bytes is not None and written[0] + len(value) > after_bytes:
+            lock.wait_for(lambda: in_flight[0] == 0)
+        raise Crash(what)
+
+    def failing_put(path, value, exclusive=False):
+        with lock:
+            killed = dead[0] or (from_write is not None and next(count) >= from_write)
+            full = not killed and after_bytes is not None and written[0] + len(value) > after_bytes
+            if not killed and not full:
+                written[0] += len(value)
+                in_flight[0] += 1
+        if killed:
+            kill(str(path), path, value)
+        if full:
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        written[0] += len(value)
-        return put(path, value, exclusive)
+        try:
+            return put(path, value, exclusive)
+        finally:
+            with lock:
+                in_flight[0] -= 1
+                lock.notify_all()
 
     def failing_mark_root(directory, attrs):
-        if dead[0] or (from_write is not None and next(count) >= from_write):
-            dead[0] = True
-            raise Crash("zarr.json")
+        with lock:
+            killed = dead[0] or (from_write is not None and next(count) >= from_write)
+        if killed:
+            kill("zarr.json")
         return mark_root(directory, attrs)
 
     monkeypatch.setattr(store_writer.zarr.storage._local, "_put", failing_put)
