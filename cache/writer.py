@@ -33,7 +33,7 @@ from cache.creation import (FEATURE_CODECS, FULL, SMALL_CODECS, SplitIndex, crea
                             inspect_directory, make_directory, remove_partial_writes, replace, write_index_array)
 from cache.errors import DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError, StoreMismatchError
 from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_problem, chunk_rows, decode_error, done_chunks,
-                             find_damage, load_write_sets)
+                             find_damage, load_write_sets, read_root_attrs)
 from cache.text import format_bytes, format_ranges
 
 log = logging.getLogger(__name__)
@@ -331,6 +331,9 @@ class FeatureStoreWriter:
         """Verify every finished chunk of the store at `path` and repair what needs no data set: damaged
         flags are rebuilt, damaged or missing chunks marked unfinished (`pipeline extract` recomputes
         them). Returns what was found; labels and paths can only be written again by `pipeline extract`."""
+        if "://" in str(path):
+            raise StoreError(f"{path}: repairs need a local store; run `pipeline extract ... --verify` instead")
+        read_root_attrs(str(path))  # a store that is not there, or not a store, is named first
         directory = Path(path)
         lock_fd = locks.lock_writer(directory)
         try:
