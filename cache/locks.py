@@ -1,7 +1,7 @@
-"""Locks of a local store: one writer at a time, and no replacing a store that a reader holds.
+"""Locks of a store: one writer at a time, and no replacing a store that a reader holds.
 
-Two locks, on two directories of the store, both `flock`s that the operating system releases when
-their holder dies (kill -9 included), and neither a file of its own in the hierarchy:
+On a local disk, two `flock`s that the operating system releases when their holder dies (kill -9
+included), and neither a file of its own in the hierarchy:
 
 - the writer lock, exclusive, on the store directory: held by every writer for its whole run;
 - the reader lock, shared, on the store's `_progress` directory: held by readers that pin the store
@@ -10,8 +10,8 @@ their holder dies (kill -9 included), and neither a file of its own in the hiera
   only add to the store (resume, new blocks or timesteps) never touch it: readers see finished
   chunks only, so both can run at once.
 
-Object stores have neither (zarr's `://` paths); there a reader notices a replacement by the store's
-identity, which it checks on every read.
+On object stores the writer holds a lease object instead (`cache.lease`), and there is no reader
+lock: a reader notices a replacement by the store's identity, which it checks on every read.
 """
 
 from __future__ import annotations
@@ -22,9 +22,41 @@ from pathlib import Path
 
 from cache.errors import StoreInUseError, StoreLockedError
 from cache.layout import PROGRESS
+from cache.storage import Location
 
 
-def lock_writer(directory: Path) -> int:
+class WriterLock:
+    """The writer's hold on a store: a flock on a local directory, a lease on an object store."""
+
+    def __init__(self, location: Location):
+        self.location = location
+        self._fd: int | None = None
+        self._lease = None
+        if location.local:
+            self._fd = _flock_writer(location.path)
+        else:
+            from cache.lease import Lease
+
+            self._lease = Lease(location).acquire()
+
+    def check(self) -> None:
+        """Raise if the hold was lost (an object store's lease taken over after it expired)."""
+        if self._lease is not None:
+            self._lease.check()
+
+    def release(self) -> None:
+        unlock(self._fd)
+        self._fd = None
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+
+def lock_writer(location: Location) -> WriterLock:
+    return WriterLock(location)
+
+
+def _flock_writer(directory: Path) -> int:
     fd = os.open(directory, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -42,23 +74,26 @@ def unlock(fd: int | None) -> None:
         os.close(fd)
 
 
-def hold_for_reading(directory: Path) -> int | None:
-    """A shared lock on the store's readers' directory, or None where the store has none (half-built)."""
-    return _lock_readers(directory, fcntl.LOCK_SH,
-                         f"{directory} is being replaced by another process (`extract --overwrite`); wait for it to "
+def hold_for_reading(location: Location) -> int | None:
+    """A shared lock on the store's readers' directory, or None where the store has none (half-built,
+    or on an object store)."""
+    return _lock_readers(location, fcntl.LOCK_SH,
+                         f"{location} is being replaced by another process (`extract --overwrite`); wait for it to "
                          "finish, then run again")
 
 
-def claim_for_replacing(directory: Path) -> int | None:
+def claim_for_replacing(location: Location) -> int | None:
     """The readers' lock taken exclusively before a writer replaces the store; refused while a reader holds it."""
-    return _lock_readers(directory, fcntl.LOCK_EX,
-                         f"{directory} is open for reading in another process (a probe?); replacing it now would "
+    return _lock_readers(location, fcntl.LOCK_EX,
+                         f"{location} is open for reading in another process (a probe?); replacing it now would "
                          "change the features under that reader. Wait for it to finish, or write to another --out.")
 
 
-def _lock_readers(directory: Path, mode: int, refusal: str) -> int | None:
+def _lock_readers(location: Location, mode: int, refusal: str) -> int | None:
+    if not location.local:
+        return None
     try:
-        fd = os.open(Path(directory) / PROGRESS, os.O_RDONLY)
+        fd = os.open(location.path / PROGRESS, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:

@@ -1,0 +1,261 @@
+"""Where a store lives: a local directory or an fsspec URL (`s3://`, `gs://`, `memory://` ...).
+
+    location = Location.parse("s3://lab/features/in1k.zarr", {"client_kwargs": {"region_name": "eu-west-1"}})
+    location.zarr_store(read_only=True)     # what zarr.open_group takes
+    location.read_text("zarr.json"), location.exists("train/labels/zarr.json"), location.delete("train/block3")
+
+A local store keeps zarr's `LocalStore` (atomic renames, flock-based locks in `cache.locks`); every
+other store goes through `zarr.storage.FsspecStore`, with credentials and endpoints from the standard
+environment of its file system (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION) and `storage_options` for the rest. An object PUT is atomic, so what local stores
+get from a rename object stores get from the PUT itself.
+
+Failures to reach a store (an unknown URL scheme, an endpoint that does not answer, missing
+credentials, a bucket that does not exist) are `StorageError`s that name the store and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+from cache.errors import StoreError
+
+
+class StorageError(StoreError):
+    """A store that cannot be reached or used: the message names it and what to check."""
+
+
+# Defaults for S3 clients that keep a store that does not answer from hanging a run for minutes;
+# a user's own storage options win.
+S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120,
+                                 "retries": {"max_attempts": 3, "mode": "standard"}}}
+
+
+# Object stores whose first path element is a bucket (or container) that must exist already.
+BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
+
+
+def is_url(text: str) -> bool:
+    return "://" in str(text)
+
+
+def parse_storage_options(pairs) -> dict:
+    """`KEY=VALUE` strings (the CLI's --storage-option) into fsspec storage options.
+
+    Values are read as JSON where they parse (`anon=true`, `retries=3`) and kept as text otherwise;
+    dotted keys nest (`client_kwargs.region_name=eu-west-1`).
+    """
+    options: dict = {}
+    for pair in pairs or ():
+        key, sep, raw = str(pair).partition("=")
+        if not sep or not key:
+            raise StorageError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. anon=true or "
+                               "client_kwargs.region_name=eu-west-1")
+        try:
+            value = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = options
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+            if not isinstance(target, dict):
+                raise StorageError(f"--storage-option {pair!r}: {parent} was already given a value")
+        target[leaf] = value
+    return options
+
+
+def _merged(defaults: dict, options: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in options.items():
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+@dataclass(frozen=True)
+class Location:
+    """A store's address: `url` as the user gave it, and the storage options it is opened with."""
+
+    url: str
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, url, options: dict | None = None) -> Location:
+        if isinstance(url, Location):
+            return url
+        text = str(url)
+        if is_url(text):
+            text = text.rstrip("/")
+        elif options:
+            raise StorageError(f"--storage-option applies to object stores (s3://, gs:// ...), not to the local "
+                               f"path {text}")
+        return cls(text, dict(options or {}))
+
+    @property
+    def local(self) -> bool:
+        return not is_url(self.url)
+
+    @property
+    def path(self) -> Path:
+        """The directory of a local store."""
+        return Path(self.url)
+
+    @property
+    def protocol(self) -> str:
+        return "file" if self.local else self.url.split("://", 1)[0]
+
+    def __str__(self) -> str:
+        return self.url
+
+    # -- the file system -------------------------------------------------------------------------------
+    @cached_property
+    def _fs_and_root(self):
+        import fsspec
+
+        try:
+            cls = fsspec.get_filesystem_class(self.protocol)
+        except (ValueError, ImportError) as error:
+            known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:20])
+            raise StorageError(f"{self.url}: no file system for {self.protocol}:// ({error}). Use a local path or "
+                               f"a URL fsspec knows ({known}, ...)") from None
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **self._options)
+        except TypeError as error:
+            raise StorageError(f"{self.url}: the storage options {sorted(self.options)} are not accepted by "
+                               f"{cls.__name__} ({error})") from None
+        return fs, root.rstrip("/")
+
+    @property
+    def _options(self) -> dict:
+        return _merged(S3_DEFAULTS, self.options) if self.protocol in ("s3", "s3a") else dict(self.options)
+
+    @property
+    def fs(self):
+        return self._fs_and_root[0]
+
+    @property
+    def root(self) -> str:
+        return self._fs_and_root[1]
+
+    def key(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if relative else self.root
+
+    def zarr_store(self, *, read_only: bool):
+        """What `zarr.open_group` takes for this store."""
+        if self.local:
+            return self.url
+        from zarr.storage import FsspecStore
+
+        self._fs_and_root  # an unknown scheme or bad options are named here, not deep inside zarr
+        return FsspecStore.from_url(self.url, storage_options=self._options or None, read_only=read_only)
+
+    # -- objects -----------------------------------------------------------------------------------------
+    def exists(self, relative: str) -> bool:
+        if self.local:
+            return (self.path / relative).exists()
+        return self._call("check", self.fs.exists, self.key(relative))
+
+    def read_text(self, relative: str) -> str:
+        if self.local:
+            return (self.path / relative).read_text()
+        return self._call("read", self.fs.cat_file, self.key(relative)).decode()
+
+    def children(self) -> list[str]:
+        """Names directly under the store (files and prefixes), [] where it does not exist yet."""
+        if self.local:
+            return sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        try:
+            entries = self._call("list", self.fs.ls, self.root, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+
+    def delete(self, relative: str) -> None:
+        """Remove an object or everything under a prefix; nothing there is not an error."""
+        key = self.key(relative)
+        try:
+            self._call("delete", self.fs.rm, key, recursive=True)
+        except FileNotFoundError:
+            pass
+
+    def write_bytes(self, relative: str, data: bytes) -> None:
+        """One atomic PUT (object stores); local stores write a temporary file and rename it."""
+        if self.local:
+            target = self.path / relative
+            partial = target.with_name(target.name + ".replacing.partial")
+            partial.write_bytes(data)
+            partial.replace(target)
+            return
+        self._call("write", self.fs.pipe_file, self.key(relative), data)
+
+    def check_reachable(self) -> None:
+        """Fail early, before anything is written, when the store cannot be reached or used."""
+        if self.local:
+            return
+        if self.protocol in BUCKETS:
+            self._call("reach", self.fs.ls, self._bucket_root(), detail=False)
+        else:
+            self._call("check", self.fs.exists, self.root)
+
+    def _bucket_root(self) -> str:
+        # The bucket (or container) itself: missing is an error, while a missing store under it is not.
+        return self.root.split("/", 1)[0]
+
+    def _call(self, what: str, function, *args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except FileNotFoundError as error:
+            if what in ("reach", "list") and not self._bucket_exists():
+                raise StorageError(self._no_bucket()) from None
+            if what == "reach":
+                raise StorageError(f"{self.url}: {error}") from None
+            raise
+        except PermissionError as error:
+            raise StorageError(f"{self.url}: access denied ({error}). Check the credentials "
+                               f"({self._credential_hint()})") from None
+        except Exception as error:  # the object store clients raise many types; name the usual causes
+            raise StorageError(self._explain(error)) from None
+
+    def _bucket_exists(self) -> bool:
+        if self.protocol not in BUCKETS:
+            return True
+        try:
+            return bool(self.fs.exists(self._bucket_root()))
+        except Exception:  # noqa: BLE001 - the question is only whether it is there
+            return False
+
+    def _no_bucket(self) -> str:
+        bucket = self._bucket_root()
+        return (f"{self.url}: the bucket {bucket!r} does not exist{self._at_endpoint()}. Create it first "
+                f"(e.g. `aws s3 mb {self.protocol}://{bucket}`) or check the URL")
+
+    def _at_endpoint(self) -> str:
+        import os
+
+        endpoint = self._endpoint() or os.environ.get("AWS_ENDPOINT_URL")
+        return f" at {endpoint}" if endpoint and self.protocol.startswith("s3") else ""
+
+    def _endpoint(self) -> str | None:
+        return self.options.get("endpoint_url") or self.options.get("client_kwargs", {}).get("endpoint_url")
+
+    def _credential_hint(self) -> str:
+        if self.protocol.startswith("s3"):
+            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-option key=... --storage-option "
+                    "secret=..., or --storage-option anon=true for a public bucket")
+        return f"the environment or storage options that {self.protocol}:// reads"
+
+    def _explain(self, error: Exception) -> str:
+        name = type(error).__name__
+        text = str(error).splitlines()[0] if str(error) else name
+        if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
+            return f"{self.url}: no credentials for it ({text}). Set {self._credential_hint()}"
+        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
+                    "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError", "TimeoutError"):
+            return (f"{self.url}: cannot reach the object store{self._at_endpoint()} ({text}). Check the endpoint "
+                    "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) and the network")
+        if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+            return self._no_bucket()
+        return f"{self.url}: the object store refused the request ({name}: {text})"
