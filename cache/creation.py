@@ -1,9 +1,10 @@
-"""Creating and inspecting a store's directory: what is there, and making it a store in crash-safe steps.
+"""Creating and inspecting a store: what is there, and making it a store in crash-safe steps.
 
-`inspect_directory` tells an empty directory, a valid store, an unfinished one (a run stopped while
+`inspect_directory` tells an empty location, a valid store, an unfinished one (a run stopped while
 making or clearing it: no settings yet) and one whose settings file is damaged, and refuses anything
 that is not a feature store. `replace` clears a store (never while a reader holds it; it is marked
-unfinished first) and creates it again, writing the settings last.
+unfinished first) and creates it again, writing the settings last. Locations are local directories
+or object stores (`cache.storage.Location`); every step is one atomic write on either.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache import layout, locks
 from cache.errors import StoreError, StoreFullError
+from cache.storage import Location
 from cache.text import format_bytes
 
 COMPRESSOR = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -57,6 +58,7 @@ def describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str]
 
 def differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[str]:
     lines = []
+    existing = layout.normalised(existing)
     for key in layout.IDENTITY_KEYS:
         lines += describe_difference(key, existing.get(key), settings[key])
     for block, grid in sorted(grids.items()):
@@ -69,7 +71,12 @@ def differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[s
     return lines
 
 
-def make_directory(directory: Path) -> None:
+def make_directory(location: Location) -> None:
+    """Make sure the store's location can be written: a local directory made, an object store reachable."""
+    if not location.local:
+        location.check_reachable()
+        return
+    directory = location.path
     if directory.exists() and not directory.is_dir():
         raise StoreError(f"--out {directory} is a file, not a directory: choose another path for the store")
     try:
@@ -80,54 +87,60 @@ def make_directory(directory: Path) -> None:
         raise StoreError(f"cannot write to {directory} (permission denied): choose another --out")
 
 
-def inspect_directory(directory: Path) -> tuple[str, dict]:
-    """(state, root attributes): "empty", "valid", "unfinished" (no settings yet) or "damaged"; a directory
+def inspect_directory(location: Location) -> tuple[str, dict]:
+    """(state, root attributes): "empty", "valid", "unfinished" (no settings yet) or "damaged"; a location
     that is not a feature store is refused."""
-    if not any(directory.iterdir()):
+    children = set(location.children()) - {layout.LEASE}
+    if not children:
         return "empty", {}
-    root = directory / "zarr.json"
-    if not root.exists():
-        raise StoreError(f"{directory} exists and is not a feature store (no zarr.json); choose another --out")
+    if "zarr.json" not in children:
+        raise StoreError(f"{location} exists and is not a feature store (no zarr.json); choose another --out")
     try:
-        metadata = json.loads(root.read_text())
+        metadata = json.loads(location.read_text("zarr.json"))
         attrs = dict(metadata.get("attributes", {}))
     except (OSError, ValueError, AttributeError):
-        if (directory / layout.PROGRESS).is_dir():
+        if layout.PROGRESS in children:
             return "damaged", {}
-        raise StoreError(f"{directory} holds a damaged zarr.json and is not a feature store; choose another --out") from None
+        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store; choose another --out") from None
     if attrs.get("format") != layout.FORMAT:
-        raise StoreError(f"{directory} is a Zarr group but not a feature store; choose another --out")
+        raise StoreError(f"{location} is a Zarr group but not a feature store; choose another --out")
     if any(key not in attrs for key in layout.REQUIRED_KEYS):
         return "unfinished", attrs
     return "valid", attrs
 
 
-def remove_partial_writes(directory: Path) -> None:
-    # An atomic write killed before its rename leaves "<key>.<uuid>.partial"; the key itself is intact.
-    for leftover in directory.rglob("*.partial"):
-        leftover.unlink()
+def remove_partial_writes(location: Location) -> None:
+    # An atomic local write killed before its rename leaves "<key>.<uuid>.partial"; the key itself is
+    # intact. (An object PUT that never completed leaves nothing.)
+    if location.local:
+        for leftover in location.path.rglob("*.partial"):
+            leftover.unlink()
 
 
-def _mark_root(directory: Path, attrs: dict) -> None:
-    """Write the root group's zarr.json directly (temporary file, then rename): also over a damaged one."""
+def _mark_root(location: Location, attrs: dict) -> None:
+    """Write the root group's zarr.json directly, in one atomic write: also over a damaged one."""
     text = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=2)
-    partial = directory / "zarr.json.replacing.partial"
-    partial.write_text(text)
-    os.replace(partial, directory / "zarr.json")
+    location.write_bytes("zarr.json", text.encode())
 
 
-def replace(directory: Path, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
-    """Clear the directory (never while a reader holds the store) and create the store in it, settings last."""
-    claim = locks.claim_for_replacing(directory)
+def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
+    """Clear the store (never while a reader holds it) and create it again, settings last."""
+    claim = locks.claim_for_replacing(location)
     try:
-        _mark_root(directory, {"format": layout.FORMAT})  # from here on the store is unfinished
-        for child in directory.iterdir():
-            if child.name != "zarr.json":
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        _mark_root(location, {"format": layout.FORMAT})  # from here on the store is unfinished
+        for child in location.children():
+            if child in ("zarr.json", layout.LEASE):
+                continue
+            if location.local:
+                path = location.path / child
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            else:
+                location.delete(child)
     finally:
         locks.unlock(claim)
-    group = zarr.open_group(directory, mode="r+")
+    group = zarr.open_group(location.zarr_store(read_only=False), mode="r+")
     chunk_samples = int(settings["chunk_samples"])
+    shard_samples = layout.shard_samples(settings)
     try:
         group.create_group(layout.PROGRESS)
         for name, index in splits.items():
@@ -135,7 +148,7 @@ def replace(directory: Path, settings: dict, splits: dict[str, SplitIndex], bloc
             group.create_group(layout.progress_group(name))
             write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
             write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
-            create_files_array(group, name, len(index.paths), chunk_samples)
+            create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
         group.attrs.put({
             "format": layout.FORMAT,
             **settings,
@@ -145,12 +158,21 @@ def replace(directory: Path, settings: dict, splits: dict[str, SplitIndex], bloc
             "pools": [],
         })
     except OSError as error:
-        if error.errno in FULL:
-            raise StoreFullError(f"{directory}: no space left on the device while creating the store "
-                                 f"({format_bytes(shutil.disk_usage(directory).free)} free). Free some space and run "
-                                 "again") from None
+        if error.errno in FULL and location.local:
+            raise StoreFullError(f"{location}: no space left on the device while creating the store "
+                                 f"({format_bytes(shutil.disk_usage(location.path).free)} free). Free some space and "
+                                 "run again") from None
         raise
     return group
+
+
+def sample_chunking(n: int, chunk_samples: int, shard_samples: int, row_shape: tuple = ()) -> dict:
+    """`create_array` keywords that chunk an (n, *row_shape) array along samples, sharded where shards
+    hold more than one chunk (never more rows than the array has)."""
+    chunks = (chunk_samples, *row_shape)
+    if shard_samples <= chunk_samples or n <= chunk_samples:
+        return {"chunks": chunks}
+    return {"chunks": chunks, "shards": (shard_samples, *row_shape)}
 
 
 def write_index_array(group: zarr.Group, path: str, values: np.ndarray) -> None:
@@ -161,7 +183,7 @@ def write_index_array(group: zarr.Group, path: str, values: np.ndarray) -> None:
     array[:] = values
 
 
-def create_files_array(group: zarr.Group, split: str, n: int, chunk_samples: int) -> None:
-    group.create_array(layout.files_path(split), shape=(n, 2), chunks=(chunk_samples, 2), dtype="uint64",
-                       fill_value=0, compressors=SMALL_CODECS, dimension_names=("sample", "field"),
+def create_files_array(group: zarr.Group, split: str, n: int, chunk_samples: int, shard_samples: int) -> None:
+    group.create_array(layout.files_path(split), shape=(n, 2), **sample_chunking(n, chunk_samples, shard_samples, (2,)),
+                       dtype="uint64", fill_value=0, compressors=SMALL_CODECS, dimension_names=("sample", "field"),
                        attributes={"fields": list(layout.FILE_FIELDS)}, overwrite=True)

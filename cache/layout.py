@@ -5,12 +5,20 @@
     <store>/<split>/paths                    (N,) str, image path relative to the data root
     <store>/<split>/files                    (N, 2) uint64: content hash and mtime of each image when it was read
     <store>/<split>/block<B>/t<T>            (N, C, g, g) features of block B at timestep T
-    <store>/_progress/<split>/<write set>    (n_chunks,) uint8, 1 once sample chunk k of every array of the set is written
+    <store>/_progress/<split>/<write set>    (n_shards,) uint8, 1 once shard k of every array of the set is written
+    <store>/_writer.lease                    object stores only: who is writing (cache.lease)
+
+Arrays are chunked along samples (`chunk_samples` rows, the unit of reading) and, in stores made
+since sharding, grouped into shards of `shard_samples` rows (a multiple of `chunk_samples`): one
+object per shard holds its chunks and an index of them (zarr's sharding codec), so an array has as
+many objects as shards. A shard is the unit of writing and of completion: it is written whole, by
+one process, and then flagged. Stores made before sharding have no `shard_samples`: there a shard is
+a chunk (`shard_samples(attrs)`), so they read, resume and grow exactly as before.
 
 A *write set* is the group of arrays one extraction computes together; its attribute "arrays" lists
-them ("block<B>/t<T>"), and the set is named after them (`write_set_name`). Completing sample chunk k
-of all of them is one write (the set's flag k), so a run killed at any moment leaves every chunk of a
-set either done in all its arrays or in none. A chunk of an array is done when any set holding the
+them ("block<B>/t<T>"), and the set is named after them (`write_set_name`). Completing shard k of all
+of them is one write (the set's flag k), so a run killed at any moment leaves every shard of a set
+either done in all its arrays or in none. A shard of an array is done when any set holding the
 array has its flag set. Stores written before write sets keep one flag array per feature array,
 `_progress/<split>/block<B>/t<T>`: a set of one.
 
@@ -26,13 +34,17 @@ import re
 
 FORMAT = "diffusion-feature-cache/1"
 PROGRESS = "_progress"
+LEASE = "_writer.lease"
 DIMENSIONS = ("sample", "channel", "y", "x")
 FILE_FIELDS = ("blake2b64", "mtime_ns")
 
 # Settings that decide what every stored number is; a store only accepts writes that agree on all.
-IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples")
+IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples",
+                 "shard_samples")
 # A store is valid once its root attributes hold all of these: they are written last, in one write.
-REQUIRED_KEYS = ("format", *IDENTITY_KEYS, "block_table", "splits", "features", "pools")
+# (`shard_samples` is not among them: stores made before sharding have none, and read as unsharded.)
+REQUIRED_KEYS = ("format", *(k for k in IDENTITY_KEYS if k != "shard_samples"), "block_table", "splits", "features",
+                 "pools")
 
 _ARRAY_KEY = re.compile(r"block(\d+)/t(\d+)")
 
@@ -80,6 +92,16 @@ def write_set_name(arrays) -> str:
     return f"set-{digest}"
 
 
+def shard_samples(attrs: dict) -> int:
+    """Rows per shard: the store's `shard_samples`, or its `chunk_samples` in stores made before sharding."""
+    return int(attrs.get("shard_samples") or attrs["chunk_samples"])
+
+
+def normalised(attrs: dict) -> dict:
+    """The settings with every identity key present, as a store made today would record them."""
+    return {**attrs, "shard_samples": shard_samples(attrs)} if "chunk_samples" in attrs else dict(attrs)
+
+
 def num_chunks(num_samples: int, chunk_samples: int) -> int:
     return -(-num_samples // chunk_samples)
 
@@ -88,6 +110,7 @@ def chunk_slice(chunk: int, num_samples: int, chunk_samples: int) -> slice:
     return slice(chunk * chunk_samples, min((chunk + 1) * chunk_samples, num_samples))
 
 
-def chunk_file(array_path: str, chunk: int, ndim: int) -> str:
-    """The file of sample chunk `chunk` of an array, relative to the store (zarr v3's default encoding)."""
-    return f"{array_path}/c/{chunk}" + "/0" * (ndim - 1)
+def shard_file(array_path: str, shard: int, ndim: int) -> str:
+    """The object of shard `shard` of an array, relative to the store (zarr v3's default key encoding;
+    in a store without sharding, the object of chunk `shard`)."""
+    return f"{array_path}/c/{shard}" + "/0" * (ndim - 1)

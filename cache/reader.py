@@ -1,6 +1,6 @@
 """Reading a feature store (read-only: it never writes or repairs anything).
 
-    store = FeatureStore.open("features/pretrained.zarr")
+    store = FeatureStore.open("features/pretrained.zarr")    # or "s3://bucket/features.zarr", storage options
     store.blocks, store.timesteps, store.splits, store.attrs["noise_seed"]
     x = store.read("train", block=24, timestep=90, pool=2)   # (N, C, 2, 2) float32
     y = store.labels("train")                                 # (N,) int64
@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 from functools import cached_property
-from pathlib import Path
 
 import numpy as np
 import zarr
@@ -28,19 +27,21 @@ import zarr
 from cache import layout, locks
 from cache.errors import (ConfigError, IncompleteStoreError, IntegrityError, NotInStoreError, StoreError,
                           StoreReplacedError)
-from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_chunks, find_damage,
+from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_shards, find_damage,
                              identity, load_write_sets, read_root_attrs)
 from cache.pooling import adaptive_avg_pool, derivable
+from cache.storage import Location
 from cache.text import format_ranges
 
 REPAIR = "`pipeline extract` on the store (with its settings) recomputes it"
 
 
 class FeatureStore:
-    def __init__(self, group: zarr.Group, path: str, attrs: dict):
+    def __init__(self, group: zarr.Group, location: Location, attrs: dict):
         self._group = group
-        self.path = path
-        self._attrs = attrs
+        self.location = location
+        self.path = str(location)
+        self._attrs = layout.normalised(attrs)
         self._identity = identity(attrs)
         self._hold = None
         self._arrays: dict[str, zarr.Array] = {}
@@ -49,14 +50,15 @@ class FeatureStore:
         self._sets = {split: self._load_sets(split) for split in self.splits}
 
     @classmethod
-    def open(cls, path: str | Path) -> FeatureStore:
-        text = str(path)
-        attrs = read_root_attrs(text)
+    def open(cls, path, storage_options: dict | None = None) -> FeatureStore:
+        """The store at a local path or an fsspec URL (`s3://...`, with `storage_options` for its file system)."""
+        location = Location.parse(path, storage_options)
+        attrs = read_root_attrs(location)
         missing = [key for key in layout.REQUIRED_KEYS if key not in attrs]
         if missing:
-            raise StoreError(f"{text} was never finished being created (a run stopped while making it; no "
+            raise StoreError(f"{location} was never finished being created (a run stopped while making it; no "
                              f"{', '.join(missing)}). Run `pipeline extract` on it again: it is rebuilt")
-        return cls(zarr.open_group(text, mode="r"), text, attrs)
+        return cls(zarr.open_group(location.zarr_store(read_only=True), mode="r"), location, attrs)
 
     # -- holding ---------------------------------------------------------------------------------------
     def hold(self) -> FeatureStore:
@@ -64,8 +66,8 @@ class FeatureStore:
 
         Use as a context manager (`with store.hold(): ...`). Only local stores have the lock; on any
         store every read still checks that the store was not replaced."""
-        if self._hold is None and "://" not in self.path:
-            self._hold = locks.hold_for_reading(Path(self.path))
+        if self._hold is None and self.location.local:
+            self._hold = locks.hold_for_reading(self.location)
             self._check_current()
         return self
 
@@ -107,6 +109,11 @@ class FeatureStore:
         return int(self._attrs["chunk_samples"])
 
     @property
+    def shard_samples(self) -> int:
+        """Samples per shard, the unit of writing and completion (`chunk_samples` in stores without sharding)."""
+        return layout.shard_samples(self._attrs)
+
+    @property
     def extracted_pools(self) -> list[int]:
         """The pools the extraction was asked to make readable (a probe's default)."""
         return [int(p) for p in self._attrs.get("pools", [])]
@@ -143,6 +150,9 @@ class FeatureStore:
     def num_chunks(self, split: str) -> int:
         return layout.num_chunks(self.num_samples(split), self.chunk_samples)
 
+    def num_shards(self, split: str) -> int:
+        return layout.num_chunks(self.num_samples(split), self.shard_samples)
+
     def chunk_rows(self, split: str, chunk: int) -> slice:
         """The sample rows of chunk `chunk` of `split`."""
         return layout.chunk_slice(chunk, self.num_samples(split), self.chunk_samples)
@@ -169,9 +179,10 @@ class FeatureStore:
         return list(self._sets[split])
 
     def done_chunks(self, split: str, block: int, timestep: int) -> np.ndarray:
-        """(n_chunks,) bool: True where sample chunk k of the array is finished."""
+        """(n_chunks,) bool: True where sample chunk k of the array is finished (its shard is)."""
         self._check(split, block, timestep)
-        return done_chunks(self._sets[split], block, timestep, self.num_chunks(split))
+        shards = done_shards(self._sets[split], block, timestep, self.num_shards(split))
+        return shards[self._shard_of(np.arange(self.num_chunks(split)))]
 
     def missing_chunks(self, split: str, block: int, timestep: int) -> list[int]:
         return [int(k) for k in np.flatnonzero(~self.done_chunks(split, block, timestep))]
@@ -249,11 +260,22 @@ class FeatureStore:
     def verify(self) -> list[Damage]:
         """Every damaged or missing piece of the store: each finished chunk of every array decoded and
         checked (checksum, presence, finite values), every label, path, file record and flag chunk."""
-        return find_damage(self.path, full=True)
+        return find_damage(self.location, full=True)
 
     # -- internals -------------------------------------------------------------------------------------
+    def _shard_of(self, chunk):
+        return chunk * self.chunk_samples // self.shard_samples
+
+    def _where(self, chunk: int) -> str:
+        """Damage is named by shard, the unit that is written and repaired (a chunk where unsharded)."""
+        shard = int(self._shard_of(chunk))
+        return f"shard {shard}" if self.shard_samples == self.chunk_samples else f"shard {shard} (chunk {chunk})"
+
+    def _chunk_file(self, path: str, chunk: int, ndim: int) -> str:
+        return layout.shard_file(path, int(self._shard_of(chunk)), ndim)
+
     def _load_sets(self, split: str) -> list[WriteSet]:
-        sets, damage = load_write_sets(self._group, split, self.num_chunks(split))
+        sets, damage = load_write_sets(self._group, split, self.num_shards(split))
         if damage:
             lines = [d.describe(self.path) for d in damage[:5]]
             raise IntegrityError("completion flags are damaged:\n  " + "\n  ".join(lines)
@@ -309,23 +331,24 @@ class FeatureStore:
             return array[chunk_rows(array, chunk)]
         except DECODE_ERRORS:
             problem = decode_error(array, chunk_rows(array, chunk))
-            raise IntegrityError(f"{self.path}/{path} chunk {chunk} {problem} "
-                                 f"({layout.chunk_file(path, chunk, array.ndim)}). {REPAIR}") from None
+            raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} {problem} "
+                                 f"({self._chunk_file(path, chunk, array.ndim)}). {REPAIR}") from None
 
     def _check_finite(self, values: np.ndarray, path: str, chunk: int) -> None:
         if np.isfinite(values).all():
             return
-        file = layout.chunk_file(path, chunk, values.ndim)
-        present = "://" in self.path or (Path(self.path) / file).exists()
+        file = self._chunk_file(path, chunk, values.ndim)
+        present = self.location.exists(file)
         problem = "holds non-finite values" if present else "is missing"
-        raise IntegrityError(f"{self.path}/{path} chunk {chunk} is marked finished but {problem} ({file}). {REPAIR}")
+        raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file}). "
+                             f"{REPAIR}")
 
     def _root_stamp(self):
         """(inode, mtime) of the root zarr.json: every rewrite of the settings changes it (local stores)."""
-        if "://" in self.path:
+        if not self.location.local:
             return None
         try:
-            info = (Path(self.path) / "zarr.json").stat()
+            info = (self.location.path / "zarr.json").stat()
         except OSError:
             return None
         return info.st_ino, info.st_mtime_ns
@@ -335,7 +358,7 @@ class FeatureStore:
         if stamp is not None and stamp == self._root_seen:
             return  # the settings file was not rewritten since it was last checked
         try:
-            now = identity(read_root_attrs(self.path))
+            now = identity(read_root_attrs(self.location))
         except StoreError as error:
             raise StoreReplacedError(f"{self.path} changed after it was opened ({error})") from None
         if now != self._identity:

@@ -1,4 +1,4 @@
-"""Writing a feature store: created once, then filled chunk by chunk; resumable, crash-safe, single-writer.
+"""Writing a feature store: created once, then filled shard by shard; resumable, crash-safe, single-writer.
 
 Crash safety, step by step (a process may be killed between any two writes; local writes are
 atomic renames, zarr-python >= 3.1.3):
@@ -8,14 +8,20 @@ atomic renames, zarr-python >= 3.1.3):
   that one step. A store found without its settings (a run stopped while making it, or while
   clearing it) holds nothing of value and is rebuilt.
 - Arrays. A feature array is created before the settings list it; one found without flags is simply
-  unfinished, one found with damaged metadata is made again (its chunks unfinished).
-- Chunks. Sample chunk k of a write set's arrays (see `cache.layout`) is written in full, then
-  marked done with one write. A chunk is never marked done with non-finite values, nor with images
-  whose content changed since the store's other features were computed from them.
+  unfinished, one found with damaged metadata is made again (its shards unfinished).
+- Shards. Shard k of a write set's arrays (see `cache.layout`; a chunk in stores without sharding)
+  is written whole, in one write per array, then marked done with one write. A shard is never
+  marked done with non-finite values, nor with images whose content changed since the store's other
+  features were computed from them.
 - Reopening checks what the settings imply (labels, paths, every array, every flag) and repairs
-  what it can: damaged flags are rebuilt from the chunks that verify; finished chunks whose files
+  what it can: damaged flags are rebuilt from the shards that verify; finished shards whose objects
   are gone (or, with `verify`, that fail their checksum) are marked unfinished, to be recomputed.
-- A full disk is a `StoreFullError` naming the space needed; finished chunks are kept.
+- A full disk is a `StoreFullError` naming the space needed; finished shards are kept.
+
+The same steps hold on object stores (`cache.storage`), where every write is one atomic PUT and the
+single writer holds a lease instead of a flock (`cache.locks`). Several processes of one job
+(`stages.extract.distributed`) write one store: the first opens it with `open` (lock, creation,
+repairs, attributes), the others `attach` to it and write only the shards they are given.
 """
 
 from __future__ import annotations
@@ -23,17 +29,17 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import contextmanager
-from pathlib import Path
-
 import numpy as np
 import zarr
 
 from cache import layout, locks
 from cache.creation import (FEATURE_CODECS, FULL, SMALL_CODECS, SplitIndex, create_files_array, differences,
-                            inspect_directory, make_directory, remove_partial_writes, replace, write_index_array)
+                            inspect_directory, make_directory, remove_partial_writes, replace, sample_chunking,
+                            write_index_array)
 from cache.errors import DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError, StoreMismatchError
-from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_problem, chunk_rows, decode_error, done_chunks,
-                             find_damage, load_write_sets, read_root_attrs)
+from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_shards, find_damage,
+                             load_write_sets, read_root_attrs, shard_problem)
+from cache.storage import Location
 from cache.text import format_bytes, format_ranges
 
 log = logging.getLogger(__name__)
@@ -42,19 +48,19 @@ log = logging.getLogger(__name__)
 class FeatureStoreWriter:
     """The one process allowed to write a store; use as a context manager (it holds a lock)."""
 
-    def __init__(self, path: Path, group: zarr.Group, lock_fd: int | None):
-        self.path = str(path)
-        self._dir = Path(path)
+    def __init__(self, location: Location, group: zarr.Group, lock: locks.WriterLock | None):
+        self.location = location
+        self.path = str(location)
         self._group = group
-        self._lock_fd = lock_fd
-        self._attrs = dict(group.attrs)
+        self._lock = lock
+        self._attrs = layout.normalised(dict(group.attrs))
         self._sets: dict[str, list[WriteSet]] = {}
 
     # -- opening -------------------------------------------------------------------------------------
     @classmethod
     def open(
         cls,
-        path: str | Path,
+        path: str | Location,
         *,
         settings: dict,
         splits: dict[str, SplitIndex],
@@ -68,22 +74,27 @@ class FeatureStoreWriter:
         `grids` (block -> stored grid) are the grids this run will write; a block already stored at
         another grid is a difference too. A store that differs is refused with the differences
         named, or, with `overwrite`, replaced (never while a reader holds it). A store that agrees is
-        reopened either way and repaired where needed (module docstring), so finished chunks are kept
-        and only what is missing gets computed. `verify` also decodes every finished chunk.
+        reopened either way and repaired where needed (module docstring), so finished shards are kept
+        and only what is missing gets computed. `verify` also decodes every finished shard.
+        `path` is a local directory or an object store URL (`cache.storage.Location`).
         """
+        settings = layout.normalised(settings)
         missing = [key for key in layout.IDENTITY_KEYS if key not in settings]
         if missing:
             raise ValueError(f"settings lack {missing}")
         if not splits:
             raise ValueError("a store needs at least one split")
-        directory = Path(path)
+        if layout.shard_samples(settings) % int(settings["chunk_samples"]):
+            raise ValueError(f"shard_samples {settings['shard_samples']} is not a multiple of chunk_samples "
+                             f"{settings['chunk_samples']}")
+        directory = Location.parse(path)
         make_directory(directory)
-        lock_fd = locks.lock_writer(directory)
+        lock = locks.lock_writer(directory)
         try:
             state, existing = inspect_directory(directory)
             changed = differences(existing, settings, grids or {}) if state == "valid" else []
             if state == "valid" and not changed:
-                writer = cls(directory, zarr.open_group(directory, mode="r+"), lock_fd)
+                writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
                 with writer._writing("reopening the store"):
                     writer._reopen(splits, verify=verify)
                 return writer
@@ -97,12 +108,21 @@ class FeatureStoreWriter:
                                  "trusted. Pass --overwrite to replace the store, or use another --out")
             if state == "unfinished":
                 log.warning("%s was left unfinished by a run that stopped while making it: building it again", directory)
-            writer = cls(directory, replace(directory, settings, splits, block_table), lock_fd)
+            writer = cls(directory, replace(directory, settings, splits, block_table), lock)
             writer._load_sets()
             return writer
         except BaseException:
-            locks.unlock(lock_fd)
+            lock.release()
             raise
+
+    @classmethod
+    def attach(cls, path: str | Location) -> FeatureStoreWriter:
+        """Another process of the job that holds the store open (`open`): it writes the shards it is
+        given and nothing else (no lock, no attributes, no repairs; its writes are the holder's)."""
+        location = Location.parse(path)
+        writer = cls(location, zarr.open_group(location.zarr_store(read_only=False), mode="r+"), None)
+        writer._load_sets()
+        return writer
 
     def __enter__(self) -> FeatureStoreWriter:
         return self
@@ -111,8 +131,9 @@ class FeatureStoreWriter:
         self.close()
 
     def close(self) -> None:
-        locks.unlock(self._lock_fd)
-        self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- planning ------------------------------------------------------------------------------------
     @property
@@ -122,8 +143,15 @@ class FeatureStoreWriter:
     def num_samples(self, split: str) -> int:
         return int(self._attrs["splits"][split])
 
-    def num_chunks(self, split: str) -> int:
-        return layout.num_chunks(self.num_samples(split), self.chunk_samples)
+    @property
+    def shard_samples(self) -> int:
+        return layout.shard_samples(self._attrs)
+
+    def num_shards(self, split: str) -> int:
+        return layout.num_chunks(self.num_samples(split), self.shard_samples)
+
+    def shard_rows(self, split: str, shard: int) -> slice:
+        return layout.chunk_slice(shard, self.num_samples(split), self.shard_samples)
 
     def grid(self, block: int) -> int | None:
         entry = self._attrs["features"].get(str(block))
@@ -145,7 +173,8 @@ class FeatureStoreWriter:
                     f"{entry['grid']}, or use --overwrite (or another --out) to re-extract."
                 )
         dtype = self._attrs["dtype"]
-        with self._writing("creating arrays"):
+        wanted = {(int(block), int(t)): int(grid) for block, grid in features.items() for t in timesteps}
+        with self._writing("creating arrays", unlisted=wanted):
             for block, grid in features.items():
                 channels = table[block]["channels"]
                 entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
@@ -164,7 +193,8 @@ class FeatureStoreWriter:
     def _ensure_array(self, split: str, block: int, timestep: int, channels: int, grid: int, dtype: str) -> None:
         n = self.num_samples(split)
         name = layout.feature_path(split, block, timestep)
-        shape, chunks = (n, channels, grid, grid), (self.chunk_samples, channels, grid, grid)
+        shape = (n, channels, grid, grid)
+        chunking = sample_chunking(n, self.chunk_samples, self.shard_samples, (channels, grid, grid))
         try:
             existing = self._group[name]
         except KeyError:
@@ -174,15 +204,17 @@ class FeatureStoreWriter:
             self._forget_array(split, block, timestep)
             existing = None
         if existing is not None:
-            if existing.shape == shape and existing.chunks == chunks and str(existing.dtype) == dtype:
-                return
+            if (existing.shape == shape and existing.chunks == chunking["chunks"]
+                    and existing.shards == chunking.get("shards") and str(existing.dtype) == dtype):
+                return  # (stores made before sharding keep their unsharded arrays: a shard is a chunk there)
             if self.done(split, block, timestep).any():
                 raise StoreError(f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
-                                 f"({existing.dtype}), this run needs {shape} in chunks of {chunks} ({dtype}) and it "
-                                 "holds finished chunks: use --overwrite (or another --out) to re-extract")
+                                 f"({existing.dtype}), this run needs {shape} in chunks of {chunking['chunks']} "
+                                 f"({dtype}) and it holds finished shards: use --overwrite (or another --out) to "
+                                 "re-extract")
             self._forget_array(split, block, timestep)
         self._group.create_array(
-            name, shape=shape, chunks=chunks, dtype=dtype,
+            name, shape=shape, **chunking, dtype=dtype,
             fill_value=np.nan,  # unfinished samples read as NaN, never as plausible zeros
             compressors=FEATURE_CODECS, dimension_names=layout.DIMENSIONS,
         )
@@ -198,41 +230,47 @@ class FeatureStoreWriter:
 
     # -- completion ----------------------------------------------------------------------------------
     def done(self, split: str, block: int, timestep: int) -> np.ndarray:
-        """(n_chunks,) bool: chunks of the array marked finished."""
-        return done_chunks(self._sets.get(split, []), block, timestep, self.num_chunks(split))
+        """(n_shards,) bool: shards of the array marked finished."""
+        return done_shards(self._sets.get(split, []), block, timestep, self.num_shards(split))
 
-    def pending_chunks(self, split: str, block: int, timestep: int) -> list[int]:
-        """Sample chunks of this array not yet marked done."""
+    def pending_shards(self, split: str, block: int, timestep: int) -> list[int]:
+        """Shards of this array not yet marked done."""
         return [int(k) for k in np.flatnonzero(~self.done(split, block, timestep))]
 
     def write_set(self, split: str, arrays) -> str:
-        """The write set of these (block, timestep) arrays in `split` (created if new); pass it to `write_chunk`."""
+        """The write set of these (block, timestep) arrays in `split` (created if new); pass it to `write_shard`."""
         keys = sorted({(int(b), int(t)) for b, t in arrays})
         path = f"{layout.progress_group(split)}/{layout.write_set_name(keys)}"
         if not any(s.path == path for s in self._sets[split]):
             with self._writing("creating completion flags"):
+                # one object per flag: shards are written by different processes, never one object by two
                 array = self._group.create_array(
-                    path, shape=(self.num_chunks(split),), chunks=(1,), dtype="uint8", fill_value=0,
-                    compressors=SMALL_CODECS, dimension_names=("chunk",),
+                    path, shape=(self.num_shards(split),), chunks=(1,), dtype="uint8", fill_value=0,
+                    compressors=SMALL_CODECS, dimension_names=("shard",),
                     attributes={"arrays": [layout.array_key(b, t) for b, t in keys]},
                 )
                 del array
-            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_chunks(split), np.uint8)))
+            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_shards(split), np.uint8)))
         return path
 
-    # -- writing -------------------------------------------------------------------------------------
-    def write_chunk(self, split: str, chunk: int, features: dict[tuple[int, int], np.ndarray], *,
-                    write_set: str | None = None, files: np.ndarray | None = None) -> None:
-        """Write sample chunk `chunk` of several arrays, keyed (block, timestep), then mark it done in one write.
+    def reload_write_sets(self) -> None:
+        """Read the completion flags again (a process attached to the store, after the holder made new sets)."""
+        self._load_sets()
 
-        `files` (n, 2) uint64 are the chunk's images' content hashes and mtimes, as read for this
-        chunk; where the store recorded other hashes for them, nothing is written (DataChangedError).
+    # -- writing -------------------------------------------------------------------------------------
+    def write_shard(self, split: str, shard: int, features: dict[tuple[int, int], np.ndarray], *,
+                    write_set: str | None = None, files: np.ndarray | None = None) -> None:
+        """Write shard `shard` (`shard_rows`) of several arrays, keyed (block, timestep), whole, then mark it
+        done in one write.
+
+        `files` (n, 2) uint64 are the shard's images' content hashes and mtimes, as read for this
+        shard; where the store recorded other hashes for them, nothing is written (DataChangedError).
         `write_set` defaults to the set of exactly these arrays.
         """
-        rows = layout.chunk_slice(chunk, self.num_samples(split), self.chunk_samples)
+        rows = self.shard_rows(split, shard)
         for (block, timestep), values in features.items():
             if values.shape[0] != rows.stop - rows.start:
-                raise ValueError(f"chunk {chunk} of {split} holds {rows.stop - rows.start} samples, got {values.shape[0]}")
+                raise ValueError(f"shard {shard} of {split} holds {rows.stop - rows.start} samples, got {values.shape[0]}")
             if not np.isfinite(values).all():
                 bad = rows.start + np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
                 raise NonFiniteFeaturesError(
@@ -247,14 +285,21 @@ class FeatureStoreWriter:
         missing = set(features) - target.arrays
         if missing:
             raise ValueError(f"write set {path} does not hold {sorted(missing)}")
-        with self._writing(f"chunk {chunk} of {split}"):
+        if self._lock is not None:
+            self._lock.check()  # an object store's lease lost to another writer: stop before writing
+        with self._writing(f"shard {shard} of {split}"):
             for (block, timestep), values in features.items():
-                array = self._group[layout.feature_path(split, block, timestep)]
+                name = layout.feature_path(split, block, timestep)
+                array = self._group[name]
+                # An unfinished shard's old object holds nothing of value, and zarr would read it (a damaged
+                # one fails) to merge the new rows into it: start from nothing.
+                self._discard(layout.shard_file(name, shard, array.ndim))
                 array[rows] = values.astype(array.dtype, copy=False)
             if files is not None and layout.files_path(split) in self._group:
+                self._discard(layout.shard_file(layout.files_path(split), shard, 2))
                 self._group[layout.files_path(split)][rows] = files
-            self._group[path][chunk] = 1
-        target.flags[chunk] = 1
+            self._group[path][shard] = 1
+        target.flags[shard] = 1
 
     def file_records(self, split: str) -> np.ndarray:
         """(N, 2) uint64 content hash and mtime (ns) of each image when it was read; 0 where not yet read."""
@@ -280,43 +325,45 @@ class FeatureStoreWriter:
                 "Restore them, or re-extract everything with --overwrite"
             )
 
-    def remaining_bytes(self) -> int:
-        """Uncompressed bytes of every chunk not yet finished: what a run still writes, at most."""
+    def remaining_bytes(self, unlisted: dict[tuple[int, int], int] | None = None) -> int:
+        """Uncompressed bytes of every shard not yet finished: what a run still writes, at most; `unlisted`
+        ((block, timestep) -> grid) adds arrays about to be created."""
         itemsize = np.dtype(self._attrs["dtype"]).itemsize
         table = {row["number"]: row for row in self._attrs["block_table"]}
+        arrays = {(int(b), int(t)): int(e["grid"]) for b, e in self._attrs["features"].items() for t in e["timesteps"]}
         total = 0
         for split in self._attrs["splits"]:
-            for block, entry in self._attrs["features"].items():
-                per_sample = table[int(block)]["channels"] * int(entry["grid"]) ** 2 * itemsize
-                for timestep in entry["timesteps"]:
-                    pending = self.pending_chunks(split, int(block), int(timestep))
-                    total += len(pending) * self.chunk_samples * per_sample
+            for (block, timestep), grid in {**(unlisted or {}), **arrays}.items():
+                per_sample = table[block]["channels"] * grid ** 2 * itemsize
+                listed = (block, timestep) in arrays
+                pending = len(self.pending_shards(split, block, timestep)) if listed else self.num_shards(split)
+                total += min(pending * self.shard_samples, self.num_samples(split)) * per_sample
         return total
 
     @contextmanager
-    def _writing(self, what: str):
+    def _writing(self, what: str, unlisted: dict | None = None):
         try:
             yield
         except OSError as error:
-            if error.errno not in FULL:
+            if error.errno not in FULL or not self.location.local:
                 raise
-            free = shutil.disk_usage(self._dir).free
+            free = shutil.disk_usage(self.location.path).free
             raise StoreFullError(
                 f"{self.path}: no space left on the device while {what}; {format_bytes(free)} free, and the "
-                f"unfinished chunks need up to {format_bytes(self.remaining_bytes())} more (before compression). "
-                "Free some space and run the same command again: finished chunks are kept."
+                f"unfinished shards need up to {format_bytes(self.remaining_bytes(unlisted))} more (before compression). "
+                "Free some space and run the same command again: finished shards are kept."
             ) from None
 
     # -- reopening and repairs -----------------------------------------------------------------------
     def _load_sets(self) -> list[Damage]:
         damage = []
         for split in self._attrs["splits"]:
-            self._sets[split], found = load_write_sets(self._group, split, self.num_chunks(split))
+            self._sets[split], found = load_write_sets(self._group, split, self.num_shards(split))
             damage += found
         return damage
 
     def _reopen(self, splits: dict[str, SplitIndex], *, verify: bool) -> None:
-        remove_partial_writes(self._dir)
+        remove_partial_writes(self.location)
         sizes = {split: len(index.paths) for split, index in splits.items()}
         if {**self._attrs["splits"], **sizes} != self._attrs["splits"]:  # edited: the data set says what they are
             log.warning("%s/zarr.json listed split sizes %s; the data set has %s: corrected", self.path,
@@ -327,36 +374,34 @@ class FeatureStoreWriter:
         self._repair(verify=verify)
 
     @classmethod
-    def repair(cls, path: str | Path) -> list[Damage]:
-        """Verify every finished chunk of the store at `path` and repair what needs no data set: damaged
-        flags are rebuilt, damaged or missing chunks marked unfinished (`pipeline extract` recomputes
+    def repair(cls, path: str | Location) -> list[Damage]:
+        """Verify every finished shard of the store at `path` and repair what needs no data set: damaged
+        flags are rebuilt, damaged or missing shards marked unfinished (`pipeline extract` recomputes
         them). Returns what was found; labels and paths can only be written again by `pipeline extract`."""
-        if "://" in str(path):
-            raise StoreError(f"{path}: repairs need a local store; run `pipeline extract ... --verify` instead")
-        read_root_attrs(str(path))  # a store that is not there, or not a store, is named first
-        directory = Path(path)
-        lock_fd = locks.lock_writer(directory)
+        directory = Location.parse(path)
+        read_root_attrs(directory)  # a store that is not there, or not a store, is named first
+        lock = locks.lock_writer(directory)
         try:
             state, _ = inspect_directory(directory)
             if state != "valid":
                 raise StoreError(f"{directory} is {state}: only `pipeline extract ... --overwrite` can rebuild it")
-            writer = cls(directory, zarr.open_group(directory, mode="r+"), lock_fd)
-            found = find_damage(writer.path, full=True)
+            writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
+            found = find_damage(directory, full=True)
             with writer._writing("repairing the store"):
                 writer._repair(verify=True)
             return found
         finally:
-            locks.unlock(lock_fd)
+            lock.release()
 
     def _repair(self, *, verify: bool) -> None:
-        """Flags, arrays and finished chunks: what the settings imply is there, and sound."""
+        """Flags, arrays and finished shards: what the settings imply is there, and sound."""
         damage = self._load_sets()
         for item in damage:
-            if item.chunk is None:  # flags of the wrong length: they are rebuilt from scratch
+            if item.shard is None:  # flags of the wrong length: they are rebuilt from scratch
                 log.warning("%s: rebuilt", item.describe(self.path))
                 del self._group[item.path]
-        if any(d.chunk is None for d in damage):
-            damage = [d for d in damage if d.chunk is not None] + self._load_sets()
+        if any(d.shard is None for d in damage):
+            damage = [d for d in damage if d.shard is not None] + self._load_sets()
         for item in damage:
             self._rebuild_flag(item)
         table = {row["number"]: row for row in self._attrs["block_table"]}
@@ -365,11 +410,11 @@ class FeatureStoreWriter:
                 for timestep in entry["timesteps"]:
                     self._ensure_array(split, int(block), int(timestep), table[int(block)]["channels"],
                                        int(entry["grid"]), self._attrs["dtype"])
-        for item in find_damage(self.path, full=verify):
-            if item.chunk is not None and "/block" in item.path:
+        for item in find_damage(self.location, full=verify):
+            if item.shard is not None and "/block" in item.path:
                 log.warning("%s: marked unfinished, to be recomputed", item.describe(self.path))
                 split = item.path.split("/")[0]
-                self._mark_unfinished(split, *layout.parse_array_key(item.path.split("/", 1)[1]), item.chunk)
+                self._mark_unfinished(split, *layout.parse_array_key(item.path.split("/", 1)[1]), item.shard)
 
     def _repair_index(self, split: str, index: SplitIndex) -> None:
         """Labels, paths and file records exist and hold what the data set says (identity already matched)."""
@@ -399,27 +444,38 @@ class FeatureStoreWriter:
         except (KeyError, *DECODE_ERRORS):
             if layout.files_path(split) in group:
                 del self._group[layout.files_path(split)]
-            create_files_array(self._group, split, n, self.chunk_samples)
+            create_files_array(self._group, split, n, self.chunk_samples, self.shard_samples)
 
     def _rebuild_flag(self, item: Damage) -> None:
-        """A damaged flag of chunk k: 1 if every array of its set verifies at chunk k, else 0."""
+        """A damaged flag of shard k: 1 if every array of its set verifies at shard k, else 0."""
         split = item.path.split("/")[1]
         write_set = next(s for s in self._sets[split] if s.path == item.path)
-        ok = all(chunk_problem(self._group, self.path, layout.feature_path(split, b, t),
-                               self._group[layout.feature_path(split, b, t)], item.chunk, full=True, local=True) is None
+        ok = all(shard_problem(self.location, layout.feature_path(split, b, t),
+                               self._group[layout.feature_path(split, b, t)], item.shard, self.shard_samples,
+                               full=True) is None
                  for b, t in write_set.arrays if layout.feature_path(split, b, t) in self._group)
         log.warning("%s: rebuilt as %s", item.describe(self.path), "finished" if ok else "unfinished")
-        self._group[item.path][item.chunk] = int(ok)
-        write_set.flags[item.chunk] = int(ok)
+        self._group[item.path][item.shard] = int(ok)
+        write_set.flags[item.shard] = int(ok)
 
-    def _mark_unfinished(self, split: str, block: int, timestep: int, chunk: int) -> None:
+    def _mark_unfinished(self, split: str, block: int, timestep: int, shard: int) -> None:
         for write_set in self._sets[split]:
-            if (block, timestep) in write_set.arrays and write_set.flags[chunk]:
-                self._group[write_set.path][chunk] = 0
-                write_set.flags[chunk] = 0
+            if (block, timestep) in write_set.arrays and write_set.flags[shard]:
+                self._group[write_set.path][shard] = 0
+                write_set.flags[shard] = 0
+
+    def _discard(self, key: str) -> None:
+        if self.location.local:
+            (self.location.path / key).unlink(missing_ok=True)
+        else:
+            self.location.delete(key)
 
     def _forget_array(self, split: str, block: int, timestep: int) -> None:
-        """Delete a feature array and mark all of its chunks unfinished."""
-        shutil.rmtree(self._dir / layout.feature_path(split, block, timestep), ignore_errors=True)
-        for chunk in range(self.num_chunks(split)):
-            self._mark_unfinished(split, block, timestep, chunk)
+        """Delete a feature array and mark all of its shards unfinished."""
+        path = layout.feature_path(split, block, timestep)
+        if self.location.local:
+            shutil.rmtree(self.location.path / path, ignore_errors=True)
+        else:
+            self.location.delete(path)
+        for shard in range(self.num_shards(split)):
+            self._mark_unfinished(split, block, timestep, shard)
