@@ -86,7 +86,8 @@ def blocks(model: str) -> None:
 @main.command()
 @options.model_option
 @click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
-@click.option("--out", required=True, help="The feature store (a directory; created or resumed).")
+@click.option("--out", required=True,
+              help="The feature store: a directory or an object-store URL (s3://bucket/name.zarr); created or resumed.")
 @click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
 @click.option("--timesteps", type=options.TIMESTEPS, default="90", help="Comma list of noise timesteps.")
 @click.option("--pool", "pools", type=options.POOLS, default="1,2,4", help="Pooled grid sizes to make readable.")
@@ -98,45 +99,68 @@ def blocks(model: str) -> None:
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Image decoding processes [default: 0 on CPU, up to 8 on CUDA].")
 @click.option("--noise-seed", type=click.IntRange(min=0), default=0, help="Seed of the per-sample noise.")
-@click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk [default: ~4 MB chunks].")
+@click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk, the unit of reading [default: ~4 MB chunks].")
+@click.option("--shard-samples", type=click.IntRange(min=1), default=None,
+              help="Samples per shard (one object per array; a multiple of --chunk-samples), the unit of writing "
+                   "[default: ~128 MB shards of the widest array, at most 1 GB of all arrays].")
+@click.option("--nproc", type=click.IntRange(min=1), default=1,
+              help="Processes on this machine (torchrun --standalone; one GPU each on CUDA). Under torchrun, leave it out.")
+@options.storage_option
 @click.option("--overwrite", is_flag=True,
               help="Replace the store if it was made with other settings (a matching one is still resumed).")
 @click.option("--verify", is_flag=True,
               help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
-            noise_seed, chunk_samples, overwrite, verify, dry_run) -> None:
-    """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
+            noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite, verify, dry_run) -> None:
+    """Run the U-Net once per batch and timestep set, and store every requested block's pooled output.
+
+    Under torchrun (or with --nproc N) every process takes its share of the pending shards.
+    """
+    import os
+
+    from cache.storage import parse_storage_options
+    from stages.extract.launch import relaunch
+
+    if nproc > 1 and not dry_run:
+        if "WORLD_SIZE" in os.environ:
+            raise click.UsageError("--nproc starts its own processes: leave it out under torchrun")
+        raise SystemExit(relaunch(nproc))
     from stages.extract.plan import ExtractConfig, make_plan
     from stages.extract.run import run_extract
 
     config = ExtractConfig(
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
-        noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite, verify=verify,
+        noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
+        storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
     )
     if dry_run:
-        click.echo(make_plan(config).describe())
+        click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))
         return
     plan = run_extract(config)
-    click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
 
 
 @main.command()
-@click.option("--store", required=True, help="The feature store to check.")
+@click.option("--store", required=True, help="The feature store to check (a directory or an object-store URL).")
+@options.storage_option
 @click.option("--repair", is_flag=True,
               help="Rebuild damaged completion flags and mark damaged chunks unfinished, for `pipeline extract` to "
                    "recompute.")
-def verify(store: str, repair: bool) -> None:
-    """Decode and check every finished chunk of a store: checksums, missing files, non-finite values, flags."""
+def verify(store: str, storage_options, repair: bool) -> None:
+    """Decode and check every finished shard of a store: checksums, missing objects, non-finite values, flags."""
     from cache import FeatureStoreWriter
     from cache.integrity import find_damage
+    from cache.storage import Location, parse_storage_options
 
-    damage = FeatureStoreWriter.repair(store) if repair else find_damage(store, full=True)
+    location = Location.parse(store, parse_storage_options(storage_options))
+    damage = FeatureStoreWriter.repair(location) if repair else find_damage(location, full=True)
     for item in damage:
         click.echo(item.describe(store))
     if not damage:
-        click.echo(f"{store}: every finished chunk verifies")
+        click.echo(f"{store}: every finished shard verifies")
     elif repair:
         click.echo(f"{len(damage)} problem(s) repaired: damaged chunks are marked unfinished; run `pipeline extract` "
                    "with the store's settings (or `dvc repro`) to recompute them")
@@ -218,7 +242,8 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 
 
 @main.command()
-@click.option("--store", required=True, help="The feature store (only read, never changed).")
+@click.option("--store", required=True, help="The feature store, a directory or an object-store URL (only read).")
+@options.storage_option
 @click.option("--head", required=True, type=options.HEAD,
               help="torch heads train in banks (linear, mlp; cnn, attention on pooled grids); scikit-learn probes "
                    "fit their whole grid (logreg, knn, ridge). Each is a row of stages/probe/registry.py.")
@@ -263,13 +288,15 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
 @click.option("--render/--no-render", default=True,
               help="Also draw the run's heatmaps and summary.md (the report stage draws them from the results too).")
-def probe(store, head, render, **flags) -> None:
+def probe(store, storage_options, head, render, **flags) -> None:
     """Train probe heads on every requested (block, timestep, pool) of the store in one sweep."""
+    from cache.storage import parse_storage_options
     from stages.probe.run import run_probe
     from stages.probe.settings import ProbeSettings
 
     given = {key: value for key, value in flags.items() if value is not None}
-    result = run_probe(ProbeSettings(store=store, head=head, **given))
+    result = run_probe(ProbeSettings(store=store, head=head, storage_options=parse_storage_options(storage_options),
+                                     **given))
     if render:
         from stages.report import render_run
 

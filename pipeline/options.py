@@ -205,3 +205,12 @@ class ParsedType(click.ParamType):
 FLOATS = ParsedType("FLOATS", parse_float_list, (tuple,))  # e.g. 1e-3,0.01,0.1
 BYTES = ParsedType("SIZE", parse_byte_size, (int,))  # e.g. 8GB, or auto (None)
 NAMED_PATH = ParsedType("[NAME=]PATH", parse_named_path, (tuple,))  # the name defaults to the directory's own
+
+
+def storage_option(command):
+    """`--storage-option KEY=VALUE`, repeatable: fsspec options of an object store (`cache.storage`)."""
+    return click.option(
+        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        help="An fsspec option of an object-store URL (s3://, gs:// ...), e.g. anon=true or "
+             "client_kwargs.region_name=eu-west-1; repeat for more. Credentials and endpoints come from the "
+             "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")(command)

@@ -72,13 +72,13 @@ def write_pixel_store(
         for name, split in folders.items():
             check_images_unchanged(writer, name, split)
             n = len(split.paths)
-            pending = writer.pending_chunks(name, PIXEL_BLOCK, PIXEL_TIMESTEP)
+            pending = writer.pending_shards(name, PIXEL_BLOCK, PIXEL_TIMESTEP)
             write_set = writer.write_set(name, [(PIXEL_BLOCK, PIXEL_TIMESTEP)]) if pending else None
             for chunk in pending:
                 rows = range(*layout.chunk_slice(chunk, n, writer.chunk_samples).indices(n))
                 loaded = [read_image(split.root / split.paths[i], size, channels) for i in rows]
                 images = np.stack([image.numpy() for image, _ in loaded])
                 records = np.asarray([record for _, record in loaded], dtype=np.uint64)
-                writer.write_chunk(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},
+                writer.write_shard(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},
                                    write_set=write_set, files=records)
     return Path(out)

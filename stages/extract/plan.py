@@ -1,8 +1,13 @@
 """Planning an extraction: the request checked against the model and the data before any work.
 
 `make_plan` resolves blocks, grids, splits and the store's chunking into a `Plan`, whose `describe`
-is what `--dry-run` prints. Work is organised by the store's sample chunks: batches never cross a
-chunk (`chunk_batches`), so a rerun recomputes a chunk with exactly the batches an uninterrupted run uses.
+is what `--dry-run` prints. Work is organised by the store's shards (the unit of writing, many
+sample chunks each): batches never cross a chunk (`chunk_batches`), so a rerun, or a job with another
+number of processes, computes a chunk with exactly the batches an uninterrupted single process uses.
+
+Chunks (`CHUNK_BYTES` in the widest array) are small enough for shuffled probe reads; shards hold
+`SHARD_BYTES` of the widest array, fewer where one shard of every array of the plan would exceed
+`SHARD_BUFFER_BYTES`: a process holds the shard it fills, uncompressed, for all of them at once.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import contextlib
 import re
 from dataclasses import dataclass, field
 from importlib import metadata
-from pathlib import Path
 
 import numpy as np
 
 from cache import FeatureStore, layout
 from cache.errors import ConfigError
 from cache.pooling import stored_grid
+from cache.storage import Location
+from cache.text import format_bytes
 from stages.data.folders import ImageFolderSplit, dataset_identity, scan
 from stages.data.images import preprocessing
 from stages.models.blocks import Block, block_table, resolve_blocks
@@ -26,6 +32,8 @@ from stages.models.loading import LoadedModel, load_model
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 4 << 20  # aim for sample chunks of about 4 MB in the widest array
+SHARD_BYTES = 128 << 20  # and shards (objects) of about 128 MB in it: object stores like tens to hundreds of MB
+SHARD_BUFFER_BYTES = 1 << 30  # at most this much of one shard of every array held in memory per process
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -45,10 +53,13 @@ class ExtractConfig:
     workers: int | None = None
     noise_seed: int = 0
     chunk_samples: int | None = None  # None: the store's, or sized to CHUNK_BYTES
+    shard_samples: int | None = None  # None: the store's, or sized to SHARD_BYTES (a multiple of chunk_samples)
+    storage_options: dict = field(default_factory=dict)  # for an object store --out (fsspec)
     overwrite: bool = False
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
 
     def __post_init__(self):
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         if isinstance(self.blocks, str):
             raise ConfigError(f"blocks must be block numbers or None, got the string {self.blocks!r}; "
                               "pipeline.options.parse_block_spec reads '18-30' and the like")
@@ -68,7 +79,12 @@ class Plan:
     grids: dict[int, int]
     splits: dict[str, ImageFolderSplit]
     chunk_samples: int
+    shard_samples: int
     settings: dict = field(repr=False)
+
+    @property
+    def location(self) -> Location:
+        return Location.parse(self.config.out, self.config.storage_options)
 
     def arrays(self) -> list[tuple[str, Block, int, tuple[int, ...]]]:
         return [
@@ -78,28 +94,47 @@ class Plan:
             for t in self.config.timesteps
         ]
 
-    def describe(self) -> str:
+    def objects(self, split: str) -> int:
+        """Objects (files) of one feature array of `split`: one per shard, or per chunk where unsharded."""
+        n = len(self.splits[split].paths)
+        return layout.num_chunks(n, self.shard_samples if n > self.chunk_samples else self.chunk_samples)
+
+    def describe(self, world_size: int = 1) -> str:
         itemsize = np.dtype(self.config.dtype).itemsize
         lines = [
             f"model {self.config.model}: {len(self.table)} blocks, deepest requested {max(self.grids)}",
-            f"store {self.config.out}: {self.config.dtype}, sample chunks of {self.chunk_samples}",
+            f"store {self.config.out}: {self.config.dtype}, sample chunks of {self.chunk_samples}, shards of "
+            f"{self.shard_samples} samples (the unit of writing: one object per array and shard)",
         ]
-        total = 0
+        images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
         for split, data in self.splits.items():
             n = len(data.paths)
-            images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
-            passes = len(chunk_batches(list(range(layout.num_chunks(n, self.chunk_samples))), n, self.chunk_samples, images))
+            shards = layout.num_chunks(n, self.shard_samples)
+            per_rank = [self._passes(split, list(range(shards))[rank::world_size], images) for rank in range(world_size)]
             lines.append(
-                f"{split}: {n} images, {passes} forward passes of up to {images} images x "
+                f"{split}: {n} images in {shards} shards, {sum(per_rank)} forward passes of up to {images} images x "
                 f"{len(self.config.timesteps)} timesteps"
+                + (f"; per process (of {world_size}): {', '.join(map(str, per_rank))}" if world_size > 1 else "")
             )
-        lines.append(f"{'split':<6} {'block':>5} {'timestep':>8}  {'shape':<24} {'MB':>10}")
+        lines.append(f"{'split':<6} {'block':>5} {'timestep':>8}  {'shape':<24} {'objects':>7} {'MB':>10}")
+        total = objects = 0
         for split, block, t, shape in self.arrays():
             size = int(np.prod(shape)) * itemsize
             total += size
-            lines.append(f"{split:<6} {block.number:>5} {t:>8}  {str(shape):<24} {size / 1e6:>10.2f}")
-        lines.append(f"total {total / 1e6:.2f} MB before compression, {len(self.arrays())} arrays")
+            count = self.objects(split)
+            objects += count
+            lines.append(f"{split:<6} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
+        flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
+        index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
+        lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} objects "
+                     f"of features, {flags} completion flags, about {index} of labels, paths and file records")
         return "\n".join(lines)
+
+    def _passes(self, split: str, shards: list[int], images: int) -> int:
+        n = len(self.splits[split].paths)
+        per = self.shard_samples // self.chunk_samples
+        chunks = [c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n, self.chunk_samples)))]
+        return len(chunk_batches(chunks, n, self.chunk_samples, images))
 
 
 def package_version() -> str:
@@ -140,12 +175,19 @@ def check_split_names(splits) -> None:
         raise ConfigError(f"splits {list(splits)} name a split twice")
 
 
-def _existing_chunk_samples(out: str) -> int | None:
-    if not (Path(out) / "zarr.json").exists():
-        return None
+def _existing_layout(location: Location) -> tuple[int, int] | None:
+    """(chunk_samples, shard_samples) of a store already at `location`, or None."""
     with contextlib.suppress(Exception):
-        return FeatureStore.open(out).chunk_samples
+        store = FeatureStore.open(location)
+        return store.chunk_samples, store.shard_samples
     return None
+
+
+def default_shard_samples(chunk_samples: int, widest: int, all_arrays: int) -> int:
+    """A multiple of `chunk_samples`: about SHARD_BYTES of the widest array's rows (`widest` bytes per sample),
+    and no more than SHARD_BUFFER_BYTES of every array's (`all_arrays` bytes per sample)."""
+    rows = min(SHARD_BYTES // widest, SHARD_BUFFER_BYTES // all_arrays)
+    return chunk_samples * max(1, rows // chunk_samples)
 
 
 def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
@@ -158,11 +200,16 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     splits = scan(config.data, list(config.splits))
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
-    chunk_samples = (
-        config.chunk_samples
-        or _existing_chunk_samples(config.out)
-        or int(np.clip(CHUNK_BYTES // widest, 16, 4096))
-    )
+    all_arrays = sum(block.channels * grids[block.number] ** 2 * itemsize for block in blocks) * len(config.timesteps)
+    location = Location.parse(config.out, config.storage_options)
+    existing = _existing_layout(location)
+    chunk_samples = config.chunk_samples or (existing and existing[0]) or int(np.clip(CHUNK_BYTES // widest, 16, 4096))
+    shard_samples = (config.shard_samples
+                     or (existing[1] if existing and existing[0] == chunk_samples else None)
+                     or default_shard_samples(chunk_samples, widest, all_arrays))
+    if shard_samples % chunk_samples:
+        raise ConfigError(f"--shard-samples {shard_samples} is not a multiple of --chunk-samples {chunk_samples}: a "
+                          "shard holds whole chunks")
     size = int(model.unet.config.sample_size if not isinstance(model.unet.config.sample_size, (list, tuple)) else model.unet.config.sample_size[0])
     settings = {
         "kind": "diffusion",
@@ -173,8 +220,9 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
         "dtype": config.dtype,
         "precision": config.precision,
         "chunk_samples": int(chunk_samples),
+        "shard_samples": int(shard_samples),
     }
-    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), settings)
+    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), int(shard_samples), settings)
 
 
 

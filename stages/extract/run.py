@@ -2,19 +2,21 @@
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   eps = noise(seed, index, t, shape)   (stages.extract.noising)
 
-Work is organised by the store's sample chunks: every batch lies inside one chunk, and a chunk's
-arrays are handed to a background writer as soon as the chunk is complete, so the forward passes
-never wait on compression or disk. A rerun computes only the (chunk, block, timestep) triples that
-are not marked done, and, because batches never cross chunks, recomputes them with exactly the
-batches an uninterrupted run would have used.
+Work is organised by the store's shards: every batch lies inside one sample chunk, and a shard's
+arrays are handed to a background writer as soon as the shard is complete, so the forward passes
+never wait on compression or storage. A rerun computes only the (shard, block, timestep) triples
+that are not marked done, and, because batches never cross chunks, recomputes them with exactly the
+batches an uninterrupted run would have used, whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -24,12 +26,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cache import FeatureStoreWriter, layout
-from cache.errors import ConfigError, DataChangedError
+from cache.errors import ConfigError, DataChangedError, UserError
 from cache.writer import SplitIndex
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
 from stages.data.images import read_image
 from stages.devices import resolve_device
+from stages.extract.distributed import JobError, join_job, share_of
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
 from stages.models.capture import BlockCapture
@@ -68,21 +71,74 @@ def default_workers(device: torch.device) -> int:
 
 
 def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedModel | None = None) -> Plan:
-    """Extract every requested (block, timestep) of every split into `config.out`; resumable."""
-    plan = make_plan(config, model)
-    device = resolve_device(config.device)
-    if config.precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+    """Extract every requested (block, timestep) of every split into `config.out`; resumable.
+
+    Under torchrun every rank runs this: rank 0 opens the store and shares the pending shards, and
+    each rank computes and writes its share of them (`stages.extract.distributed`)."""
+    with join_job() as job:
+        plan = make_plan(config, model)
+        device = resolve_device(job.device_name(config.device))
+        if config.precision == "fp16" and device.type != "cuda":
+            raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        writer, work = _open_store(plan, job)
+        try:
+            unet = plan.model.unet.to(device).eval()
+            if device.type == "cuda":
+                unet = unet.to(memory_format=torch.channels_last)
+            with BlockCapture(unet, plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
+                for split in plan.splits:
+                    _extract_split(plan, split, work[split], writer, capture, pool, device, progress, job)
+            job.barrier()  # the store stays held until every rank has written its shards
+        finally:
+            writer.close()
+    return plan
+
+
+def _open_store(plan: Plan, job) -> tuple[FeatureStoreWriter, dict]:
+    """Rank 0 opens (creates, repairs) the store and tells every rank the pending work, or the error."""
+    config = plan.config
+    fingerprint = json.dumps(plan.settings, sort_keys=True, default=str)
+    outcome, writer = None, None
+    if job.is_main:
+        try:
+            writer = _open_writer(plan)
+            outcome = {"work": {split: _pending_work(plan, writer, split) for split in plan.splits},
+                       "settings": fingerprint}
+        except UserError as error:
+            outcome = {"error": str(error)}
+            if writer is not None:
+                writer.close()
+            job.share(outcome)
+            raise
+        except BaseException:
+            if writer is not None:
+                writer.close()
+            job.share({"error": f"rank 0 stopped with an unexpected error; see its log ({config.out})"})
+            raise
+    outcome = job.share(outcome)
+    if "error" in outcome:
+        raise JobError(outcome["error"])
+    if not job.is_main:
+        if outcome["settings"] != fingerprint:
+            raise JobError(f"rank {job.rank} sees another model, data set or settings than rank 0 (e.g. a data "
+                           "folder that differs between nodes): every rank must see the same files")
+        writer = FeatureStoreWriter.attach(plan.location)
+    return writer, outcome["work"]
+
+
+def _open_writer(plan: Plan) -> FeatureStoreWriter:
+    config = plan.config
     splits = {name: SplitIndex(s.labels, s.paths) for name, s in plan.splits.items()}
-    with FeatureStoreWriter.open(
-        config.out,
+    writer = FeatureStoreWriter.open(
+        plan.location,
         settings=plan.settings,
         splits=splits,
         block_table=[block.as_dict() for block in plan.table],
         grids=plan.grids,
         overwrite=config.overwrite,
         verify=config.verify,
-    ) as writer:
+    )
+    try:
         for name, folder in plan.splits.items():
             check_images_unchanged(writer, name, folder)
         writer.add_arrays(plan.grids, list(config.timesteps), list(config.pools))
@@ -92,13 +148,27 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
             noise={"formula": "x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps", "eps": "stages.extract.noise(seed, index, t, shape)"},
             package_version=package_version(),
         )
-        unet = plan.model.unet.to(device).eval()
-        if device.type == "cuda":
-            unet = unet.to(memory_format=torch.channels_last)
-        with BlockCapture(unet, plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
-            for split in plan.splits:
-                _extract_split(plan, split, writer, capture, pool, device, progress)
-    return plan
+    except BaseException:
+        writer.close()
+        raise
+    return writer
+
+
+def _pending_work(plan: Plan, writer: FeatureStoreWriter, split: str) -> dict:
+    """{"needs": {shard: [(block, timestep), ...]}, "steps": [...], "write_set": path} of one split."""
+    needs: dict[int, set[tuple[int, int]]] = {}
+    for block in plan.blocks:
+        for t in plan.config.timesteps:
+            for shard in writer.pending_shards(split, block.number, t):
+                needs.setdefault(shard, set()).add((block.number, t))
+    if not needs:
+        return {"needs": {}, "steps": [], "write_set": None}
+    # The arrays this run computes complete their shards together, with one flag each (cache.layout).
+    write_set = writer.write_set(split, {key for wanted in needs.values() for key in wanted})
+    # Every pass of this split runs the same timesteps, even for a shard a killed run had partly
+    # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
+    steps = sorted({t for wanted in needs.values() for _, t in wanted})
+    return {"needs": {k: sorted(v) for k, v in needs.items()}, "steps": steps, "write_set": write_set}
 
 
 def check_images_unchanged(writer: FeatureStoreWriter, split: str, folder: ImageFolderSplit) -> None:
@@ -126,26 +196,22 @@ def exact_fp32(device: torch.device, precision: str):
                        allow_tf32=False)
 
 
-def _extract_split(plan, split, writer, capture, pool, device, progress) -> None:
+def _extract_split(plan, split, work, writer, capture, pool, device, progress, job) -> None:
     config = plan.config
     data = plan.splits[split]
-    n, cs = len(data.paths), plan.chunk_samples
-    # Which (block, timestep) arrays each chunk still needs.
-    needs: dict[int, set[tuple[int, int]]] = {}
-    for block in plan.blocks:
-        for t in config.timesteps:
-            for chunk in writer.pending_chunks(split, block.number, t):
-                needs.setdefault(chunk, set()).add((block.number, t))
-    if not needs:
-        log.info("%s: nothing to do, every requested chunk is done", split)
+    n, cs, ss = len(data.paths), plan.chunk_samples, plan.shard_samples
+    if not work["needs"]:
+        log.info("%s: nothing to do, every requested shard is done", split)
         return
-    chunks = sorted(needs)
-    # The arrays this run computes complete their chunks together, with one flag each (cache.layout).
-    write_set = writer.write_set(split, {key for wanted in needs.values() for key in wanted})
-    # Every pass of this split runs the same timesteps, even for a chunk a killed run had partly
-    # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
-    steps = sorted({t for wanted in needs.values() for _, t in wanted})
+    needs = {int(shard): {tuple(key) for key in keys} for shard, keys in work["needs"].items()}
+    steps, write_set = work["steps"], work["write_set"]
+    if not job.is_main:
+        writer.reload_write_sets()  # rank 0 may have made the set just now
+    mine = share_of(sorted(needs), job)
+    per_shard = ss // cs
+    chunks = [c for shard in mine for c in range(shard * per_shard, min((shard + 1) * per_shard, layout.num_chunks(n, cs)))]
     batches = chunk_batches(chunks, n, cs, images_per_pass(config.batch_size, len(steps)))
+    everyone = sum(writer.shard_rows(split, shard).stop - writer.shard_rows(split, shard).start for shard in needs)
     size = plan.settings["preprocessing"]["size"]
     channels = plan.settings["preprocessing"]["channels"]
     workers = default_workers(device) if config.workers is None else config.workers
@@ -168,16 +234,16 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     pending: deque[Future] = deque()
     buffers: dict[tuple[int, int], np.ndarray] = {}
     records = np.zeros((n, 2), np.uint64)
-    total = sum(len(b) for b in batches)
-    bar = progress_bar(total=total, desc=f"extract {split}", unit="img", enabled=progress)
+    # Rank 0's bar counts every rank's images: the whole job's throughput.
+    bar = progress_bar(total=everyone, desc=f"extract {split}", unit="img", enabled=progress and job.is_main)
     with torch.inference_mode(), exact_fp32(device, config.precision), bar:
         for x0, eps, index, record, errors in loader:
             failed = [message for message in errors if message]
             if failed:
                 raise DataError(failed[0])
             records[index.numpy()] = record.numpy().astype(np.uint64)
-            chunk = int(index[0]) // cs
-            wanted = needs[chunk]
+            shard = int(index[0]) // ss
+            wanted = needs[shard]
             grids = {b: plan.grids[b] for b in sorted({b for b, _ in wanted})}
             x0 = x0.to(device, non_blocking=True)
             eps = eps.to(device, non_blocking=True)
@@ -188,7 +254,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
                 xt = xt.contiguous(memory_format=torch.channels_last)
             with autocast:
                 features = capture(xt, tt, grids)
-            rows = layout.chunk_slice(chunk, n, cs)
+            rows = writer.shard_rows(split, shard)
             offset = int(index[0]) - rows.start
             batch = x0.shape[0]
             host = {b: f.to(store_dtype).cpu().numpy() for b, f in features.items()}
@@ -198,12 +264,24 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
                     target = buffers[(b, t)] = np.empty((rows.stop - rows.start, *host[b].shape[1:]), host[b].dtype)
                 i = steps.index(t)
                 target[offset : offset + batch] = host[b][i * batch : (i + 1) * batch]
-            bar.update(batch)
+            _advance(bar, job, split, batch)
             if offset + batch == rows.stop - rows.start:
                 arrays = {key: buffers.pop(key) for key in list(wanted)}
-                while len(pending) >= 2:  # bound the memory held by chunks waiting to be written
+                while len(pending) >= 1:  # bound the memory: one shard filling, one being written
                     pending.popleft().result()
-                pending.append(pool.submit(writer.write_chunk, split, chunk, arrays, write_set=write_set,
+                pending.append(pool.submit(writer.write_shard, split, shard, arrays, write_set=write_set,
                                            files=records[rows]))
         while pending:
             pending.popleft().result()
+        while job.is_main and job.distributed and bar.n < everyone:  # the other ranks' last shards
+            time.sleep(0.5)
+            _advance(bar, job, split, 0)
+
+
+def _advance(bar, job, split: str, images: int) -> None:
+    """Count this rank's images; rank 0's bar shows the job's total."""
+    total = job.count(split, images)
+    if not job.distributed:
+        bar.update(images)
+    elif job.is_main:
+        bar.update(total - bar.n)

@@ -77,7 +77,7 @@ def _thread_limit(threads: int | None):
 
 def _run_probe(settings: ProbeSettings) -> ProbeResult:
     # Held for the whole run: no writer may replace the store under it (a replaced one stops the reads).
-    with FeatureStore.open(settings.store).hold() as store:
+    with FeatureStore.open(settings.store, settings.storage_options).hold() as store:
         return _probe(store, settings)
 
 

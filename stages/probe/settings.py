@@ -42,8 +42,9 @@ class ProbeSettings:
     store's "test" split if it has one, else its "val" split).
     """
 
-    store: str
+    store: str  # a local path or an fsspec URL (s3://...)
     head: str
+    storage_options: dict | None = None  # fsspec options of an object store (credentials come from the environment)
     out: str = "results"
     name: str | None = None  # result sub-directory; default: the head (with "_fused")
     blocks: tuple[int, ...] | None = None  # None: every block in the store
