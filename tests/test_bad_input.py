@@ -164,9 +164,14 @@ def convert_a_text_file(env):
 def verify_a_damaged_store(env):
     store = env.tmp / "s.zarr"
     shutil.copytree(env.store, store)
-    chunk = store / layout.chunk_file("train/block1/t10", 0, ndim=4)
+    chunk = store / layout.shard_file("train/block1/t10", 0, ndim=4)
     chunk.write_bytes(chunk.read_bytes()[:-3])
     return ["verify", "--store", store], [store]
+
+
+def torchrun_and_nproc(env, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it
+    return env.extract("--nproc", "2"), []
 
 
 def bomb(env, monkeypatch):
@@ -179,6 +184,11 @@ CASES = {
     "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
     "extract --splits _progress": (lambda e: (e.extract("--splits", "_progress"), []), 1, "is not usable"),
     "extract --timesteps 10,10": (lambda e: (e.extract("--timesteps", "10,10"), []), 2, "more than once"),
+    "extract --shard-samples not a multiple of --chunk-samples": (
+        lambda e: (e.extract("--chunk-samples", "4", "--shard-samples", "6"), []), 1, "is not a multiple of"),
+    "extract --nproc under torchrun": (torchrun_and_nproc, 2, "leave it out under torchrun"),
+    "extract --storage-option without =": (lambda e: (e.extract("--storage-option", "anon", out="memory://bad/s.zarr"),
+                                                      []), 1, "expected KEY=VALUE"),
     "extract --out an existing file": (a_file, 1, "is a file, not a directory"),
     "extract --out under a file": (under_a_file, 1, "cannot make the store directory"),
     "extract --out a foreign directory": (a_foreign_directory, 1, "is not a feature store"),
@@ -219,7 +229,7 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatch):
     setup, code, fragment = CASES[case]
-    args, protected = setup(env, monkeypatch) if setup is bomb else setup(env)
+    args, protected = setup(env, monkeypatch) if setup in (bomb, torchrun_and_nproc) else setup(env)
     before = {path: digest(path) for path in protected}
     result = CliRunner().invoke(main, [str(a) for a in args])
     assert result.exit_code == code, result.output

@@ -91,7 +91,8 @@ def test_unreadable_image_is_named_and_finished_chunks_survive(tiny_model, tmp_p
     broken = data / "train" / "class0" / "img0010.png"
     broken.write_bytes(b"not a png")
     out = tmp_path / "s.zarr"
-    args = extract_args(tiny_model, data, out, "--blocks", "3", "--chunk-samples", "4", "--batch-size", "2")
+    args = extract_args(tiny_model, data, out, "--blocks", "3", "--chunk-samples", "4", "--shard-samples", "4",
+                        "--batch-size", "2")
     result = invoke(*args)
     assert result.exit_code == 1 and f"cannot read image {broken}" in result.output
     store = FeatureStore.open(out)

@@ -29,7 +29,7 @@ def chunk_files(store: Path) -> dict[str, bytes]:
 
 def config(model, data, out, **changes) -> ExtractConfig:
     base = dict(model=str(model), data=str(data), out=str(out), blocks=parse_block_spec("2-9"), timesteps=(10, 90), pools=(1, 2),
-                batch_size=3, chunk_samples=4)
+                batch_size=3, chunk_samples=4, shard_samples=8)
     return ExtractConfig(**{**base, **changes})
 
 
@@ -39,15 +39,15 @@ def many_images(tmp_path_factory) -> Path:
 
 
 def record_writes(monkeypatch) -> list[tuple[str, int, tuple[int, int]]]:
-    """(split, chunk, (block, timestep)) of every chunk written from now on, in order."""
+    """(split, shard, (block, timestep)) of every shard written from now on, in order."""
     written = []
-    original = FeatureStoreWriter.write_chunk
+    original = FeatureStoreWriter.write_shard
 
-    def record(self, split, chunk, features, **kwargs):
-        written.extend((split, chunk, key) for key in features)
-        return original(self, split, chunk, features, **kwargs)
+    def record(self, split, shard, features, **kwargs):
+        written.extend((split, shard, key) for key in features)
+        return original(self, split, shard, features, **kwargs)
 
-    monkeypatch.setattr(FeatureStoreWriter, "write_chunk", record)
+    monkeypatch.setattr(FeatureStoreWriter, "write_shard", record)
     return written
 
 
@@ -67,7 +67,7 @@ def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_mo
     killed = tmp_path / "killed.zarr"
     command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(many_images),
                "--out", str(killed), "--blocks", "2-9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "1",
-               "--chunk-samples", "4"]
+               "--chunk-samples", "4", "--shard-samples", "8"]
     # The same intra-op thread count as this process (see conftest): CPU kernels sum in a
     # thread-dependent order, and bit-identity is promised for the same machine and settings.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -89,8 +89,10 @@ def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_mo
     written = record_writes(monkeypatch)
     run_extract(config(tiny_model, many_images, killed, batch_size=1), progress=False)
 
-    for split, chunk, (block, timestep) in written:
-        assert chunk in missing_before[(split, block, timestep)], f"recomputed finished chunk {chunk} of {split}"
+    per_shard = finished_before.shard_samples // finished_before.chunk_samples
+    for split, shard, (block, timestep) in written:
+        chunks = set(range(shard * per_shard, min((shard + 1) * per_shard, finished_before.num_chunks(split))))
+        assert chunks <= set(missing_before[(split, block, timestep)]), f"recomputed finished shard {shard} of {split}"
     resumed = chunk_files(killed)
     expected = chunk_files(reference)
     # attributes differ only where this test asked for them to: nothing; the file sets and bytes are equal
@@ -126,7 +128,7 @@ def test_a_second_writer_gets_a_clear_error(tiny_model, tiny_data, tmp_path):
     store = FeatureStore.open(out)
     attrs = store.attrs
     settings = {key: attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
-                                            "precision", "chunk_samples")}
+                                            "precision", "chunk_samples", "shard_samples")}
     splits = {s: SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
     before = chunk_files(out)
     with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=attrs["block_table"]):

@@ -41,7 +41,7 @@ from stages.extract.run import run_extract
 from stages.models.loading import load_model
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(blocks=(3, 5), timesteps=(10, 90), pools=(1,), batch_size=4, chunk_samples=8)
+TINY = dict(blocks=(3, 5), timesteps=(10, 90), pools=(1,), batch_size=4, chunk_samples=8, shard_samples=16)
 
 
 class Crash(BaseException):
@@ -174,16 +174,16 @@ def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, refere
     command = [sys.executable, "-c", (
         "import os, signal, sys\n"
         "import cache.writer as w\n"
-        "original = w.FeatureStoreWriter.write_chunk\n"
-        "def write_chunk(self, split, chunk, *args, **kwargs):\n"
+        "original = w.FeatureStoreWriter.write_shard\n"
+        "def write_shard(self, split, chunk, *args, **kwargs):\n"
         "    if (split, chunk) == ('train', 1):\n"
         "        os.kill(os.getpid(), signal.SIGKILL)\n"
         "    return original(self, split, chunk, *args, **kwargs)\n"
-        "w.FeatureStoreWriter.write_chunk = write_chunk\n"
+        "w.FeatureStoreWriter.write_shard = write_shard\n"
         "from pipeline.cli import main\n"
         "main(sys.argv[1:])\n"),
         "extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--blocks", "3,5",
-        "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8"]
+        "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8", "--shard-samples", "16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
@@ -200,7 +200,7 @@ def test_a_full_disk_is_one_line_and_a_later_run_finishes_the_store(model, data,
     total = sum(len(v) for v in reference.values())
     out = tmp_path / "full.zarr"
     args = ["extract", "--model", model.source, "--data", str(data), "--out", str(out), "--blocks", "3,5",
-            "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8"]
+            "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8", "--shard-samples", "16"]
     monkeypatch.setattr("stages.extract.run.load_model", lambda *_: model, raising=False)
     with writes_fail(monkeypatch, after_bytes=int(share * total)):
         result = CliRunner().invoke(main, args)
@@ -219,8 +219,8 @@ def test_the_full_disk_error_names_the_space_needed(model, data, tmp_path, monke
 
 
 # -- damaged files ----------------------------------------------------------------------------------
-def feature_chunk(store: Path, split="train", block=3, timestep=10, chunk=1) -> Path:
-    return store / f"{split}/block{block}/t{timestep}/c/{chunk}/0/0/0"
+def feature_shard(store: Path, split="train", block=3, timestep=10, shard=1) -> Path:
+    return store / f"{split}/block{block}/t{timestep}/c/{shard}/0/0/0"
 
 
 def flag_chunk(store: Path, split="train", chunk=1) -> Path:
@@ -236,9 +236,9 @@ def flip_a_bit(path: Path) -> None:
 
 def write_nan(store: Path) -> None:
     array = zarr.open_group(store, mode="r+")["train/block3/t10"]
-    values = array[8:16]
+    values = array[16:20]  # shard 1
     values[0, 0, 0, 0] = np.nan
-    array[8:16] = values
+    array[16:20] = values
 
 
 def edit_settings(store: Path) -> None:
@@ -253,11 +253,11 @@ def truncate(path: Path) -> None:
 
 # (damage, what reading then says, how the message says to repair it)
 DAMAGE = {
-    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_chunk(s)), "chunk 1 fails its checksum", "verify"),
-    "truncated feature chunk": (lambda s: truncate(feature_chunk(s)), "chunk 1 fails its checksum", "verify"),
-    "deleted feature chunk": (lambda s: feature_chunk(s).unlink(), "chunk 1 is marked finished but is missing",
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
+    "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
+    "deleted feature chunk": (lambda s: feature_shard(s).unlink(), "shard 1 (chunk 2) is marked finished but is missing",
                               "extract"),
-    "finished chunk with a NaN": (write_nan, "chunk 1 is marked finished but holds non-finite values", "verify"),
+    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values", "verify"),
     "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
                                 "extract"),
     "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
@@ -290,7 +290,7 @@ def test_damage_is_named_on_read_and_repaired_as_the_message_says(model, data, r
     if repair == "verify":
         assert "pipeline extract" in str(error.value)
         result = CliRunner().invoke(main, ["verify", "--store", str(store)])
-        assert result.exit_code == 1 and fragment.split(" is ")[0].split(" fails")[0] in result.output
+        assert result.exit_code == 1 and fragment.split(" (chunk")[0] in result.output
         result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
         assert result.exit_code == 0, result.output
         with pytest.raises(StoreError, match="unfinished"):
@@ -305,7 +305,7 @@ def test_damage_is_named_on_read_and_repaired_as_the_message_says(model, data, r
 
 
 def test_extract_verify_recomputes_a_damaged_chunk_in_one_go(model, data, reference, store):
-    flip_a_bit(feature_chunk(store, "val", 5, 90, 0))
+    flip_a_bit(feature_shard(store, "val", 5, 90, 0))
     extract(model, data, store, verify=True)
     assert_same_store(store, reference)
 
@@ -313,8 +313,8 @@ def test_extract_verify_recomputes_a_damaged_chunk_in_one_go(model, data, refere
 def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, store, monkeypatch):
     flag_chunk(store).write_bytes(b"garbage!")
     written = []
-    original = FeatureStoreWriter.write_chunk
-    monkeypatch.setattr(FeatureStoreWriter, "write_chunk",
+    original = FeatureStoreWriter.write_shard
+    monkeypatch.setattr(FeatureStoreWriter, "write_shard",
                         lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split, chunk, *a, **k))
     extract(model, data, store)
     assert written == []
@@ -425,12 +425,12 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
     extract(model, data, out)
     store = FeatureStore.open(out)
     settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
-                                                  "precision", "chunk_samples")}
+                                                  "precision", "chunk_samples", "shard_samples")}
     splits = {s: store_writer.SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
     with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=store.attrs["block_table"]) as writer:
         writer.add_arrays({3: 1}, [150], [1])
-        values = np.ones((8, store.block_info(3)["channels"], 1, 1), np.float16)
+        values = np.ones((16, store.block_info(3)["channels"], 1, 1), np.float16)  # shard 0: 16 samples
         values[2] = np.inf  # what float16 makes of a feature above 65504
         with pytest.raises(StoreError, match=r"gave NaN or infinite features for train samples 2.*--dtype float32"):
-            writer.write_chunk("train", 0, {(3, 150): values})
+            writer.write_shard("train", 0, {(3, 150): values})
     assert FeatureStore.open(out).missing_chunks("train", 3, 150) == [0, 1, 2]

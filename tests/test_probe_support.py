@@ -41,7 +41,7 @@ def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] 
                 arrays = {key: value[split][rows] for key, value in features.items()
                           if chunk not in skip.get((split, *key), [])}
                 if arrays:
-                    writer.write_chunk(split, chunk, arrays)
+                    writer.write_shard(split, chunk, arrays)
     return Path(path)
 
 
