@@ -2,6 +2,7 @@
 
     python bench/extract.py                          # CPU: ADM-shaped 32 px model, 3 timesteps
     python bench/extract.py --device cuda --adm256   # GPU: ADM-256-sized random weights, blocks 18-30
+    python bench/extract.py --nproc 2                # 1 process against 2 (torchrun), and the store's objects
 
 CPU mode prints wall time of (a) bare full forward passes, one per timestep, on tensors already in
 memory; (b) extraction of every block at those timesteps into a store (decoding, noise, hooks,
@@ -123,6 +124,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--timesteps", default="10,90,150")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="compare 1 process with N under torchrun, and count the store's objects (bench/extract_scale.py)")
     args = parser.parse_args()
     device = torch.device(args.device)
     timesteps = [int(t) for t in args.timesteps.split(",")]
@@ -135,6 +138,14 @@ def main() -> None:
         loaded = load_model(model_dir)
         loaded.unet = unet
         table = block_table(unet)
+        if args.nproc:
+            from extract_scale import compare
+
+            print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks; "
+                  f"{images} images x {len(timesteps)} timesteps; {device}")
+            compare(model_dir, data, workdir, nproc=args.nproc, images=images, timesteps=timesteps, batch=batch,
+                    device=str(device))
+            return
         middle = next(b.number for b in table if b.module == "mid_block")
         print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks, "
               f"{unet.config.sample_size}px; {images} images x {len(timesteps)} timesteps; batch {batch}; {device}"

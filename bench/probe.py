@@ -82,7 +82,7 @@ def make_store(path: Path, *, blocks: int, timesteps: list[int], channels: int, 
                         h = inputs @ projections[b - 1]
                         h = np.maximum(h, 0) if b % 2 else np.tanh(h)
                         arrays[(b, t)] = h.transpose(0, 3, 1, 2).astype(np.float32)  # (n, C, 4, 4)
-                writer.write_chunk(split, chunk, arrays)
+                writer.write_shard(split, chunk, arrays)
     return path
 
 
@@ -124,7 +124,7 @@ def make_realistic_store(path: Path, *, n_train: int = 10000, n_test: int = 2500
                     for b, c in enumerate(channels, 1):
                         h = z @ projections[b - 1] + 0.5 * rng.normal(size=(n, 4 * c)).astype(np.float32)
                         arrays[(b, t)] = np.maximum(h, 0).reshape(n, c, 2, 2)
-                writer.write_chunk(split, chunk, arrays)
+                writer.write_shard(split, chunk, arrays)
     return path
 
 

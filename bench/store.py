@@ -38,7 +38,7 @@ def write(path: Path, samples: int, channels: int, chunk_samples: int) -> None:
         for chunk in range(layout.num_chunks(samples, chunk_samples)):
             rows = layout.chunk_slice(chunk, samples, chunk_samples)
             values = rng.normal(size=(rows.stop - rows.start, channels, 2, 2)).astype(np.float16)
-            writer.write_chunk("train", chunk, {(1, 10): values})
+            writer.write_shard("train", chunk, {(1, 10): values})
 
 
 def best(function, repeats: int) -> float:
