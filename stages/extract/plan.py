@@ -18,7 +18,8 @@ import numpy as np
 from cache import FeatureStore, layout
 from cache.errors import ConfigError
 from cache.pooling import stored_grid
-from stages.data.folders import ImageFolderSplit, dataset_identity, scan
+from stages.data.folders import ImageFolderSplit, dataset_identity
+from stages.data.registry import open_dataset
 from stages.data.images import preprocessing
 from stages.models.blocks import Block, block_table, resolve_blocks
 from stages.models.loading import LoadedModel, load_model
@@ -37,7 +38,7 @@ class ExtractConfig:
     blocks: tuple[int, ...] | None = None  # None: all (`pipeline.options.parse_block_spec` reads "18-30")
     timesteps: tuple[int, ...] = (90,)
     pools: tuple[int, ...] = (1, 2, 4)
-    splits: tuple[str, ...] = ("train", "val")
+    splits: tuple[str, ...] | None = None  # None: the data set's official splits (an image folder's: train, val)
     batch_size: int = 64
     dtype: str = "float16"
     precision: str = "fp32"
@@ -47,6 +48,8 @@ class ExtractConfig:
     chunk_samples: int | None = None  # None: the store's, or sized to CHUNK_BYTES
     overwrite: bool = False
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
+    classes: str | None = None  # --classes: a class list file or a shipped name (stages.data.subsets)
+    subset: str | None = None  # --subset: an image list file or a shipped name
 
     def __post_init__(self):
         if isinstance(self.blocks, str):
@@ -56,7 +59,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
-        check_split_names(self.splits)
+        if self.splits is not None:
+            check_split_names(self.splits)
 
 
 @dataclass
@@ -155,7 +159,7 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     table = block_table(model.unet)
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
-    splits = scan(config.data, list(config.splits))
+    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     chunk_samples = (

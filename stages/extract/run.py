@@ -17,7 +17,6 @@ import math
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,7 +27,6 @@ from cache.errors import ConfigError, DataChangedError
 from cache.writer import SplitIndex
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
-from stages.data.images import read_image
 from stages.devices import resolve_device
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
@@ -54,7 +52,7 @@ class _NoisedImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            x0, record = read_image(self.split.root / self.split.paths[index], self.size, self.channels)
+            x0, record = self.split.read(index, self.size, self.channels)
             error = ""
         except DataError as failure:
             x0, record, error = torch.zeros(self.channels, self.size, self.size), (0, 0), str(failure)
@@ -88,7 +86,7 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedMo
         writer.add_arrays(plan.grids, list(config.timesteps), list(config.pools))
         writer.update_info(
             model_source=str(config.model),
-            data_root=str(Path(config.data).resolve()),
+            data_root=str(next(iter(plan.splits.values())).root.resolve()),
             noise={"formula": "x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps", "eps": "stages.extract.noise(seed, index, t, shape)"},
             package_version=package_version(),
         )
