@@ -125,6 +125,13 @@ def test_imagenet_val_in_class_folders_is_a_plain_folder_unless_named(tmp_path):
     assert listing(named) == expected and dataset_identity(named)["kind"] == "imagenet"
 
 
+def test_imagenet_val_alone_takes_its_classes_from_the_devkit(tmp_path):
+    _, expected = fa.make_imagenet(tmp_path)
+    val = open_dataset(str(tmp_path), splits=("val",))["val"]
+    assert val.classes == CLASSES["imagenet"]  # the 3 leaves of meta.mat, not its inner synset
+    assert listing({"val": val}) == {"val": expected["val"]}
+
+
 def test_a_plain_image_folder_keeps_its_identity(tmp_path):
     root = make_image_folder(tmp_path / "images", counts={"train": 7, "val": 4})
     opened = open_dataset(str(root))

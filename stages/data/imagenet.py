@@ -43,12 +43,14 @@ def detect(root: Path) -> bool:
 
 
 def _synsets(root: Path) -> dict[int, tuple[str, str]] | None:
-    """{ILSVRC2012 id: (wnid, words)} of the devkit's meta.mat, or None without a devkit."""
+    """{ILSVRC2012 id: (wnid, words)} of the 1000 classes (the leaves: meta.mat also lists the inner
+    synsets of the hierarchy) in the devkit's meta.mat, or None without a devkit."""
     if not (root / META).exists():
         return None
     with matfiles.reading(root / META):
-        rows = matfiles.records(matfiles.load(root / META, ("synsets",))["synsets"], ("ILSVRC2012_ID", "WNID", "words"))
-    return {int(r["ILSVRC2012_ID"]): (str(r["WNID"]), str(r["words"])) for r in rows}
+        rows = matfiles.records(matfiles.load(root / META, ("synsets",))["synsets"],
+                                ("ILSVRC2012_ID", "WNID", "words", "num_children"))
+    return {int(r["ILSVRC2012_ID"]): (str(r["WNID"]), str(r["words"])) for r in rows if int(r["num_children"]) == 0}
 
 
 def read_imagenet(root: Path, splits: tuple[str, ...] | None) -> Listing:

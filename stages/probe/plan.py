@@ -182,7 +182,7 @@ def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str 
     Roles not given default to the data set's (recorded by its kind, `stages.data.registry`: e.g.
     FGVC-Aircraft and Flowers-102 choose on their official val split), else: no validation split
     (carved from train) and the store's 'test' split, else its 'val' split."""
-    recorded = store.attrs["data"].get("roles") or {}
+    recorded = store.attrs.get("data", {}).get("roles") or {}
     official = settings.val_split
     if official is None and recorded.get("val") in store.splits and \
             recorded["val"] not in (settings.train_split, settings.test_split):
