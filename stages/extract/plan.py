@@ -19,8 +19,8 @@ from cache import FeatureStore, layout
 from cache.errors import ConfigError
 from cache.pooling import stored_grid
 from stages.data.folders import ImageFolderSplit, dataset_identity
-from stages.data.registry import open_dataset
 from stages.data.images import preprocessing
+from stages.data.registry import open_dataset
 from stages.models.blocks import Block, block_table, resolve_blocks
 from stages.models.loading import LoadedModel, load_model
 
