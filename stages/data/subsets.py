@@ -97,20 +97,20 @@ def select_images(listing: Listing, value: str, *, classes_selected: bool) -> tu
     """The listing reduced to the images of list `value` (in the splits it names), and what the store records."""
     path, record = resolve_list(value, "images")
     lines = read_lines(path)
-    where: dict[str, list[tuple[str, int]]] = {}
+    wanted = {line.replace("\\", "/") for line in lines}
+    chosen: dict[str, list[int]] = {}
+    hit: set[str] = set()
     for split, (paths, _) in listing.splits.items():
+        rows = []
         for i, image in enumerate(paths):
-            under_split = image.split("/", 1)[1] if "/" in image else image
-            for key in {image, under_split, image.rsplit("/", 1)[-1]}:
-                where.setdefault(key, []).append((split, i))
-    chosen: dict[str, set[int]] = {}
-    unmatched = []
-    for line in lines:
-        hits = where.get(line.replace("\\", "/"))
-        if not hits:
-            unmatched.append(line)
-        for split, i in hits or ():
-            chosen.setdefault(split, set()).add(i)
+            # an image answers to its path, its path under the split folder, and its file name
+            keys = {image, image.split("/", 1)[-1], image.rsplit("/", 1)[-1]} & wanted
+            if keys:
+                rows.append(i)
+                hit |= keys
+        if rows:
+            chosen[split] = rows
+    unmatched = [line for line in lines if line.replace("\\", "/") not in hit]
     if unmatched and not classes_selected:
         raise DataError(f"{len(unmatched)} of the {len(lines)} lines of {path} name no image of the data set, e.g. "
                         f"{unmatched[:3]}; lines are image paths under the data root or its split folders, or file "
@@ -120,8 +120,8 @@ def select_images(listing: Listing, value: str, *, classes_selected: bool) -> tu
         if split not in chosen:
             splits[split] = (paths, labels)
             continue
-        rows = sorted(chosen[split])
-        splits[split] = ([paths[i] for i in rows], labels[rows])
+        rows = chosen[split]
+        splits[split] = ([paths[i] for i in rows], labels[np.asarray(rows, dtype=np.int64)])
     record = {**record, "sha256": _sha256(path), "lines": len(lines), "dropped": len(unmatched),
               "splits": {split: len(chosen[split]) for split in sorted(chosen)}}
     return replace(listing, splits=splits), record
