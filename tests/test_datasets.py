@@ -182,6 +182,19 @@ def test_layouts_that_match_nothing_and_unknown_kinds(tmp_path):
         open_dataset(str(root), splits=("train", "val"))
 
 
+def test_an_unnamed_layout_missing_one_file_says_which_kind_it_resembles(tmp_path):
+    root, _ = fa.make_cub(tmp_path)
+    (root / "train_test_split.txt").unlink()
+    with pytest.raises(MissingDataError) as caught:
+        open_dataset(str(tmp_path))
+    assert f"CUB-200-2011 (cub:) without {root / 'train_test_split.txt'}" in str(caught.value)
+
+
+def test_torchvisions_flowers_folder_is_recognised(tmp_path):
+    _, expected = fa.make_flowers(tmp_path / "flowers-102")
+    assert listing(open_dataset(str(tmp_path))) == expected
+
+
 def test_classes_selects_and_relabels_in_the_data_sets_order(tmp_path):
     root, expected = fa.make_cub(tmp_path)
     chosen = tmp_path / "two.txt"

@@ -41,5 +41,5 @@ FLOWERS = Kind(
     layout="jpg/image_<00001>.jpg, imagelabels.mat (labels) and setid.mat (trnid, valid, tstid)",
     splits=("train", "val", "test"), roles={"train": "train", "val": "val", "test": "test"},
     classes="102 (named 1..102: the archive has no names)", read=read_flowers,
-    signature=("jpg", "imagelabels.mat", "setid.mat"),
+    signature=("jpg", "imagelabels.mat", "setid.mat"), archive_dir="flowers-102",  # torchvision's folder name
 )

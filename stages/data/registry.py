@@ -81,6 +81,10 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
     except MissingDataError as error:
         if kind is not FOLDER or named:
             raise
+        near = _near_misses(root)
+        if near:
+            raise MissingDataError(f"{root} looks like {near}; name the kind (--data KIND:PATH) if it is one, or "
+                                   f"read it as an image folder: {error}") from None
         others = "; ".join(f"{k.name}: {k.layout}" for k in KINDS.values() if k.recognised and k is not FOLDER)
         raise MissingDataError(f"{error}. {root} matches none of the data-set layouts either ({others}); "
                                "name the kind with --data KIND:PATH to hear which file is missing") from None
@@ -97,6 +101,20 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
     return {name: ImageFolderSplit(root, name, list(listing.classes), paths, labels,
                                    crop_bottom=listing.crop_bottom, meta=meta)
             for name, (paths, labels) in listing.splits.items()}
+
+
+def _near_misses(path: Path) -> str:
+    """Kinds of which `path` (or its archive folder) has some of the signature files but not all."""
+    found = []
+    for kind in KINDS.values():
+        for candidate in (path, path / kind.archive_dir) if kind.archive_dir else (path,):
+            present = [name for name in kind.signature if (candidate / name).exists()]
+            if present and len(present) < len(kind.signature):
+                lacking = [name for name in kind.signature if name not in present]
+                found.append((len(lacking), f"{kind.title} ({kind.name}:) without "
+                                            f"{', '.join(str(candidate / n) for n in lacking)}"))
+                break
+    return "; or ".join(text for _, text in sorted(found, key=lambda item: item[0]))  # the closest first
 
 
 def _recorded(kind: Kind, listing: Listing) -> dict:
