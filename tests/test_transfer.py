@@ -88,13 +88,18 @@ TEMPLATE_ENTRIES = {
 }
 
 
+@pytest.fixture(scope="module")
+def graph():
+    return import_graph(module_level=("pipeline.cli", "pipeline.options"))
+
+
 @pytest.mark.parametrize("stage", sorted(TEMPLATE_ENTRIES))
-def test_the_transfer_template_lists_its_code(stage):
+def test_the_transfer_template_lists_its_code(stage, graph):
     definition = yaml.safe_load((REPO / "transfer" / "dvc.yaml").read_text())["stages"][stage]
     body = definition.get("do", definition)
     code = [d[3:] for d in body["deps"] if d.startswith("../") and d[3:].split("/")[0] in PACKAGES]
     modules = project_modules()
-    needed = closure(import_graph(module_level=("pipeline.cli", "pipeline.options")), TEMPLATE_ENTRIES[stage])
+    needed = closure(graph, TEMPLATE_ENTRIES[stage])
     uncovered = sorted(m for m in needed
                        if not any(modules[m].relative_to(REPO).as_posix().startswith(d.rstrip("/") + ("" if d.endswith(".py") else "/"))
                                   for d in code))
