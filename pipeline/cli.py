@@ -20,9 +20,17 @@ from pipeline import options
 log = logging.getLogger("pipeline")
 
 # Commands that only print something: no wall time in their output.
-_UNTIMED = {"blocks"}
+_UNTIMED = {"blocks", "datasets"}
 # Failures of the machine rather than of the code: a full disk, a read-only or forbidden place.
 _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+_DATA_HELP = ("The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
+              "layout (an image folder <split>/<class>/<image> if none); `pipeline datasets` lists the kinds.")
+_CLASSES_HELP = ("Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
+                 "shipped list: imagenet50, imagenet100, imagenet200.")
+_SUBSET_HELP = ("Keep only these images (in the splits the list names): a file with one image path or file name "
+                "per line, or a shipped list: imagenet1pct, imagenet10pct.")
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -85,13 +93,16 @@ def blocks(model: str) -> None:
 
 @main.command()
 @options.model_option
-@click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
+@click.option("--data", required=True, help=_DATA_HELP)
+@click.option("--classes", default=None, help=_CLASSES_HELP)
+@click.option("--subset", default=None, help=_SUBSET_HELP)
 @click.option("--out", required=True,
               help="The feature store: a directory or an object-store URL (s3://bucket/name.zarr); created or resumed.")
 @click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
 @click.option("--timesteps", type=options.TIMESTEPS, default="90", help="Comma list of noise timesteps.")
 @click.option("--pool", "pools", type=options.POOLS, default="1,2,4", help="Pooled grid sizes to make readable.")
-@click.option("--splits", type=options.NAMES, default="train,val", help="Comma list of split folders under --data.")
+@click.option("--splits", type=options.NAMES, default=None,
+              help="Comma list of splits [default: the data set's official splits; an image folder's train,val].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64,
               help="Rows per forward pass: images x timesteps (all timesteps of an image share a pass).")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored dtype.")
@@ -111,8 +122,9 @@ def blocks(model: str) -> None:
 @click.option("--verify", is_flag=True,
               help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
-def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
-            noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite, verify, dry_run) -> None:
+def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, splits, batch_size, dtype,
+            precision, device, workers, noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite,
+            verify, dry_run) -> None:
     """Run the U-Net once per batch and timestep set, and store every requested block's pooled output.
 
     Under torchrun (or with --nproc N) every process takes its share of the pending shards.
@@ -134,6 +146,7 @@ def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
         storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
+        classes=classes, subset=subset,
     )
     if dry_run:
         click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))
@@ -141,6 +154,14 @@ def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size,
     plan = run_extract(config)
     if int(os.environ.get("RANK", "0")) == 0:
         click.echo(f"wrote {len(plan.arrays())} arrays to {out}")
+
+
+@main.command()
+def datasets() -> None:
+    """Print the data-set kinds --data reads: the layout each expects, its splits and classes."""
+    from stages.data.registry import format_kinds
+
+    click.echo(format_kinds())
 
 
 @main.command()
@@ -310,13 +331,25 @@ def probe(store, storage_options, head, render, **flags) -> None:
 @click.option("--results", "results", type=options.NAMED_PATH, multiple=True, required=True,
               help="A result directory (runs side by side, or one run); NAME=PATH names it; repeat to compare.")
 @click.option("--out", default="report", type=click.Path(file_okay=False), help="Where the report goes.")
-def report(results, out) -> None:
+@click.option("--transfer", is_flag=True,
+              help="The transfer table instead: each NAME=PATH is a data set whose PATH holds <model>/<head>/ "
+                   "results; writes transfer.md, .csv, .json and a bar chart.")
+def report(results, out, transfer) -> None:
     """Tables, heatmaps and a summary from finished probe results (nothing is retrained)."""
-    from stages.report import build_report
-
     names = [name for name, _ in results]
     if len(set(names)) != len(names):
         raise click.UsageError(f"result sets need distinct names, got {names}; use NAME=PATH")
+    if transfer:
+        from stages.transfer import build_transfer
+
+        table = build_transfer(dict(results), out)
+        for dataset, cells in table.items():
+            shown = ", ".join(f"{column} {100 * v:.1f}%" for column, v in cells.items() if v is not None)
+            click.echo(f"{dataset}: {shown}")
+        click.echo(f"wrote {out}/transfer.md")
+        return
+    from stages.report import build_report
+
     metrics = build_report(dict(results), out)
     for run, per_set in sorted(metrics.items()):
         cells = ", ".join(f"{name} {100 * best['test_top1']:.1f}%" for name, best in per_set.items() if best)
@@ -325,15 +358,18 @@ def report(results, out) -> None:
 
 
 @main.command()
-@click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
+@click.option("--data", required=True, help=_DATA_HELP)
+@click.option("--classes", default=None, help=_CLASSES_HELP)
+@click.option("--subset", default=None, help=_SUBSET_HELP)
 @click.option("--out", required=True, help="The pixel store to write.")
 @click.option("--model", default=None, help="Take image size and channels from this model (as its extraction does).")
 @click.option("--size", type=click.IntRange(min=1), default=None, help="Image size, without --model.")
 @click.option("--channels", type=click.Choice(["1", "3"]), default=None, help="1 or 3, without --model.")
 @click.option("--pool", "pools", type=options.POOLS, default=None, help="Pool sizes [default: the full image].")
-@click.option("--splits", type=options.NAMES, default="train,val", help="Comma list of split folders under --data.")
+@click.option("--splits", type=options.NAMES, default=None,
+              help="Comma list of splits [default: the data set's official splits; an image folder's train,val].")
 @click.option("--overwrite", is_flag=True, help="Replace a store made with other settings.")
-def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
+def pixels(data, classes, subset, out, model, size, channels, pools, splits, overwrite) -> None:
     """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
     from stages.extract.pixels import write_pixel_store
     from stages.models.loading import load_model
@@ -344,5 +380,5 @@ def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
     if size is None or channels is None:
         raise click.UsageError("give --model, or both --size and --channels")
     write_pixel_store(data, out, size=int(size), channels=int(channels), pools=pools, splits=splits,
-                      overwrite=overwrite)
+                      overwrite=overwrite, classes=classes, subset=subset)
     click.echo(f"wrote the pixel store {out}")

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+import fake_archives as fa
 from cache import layout
 from conftest import make_image_folder
 from pipeline.cli import main
@@ -179,7 +180,38 @@ def bomb(env, monkeypatch):
     return env.extract(), []
 
 
+def a_cub_without(name):
+    def setup(env):
+        root, _ = fa.make_cub(env.tmp / "download")
+        (root / name).unlink()
+        return env.extract(data=f"cub:{root}"), [env.tmp / "download"]
+    return setup
+
+
+def a_class_list_naming_no_class(env):
+    (env.tmp / "classes.txt").write_text("class0\nclass9\n")
+    return env.extract("--classes", env.tmp / "classes.txt"), [env.tmp / "classes.txt"]
+
+
+def another_class_list_for_a_store(env):
+    store = env.tmp / "made.zarr"
+    result = CliRunner().invoke(main, [str(a) for a in env.extract(out=store)])
+    assert result.exit_code == 0, result.output
+    (env.tmp / "two.txt").write_text("class0\nclass1\n")
+    return env.extract("--classes", env.tmp / "two.txt", out=store), [store]
+
+
 CASES = {
+    "extract --data an unknown kind": (lambda e: (e.extract(data=f"birds:{e.data}"), []), 1,
+                                       "unknown data-set kind 'birds'"),
+    "extract --data a CUB without its class list": (a_cub_without("classes.txt"), 1,
+                                                    "classes.txt is missing: CUB-200-2011 (cub:) expects"),
+    "extract --data a layout of no kind": (lambda e: (e.extract(data=e.tmp), []), 1,
+                                           "matches none of the data-set layouts"),
+    "extract --classes naming no class": (a_class_list_naming_no_class, 1, "name no class of the data set"),
+    "extract --subset a file that is not there": (lambda e: (e.extract("--subset", e.tmp / "none.txt"), []), 1,
+                                                  "no such file, and not a shipped list"),
+    "extract --classes other than the store's": (another_class_list_for_a_store, 1, "was made with other settings"),
     "extract --splits ''": (lambda e: (e.extract("--splits", ""), []), 2, "names nothing"),
     "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
     "extract --splits _progress": (lambda e: (e.extract("--splits", "_progress"), []), 1, "is not usable"),

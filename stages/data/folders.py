@@ -1,4 +1,5 @@
-"""Image folders: `root/<split>/<class>/<image>`, read in a fixed order.
+"""Image folders: `root/<split>/<class>/<image>`, read in a fixed order; and the split object every
+data-set kind (`stages.data.registry`) hands to extraction.
 
 Sample index i of a split is its i-th file in (class name, file name) order, the order the store's
 `paths` record. How an image becomes model input: `stages.data.images`.
@@ -8,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from stages.data.errors import DataError, MissingDataError
-from stages.data.images import file_record
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+from stages.data.images import file_record, read_image
+from stages.data.kind import IMAGE_SUFFIXES
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,12 @@ class ImageFolderSplit:
     classes: list[str]
     paths: list[str]  # relative to root, in sample-index order
     labels: np.ndarray  # (N,) int64
+    crop_bottom: int = 0  # rows cut off the bottom of each image before preprocessing (Aircraft's banner)
+    meta: dict = field(default_factory=dict)  # what the store records of the data set beyond the file list
+
+    def read(self, index: int, size: int, channels: int):
+        """`stages.data.images.read_image` of sample `index`: ((channels, size, size) tensor, file record)."""
+        return read_image(self.root / self.paths[index], size, channels, crop_bottom=self.crop_bottom)
 
 
 def find_classes(root: Path, splits: list[str]) -> list[str]:
@@ -96,17 +102,23 @@ def scan(root: str | Path, splits: list[str]) -> dict[str, ImageFolderSplit]:
 
 def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:
     """A hash of the file list (relative path, size, label): cheap at ImageNet scale, yet it changes
-    when a file is added, removed, relabelled or replaced by one of another size."""
+    when a file is added, removed, relabelled or replaced by one of another size. Data sets of other
+    kinds, or with selections, add their `meta` (kind, metadata file hashes, roles, ...)."""
     digest = hashlib.sha256()
     for name, split in splits.items():
         for path, label in zip(split.paths, split.labels):
-            size = (split.root / path).stat().st_size
+            try:
+                size = (split.root / path).stat().st_size
+            except OSError:
+                raise MissingDataError(f"{split.root / path} is missing: the data set lists it in split {name!r}"
+                                       + (f" ({split.meta['kind']} metadata)" if split.meta else "")) from None
             digest.update(f"{name}\t{path}\t{size}\t{label}\n".encode())
     first = next(iter(splits.values()))
     return {
         "file_list_sha256": digest.hexdigest(),
         "classes": first.classes,
         "splits": {name: len(split.paths) for name, split in splits.items()},
+        **first.meta,
     }
 
 

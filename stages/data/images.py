@@ -46,25 +46,32 @@ def file_record(path: Path) -> tuple[int, int]:
     return content_hash(Path(path).read_bytes()), mtime
 
 
-def read_image(path: Path, size: int, channels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: Path, size: int, channels: int, *, crop_bottom: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
     """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
     try:
         mtime = os.stat(path).st_mtime_ns
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    return load_image(path, size, channels, data=data), (content_hash(data), mtime)
+    return load_image(path, size, channels, data=data, crop_bottom=crop_bottom), (content_hash(data), mtime)
 
 
-def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None) -> torch.Tensor:
+def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0) -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
-    `data`, when given, are the file's bytes already read (the image is decoded from them)."""
+    `data`, when given, are the file's bytes already read (the image is decoded from them).
+    `crop_bottom` rows are cut off the bottom first (FGVC-Aircraft's copyright banner), before the
+    resize and crop."""
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             image = _eight_bit_range(image, channels)
+            if crop_bottom:
+                if image.size[1] <= crop_bottom:
+                    raise DataError(f"it is {image.size[1]} pixels high: nothing is left after cutting the "
+                                    f"{crop_bottom}-pixel banner off its bottom")
+                image = image.crop((0, 0, image.size[0], image.size[1] - crop_bottom))
             width, height = image.size
             scale = size / min(width, height)
             resized = (max(size, round(width * scale)), max(size, round(height * scale)))

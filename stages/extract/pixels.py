@@ -15,8 +15,9 @@ from cache.errors import ConfigError
 from cache.pooling import adaptive_avg_pool, stored_grid
 from cache.text import format_bytes
 from cache.writer import SplitIndex
-from stages.data.folders import dataset_identity, scan
-from stages.data.images import preprocessing, read_image
+from stages.data.folders import dataset_identity
+from stages.data.images import preprocessing
+from stages.data.registry import open_dataset
 from stages.devices import available_memory
 from stages.extract.plan import CHUNK_BYTES, check_split_names
 from stages.extract.run import check_images_unchanged
@@ -32,14 +33,17 @@ def write_pixel_store(
     size: int,
     channels: int,
     pools: tuple[int, ...] | None = None,
-    splits: tuple[str, ...] = ("train", "val"),
+    splits: tuple[str, ...] | None = None,
     chunk_samples: int | None = None,
     overwrite: bool = False,
+    classes: str | None = None,
+    subset: str | None = None,
 ) -> Path:
     """Write every split's preprocessed images (float32, in [-1, 1]) to a store; pools default to full size.
 
     Chunks hold about 4 MB (`chunk_samples` overrides); an image size whose images would not fit in
-    memory is refused before anything is read."""
+    memory is refused before anything is read. `data`, `splits` (None: the data set's own), `classes`
+    and `subset` name the data as for extraction (`stages.data.registry.open_dataset`)."""
     if pools is not None and (not pools or min(pools) < 1):
         raise ConfigError(f"pools must be positive integers, got {list(pools)}")
     if size < 1 or channels not in (1, 3):
@@ -50,9 +54,10 @@ def write_pixel_store(
         raise ConfigError(f"--size {size} makes each image {format_bytes(per_image)} of float32 pixels, more than this "
                           f"machine can hold while writing them ({format_bytes(available_memory())} available); "
                           f"choose --size {largest} or less")
-    check_split_names(splits)
+    if splits is not None:
+        check_split_names(splits)
     chunk_samples = chunk_samples or int(np.clip(CHUNK_BYTES // per_image, 1, 4096))
-    folders = scan(data, list(splits))
+    folders = open_dataset(str(data), splits=splits, classes=classes, subset=subset)
     grid = stored_grid(size, list(pools or (size,)))
     row = {"number": PIXEL_BLOCK, "module": "input", "adm_name": "pixels", "channels": channels, "resolution": size}
     settings = {
@@ -68,7 +73,7 @@ def write_pixel_store(
     index = {name: SplitIndex(split.labels, split.paths) for name, split in folders.items()}
     with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row], overwrite=overwrite) as writer:
         writer.add_arrays({PIXEL_BLOCK: grid}, [PIXEL_TIMESTEP], list(pools or (size,)))
-        writer.update_info(data_root=str(Path(data).resolve()))
+        writer.update_info(data_root=str(next(iter(folders.values())).root.resolve()))
         for name, split in folders.items():
             check_images_unchanged(writer, name, split)
             n = len(split.paths)
@@ -76,7 +81,7 @@ def write_pixel_store(
             write_set = writer.write_set(name, [(PIXEL_BLOCK, PIXEL_TIMESTEP)]) if pending else None
             for chunk in pending:
                 rows = range(*layout.chunk_slice(chunk, n, writer.chunk_samples).indices(n))
-                loaded = [read_image(split.root / split.paths[i], size, channels) for i in rows]
+                loaded = [split.read(i, size, channels) for i in rows]
                 images = np.stack([image.numpy() for image, _ in loaded])
                 records = np.asarray([record for _, record in loaded], dtype=np.uint64)
                 writer.write_shard(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},

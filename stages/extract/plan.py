@@ -24,8 +24,9 @@ from cache.errors import ConfigError
 from cache.pooling import stored_grid
 from cache.storage import Location
 from cache.text import format_bytes
-from stages.data.folders import ImageFolderSplit, dataset_identity, scan
+from stages.data.folders import ImageFolderSplit, dataset_identity
 from stages.data.images import preprocessing
+from stages.data.registry import open_dataset
 from stages.models.blocks import Block, block_table, resolve_blocks
 from stages.models.loading import LoadedModel, load_model
 
@@ -45,7 +46,7 @@ class ExtractConfig:
     blocks: tuple[int, ...] | None = None  # None: all (`pipeline.options.parse_block_spec` reads "18-30")
     timesteps: tuple[int, ...] = (90,)
     pools: tuple[int, ...] = (1, 2, 4)
-    splits: tuple[str, ...] = ("train", "val")
+    splits: tuple[str, ...] | None = None  # None: the data set's official splits (an image folder's: train, val)
     batch_size: int = 64
     dtype: str = "float16"
     precision: str = "fp32"
@@ -57,6 +58,8 @@ class ExtractConfig:
     storage_options: dict = field(default_factory=dict)  # for an object store --out (fsspec)
     overwrite: bool = False
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
+    classes: str | None = None  # --classes: a class list file or a shipped name (stages.data.subsets)
+    subset: str | None = None  # --subset: an image list file or a shipped name
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -67,7 +70,8 @@ class ExtractConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
-        check_split_names(self.splits)
+        if self.splits is not None:
+            check_split_names(self.splits)
 
 
 @dataclass
@@ -197,7 +201,7 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     table = block_table(model.unet)
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
-    splits = scan(config.data, list(config.splits))
+    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     all_arrays = sum(block.channels * grids[block.number] ** 2 * itemsize for block in blocks) * len(config.timesteps)

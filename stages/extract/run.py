@@ -19,7 +19,6 @@ import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,7 +29,6 @@ from cache.errors import ConfigError, DataChangedError, UserError
 from cache.writer import SplitIndex
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
-from stages.data.images import read_image
 from stages.devices import resolve_device
 from stages.extract.distributed import JobError, join_job, share_of
 from stages.extract.noising import noise
@@ -57,7 +55,7 @@ class _NoisedImages(Dataset):
 
     def __getitem__(self, index: int):
         try:
-            x0, record = read_image(self.split.root / self.split.paths[index], self.size, self.channels)
+            x0, record = self.split.read(index, self.size, self.channels)
             error = ""
         except DataError as failure:
             x0, record, error = torch.zeros(self.channels, self.size, self.size), (0, 0), str(failure)
@@ -144,7 +142,7 @@ def _open_writer(plan: Plan) -> FeatureStoreWriter:
         writer.add_arrays(plan.grids, list(config.timesteps), list(config.pools))
         writer.update_info(
             model_source=str(config.model),
-            data_root=str(Path(config.data).resolve()),
+            data_root=str(next(iter(plan.splits.values())).root.resolve()),
             noise={"formula": "x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps", "eps": "stages.extract.noise(seed, index, t, shape)"},
             package_version=package_version(),
         )

@@ -177,9 +177,20 @@ class Samples:
 
 
 def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str | None, str]:
-    """(train, official validation or None, test) split names, checked against the store."""
-    test = settings.test_split or ("test" if "test" in store.splits else "val")
-    roles = {"--train-split": settings.train_split, "--val-split": settings.val_split, "--test-split": test}
+    """(train, official validation or None, test) split names, checked against the store.
+
+    Roles not given default to the data set's (recorded by its kind, `stages.data.registry`: e.g.
+    FGVC-Aircraft and Flowers-102 choose on their official val split), else: no validation split
+    (carved from train) and the store's 'test' split, else its 'val' split."""
+    recorded = store.attrs.get("data", {}).get("roles") or {}
+    official = settings.val_split
+    if official is None and recorded.get("val") in store.splits and \
+            recorded["val"] not in (settings.train_split, settings.test_split):
+        official = recorded["val"]
+        log.info("choosing on the data set's official validation split %r (its kind's default)", official)
+    fallback = recorded.get("test") if recorded.get("test") in store.splits else None
+    test = settings.test_split or fallback or ("test" if "test" in store.splits else "val")
+    roles = {"--train-split": settings.train_split, "--val-split": official, "--test-split": test}
     for option, split in roles.items():
         if split is not None and split not in store.splits:
             default = " (the default: the store's 'test' split, else its 'val' split)" if option == "--test-split" and \
@@ -188,11 +199,11 @@ def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str 
                                   f"{', '.join(store.splits)}. Name one of them with {option}.")
     if test == settings.train_split:
         raise ProbeInputError(f"the test split {test!r} is also the train split; name another with --test-split")
-    unused = [s for s in store.splits if s not in (settings.train_split, settings.val_split, test)]
-    if settings.val_split is None and "val" in unused:
+    unused = [s for s in store.splits if s not in (settings.train_split, official, test)]
+    if official is None and "val" in unused:
         log.info("the store's 'val' split is not used: validation rows are carved out of %r "
                  "(--val-split val selects on it instead)", settings.train_split)
-    return settings.train_split, settings.val_split, test
+    return settings.train_split, official, test
 
 
 def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSettings) -> Samples:

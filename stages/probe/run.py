@@ -112,6 +112,7 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
         "head_options": plan.options,
         "num_classes": plan.num_classes,
         "classes": store.classes,
+        "data_kind": store.attrs.get("data", {}).get("kind", "folder"),  # what transfer tables mark (stages.transfer)
         **plan.record(),
         "device": str(device),
         "seconds": round(time.perf_counter() - started, 3),
