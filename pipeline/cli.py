@@ -77,10 +77,10 @@ def main(quiet: bool) -> None:
 @options.model_option
 def blocks(model: str) -> None:
     """Print the block table of a model: number, module, ADM name, channels, resolution."""
-    from stages.models.blocks import block_table, format_table
-    from stages.models.loading import load_model
+    from stages.models.blocks import format_table
+    from stages.models.kinds import load_feature_model
 
-    click.echo(format_table(block_table(load_model(model).unet)))
+    click.echo(format_table(load_feature_model(model).block_table()))
 
 
 @main.command()

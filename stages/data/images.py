@@ -21,9 +21,19 @@ from stages.data.errors import DataError
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
+RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
 def preprocessing(size: int, channels: int) -> dict:
     """What the store records about the preprocessing (part of its identity)."""
     return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
+
+
+def backbone_preprocessing(size: int, resize: int, resample: str, mean, std) -> dict:
+    """A vision backbone's image processor as the store records it: short side to `resize` (`resample`),
+    centre crop to `size`, [0, 1], then (x - mean) / std per channel."""
+    return {"resize": f"short side to {resize}, {resample}", "size": size, "crop": "centre", "channels": 3,
+            "range": [0, 1], "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
 def image_channels(path: Path) -> int:
@@ -46,30 +56,36 @@ def file_record(path: Path) -> tuple[int, int]:
     return content_hash(Path(path).read_bytes()), mtime
 
 
-def read_image(path: Path, size: int, channels: int) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: Path, size: int, channels: int, *, resize: int | None = None,
+               resample: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
     """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
     try:
         mtime = os.stat(path).st_mtime_ns
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    return load_image(path, size, channels, data=data), (content_hash(data), mtime)
+    image = load_image(path, size, channels, data=data, resize=resize, resample=resample)
+    return image, (content_hash(data), mtime)
 
 
-def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None) -> torch.Tensor:
+def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, resize: int | None = None,
+               resample: str = "bicubic") -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
-    `data`, when given, are the file's bytes already read (the image is decoded from them)."""
+    `data`, when given, are the file's bytes already read (the image is decoded from them). `resize`
+    (default `size`) is the short side before the centre crop to `size`, and `resample` the filter:
+    what a backbone's image processor asks for (`backbone_preprocessing`)."""
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             image = _eight_bit_range(image, channels)
             width, height = image.size
-            scale = size / min(width, height)
-            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+            short = resize or size
+            scale = short / min(width, height)
+            resized = (max(short, round(width * scale)), max(short, round(height * scale)))
             if resized != image.size:
-                image = image.resize(resized, Image.BICUBIC)
+                image = image.resize(resized, RESAMPLING[resample])
             left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
             image = image.crop((left, top, left + size, top + size))
             array = np.asarray(image, dtype=np.float32)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -19,9 +19,8 @@ from cache import FeatureStore, layout
 from cache.errors import ConfigError
 from cache.pooling import stored_grid
 from stages.data.folders import ImageFolderSplit, dataset_identity, scan
-from stages.data.images import preprocessing
-from stages.models.blocks import Block, block_table, resolve_blocks
-from stages.models.loading import LoadedModel, load_model
+from stages.models.blocks import Block, resolve_blocks
+from stages.models.feature_model import NO_NOISE_TIMESTEP, FeatureModel
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
@@ -35,7 +34,7 @@ class ExtractConfig:
     data: str
     out: str
     blocks: tuple[int, ...] | None = None  # None: all (`pipeline.options.parse_block_spec` reads "18-30")
-    timesteps: tuple[int, ...] = (90,)
+    timesteps: tuple[int, ...] | None = None  # None: the model's default (90; the marker 0 for a backbone)
     pools: tuple[int, ...] = (1, 2, 4)
     splits: tuple[str, ...] = ("train", "val")
     batch_size: int = 64
@@ -47,6 +46,9 @@ class ExtractConfig:
     chunk_samples: int | None = None  # None: the store's, or sized to CHUNK_BYTES
     overwrite: bool = False
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
+    ensemble: int = 1  # the mean feature over this many noise draws per (image, timestep)
+    prompt: str | None = None  # Stable Diffusion: a template with {} for the class name (None: the empty prompt)
+    checkpoint: str | None = None  # timm: a state dict file for the model
 
     def __post_init__(self):
         if isinstance(self.blocks, str):
@@ -61,8 +63,8 @@ class ExtractConfig:
 
 @dataclass
 class Plan:
-    config: ExtractConfig
-    model: LoadedModel
+    config: ExtractConfig  # with the model's default timesteps filled in
+    model: FeatureModel
     table: list[Block]
     blocks: list[Block]
     grids: dict[int, int]
@@ -109,13 +111,21 @@ def package_version() -> str:
         return "unknown"
 
 
-def _validate(config: ExtractConfig, model: LoadedModel) -> None:
-    steps = model.num_train_timesteps
+def _validate(config: ExtractConfig, model: FeatureModel) -> None:
+    if not config.timesteps:
+        raise ConfigError("no timesteps requested")
+    if not model.diffusion and tuple(config.timesteps) != (NO_NOISE_TIMESTEP,):
+        raise ConfigError(f"--model {config.model} is not a diffusion model: it has no noise timesteps (its features "
+                          f"are stored under the marker timestep {NO_NOISE_TIMESTEP}); leave --timesteps out")
+    if not model.diffusion and config.ensemble != 1:
+        raise ConfigError(f"--ensemble {config.ensemble}: --model {config.model} is not a diffusion model and has no "
+                          "noise to average over; leave --ensemble out")
+    steps = model.num_train_timesteps if model.diffusion else 1
     bad = [t for t in config.timesteps if not 0 <= t < steps]
     if bad:
         raise ConfigError(f"timestep(s) {bad} outside [0, {steps}): this model's scheduler has {steps} training steps")
-    if not config.timesteps:
-        raise ConfigError("no timesteps requested")
+    if config.ensemble < 1:
+        raise ConfigError(f"--ensemble must be at least 1 (noise draws per image and timestep), got {config.ensemble}")
     if len(set(config.timesteps)) != len(config.timesteps):
         raise ConfigError(f"timesteps {list(config.timesteps)} name a timestep twice")
     if not config.pools or min(config.pools) < 1:
@@ -148,11 +158,16 @@ def _existing_chunk_samples(out: str) -> int | None:
     return None
 
 
-def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
+def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     """Validate everything against the model and the data before any work is done."""
-    model = model or load_model(config.model)
+    if model is None:
+        from stages.models.kinds import load_feature_model
+
+        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint)
+    if config.timesteps is None:
+        config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)
-    table = block_table(model.unet)
+    table = model.block_table()
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
     splits = scan(config.data, list(config.splits))
@@ -163,13 +178,15 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
         or _existing_chunk_samples(config.out)
         or int(np.clip(CHUNK_BYTES // widest, 16, 4096))
     )
-    size = int(model.unet.config.sample_size if not isinstance(model.unet.config.sample_size, (list, tuple)) else model.unet.config.sample_size[0])
+    identity = {k: v for k, v in model.identity().items() if k != "source"}
+    if config.ensemble > 1:  # recorded only when used: a one-draw store stays what it always was
+        identity["ensemble"] = int(config.ensemble)
     settings = {
-        "kind": "diffusion",
-        "model": {k: v for k, v in model.identity().items() if k != "source"},
+        "kind": model.store_kind,
+        "model": identity,
         "data": dataset_identity(splits),
-        "preprocessing": preprocessing(size, int(model.unet.config.in_channels)),
-        "noise_seed": int(config.noise_seed),
+        "preprocessing": model.preprocessing(),
+        "noise_seed": int(config.noise_seed) if model.diffusion else None,
         "dtype": config.dtype,
         "precision": config.precision,
         "chunk_samples": int(chunk_samples),
