@@ -88,7 +88,8 @@ def blocks(model: str) -> None:
 @click.option("--data", required=True, type=click.Path(), help="Image folder root: <data>/<split>/<class>/<image>.")
 @click.option("--out", required=True, help="The feature store (a directory; created or resumed).")
 @click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
-@click.option("--timesteps", type=options.TIMESTEPS, default="90", help="Comma list of noise timesteps.")
+@click.option("--timesteps", type=options.TIMESTEPS, default=None,
+              help="Comma list of noise timesteps [default: 90; none for a backbone (hf:, timm:), which has no noise].")
 @click.option("--pool", "pools", type=options.POOLS, default="1,2,4", help="Pooled grid sizes to make readable.")
 @click.option("--splits", type=options.NAMES, default="train,val", help="Comma list of split folders under --data.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64,
@@ -104,9 +105,20 @@ def blocks(model: str) -> None:
 @click.option("--verify", is_flag=True,
               help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
+@click.option("--ensemble", type=click.IntRange(min=1), default=1,
+              help="Store the mean feature over this many noise draws per image and timestep (DIFT's ensemble).")
+@click.option("--prompt", default=None,
+              help="Stable Diffusion: a prompt template with {} for the class name, e.g. \"a photo of a {}\" "
+                   "[default: the empty prompt].")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="timm: models: the state dict to load (torchvision names work for ResNets), read with "
+                   "weights_only=True.")
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
-            noise_seed, chunk_samples, overwrite, verify, dry_run) -> None:
-    """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
+            noise_seed, chunk_samples, overwrite, verify, dry_run, ensemble, prompt, checkpoint) -> None:
+    """Run the model once per batch and timestep set, and store every requested block's pooled output.
+
+    --model is a UNet2DModel, a Stable Diffusion or DiT pipeline directory, hf:<dir or hub id> or timm:<name>.
+    """
     from stages.extract.plan import ExtractConfig, make_plan
     from stages.extract.run import run_extract
 
@@ -114,6 +126,7 @@ def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size,
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite, verify=verify,
+        ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
     )
     if dry_run:
         click.echo(make_plan(config).describe())

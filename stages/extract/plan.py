@@ -171,6 +171,7 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
     splits = scan(config.data, list(config.splits))
+    model.bind_classes(next(iter(splits.values())).classes)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     chunk_samples = (

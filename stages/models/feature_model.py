@@ -12,6 +12,7 @@
                              backbone, what the network takes): identity, VAE mean latents x scaling factor,
                              or per-channel normalisation; float32, outside any autocast
     capture(blocks)          a stages.models.capture.BlockCapture running the truncated forward
+    bind_classes(classes)    the data set's class names, before identity() (a prompt template uses them)
     identity()               everything about the model that decides its features (the store's "model")
     num_train_timesteps, alphas_cumprod()   the noise schedule (diffusion kinds)
 
@@ -42,6 +43,9 @@ class FeatureModel:
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0
+
+    def bind_classes(self, classes: list[str]) -> None:
+        pass
 
     def noise_shape(self) -> tuple[int, ...] | None:
         raise NotImplementedError
