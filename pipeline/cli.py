@@ -80,7 +80,7 @@ def blocks(model: str) -> None:
     from stages.models.blocks import format_table
     from stages.models.kinds import load_feature_model
 
-    click.echo(format_table(load_feature_model(model).block_table()))
+    click.echo(format_table(load_feature_model(model, weights=False).block_table()))
 
 
 @main.command()

@@ -51,8 +51,11 @@ def model_kind(source: str) -> str:
     return "unet"
 
 
-def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: str | None = None) -> FeatureModel:
-    """Load what `--model` names (module docstring); options that do not apply to its kind are refused."""
+def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: str | None = None,
+                       weights: bool = True) -> FeatureModel:
+    """Load what `--model` names (module docstring); options that do not apply to its kind are refused.
+
+    `weights=False` is enough for the block table: a timm model then needs no checkpoint."""
     kind = model_kind(source)
     if prompt is not None and kind != "stable-diffusion":
         raise ModelLoadError(f"--prompt applies to Stable Diffusion pipelines only; --model {source} is a {kind} model")
@@ -66,7 +69,7 @@ def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: st
     if kind == "timm":
         from stages.models.backbones import load_timm
 
-        return load_timm(source[len("timm:"):], checkpoint)
+        return load_timm(source[len("timm:"):], checkpoint, weights=weights)
     if kind == "stable-diffusion":
         from stages.models.latent import load_stable_diffusion
 
