@@ -193,6 +193,7 @@ def test_dift_up_ft_index_is_the_last_row_of_each_up_block():
     last = {i: max(b.number for b in table if b.module.startswith(f"up_blocks.{i}.")) for i in range(4)}
     assert last == {0: 16, 1: 19, 2: 22, 3: 25}
     assert [table[n - 1].adm_name for n in (13, 19)] == ["middle_block", "output_blocks[5]"]
+    assert table[18].resolution == 8 // 2  # SD 2.1 at 768 px: a 96x96 latent, block 19 at 48x48 (DIFT's grid)
 
 
 @pytest.mark.parametrize("setup, fragment", [
