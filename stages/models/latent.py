@@ -134,8 +134,11 @@ class StableDiffusionModel(LatentModel):
         if self._embeddings is None:
             if not self.prompts:
                 raise PromptError("a prompt template needs the data set's class names first (bind_classes)")
-            tokens = self.tokenizer(self.prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt")
+            length = self.tokenizer.model_max_length
+            if length > 10**6:  # a tokenizer saved without one: the encoder's positions are the limit
+                length = int(self.text_encoder.config.max_position_embeddings)
+            tokens = self.tokenizer(self.prompts, padding="max_length", max_length=length, truncation=True,
+                                    return_tensors="pt")
             with torch.inference_mode():
                 self._embeddings = self.text_encoder(tokens.input_ids)[0].float().clone()
         return self._embeddings
