@@ -322,11 +322,11 @@ def report(results, out) -> None:
 def pixels(data, out, model, size, channels, pools, splits, overwrite) -> None:
     """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
     from stages.extract.pixels import write_pixel_store
-    from stages.models.loading import load_model
+    from stages.models.kinds import load_feature_model
 
-    if model is not None:
-        config = load_model(model).unet.config
-        size, channels = config.sample_size, config.in_channels
+    if model is not None:  # the size and channels the model's extraction reads its images at
+        read = load_feature_model(model, weights=False).image_options()
+        size, channels = read["size"], read["channels"]
     if size is None or channels is None:
         raise click.UsageError("give --model, or both --size and --channels")
     write_pixel_store(data, out, size=int(size), channels=int(channels), pools=pools, splits=splits,
