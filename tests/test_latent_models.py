@@ -228,3 +228,27 @@ def test_blocks_command_prints_latent_cells_and_pixels(sd_dir, dit_dir):
     assert "px/cell" in result.output and "up_blocks.1.attentions.1" in result.output
     result = CliRunner().invoke(main, ["blocks", "--model", str(dit_dir)])
     assert result.exit_code == 0 and "transformer_blocks.2" in result.output, result.output
+
+
+def test_the_dit_pass_stops_after_the_deepest_block(dit_dir, images, tmp_path):
+    from stages.models.kinds import load_feature_model
+
+    model = load_feature_model(str(dit_dir))
+    ran = []
+    for i, block in enumerate(model.network.transformer_blocks):
+        block.register_forward_pre_hook(lambda m, args, i=i: ran.append(i))
+    run_extract(ExtractConfig(model=str(dit_dir), data=str(images), out=str(tmp_path / "u.zarr"), blocks=(2,),
+                              timesteps=(10,), splits=("val",), batch_size=8), progress=False, model=model)
+    assert ran == [0]  # block 2 is transformer_blocks.0: one pass of 3 images, nothing after it
+
+
+def test_hooks_read_tuples_and_output_dataclasses():
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    from stages.models.capture import output_tensor
+
+    x = torch.ones(2, 3)
+    assert output_tensor(x) is x and output_tensor((x, None)) is x
+    assert output_tensor(Transformer2DModelOutput(sample=x)) is x
+    with pytest.raises(TypeError):
+        output_tensor({"a": x})
