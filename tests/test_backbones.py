@@ -227,3 +227,28 @@ def test_missing_processor_and_checkpoint_are_one_line_errors(hf_dirs, images, t
     result = CliRunner().invoke(main, [*base, "--model", "timm:resnet18"])
     assert result.exit_code == 1 and "needs --checkpoint" in result.output, result.output
     assert not (tmp_path / "x.zarr").exists()
+
+
+def test_timm_vision_transformer_equals_timm_forward_intermediates(images, tmp_path):
+    """timm's own `forward_intermediates` (patch grid, prefix tokens dropped) is the reference."""
+    import timm
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in vit.state_dict().items()}}, tmp_path / "vit.pth")
+    store = extract("timm:vit_tiny_patch16_224", images, tmp_path / "v.zarr", checkpoint=str(tmp_path / "vit.pth"),
+                    blocks=(1, 2, 13, 14), splits=("val",))
+    assert store.attrs["block_table"][13]["module"] == "norm" and store.attrs["block_table"][1]["module"] == "blocks.0"
+    data = timm.data.resolve_model_data_config(vit)
+    resize = math.floor(224 / data["crop_pct"])
+
+    def reference(paths):
+        x = torch.stack([processed(images / p, resize, 224, Image.BICUBIC, data["mean"], data["std"]) for p in paths])
+        with torch.no_grad():
+            final, maps = vit.forward_intermediates(x, indices=[0, 11], output_fmt="NCHW")
+            embedded = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))[:, vit.num_prefix_tokens:]
+        grid = embedded.transpose(1, 2).reshape(len(paths), -1, 14, 14)
+        return {1: grid, 2: maps[0], 13: maps[1], 14: final[:, 0, :, None, None]}
+
+    assert data["interpolation"] == "bicubic"
+    assert_matches(store, reference)
