@@ -21,6 +21,7 @@ from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
 POOLS = (1, 2)
 
 
@@ -47,7 +48,8 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    from transformers import Dinov2Config, Dinov2Model, ResNetConfig, ResNetModel, ViTConfig, ViTModel
+    from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, ResNetConfig, ResNetModel,
+                              ViTConfig, ViTModel)
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -57,7 +59,14 @@ def hf_dirs(tmp_path_factory):
                                    image_size=16, patch_size=4)), 1).eval()
     dino = _fill(Dinov2Model(Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2,
                                           image_size=16, patch_size=4)), 2).eval()
+    clip = _fill(CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                                                  intermediate_size=32, image_size=16, patch_size=4)), 3).eval()
     return {
+        # CLIPImageProcessor: short side 18, centre crop 16, CLIP's mean and std
+        "clip": save_hf(root / "clip", clip, {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 18},
+                                              "do_center_crop": True, "crop_size": {"height": 16, "width": 16},
+                                              "resample": 3, "do_normalize": True, "image_mean": CLIP[0],
+                                              "image_std": CLIP[1]}),
         # ConvNextImageProcessor (what microsoft/resnet-50 ships): short side 28 / crop_pct, crop 28
         "resnet": save_hf(root / "resnet", resnet, {"image_processor_type": "ConvNextImageProcessor", "crop_pct": 0.875,
                                                     "size": {"shortest_edge": 28}, "resample": 3, "do_normalize": True,
@@ -135,6 +144,7 @@ def test_hf_resnet_stem_and_every_bottleneck(hf_dirs, images, tmp_path):
 @pytest.mark.parametrize("name, resize, resample, mean, std", [
     ("vit", 16, Image.BILINEAR, [0.5] * 3, [0.5] * 3),
     ("dinov2", 20, Image.BICUBIC, *IMAGENET),
+    ("clip", 18, Image.BICUBIC, *CLIP),
 ])
 def test_hf_vision_transformers_patch_grid_and_class_token(name, resize, resample, mean, std, hf_dirs, images,
                                                            tmp_path):
@@ -148,8 +158,10 @@ def test_hf_vision_transformers_patch_grid_and_class_token(name, resize, resampl
         with torch.no_grad():
             out = model(pixel_values=x, output_hidden_states=True)
         grid = lambda h: h[:, 1:].transpose(1, 2).reshape(len(paths), -1, 4, 4)  # the class token first, then 4x4
-        maps = {i + 1: grid(h) for i, h in enumerate(out.hidden_states)}
-        maps[len(maps) + 1] = out.last_hidden_state[:, 0, :, None, None]
+        maps = {i + 1: grid(h) for i, h in enumerate(out.hidden_states)}  # CLIP's [0]: after its pre-norm
+        # the class token after the final norm: ViT's and DINOv2's last state, CLIP's pooled output
+        cls = out.pooler_output if name == "clip" else out.last_hidden_state[:, 0]
+        maps[len(maps) + 1] = cls[:, :, None, None]
         return maps
 
     assert_matches(store, reference)

@@ -178,7 +178,9 @@ def _hf_taps(network: nn.Module, model_type: str) -> list[_Tap]:
         raise UnsupportedModelError(f"{type(network).__name__} ({model_type}): not a ResNet or a vision transformer with "
                                     "embeddings and a list of layers; supported: ResNet, ViT, DINOv2, CLIP vision")
     layers, module = max(lists, key=lambda item: len(item[1]))
-    taps = [_Tap(embeddings, "patch embedding", "tokens")]
+    # CLIP normalises the embeddings before its first layer: the patch embedding block is what that layer reads
+    first = find("pre_layrnorm") or embeddings
+    taps = [_Tap(first, "patch embedding", "tokens")]
     taps += [_Tap(f"{layers}.{i}", f"layer{i}", "tokens") for i in range(len(module))]
     if find("layernorm"):
         taps.append(_Tap(find("layernorm"), "class token (final norm)", "cls"))
