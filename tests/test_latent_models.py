@@ -252,3 +252,25 @@ def test_hooks_read_tuples_and_output_dataclasses():
     assert output_tensor(Transformer2DModelOutput(sample=x)) is x
     with pytest.raises(TypeError):
         output_tensor({"a": x})
+
+
+def test_an_ensemble_of_the_pixel_unet_is_the_mean_of_its_draws(tiny_model, tiny_data, tmp_path):
+    from diffusers import UNet2DModel
+
+    store = extract(tiny_model, tiny_data, tmp_path / "e.zarr", blocks=(7,), timesteps=(90,), ensemble=2,
+                    splits=("val",))
+    unet = UNet2DModel.from_pretrained(tiny_model, low_cpu_mem_usage=False).eval()
+    abar = DDPMScheduler.from_pretrained(tiny_model).alphas_cumprod.double()
+    paths = store.paths("val")
+    x0 = torch.stack([reference_image(tiny_data / p, 16) for p in paths])
+    outputs, handles = hooked(unet, ["mid_block"])
+    draws = []
+    with torch.no_grad():
+        for k in range(2):
+            unet(noised(x0, abar, 90, draw=k), torch.full((len(paths),), 90))
+            draws.append(F.adaptive_avg_pool2d(outputs["mid_block"], 2))
+    for handle in handles:
+        handle.remove()
+    np.testing.assert_allclose(store.read("val", 7, 90, pool=2), ((draws[0] + draws[1]) / 2).numpy(), rtol=1e-5,
+                               atol=2e-5)
+    assert store.attrs["model"]["ensemble"] == 2
