@@ -1,11 +1,11 @@
-"""Vision backbones (transformers ResNet, ViT, DINOv2; timm ResNet from a torchvision state dict) in the
-same store: every stored feature equals an independent plain forward pass with the model's own image
-processor settings written out; the one no-noise timestep 0; probes read the store like any other."""
+"""Vision backbones (transformers ResNet, ViT, DINOv2, CLIP vision; timm ResNet from a torchvision state
+dict, timm ViT) in the same store: every stored feature equals an independent plain forward pass on
+images read by the model's own image processor (transformers) or timm's data config written out; the
+one no-noise timestep 0; probes read the store like any other."""
 
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest
@@ -84,15 +84,11 @@ def hf_dirs(tmp_path_factory):
     }
 
 
-def processed(path, resize, size, resample, mean, std) -> torch.Tensor:
-    """The processor's steps written out: short side to `resize`, centre crop `size`, /255, normalise."""
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    scale = resize / min(w, h)
-    image = image.resize((max(resize, round(w * scale)), max(resize, round(h * scale))), resample)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32) / 255
-    return torch.from_numpy(((array - np.float32(mean)) / np.float32(std)).transpose(2, 0, 1).copy())
+def timm_eval_transform(model):
+    """timm's own evaluation transform for the model (torchvision Resize, CenterCrop, ToTensor, Normalize)."""
+    import timm
+
+    return timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)
 
 
 def extract(model, data, out, **changes):
@@ -118,14 +114,15 @@ def assert_matches(store, reference):
 
 
 def test_hf_resnet_stem_and_every_bottleneck(hf_dirs, images, tmp_path):
-    from transformers import AutoModel
+    from transformers import AutoImageProcessor, AutoModel
 
     store = extract(f"hf:{hf_dirs['resnet']}", images, tmp_path / "r.zarr")
     model = AutoModel.from_pretrained(hf_dirs["resnet"]).eval()
+    processor = AutoImageProcessor.from_pretrained(hf_dirs["resnet"], backend="pil")  # crop_pct: 32, then 28
     names = ["embedder", "encoder.stages.0.layers.0", "encoder.stages.1.layers.0", "encoder.stages.1.layers.1"]
 
     def reference(paths):
-        x = torch.stack([processed(images / p, 32, 28, Image.BICUBIC, *IMAGENET) for p in paths])
+        x = processor([Image.open(images / p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
         outputs = {}
         handles = [model.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
                    for n in names]
@@ -141,20 +138,17 @@ def test_hf_resnet_stem_and_every_bottleneck(hf_dirs, images, tmp_path):
     assert store.attrs["preprocessing"]["mean"] == pytest.approx(IMAGENET[0])
 
 
-@pytest.mark.parametrize("name, resize, resample, mean, std", [
-    ("vit", 16, Image.BILINEAR, [0.5] * 3, [0.5] * 3),
-    ("dinov2", 20, Image.BICUBIC, *IMAGENET),
-    ("clip", 18, Image.BICUBIC, *CLIP),
-])
-def test_hf_vision_transformers_patch_grid_and_class_token(name, resize, resample, mean, std, hf_dirs, images,
-                                                           tmp_path):
-    from transformers import AutoModel
+@pytest.mark.parametrize("name", ["vit", "dinov2", "clip"])
+def test_hf_vision_transformers_patch_grid_and_class_token(name, hf_dirs, images, tmp_path):
+    """The reference reads the images with the model's own image processor (transformers' PIL backend)."""
+    from transformers import AutoImageProcessor, AutoModel
 
     store = extract(f"hf:{hf_dirs[name]}", images, tmp_path / f"{name}.zarr")
     model = AutoModel.from_pretrained(hf_dirs[name]).eval()
+    processor = AutoImageProcessor.from_pretrained(hf_dirs[name], backend="pil")
 
     def reference(paths):
-        x = torch.stack([processed(images / p, resize, 16, resample, mean, std) for p in paths])
+        x = processor([Image.open(images / p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
         with torch.no_grad():
             out = model(pixel_values=x, output_hidden_states=True)
         grid = lambda h: h[:, 1:].transpose(1, 2).reshape(len(paths), -1, 4, 4)  # the class token first, then 4x4
@@ -166,6 +160,8 @@ def test_hf_vision_transformers_patch_grid_and_class_token(name, resize, resampl
 
     assert_matches(store, reference)
     assert store.blocks == [1, 2, 3, 4] and store.attrs["block_table"][-1]["resolution"] == 1
+    if name == "vit":  # ViTImageProcessor resizes both sides (these images are 30x36)
+        assert store.attrs["preprocessing"]["resize"] == "to 16x16, aspect not kept, bilinear"
 
 
 def test_timm_resnet_from_a_torchvision_state_dict(images, tmp_path):
@@ -177,12 +173,11 @@ def test_timm_resnet_from_a_torchvision_state_dict(images, tmp_path):
     torch.save(reference_model.state_dict(), tmp_path / "r18.pth")
     store = extract("timm:resnet18", images, tmp_path / "t.zarr", checkpoint=str(tmp_path / "r18.pth"),
                     blocks=(1, 2, 4), splits=("val",))
-    data = timm.data.resolve_model_data_config(timm.create_model("resnet18"))
-    resize = math.floor(224 / data["crop_pct"])
+    transform = timm_eval_transform(timm.create_model("resnet18"))
     names = {1: reference_model.maxpool, 2: reference_model.layer1[0], 4: reference_model.layer2[0]}
 
     def reference(paths):
-        x = torch.stack([processed(images / p, resize, 224, Image.BICUBIC, data["mean"], data["std"]) for p in paths])
+        x = torch.stack([transform(Image.open(images / p).convert("RGB")) for p in paths])
         outputs = {}
         handles = [m.register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n, m in names.items()]
         with torch.no_grad():
@@ -191,8 +186,8 @@ def test_timm_resnet_from_a_torchvision_state_dict(images, tmp_path):
             handle.remove()
         return outputs
 
-    assert data["interpolation"] == "bicubic"
     assert_matches(store, reference)
+    assert store.attrs["preprocessing"]["rounding"] == "torchvision"
 
 
 def test_a_backbone_store_probes_like_any_other(hf_dirs, tmp_path):
@@ -251,16 +246,14 @@ def test_timm_vision_transformer_equals_timm_forward_intermediates(images, tmp_p
     store = extract("timm:vit_tiny_patch16_224", images, tmp_path / "v.zarr", checkpoint=str(tmp_path / "vit.pth"),
                     blocks=(1, 2, 13, 14), splits=("val",))
     assert store.attrs["block_table"][13]["module"] == "norm" and store.attrs["block_table"][1]["module"] == "blocks.0"
-    data = timm.data.resolve_model_data_config(vit)
-    resize = math.floor(224 / data["crop_pct"])
+    transform = timm_eval_transform(vit)
 
     def reference(paths):
-        x = torch.stack([processed(images / p, resize, 224, Image.BICUBIC, data["mean"], data["std"]) for p in paths])
+        x = torch.stack([transform(Image.open(images / p).convert("RGB")) for p in paths])
         with torch.no_grad():
             final, maps = vit.forward_intermediates(x, indices=[0, 11], output_fmt="NCHW")
             embedded = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))[:, vit.num_prefix_tokens:]
         grid = embedded.transpose(1, 2).reshape(len(paths), -1, 14, 14)
         return {1: grid, 2: maps[0], 13: maps[1], 14: final[:, 0, :, None, None]}
 
-    assert data["interpolation"] == "bicubic"
     assert_matches(store, reference)

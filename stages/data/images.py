@@ -21,6 +21,7 @@ from stages.data.errors import DataError
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
+CONVENTIONS = ("project", "transformers", "torchvision")
 RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
@@ -29,10 +30,13 @@ def preprocessing(size: int, channels: int) -> dict:
     return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
 
 
-def backbone_preprocessing(size: int, resize: int, resample: str, mean, std) -> dict:
-    """A vision backbone's image processor as the store records it: short side to `resize` (`resample`),
-    centre crop to `size`, [0, 1], then (x - mean) / std per channel."""
-    return {"resize": f"short side to {resize}, {resample}", "size": size, "crop": "centre", "channels": 3,
+def backbone_preprocessing(size: int, resize: int, resample: str, mean, std, squash: bool = False,
+                           convention: str = "transformers") -> dict:
+    """A vision backbone's image processor as the store records it: short side to `resize` (`resample`;
+    with `squash` both sides, the aspect ratio not kept), centre crop to `size`, [0, 1], then
+    (x - mean) / std per channel."""
+    how = f"to {resize}x{resize}, aspect not kept" if squash else f"short side to {resize}"
+    return {"resize": f"{how}, {resample}", "size": size, "crop": "centre", "rounding": convention, "channels": 3,
             "range": [0, 1], "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
@@ -56,25 +60,32 @@ def file_record(path: Path) -> tuple[int, int]:
     return content_hash(Path(path).read_bytes()), mtime
 
 
-def read_image(path: Path, size: int, channels: int, *, resize: int | None = None,
-               resample: str = "bicubic") -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: Path, size: int, channels: int, *, resize: int | None = None, resample: str = "bicubic",
+               squash: bool = False, convention: str = "project") -> tuple[torch.Tensor, tuple[int, int]]:
     """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
     try:
         mtime = os.stat(path).st_mtime_ns
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    image = load_image(path, size, channels, data=data, resize=resize, resample=resample)
+    image = load_image(path, size, channels, data=data, resize=resize, resample=resample, squash=squash,
+                       convention=convention)
     return image, (content_hash(data), mtime)
 
 
 def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, resize: int | None = None,
-               resample: str = "bicubic") -> torch.Tensor:
+               resample: str = "bicubic", squash: bool = False, convention: str = "project") -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
     `data`, when given, are the file's bytes already read (the image is decoded from them). `resize`
-    (default `size`) is the short side before the centre crop to `size`, and `resample` the filter:
-    what a backbone's image processor asks for (`backbone_preprocessing`)."""
+    (default `size`) is the short side before the centre crop to `size` (with `squash`, both sides:
+    the aspect ratio is not kept), and `resample` the filter: what a backbone's image processor asks
+    for (`backbone_preprocessing`). `convention` rounds the long side and the crop offset as this
+    project always has ("project": round, floor), as transformers' processors do ("transformers":
+    floor, floor) or as torchvision's Resize and CenterCrop do ("torchvision", timm's: floor, round):
+    a pixel's shift between them is a different feature."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
     try:
@@ -83,10 +94,18 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
             width, height = image.size
             short = resize or size
             scale = short / min(width, height)
-            resized = (max(short, round(width * scale)), max(short, round(height * scale)))
+            if squash:
+                resized = (short, short)
+            elif convention == "project":
+                resized = (max(short, round(width * scale)), max(short, round(height * scale)))
+            else:
+                resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
             if resized != image.size:
                 image = image.resize(resized, RESAMPLING[resample])
-            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+            if convention == "torchvision":
+                left, top = int(round((image.size[0] - size) / 2)), int(round((image.size[1] - size) / 2))
+            else:
+                left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
             image = image.crop((left, top, left + size, top + size))
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:

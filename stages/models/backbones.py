@@ -12,8 +12,10 @@ Block tables (the same Block rows as the U-Net's, numbered in execution order):
 
 There is no noise: the store's kind is "backbone" and its one timestep is the marker 0
 (stages.models.feature_model.NO_NOISE_TIMESTEP), so probes and readers treat it like any store.
-Images are read by the one image reader (short side resized, centre crop) at the sizes the model's
-image processor names, then scaled to [0, 1] and normalised with its mean and std (recorded).
+Images are read by the one image reader (short side resized, or both sides where the processor
+resizes to a fixed height and width, centre crop) at the sizes and with the filter the model's image
+processor names, then scaled to [0, 1] and normalised with its mean and std (recorded); this equals
+transformers' PIL processors to float round-off (tested).
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ class ImageSpec:
     resample: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    squash: bool = False  # resize both sides to `resize` (the aspect ratio not kept), as ViT's processor does
+    convention: str = "transformers"  # how sizes and crop offsets round (stages.data.images.load_image)
 
 
 class BackboneModel(FeatureModel):
@@ -106,11 +110,13 @@ class BackboneModel(FeatureModel):
         from stages.data.images import backbone_preprocessing
 
         spec = self.image
-        return backbone_preprocessing(spec.size, spec.resize, spec.resample, spec.mean, spec.std)
+        return backbone_preprocessing(spec.size, spec.resize, spec.resample, spec.mean, spec.std, spec.squash,
+                                      spec.convention)
 
     def image_options(self) -> dict:
         spec = self.image
-        return {"size": spec.size, "channels": 3, "resize": spec.resize, "resample": spec.resample}
+        return {"size": spec.size, "channels": 3, "resize": spec.resize, "resample": spec.resample, "squash": spec.squash,
+                "convention": spec.convention}
 
     def noise_shape(self) -> None:
         return None
@@ -210,14 +216,14 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
     else:
         if int(size["height"]) != int(size["width"]):
             raise UnsupportedModelError(f"--model hf:{source}: the processor resizes to a non-square {size}")
-        # a square resize: read here as the short side to that size and a centre crop (equal for square images)
-        resize = int(size["height"])
+        resize = int(size["height"])  # both sides to that size, as the processor does
         final = int(crop["height"]) if crop else resize
     if not config.get("do_normalize", True):
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
         mean, std = tuple(config.get("image_mean", (0.5,) * 3)), tuple(config.get("image_std", (0.5,) * 3))
-    return ImageSpec(final, resize, _RESAMPLE.get(config.get("resample", 2), "bilinear"), mean, std)
+    return ImageSpec(final, resize, _RESAMPLE.get(config.get("resample", 2), "bilinear"), mean, std,
+                     squash="shortest_edge" not in size)
 
 
 def load_hf(source: str) -> BackboneModel:
@@ -331,9 +337,12 @@ def load_timm(name: str, checkpoint: str | None, *, weights: bool = True) -> Bac
             log.info("--checkpoint %s: %d entries not used by timm:%s (%s ...)", checkpoint, len(result.unexpected_keys),
                      name, result.unexpected_keys[0])
     data = resolve_model_data_config(network)
+    if data.get("crop_mode", "center") != "center":
+        raise UnsupportedModelError(f"--model timm:{name}: its data config crops with mode {data['crop_mode']!r}; only "
+                                    "centre crops are supported")
     size = int(data["input_size"][-1])
     image = ImageSpec(size, int(math.floor(size / float(data.get("crop_pct", 1.0)))), str(data["interpolation"]),
-                      tuple(data["mean"]), tuple(data["std"]))
+                      tuple(data["mean"]), tuple(data["std"]), convention="torchvision")
 
     def forward(network, pixels):
         return network.forward_features(pixels)
