@@ -6,7 +6,9 @@
 # 1. parity on the GPU: the extraction tests compare GPU features with a float32 forward pass on the
 #    CPU, and the probe tests run their heads there (the probes' device "auto" is the GPU);
 # 2. bench/probe.py with the sweep on the GPU against scikit-learn on the CPU;
-# 3. bench/extract.py with ADM-256-sized random weights (bf16, then fp32).
+# 3. bench/extract.py with ADM-256-sized random weights (bf16, then fp32);
+# 4. the model kinds' parity tests on the GPU, and bench/extract.py --model-kind sd --full: SD-2.1-sized
+#    random weights (768 px) at bf16, VAE encoding timed separately (transformers and timm needed).
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
 # wheels in .whl/ first; they are installed into /tmp/site.
 set -u
@@ -26,3 +28,7 @@ timeout 120 python3 bench/probe.py --device cuda --threads 1 --workdir /tmp/benc
     | tee "$out/probe_cuda.txt"
 timeout 300 python3 bench/extract.py --device cuda --adm256 --images 128 --repeats 1 2>&1 | grep -v Warn | tail -4 \
     | tee "$out/extract_adm256.txt"
+timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_latent_models.py tests/test_backbones.py \
+    2>&1 | tail -15 | tee "$out/pytest_kinds_gpu.txt"
+timeout 240 python3 bench/extract.py --device cuda --model-kind sd --full --images 64 --timesteps 100,261 --repeats 1 \
+    2>&1 | grep -v Warn | tail -5 | tee "$out/extract_sd21.txt"

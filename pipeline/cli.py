@@ -85,10 +85,10 @@ def main(quiet: bool) -> None:
 @options.model_option
 def blocks(model: str) -> None:
     """Print the block table of a model: number, module, ADM name, channels, resolution."""
-    from stages.models.blocks import block_table, format_table
-    from stages.models.loading import load_model
+    from stages.models.blocks import format_table
+    from stages.models.kinds import load_feature_model
 
-    click.echo(format_table(block_table(load_model(model).unet)))
+    click.echo(format_table(load_feature_model(model, weights=False).block_table()))
 
 
 @main.command()
@@ -99,7 +99,8 @@ def blocks(model: str) -> None:
 @click.option("--out", required=True,
               help="The feature store: a directory or an object-store URL (s3://bucket/name.zarr); created or resumed.")
 @click.option("--blocks", "blocks_spec", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
-@click.option("--timesteps", type=options.TIMESTEPS, default="90", help="Comma list of noise timesteps.")
+@click.option("--timesteps", type=options.TIMESTEPS, default=None,
+              help="Comma list of noise timesteps [default: 90; none for a backbone (hf:, timm:), which has no noise].")
 @click.option("--pool", "pools", type=options.POOLS, default="1,2,4", help="Pooled grid sizes to make readable.")
 @click.option("--splits", type=options.NAMES, default=None,
               help="Comma list of splits [default: the data set's official splits; an image folder's train,val].")
@@ -122,11 +123,20 @@ def blocks(model: str) -> None:
 @click.option("--verify", is_flag=True,
               help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
+@click.option("--ensemble", type=click.IntRange(min=1), default=1,
+              help="Store the mean feature over this many noise draws per image and timestep (DIFT's ensemble).")
+@click.option("--prompt", default=None,
+              help="Stable Diffusion: a prompt template with {} for the class name, e.g. \"a photo of a {}\" "
+                   "[default: the empty prompt].")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="timm: models: the state dict to load (torchvision names work for ResNets), read with "
+                   "weights_only=True.")
 def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, splits, batch_size, dtype,
             precision, device, workers, noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite,
-            verify, dry_run) -> None:
-    """Run the U-Net once per batch and timestep set, and store every requested block's pooled output.
+            verify, dry_run, ensemble, prompt, checkpoint) -> None:
+    """Run the model once per batch and timestep set, and store every requested block's pooled output.
 
+    --model is a UNet2DModel, a Stable Diffusion or DiT pipeline directory, hf:<dir or hub id> or timm:<name>.
     Under torchrun (or with --nproc N) every process takes its share of the pending shards.
     """
     import os
@@ -146,7 +156,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
         storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
-        classes=classes, subset=subset,
+        classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
     )
     if dry_run:
         click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))
@@ -372,11 +382,11 @@ def report(results, out, transfer) -> None:
 def pixels(data, classes, subset, out, model, size, channels, pools, splits, overwrite) -> None:
     """Write the raw-pixel baseline as a feature store (block 0, timestep 0) for the probe stage."""
     from stages.extract.pixels import write_pixel_store
-    from stages.models.loading import load_model
+    from stages.models.kinds import load_feature_model
 
-    if model is not None:
-        config = load_model(model).unet.config
-        size, channels = config.sample_size, config.in_channels
+    if model is not None:  # the size and channels the model's extraction reads its images at
+        read = load_feature_model(model, weights=False).image_options()
+        size, channels = read["size"], read["channels"]
     if size is None or channels is None:
         raise click.UsageError("give --model, or both --size and --channels")
     write_pixel_store(data, out, size=int(size), channels=int(channels), pools=pools, splits=splits,

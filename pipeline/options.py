@@ -138,7 +138,8 @@ HEAD = HeadType()
 model_option = click.option(
     "--model",
     required=True,
-    help="A UNet2DModel directory (save_pretrained layout) or a Hugging Face Hub id.",
+    help="A UNet2DModel directory (save_pretrained layout) or Hub id; a Stable Diffusion or DiT pipeline "
+    "directory; hf:<directory or Hub id> (a transformers vision backbone); timm:<name> (with --checkpoint).",
 )
 
 

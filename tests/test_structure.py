@@ -139,7 +139,7 @@ STAGE_ENTRIES = {
     "pretrain": ["pipeline.cli", "stages.pretrain.ddpm"],
     "random_init": ["pipeline.cli", "stages.pretrain.random_init"],
     "extract": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.loading"],
+    "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.kinds"],
     "probe": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
     "probe_pixels": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
     "report": ["pipeline.cli", "stages.report"],

@@ -29,9 +29,10 @@ class ImageFolderSplit:
     crop_bottom: int = 0  # rows cut off the bottom of each image before preprocessing (Aircraft's banner)
     meta: dict = field(default_factory=dict)  # what the store records of the data set beyond the file list
 
-    def read(self, index: int, size: int, channels: int):
-        """`stages.data.images.read_image` of sample `index`: ((channels, size, size) tensor, file record)."""
-        return read_image(self.root / self.paths[index], size, channels, crop_bottom=self.crop_bottom)
+    def read(self, index: int, size: int, channels: int, **options):
+        """`stages.data.images.read_image` of sample `index` (`options`: a model's resize, filter ...), with this
+        data set's own crop: ((channels, size, size) tensor, file record)."""
+        return read_image(self.root / self.paths[index], size, channels, crop_bottom=self.crop_bottom, **options)
 
 
 def find_classes(root: Path, splits: list[str]) -> list[str]:

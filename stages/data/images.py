@@ -21,9 +21,23 @@ from stages.data.errors import DataError
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 
 
+CONVENTIONS = ("project", "transformers", "torchvision")
+RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
+
+
 def preprocessing(size: int, channels: int) -> dict:
     """What the store records about the preprocessing (part of its identity)."""
     return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
+
+
+def backbone_preprocessing(size: int, resize: int, resample: str, mean, std, squash: bool = False,
+                           convention: str = "transformers") -> dict:
+    """A vision backbone's image processor as the store records it: short side to `resize` (`resample`;
+    with `squash` both sides, the aspect ratio not kept), centre crop to `size`, [0, 1], then
+    (x - mean) / std per channel."""
+    how = f"to {resize}x{resize}, aspect not kept" if squash else f"short side to {resize}"
+    return {"resize": f"{how}, {resample}", "size": size, "crop": "centre", "rounding": convention, "channels": 3,
+            "range": [0, 1], "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
 
 
 def image_channels(path: Path) -> int:
@@ -46,22 +60,35 @@ def file_record(path: Path) -> tuple[int, int]:
     return content_hash(Path(path).read_bytes()), mtime
 
 
-def read_image(path: Path, size: int, channels: int, *, crop_bottom: int = 0) -> tuple[torch.Tensor, tuple[int, int]]:
+def read_image(path: Path, size: int, channels: int, *, crop_bottom: int = 0, resize: int | None = None,
+               resample: str = "bicubic", squash: bool = False,
+               convention: str = "project") -> tuple[torch.Tensor, tuple[int, int]]:
     """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
     try:
         mtime = os.stat(path).st_mtime_ns
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    return load_image(path, size, channels, data=data, crop_bottom=crop_bottom), (content_hash(data), mtime)
+    image = load_image(path, size, channels, data=data, crop_bottom=crop_bottom, resize=resize, resample=resample,
+                       squash=squash, convention=convention)
+    return image, (content_hash(data), mtime)
 
 
-def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0) -> torch.Tensor:
+def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0,
+               resize: int | None = None, resample: str = "bicubic", squash: bool = False,
+               convention: str = "project") -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
     `data`, when given, are the file's bytes already read (the image is decoded from them).
     `crop_bottom` rows are cut off the bottom first (FGVC-Aircraft's copyright banner), before the
-    resize and crop."""
+    resize and crop. `resize` (default `size`) is the short side before the centre crop to `size`
+    (with `squash`, both sides: the aspect ratio is not kept), and `resample` the filter: what a
+    backbone's image processor asks for (`backbone_preprocessing`). `convention` rounds the long side
+    and the crop offset as this project always has ("project": round, floor), as transformers'
+    processors do ("transformers": floor, floor) or as torchvision's Resize and CenterCrop do
+    ("torchvision", timm's: floor, round): a pixel's shift between them is a different feature."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
     try:
@@ -73,11 +100,20 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
                                     f"{crop_bottom}-pixel banner off its bottom")
                 image = image.crop((0, 0, image.size[0], image.size[1] - crop_bottom))
             width, height = image.size
-            scale = size / min(width, height)
-            resized = (max(size, round(width * scale)), max(size, round(height * scale)))
+            short = resize or size
+            scale = short / min(width, height)
+            if squash:
+                resized = (short, short)
+            elif convention == "project":
+                resized = (max(short, round(width * scale)), max(short, round(height * scale)))
+            else:
+                resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
             if resized != image.size:
-                image = image.resize(resized, Image.BICUBIC)
-            left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+                image = image.resize(resized, RESAMPLING[resample])
+            if convention == "torchvision":
+                left, top = int(round((image.size[0] - size) / 2)), int(round((image.size[1] - size) / 2))
+            else:
+                left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
             image = image.crop((left, top, left + size, top + size))
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 
 import numpy as np
@@ -25,10 +25,9 @@ from cache.pooling import stored_grid
 from cache.storage import Location
 from cache.text import format_bytes
 from stages.data.folders import ImageFolderSplit, dataset_identity
-from stages.data.images import preprocessing
 from stages.data.registry import open_dataset
-from stages.models.blocks import Block, block_table, resolve_blocks
-from stages.models.loading import LoadedModel, load_model
+from stages.models.blocks import Block, resolve_blocks
+from stages.models.feature_model import NO_NOISE_TIMESTEP, FeatureModel
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 DTYPES = ("float16", "float32")
@@ -44,7 +43,7 @@ class ExtractConfig:
     data: str
     out: str
     blocks: tuple[int, ...] | None = None  # None: all (`pipeline.options.parse_block_spec` reads "18-30")
-    timesteps: tuple[int, ...] = (90,)
+    timesteps: tuple[int, ...] | None = None  # None: the model's default (90; the marker 0 for a backbone)
     pools: tuple[int, ...] = (1, 2, 4)
     splits: tuple[str, ...] | None = None  # None: the data set's official splits (an image folder's: train, val)
     batch_size: int = 64
@@ -60,6 +59,9 @@ class ExtractConfig:
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
     classes: str | None = None  # --classes: a class list file or a shipped name (stages.data.subsets)
     subset: str | None = None  # --subset: an image list file or a shipped name
+    ensemble: int = 1  # the mean feature over this many noise draws per (image, timestep)
+    prompt: str | None = None  # Stable Diffusion: a template with {} for the class name (None: the empty prompt)
+    checkpoint: str | None = None  # timm: a state dict file for the model
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -76,8 +78,8 @@ class ExtractConfig:
 
 @dataclass
 class Plan:
-    config: ExtractConfig
-    model: LoadedModel
+    config: ExtractConfig  # with the model's default timesteps filled in
+    model: FeatureModel
     table: list[Block]
     blocks: list[Block]
     grids: dict[int, int]
@@ -148,13 +150,21 @@ def package_version() -> str:
         return "unknown"
 
 
-def _validate(config: ExtractConfig, model: LoadedModel) -> None:
-    steps = model.num_train_timesteps
+def _validate(config: ExtractConfig, model: FeatureModel) -> None:
+    if not config.timesteps:
+        raise ConfigError("no timesteps requested")
+    if not model.diffusion and tuple(config.timesteps) != (NO_NOISE_TIMESTEP,):
+        raise ConfigError(f"--model {config.model} is not a diffusion model: it has no noise timesteps (its features "
+                          f"are stored under the marker timestep {NO_NOISE_TIMESTEP}); leave --timesteps out")
+    if not model.diffusion and config.ensemble != 1:
+        raise ConfigError(f"--ensemble {config.ensemble}: --model {config.model} is not a diffusion model and has no "
+                          "noise to average over; leave --ensemble out")
+    steps = model.num_train_timesteps if model.diffusion else 1
     bad = [t for t in config.timesteps if not 0 <= t < steps]
     if bad:
         raise ConfigError(f"timestep(s) {bad} outside [0, {steps}): this model's scheduler has {steps} training steps")
-    if not config.timesteps:
-        raise ConfigError("no timesteps requested")
+    if config.ensemble < 1:
+        raise ConfigError(f"--ensemble must be at least 1 (noise draws per image and timestep), got {config.ensemble}")
     if len(set(config.timesteps)) != len(config.timesteps):
         raise ConfigError(f"timesteps {list(config.timesteps)} name a timestep twice")
     if not config.pools or min(config.pools) < 1:
@@ -194,14 +204,20 @@ def default_shard_samples(chunk_samples: int, widest: int, all_arrays: int) -> i
     return chunk_samples * max(1, rows // chunk_samples)
 
 
-def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
+def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     """Validate everything against the model and the data before any work is done."""
-    model = model or load_model(config.model)
+    if model is None:
+        from stages.models.kinds import load_feature_model
+
+        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint)
+    if config.timesteps is None:
+        config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)
-    table = block_table(model.unet)
+    table = model.block_table()
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
     splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
+    model.bind_classes(next(iter(splits.values())).classes)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     all_arrays = sum(block.channels * grids[block.number] ** 2 * itemsize for block in blocks) * len(config.timesteps)
@@ -214,13 +230,15 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     if shard_samples % chunk_samples:
         raise ConfigError(f"--shard-samples {shard_samples} is not a multiple of --chunk-samples {chunk_samples}: a "
                           "shard holds whole chunks")
-    size = int(model.unet.config.sample_size if not isinstance(model.unet.config.sample_size, (list, tuple)) else model.unet.config.sample_size[0])
+    identity = {k: v for k, v in model.identity().items() if k != "source"}
+    if config.ensemble > 1:  # recorded only when used: a one-draw store stays what it always was
+        identity["ensemble"] = int(config.ensemble)
     settings = {
-        "kind": "diffusion",
-        "model": {k: v for k, v in model.identity().items() if k != "source"},
+        "kind": model.store_kind,
+        "model": identity,
         "data": dataset_identity(splits),
-        "preprocessing": preprocessing(size, int(model.unet.config.in_channels)),
-        "noise_seed": int(config.noise_seed),
+        "preprocessing": model.preprocessing(),
+        "noise_seed": int(config.noise_seed) if model.diffusion else None,
         "dtype": config.dtype,
         "precision": config.precision,
         "chunk_samples": int(chunk_samples),

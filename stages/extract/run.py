@@ -33,8 +33,7 @@ from stages.devices import resolve_device
 from stages.extract.distributed import JobError, join_job, share_of
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
-from stages.models.capture import BlockCapture
-from stages.models.loading import LoadedModel
+from stages.models.feature_model import FeatureModel
 from stages.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -43,23 +42,31 @@ COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.f
 
 
 class _NoisedImages(Dataset):
-    """(x0 (C, H, W), eps (T, C, H, W), index, (content hash, mtime), error) per sample; runs in DataLoader
-    workers. An unreadable image comes back as its error message (and zeros), so that the main process
-    raises it as a plain DataError rather than a worker's traceback."""
+    """(x0 (C, H, W), eps (T, K, *noise_shape), index, (content hash, mtime), error) per sample; runs in
+    DataLoader workers. `read` are read_image's arguments (the model's image_options), K the noise draws
+    (eps is empty for a model without noise). An unreadable image comes back as its error message (and
+    zeros), so that the main process raises it as a plain DataError rather than a worker's traceback."""
 
-    def __init__(self, split: ImageFolderSplit, size: int, channels: int, timesteps: list[int], seed: int):
-        self.split, self.size, self.channels, self.timesteps, self.seed = split, size, channels, timesteps, seed
+    def __init__(self, split: ImageFolderSplit, read: dict, timesteps: list[int], seed: int,
+                 noise_shape: tuple[int, ...] | None, draws: int = 1):
+        self.split, self.read, self.timesteps, self.seed = split, read, timesteps, seed
+        self.noise_shape, self.draws = noise_shape, draws
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
     def __getitem__(self, index: int):
         try:
-            x0, record = self.split.read(index, self.size, self.channels)
+            x0, record = self.split.read(index, **self.read)
             error = ""
         except DataError as failure:
-            x0, record, error = torch.zeros(self.channels, self.size, self.size), (0, 0), str(failure)
-        eps = torch.stack([noise(self.seed, index, t, x0.shape) for t in self.timesteps])
+            size = self.read["size"]
+            x0, record, error = torch.zeros(self.read["channels"], size, size), (0, 0), str(failure)
+        if self.noise_shape is None:
+            eps = torch.zeros(0)
+        else:
+            eps = torch.stack([torch.stack([noise(self.seed, index, t, self.noise_shape, draw=k) for k in range(self.draws)])
+                               for t in self.timesteps])
         return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
 
@@ -68,22 +75,21 @@ def default_workers(device: torch.device) -> int:
     return min(8, cpus - 1) if device.type == "cuda" else 0
 
 
-def run_extract(config: ExtractConfig, *, progress: bool = True, model: LoadedModel | None = None) -> Plan:
+def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureModel | None = None) -> Plan:
     """Extract every requested (block, timestep) of every split into `config.out`; resumable.
 
     Under torchrun every rank runs this: rank 0 opens the store and shares the pending shards, and
     each rank computes and writes its share of them (`stages.extract.distributed`)."""
     with join_job() as job:
         plan = make_plan(config, model)
+        config = plan.config  # the model's default timesteps filled in
         device = resolve_device(job.device_name(config.device))
         if config.precision == "fp16" and device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         writer, work = _open_store(plan, job)
         try:
-            unet = plan.model.unet.to(device).eval()
-            if device.type == "cuda":
-                unet = unet.to(memory_format=torch.channels_last)
-            with BlockCapture(unet, plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
+            plan.model.prepare(device)
+            with plan.model.capture(plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
                 for split in plan.splits:
                     _extract_split(plan, split, work[split], writer, capture, pool, device, progress, job)
             job.barrier()  # the store stays held until every rank has written its shards
@@ -143,7 +149,7 @@ def _open_writer(plan: Plan) -> FeatureStoreWriter:
         writer.update_info(
             model_source=str(config.model),
             data_root=str(next(iter(plan.splits.values())).root.resolve()),
-            noise={"formula": "x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps", "eps": "stages.extract.noise(seed, index, t, shape)"},
+            noise=noise_record(plan.model, config.ensemble),
             package_version=package_version(),
         )
     except BaseException:
@@ -167,6 +173,19 @@ def _pending_work(plan: Plan, writer: FeatureStoreWriter, split: str) -> dict:
     # marked done: the batch composition, and so the float round-off, must match an uninterrupted run.
     steps = sorted({t for wanted in needs.values() for _, t in wanted})
     return {"needs": {k: sorted(v) for k, v in needs.items()}, "steps": steps, "write_set": write_set}
+
+
+def noise_record(model: FeatureModel, draws: int) -> dict:
+    """What the store's info says about the noise (the settings hold what decides it)."""
+    if not model.diffusion:
+        return {"formula": "none: not a diffusion model; features are stored under the marker timestep 0"}
+    x0 = "x0" if model.kind == "unet" else "z0 (the VAE's posterior mean x its scaling factor)"
+    record = {"formula": f"x_t = sqrt(abar_t) {x0} + sqrt(1 - abar_t) eps",
+              "eps": "stages.extract.noise(seed, index, t, shape)"}
+    if draws > 1:
+        record["ensemble"] = (f"the mean feature over draws k = 0..{draws - 1}, "
+                              "eps_k = stages.extract.noise(seed, index, t, shape, draw=k)")
+    return record
 
 
 def check_images_unchanged(writer: FeatureStoreWriter, split: str, folder: ImageFolderSplit) -> None:
@@ -210,19 +229,21 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
     chunks = [c for shard in mine for c in range(shard * per_shard, min((shard + 1) * per_shard, layout.num_chunks(n, cs)))]
     batches = chunk_batches(chunks, n, cs, images_per_pass(config.batch_size, len(steps)))
     everyone = sum(writer.shard_rows(split, shard).stop - writer.shard_rows(split, shard).start for shard in needs)
-    size = plan.settings["preprocessing"]["size"]
-    channels = plan.settings["preprocessing"]["channels"]
+    model: FeatureModel = plan.model
+    draws = config.ensemble
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, size, channels, steps, config.noise_seed),
+        _NoisedImages(data, model.image_options(), steps, config.noise_seed, model.noise_shape(), draws),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    abar = plan.model.alphas_cumprod()
-    scale_x0 = [float(math.sqrt(abar[t])) for t in steps]
-    scale_eps = [float(math.sqrt(1.0 - abar[t])) for t in steps]
+    if model.diffusion:
+        abar = model.alphas_cumprod()
+        scale_x0 = [float(math.sqrt(abar[t])) for t in steps]
+        scale_eps = [float(math.sqrt(1.0 - abar[t])) for t in steps]
+    labels = torch.as_tensor(data.labels, dtype=torch.int64)
     autocast = (
         torch.autocast(device.type, dtype=COMPUTE_DTYPES[config.precision])
         if config.precision != "fp32"
@@ -245,13 +266,24 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
             grids = {b: plan.grids[b] for b in sorted({b for b, _ in wanted})}
             x0 = x0.to(device, non_blocking=True)
             eps = eps.to(device, non_blocking=True)
-            # (T*B, C, H, W): timestep-major, so rows [i*B:(i+1)*B] belong to steps[i].
-            xt = torch.cat([scale_x0[i] * x0 + scale_eps[i] * eps[:, i] for i in range(len(steps))])
+            z0 = model.encode(x0)  # x0 itself for a pixel U-Net; VAE latents; a backbone's normalised input
             tt = torch.tensor(steps, device=device).repeat_interleave(x0.shape[0])
-            if device.type == "cuda":
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                features = capture(xt, tt, grids)
+            # the class of each row (a prompt template's class name), timestep-major like the rows
+            yy = labels[index].repeat(len(steps)).to(device)
+            features = {}
+            for k in range(draws):
+                if model.diffusion:
+                    # (T*B, C, H, W): timestep-major, so rows [i*B:(i+1)*B] belong to steps[i].
+                    xt = torch.cat([scale_x0[i] * z0 + scale_eps[i] * eps[:, i, k] for i in range(len(steps))])
+                else:
+                    xt = z0
+                if device.type == "cuda" and xt.dim() == 4:
+                    xt = xt.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    draw = capture(xt, tt, grids, labels=yy)
+                features = draw if k == 0 else {b: features[b] + draw[b] for b in draw}
+            if draws > 1:
+                features = {b: f / draws for b, f in features.items()}
             rows = writer.shard_rows(split, shard)
             offset = int(index[0]) - rows.start
             batch = x0.shape[0]

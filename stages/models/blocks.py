@@ -31,9 +31,11 @@ class Block:
     adm_name: str  # guided-diffusion's name for the same output, e.g. "output_blocks[4]"
     channels: int
     resolution: int  # the feature map is resolution x resolution
+    # models over latents or patches: image pixels per cell of the map (a 16x16 map of a 512 px image: 32)
+    stride: int | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {key: value for key, value in asdict(self).items() if key != "stride" or value is not None}
 
 
 def _square(sample_size) -> int:
@@ -108,9 +110,12 @@ def resolve_blocks(numbers: tuple[int, ...] | None, table: list[Block]) -> list[
 
 
 def format_table(table: list[Block]) -> str:
+    latent = any(b.stride is not None for b in table)
     header = f"{'block':>5}  {'module':<32} {'adm':<18} {'channels':>8}  {'resolution':>10}"
+    header += f"  {'px/cell':>7}" if latent else ""
     rows = [
         f"{b.number:>5}  {b.module:<32} {b.adm_name:<18} {b.channels:>8}  {f'{b.resolution}x{b.resolution}':>10}"
+        + (f"  {b.stride:>7}" if latent else "")
         for b in table
     ]
     return "\n".join([header, *rows])

@@ -13,16 +13,50 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import SafetensorError
 
 from cache.errors import UserError
+from stages.models.feature_model import FeatureModel
 
 # What a model directory without a scheduler config is assumed to have been trained with.
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
 
 
 @dataclass
-class LoadedModel:
+class LoadedModel(FeatureModel):
+    """A pixel-space `UNet2DModel` and its scheduler: the image itself is noised (stages.models.feature_model)."""
+
     unet: UNet2DModel
     scheduler: DDPMScheduler
     source: str  # what the user passed: a directory or a hub id
+
+    @property
+    def image_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    def block_table(self):
+        from stages.models.blocks import block_table
+
+        return block_table(self.unet)
+
+    def preprocessing(self) -> dict:
+        from stages.data.images import preprocessing
+
+        return preprocessing(self.image_size, int(self.unet.config.in_channels))
+
+    def image_options(self) -> dict:
+        return {"size": self.image_size, "channels": int(self.unet.config.in_channels)}
+
+    def noise_shape(self) -> tuple[int, ...]:
+        return (int(self.unet.config.in_channels), self.image_size, self.image_size)
+
+    def prepare(self, device: torch.device) -> None:
+        self.unet = self.unet.to(device).eval()
+        if device.type == "cuda":
+            self.unet = self.unet.to(memory_format=torch.channels_last)
+
+    def capture(self, blocks):
+        from stages.models.capture import BlockCapture
+
+        return BlockCapture(self.unet, blocks)
 
     @property
     def num_train_timesteps(self) -> int:
