@@ -73,6 +73,7 @@ class CkaSettings:
     memory_budget: int | None = None  # bytes; None: half the available memory
     threads: int = 4  # chunk reads in parallel
     progress: bool = True
+    heatmaps: bool = True  # draw heatmaps/*.png (most of a small run's time)
 
     def __post_init__(self):
         def fail(name, what, value):
@@ -144,8 +145,9 @@ def run_cka(settings: CkaSettings) -> CkaResult:
     with staged_output(out) as staging:
         write_rows(staging / "cka.csv", table)
         (staging / "heatmaps").mkdir()
-        write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
-                       samples=len(rows))
+        if settings.heatmaps:
+                write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
+                           samples=len(rows))
         (staging / "cka.json").write_text(json.dumps(record, indent=2) + "\n")
     return CkaResult(out, table, record)
 
