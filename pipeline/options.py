@@ -215,3 +215,46 @@ def storage_option(command):
         help="An fsspec option of an object-store URL (s3://, gs:// ...), e.g. anon=true or "
              "client_kwargs.region_name=eu-west-1; repeat for more. Credentials and endpoints come from the "
              "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")(command)
+
+
+# -- pipeline cka ----------------------------------------------------------------------------------------
+def parse_named_store(text: str) -> tuple[str, str]:
+    """'features/adm256.zarr' -> ('adm256', 'features/adm256.zarr'); 'adm=features/a.zarr' -> ('adm', ...)."""
+    name, path = parse_named_path(text)
+    if "=" not in str(text):
+        stem = name.rsplit(".", 1)[0] if name.endswith(".zarr") else name
+        name = stem or name
+    return name, path
+
+
+def parse_scoped(text: str, parse) -> tuple[str | None, object]:
+    """'[NAME=]SPEC' -> (NAME or None, parse(SPEC)): a selection for one store by name, or for all."""
+    name, sep, spec = str(text).partition("=")
+    if not sep:
+        name, spec = None, name
+    elif not name.strip():
+        raise ValueError(f"{text!r} has an empty store name; write NAME=SPEC or SPEC")
+    return (name.strip() if name is not None else None), parse(spec)
+
+
+def _parse_scoped_blocks(text: str):
+    name, numbers = parse_scoped(text, parse_block_spec)
+    return name, None if numbers is None else tuple(numbers)
+
+
+def _parse_scoped_timesteps(text: str):
+    def timesteps(spec):
+        try:
+            values = tuple(int(part) for part in spec.split(",") if part.strip())
+        except ValueError:
+            raise ValueError(f"{spec!r} is not a comma list of integers such as 10,90,150") from None
+        if not values or min(values) < 0 or len(set(values)) != len(values):
+            raise ValueError(f"{spec!r} must be a comma list of distinct timesteps >= 0, such as 10,90,150")
+        return values
+
+    return parse_scoped(text, timesteps)
+
+
+NAMED_STORE = ParsedType("[NAME=]PATH", parse_named_store, (tuple,))  # the name defaults to the file stem
+SCOPED_BLOCKS = ParsedType("[STORE=]BLOCKS", _parse_scoped_blocks, (tuple,))  # e.g. 18-30 or adm=18-30
+SCOPED_TIMESTEPS = ParsedType("[STORE=]TIMESTEPS", _parse_scoped_timesteps, (tuple,))  # e.g. 10,90 or adm=10,90

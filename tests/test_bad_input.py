@@ -253,6 +253,8 @@ CASES = {
     "data --per-class 3": (lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []), 1,
                            "--per-class 3 with --val-fraction 0.2"),
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
+    "cka on a block the store lacks": (lambda e: (["cka", "--store", e.store, "--blocks", "7", "--out", e.tmp / "c"],
+                                                  [e.store]), 1, "has no block 7; it holds blocks 1, 2"),
     "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
                                                   1, "no feature store"),
 }

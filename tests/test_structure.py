@@ -143,6 +143,7 @@ STAGE_ENTRIES = {
     "probe": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
     "probe_pixels": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
     "report": ["pipeline.cli", "stages.report"],
+    "cka": ["pipeline.cli", "stages.cka.run"],
 }
 
 

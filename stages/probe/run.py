@@ -107,7 +107,7 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
         "store": str(settings.store),
         "store_fingerprint": store.fingerprint,
         "seed": settings.seed,
-        "settings": asdict(settings),
+        "settings": {**asdict(settings), "storage_options": sorted(settings.storage_options or {})},  # no secrets
         "hypers": plan.hypers,
         "head_options": plan.options,
         "num_classes": plan.num_classes,
