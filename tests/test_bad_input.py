@@ -174,6 +174,25 @@ def bomb(env, monkeypatch):
     return env.extract(), []
 
 
+def sweep(env, *extra):
+    return ["sweep", "--store", env.store, "--head", "linear", "--out", env.tmp / "r", *extra]
+
+
+def sweep_unreachable(env):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return sweep(env, "--scheduler", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1"), [env.tmp / "r"]
+
+
+def sweep_into_a_foreign_directory(env):
+    (env.tmp / "r" / "store" / "linear").mkdir(parents=True)
+    (env.tmp / "r" / "store" / "linear" / "notes.txt").write_text("keep me")
+    return sweep(env), [env.tmp / "r"]
+
+
 CASES = {
     "extract --splits ''": (lambda e: (e.extract("--splits", ""), []), 2, "names nothing"),
     "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
@@ -210,6 +229,15 @@ CASES = {
     "pretrain with a truncated image": (truncated_image_in_pretrain, 1, "cannot read image"),
     "data --per-class 3": (lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []), 1,
                            "--per-class 3 with --val-fraction 0.2"),
+    "sweep --workers 0": (lambda e: (sweep(e, "--workers", "0"), []), 1, "--workers 0: give 1 or more"),
+    "probe --workers 0": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--out", e.tmp / "r",
+                                      "--workers", "0"], []), 1, "--workers 0: give 1 or more"),
+    "sweep --cluster of an unknown kind": (lambda e: (sweep(e, "--cluster", "slurmm"), []), 1,
+                                           "unknown --cluster 'slurmm'; dask-jobqueue kinds are slurm, pbs"),
+    "sweep --scheduler that does not answer": (sweep_unreachable, 1, "no dask scheduler answered at tcp://127.0.0.1:"),
+    "sweep two stores of one name": (lambda e: (sweep(e, "--store", f"store={e.store}"), []), 1,
+                                     "stores need distinct names"),
+    "sweep --out over a foreign directory": (sweep_into_a_foreign_directory, 1, "is not a probe result directory"),
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
     "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
                                                   1, "no feature store"),

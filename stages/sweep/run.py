@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -66,16 +67,17 @@ def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: s
     plan = plan_sweep(stores, heads, options, group_size=group_size, nested=nested)
     for run in plan.runs:
         _check_run_dir(root / run.run)
-    _record_plan(root, plan)
     tasks = plan.tasks
     missing = [t for t in tasks if not is_done(root, t.key)]
     log.info("sweep: %d run(s), %d task(s): %d already done, %d to run on %s", len(plan.runs), len(tasks),
              len(tasks) - len(missing), len(missing), engine.describe())
-    if missing:
-        with open_engine(engine) as runner, progress_bar(total=len(tasks), desc="sweep", unit="task",
-                                                         enabled=progress) as bar:
-            bar.update(len(tasks) - len(missing))
-            runner.run([t.payload(str(root)) for t in missing], lambda summary: bar.update(1))
+    # the engine first: an unreachable scheduler or a bad cluster configuration leaves nothing behind
+    with open_engine(engine) if missing else contextlib.nullcontext() as runner:
+        _record_plan(root, plan)
+        if missing:
+            with progress_bar(total=len(tasks), desc="sweep", unit="task", enabled=progress) as bar:
+                bar.update(len(tasks) - len(missing))
+                runner.run([t.payload(str(root)) for t in missing], lambda summary: bar.update(1))
     lost = [t for t in tasks if not is_done(root, t.key)]
     if lost:
         raise ResultsRootError(f"{len(lost)} task(s) finished but left no result under {root / TASKS}: the workers must "
