@@ -42,6 +42,7 @@ def _configure_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     for name in ("pipeline", "stages", "cache"):
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a sweep's cluster: its warnings, not its chatter
     handler.setLevel(level)
 
 

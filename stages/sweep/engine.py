@@ -146,7 +146,8 @@ def open_engine(options: EngineOptions) -> Iterator[InProcess | Distributed]:
             cluster = stack.enter_context(LocalCluster(
                 n_workers=options.workers, threads_per_worker=options.threads_per_worker, processes=True,
                 host="127.0.0.1", dashboard_address="127.0.0.1:8787" if options.dashboard else "127.0.0.1:0",
-                scheduler_kwargs={"dashboard": options.dashboard}, silence_logs=logging.ERROR))
+                scheduler_kwargs={"dashboard": options.dashboard},
+                silence_logs=logging.CRITICAL))  # task errors reach the driver; shutdown chatter need not
             client = stack.enter_context(Client(cluster))
         elif options.cluster is not None:
             cluster = stack.enter_context(start_jobqueue_cluster(options.cluster, dashboard=options.dashboard))
