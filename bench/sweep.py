@@ -5,7 +5,7 @@
     python bench/sweep.py --store features/pretrained.zarr --heads linear,knn
 
 Both sides run `stages.sweep.run.run_sweep` on the same store with the same plan (one thread per
-task, `--group-size` input sets per task), into separate results roots:
+task, the sweep's default grouping unless `--group-size`), into separate results roots:
 
 * in-process: the tasks one after the other in this process (what `pipeline sweep` does without
   --workers);
@@ -41,7 +41,8 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=32, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
     parser.add_argument("--heads", default="linear,ridge")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=None,
+                        help="[default: the sweep's: whole passes for linear/mlp, one input set per task otherwise]")
     parser.add_argument("--epochs", type=int, default=None, help="[default: each head's default]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -76,8 +77,9 @@ def main() -> None:
         tasks = len(result.plan.tasks)
         combos = sum(len(r.plan.combos) for r in result.plan.runs)
     first, second = timings
-    print(f"store {store}: heads {', '.join(heads)}, {combos} (input set, head) runs in {tasks} tasks of up to "
-          f"{args.group_size} input sets; {os.cpu_count()} CPUs")
+    per_run = ", ".join(f"{r.settings.head} {len(r.tasks)}" for r in result.plan.runs)
+    print(f"store {store}: heads {', '.join(heads)}, {combos} (input set, head) pairs in {tasks} tasks ({per_run}); "
+          f"{os.cpu_count()} CPUs")
     print(f"{'engine':<14} {'wall s':>8}")
     for name, seconds in timings.items():
         print(f"{name:<14} {seconds:>8.2f}")

@@ -244,9 +244,10 @@ def engine_options(command):
         click.option("--threads-per-worker", type=int, default=1, help="Threads of each --workers process."),
         click.option("--dashboard", is_flag=True, help="Start dask's dashboard (its address is logged)."),
         click.option("--connect-timeout", type=float, default=30.0, help="Seconds to wait for --scheduler."),
-        click.option("--group-size", type=click.IntRange(min=0), default=4,
-                     help="Input sets per task (a task trains its group's whole grid together); 0: whole passes, "
-                          "grouped exactly as a serial `pipeline probe`."),
+        click.option("--group-size", type=click.IntRange(min=0), default=None,
+                     help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
+                          "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "
+                          "to a serial run), 1 for the other heads]."),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)

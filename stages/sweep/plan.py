@@ -1,16 +1,18 @@
 """A sweep resolved before anything runs: every (store, head) as a probe plan, cut into tasks.
 
     plan = plan_sweep([StoreRef("adm256", "features/adm256.zarr")], ["linear", "logreg"],
-                      {"blocks": (18, 19), "pools": (1, 2)}, group_size=4)
+                      {"blocks": (18, 19), "pools": (1, 2)})
     [task.key for task in plan.tasks]
 
 A task is one (store, head, group of input sets) with its whole hyper-parameter grid, so batched
 linear banks and successive halving keep their economy inside it. Groups are cut, in the probe
 plan's order, from its passes (which the driver's memory budget decides, as `pipeline probe` would),
-`group_size` input sets at most (0: whole passes); a task is therefore one pass of a serial run or a
-part of one. Members are seeded from their identity, never from grouping, so a task trains what that
-run trains; only float rounding can tell them apart (a batched bank of another size sums in another
-order, about 1e-9 in a weight), and with `group_size=0` not even that. Any engine, any number of
+`group_size` input sets at most (0: whole passes). Members are seeded from their identity, never from
+grouping, so a task trains what the serial run trains. By default (`group_size=None`) linear and MLP
+heads keep whole passes: their bank computes all input sets of a size as one tensor, and a bank of
+another size rounds a few weights differently in the last bit (vectorised loops handle the tensor's
+tail elements apart). CNN, attention and scikit-learn heads train each input set on its own, so they
+are cut into tasks of one input set, bit-identical to the serial run. Any engine, any number of
 workers and any order of completion give bit-identical results for the same plan.
 
 A task's key is a sha256 of everything that determines its results: the store's fingerprint, the
@@ -31,6 +33,7 @@ import numpy as np
 from cache.errors import ConfigError
 from cache.reader import FeatureStore
 from stages.probe.plan import Combo, ProbePlan, Samples, make_plan
+from stages.probe.registry import FLAT
 from stages.probe.settings import ProbeSettings
 from stages.sweep.versions import environment
 
@@ -97,7 +100,7 @@ class RunPlan:
 @dataclass(frozen=True)
 class SweepPlan:
     runs: list[RunPlan]
-    group_size: int
+    group_size: int | None
 
     @property
     def tasks(self) -> list[Task]:
@@ -138,7 +141,8 @@ def task_key(plan: ProbePlan, combos: list[Combo]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, group_size: int, nested: bool) -> RunPlan:
+def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, group_size: int | None,
+             nested: bool) -> RunPlan:
     """The probe plan of one (store, head) and its tasks (see the module docstring)."""
     plan = make_plan(store, settings)
     # Every task trains in the mode this plan chose: memory and streamed training agree only to rounding.
@@ -147,7 +151,8 @@ def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, gro
     run = f"{ref.name}/{settings.run_name}" if nested else settings.run_name
     tasks = []
     for members in plan.passes:
-        size = group_size or len(members)  # 0: whole passes, grouped exactly as `pipeline probe` groups them
+        size = group_size if group_size is not None else (0 if plan.spec.family == FLAT else 1)
+        size = size or len(members)  # 0: whole passes, grouped exactly as `pipeline probe` groups them
         for start in range(0, len(members), size):
             group = tuple(members[start : start + size])
             combos = [plan.combos[i] for i in group]
@@ -155,15 +160,15 @@ def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, gro
     return RunPlan(run, ref, settings, plan, tasks)
 
 
-def plan_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int = 4,
+def plan_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None = None,
                nested: bool = True) -> SweepPlan:
     """Every (store, head) with every requested input set, as tasks; `options` are ProbeSettings fields.
 
     `nested`: runs go to <root>/<store name>/<head> (`pipeline sweep`), else to <root>/<head> (one store,
     `pipeline probe`). The stores are opened here (metadata and labels only) and closed again."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
-        raise ConfigError(f"The 'group_size' setting of the sweep must be a non-negative integer (0: whole passes). "
-                          f"Got {group_size!r} instead.")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0):
+        raise ConfigError(f"The 'group_size' setting of the sweep must be None or a non-negative integer (0: whole "
+                          f"passes). Got {group_size!r} instead.")
     if not stores or not heads:
         raise ConfigError("a sweep needs at least one --store and one --head")
     names = [s.name for s in stores]

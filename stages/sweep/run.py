@@ -56,7 +56,7 @@ class SweepResult:
 
 
 def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: str | Path = "results",
-              group_size: int = 4, nested: bool = True, engine: EngineOptions = EngineOptions(),
+              group_size: int | None = None, nested: bool = True, engine: EngineOptions = EngineOptions(),
               progress: bool = True) -> SweepResult:
     """Run the sweep (see the module docstring); `options` are ProbeSettings fields shared by every run.
 
