@@ -309,8 +309,9 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     A task is one store, one head and a group of input sets with its whole hyper-parameter grid; its
     results are written under OUT/.sweep/tasks/ keyed by everything that determines them, so a rerun
     (after a killed driver, worker or cluster) runs only the missing tasks. Results equal the serial
-    run's for any number of workers. Options after --dry-run are those of `pipeline probe`; tables and
-    plots come from `pipeline report --results OUT/<store>`.
+    run's for any number of workers. Options after --dry-run are those of `pipeline probe` (but each task
+    runs one thread unless --threads says otherwise); tables and plots come from `pipeline report
+    --results OUT/<store>`.
     """
     from stages.sweep.engine import EngineOptions
     from stages.sweep.plan import parse_store, plan_sweep
