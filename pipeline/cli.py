@@ -50,6 +50,7 @@ def _configure_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     for name in ("pipeline", "stages", "cache"):
         logging.getLogger(name).setLevel(level)
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # a sweep's cluster: its warnings, not its chatter
     handler.setLevel(level)
 
 
@@ -319,15 +320,30 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
 @click.option("--render/--no-render", default=True,
               help="Also draw the run's heatmaps and summary.md (the report stage draws them from the results too).")
-def probe(store, storage_options, head, render, **flags) -> None:
-    """Train probe heads on every requested (block, timestep, pool) of the store in one sweep."""
+@options.engine_options
+def probe(store, storage_options, head, render, group_size, **flags) -> None:
+    """Train probe heads on every requested (block, timestep, pool) of the store in one sweep.
+
+    With --workers, --scheduler or --cluster its input sets run as tasks on dask (see `pipeline sweep`)."""
     from cache.storage import parse_storage_options
     from stages.probe.run import run_probe
     from stages.probe.settings import ProbeSettings
 
+    engine = {key: flags.pop(key) for key in options.ENGINE_FLAGS}
     given = {key: value for key, value in flags.items() if value is not None}
-    result = run_probe(ProbeSettings(store=store, head=head, storage_options=parse_storage_options(storage_options),
-                                     **given))
+    given["storage_options"] = parse_storage_options(storage_options) or None
+    if any(engine[key] is not None for key in ("workers", "scheduler", "cluster")):
+        from stages.sweep.engine import EngineOptions
+        from stages.sweep.plan import StoreRef
+        from stages.sweep.run import run_sweep
+
+        out = given.pop("out")
+        done = run_sweep([StoreRef(head, store)], [head], given, out=out, group_size=group_size, nested=False,
+                         engine=EngineOptions(**engine))
+        (result,) = done.runs.values()
+        click.echo(f"{done.submitted} task(s) run, {done.reused} reused")
+    else:
+        result = run_probe(ProbeSettings(store=store, head=head, **given))
     if render:
         from stages.report import render_run
 
@@ -335,6 +351,65 @@ def probe(store, storage_options, head, render, **flags) -> None:
     best = result.metrics["best"]
     click.echo(f"{len(result.rows)} configurations -> {result.run_dir}; chosen on validation: {best['key']} "
                f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+
+
+@main.command()
+@click.option("--store", "stores", multiple=True, required=True,
+              help="A feature store: PATH, URL or NAME=PATH (NAME: its results sub-directory [default: the file name "
+                   "without .zarr]); repeat for more.")
+@click.option("--head", "heads", type=options.HEADS, required=True, help="Comma list of head kinds, e.g. linear,mlp,logreg.")
+@click.option("--out", default="results", type=click.Path(file_okay=False),
+              help="Results root: runs go to OUT/<store>/<head>, task results to OUT/.sweep/.")
+@click.option("--dry-run", is_flag=True, help="Print the tasks, which are done, and with --cluster the job script; run nothing.")
+def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
+    """Train every (store, head) over every requested input set, as tasks on dask.distributed.
+
+    A task is one store, one head and a group of input sets with its whole hyper-parameter grid; its
+    results are written under OUT/.sweep/tasks/ keyed by everything that determines them, so a rerun
+    (after a killed driver, worker or cluster) runs only the missing tasks. Results equal the serial
+    run's for any number of workers. Options after --dry-run are those of `pipeline probe` (but each task
+    runs one thread unless --threads says otherwise); tables and plots come from `pipeline report
+    --results OUT/<store>`.
+    """
+    from stages.sweep.engine import EngineOptions
+    from stages.sweep.plan import parse_store, plan_sweep
+    from stages.sweep.run import run_sweep
+
+    from cache.storage import parse_storage_options
+
+    engine = EngineOptions(**{key: flags.pop(key) for key in options.ENGINE_FLAGS})
+    storage_options = parse_storage_options(flags.pop("storage_options", ()))
+    given = {key: value for key, value in flags.items() if value is not None}
+    given["storage_options"] = storage_options or None
+    refs = [parse_store(text) for text in stores]
+    if dry_run:
+        from stages.sweep.task import is_done
+
+        script = None
+        if engine.cluster is not None:
+            from stages.sweep.clusters import job_script
+
+            script = job_script(engine.cluster)
+        plan = plan_sweep(refs, list(heads), {"threads": 1, **given, "out": out}, group_size=group_size)
+        for run in plan.runs:
+            click.echo(f"{out}/{run.run}: {len(run.tasks)} task(s)")
+            for task in run.tasks:
+                state = "done" if is_done(out, task.key) else "to run"
+                click.echo(f"  {task.key[:12]}  {state:<6}  {', '.join(task.combo_keys)}")
+        click.echo(f"{len(plan.tasks)} task(s) on {engine.describe()}")
+        if script is not None:
+            click.echo(f"job script of each {engine.cluster} job:\n{script}")
+        return
+    done = run_sweep(refs, list(heads), given, out=out, group_size=group_size, engine=engine)
+    for name, result in done.runs.items():
+        best = result.metrics["best"]
+        click.echo(f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
+                   f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+    click.echo(f"{len(done.plan.tasks)} task(s): {done.submitted} run, {done.reused} reused")
+
+
+# The probe's options, one definition for both commands (the sweep's own --store, --head and --out first).
+sweep.params.extend(p for p in probe.params if p.name not in ("store", "head", "out", "name", "render"))
 
 
 @main.command()

@@ -258,3 +258,53 @@ def _parse_scoped_timesteps(text: str):
 NAMED_STORE = ParsedType("[NAME=]PATH", parse_named_store, (tuple,))  # the name defaults to the file stem
 SCOPED_BLOCKS = ParsedType("[STORE=]BLOCKS", _parse_scoped_blocks, (tuple,))  # e.g. 18-30 or adm=18-30
 SCOPED_TIMESTEPS = ParsedType("[STORE=]TIMESTEPS", _parse_scoped_timesteps, (tuple,))  # e.g. 10,90 or adm=10,90
+
+
+class HeadListType(click.ParamType):
+    """A comma list of distinct head kinds of `stages.probe.registry`, e.g. `linear,mlp,logreg`."""
+
+    name = "HEADS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        from stages.probe.registry import HEADS
+
+        names = tuple(part.strip() for part in str(value).split(",") if part.strip())
+        unknown = [n for n in names if n not in HEADS]
+        if not names or unknown:
+            self.fail(f"{value!r}: unknown head(s) {', '.join(unknown) or '(none given)'}; choose from "
+                      f"{', '.join(HEADS)}", param, ctx)
+        if len(set(names)) != len(names):
+            self.fail(f"{value!r} names a head twice", param, ctx)
+        return names
+
+
+HEADS = HeadListType()
+
+
+def engine_options(command):
+    """Where a sweep's tasks run (`stages.sweep.engine`): in this process unless one of these is given."""
+    decorators = [
+        click.option("--workers", type=int, default=None,
+                     help="Run the tasks on a local dask cluster of this many worker processes (127.0.0.1) "
+                          "[default: in this process]."),
+        click.option("--scheduler", default=None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
+        click.option("--cluster", default=None,
+                     help="Start a dask-jobqueue cluster of this kind (slurm, pbs, sge, lsf, moab, oar, htcondor), "
+                          "configured by dask's configuration (jobqueue.yaml)."),
+        click.option("--scale", type=int, default=None, help="Workers of the --cluster [default: 1]."),
+        click.option("--threads-per-worker", type=int, default=1, help="Threads of each --workers process."),
+        click.option("--dashboard", is_flag=True, help="Start dask's dashboard (its address is logged)."),
+        click.option("--connect-timeout", type=float, default=30.0, help="Seconds to wait for --scheduler."),
+        click.option("--group-size", type=click.IntRange(min=0), default=None,
+                     help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
+                          "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "
+                          "to a serial run), 1 for the other heads]."),
+    ]
+    for decorator in reversed(decorators):
+        command = decorator(command)
+    return command
+
+
+ENGINE_FLAGS = ("workers", "scheduler", "cluster", "scale", "threads_per_worker", "dashboard", "connect_timeout")

@@ -201,6 +201,25 @@ def another_class_list_for_a_store(env):
     return env.extract("--classes", env.tmp / "two.txt", out=store), [store]
 
 
+def sweep(env, *extra):
+    return ["sweep", "--store", env.store, "--head", "linear", "--out", env.tmp / "r", *extra]
+
+
+def sweep_unreachable(env):
+    import socket
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return sweep(env, "--scheduler", f"tcp://127.0.0.1:{port}", "--connect-timeout", "1"), [env.tmp / "r"]
+
+
+def sweep_into_a_foreign_directory(env):
+    (env.tmp / "r" / "store" / "linear").mkdir(parents=True)
+    (env.tmp / "r" / "store" / "linear" / "notes.txt").write_text("keep me")
+    return sweep(env), [env.tmp / "r"]
+
+
 CASES = {
     "extract --data an unknown kind": (lambda e: (e.extract(data=f"birds:{e.data}"), []), 1,
                                        "unknown data-set kind 'birds'"),
@@ -252,6 +271,15 @@ CASES = {
     "pretrain with a truncated image": (truncated_image_in_pretrain, 1, "cannot read image"),
     "data --per-class 3": (lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []), 1,
                            "--per-class 3 with --val-fraction 0.2"),
+    "sweep --workers 0": (lambda e: (sweep(e, "--workers", "0"), []), 1, "--workers 0: give 1 or more"),
+    "probe --workers 0": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--out", e.tmp / "r",
+                                      "--workers", "0"], []), 1, "--workers 0: give 1 or more"),
+    "sweep --cluster of an unknown kind": (lambda e: (sweep(e, "--cluster", "slurmm"), []), 1,
+                                           "unknown --cluster 'slurmm'; dask-jobqueue kinds are slurm, pbs"),
+    "sweep --scheduler that does not answer": (sweep_unreachable, 1, "no dask scheduler answered at tcp://127.0.0.1:"),
+    "sweep two stores of one name": (lambda e: (sweep(e, "--store", f"store={e.store}"), []), 1,
+                                     "stores need distinct names"),
+    "sweep --out over a foreign directory": (sweep_into_a_foreign_directory, 1, "is not a probe result directory"),
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
     "cka on a block the store lacks": (lambda e: (["cka", "--store", e.store, "--blocks", "7", "--out", e.tmp / "c"],
                                                   [e.store]), 1, "has no block 7; it holds blocks 1, 2"),

@@ -140,8 +140,9 @@ STAGE_ENTRIES = {
     "random_init": ["pipeline.cli", "stages.pretrain.random_init"],
     "extract": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
     "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.kinds"],
-    "probe": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
-    "probe_pixels": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
+    "probe": ["pipeline.cli", "stages.sweep.engine", "stages.sweep.plan", "stages.sweep.run", "stages.sweep.task"],
+    "probe_pixels": ["pipeline.cli", "stages.sweep.engine", "stages.sweep.plan", "stages.sweep.run",
+                     "stages.sweep.task"],
     "report": ["pipeline.cli", "stages.report"],
     "cka": ["pipeline.cli", "stages.cka.run"],
 }

@@ -53,12 +53,12 @@ class ProbeResult:
 
 def run_probe(settings: ProbeSettings) -> ProbeResult:
     """Run the sweep and write `<out>/<name>/` (see the module docstring); the store is only read."""
-    with _thread_limit(settings.threads):
+    with thread_limit(settings.threads):
         return _run_probe(settings)
 
 
 @contextlib.contextmanager
-def _thread_limit(threads: int | None):
+def thread_limit(threads: int | None):
     # Small matmuls on a busy machine are far faster single-threaded (spinning BLAS/OpenMP
     # workers); a user can set the count, and the libraries' defaults are kept otherwise.
     if threads is None:
