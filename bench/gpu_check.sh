@@ -6,7 +6,8 @@
 # 1. parity on the GPU: the extraction tests compare GPU features with a float32 forward pass on the
 #    CPU, and the probe tests run their heads there (the probes' device "auto" is the GPU);
 # 2. bench/probe.py with the sweep on the GPU against scikit-learn on the CPU;
-# 3. bench/extract.py with ADM-256-sized random weights (bf16, then fp32);
+# 3. bench/extract.py with ADM-256-sized random weights (bf16, then fp32), and 1 process
+#    against 2 sharing the GPU (bench/extract.py --nproc 2) and the store's objects with and without shards.
 # 4. the model kinds' parity tests on the GPU, and bench/extract.py --model-kind sd --full: SD-2.1-sized
 #    random weights (768 px) at bf16, VAE encoding timed separately (transformers and timm needed).
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
@@ -32,3 +33,5 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_latent_models.py
     2>&1 | tail -15 | tee "$out/pytest_kinds_gpu.txt"
 timeout 240 python3 bench/extract.py --device cuda --model-kind sd --full --images 64 --timesteps 100,261 --repeats 1 \
     2>&1 | grep -v Warn | tail -5 | tee "$out/extract_sd21.txt"
+timeout 200 python3 bench/extract.py --device cuda --nproc 2 --images 512 --timesteps 10,90,150 2>&1 | grep -v Warn \
+    | tail -6 | tee "$out/extract_nproc2.txt"

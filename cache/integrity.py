@@ -166,18 +166,22 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
                 if array.shape != expected:
                     damage.append(Damage(array_path, None, f"is {array.shape}, the settings say {expected}"))
                     continue
+                # One listing per array rather than a request per finished shard (object stores)
+                present = None if location.local else location.files_under(f"{array_path}/c")
                 for k in np.flatnonzero(done_shards(sets, int(block), int(timestep), n_shards)):
-                    problem = shard_problem(location, array_path, array, int(k), shard_samples, full=full)
+                    problem = shard_problem(location, array_path, array, int(k), shard_samples, full=full,
+                                            present=present)
                     if problem:
                         damage.append(Damage(array_path, int(k), problem))
     return damage
 
 
 def shard_problem(location: Location, array_path: str, array: zarr.Array, shard: int, shard_samples: int, *,
-                  full: bool) -> str | None:
-    """What is wrong with finished shard `shard` of a feature array, or None."""
+                  full: bool, present: set[str] | None = None) -> str | None:
+    """What is wrong with finished shard `shard` of a feature array, or None (`present`: the array's objects,
+    listed once, where checking each one is a request)."""
     file = layout.shard_file(array_path, shard, array.ndim)
-    if not location.exists(file):
+    if not (file in present if present is not None else location.exists(file)):
         return f"is marked finished but missing ({file})"
     if not full:
         return None

@@ -47,9 +47,10 @@ class Job:
         return self.world_size > 1
 
     def device_name(self, requested: str) -> str:
-        """One GPU per local rank: `auto` and `cuda` become cuda:<local rank>."""
+        """One GPU per local rank: `auto` and `cuda` become cuda:<local rank> (shared round-robin where a
+        machine runs more processes than it has GPUs)."""
         if self.distributed and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
+            return f"cuda:{self.local_rank % torch.cuda.device_count()}"
         return requested
 
     def share(self, value=None):
@@ -101,8 +102,10 @@ def join_job() -> Job:
     if dist.is_initialized():
         return Job(rank, world_size, local_rank)
     cuda = torch.cuda.is_available()
+    # NCCL cannot put two ranks on one GPU; where they share one, gloo carries the (small) messages.
+    nccl = cuda and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=TIMEOUT,
-                            **({"device_id": torch.device("cuda", local_rank)} if cuda else {}))
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT,
+                            **({"device_id": torch.device("cuda", local_rank)} if nccl else {}))
     return Job(rank, world_size, local_rank, _initialised=True)
