@@ -104,8 +104,18 @@ def blocks(model: str) -> None:
 @click.option("--verify", is_flag=True,
               help="First decode and check every finished chunk of an existing store; damaged ones are recomputed.")
 @click.option("--dry-run", is_flag=True, help="Print the plan (passes, arrays, sizes) and stop.")
+@click.option("--preprocess", type=click.Choice(["bicubic", "adm"]), default=None,
+              help="bicubic: one bicubic resize; adm: guided-diffusion's center_crop_arr (BOX halvings, then "
+                   "bicubic), the paper's [default: what the model directory names (convert-adm: adm), else bicubic].")
+@click.option("--views", type=click.IntRange(min=1), default=1,
+              help="Views of each image of --view-splits: the centre view and VIEWS-1 augmented ones (the "
+                   "paper's fresh augmentation, stored); each costs the split's passes and bytes again.")
+@click.option("--augment", default=None,
+              help="Augmentations of the views >= 1, e.g. resized-crop,flip (the paper's) or resized-crop=0.8-1.0,"
+                   "crop=2 (digits: no flips) [default: resized-crop,flip].")
+@click.option("--view-splits", type=options.NAMES, default="train", help="The splits that get --views.")
 def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size, dtype, precision, device, workers,
-            noise_seed, chunk_samples, overwrite, verify, dry_run) -> None:
+            noise_seed, chunk_samples, overwrite, verify, dry_run, preprocess, views, augment, view_splits) -> None:
     """Run the U-Net once per batch and timestep set, and store every requested block's pooled output."""
     from stages.extract.plan import ExtractConfig, make_plan
     from stages.extract.run import run_extract
@@ -114,6 +124,7 @@ def extract(model, data, out, blocks_spec, timesteps, pools, splits, batch_size,
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, overwrite=overwrite, verify=verify,
+        preprocess=preprocess, views=views, augment=augment, view_splits=view_splits,
     )
     if dry_run:
         click.echo(make_plan(config).describe())

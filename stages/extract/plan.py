@@ -18,8 +18,9 @@ import numpy as np
 from cache import FeatureStore, layout
 from cache.errors import ConfigError
 from cache.pooling import stored_grid
+from stages.data.augment import Augment, parse_augment
 from stages.data.folders import ImageFolderSplit, dataset_identity, scan
-from stages.data.images import preprocessing
+from stages.data.images import PREPROCESSES, preprocessing
 from stages.models.blocks import Block, block_table, resolve_blocks
 from stages.models.loading import LoadedModel, load_model
 
@@ -47,12 +48,16 @@ class ExtractConfig:
     chunk_samples: int | None = None  # None: the store's, or sized to CHUNK_BYTES
     overwrite: bool = False
     verify: bool = False  # decode every finished chunk first, and recompute the damaged ones
+    preprocess: str | None = None  # "bicubic" or "adm"; None: what the model directory names, else bicubic
+    views: int = 1  # views of each image of `view_splits`: the centre view and views - 1 augmented ones
+    augment: str | Augment | None = None  # e.g. "resized-crop,flip" (stages.data.augment); None: that default
+    view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
 
     def __post_init__(self):
         if isinstance(self.blocks, str):
             raise ConfigError(f"blocks must be block numbers or None, got the string {self.blocks!r}; "
                               "pipeline.options.parse_block_spec reads '18-30' and the like")
-        for name in ("blocks", "timesteps", "pools", "splits"):
+        for name in ("blocks", "timesteps", "pools", "splits", "view_splits"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -69,6 +74,15 @@ class Plan:
     splits: dict[str, ImageFolderSplit]
     chunk_samples: int
     settings: dict = field(repr=False)
+    views: dict[str, tuple[str, int]] = field(default_factory=dict)  # stored split -> (split, view), views >= 1
+    augment: Augment | None = None
+
+    def image_options(self, split: str) -> dict:
+        """How the images of stored split `split` are made: the preprocessing, and for a view >= 1 its
+        augmentation and view number (`stages.data.augment`)."""
+        method = self.settings["preprocessing"].get("method", "bicubic")
+        base, view = self.views.get(split, (split, 0))
+        return {"method": method, "view": view, "augment": self.augment if view else None}
 
     def arrays(self) -> list[tuple[str, Block, int, tuple[int, ...]]]:
         return [
@@ -85,6 +99,12 @@ class Plan:
             f"store {self.config.out}: {self.config.dtype}, sample chunks of {self.chunk_samples}",
         ]
         total = 0
+        if self.views:
+            counts = {base: view + 1 for base, view in self.views.values()}
+            lines.append("views: " + ", ".join(f"{base} {count} (the centre view and {count - 1} augmented: "
+                                                f"{', '.join(a['name'] for a in self.augment.record(1))})"
+                                                for base, count in sorted(counts.items()))
+                         + "; each view costs the split's passes and bytes again")
         for split, data in self.splits.items():
             n = len(data.paths)
             images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
@@ -93,11 +113,12 @@ class Plan:
                 f"{split}: {n} images, {passes} forward passes of up to {images} images x "
                 f"{len(self.config.timesteps)} timesteps"
             )
-        lines.append(f"{'split':<6} {'block':>5} {'timestep':>8}  {'shape':<24} {'MB':>10}")
+        width = max(6, *(len(name) for name in self.splits))
+        lines.append(f"{'split':<{width}} {'block':>5} {'timestep':>8}  {'shape':<24} {'MB':>10}")
         for split, block, t, shape in self.arrays():
             size = int(np.prod(shape)) * itemsize
             total += size
-            lines.append(f"{split:<6} {block.number:>5} {t:>8}  {str(shape):<24} {size / 1e6:>10.2f}")
+            lines.append(f"{split:<{width}} {block.number:>5} {t:>8}  {str(shape):<24} {size / 1e6:>10.2f}")
         lines.append(f"total {total / 1e6:.2f} MB before compression, {len(self.arrays())} arrays")
         return "\n".join(lines)
 
@@ -126,6 +147,15 @@ def _validate(config: ExtractConfig, model: LoadedModel) -> None:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
+    if config.preprocess is not None and config.preprocess not in PREPROCESSES:
+        raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSES)}, got {config.preprocess!r}")
+    if isinstance(config.views, bool) or not isinstance(config.views, int) or config.views < 1:
+        raise ConfigError(f"--views must be a positive integer (1: the centre view only), got {config.views!r}")
+    if config.views == 1 and config.augment is not None:
+        raise ConfigError("--augment has no effect without --views 2 or more: view 0 is always the centre crop")
+    unknown = [s for s in config.view_splits if s not in config.splits]
+    if config.views > 1 and unknown:
+        raise ConfigError(f"--view-splits names {', '.join(unknown)}, which --splits does not ({', '.join(config.splits)})")
 
 
 def check_split_names(splits) -> None:
@@ -156,6 +186,15 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
     splits = scan(config.data, list(config.splits))
+    data_identity = dataset_identity(splits)  # of the image folders; views are not more data
+    augment, views = None, {}
+    if config.views > 1:
+        augment = config.augment if isinstance(config.augment, Augment) else parse_augment(config.augment or
+                                                                                           "resized-crop,flip")
+        for base in config.view_splits:
+            for view in range(1, config.views):
+                name = layout.view_split(base, view)
+                splits[name], views[name] = splits[base], (base, view)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     chunk_samples = (
@@ -167,14 +206,20 @@ def make_plan(config: ExtractConfig, model: LoadedModel | None = None) -> Plan:
     settings = {
         "kind": "diffusion",
         "model": {k: v for k, v in model.identity().items() if k != "source"},
-        "data": dataset_identity(splits),
-        "preprocessing": preprocessing(size, int(model.unet.config.in_channels)),
+        "data": data_identity,
+        "preprocessing": preprocessing(size, int(model.unet.config.in_channels), config.preprocess or model.preprocess),
         "noise_seed": int(config.noise_seed),
         "dtype": config.dtype,
         "precision": config.precision,
         "chunk_samples": int(chunk_samples),
     }
-    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), settings)
+    if views:  # only stores with augmented views record them: a store without stays as it always was
+        settings["views"] = {
+            "count": int(config.views), "splits": list(config.view_splits), "augment": augment.record(size),
+            "draws": "stages.data.augment.view_generator(noise_seed, index, view)",
+            "noise": "stages.extract.noise(noise_seed, index, t, shape, view)",
+        }
+    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), settings, views, augment)
 
 
 

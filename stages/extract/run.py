@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache import FeatureStoreWriter, layout
 from cache.errors import ConfigError, DataChangedError
 from cache.writer import SplitIndex
+from stages.data.augment import view_generator
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
 from stages.data.images import read_image
@@ -46,19 +47,24 @@ class _NoisedImages(Dataset):
     workers. An unreadable image comes back as its error message (and zeros), so that the main process
     raises it as a plain DataError rather than a worker's traceback."""
 
-    def __init__(self, split: ImageFolderSplit, size: int, channels: int, timesteps: list[int], seed: int):
+    def __init__(self, split: ImageFolderSplit, size: int, channels: int, timesteps: list[int], seed: int, *,
+                 method: str = "bicubic", view: int = 0, augment=None):
         self.split, self.size, self.channels, self.timesteps, self.seed = split, size, channels, timesteps, seed
+        self.method, self.view, self.augment = method, view, augment  # Plan.image_options
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
     def __getitem__(self, index: int):
+        # view >= 1: an augmented view, its draws a pure function of (seed, index, view) (stages.data.augment)
+        rng = view_generator(self.seed, index, self.view) if self.view else None
         try:
-            x0, record = read_image(self.split.root / self.split.paths[index], self.size, self.channels)
+            x0, record = read_image(self.split.root / self.split.paths[index], self.size, self.channels,
+                                    method=self.method, augment=self.augment, rng=rng)
             error = ""
         except DataError as failure:
             x0, record, error = torch.zeros(self.channels, self.size, self.size), (0, 0), str(failure)
-        eps = torch.stack([noise(self.seed, index, t, x0.shape) for t in self.timesteps])
+        eps = torch.stack([noise(self.seed, index, t, x0.shape, self.view) for t in self.timesteps])
         return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
 
@@ -150,7 +156,7 @@ def _extract_split(plan, split, writer, capture, pool, device, progress) -> None
     channels = plan.settings["preprocessing"]["channels"]
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, size, channels, steps, config.noise_seed),
+        _NoisedImages(data, size, channels, steps, config.noise_seed, **plan.image_options(split)),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
