@@ -272,6 +272,13 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 @click.option("--shuffle-window", type=click.IntRange(min=1), default=None, help="Samples shuffled together [default: 65536].")
 @click.option("--allow-incomplete", is_flag=True, default=None, help="Probe only the finished samples of an unfinished store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
+@click.option("--recipe", type=click.Choice(["diffssl"]), default=None,
+              help="Train as the paper's code does (linear, mlp, attention; with --fuse its DifFormer fusion): raw "
+                   "features, SGD without momentum, StepLR(7, 0.1), 28 epochs, batch 128, lr 1e-2 (5e-2 attention), "
+                   "no grid; options given explicitly still override it.")
+@click.option("--views", type=click.IntRange(min=1), default=None,
+              help="Augmented views of the train split to train on, one per sample per epoch [default: all the store "
+                   "holds; 1: the centre view only].")
 @click.option("--render/--no-render", default=True,
               help="Also draw the run's heatmaps and summary.md (the report stage draws them from the results too).")
 def probe(store, head, render, **flags) -> None:

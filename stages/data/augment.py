@@ -115,22 +115,3 @@ def view_generator(seed: int, index: int, view: int) -> np.random.Generator:
     if min(seed, index, view) < 0:
         raise ConfigError(f"seed, index and view must be non-negative, got {(seed, index, view)}")
     return np.random.default_rng(np.random.SeedSequence([seed, index, view], spawn_key=(1,)))
-
-
-def view_choice(seed: int, epoch: int, index: np.ndarray, views: int) -> np.ndarray:
-    """(n,) the view each train row `index` reads in `epoch`: a seeded hash of (seed, epoch, index) mod `views`.
-
-    A pure function of each row's index (splitmix64 of a mix of the three), so it does not depend on
-    the batch order, the data mode or which other rows are used; with one view it is all zeros."""
-    index = np.asarray(index, dtype=np.uint64)
-    if views <= 1:
-        return np.zeros(len(index), np.int64)
-    with np.errstate(over="ignore"):
-        x = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64((int(seed) * 0x632BE59BD9B4E019 + int(epoch) + 1)
-                                                               & 0xFFFFFFFFFFFFFFFF)
-        x ^= x >> np.uint64(30)
-        x *= np.uint64(0xBF58476D1CE4E5B9)
-        x ^= x >> np.uint64(27)
-        x *= np.uint64(0x94D049BB133111EB)
-        x ^= x >> np.uint64(31)
-    return (x % np.uint64(views)).astype(np.int64)
