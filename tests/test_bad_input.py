@@ -174,6 +174,13 @@ def bomb(env, monkeypatch):
     return env.extract(), []
 
 
+def broken_preprocessing(env):
+    model = env.tmp / "model"
+    shutil.copytree(env.model, model)
+    (model / "preprocessing.json").write_text('{"preprocess": ')
+    return env.extract(model=model), [model]
+
+
 CASES = {
     "extract --splits ''": (lambda e: (e.extract("--splits", ""), []), 2, "names nothing"),
     "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
@@ -213,6 +220,17 @@ CASES = {
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
     "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
                                                   1, "no feature store"),
+    # issue 14: views, recipes, preprocessing
+    "extract --augment rotate": (lambda e: (e.extract("--views", "2", "--augment", "rotate"), []), 1,
+                                 "unknown augmentation 'rotate'"),
+    "extract --augment without --views": (lambda e: (e.extract("--augment", "flip"), []), 1, "has no effect"),
+    "extract --views 2 --view-splits test": (lambda e: (e.extract("--views", "2", "--view-splits", "test"), []), 1,
+                                             "which --splits does not"),
+    "a model whose preprocessing.json is broken": (broken_preprocessing, 1, "preprocessing.json cannot be read"),
+    "probe --recipe diffssl --head knn": (lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe", "diffssl",
+                                                      "--out", e.tmp], []), 1, "with recipe 'diffssl'"),
+    "probe --views 3 on a store with one": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3",
+                                                        "--out", e.tmp], []), 1, "holds 1 view(s)"),
 }
 
 
