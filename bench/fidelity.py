@@ -60,24 +60,26 @@ def batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
     return [order[i * batch : (i + 1) * batch] for i in range(n // batch)]  # the last partial batch dropped
 
 
-def train_linear(features_of, n: int, dim: int, classes: int, labels: np.ndarray, epochs: int, seed: int) -> nn.Linear:
-    """The paper's linear recipe; `features_of(epoch, rows)` gives the (len(rows), dim) float32 features."""
+def train_linear(features_of, n: int, dim: int, classes: int, labels: np.ndarray, epochs: int, seed: int,
+                 lr: float, mean: torch.Tensor, std: torch.Tensor) -> nn.Module:
+    """The paper's linear recipe at learning rate `lr`, on (x - mean) / std (0 and 1: raw features, the
+    paper's); `features_of(epoch, rows)` gives the (len(rows), dim) float32 features."""
     torch.manual_seed(seed)
     head = nn.Linear(dim, classes)
-    optimizer = torch.optim.SGD(head.parameters(), lr=RECIPE["lrs"][0], momentum=0.0)
+    optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.0)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_EPOCHS, STEP_GAMMA)
     y = torch.from_numpy(labels)
     for epoch in range(epochs):
         for rows in batches(n, RECIPE["batch_size"], seed, epoch):
-            loss = nn.functional.cross_entropy(head(features_of(epoch, rows)), y[rows])
+            loss = nn.functional.cross_entropy(head((features_of(epoch, rows) - mean) / std), y[rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
         scheduler.step()
-    return head
+    return lambda x: head((x - mean) / std)
 
 
-def top1(head: nn.Linear, x: torch.Tensor, y: np.ndarray) -> float:
+def top1(head, x: torch.Tensor, y: np.ndarray) -> float:
     with torch.no_grad():
         return float((head(x).argmax(1).numpy() == y).mean())
 
@@ -127,6 +129,10 @@ def main() -> None:
     parser.add_argument("--augment", default="resized-crop", help="For digits: crops, no flips.")
     parser.add_argument("--sweep-timesteps", default="100,200", help="The sweep line: every block at these.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=RECIPE["lrs"][0], help="The recipe's: 1e-2.")
+    parser.add_argument("--standardise", action="store_true",
+                        help="Standardise features with the centre view's train statistics (the project's default; "
+                             "the paper's recipe trains on raw features).")
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -156,13 +162,17 @@ def main() -> None:
                        for v in range(max(views))])
     test = torch.from_numpy(store.read("val", args.block, args.timestep, args.pool).reshape(len(y_test), -1))
     dim = stored.shape[-1]
+    if args.standardise:
+        mean, std = torch.from_numpy(stored[0].mean(0)), torch.from_numpy(stored[0].std(0)).clamp_min(1e-6)
+    else:
+        mean, std = torch.zeros(dim), torch.ones(dim)
     rows = []
 
     def cache_arm(k: int) -> None:
         feats = torch.from_numpy(stored[:k])
         started = time.perf_counter()
         head = train_linear(lambda e, r: feats[view_choice(args.seed, e, r, k), r], n, dim, classes, y_train,
-                            args.epochs, args.seed)
+                            args.epochs, args.seed, args.lr, mean, std)
         seconds = time.perf_counter() - started
         rows.append((f"cache, {k} view{'s' if k > 1 else ''}", top1(head, test, y_test), t_one + (k - 1) * per_view,
                      seconds))
@@ -172,13 +182,13 @@ def main() -> None:
         cache_arm(k)
     recompute = Recompute(load_model(model_dir), data, args.block, args.timestep, args.pool, augment, args.seed)
     started = time.perf_counter()
-    head = train_linear(recompute, n, dim, classes, y_train, args.epochs, args.seed)
+    head = train_linear(recompute, n, dim, classes, y_train, args.epochs, args.seed, args.lr, mean, std)
     t_rec = time.perf_counter() - started
     rows.insert(0, ("recompute (fresh noise + augmentation)", top1(head, test, y_test), 0.0, t_rec))
 
     torch_threads = torch.get_num_threads()
-    print(f"\nblock {args.block}, t={args.timestep}, pool {args.pool}, {dim} features; linear head, the paper's recipe, "
-          f"{args.epochs} epochs; {n} train / {len(y_test)} test images; augmentation {augment.record(16)}; "
+    print(f"\nblock {args.block}, t={args.timestep}, pool {args.pool}, {dim} features; linear head, the paper's recipe "
+          f"at lr {args.lr:g} on {'standardised' if args.standardise else 'raw'} features, {args.epochs} epochs; {n} train / {len(y_test)} test images; augmentation {augment.record(16)}; "
           f"torch threads {torch_threads}")
     print(f"{'arm':<40} {'test top-1':>10} {'extract s':>10} {'train s':>9} {'total s':>9} {'speed-up':>9}")
     for name, acc, ext, train in rows:

@@ -46,8 +46,10 @@ def test_parse_augment_table():
     assert parse_augment("resized-crop=0.9-1.0, crop=2") == Augment(crop_fractions=(0.9, 1.0), crop=True, padding=2)
     assert parse_augment("flip=0.25").record(16) == [{"name": "flip", "p": 0.25}]
     assert Augment(crop_fractions=(0.8, 1.0)).short_sides(256) == (256, 320)  # the paper's [256, 320]
-    for bad in ("rotate", "flip,flip", "resized-crop=1.2-0.3", "crop=x", ""):
-        with pytest.raises(ConfigError):
+    for bad, message in (("rotate", "unknown augmentation 'rotate'"), ("flip,flip", "named twice"),
+                         ("crop,crop=2", "named twice"), ("resized-crop=1.2-0.3", "0 < A <= B <= 1"),
+                         ("crop=x", "cannot read the parameter"), ("", "names no augmentation")):
+        with pytest.raises(ConfigError, match=message):
             parse_augment(bad)
 
 

@@ -86,8 +86,10 @@ def parse_augment(text: str) -> Augment:
             continue
         name, _, value = part.partition("=")
         name = name.strip()
-        if name in fields or (name == "resized-crop" and "crop_fractions" in fields) or \
-                (name == "crop" and "crop" in fields):
+        if name not in AUGMENTATIONS:
+            raise ConfigError(f"unknown augmentation {name!r} in {text!r}; choose from {', '.join(AUGMENTATIONS)} "
+                              "(e.g. resized-crop,flip or resized-crop=0.8-1.0,crop=2)")
+        if (name == "resized-crop" and "crop_fractions" in fields) or (name in ("crop", "flip") and name in fields):
             raise ConfigError(f"augmentation {name!r} is named twice in {text!r}")
         try:
             if name == "resized-crop":
@@ -97,11 +99,8 @@ def parse_augment(text: str) -> Augment:
                 fields["crop"] = True
                 if value:
                     fields["padding"] = int(value)
-            elif name == "flip":
-                fields["flip"] = float(value) if value else DEFAULT_FLIP
             else:
-                raise ConfigError(f"unknown augmentation {name!r} in {text!r}; choose from {', '.join(AUGMENTATIONS)} "
-                                  "(e.g. resized-crop,flip or resized-crop=0.8-1.0,crop=2)")
+                fields["flip"] = float(value) if value else DEFAULT_FLIP
         except ValueError:
             raise ConfigError(f"cannot read the parameter of {part!r}: use resized-crop=0.8-1.0, crop=2 or "
                               "flip=0.5") from None
