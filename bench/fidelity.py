@@ -28,6 +28,7 @@ the cache extracts them all once and trains each configuration from it.
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import time
@@ -108,6 +109,8 @@ class Recompute:
 
 
 def extract(model: str, data: Path, out: Path, **options) -> float:
+    """Seconds to extract a new store (one left by an earlier run is removed first: it would only be resumed)."""
+    shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
     run_extract(ExtractConfig(model=model, data=str(data), out=str(out), dtype="float32", batch_size=128,
                               overwrite=True, **options), progress=False)
