@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--sweep-timesteps", default="100,200", help="The sweep line: every block at these.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1.0,
-                        help="SGD learning rate (the recipe's is 1e-2: with --raw, on this small DDPM every arm stays at "
+                        help="SGD learning rate (the recipe's is 1e-2: with --no-standardise, on this small DDPM every arm stays at "
                              "chance).")
     parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
                         help="Standardise features with the centre view's train statistics (--no-standardise: raw "
