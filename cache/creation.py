@@ -61,6 +61,8 @@ def differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[s
     existing = layout.normalised(existing)
     for key in layout.IDENTITY_KEYS:
         lines += describe_difference(key, existing.get(key), settings[key])
+    for key in layout.OPTIONAL_IDENTITY_KEYS:  # issue 14: augmented views
+        lines += describe_difference(key, existing.get(key), settings.get(key))
     for block, grid in sorted(grids.items()):
         stored = existing.get("features", {}).get(str(block))
         if stored is not None and stored["grid"] != grid:

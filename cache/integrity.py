@@ -64,7 +64,7 @@ def read_root_attrs(location: Location | str) -> dict:
 
 def identity(attrs: dict) -> dict:
     attrs = layout.normalised(attrs)
-    return {key: attrs.get(key) for key in layout.IDENTITY_KEYS}
+    return {key: attrs.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
 
 
 def decode_error(array: zarr.Array, rows: slice) -> str | None:

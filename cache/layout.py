@@ -22,6 +22,12 @@ either done in all its arrays or in none. A shard of an array is done when any s
 array has its flag set. Stores written before write sets keep one flag array per feature array,
 `_progress/<split>/block<B>/t<T>`: a set of one.
 
+Augmented views (`pipeline extract --views K`): view 0 of a split is the split itself; view v >= 1 is
+stored as a split of its own named `<split>@view<v>` (`view_split`), with the same labels, paths and
+file records and the same arrays, chunks, write sets and checksums as any split. The root attribute
+"views" records which splits have how many views and their augmentations; `FeatureStore.splits`
+lists only the splits themselves.
+
 Samples are in sample-index order (the order of `paths`). Arrays of one block share a group so that
 `xarray.open_zarr(store, group="<split>/block<B>")` sees every timestep of it as one data set.
 """
@@ -41,12 +47,27 @@ FILE_FIELDS = ("blake2b64", "mtime_ns")
 # Settings that decide what every stored number is; a store only accepts writes that agree on all.
 IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples",
                  "shard_samples")
+# Identity settings that only stores using them record (absent: the store has no augmented views).
+OPTIONAL_IDENTITY_KEYS = ("views",)
 # A store is valid once its root attributes hold all of these: they are written last, in one write.
 # (`shard_samples` is not among them: stores made before sharding have none, and read as unsharded.)
 REQUIRED_KEYS = ("format", *(k for k in IDENTITY_KEYS if k != "shard_samples"), "block_table", "splits", "features",
                  "pools")
 
 _ARRAY_KEY = re.compile(r"block(\d+)/t(\d+)")
+VIEW_MARK = "@view"  # never in a split folder's name (extraction allows letters, digits, '.', '-', '_')
+_VIEW_SPLIT = re.compile(r"(.+)@view(\d+)")
+
+
+def view_split(split: str, view: int) -> str:
+    """The stored split of view `view` of `split`: the split itself for view 0, else '<split>@view<v>'."""
+    return split if int(view) == 0 else f"{split}{VIEW_MARK}{int(view)}"
+
+
+def parse_view_split(name: str) -> tuple[str, int]:
+    """(split, view) of a stored split name; (name, 0) for a split itself."""
+    match = _VIEW_SPLIT.fullmatch(name)
+    return (match.group(1), int(match.group(2))) if match else (name, 0)
 
 
 def array_key(block: int, timestep: int) -> str:

@@ -5,6 +5,8 @@
     x = store.read("train", block=24, timestep=90, pool=2)   # (N, C, 2, 2) float32
     y = store.labels("train")                                 # (N,) int64
     lazy = store.read_dask("train", 24, 90, pool=1)           # same values, chunked by samples
+    store.views("train")                                      # 1, or K with `pipeline extract --views K`
+    x3 = store.read("train", 24, 90, pool=2, view=3)          # augmented view 3 of every train image
     with store.hold(): ...                                    # no writer may replace it meanwhile
 
 What is read can be trusted or fails loudly. Opening checks the settings against the arrays (split
@@ -47,7 +49,7 @@ class FeatureStore:
         self._arrays: dict[str, zarr.Array] = {}
         self._root_seen = self._root_stamp()
         self._check_shapes()  # the settings first: a wrong split size would look like damaged flags
-        self._sets = {split: self._load_sets(split) for split in self.splits}
+        self._sets = {split: self._load_sets(split) for split in self._attrs["splits"]}  # views too
 
     @classmethod
     def open(cls, path, storage_options: dict | None = None) -> FeatureStore:
@@ -89,7 +91,22 @@ class FeatureStore:
 
     @property
     def splits(self) -> list[str]:
-        return list(self._attrs["splits"])
+        """The data set's splits (augmented views of a split are not splits of their own: `views`)."""
+        return [s for s in self._attrs["splits"] if layout.parse_view_split(s)[1] == 0]
+
+    def views(self, split: str) -> int:
+        """How many views of each image of `split` the store holds: 1 (the centre view), or K with
+        `pipeline extract --views K` (view 0 the centre view, 1..K-1 augmented; attrs["views"] says how)."""
+        self._check_split(split)
+        stored = [layout.parse_view_split(name) for name in self._attrs["splits"]]
+        return 1 + sum(1 for base, view in stored if base == split and view > 0)
+
+    def view_split(self, split: str, view: int = 0) -> str:
+        """The stored split that holds view `view` of `split` (`cache.layout.view_split`)."""
+        views = self.views(split)
+        if not isinstance(view, (int, np.integer)) or not 0 <= view < views:
+            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view {view!r}")
+        return layout.view_split(split, int(view))
 
     @property
     def blocks(self) -> list[int]:
@@ -190,7 +207,7 @@ class FeatureStore:
     def missing(self) -> dict[tuple[str, int, int], list[int]]:
         """Every array with unfinished sample chunks: (split, block, timestep) -> chunk indices."""
         result = {}
-        for split in self.splits:
+        for split in self._attrs["splits"]:  # views too ("<split>@view<v>")
             for block, timestep in self.arrays():
                 chunks = self.missing_chunks(split, block, timestep)
                 if chunks:
@@ -204,14 +221,16 @@ class FeatureStore:
 
     # -- features --------------------------------------------------------------------------------------
     def read(
-        self, split: str, block: int, timestep: int, pool: int | None = None, *, allow_incomplete: bool = False
+        self, split: str, block: int, timestep: int, pool: int | None = None, view: int = 0, *,
+        allow_incomplete: bool = False
     ) -> np.ndarray:
-        """(N, C, p, p) float32 features (p = pool, or the stored grid when pool is None).
+        """(N, C, p, p) float32 features (p = pool, or the stored grid when pool is None) of view `view`.
 
         Unfinished chunks are an IncompleteStoreError; with `allow_incomplete` they read as NaN
         (see `finished_mask`). A finished chunk that is damaged, missing or not finite is an
         IntegrityError naming it.
         """
+        split = self.view_split(split, view) if view else split
         array = self._array(split, block, timestep, allow_incomplete)
         size = self._output_size(block, pool)
         path = layout.feature_path(split, block, timestep)
@@ -229,9 +248,10 @@ class FeatureStore:
 
     def read_chunk(
         self, split: str, block: int, timestep: int, chunk: int, pool: int | None = None, *,
-        allow_incomplete: bool = False,
+        allow_incomplete: bool = False, view: int = 0,
     ) -> np.ndarray:
         """The rows of one sample chunk (`chunk_rows`), as `read` gives them: (n, C, p, p) float32."""
+        split = self.view_split(split, view) if view else split
         array = self._array(split, block, timestep, allow_incomplete)
         path = layout.feature_path(split, block, timestep)
         values = self._decode(array, path, chunk)
@@ -243,7 +263,8 @@ class FeatureStore:
     def read_dask(
         self, split: str, block: int, timestep: int, pool: int | None = None, *, allow_incomplete: bool = False
     ):
-        """The same as `read`, as a dask array chunked along samples like the store (lazy, bounded memory)."""
+        """The same as `read`, as a dask array chunked along samples like the store (lazy, bounded memory).
+        Views other than 0: `read_dask(store.view_split(split, v), ...)`."""
         import dask.array as da
 
         self._array(split, block, timestep, allow_incomplete)

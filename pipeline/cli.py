@@ -132,9 +132,19 @@ def blocks(model: str) -> None:
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="timm: models: the state dict to load (torchvision names work for ResNets), read with "
                    "weights_only=True.")
+@click.option("--preprocess", type=click.Choice(["bicubic", "adm"]), default=None,
+              help="bicubic: one bicubic resize; adm: guided-diffusion's center_crop_arr (BOX halvings, then "
+                   "bicubic), the paper's [default: what the model directory names (convert-adm: adm), else bicubic].")
+@click.option("--views", type=click.IntRange(min=1), default=1,
+              help="Views of each image of --view-splits: the centre view and VIEWS-1 augmented ones (the "
+                   "paper's fresh augmentation, stored); each costs the split's passes and bytes again.")
+@click.option("--augment", default=None,
+              help="Augmentations of the views >= 1, e.g. resized-crop,flip (the paper's) or resized-crop=0.8-1.0,"
+                   "crop=2 (digits: no flips) [default: resized-crop,flip].")
+@click.option("--view-splits", type=options.NAMES, default="train", help="The splits that get --views.")
 def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, splits, batch_size, dtype,
             precision, device, workers, noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite,
-            verify, dry_run, ensemble, prompt, checkpoint) -> None:
+            verify, dry_run, ensemble, prompt, checkpoint, preprocess, views, augment, view_splits) -> None:
     """Run the model once per batch and timestep set, and store every requested block's pooled output.
 
     --model is a UNet2DModel, a Stable Diffusion or DiT pipeline directory, hf:<dir or hub id> or timm:<name>.
@@ -158,6 +168,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
         storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
         classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
+        preprocess=preprocess, views=views, augment=augment, view_splits=view_splits,
     )
     if dry_run:
         click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))
@@ -318,6 +329,13 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 @click.option("--shuffle-window", type=click.IntRange(min=1), default=None, help="Samples shuffled together [default: 65536].")
 @click.option("--allow-incomplete", is_flag=True, default=None, help="Probe only the finished samples of an unfinished store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
+@click.option("--recipe", type=click.Choice(["diffssl"]), default=None,
+              help="Train as the paper's code does (linear, mlp, attention; with --fuse its DifFormer fusion): raw "
+                   "features, SGD without momentum, StepLR(7, 0.1), 28 epochs, batch 128, lr 1e-2 (5e-2 attention), "
+                   "no grid; options given explicitly still override it.")
+@click.option("--views", type=click.IntRange(min=1), default=None,
+              help="Augmented views of the train split to train on, one per sample per epoch [default: all the store "
+                   "holds; 1: the centre view only].")
 @click.option("--render/--no-render", default=True,
               help="Also draw the run's heatmaps and summary.md (the report stage draws them from the results too).")
 @options.engine_options

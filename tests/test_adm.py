@@ -114,7 +114,8 @@ def test_fixture_noising_matches_q_sample(converted, golden):
 
 def test_converted_directory_layout(converted):
     names = sorted(path.name for path in converted.iterdir())
-    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"]
+    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "preprocessing.json", "scheduler_config.json"]
+    assert load_model(converted).preprocess == "adm"  # guided-diffusion's center_crop_arr, the paper's loader
 
 
 def test_reference_is_guided_diffusion(golden):

@@ -220,6 +220,13 @@ def sweep_into_a_foreign_directory(env):
     return sweep(env), [env.tmp / "r"]
 
 
+def broken_preprocessing(env):
+    model = env.tmp / "model"
+    shutil.copytree(env.model, model)
+    (model / "preprocessing.json").write_text('{"preprocess": ')
+    return env.extract(model=model), [model]
+
+
 CASES = {
     "extract --data an unknown kind": (lambda e: (e.extract(data=f"birds:{e.data}"), []), 1,
                                        "unknown data-set kind 'birds'"),
@@ -285,6 +292,17 @@ CASES = {
                                                   [e.store]), 1, "has no block 7; it holds blocks 1, 2"),
     "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
                                                   1, "no feature store"),
+    # issue 14: views, recipes, preprocessing
+    "extract --augment rotate": (lambda e: (e.extract("--views", "2", "--augment", "rotate"), []), 1,
+                                 "unknown augmentation 'rotate'"),
+    "extract --augment without --views": (lambda e: (e.extract("--augment", "flip"), []), 1, "has no effect"),
+    "extract --views 2 --view-splits test": (lambda e: (e.extract("--views", "2", "--view-splits", "test"), []), 1,
+                                             "which --splits does not"),
+    "a model whose preprocessing.json is broken": (broken_preprocessing, 1, "preprocessing.json cannot be read"),
+    "probe --recipe diffssl --head knn": (lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe", "diffssl",
+                                                      "--out", e.tmp], []), 1, "with recipe 'diffssl'"),
+    "probe --views 3 on a store with one": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3",
+                                                        "--out", e.tmp], []), 1, "holds 1 view(s)"),
 }
 
 

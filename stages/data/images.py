@@ -1,8 +1,17 @@
 """The one image preprocessing, for extraction, the pixel baseline and the default DDPM's training alike.
 
-RGB or grayscale to the model's input channels, short side resized to the model's sample size
-(bicubic), centre crop, scaled to [-1, 1]. 16-bit grayscale images are scaled to the same range (not
-clipped to 8 bits); images too large to decode safely are refused with their path.
+RGB or grayscale to the model's input channels, short side resized to the model's sample size,
+centre crop, scaled to [-1, 1]. 16-bit grayscale images are scaled to the same range (not clipped to
+8 bits); images too large to decode safely are refused with their path. Two resizes (`PREPROCESSES`):
+
+- "bicubic" (the default): one bicubic resize of the short side to the model's size;
+- "adm": guided-diffusion's `center_crop_arr`, which the paper's data loader uses: while the short
+  side is at least twice the model's size the image is halved with a BOX filter (each side // 2),
+  then the short side is resized with BICUBIC (sides rounded), then centre-cropped. On ImageNet-sized
+  images the two differ by up to about 0.38 on [-1, 1]. `pipeline convert-adm` makes it the default
+  of the models it writes.
+
+Augmented views (`stages.data.augment`) change the short side and the crop's position and may flip.
 """
 
 from __future__ import annotations
@@ -19,15 +28,32 @@ from PIL import Image
 from stages.data.errors import DataError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+PREPROCESSES = ("bicubic", "adm")
 
 
 CONVENTIONS = ("project", "transformers", "torchvision")
 RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
-def preprocessing(size: int, channels: int) -> dict:
-    """What the store records about the preprocessing (part of its identity)."""
+def preprocessing(size: int, channels: int, method: str = "bicubic") -> dict:
+    """What the store records about the preprocessing (part of its identity). "bicubic" records what
+    stores always recorded, so that stores made before "adm" existed keep their identity."""
+    check_preprocess(method)
+    if method == "adm":
+        return {"resize": "guided-diffusion center_crop_arr: BOX halving while the short side >= 2 x size, then "
+                          "short side bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1],
+                "method": "adm"}
     return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
+
+
+def preprocess_method(record: dict) -> str:
+    """The method of a recorded `preprocessing` dict ("bicubic" for stores that predate the choice)."""
+    return record.get("method", "bicubic")
+
+
+def check_preprocess(method: str) -> None:
+    if method not in PREPROCESSES:
+        raise DataError(f"unknown preprocessing {method!r}; choose from {', '.join(PREPROCESSES)}")
 
 
 def backbone_preprocessing(size: int, resize: int, resample: str, mean, std, squash: bool = False,
@@ -60,37 +86,37 @@ def file_record(path: Path) -> tuple[int, int]:
     return content_hash(Path(path).read_bytes()), mtime
 
 
-def read_image(path: Path, size: int, channels: int, *, crop_bottom: int = 0, resize: int | None = None,
-               resample: str = "bicubic", squash: bool = False,
-               convention: str = "project") -> tuple[torch.Tensor, tuple[int, int]]:
-    """`load_image` of the file's bytes, and the (content hash, mtime in ns) of exactly those bytes."""
+def read_image(path: Path, size: int, channels: int, **options) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`load_image` of the file's bytes (`options` are its keywords), and the (content hash, mtime in ns)
+    of exactly those bytes."""
     try:
         mtime = os.stat(path).st_mtime_ns
         data = Path(path).read_bytes()
     except OSError as error:
         raise DataError(f"cannot read image {path}: {error.strerror}") from None
-    image = load_image(path, size, channels, data=data, crop_bottom=crop_bottom, resize=resize, resample=resample,
-                       squash=squash, convention=convention)
-    return image, (content_hash(data), mtime)
+    return load_image(path, size, channels, data=data, **options), (content_hash(data), mtime)
 
 
 def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0,
-               resize: int | None = None, resample: str = "bicubic", squash: bool = False,
-               convention: str = "project") -> torch.Tensor:
+               method: str = "bicubic", resize: int | None = None, resample: str = "bicubic", squash: bool = False,
+               convention: str = "project", augment=None, rng: np.random.Generator | None = None) -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
     `data`, when given, are the file's bytes already read (the image is decoded from them).
     `crop_bottom` rows are cut off the bottom first (FGVC-Aircraft's copyright banner), before the
-    resize and crop. `resize` (default `size`) is the short side before the centre crop to `size`
-    (with `squash`, both sides: the aspect ratio is not kept), and `resample` the filter: what a
-    backbone's image processor asks for (`backbone_preprocessing`). `convention` rounds the long side
-    and the crop offset as this project always has ("project": round, floor), as transformers'
-    processors do ("transformers": floor, floor) or as torchvision's Resize and CenterCrop do
-    ("torchvision", timm's: floor, round): a pixel's shift between them is a different feature."""
+    resize and crop. `method` is the resize ("bicubic" or "adm", module docstring). `resize` (default
+    `size`) is the short side before the centre crop to `size` (with `squash`, both sides: the aspect
+    ratio is not kept), and `resample` the filter: what a backbone's image processor asks for
+    (`backbone_preprocessing`). `convention` rounds the long side and the crop offset as this project
+    always has ("project": round, floor), as transformers' processors do ("transformers": floor,
+    floor) or as torchvision's Resize and CenterCrop do ("torchvision", timm's: floor, round): a
+    pixel's shift between them is a different feature. `augment` (a `stages.data.augment.Augment`)
+    with its generator `rng` makes an augmented view instead of the centre crop."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if channels not in (1, 3):
         raise DataError(f"models with {channels} input channels are not supported (1 or 3)")
+    check_preprocess(method)
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
             image = _eight_bit_range(image, channels)
@@ -99,22 +125,23 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
                     raise DataError(f"it is {image.size[1]} pixels high: nothing is left after cutting the "
                                     f"{crop_bottom}-pixel banner off its bottom")
                 image = image.crop((0, 0, image.size[0], image.size[1] - crop_bottom))
-            width, height = image.size
-            short = resize or size
-            scale = short / min(width, height)
-            if squash:
-                resized = (short, short)
-            elif convention == "project":
-                resized = (max(short, round(width * scale)), max(short, round(height * scale)))
-            else:
-                resized = (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
-            if resized != image.size:
-                image = image.resize(resized, RESAMPLING[resample])
-            if convention == "torchvision":
+            side = resize or size
+            if augment is not None and augment.crop_fractions is not None:
+                low, high = augment.short_sides(size)
+                side = int(rng.integers(low, high + 1))
+            image = _resize_short_side(image, side, method, resample=resample, squash=squash, convention=convention)
+            if augment is not None and augment.crop:
+                image = _pad(image, augment.pad(size))
+            if augment is not None and augment.random_crop:
+                top = int(rng.integers(0, image.size[1] - size + 1))
+                left = int(rng.integers(0, image.size[0] - size + 1))
+            elif convention == "torchvision":
                 left, top = int(round((image.size[0] - size) / 2)), int(round((image.size[1] - size) / 2))
             else:
                 left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
             image = image.crop((left, top, left + size, top + size))
+            if augment is not None and augment.flip and rng.random() < augment.flip:
+                image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:
         raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data set.") from None
@@ -124,6 +151,35 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
         array = np.repeat(array[:, :, None], 3, axis=2)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
     return torch.from_numpy(array / 127.5 - 1.0)
+
+
+def _resize_short_side(image: Image.Image, side: int, method: str, *, resample: str = "bicubic", squash: bool = False,
+                       convention: str = "project") -> Image.Image:
+    """The image with its short side `side` pixels (`load_image`'s options): one resize, or guided-diffusion's
+    BOX halvings first and then bicubic ("adm")."""
+    if method == "adm":  # guided_diffusion/image_datasets.py, center_crop_arr and random_crop_arr
+        while min(*image.size) >= 2 * side:
+            image = image.resize(tuple(x // 2 for x in image.size), resample=Image.BOX)
+        scale = side / min(*image.size)
+        resized = tuple(round(x * scale) for x in image.size)
+        return image.resize(resized, Image.BICUBIC) if resized != image.size else image
+    width, height = image.size
+    scale = side / min(width, height)
+    if squash:
+        resized = (side, side)
+    elif convention == "project":
+        resized = (max(side, round(width * scale)), max(side, round(height * scale)))
+    else:
+        resized = (side, int(side * height / width)) if width <= height else (int(side * width / height), side)
+    return image.resize(resized, RESAMPLING[resample]) if resized != image.size else image
+
+
+def _pad(image: Image.Image, padding: int) -> Image.Image:
+    if padding == 0:
+        return image
+    padded = Image.new(image.mode, (image.size[0] + 2 * padding, image.size[1] + 2 * padding), 0)
+    padded.paste(image, (padding, padding))
+    return padded
 
 
 def _eight_bit_range(image: Image.Image, channels: int) -> Image.Image:

@@ -24,7 +24,9 @@ from cache.errors import ConfigError
 from cache.pooling import stored_grid
 from cache.storage import Location
 from cache.text import format_bytes
+from stages.data.augment import Augment, parse_augment
 from stages.data.folders import ImageFolderSplit, dataset_identity
+from stages.data.images import PREPROCESSES, preprocessing
 from stages.data.registry import open_dataset
 from stages.models.blocks import Block, resolve_blocks
 from stages.models.feature_model import NO_NOISE_TIMESTEP, FeatureModel
@@ -62,13 +64,17 @@ class ExtractConfig:
     ensemble: int = 1  # the mean feature over this many noise draws per (image, timestep)
     prompt: str | None = None  # Stable Diffusion: a template with {} for the class name (None: the empty prompt)
     checkpoint: str | None = None  # timm: a state dict file for the model
+    preprocess: str | None = None  # "bicubic" or "adm"; None: what the model directory names, else bicubic
+    views: int = 1  # views of each image of `view_splits`: the centre view and views - 1 augmented ones
+    augment: str | Augment | None = None  # e.g. "resized-crop,flip" (stages.data.augment); None: that default
+    view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         if isinstance(self.blocks, str):
             raise ConfigError(f"blocks must be block numbers or None, got the string {self.blocks!r}; "
                               "pipeline.options.parse_block_spec reads '18-30' and the like")
-        for name in ("blocks", "timesteps", "pools", "splits"):
+        for name in ("blocks", "timesteps", "pools", "splits", "view_splits"):
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, tuple(value))
@@ -87,6 +93,15 @@ class Plan:
     chunk_samples: int
     shard_samples: int
     settings: dict = field(repr=False)
+    views: dict[str, tuple[str, int]] = field(default_factory=dict)  # stored split -> (split, view), views >= 1
+    augment: Augment | None = None
+
+    def image_options(self, split: str) -> dict:
+        """How the images of stored split `split` are made: the preprocessing, and for a view >= 1 its
+        augmentation and view number (`stages.data.augment`)."""
+        method = self.settings["preprocessing"].get("method", "bicubic")
+        base, view = self.views.get(split, (split, 0))
+        return {"method": method, "view": view, "augment": self.augment if view else None}
 
     @property
     def location(self) -> Location:
@@ -113,6 +128,12 @@ class Plan:
             f"{self.shard_samples} samples (the unit of writing: one object per array and shard)",
         ]
         images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
+        if self.views:
+            counts = {base: view + 1 for base, view in self.views.values()}
+            lines.append("views: " + ", ".join(f"{base} {count} (the centre view and {count - 1} augmented: "
+                                                f"{', '.join(a['name'] for a in self.augment.record(1))})"
+                                                for base, count in sorted(counts.items()))
+                         + "; each view costs the split's passes and bytes again")
         for split, data in self.splits.items():
             n = len(data.paths)
             shards = layout.num_chunks(n, self.shard_samples)
@@ -122,14 +143,15 @@ class Plan:
                 f"{len(self.config.timesteps)} timesteps"
                 + (f"; per process (of {world_size}): {', '.join(map(str, per_rank))}" if world_size > 1 else "")
             )
-        lines.append(f"{'split':<6} {'block':>5} {'timestep':>8}  {'shape':<24} {'objects':>7} {'MB':>10}")
+        width = max(6, *(len(name) for name in self.splits))
+        lines.append(f"{'split':<{width}} {'block':>5} {'timestep':>8}  {'shape':<24} {'objects':>7} {'MB':>10}")
         total = objects = 0
         for split, block, t, shape in self.arrays():
             size = int(np.prod(shape)) * itemsize
             total += size
             count = self.objects(split)
             objects += count
-            lines.append(f"{split:<6} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
+            lines.append(f"{split:<{width}} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
         flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
         index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
         lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} objects "
@@ -175,6 +197,12 @@ def _validate(config: ExtractConfig, model: FeatureModel) -> None:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
+    if config.preprocess is not None and config.preprocess not in PREPROCESSES:
+        raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSES)}, got {config.preprocess!r}")
+    if isinstance(config.views, bool) or not isinstance(config.views, int) or config.views < 1:
+        raise ConfigError(f"--views must be a positive integer (1: the centre view only), got {config.views!r}")
+    if config.views == 1 and config.augment is not None:
+        raise ConfigError("--augment has no effect without --views 2 or more: view 0 is always the centre crop")
 
 
 def check_split_names(splits) -> None:
@@ -218,6 +246,19 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
     splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
     model.bind_classes(next(iter(splits.values())).classes)
+    data_identity = dataset_identity(splits)  # of the data set; views are not more data
+    augment, views = None, {}
+    unknown = [name for name in config.view_splits if name not in splits]
+    if config.views > 1 and unknown:
+        raise ConfigError(f"--view-splits names {', '.join(unknown)}, which the data set does not have "
+                          f"({', '.join(splits)})")
+    if config.views > 1:
+        augment = config.augment if isinstance(config.augment, Augment) else parse_augment(config.augment or
+                                                                                           "resized-crop,flip")
+        for base in config.view_splits:
+            for view in range(1, config.views):
+                name = layout.view_split(base, view)
+                splits[name], views[name] = splits[base], (base, view)
     itemsize = np.dtype(config.dtype).itemsize
     widest = max(block.channels * grids[block.number] ** 2 * itemsize for block in blocks)
     all_arrays = sum(block.channels * grids[block.number] ** 2 * itemsize for block in blocks) * len(config.timesteps)
@@ -236,17 +277,35 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     settings = {
         "kind": model.store_kind,
         "model": identity,
-        "data": dataset_identity(splits),
-        "preprocessing": model.preprocessing(),
+        "data": data_identity,
+        "preprocessing": _preprocessing(model, config.preprocess),
         "noise_seed": int(config.noise_seed) if model.diffusion else None,
         "dtype": config.dtype,
         "precision": config.precision,
         "chunk_samples": int(chunk_samples),
         "shard_samples": int(shard_samples),
     }
-    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), int(shard_samples), settings)
+    if views:  # only stores with augmented views record them: a store without stays as it always was
+        settings["views"] = {
+            "count": int(config.views), "splits": list(config.view_splits), "augment": augment.record(model.image_options()["size"]),
+            "draws": "stages.data.augment.view_generator(noise_seed, index, view)",
+            "noise": "stages.extract.noise(noise_seed, index, t, shape, view)",
+        }
+    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), int(shard_samples), settings,
+                views, augment)
 
 
+
+
+def _preprocessing(model: FeatureModel, method: str | None) -> dict:
+    """What the store records about the preprocessing: a pixel U-Net's `--preprocess` (or its directory's
+    choice), every other kind its own processor's."""
+    if model.kind == "unet":
+        return preprocessing(model.image_size, int(model.unet.config.in_channels), method or model.preprocess)
+    if method is not None:
+        raise ConfigError(f"--preprocess {method} applies to pixel-space U-Nets; --model {model.source} makes its "
+                          "inputs its own way (recorded in the store): leave --preprocess out")
+    return model.preprocessing()
 
 
 def images_per_pass(batch_size: int, num_timesteps: int) -> int:

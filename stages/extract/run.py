@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from cache import FeatureStoreWriter, layout
 from cache.errors import ConfigError, DataChangedError, UserError
 from cache.writer import SplitIndex
+from stages.data.augment import view_generator
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
@@ -48,16 +49,19 @@ class _NoisedImages(Dataset):
     zeros), so that the main process raises it as a plain DataError rather than a worker's traceback."""
 
     def __init__(self, split: ImageFolderSplit, read: dict, timesteps: list[int], seed: int,
-                 noise_shape: tuple[int, ...] | None, draws: int = 1):
+                 noise_shape: tuple[int, ...] | None, draws: int = 1, *, view: int = 0, augment=None):
         self.split, self.read, self.timesteps, self.seed = split, read, timesteps, seed
         self.noise_shape, self.draws = noise_shape, draws
+        self.view, self.augment = view, augment  # Plan.image_options
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
     def __getitem__(self, index: int):
+        # view >= 1: an augmented view, its draws a pure function of (seed, index, view) (stages.data.augment)
+        rng = view_generator(self.seed, index, self.view) if self.view else None
         try:
-            x0, record = self.split.read(index, **self.read)
+            x0, record = self.split.read(index, **self.read, augment=self.augment, rng=rng)
             error = ""
         except DataError as failure:
             size = self.read["size"]
@@ -65,7 +69,8 @@ class _NoisedImages(Dataset):
         if self.noise_shape is None:
             eps = torch.zeros(0)
         else:
-            eps = torch.stack([torch.stack([noise(self.seed, index, t, self.noise_shape, draw=k) for k in range(self.draws)])
+            eps = torch.stack([torch.stack([noise(self.seed, index, t, self.noise_shape, self.view, draw=k)
+                                            for k in range(self.draws)])
                                for t in self.timesteps])
         return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
@@ -231,9 +236,11 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
     everyone = sum(writer.shard_rows(split, shard).stop - writer.shard_rows(split, shard).start for shard in needs)
     model: FeatureModel = plan.model
     draws = config.ensemble
+    options = plan.image_options(split)  # the preprocessing, and a view's augmentation
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, model.image_options(), steps, config.noise_seed, model.noise_shape(), draws),
+        _NoisedImages(data, {**model.image_options(), "method": options["method"]}, steps, config.noise_seed,
+                      model.noise_shape(), draws, view=options["view"], augment=options["augment"]),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",

@@ -17,6 +17,7 @@ The block numbering (`stages.models.blocks.block_table`) then matches guided-dif
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import pickle
 import shlex
@@ -30,6 +31,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
 from cache.errors import UserError
+from stages.models.loading import PREPROCESS_FILE
 from stages.models.unet_configs import adm_unet_config
 
 
@@ -623,7 +625,8 @@ def convert_adm_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fla
     `flags` is the MODEL_FLAGS string the checkpoint was trained with (DIFFUSION_FLAGS may be
     appended), or a dict from `parse_adm_flags`. The directory gets `config.json`,
     `diffusion_pytorch_model.safetensors` (float32; fp16 checkpoints are widened losslessly) and
-    `scheduler_config.json`, and loads with `stages.models.loading.load_model`. Everything is checked before
+    `scheduler_config.json` and `preprocessing.json` (guided-diffusion's preprocessing, "adm", which
+    extraction then uses by default), and loads with `stages.models.loading.load_model`. Everything is checked before
     anything is written; `out_dir` must not exist or be empty.
     """
     if isinstance(flags, str) and not flags.strip():
@@ -649,4 +652,6 @@ def convert_adm_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fla
     out_dir.mkdir(parents=True, exist_ok=True)
     unet.save_pretrained(out_dir, safe_serialization=True)
     scheduler.save_pretrained(out_dir)
+    # The paper's data loader (guided-diffusion's center_crop_arr) is this model's preprocessing.
+    (out_dir / PREPROCESS_FILE).write_text(json.dumps({"preprocess": "adm"}) + "\n")
     return out_dir

@@ -17,6 +17,9 @@ from stages.models.feature_model import FeatureModel
 
 # What a model directory without a scheduler config is assumed to have been trained with.
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
+# A model directory may name the image preprocessing its model was trained with ({"preprocess": "adm"};
+# `pipeline convert-adm` writes it): extraction uses it unless --preprocess says otherwise.
+PREPROCESS_FILE = "preprocessing.json"
 
 
 @dataclass
@@ -26,6 +29,7 @@ class LoadedModel(FeatureModel):
     unet: UNet2DModel
     scheduler: DDPMScheduler
     source: str  # what the user passed: a directory or a hub id
+    preprocess: str = "bicubic"  # the preprocessing its directory names (PREPROCESS_FILE), else "bicubic"
 
     @property
     def image_size(self) -> int:
@@ -133,10 +137,25 @@ def load_model(source: str | Path) -> LoadedModel:
             # diffusers says which file is missing or not valid JSON; truncated weights come from safetensors
             raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a directory "
                                  "saved by UNet2DModel.save_pretrained (config.json and its weights)") from None
-        return LoadedModel(unet.eval(), scheduler, text)
+        return LoadedModel(unet.eval(), scheduler, text, _recorded_preprocess(path, unet_dir))
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"--model {text}: no such directory")
     return _load_from_hub(text)
+
+
+def _recorded_preprocess(path: Path, unet_dir: Path) -> str:
+    for directory in (path, unet_dir):
+        file = directory / PREPROCESS_FILE
+        if file.exists():
+            try:
+                method = json.loads(file.read_text())["preprocess"]
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                raise ModelLoadError(f"{file} cannot be read ({error}); it should hold {{\"preprocess\": \"adm\"}} "
+                                     "or {\"preprocess\": \"bicubic\"}") from None
+            if method not in ("bicubic", "adm"):
+                raise ModelLoadError(f"{file} names the preprocessing {method!r}; use \"adm\" or \"bicubic\"")
+            return method
+    return "bicubic"
 
 
 def _load_from_hub(repo_id: str) -> LoadedModel:

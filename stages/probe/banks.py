@@ -39,12 +39,15 @@ class FlatBank(nn.Module):
     faster than over a last dimension of K. Members are ordered input set (`dims` order) major,
     hyper-parameter set minor: member = index * L + l.
 
+    `default_init` gives every layer nn.Linear's initialisation (the paper's recipe), not only the hidden
+    layers of an MLP (a linear probe's is otherwise DINOv2's N(0, 0.01)).
+
     `keep` retires members (successive halving): forward and loss then compute only the active
     members, the same number per input set, so each layer stays one batched matmul per group.
     """
 
     def __init__(self, dims: Sequence[int], num_hypers: int, num_classes: int, *, hidden: Sequence[int] = (),
-                 batchnorm: bool = False, seeds: Sequence[Sequence[int]] | None = None):
+                 batchnorm: bool = False, seeds: Sequence[Sequence[int]] | None = None, default_init: bool = False):
         super().__init__()
         self.dims = [int(d) for d in dims]
         self.L, self.K, self.hidden, self.batchnorm = int(num_hypers), int(num_classes), tuple(hidden), batchnorm
@@ -64,7 +67,8 @@ class FlatBank(nn.Module):
                     bias = torch.empty(len(members), b, 1)
                     for j, i in enumerate(members):
                         generator = torch.Generator().manual_seed(int(seeds[i][l]) + layer)
-                        w[j], bias[j, :, 0] = _init_linear(a, b, generator, linear_probe=not self.hidden)
+                        w[j], bias[j, :, 0] = _init_linear(a, b, generator,
+                                                           linear_probe=not self.hidden and not default_init)
                     self._slot[(g, layer, l)] = len(self.weights)
                     self.weights.append(nn.Parameter(w))
                     self.biases.append(nn.Parameter(bias))

@@ -21,7 +21,7 @@ from cache.pooling import adaptive_avg_pool
 from cache.reader import FeatureStore
 from cache.text import format_bytes
 from stages.probe.banks import group_by_dim
-from stages.probe.plan import Combo, Rows
+from stages.probe.plan import Combo, Rows, view_choice
 
 log = logging.getLogger(__name__)
 
@@ -177,29 +177,59 @@ def fit_statistics(reader: Reader, split: str, fit_mask: np.ndarray, per_channel
     return stats.finish()
 
 
+def identity_statistics(reader: Reader) -> dict:
+    """{piece: (0, 1)}: raw features (the paper's recipe), through the same code as standardised ones."""
+    store = reader.store
+    return {(b, t, g): (np.zeros((store.block_info(b)["channels"], g, g), np.float32),
+                        np.ones((store.block_info(b)["channels"], g, g), np.float32)) for b, t, g in reader.pieces}
+
+
+class Views:
+    """Which stored view each train row reads per epoch: `view_choice(seed, epoch, index, count)`; view 0
+    (the centre view) outside training (epoch None)."""
+
+    def __init__(self, count: int = 1, seed: int = 0):
+        self.count, self.seed = count, seed
+
+    def of(self, rows: np.ndarray, epoch: int | None) -> np.ndarray:
+        if epoch is None or self.count == 1:
+            return np.zeros(len(rows), np.int64)
+        return view_choice(self.seed, epoch, rows, self.count)
+
+
 class MemorySource:
-    """Every row of a split's pieces, read once, standardised in place with statistics of `fit_mask` rows.
+    """Every row of a split's pieces, read once, standardised in place with statistics of `fit_mask` rows
+    (or kept raw); with several `views`, every view's rows (view v at rows v*N...), the statistics of view 0.
 
     On a GPU the rows are kept in its memory when they fit there: statistics, standardisation and
     every batch's gather then run on the device, and no batch crosses the bus."""
 
     def __init__(self, reader: Reader, layout: Layout, split: str, fit_mask: np.ndarray, per_channel: bool,
-                 device: torch.device = torch.device("cpu")):
+                 device: torch.device = torch.device("cpu"), *, raw: bool = False, views: Views | None = None):
         store = reader.store
         n = store.num_samples(split)
-        home = device if device.type == "cuda" and fits_on(device, layout.nbytes(n)) else torch.device("cpu")
-        self.layout, self.packed = layout, layout.allocate(n, home)
+        self.n, self.views = n, views or Views()
+        total = n * self.views.count
+        home = device if device.type == "cuda" and fits_on(device, layout.nbytes(total)) else torch.device("cpu")
+        self.layout, self.packed = layout, layout.allocate(total, home)
         stats = Stats(per_channel, device)
-        for k, pieces in reader.chunks(split, range(store.num_chunks(split))):
-            rows = store.chunk_rows(split, k)
-            pieces = {key: torch.from_numpy(x).to(home) for key, x in pieces.items()}
-            layout.fill(self.packed, rows, pieces)
-            stats.update(pieces, np.flatnonzero(fit_mask[rows]))
-        self.stats = stats.finish()
-        layout.standardise(self.packed, self.stats)
+        for view in range(self.views.count):
+            name = store.view_split(split, view)
+            for k, pieces in reader.chunks(name, range(store.num_chunks(split))):
+                rows = store.chunk_rows(split, k)
+                pieces = {key: torch.from_numpy(x).to(home) for key, x in pieces.items()}
+                layout.fill(self.packed, slice(rows.start + view * n, rows.stop + view * n), pieces)
+                if view == 0 and not raw:
+                    stats.update(pieces, np.flatnonzero(fit_mask[rows]))
+        self.stats = identity_statistics(reader) if raw else stats.finish()
+        if not raw:
+            layout.standardise(self.packed, self.stats)
 
-    def window(self, chunks: Sequence[int]) -> tuple[list, callable]:
-        return self.packed, lambda rows: rows
+    def window(self, chunks: Sequence[int], epoch: int | None = None) -> tuple[list, callable]:
+        """(packed rows, rows -> their positions): in `epoch` each train row at its view, else at view 0."""
+        if self.views.count == 1:
+            return self.packed, lambda rows: rows
+        return self.packed, lambda rows: rows + self.n * self.views.of(rows, epoch)
 
 
 def fits_on(device: torch.device, nbytes: int) -> bool:
@@ -212,24 +242,33 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
 
 
 class StreamSource:
-    """Reads the chunks of each window of `split` from the store, standardised with the given statistics."""
+    """Reads the chunks of each window of `split` from the store, standardised with the given statistics;
+    in a training epoch with several `views`, the window's chunks of every view."""
 
-    def __init__(self, reader: Reader, layout: Layout, split: str, stats: dict):
+    def __init__(self, reader: Reader, layout: Layout, split: str, stats: dict, *, views: Views | None = None):
         self.reader, self.layout, self.split, self.stats = reader, layout, split, stats
+        self.views = views or Views()
 
-    def window(self, chunks: Sequence[int]) -> tuple[list, callable]:
+    def window(self, chunks: Sequence[int], epoch: int | None = None) -> tuple[list, callable]:
         store = self.reader.store
+        count = self.views.count if epoch is not None else 1
         spans = [store.chunk_rows(self.split, k) for k in chunks]
-        packed = self.layout.allocate(sum(s.stop - s.start for s in spans))
+        size = sum(s.stop - s.start for s in spans)
+        packed = self.layout.allocate(size * count)
         shift, offset = np.zeros(store.num_chunks(self.split), np.int64), 0
-        for k, span, pieces in zip(chunks, spans, self.reader.read(self.split, list(chunks))):
-            for key, (mean, std) in self.stats.items():
-                standardise(pieces[key], mean, std)
-            self.layout.fill(packed, slice(offset, offset + span.stop - span.start), pieces)
-            shift[k] = offset - span.start
-            offset += span.stop - span.start
+        for view in range(count):
+            name = store.view_split(self.split, view)
+            for k, span, pieces in zip(chunks, spans, self.reader.read(name, list(chunks))):
+                for key, (mean, std) in self.stats.items():
+                    standardise(pieces[key], mean, std)
+                self.layout.fill(packed, slice(offset, offset + span.stop - span.start), pieces)
+                if view == 0:
+                    shift[k] = offset - span.start
+                offset += span.stop - span.start
         cs = store.chunk_samples
-        return packed, lambda rows: rows + shift[rows // cs]
+        if count == 1:
+            return packed, lambda rows: rows + shift[rows // cs]
+        return packed, lambda rows: rows + shift[rows // cs] + size * self.views.of(rows, epoch)
 
 
 def packed_rows(reader: Reader, layout: Layout, rows: Rows, stats: dict) -> list:

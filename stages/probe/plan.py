@@ -9,6 +9,9 @@
    samples finished in every requested array are used.
 3. Memory: whether features are kept in memory or streamed, and in how many passes over groups of
    input sets (`plan_passes`); results do not depend on either.
+4. Views: a store with augmented views of the train split (`pipeline extract --views K`) trains the
+   heads on one view per sample per epoch, `view_choice(seed, epoch, index, K)`; the validation and
+   test rows, and the standardisation statistics, are view 0 (the centre view).
 """
 
 from __future__ import annotations
@@ -257,6 +260,25 @@ def carve_validation(labels: np.ndarray, rows: np.ndarray, fraction: float, seed
     return np.setdiff1d(rows, val), val
 
 
+def view_choice(seed: int, epoch: int, index: np.ndarray, views: int) -> np.ndarray:
+    """(n,) the view each train row `index` reads in `epoch`: a seeded hash of (seed, epoch, index) mod `views`.
+
+    A pure function of each row's index (splitmix64 of a mix of the three), so it does not depend on
+    the batch order, the data mode or which other rows are used; with one view it is all zeros."""
+    index = np.asarray(index, dtype=np.uint64)
+    if views <= 1:
+        return np.zeros(len(index), np.int64)
+    with np.errstate(over="ignore"):
+        x = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64((int(seed) * 0x632BE59BD9B4E019 + int(epoch) + 1)
+                                                               & 0xFFFFFFFFFFFFFFFF)
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x % np.uint64(views)).astype(np.int64)
+
+
 # -- the batch order ------------------------------------------------------------------------------------------
 @dataclass
 class Window:
@@ -264,10 +286,12 @@ class Window:
     batches: list[np.ndarray]  # train-split row indices
 
 
-def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int) -> list[Window]:
+def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int, *,
+                   drop_last: bool = False) -> list[Window]:
     """Chunks in a seeded random order, cut into windows; fit rows shuffled within a window, cut into batches
-    of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder). Memory and
-    stream mode follow this one order."""
+    of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder), or, with
+    `drop_last` (the paper's DataLoader), into batches of exactly `batch_size`, the remainder of each
+    window dropped. Memory and stream mode follow this one order."""
     rng = np.random.default_rng([seed, 1, epoch])
     n, cs = len(samples.fit.labels), samples.chunk_samples
     order = rng.permutation(-(-n // cs))
@@ -279,6 +303,11 @@ def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: 
         if len(rows) == 0:
             continue
         rows = rows[rng.permutation(len(rows))]
+        if drop_last:
+            full = len(rows) // batch_size
+            if full:
+                windows.append(Window(chunks, [rows[i * batch_size : (i + 1) * batch_size] for i in range(full)]))
+            continue
         count = max(1, int(round(len(rows) / batch_size)))
         windows.append(Window(chunks, np.array_split(rows, count)))
     return windows
@@ -347,10 +376,19 @@ class ProbePlan:
     window_chunks: int  # store chunks shuffled together
     epochs: int | None  # torch heads
     rungs: list[tuple[int, int]]  # successive halving: [(after epoch, keep)]
+    views: int = 1  # views of the train split the heads train on (one per sample per epoch)
 
     @property
     def options(self) -> dict:
-        return self.settings.head_options()
+        options = self.settings.head_options()
+        if self.spec.name == "diffssl-attention":  # DifFormer: the blocks of each timestep attend together
+            options["steps"] = len(self.combos[0].timesteps) if self.combos else 1
+        return options
+
+    def schedule(self, epoch: int) -> list[Window]:
+        """The batches of (0-based) `epoch`."""
+        return epoch_schedule(self.samples, self.window_chunks, self.settings.batch_size, self.settings.seed, epoch,
+                              drop_last=self.settings.recipe is not None)
 
     def record(self) -> dict:
         """What run.json records about the plan."""
@@ -373,6 +411,10 @@ class ProbePlan:
             "shuffle_window": self.window_chunks * samples.chunk_samples,
             "epochs": self.epochs,
             "halving": [{"after_epoch": e, "keep": k} for e, k in self.rungs] if self.spec.is_torch else None,
+            "recipe": self.settings.recipe,
+            "views": {"train": self.views, "stored": self.store.views(self.samples.fit.split),
+                      "choice": "stages.probe.plan.view_choice(seed, epoch, index, views)",
+                      "evaluation": "view 0 (the centre view)"},
         }
 
 
@@ -380,14 +422,42 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
     """Resolve `settings` against `store` (see the module docstring); nothing is trained or written."""
     combos = plan_combos(store, settings)
     samples = select_samples(store, combos, settings)
+    views = train_views(store, combos, settings, samples.fit.split)
     num_classes = len(store.classes) or int(max(samples.fit.labels.max(), samples.test.labels.max())) + 1
     window_chunks = max(1, settings.shuffle_window // samples.chunk_samples)
-    mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels), len(samples.test.labels),
-                                       window_chunks * samples.chunk_samples, num_classes)
+    mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels) * views,
+                                       len(samples.test.labels), window_chunks * samples.chunk_samples * views,
+                                       num_classes)
     epochs = rungs = None
     if settings.spec.is_torch:
-        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, 0))
+        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, 0,
+                                                           drop_last=settings.recipe is not None))
+        if steps == 0:
+            raise ProbeInputError(f"{len(samples.fit)} fit rows make no full batch of {settings.batch_size} (the recipe "
+                                  "drops the last partial batch, as the paper's loader does); give a smaller --batch-size")
         epochs = settings.num_epochs(steps)
         rungs = settings.rungs(epochs)
     return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(), num_classes, mode, passes,
-                     budget, window_chunks, epochs, rungs or [])
+                     budget, window_chunks, epochs, rungs or [], views)
+
+
+def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSettings, split: str) -> int:
+    """How many views of the train split the heads train on: all stored ones, or `settings.views`; every
+    view's requested arrays must be finished."""
+    stored = store.views(split)
+    views = stored if settings.views is None else settings.views
+    if views > stored:
+        raise ProbeInputError(f"{store.path} holds {stored} view(s) of {split!r}, not {views}: extract with "
+                              f"`pipeline extract ... --views {views}`, or ask for --views {stored} or fewer")
+    if views > 1 and not settings.spec.is_torch:
+        log.info("%s fits once, not per epoch: it uses the centre view only", settings.spec.name)
+        return 1
+    arrays = sorted({pair for c in combos for pair in c.inputs})
+    for view in range(1, views):
+        name = store.view_split(split, view)
+        unfinished = [(b, t) for b, t in arrays if store.missing_chunks(name, b, t)]
+        if unfinished:
+            raise IncompleteStoreError(f"{store.path}: view {view} of {split} is unfinished for "
+                                       f"{', '.join(f'block {b} t {t}' for b, t in unfinished)}; finish the extraction, "
+                                       f"or train on fewer views (--views {view})")
+    return views

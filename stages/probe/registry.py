@@ -111,6 +111,13 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
              "a small transformer over the grid cells of every input",
              options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
              standardisation="per channel"),
+    # The paper's attention head and DifFormer fusion (stages.probe.diffssl); `--recipe diffssl --head attention`
+    # trains it with the paper's recipe, `--head diffssl-attention` with the project's own training.
+    HeadSpec("diffssl-attention", GRID, "stages.probe.diffssl:DiffSSLAttention",
+             (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
+             "the paper's attention head: LayerNorm, 1x1 conv to d, cls token, k blocks (DifFormer when fused)",
+             options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
+             standardisation="per channel"),
     HeadSpec("logreg", SKLEARN, "stages.probe.sklearn_probes:LogRegProbe",
              (GridAxis("C", "Cs", (1e-3, 1e-2, 1e-1, 1.0, 10.0)),), "scikit-learn's multinomial logistic regression",
              saved_as="linear"),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cache.errors import ConfigError
+from stages.probe.recipes import RECIPE_HEAD_KIND, RECIPE_HEADS, RECIPES
 from stages.probe.registry import HEADS, default_grid, head_spec
 
 
@@ -36,6 +37,9 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
 class ProbeSettings:
     """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
 
+    `recipe` ("diffssl": `stages.probe.recipes`) trains as the paper's code does; settings it fixes
+    that are left None take the recipe's value, settings given explicitly override it.
+
     Split roles: the heads train on `train_split`; hyper-parameters are chosen on `val_split` (an
     official validation split) or, when it is None, on a stratified `val_fraction` of `train_split`
     carved out with `seed`; the chosen configuration is scored once on `test_split` (None: the
@@ -55,18 +59,20 @@ class ProbeSettings:
     val_split: str | None = None
     test_split: str | None = None
     epochs: int | None = None  # None: the head's default, raised on small data to reach its minimum steps
-    batch_size: int = 256
+    batch_size: int | None = None  # None: 256 (the recipe's: 128)
     lrs: tuple[float, ...] | None = None
     weight_decays: tuple[float, ...] | None = None
-    optimizer: str = "adamw"
-    warmup: float = 0.05  # share of steps with a linear warm-up, then cosine decay to 0
-    halving: bool = True  # successive halving over each input set's hyper-parameter sets (torch heads)
+    optimizer: str | None = None  # None: adamw (the recipe's: sgd without momentum)
+    warmup: float = 0.05  # share of steps with a linear warm-up, then cosine decay to 0 (not with a recipe)
+    halving: bool | None = None  # successive halving over each input set's hyper-parameter sets; None: on
     batchnorm: bool = False  # linear / mlp: BatchNorm1d without affine before the head (MAE)
     hidden: tuple[int, ...] = (1024,)  # mlp hidden sizes
     width: int = 256  # cnn channels
-    dim: int = 256  # attention: token width d
-    depth: int = 2  # attention: transformer blocks k
-    attention_heads: int = 4
+    dim: int | None = None  # attention: token width d; None: 256 (the recipe's: 1024)
+    depth: int | None = None  # attention: transformer blocks k; None: 2
+    attention_heads: int | None = None  # None: 4 (the recipe's: 8)
+    recipe: str | None = None  # "diffssl": the paper's training (stages.probe.recipes)
+    views: int | None = None  # augmented views the heads train on (one per sample per epoch); None: all stored
     Cs: tuple[float, ...] = default_grid("logreg")
     ks: tuple[int, ...] = default_grid("knn")
     alphas: tuple[float, ...] = default_grid("ridge")
@@ -86,6 +92,20 @@ class ProbeSettings:
 
         if self.head not in HEADS:
             fail("head", f"one of {', '.join(HEADS)}", self.head)
+        if self.recipe is not None:
+            if self.recipe not in RECIPES:
+                fail("recipe", f"one of {', '.join(RECIPES)} or None", self.recipe)
+            if self.head not in RECIPE_HEADS:
+                fail("head", f"one of {', '.join(RECIPE_HEADS)} with recipe {self.recipe!r}", self.head)
+            for name, value in RECIPES[self.recipe][self.head].items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+        for name, value in (("batch_size", 256), ("optimizer", "adamw"), ("halving", True), ("dim", 256),
+                            ("depth", 2), ("attention_heads", 4)):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        if self.views is not None and (isinstance(self.views, bool) or self.views < 1):
+            fail("views", "a positive integer or None", self.views)
         if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
             fail("epochs", "a positive integer or None", self.epochs)
         for name in ("batch_size", "width", "dim", "depth", "attention_heads", "shuffle_window", "read_threads"):
@@ -129,8 +149,8 @@ class ProbeSettings:
 
     @property
     def spec(self):
-        """The head's row in the registry."""
-        return head_spec(self.head)
+        """The head's row in the registry (with a recipe, the row of the head the recipe trains)."""
+        return head_spec(RECIPE_HEAD_KIND[self.recipe][self.head] if self.recipe else self.head)
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         """The epochs asked for, or the head's default raised to reach its minimum number of steps."""
@@ -141,7 +161,10 @@ class ProbeSettings:
 
     @property
     def run_name(self) -> str:
-        return self.name or (f"{self.head}_fused" if self.fuse else self.head)
+        if self.name:
+            return self.name
+        name = f"{self.head}_{self.recipe}" if self.recipe else self.head
+        return f"{name}_fused" if self.fuse else name
 
     def hypers(self) -> list[dict]:
         """The grid of each input set, in member order."""

@@ -20,8 +20,9 @@ import torch
 
 from stages.probe import heads as H
 from stages.probe.banks import FlatBank, ModuleBank, member_seed
-from stages.probe.features import Layout, MemorySource, Reader, StreamSource, fit_statistics
-from stages.probe.plan import Combo, ProbePlan, Rows, epoch_schedule
+from stages.probe.features import Layout, MemorySource, Reader, StreamSource, Views, fit_statistics, identity_statistics
+from stages.probe.plan import Combo, ProbePlan, Rows
+from stages.probe.recipes import STEP_EPOCHS, STEP_GAMMA
 from stages.probe.registry import FLAT
 from stages.probe.results import make_row, probe_config
 from stages.probe.scoring import Tally, accuracy, best_members, select, topk
@@ -34,42 +35,54 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     settings, samples, hypers = plan.settings, plan.samples, plan.hypers
     flat = plan.spec.family == FLAT
     per_channel = plan.spec.standardisation == "per channel"
+    recipe = settings.recipe is not None  # the paper's: raw features, SGD, StepLR per epoch (stages.probe.recipes)
     reader = Reader(plan.store, [p for c in combos for p in c.pieces], allow_incomplete=settings.allow_incomplete,
                     threads=settings.read_threads)
     layout = Layout(combos, flat)
     fit_split, fit_mask = samples.fit.split, samples.fit_mask()
+    views = Views(plan.views, settings.seed)
     if plan.mode == "memory":
-        train = MemorySource(reader, layout, fit_split, fit_mask, per_channel, device)
+        train = MemorySource(reader, layout, fit_split, fit_mask, per_channel, device, raw=recipe, views=views)
     else:
-        train = StreamSource(reader, layout, fit_split, fit_statistics(reader, fit_split, fit_mask, per_channel, device))
+        stats = identity_statistics(reader) if recipe else fit_statistics(reader, fit_split, fit_mask, per_channel, device)
+        train = StreamSource(reader, layout, fit_split, stats, views=views)
     selection = train if samples.carved else StreamSource(reader, layout, samples.selection.split, train.stats)
     seeds = [[member_seed(settings.seed, plan.spec.name, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
              for c in combos]
     if flat:
         bank = FlatBank([c.dim for c in combos], len(hypers), plan.num_classes, seeds=seeds,
-                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden", ())))
+                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden", ())),
+                        default_init=recipe)
     else:
         bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options, seeds)
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
     epochs = plan.epochs
-    schedules = [epoch_schedule(samples, plan.window_chunks, settings.batch_size, settings.seed, e) for e in range(epochs)]
+    schedules = [plan.schedule(e) for e in range(epochs)]
     total = sum(len(w.batches) for s in schedules for w in s)
     groups = bank.param_groups(hypers)
-    if settings.optimizer == "adamw":
-        optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+    if recipe:  # finetune.py: SGD(params, lr) without momentum, StepLR(optimizer, 7, 0.1) stepped per epoch
+        optimizer = torch.optim.SGD(groups, momentum=0.0)
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_EPOCHS, STEP_GAMMA)
     else:
-        optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
-    warm = int(settings.warmup * total)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        if settings.optimizer == "adamw":
+            optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+        else:
+            optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
+        warm = int(settings.warmup * total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     rungs = dict(plan.rungs)
     scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
+    lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
     for epoch, schedule in enumerate(schedules, 1):
         bank.train()
+        for group in optimizer.param_groups:
+            if group["params"] and len(lr_per_epoch[group["hyper"]]) < epoch:
+                lr_per_epoch[group["hyper"]].append(float(group["lr"]))
         loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
         for window in schedule:
-            packed, local = train.window(window.chunks)
+            packed, local = train.window(window.chunks, epoch - 1)
             for rows in window.batches:
                 batch = layout.take(packed, local(rows), device)
                 y = labels[rows].to(device)
@@ -77,9 +90,12 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
-                scheduler.step()
+                if not recipe:
+                    scheduler.step()
                 loss_sum += loss.detach()
                 steps += 1
+        if recipe:
+            scheduler.step()
         log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs,
                  float(loss_sum) / len(bank.active) / max(steps, 1), len(bank.active))
         if epoch in rungs or epoch == epochs:
@@ -116,7 +132,9 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     for ci, (member, row) in chosen.items():
         top1, top5 = accuracy(predictions[combos[ci].key], samples.test.y)
         row["test_top1"], row["test_top5"] = top1, "" if top5 is None else top5
-        H.save_probe(probes[ci].cpu(), heads_dir / combos[ci].key, probe_config(plan, combos[ci], row))
+        config = probe_config(plan, combos[ci], row)
+        config["lr_per_epoch"] = lr_per_epoch[member % len(hypers)][: row["epochs"]]
+        H.save_probe(probes[ci].cpu(), heads_dir / combos[ci].key, config)
     return rows_out, predictions
 
 
