@@ -250,8 +250,8 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     augment, views = None, {}
     unknown = [name for name in config.view_splits if name not in splits]
     if config.views > 1 and unknown:
-        raise ConfigError(f"--view-splits names {', '.join(unknown)}, which the data set does not have "
-                          f"({', '.join(splits)})")
+        raise ConfigError(f"--view-splits names {', '.join(unknown)}, which --splits does not (the data set's "
+                          f"splits: {', '.join(splits)})")
     if config.views > 1:
         augment = config.augment if isinstance(config.augment, Augment) else parse_augment(config.augment or
                                                                                            "resized-crop,flip")

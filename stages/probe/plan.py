@@ -290,7 +290,7 @@ def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: 
                    drop_last: bool = False) -> list[Window]:
     """Chunks in a seeded random order, cut into windows; fit rows shuffled within a window, cut into batches
     of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder), or, with
-    `drop_last` (the paper's DataLoader), into batches of exactly `batch_size`, the remainder of each
+    `drop_last` (the paper's data loader), into batches of exactly `batch_size`, the remainder of each
     window dropped. Memory and stream mode follow this one order."""
     rng = np.random.default_rng([seed, 1, epoch])
     n, cs = len(samples.fit.labels), samples.chunk_samples
