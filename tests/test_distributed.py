@@ -68,10 +68,18 @@ def launch(tiny_model, data, out, world_size: int, record: Path, *extra, env: di
 
 
 def finish(processes, timeout=240):
+    """Every rank's (exit status, stdout, stderr); ranks still running after `timeout` are killed (a test
+    never leaves a process behind)."""
     results = []
-    for process in processes:
-        out, err = process.communicate(timeout=timeout)
-        results.append((process.returncode, out, err))
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     return results
 
 
@@ -125,12 +133,14 @@ def test_several_processes_write_the_store_one_process_writes(tiny_model, data, 
 def test_a_killed_job_resumes_with_another_world_size(tiny_model, data, reference, tmp_path):
     out = tmp_path / "store.zarr"
     processes = launch(tiny_model, data, out, 2, tmp_path / "first", env={"KILL_RANK": "1", "KILL_AT": "3"})
-    deadline = time.monotonic() + 240
-    while processes[1].poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes[1].returncode == -signal.SIGKILL
-    processes[0].kill()  # what torchrun does to the other ranks when one dies
-    finish(processes)
+    try:
+        deadline = time.monotonic() + 240
+        while processes[1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert processes[1].returncode == -signal.SIGKILL
+    finally:
+        processes[0].kill()  # what torchrun does to the other ranks when one dies
+        finish(processes)
     before = FeatureStore.open(out)
     done = {(split, int(k)) for split in before.splits
             for k in np.flatnonzero(before.done_chunks(split, 9, 90)[:: before.shard_samples // before.chunk_samples])}
