@@ -34,7 +34,7 @@ from torch import nn
 from stages.models.blocks import Block, UnsupportedModelError
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
-from stages.models.loading import ModelLoadError, _public, weights_hash
+from stages.models.loading import ModelLoadError, _public, hub_snapshot, weights_hash
 
 log = logging.getLogger(__name__)
 
@@ -266,16 +266,7 @@ def load_hf(source: str) -> BackboneModel:
 
 
 def _hub_snapshot(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt"]))
-    except Exception as error:  # the hub client raises many types for "offline" and "not found"
-        raise ModelLoadError(
-            f"--model hf:{repo_id}: could not fetch it from the Hugging Face Hub ({type(error).__name__}: {error}). "
-            f"Without network, download it elsewhere (`huggingface-cli download {repo_id} --local-dir models/NAME`), "
-            "copy the directory here and pass --model hf:models/NAME"
-        ) from error
+    return hub_snapshot(repo_id, ["*.json", "*.safetensors", "*.txt"], prefix="hf:")
 
 
 # -- timm ---------------------------------------------------------------------------------------------

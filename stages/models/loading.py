@@ -158,17 +158,23 @@ def _recorded_preprocess(path: Path, unet_dir: Path) -> str:
     return "bicubic"
 
 
-def _load_from_hub(repo_id: str) -> LoadedModel:
+def hub_snapshot(repo_id: str, patterns: list[str], *, prefix: str = "") -> Path:
+    """A local copy of Hub repository `repo_id` (the files matching `patterns`); offline or not found is a
+    ModelLoadError that says how to pass a downloaded copy (`prefix`: how --model names its kind, e.g. "hf:")."""
     try:
         from huggingface_hub import snapshot_download
 
-        local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "unet/*", "scheduler/*"])
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # the hub client raises many types for "offline" and "not found"
         raise ModelLoadError(
-            f"--model {repo_id}: could not fetch it from the Hugging Face Hub ({type(error).__name__}: {error}). "
-            f"Without network, download it elsewhere (`huggingface-cli download {repo_id} --local-dir models/NAME`), "
-            "copy the directory here and pass --model models/NAME"
+            f"--model {prefix}{repo_id}: could not fetch it from the Hugging Face Hub ({type(error).__name__}: "
+            f"{error}). Without network, download it elsewhere (`huggingface-cli download {repo_id} --local-dir "
+            f"models/NAME`), copy the directory here and pass --model {prefix}models/NAME"
         ) from error
+
+
+def _load_from_hub(repo_id: str) -> LoadedModel:
+    local = hub_snapshot(repo_id, ["*.json", "*.safetensors", "unet/*", "scheduler/*"])
     loaded = load_model(local)
     loaded.source = repo_id
     return loaded
