@@ -20,7 +20,7 @@ from scipy.spatial.distance import pdist, squareform
 
 from cache import FeatureStore
 from pipeline.cli import main
-from pipeline.options import parse_named_store, parse_scoped
+from pipeline.options import parse_named, parse_scoped
 from stages.cka.run import COLUMNS, CkaSettings, run_cka, select_samples
 from stages.cka.streaming import minibatches
 from tests.test_bad_input import digest
@@ -286,7 +286,7 @@ def test_command_writes_the_long_table_settings_and_heatmaps(tmp_path, stores):
     ("features/r50/", ("r50", "features/r50/")),
 ])
 def test_store_names(text, expected):
-    assert parse_named_store(text) == expected
+    assert parse_named(text, suffix=".zarr") == expected
 
 
 @pytest.mark.parametrize("text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")),

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.options import parse_byte_size, parse_float_list, parse_named_path
+from pipeline.options import parse_byte_size, parse_float_list, parse_named
 from stages.report import build_report, render_run
 from tests.test_probe_support import digits_features, write_store
 
@@ -69,7 +69,7 @@ def test_parse_byte_size_rejects(text):
     ("pixels=runs/raw", ("pixels", "runs/raw")),
 ])
 def test_parse_named_path(text, expected):
-    assert parse_named_path(text) == expected
+    assert parse_named(text) == expected
 
 
 def test_probe_command_runs_a_sweep_and_reports_the_choice(store, tmp_path):

@@ -29,7 +29,7 @@ from pipeline.cli import main
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
 from stages.sweep.engine import EngineOptions, open_engine
-from stages.sweep.plan import StoreRef, parse_store, plan_sweep
+from stages.sweep.plan import StoreRef, plan_sweep
 from stages.sweep.run import SweepResult, run_sweep, sweep_digest
 from stages.sweep.task import TASKS, run_task
 from stages.sweep.versions import VersionMismatchError
@@ -76,16 +76,6 @@ def on(cluster) -> EngineOptions:
 
 
 # -- the plan ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, name, location", [
-    ("features/adm256.zarr", "adm256", "features/adm256.zarr"),
-    ("features/adm256.zarr/", "adm256", "features/adm256.zarr/"),
-    ("pre=features/a.zarr", "pre", "features/a.zarr"),
-    ("s3://bucket/run=3/f.zarr", "f", "s3://bucket/run=3/f.zarr"),
-])
-def test_parse_store(text, name, location):
-    assert parse_store(text) == StoreRef(name, location)
-
-
 def test_tasks_are_groups_keyed_by_what_decides_their_numbers(store, tmp_path):
     refs = [StoreRef("digits", str(store))]
     plan = plan_sweep(refs, HEADS, OPTS, group_size=3)

@@ -36,11 +36,10 @@ from pipeline import options
 def cka(stores, blocks, timesteps, pools, split, samples, estimator, batch_size, rbf_sigma, seed, memory_budget,
         threads, out, storage_options) -> None:
     """Centred kernel alignment of every pair of requested (store, block, timestep), within and across stores."""
-    from cache.storage import parse_storage_options
     from stages.cka.run import CkaSettings, describe, run_cka
 
     settings = CkaSettings(stores=tuple(stores), out=out, blocks=tuple(blocks), timesteps=tuple(timesteps),
                            pools=pools, split=split, samples=samples, estimator=estimator, batch_size=batch_size,
                            rbf_sigma=rbf_sigma, seed=seed, memory_budget=memory_budget, threads=threads,
-                           storage_options=parse_storage_options(storage_options) or None)
+                           storage_options=storage_options or None)
     click.echo(describe(run_cka(settings)))

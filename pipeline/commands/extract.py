@@ -67,7 +67,6 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
     """
     import os
 
-    from cache.storage import parse_storage_options
     from stages.extract.launch import relaunch
 
     if nproc > 1 and not dry_run:
@@ -81,7 +80,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
-        storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
+        storage_options=storage_options, overwrite=overwrite, verify=verify,
         classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
         preprocess=preprocess, views=views, augment=augment, view_splits=view_splits,
     )

@@ -9,7 +9,7 @@ from pipeline.commands.probe import probe
 
 
 @click.command()
-@click.option("--store", "stores", multiple=True, required=True,
+@click.option("--store", "stores", type=options.NAMED_STORE, multiple=True, required=True,
               help="A feature store: PATH, URL or NAME=PATH (NAME: its results sub-directory [default: the file name "
                    "without .zarr]); repeat for more.")
 @click.option("--head", "heads", type=options.HEADS, required=True, help="Comma list of head kinds, e.g. linear,mlp,logreg.")
@@ -27,16 +27,14 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     --results OUT/<store>`.
     """
     from stages.sweep.engine import EngineOptions
-    from stages.sweep.plan import parse_store, plan_sweep
+    from stages.sweep.plan import StoreRef, plan_sweep
     from stages.sweep.run import run_sweep
 
-    from cache.storage import parse_storage_options
-
     engine = EngineOptions(**{key: flags.pop(key) for key in options.ENGINE_FLAGS})
-    storage_options = parse_storage_options(flags.pop("storage_options", ()))
+    storage_options = flags.pop("storage_options")
     given = {key: value for key, value in flags.items() if value is not None}
     given["storage_options"] = storage_options or None
-    refs = [parse_store(text) for text in stores]
+    refs = [StoreRef(name, location) for name, location in stores]
     if dry_run:
         from stages.sweep.task import is_done
 

@@ -33,6 +33,12 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
     return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
 
 
+# What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
+# line's help reads them from here.
+DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
+                    "attention_heads": 4}
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
@@ -100,8 +106,7 @@ class ProbeSettings:
             for name, value in RECIPES[self.recipe][self.head].items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        for name, value in (("batch_size", 256), ("optimizer", "adamw"), ("halving", True), ("dim", 256),
-                            ("depth", 2), ("attention_heads", 4)):
+        for name, value in DEFAULTS_OF_NONE.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.views is not None and (isinstance(self.views, bool) or self.views < 1):
