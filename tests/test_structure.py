@@ -7,6 +7,7 @@ TYPE_CHECKING), so an import that only runs on some code path still counts.
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -56,12 +57,6 @@ def import_graph(*, module_level: tuple[str, ...] = ()) -> dict[str, set[str]]:
                     break
         graph[name] = targets
     return graph
-
-
-def cli_modules() -> tuple[str, ...]:
-    """The command line's modules: each imports its command's stage code inside the command, so only their
-    module bodies count for what a command needs."""
-    return tuple(name for name in project_modules() if name.split(".")[0] == "pipeline")
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -138,37 +133,65 @@ def test_help_does_not_import_torch():
     assert done.stdout.strip() == "[]"
 
 
-# What each DVC stage runs: the command line and its command's module (their module-level imports; each
-# command imports its own stage code when it runs) and the stage code the command calls (probes with
-# --no-render).
-STAGE_ENTRIES = {
-    "data": ["pipeline.cli", "pipeline.commands.data", "stages.data.mnist"],
-    "pretrain": ["pipeline.cli", "pipeline.commands.pretrain", "stages.pretrain.ddpm"],
-    "random_init": ["pipeline.cli", "pipeline.commands.random_init", "stages.pretrain.random_init"],
-    "extract": ["pipeline.cli", "pipeline.commands.extract", "stages.extract.plan", "stages.extract.run"],
-    "pixels": ["pipeline.cli", "pipeline.commands.pixels", "stages.extract.pixels", "stages.models.kinds"],
-    "probe": ["pipeline.cli", "pipeline.commands.sweep", "stages.sweep.engine", "stages.sweep.plan",
-              "stages.sweep.run", "stages.sweep.task"],
-    "probe_pixels": ["pipeline.cli", "pipeline.commands.sweep", "stages.sweep.engine", "stages.sweep.plan",
-                     "stages.sweep.run", "stages.sweep.task"],
-    "report": ["pipeline.cli", "pipeline.commands.report", "stages.report"],
-    "cka": ["pipeline.cli", "pipeline.commands.cka", "stages.cka.run"],
-}
+# -- DVC: each stage depends on the code its command runs, and on nothing else ---------------------------
+DVC_FILES = {"dvc.yaml": "", "transfer/dvc.yaml": "../"}  # each file, and how its deps reach the repository
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
-def test_dvc_dependencies_are_per_folder_and_complete(stage):
-    definition = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+def command_graph() -> dict[str, set[str]]:
+    """The import graph a command runs on: every import of every module counts (also those inside
+    functions, the way a command imports its stage code), except inside `pipeline.options`, whose
+    lazy imports serve only the options that use them."""
+    return import_graph(module_level=("pipeline.options",))
+
+
+def stage_roots(cmd: str) -> list[str]:
+    """The modules a DVC stage's command line starts from: the `pipeline` group and the command's module
+    (and `python -m pipeline`, which `--nproc` starts again under torchrun)."""
+    names = re.findall(r"(?:^|\s)pipeline ([a-z][a-z-]*)", cmd)
+    assert len(names) == 1, f"expected one `pipeline <command>` in {cmd!r}"
+    roots = ["pipeline.cli", f"pipeline.commands.{names[0].replace('-', '_')}"]
+    return roots + (["pipeline.__main__"] if "--nproc" in cmd else [])
+
+
+def dvc_stages() -> list[tuple[str, str]]:
+    return [(path, stage) for path in DVC_FILES for stage in yaml.safe_load((REPO / path).read_text())["stages"]]
+
+
+def code_deps(path: str, stage: str) -> tuple[str, list[str]]:
+    """(the stage's command, its deps on the project's code, relative to the repository root)."""
+    definition = yaml.safe_load((REPO / path).read_text())["stages"][stage]
     body = definition.get("do", definition)
-    deps = [d for d in body["deps"] if not d.startswith(("$", "data/", "features/", "results", "models/"))]
-    code = [d for d in deps if d.split("/")[0] in PACKAGES]
+    prefix = DVC_FILES[path]
+    deps = [d[len(prefix):] for d in body["deps"] if isinstance(d, str) and d.startswith(prefix)]
+    return body["cmd"], [d for d in deps if d.split("/")[0] in PACKAGES]
+
+
+def holds(dep: str, module_file: Path) -> bool:
+    relative = module_file.relative_to(REPO).as_posix()
+    return relative == dep if dep.endswith(".py") else relative.startswith(dep.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("path, stage", dvc_stages())
+def test_dvc_dependencies_are_the_code_the_command_runs(path, stage):
+    cmd, code = code_deps(path, stage)
     modules = project_modules()
-    needed = closure(import_graph(module_level=cli_modules()), STAGE_ENTRIES[stage])
-    uncovered = sorted(m for m in needed
-                       if not any(modules[m].relative_to(REPO).as_posix().startswith(d.rstrip("/") + ("" if d.endswith(".py") else "/"))
-                                  for d in code))
-    assert uncovered == [], f"dvc.yaml stage {stage} lacks the code of {uncovered}"
-    # a dependency is a whole folder, or a module that sits beside folders and is shared by stages
+    needed = closure(command_graph(), stage_roots(cmd))
+    uncovered = sorted(m for m in needed if not any(holds(d, modules[m]) for d in code))
+    assert uncovered == [], f"{path} stage {stage} lacks the code of {uncovered}"
+    unneeded = [d for d in code if not any(holds(d, modules[m]) for m in needed)]
+    assert unneeded == [], f"{path} stage {stage} depends on code its command never imports: {unneeded}"
     for dep in code:
-        path = REPO / dep
-        assert path.is_dir() or (path.suffix == ".py" and path.parent != REPO / "stages" / "probe"), dep
+        if dep.split("/")[0] == "pipeline":  # one command's module, never every command's
+            assert dep.endswith(".py"), f"{path} stage {stage}: {dep} (list the command's own modules)"
+        else:  # a whole folder, or a module that sits beside folders and is shared by stages
+            assert (REPO / dep).is_dir() or (REPO / dep).suffix == ".py", dep
+
+
+def test_a_command_module_is_not_every_stages_dependency():
+    """Editing one command (its help, say) re-runs only the stages that run it: DDPM training does not
+    depend on the probe's command module, nor the probe on pretraining's."""
+    deps = {stage: code_deps("dvc.yaml", stage)[1] for path, stage in dvc_stages() if path == "dvc.yaml"}
+    assert "pipeline/commands/pretrain.py" in deps["pretrain"]
+    assert not any(d.startswith("pipeline/commands/") and d != "pipeline/commands/pretrain.py"
+                   for d in deps["pretrain"])
+    assert "pipeline/commands/pretrain.py" not in deps["probe"] and "pipeline" not in deps["probe"]
