@@ -13,7 +13,6 @@ import re
 
 import click
 
-
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
@@ -375,14 +374,18 @@ def engine_options(command):
         click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Run the tasks on a local dask cluster of this many worker processes (127.0.0.1) "
                           "[default: in this process]."),
-        click.option("--scheduler", default=None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
+        click.option("--scheduler", default=None,
+                     help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
         click.option("--cluster", default=None,
                      help="Start a dask-jobqueue cluster of this kind (slurm, pbs, sge, lsf, moab, oar, htcondor), "
                           "configured by dask's configuration (jobqueue.yaml)."),
-        click.option("--scale", type=click.IntRange(min=1), default=None, help="Workers of the --cluster [default: 1]."),
-        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1, help="Threads of each --workers process."),
+        click.option("--scale", type=click.IntRange(min=1), default=None,
+                     help="Workers of the --cluster [default: 1]."),
+        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1,
+                     help="Threads of each --workers process."),
         click.option("--dashboard", is_flag=True, help="Start dask's dashboard (its address is logged)."),
-        click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0, help="Seconds to wait for --scheduler."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+                     help="Seconds to wait for --scheduler."),
         click.option("--group-size", type=click.IntRange(min=0), default=None,
                      help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
                           "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "

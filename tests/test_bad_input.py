@@ -10,13 +10,13 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import fake_archives as fa
 import pytest
 from click.testing import CliRunner
+from conftest import make_image_folder
 from PIL import Image
 
-import fake_archives as fa
 from cache import layout
-from conftest import make_image_folder
 from pipeline.cli import main
 from tests.test_probe_support import digits_features, write_store
 
@@ -255,11 +255,13 @@ CASES = {
     "a class folder that is a symlink loop": (symlink_loop, 1, "(a loop)"),
     "a fake image with --workers 2": (fake_image_with_workers, 1, "cannot read image"),
     "a decompression bomb": (bomb, 1, "Shrink the image"),
-    "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget", "inf"],
+    "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget",
+                                              "inf"],
                                              []), 2, "not a finite size"),
     "probe a store that is not there": (lambda e: (["probe", "--store", e.tmp / "none.zarr", "--head", "linear"], []),
                                         1, "no feature store"),
-    "probe --val-split that the store lacks": (lambda e: (["probe", "--store", e.store, "--head", "ridge", "--val-split",
+    "probe --val-split that the store lacks": (lambda e: (["probe", "--store", e.store, "--head", "ridge",
+                                                           "--val-split",
                                                            "dev", "--out", e.tmp], []), 1, "has no split 'dev'"),
     "pixels --pool 0": (lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "8", "--channels", "3",
                                     "--pool", "0"], []), 2, "at least 1"),
@@ -290,7 +292,8 @@ CASES = {
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
     "cka on a block the store lacks": (lambda e: (["cka", "--store", e.store, "--blocks", "7", "--out", e.tmp / "c"],
                                                   [e.store]), 1, "has no block 7; it holds blocks 1, 2"),
-    "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
+    "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"],
+                                                             []),
                                                   1, "no feature store"),
     # issue 14: views, recipes, preprocessing
     "extract --augment rotate": (lambda e: (e.extract("--views", "2", "--augment", "rotate"), []), 1,
@@ -299,7 +302,8 @@ CASES = {
     "extract --views 2 --view-splits test": (lambda e: (e.extract("--views", "2", "--view-splits", "test"), []), 1,
                                              "which --splits does not"),
     "a model whose preprocessing.json is broken": (broken_preprocessing, 1, "preprocessing.json cannot be read"),
-    "probe --recipe diffssl --head knn": (lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe", "diffssl",
+    "probe --recipe diffssl --head knn": (lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe",
+                                                      "diffssl",
                                                       "--out", e.tmp], []), 1, "with recipe 'diffssl'"),
     "probe --views 3 on a store with one": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3",
                                                         "--out", e.tmp], []), 1, "holds 1 view(s)"),

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
+import fake_archives as fa
 from click.testing import CliRunner
 
-import fake_archives as fa
 from cache import FeatureStore
 from pipeline.cli import main
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import make_image_folder
 
 from cache import FeatureStore
-from conftest import make_image_folder
 from tests.s3_server import closed_port
 
 REPO = Path(__file__).resolve().parents[1]

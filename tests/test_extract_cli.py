@@ -6,9 +6,9 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from conftest import make_image_folder
 
 from cache import FeatureStore
-from conftest import make_image_folder
 from pipeline.cli import main
 from pipeline.options import parse_block_spec
 

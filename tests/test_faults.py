@@ -27,14 +27,19 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from conftest import make_image_folder
 from PIL import Image
 
-from cache import FeatureStore, FeatureStoreWriter
-from cache import creation
+from cache import FeatureStore, FeatureStoreWriter, creation
 from cache import writer as store_writer
-from cache.errors import (DataChangedError, IntegrityError, StoreError, StoreFullError, StoreInUseError,
-                          StoreReplacedError)
-from conftest import make_image_folder
+from cache.errors import (
+    DataChangedError,
+    IntegrityError,
+    StoreError,
+    StoreFullError,
+    StoreInUseError,
+    StoreReplacedError,
+)
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
@@ -253,11 +258,14 @@ def truncate(path: Path) -> None:
 
 # (damage, what reading then says, how the message says to repair it)
 DAMAGE = {
-    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum",
+                                       "verify"),
     "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
-    "deleted feature chunk": (lambda s: feature_shard(s).unlink(), "shard 1 (chunk 2) is marked finished but is missing",
+    "deleted feature chunk": (lambda s: feature_shard(s).unlink(),
+                              "shard 1 (chunk 2) is marked finished but is missing",
                               "extract"),
-    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values", "verify"),
+    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values",
+                                  "verify"),
     "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
                                 "extract"),
     "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
@@ -315,7 +323,8 @@ def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, s
     written = []
     original = FeatureStoreWriter.write_shard
     monkeypatch.setattr(FeatureStoreWriter, "write_shard",
-                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split, chunk, *a, **k))
+                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split,
+                                                                                                       chunk, *a, **k))
     extract(model, data, store)
     assert written == []
     assert_same_store(store, reference)
@@ -427,7 +436,8 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
     settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
                                                   "precision", "chunk_samples", "shard_samples")}
     splits = {s: store_writer.SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
-    with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=store.attrs["block_table"]) as writer:
+    with FeatureStoreWriter.open(out, settings=settings, splits=splits,
+                                 block_table=store.attrs["block_table"]) as writer:
         writer.add_arrays({3: 1}, [150], [1])
         values = np.ones((16, store.block_info(3)["channels"], 1, 1), np.float16)  # shard 0: 16 samples
         values[2] = np.inf  # what float16 makes of a feature above 65504

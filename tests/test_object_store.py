@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from conftest import make_image_folder
 from s3fs import S3FileSystem
 
 from cache import FeatureStore, FeatureStoreWriter, StoreLockedError
 from cache.storage import Location
 from cache.writer import SplitIndex
-from conftest import make_image_folder
 from pipeline.cli import main
 from tests.s3_server import ENV, closed_port, list_keys, make_bucket, s3_server
 

@@ -27,7 +27,8 @@ def noise_store(tmp_path_factory):
     """The same layout with features that carry no class information (a "random" baseline)."""
     features, labels = digits_features(n_train=600)
     rng = np.random.default_rng(0)
-    noise = {key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()} for key, value in features.items()}
+    noise = {key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()} for key,
+             value in features.items()}
     return write_store(tmp_path_factory.mktemp("cli") / "noise.zarr", noise, labels, pools=(1, 2))
 
 
@@ -120,7 +121,8 @@ def test_probe_command_explains_what_the_store_lacks(store, tmp_path):
     (["--blocks", "9-3"], "runs backwards"),
 ])
 def test_probe_command_rejects_malformed_values(store, tmp_path, args, fragment):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path), *args])
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
+                                       *args])
     assert result.exit_code == 2 and fragment in result.output
 
 

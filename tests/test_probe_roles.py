@@ -26,7 +26,8 @@ def split_three_ways(features, labels):
     rows = {"train": every[every % 4 != 0], "val": every[every % 4 == 0]}
 
     def cut(by_split):
-        return {"train": by_split["train"][rows["train"]], "val": by_split["train"][rows["val"]], "test": by_split["val"]}
+        return {"train": by_split["train"][rows["train"]], "val": by_split["train"][rows["val"]],
+                "test": by_split["val"]}
 
     return {key: cut(value) for key, value in features.items()}, cut(labels)
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
-from cache import FeatureStore, FeatureStoreWriter
-from cache import layout
+from cache import FeatureStore, FeatureStoreWriter, layout
 from cache.writer import SplitIndex
 
 
-def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] | None = None, resolution: dict | None = None,
+def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] | None = None,
+                resolution: dict | None = None,
                 chunk_samples: int = 64, pools=(1,), skip_chunks: dict | None = None) -> Path:
     """features[(block, timestep)][split] = (N, C, g, g); labels[split] = (N,).
 
@@ -29,7 +29,8 @@ def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] 
         res = (resolution or {}).get(b, sample.shape[-1])
         table.append({"number": b, "module": f"block{b}", "adm_name": f"blocks[{b}]", "channels": int(sample.shape[1]),
                       "resolution": int(res)})
-    splits = {s: SplitIndex(np.asarray(y, np.int64), [f"{s}/{i}.png" for i in range(len(y))]) for s, y in labels.items()}
+    splits = {s: SplitIndex(np.asarray(y, np.int64), [f"{s}/{i}.png" for i in range(len(y))]) for s,
+              y in labels.items()}
     skip = skip_chunks or {}
     with FeatureStoreWriter.open(path, settings=settings, splits=splits, block_table=table) as writer:
         for b in blocks:

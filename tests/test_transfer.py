@@ -7,11 +7,11 @@ import csv
 import json
 from pathlib import Path
 
+import fake_archives as fa
 import pytest
 import yaml
 from click.testing import CliRunner
 
-import fake_archives as fa
 from pipeline.cli import main
 from stages.extract.pixels import write_pixel_store
 from stages.extract.plan import ExtractConfig
@@ -57,7 +57,8 @@ def test_transfer_table_rows_columns_and_the_overlap_mark(results, tmp_path):
     with open(tmp_path / "t" / "transfer.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 6 and {r["kind"] for r in lines} == {"cub", "dogs"}
-    dogs_ridge = next(r for r in lines if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge")
+    dogs_ridge = next(r for r in lines
+                      if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge")
     assert abs(float(dogs_ridge["test_top1"]) - table["dogs"]["pretrained/ridge"]) < 1e-6
     assert dogs_ridge["overlaps"].startswith("ImageNet-1k train")
     assert (tmp_path / "t" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
@@ -74,7 +75,8 @@ def test_a_directory_of_data_sets_stands_for_each(results, tmp_path):
     (tmp_path / "c" / "mine.txt").write_text("keep")
     result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(results), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "was not written by" in result.output
-    result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(tmp_path), "--out", str(tmp_path / "d")])
+    result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(tmp_path), "--out",
+                                       str(tmp_path / "d")])
     assert result.exit_code == 1 and "holds no <model>/<head>/ probe results" in result.output
 
 

@@ -28,7 +28,8 @@ from pipeline import options
 @click.option("--rbf-sigma", type=click.FloatRange(min=0, min_open=True), default=1.0,
               help="rbf: bandwidth as a multiple of the median pairwise distance.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of --samples and of the minibatch order.")
-@click.option("--memory-budget", type=options.BYTES, default=None, help="e.g. 8GB [default: half the available memory].")
+@click.option("--memory-budget", type=options.BYTES, default=None,
+              help="e.g. 8GB [default: half the available memory].")
 @click.option("--threads", type=click.IntRange(min=1), default=4, help="Chunk reads in parallel.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for cka.csv, cka.json and heatmaps/ (new, empty, or an earlier `pipeline cka` output).")

@@ -44,7 +44,8 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
                    "fit their whole grid (logreg, knn, ridge). Each is a row of stages/probe/registry.py.")
 @click.option("--blocks", "blocks", type=options.BLOCKS, default="all", help="e.g. 24, 18-30, 6,12,18-20 or all.")
 @click.option("--timesteps", type=options.TIMESTEPS, default=None, help="Comma list [default: every stored timestep].")
-@click.option("--pool", "pools", type=options.POOLS, default=None, help="Pooled grid sizes [default: the store's pools].")
+@click.option("--pool", "pools", type=options.POOLS, default=None,
+              help="Pooled grid sizes [default: the store's pools].")
 @click.option("--fuse", is_flag=True, help="One head over all requested blocks x timesteps (per pool).")
 @_setting("--train-split", default=None, help="The split the heads train on [default: {train_split}].")
 @click.option("--val-split", default=None,
@@ -52,13 +53,15 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
                    "--val-fraction of the train split is carved out].")
 @click.option("--test-split", default=None, help="The split the chosen configuration is scored on [default: test if "
                                                    "the store has it, else val].")
-@click.option("--out", default="results", type=click.Path(file_okay=False), help="Results root; the run goes to OUT/NAME.")
+@click.option("--out", default="results", type=click.Path(file_okay=False),
+              help="Results root; the run goes to OUT/NAME.")
 @click.option("--name", default=None, help="Run directory name [default: the head, or <head>_fused].")
 @_setting("--epochs", type=click.IntRange(min=1), default=None,
           help="Passes over the fit rows [default: {epochs}].")
 @_setting("--batch-size", type=click.IntRange(min=1), default=None, help="[default: {batch_size}]")
 @click.option("--lr", "lrs", type=options.FLOATS, default=None, help="Learning-rate grid [default: per head].")
-@click.option("--weight-decay", "weight_decays", type=options.FLOATS, default=None, help="Weight-decay grid [default: per head].")
+@click.option("--weight-decay", "weight_decays", type=options.FLOATS, default=None,
+              help="Weight-decay grid [default: per head].")
 @_setting("--optimizer", type=click.Choice(["adamw", "sgd"]), default=None,
           help="[default: {optimizer}, cosine schedule]")
 @_setting("--halving/--no-halving", default=None,
@@ -69,7 +72,8 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
 @_setting("--hidden", type=options.SIZES, default=None, help="mlp hidden sizes [default: {hidden}].")
 @_setting("--width", type=click.IntRange(min=1), default=None, help="cnn channels [default: {width}].")
 @_setting("--dim", type=click.IntRange(min=1), default=None, help="attention token width d [default: {dim}].")
-@_setting("--depth", type=click.IntRange(min=1), default=None, help="attention transformer blocks k [default: {depth}].")
+@_setting("--depth", type=click.IntRange(min=1), default=None,
+          help="attention transformer blocks k [default: {depth}].")
 @_setting("--attention-heads", type=click.IntRange(min=1), default=None, help="[default: {attention_heads}]")
 @_setting("--C", "Cs", type=options.FLOATS, default=None, help="logreg C grid [default: {Cs}].")
 @_setting("--knn-k", "ks", type=options.INTS, default=None, help="knn k grid [default: {ks}].")
@@ -78,12 +82,14 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
           help="Share of train carved out for choosing hyper-parameters [default: {val_fraction}].")
 @_setting("--seed", type=click.IntRange(min=0), default=None, help="[default: {seed}]")
 @_setting("--device", default=None, help="auto, cpu, cuda or cuda:N [default: {device}].")
-@click.option("--memory-budget", type=options.BYTES, default=None, help="e.g. 8GB [default: half the available memory].")
+@click.option("--memory-budget", type=options.BYTES, default=None,
+              help="e.g. 8GB [default: half the available memory].")
 @_setting("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default=None,
           help="Keep features in memory or stream them each epoch [default: {data_mode}, by the budget].")
 @_setting("--shuffle-window", type=click.IntRange(min=1), default=None,
           help="Samples shuffled together [default: {shuffle_window}].")
-@click.option("--allow-incomplete", is_flag=True, default=None, help="Probe only the finished samples of an unfinished store.")
+@click.option("--allow-incomplete", is_flag=True, default=None,
+              help="Probe only the finished samples of an unfinished store.")
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads [default: the libraries' own].")
 @_setting("--recipe", type=click.Choice(["diffssl"]), default=None,
           help="Train as the paper's code does (linear, mlp, attention; with --fuse its DifFormer fusion): raw "

@@ -131,15 +131,17 @@ class ProbeSettings:
             fail("memory_budget", "a positive, finite number of bytes or None", self.memory_budget)
         for name in ("blocks", "timesteps", "pools", "hidden"):
             value = getattr(self, name)
-            if value is not None and (not value or any(int(v) != v or v < (0 if name == "timesteps" else 1) for v in value)):
-                fail(name, "a non-empty list of " + ("non-negative" if name == "timesteps" else "positive") + " integers", value)
+            low, kind = (0, "non-negative") if name == "timesteps" else (1, "positive")
+            if value is not None and (not value or any(int(v) != v or v < low for v in value)):
+                fail(name, f"a non-empty list of {kind} integers", value)
         for name in ("lrs", "weight_decays", "Cs", "alphas"):
             value = getattr(self, name)
             low = -1e-300 if name == "weight_decays" else 0.0
             if value is not None:
                 object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
         object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
-        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")):
+        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name
+                                      or self.name.startswith(".")):
             fail("name", "a plain directory name", self.name)
         for name in ("train_split", "val_split", "test_split"):
             value = getattr(self, name)
