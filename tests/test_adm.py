@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from adm_reference import ReferenceUNet, reference_from_flags
 from click.testing import CliRunner
 from diffusers import UNet2DModel
 
@@ -24,6 +23,8 @@ from stages.models.adm import (
 )
 from stages.models.blocks import block_table
 from stages.models.loading import load_model
+
+from adm_reference import ReferenceUNet, reference_from_flags
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/adm_tiny"
 FIXTURE_FLAGS = (FIXTURE / "flags.txt").read_text().strip()

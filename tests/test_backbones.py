@@ -12,13 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import make_image_folder
 from PIL import Image
 
 from cache import FeatureStore
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
+
+from helpers import make_image_folder
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])

@@ -4,21 +4,20 @@ a fragment of the message."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-import fake_archives as fa
 import pytest
 from click.testing import CliRunner
-from conftest import make_image_folder
 from PIL import Image
 
 from cache import layout
 from pipeline.cli import main
-from tests.test_probe_support import digits_features, write_store
+
+import fake_archives as fa
+from helpers import digest, digits_features, make_image_folder, write_store
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
@@ -44,15 +43,6 @@ def probe_store(tmp_path_factory) -> Path:
 @pytest.fixture
 def env(tmp_path, tiny_model, tiny_data, probe_store) -> Env:
     return Env(tmp_path, tiny_model, tiny_data, probe_store)
-
-
-def digest(path: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted([path, *path.rglob("*")] if path.is_dir() else [path]):
-        h.update(str(p.relative_to(path.parent)).encode())
-        if p.is_file():
-            h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # -- set-ups: each returns (command-line arguments, paths that must stay as they were) -----------------

@@ -23,8 +23,8 @@ from pipeline.cli import main
 from pipeline.options import parse_named, parse_scoped
 from stages.cka.run import COLUMNS, CkaSettings, run_cka, select_samples
 from stages.cka.streaming import minibatches
-from tests.test_bad_input import digest
-from tests.test_probe_support import write_store
+
+from helpers import digest, write_store
 
 
 # -- the reference: Gram form ---------------------------------------------------------------------------

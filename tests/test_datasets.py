@@ -7,18 +7,19 @@ import json
 import shutil
 import subprocess
 
-import fake_archives as fa
 import numpy as np
 import pytest
 import scipy.io
 from click.testing import CliRunner
-from conftest import make_image_folder
 
 from pipeline.cli import main
 from stages.data.errors import DataError, MissingDataError
 from stages.data.folders import dataset_identity, scan
 from stages.data.registry import KINDS, open_dataset, resolve_data
 from stages.data.subsets import LISTS, named_lists
+
+import fake_archives as fa
+from helpers import make_image_folder
 
 MAKERS = {
     "cub": (fa.make_cub, "CUB_200_2011"), "nabirds": (fa.make_nabirds, "nabirds"),

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 
-import fake_archives as fa
 from click.testing import CliRunner
 
 from cache import FeatureStore
 from pipeline.cli import main
+
+import fake_archives as fa
 
 
 def invoke(*args):

@@ -15,19 +15,10 @@ from stages.extract import noise
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 
+from helpers import reference_image
+
 TIMESTEPS = (0, 90, 500)
 POOLS = (1, 2, 4)
-
-
-def reference_image(path, size: int) -> torch.Tensor:
-    """The documented preprocessing, written out again: short side to `size` (bicubic), centre crop."""
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1) / 127.5 - 1.0)
 
 
 def reference_features(model_dir, data_dir, split, paths, timestep, seed=0):

@@ -6,11 +6,12 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-from conftest import make_image_folder
 
 from cache import FeatureStore
 from pipeline.cli import main
 from pipeline.options import parse_block_spec
+
+from helpers import make_image_folder
 
 
 def invoke(*args):

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image_folder
 
 from cache import FeatureStore, FeatureStoreWriter, StoreError, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex
 from pipeline.options import parse_block_spec
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
+
+from helpers import make_image_folder
+
+pytestmark = pytest.mark.slow  # extractions killed and resumed in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import make_image_folder
 from PIL import Image
 
 from cache import FeatureStore, FeatureStoreWriter, creation
@@ -44,6 +43,8 @@ from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.models.loading import load_model
+
+from helpers import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(blocks=(3, 5), timesteps=(10, 90), pools=(1,), batch_size=4, chunk_samples=8, shard_samples=16)
@@ -154,6 +155,7 @@ def count_writes(model, data, out, monkeypatch) -> int:
 
 
 # -- kills ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a whole extraction killed at every write
 def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference, tmp_path, monkeypatch):
     """kill -9 at each step of store creation, array creation, chunk writes and flags, then resume.
     (Covers the half-built store that looked complete, the array without flags that got stuck, and a
@@ -174,6 +176,7 @@ def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference,
     assert failures == [], failures
 
 
+@pytest.mark.slow  # a real extraction process, killed
 def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, reference, tmp_path):
     out = tmp_path / "killed.zarr"
     command = [sys.executable, "-c", (

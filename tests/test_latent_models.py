@@ -11,9 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from conftest import make_image_folder
 from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PNDMScheduler, UNet2DConditionModel
-from latent_models import make_dit_dir, make_sd_dir
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from cache import FeatureStore
@@ -22,7 +20,9 @@ from pipeline.options import parse_block_spec
 from stages.extract import noise
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
-from tests.test_extract import reference_image
+
+from helpers import make_image_folder, reference_image
+from latent_models import make_dit_dir, make_sd_dir
 
 TIMESTEPS = (0, 261)
 POOLS = (1, 2)

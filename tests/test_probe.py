@@ -21,7 +21,8 @@ from stages.probe.registry import HEADS
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings, halving_rungs
 from stages.report import render_run
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)
 

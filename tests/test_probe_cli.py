@@ -12,7 +12,8 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.options import parse_byte_size, parse_float_list, parse_named
 from stages.report import build_report, render_run
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 
 @pytest.fixture(scope="module")

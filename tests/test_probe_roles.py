@@ -14,7 +14,8 @@ from stages.probe.plan import ProbeInputError
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
 from stages.probe.sklearn_probes import RidgeProbe
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 FAST = dict(threads=1, epochs=4, batch_size=64)
 

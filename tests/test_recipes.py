@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_image_folder
 from torch import nn
 
 from cache.errors import ConfigError
@@ -20,6 +19,8 @@ from stages.probe.plan import Rows, Samples, epoch_schedule
 from stages.probe.recipes import recipe_lr
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
+
+from helpers import make_image_folder
 
 
 # -- the paper's head, rebuilt from its published structure (soumik-kanad/diffssl) ----------------------

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
-from conftest import make_image_folder
 
 from cache import FeatureStore
 from pipeline.cli import main
+
+from helpers import make_image_folder
 
 ARGS = ["--blocks", "3,5", "--pool", "1", "--batch-size", "4", "--chunk-samples", "4"]
 

@@ -7,7 +7,6 @@ import csv
 import json
 from pathlib import Path
 
-import fake_archives as fa
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -18,6 +17,8 @@ from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
+
+import fake_archives as fa
 
 REPO = Path(__file__).resolve().parents[1]
 
