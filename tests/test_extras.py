@@ -18,12 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Runs the command line with some top-level packages made unimportable, as in a base install.
 BLOCKED = """
 import sys
-blocked = set(sys.argv[1].split(","))
-class Missing:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in blocked:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Missing())
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # what `import` and `importlib.util.find_spec` make of a package not installed
 from pipeline.cli import main
 main(sys.argv[2:], prog_name="pipeline")
 """
@@ -38,6 +34,9 @@ def test_pyproject_extras_are_the_ones_the_code_names():
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(extras)
     assert extras["all"] == [f"diffusion-feature-cache[{','.join(EXTRAS)}]"]
+    # the Makefile's set-up without a working torchvision: every extra but timm's
+    no_timm = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("NO_TIMM :="))
+    assert set(no_timm.split(":=")[1].strip().split(",")) == set(EXTRAS) - {"backbones"}
 
 
 def test_require_names_the_extra_and_a_pip_command_for_this_interpreter():
@@ -68,3 +67,10 @@ def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     assert "[cluster]" in last and "pip install 'diffusion-feature-cache[cluster]'" in last, done.stderr
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("metrics.json"))
+
+
+def test_timm_backbone_without_timm(tmp_path):
+    done = run_without(["timm"], "blocks", "--model", "timm:resnet18", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert "[backbones]" in last and "--model timm:resnet18" in last and "Traceback" not in done.stderr, done.stderr
