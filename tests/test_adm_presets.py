@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import shutil
+from pathlib import Path
 
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
 from stages.models.adm import AdmConversionError, adm_architecture, parse_adm_flags
 from stages.models.adm_presets import PRESETS, UnknownPresetError, preset_flags, preset_for_file
 
@@ -63,3 +68,32 @@ def test_presets_are_recognised_from_the_file_name(path, preset):
 def test_an_unknown_preset_lists_the_published_ones():
     with pytest.raises(UnknownPresetError, match="256x256_diffusion_uncond, 256x256_diffusion"):
         preset_flags("256_uncond")
+
+
+FIXTURE = Path(__file__).resolve().parents[2] / "shared/fixtures/adm_tiny"
+
+
+def test_convert_adm_takes_the_preset_from_the_file_name(tmp_path, monkeypatch):
+    """A checkpoint named as a preset converts with no flags, to the same directory --flags gives."""
+    monkeypatch.setitem(PRESETS, "adm_tiny", (FIXTURE / "flags.txt").read_text().strip())
+    named = tmp_path / "adm_tiny.pt"
+    shutil.copyfile(FIXTURE / "model.pt", named)
+    by_name = CliRunner().invoke(main, ["convert-adm", str(named), str(tmp_path / "a")])
+    assert by_name.exit_code == 0 and "adm_tiny preset" in by_name.output, by_name.output
+    by_flags = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "b"),
+                                         "--flags", PRESETS["adm_tiny"]])
+    assert by_flags.exit_code == 0, by_flags.output
+    for name in ("config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_convert_adm_without_flags_or_a_preset_name(tmp_path):
+    result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o")])
+    assert result.exit_code == 2 and "give its MODEL_FLAGS with --flags, or --preset NAME" in result.output
+    result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"),
+                                       "--preset", "lsun_cat", "--flags", "--image_size 32"])
+    assert result.exit_code == 2 and "not both" in result.output
+    result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"),
+                                       "--preset", "256_uncond"])
+    assert result.exit_code == 2 and "256x256_diffusion_uncond" in result.output
+    assert not (tmp_path / "o").exists()
