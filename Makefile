@@ -16,7 +16,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := $(VENV)/torch-constraints.txt
 INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # [all] less timm: what a set-up without a working torchvision gets
-NO_TIMM := s3,cluster,dvc,hf
+NO_TIMM := s3,cluster,dvc,transformers
 
 .PHONY: repro test install
 
@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(INDEX) "$(TORCH)"
-	$(BIN)/python -c 'import torch; print(f"torch=={torch.__version__}")' > $(CONSTRAINTS)
+	$(BIN)/python -W ignore -c 'import torch; print(f"torch=={torch.__version__}")' > $(CONSTRAINTS)
 	@if $(BIN)/python -m pip install --quiet $(INDEX) --constraint $(CONSTRAINTS) torchvision \
 	    && $(BIN)/python -c 'import torch, torchvision; torch.ops.torchvision.nms' 2>/dev/null; then \
 	  $(BIN)/python -m pip freeze | grep -iE '^torch(vision)?==' > $(CONSTRAINTS); \

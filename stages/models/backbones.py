@@ -229,7 +229,7 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
 
 def load_hf(source: str) -> BackboneModel:
     """A vision backbone from a local `save_pretrained` directory or a Hub id (module docstring)."""
-    require("transformers", "hf", f"--model hf:{source}")
+    require("transformers", "transformers", f"--model hf:{source}")
     from transformers import AutoConfig, AutoModel
 
     path = Path(source).expanduser()

@@ -239,7 +239,7 @@ def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDi
     """A Stable Diffusion 1.x/2.x pipeline directory: unet/, vae/, text_encoder/, tokenizer/ (scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    require("transformers", "hf", "a Stable Diffusion pipeline's text encoder")
+    require("transformers", "transformers", "a Stable Diffusion pipeline's text encoder")
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(source).expanduser()
