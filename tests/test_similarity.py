@@ -444,3 +444,88 @@ def test_outputs(tmp_path, stores):
     names = sorted(p.name for p in (out / "heatmaps").iterdir())
     assert "mutual_knn_a_vs_b_pool1.png" in names and "procrustes_calibrated_b_pool1.png" in names
     assert len(names) == 2 * 2 * 3
+
+
+# -- the command ----------------------------------------------------------------------------------------
+def test_command_writes_table_record_and_heatmaps(tmp_path, stores):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    out = tmp_path / "sim"
+    args = ["similarity", "--store", str(stores["a"]), "--store", f"other={stores['b']}", "--metric",
+            "cka,cknna,mutual_knn", "--timesteps", "a=10", "--topk", "5", "--permutations", "9", "--bootstrap", "5",
+            "--best-pair", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "63 scores (cka, cknna, mutual_knn) of 6 features" in result.output
+    with open(out / "similarity.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 * 21 and {r["metric"] for r in table} == {"cka", "cknna", "mutual_knn"}
+    assert all(r["p_value"] and r["ci_low"] for r in table)
+    with open(out / "best_pairs.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    again = CliRunner().invoke(main, ["similarity", "--store", str(stores["b"]), "--out", str(out)])
+    assert again.exit_code == 0, again.output  # its own earlier output: replaced
+    assert not (out / "best_pairs.csv").exists()
+
+
+def different_samples(tmp_path, stores):
+    features, labels = related_features(n=(40, 42))
+    return ["--store", str(stores["a"]), "--store", str(write_store(tmp_path / "c.zarr", features, labels))]
+
+
+BAD = {
+    "an unknown metric": (lambda t, s: ["--store", str(s["a"]), "--metric", "mutual_knn,cosine"],
+                          "unknown --metric cosine; choose from linear, debiased, minibatch, rbf, cka, unbiased_cka, "
+                          "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, svcca, procrustes"),
+    "--topk 0": (lambda t, s: ["--store", str(s["a"]), "--topk", "0"], "--topk must be an integer of at least 1; got 0"),
+    "--topk of N": (lambda t, s: ["--store", str(s["a"]), "--topk", "43"],
+                    "--topk 43 needs more than 43 samples and split 'val' gives 43: a sample has 42 others; choose "
+                    "--topk 42 or fewer"),
+    "--topk over a subset": (lambda t, s: ["--store", str(s["a"]), "--samples", "8"], "choose --topk 7 or fewer"),
+    "--permutations 0": (lambda t, s: ["--store", str(s["a"]), "--permutations", "0"],
+                         "--permutations must be an integer of at least 1 (leave it out for none); got 0"),
+    "--bootstrap 1": (lambda t, s: ["--store", str(s["a"]), "--bootstrap", "1"], "--bootstrap must be an integer of at "
+                                                                                  "least 2"),
+    "cknna with k = 1": (lambda t, s: ["--store", str(s["a"]), "--topk", "1"], "cknna needs --topk 2 or more"),
+    "an unknown preprocessing": (lambda t, s: ["--store", str(s["a"]), "--preprocess", "zscore"],
+                                 "unknown --preprocess 'zscore'; choose from clamp-l2, l2, none"),
+    "--cca-dim over the width": (lambda t, s: ["--store", str(s["a"]), "--metric", "svcca"],
+                                 "--cca-dim 10 is more than the 3 singular vectors a b3 t10 p1 has (3 features, 43 samples); "
+                                 "choose --cca-dim 3 or fewer"),
+    "stores with different samples": (different_samples, "the stores hold different samples in split 'val' "
+                                                          "(a has 43 samples, c 42)"),
+    "a block the store lacks": (lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"], "has no block 9"),
+    "over the memory budget": (lambda t, s: ["--store", str(s["a"]), "--memory-budget", "10KB"],
+                               "more than 3/4 of the memory budget (10.0 KB); choose --memory-budget 68KB"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_one_clear_line(tmp_path, stores, case):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from tests.test_bad_input import digest
+
+    setup, fragment = BAD[case]
+    before = {name: digest(path) for name, path in stores.items()}
+    result = CliRunner().invoke(main, ["similarity", *setup(tmp_path, stores), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit) and "Traceback" not in result.output
+    assert fragment in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "out").exists()
+    assert {name: digest(path) for name, path in stores.items()} == before
+
+
+@pytest.mark.parametrize("fix", [["--samples", "8", "--topk", "7"], ["--memory-budget", "68KB"],
+                                 ["--metric", "svcca", "--cca-dim", "3"]])
+def test_the_suggested_fixes_run(tmp_path, stores, fix):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    result = CliRunner().invoke(main, ["similarity", "--store", str(stores["a"]), *fix, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output

@@ -301,14 +301,20 @@ def check_budget(settings: SimilaritySettings, features: list[Feature], n: int, 
         chosen = [f for f in features if f.pool == pool]
         need = sum(kept_bytes(settings, f, n) for f in chosen) + BYTES_PER_SIMILARITY * n
         if need > budget * 3 // 4:
-            per_sample = need / n
-            fits = int(budget * 3 // 4 / per_sample)
             rbf = " (rbf keeps an N x N Gram matrix per feature: leave it out for large N)" if "rbf" in settings.metrics \
                 else ""
             raise SimilarityInputError(
                 f"the {len(chosen)} features of pool {pool} keep {format_bytes(need)} for {n} samples{rbf}, more than "
-                f"3/4 of the memory budget ({format_bytes(budget)}); choose --samples {max(fits, 1)} or fewer, fewer "
-                "--blocks/--timesteps, a coarser --pool, or a larger --memory-budget")
+                f"3/4 of the memory budget ({format_bytes(budget)}); choose --memory-budget {_size(need * 4 / 3)}, "
+                "or fewer --samples, fewer --blocks/--timesteps, a coarser --pool")
+
+
+def _size(n: float) -> str:
+    """Bytes, rounded up to a whole KB, MB or GB as `--memory-budget` reads them."""
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20)):
+        if n >= 10 * scale:
+            return f"{-(-int(n) // scale)}{unit}"
+    return f"{-(-int(n) // 1024) + 1}KB"
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
