@@ -20,11 +20,12 @@ from scipy.linalg import orthogonal_procrustes, sqrtm
 from cache import FeatureStore
 from stages.cka.streaming import minibatches
 from stages.similarity import calibration
-from stages.similarity.metrics import KNN_METRICS, METRICS, Parameters, Side, score
+from stages.similarity.metrics import METRICS, Parameters, Side, score
 from stages.similarity.neighbours import nearest_neighbours
 from stages.similarity.preprocess import clamp_value, preprocess
 from stages.similarity.run import COLUMNS, SimilaritySettings, run_similarity
-from tests.test_cka import read, reference as cka_reference, related_features
+from tests.test_cka import read, related_features
+from tests.test_cka import reference as cka_reference
 from tests.test_probe_support import write_store
 
 
@@ -75,7 +76,8 @@ def hsic1(K, L):
     """Song et al. (2012), eq. 5, term by term."""
     n = len(K)
     Kt, Lt = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
-    return (np.sum(Kt * Lt.T) + Kt.sum() * Lt.sum() / ((n - 1) * (n - 2)) - 2 * np.sum(Kt @ Lt) / (n - 2)) / (n * (n - 3))
+    trace, totals, rows = np.sum(Kt * Lt.T), Kt.sum() * Lt.sum(), np.sum(Kt @ Lt)
+    return (trace + totals / ((n - 1) * (n - 2)) - 2 * rows / (n - 2)) / (n * (n - 3))
 
 
 def hsic_biased(K, L):
@@ -404,8 +406,8 @@ def test_small_budget_gives_the_same_numbers(tmp_path, stores):
 
 
 def test_permutations_and_bootstrap_are_seeded_and_reproducible(tmp_path, stores):
-    kw = dict(metrics=("mutual_knn", "linear"), permutations=19, bootstrap=10, blocks=((None, (1, 2)),),
-              timesteps=(("a", (10,)),), seed=3)
+    kw = {"metrics": ("mutual_knn", "linear"), "permutations": 19, "bootstrap": 10, "blocks": ((None, (1, 2)),),
+          "timesteps": (("a", (10,)),), "seed": 3}
     first, again = run(tmp_path, stores, **kw), run(tmp_path, stores, **kw)
     other = run(tmp_path, stores, **{**kw, "seed": 4})
     assert first.rows == again.rows
@@ -477,25 +479,27 @@ def different_samples(tmp_path, stores):
 
 BAD = {
     "an unknown metric": (lambda t, s: ["--store", str(s["a"]), "--metric", "mutual_knn,cosine"],
-                          "unknown --metric cosine; choose from linear, debiased, minibatch, rbf, cka, unbiased_cka, "
-                          "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, svcca, procrustes"),
-    "--topk 0": (lambda t, s: ["--store", str(s["a"]), "--topk", "0"], "--topk must be an integer of at least 1; got 0"),
+                          ("unknown --metric cosine; choose from linear, debiased, minibatch, rbf, cka, unbiased_cka, "
+                          "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, svcca, procrustes")),
+    "--topk 0": (lambda t, s: ["--store", str(s["a"]), "--topk", "0"],
+                 "--topk must be an integer of at least 1; got 0"),
     "--topk of N": (lambda t, s: ["--store", str(s["a"]), "--topk", "43"],
-                    "--topk 43 needs more than 43 samples and split 'val' gives 43: a sample has 42 others; choose "
-                    "--topk 42 or fewer"),
+                    ("--topk 43 needs more than 43 samples and split 'val' gives 43: a sample has 42 others; choose "
+                    "--topk 42 or fewer")),
     "--topk over a subset": (lambda t, s: ["--store", str(s["a"]), "--samples", "8"], "choose --topk 7 or fewer"),
     "--permutations 0": (lambda t, s: ["--store", str(s["a"]), "--permutations", "0"],
                          "--permutations must be an integer of at least 1 (leave it out for none); got 0"),
-    "--bootstrap 1": (lambda t, s: ["--store", str(s["a"]), "--bootstrap", "1"], "--bootstrap must be an integer of at "
-                                                                                  "least 2"),
+    "--bootstrap 1": (lambda t, s: ["--store", str(s["a"]), "--bootstrap", "1"],
+                      "--bootstrap must be an integer of at least 2"),
     "cknna with k = 1": (lambda t, s: ["--store", str(s["a"]), "--topk", "1"], "cknna needs --topk 2 or more"),
     "an unknown preprocessing": (lambda t, s: ["--store", str(s["a"]), "--preprocess", "zscore"],
                                  "unknown --preprocess 'zscore'; choose from clamp-l2, l2, none"),
     "--cca-dim over the width": (lambda t, s: ["--store", str(s["a"]), "--metric", "svcca"],
-                                 "--cca-dim 10 is more than the 3 singular vectors a b3 t10 p1 has (3 features, 43 samples); "
-                                 "choose --cca-dim 3 or fewer"),
-    "stores with different samples": (different_samples, "the stores hold different samples in split 'val' "
-                                                          "(a has 43 samples, c 42)"),
+                                 ("--cca-dim 10 is more than the 3 singular vectors a b3 t10 p1 has (3 features, "
+                                  "43 samples); "
+                                 "choose --cca-dim 3 or fewer")),
+    "stores with different samples": (different_samples, ("the stores hold different samples in split 'val' "
+                                                          "(a has 43 samples, c 42)")),
     "a block the store lacks": (lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"], "has no block 9"),
     "over the memory budget": (lambda t, s: ["--store", str(s["a"]), "--memory-budget", "10KB"],
                                "more than 3/4 of the memory budget (10.0 KB); choose --memory-budget 68KB"),
@@ -529,3 +533,15 @@ def test_the_suggested_fixes_run(tmp_path, stores, fix):
 
     result = CliRunner().invoke(main, ["similarity", "--store", str(stores["a"]), *fix, "--out", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
+
+
+def test_a_store_read_at_its_own_pool(tmp_path, stores):
+    # b at pool 2 (its 2x2 grid: 20 or 12 features) against a's features at pool 1
+    result = run(tmp_path, stores, metrics=("mutual_knn", "linear"), store_pools=(("b", 2),), topk=4)
+    widths = {(f["store"], f["block"]): (f["pool"], f["width"]) for f in result.record["features"][1]}
+    assert widths[("a", 1)] == (1, 5) and widths[("b", 1)] == (2, 20) and widths[("b", 3)] == (2, 12)
+    for row in result.rows:
+        pa, pb = (2 if row["store_a"] == "b" else 1), (2 if row["store_b"] == "b" else 1)
+        x = preprocess(read(stores[row["store_a"]], row["block_a"], row["timestep_a"], pa), "clamp-l2")
+        y = preprocess(read(stores[row["store_b"]], row["block_b"], row["timestep_b"], pb), "clamp-l2")
+        assert row["score"] == pytest.approx(reference(row["metric"], x, y, k=4), rel=1e-10, abs=1e-13), row

@@ -21,6 +21,9 @@ _METRIC_HELP = ("Comma list of: linear, debiased, minibatch, rbf (as `pipeline c
 @click.option("--timesteps", "timesteps", type=options.SCOPED_TIMESTEPS, multiple=True,
               help="e.g. 10,90,150 or NAME=10,90; repeatable [default: every stored timestep].")
 @click.option("--pool", "pools", type=options.POOLS, default="1", help="Pooled grid sizes; pairs are within a pool.")
+@click.option("--store-pool", "store_pools", type=options.STORE_POOL, multiple=True,
+              help="NAME=POOL: read that store at its own pool, against every --pool of the others (e.g. pixels=16: "
+                   "the whole 16x16 image); repeatable.")
 @click.option("--split", default="val", help="The split whose samples are compared.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="A seeded random subset of this many samples [default: all of the split].")
@@ -38,14 +41,15 @@ _METRIC_HELP = ("Comma list of: linear, debiased, minibatch, rbf (as `pipeline c
               help="Also report, per pair of stores, the (block, timestep) pair with the best score (best_pairs.csv).")
 @click.option("--seed", type=click.IntRange(min=0), default=0,
               help="Seed of --samples, the minibatch order, the permutations and the resamples.")
-@click.option("--memory-budget", type=options.BYTES, default=None, help="e.g. 8GB [default: half the available memory].")
+@click.option("--memory-budget", type=options.BYTES, default=None,
+              help="e.g. 8GB [default: half the available memory].")
 @click.option("--threads", type=click.IntRange(min=1), default=4, help="Chunk reads in parallel.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for similarity.csv, similarity.json, best_pairs.csv and heatmaps/ (new, empty, or an "
                    "earlier `pipeline similarity` output).")
 @options.storage_option
-def similarity(stores, metrics, blocks, timesteps, pools, split, samples, preprocess, topk, cca_dim, batch_size,
-               rbf_sigma, permutations, bootstrap, best_pair, seed, memory_budget, threads, out,
+def similarity(stores, metrics, blocks, timesteps, pools, store_pools, split, samples, preprocess, topk, cca_dim,
+               batch_size, rbf_sigma, permutations, bootstrap, best_pair, seed, memory_budget, threads, out,
                storage_options) -> None:
     """Every requested similarity metric of every pair of (store, block, timestep), within and across stores."""
     from cache.storage import parse_storage_options
@@ -53,8 +57,8 @@ def similarity(stores, metrics, blocks, timesteps, pools, split, samples, prepro
 
     settings = SimilaritySettings(
         stores=tuple(stores), out=out, metrics=tuple(metrics), blocks=tuple(blocks), timesteps=tuple(timesteps),
-        pools=pools, split=split, samples=samples, preprocess=preprocess, topk=topk, cca_dim=cca_dim,
-        batch_size=batch_size, rbf_sigma=rbf_sigma, permutations=permutations, bootstrap=bootstrap,
+        pools=pools, store_pools=tuple(store_pools), split=split, samples=samples, preprocess=preprocess, topk=topk,
+        cca_dim=cca_dim, batch_size=batch_size, rbf_sigma=rbf_sigma, permutations=permutations, bootstrap=bootstrap,
         best_pair=best_pair, seed=seed, memory_budget=memory_budget, threads=threads,
         storage_options=parse_storage_options(storage_options) or None)
     click.echo(describe(run_similarity(settings)))

@@ -32,8 +32,8 @@ def write_heatmaps(results: dict, out_dir: Path, *, settings, samples: int) -> l
             if s.null is not None:
                 mean = np.nanmean(s.null, axis=2) if np.isfinite(s.null).any() else np.full(s.score.shape, np.nan)
                 gain = s.score - mean if metric.higher else mean - s.score
-                p = np.vectorize(lambda v, i, j: calibration.p_value(v, s.null[i, j], higher=metric.higher))(
-                    s.score, *np.indices(s.score.shape))
+                p = np.array([[calibration.p_value(s.score[i, j], s.null[i, j], higher=metric.higher)
+                               for j in range(s.score.shape[1])] for i in range(s.score.shape[0])])
                 views.append(("calibrated_", np.where(p <= calibration.LEVEL, gain, np.nan),
                               f"{metric.label}: gain over chance (grey: p > {calibration.LEVEL})", "viridis"))
             for prefix, matrix, label, cmap in views:

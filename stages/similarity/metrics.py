@@ -37,9 +37,20 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse
 
-from stages.cka.estimators import CrossMoments, centre_gram, rbf_gram, unbiased_hsic_matrix
-from stages.similarity.neighbours import (Neighbours, cycle_hits, edit_distances, lcs_lengths, nearest_neighbours,
-                                          shared_counts)
+from stages.cka.estimators import (
+    CrossMoments,
+    centre_gram,
+    rbf_gram,
+    unbiased_hsic_matrix,
+)
+from stages.similarity.neighbours import (
+    Neighbours,
+    cycle_hits,
+    edit_distances,
+    lcs_lengths,
+    nearest_neighbours,
+    shared_counts,
+)
 
 PLATONIC_EPS = 1e-6  # platonic-rep adds it to the denominators of cka, unbiased_cka and cknna
 SVCCA_EPS = 1e-8  # platonic-rep's guard on the columns' standard deviation

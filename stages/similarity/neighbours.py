@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# bytes per entry of one block's b x N similarities: the float64 values, a partitioned copy, a mask
-BYTES_PER_SIMILARITY = 8 + 8 + 1
+# bytes per entry of one block's b x N similarities: the float64 values, a partitioned copy (measured: ~20)
+BYTES_PER_SIMILARITY = 8 + 8 + 8  # + two masks and the kept candidates, rounded up
 
 
 @dataclass(frozen=True)

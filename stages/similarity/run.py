@@ -30,7 +30,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -74,6 +74,7 @@ class SimilaritySettings:
     blocks: tuple[tuple[str | None, tuple[int, ...] | None], ...] = ()
     timesteps: tuple[tuple[str | None, tuple[int, ...] | None], ...] = ()
     pools: tuple[int, ...] = (1,)
+    store_pools: tuple[tuple[str, int], ...] = ()  # (store, pool): that store read at its own pool, in every pool's run
     split: str = "val"
     samples: int | None = None
     preprocess: str = "clamp-l2"
@@ -121,10 +122,13 @@ class SimilaritySettings:
             fail(f"--rbf-sigma must be positive and finite; got {self.rbf_sigma}")
         if self.memory_budget is not None and not (0 < self.memory_budget < float("inf")):
             fail(f"--memory-budget must be a positive number of bytes; got {self.memory_budget}")
-        for option in ("blocks", "timesteps"):
+        for option in ("blocks", "timesteps", "store_pools"):
             strays = sorted({name for name, _ in getattr(self, option) if name is not None} - set(names))
             if strays:
-                fail(f"--{option} names {', '.join(strays)}, not one of the stores given ({', '.join(names)})")
+                fail(f"--{option.replace('_', '-')} names {', '.join(strays)}, not one of the stores given "
+                     f"({', '.join(names)})")
+        if any(name is None or int(p) != p or p < 1 for name, p in self.store_pools):
+            fail(f"--store-pool must be NAME=POOL with a positive POOL; got {self.store_pools}")
 
 
 @dataclass
@@ -143,7 +147,7 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
     with contextlib.ExitStack() as stack:
         stores = {name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
                   for name, path in settings.stores}
-        features = resolve_features(stores, settings)
+        features = resolve(stores, settings)
         num_samples = check_same_samples(stores, settings.split)
         rows = select_samples(num_samples, settings.samples, settings.seed)
         check_samples(settings, rows, features)
@@ -157,8 +161,7 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         params = Parameters(topk=settings.topk, cca_dim=settings.cca_dim, rbf_sigma=settings.rbf_sigma,
                             batches=batches, budget=max(1, budget // 4))
         results = {}
-        for pool in settings.pools:
-            chosen = [f for f in features if f.pool == pool]
+        for pool, chosen in features.items():
             sides = [Side(preprocess(_read(reader, f, rows), settings.preprocess), params) for f in chosen]
             results[pool] = (chosen, compare(sides, settings, desc=f"similarity pool {pool}"))
         fingerprints = {name: store.fingerprint for name, store in stores.items()}
@@ -174,7 +177,7 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         "split": settings.split,
         "samples": {"count": len(rows), "of": num_samples, "seed": settings.seed,
                     "indices_sha256": hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()},
-        "features": [asdict(f) for pool in settings.pools for f in results[pool][0]],
+        "features": {pool: [asdict(f) for f in results[pool][0]] for pool in settings.pools},
         "best_pairs": best,
         "memory_budget": budget,
         "seconds": round(time.perf_counter() - started, 3),
@@ -185,11 +188,24 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
             _write_csv(staging / "best_pairs.csv", BEST_COLUMNS, best)
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
-            from stages.similarity.heatmaps import write_heatmaps  # matplotlib: only when drawing
+            from stages.similarity.heatmaps import (
+                write_heatmaps,  # matplotlib: only when drawing
+            )
 
             write_heatmaps(results, staging / "heatmaps", settings=settings, samples=len(rows))
         (staging / "similarity.json").write_text(json.dumps(record, indent=2) + "\n")
     return SimilarityResult(out, table, best, record)
+
+
+def resolve(stores: dict[str, FeatureStore], settings: SimilaritySettings) -> dict[int, list[Feature]]:
+    """{pool: the features compared at that pool}: `stages.cka.run.resolve_features` for the stores read at
+    each pool, and for each store of `store_pools` at its own pool (the same features at every pool)."""
+    own = dict(settings.store_pools)
+    shared = {name: store for name, store in stores.items() if name not in own}
+    mine = {name: resolve_features({name: stores[name]}, replace(settings, pools=(own[name],))) for name in own}
+    common = resolve_features(shared, settings) if shared else []
+    return {pool: [f for f in common if f.pool == pool] + [f for name in stores if name in own for f in mine[name]]
+            for pool in settings.pools}
 
 
 def _read(reader: streaming.Reader, feature: Feature, rows: np.ndarray) -> np.ndarray:
@@ -233,11 +249,11 @@ def compare(sides: list[Side], settings: SimilaritySettings, *, desc: str = "sim
         bar.update(1)
         for p, perm in enumerate(perms):
             shuffled = [s.permuted(perm) for s in sides]
-            _all_pairs(sides, shuffled, settings.metrics, lambda m: out[m].null[:, :, p], symmetric_ok=False)
+            _all_pairs(sides, shuffled, settings.metrics, lambda m, p=p: out[m].null[:, :, p], symmetric_ok=False)
             bar.update(1)
         for b, draw in enumerate(draws):
             resampled = [s.resampled(draw) for s in sides]
-            _all_pairs(resampled, resampled, settings.metrics, lambda m: out[m].boot[:, :, b])
+            _all_pairs(resampled, resampled, settings.metrics, lambda m, b=b: out[m].boot[:, :, b])
             bar.update(1)
     return out
 
@@ -253,8 +269,9 @@ def _all_pairs(rows: list[Side], columns: list[Side], metrics, target, *, symmet
 
 
 # -- checks before reading -------------------------------------------------------------------------------
-def check_samples(settings: SimilaritySettings, rows: np.ndarray, features: list[Feature]) -> None:
+def check_samples(settings: SimilaritySettings, rows: np.ndarray, by_pool: dict[int, list[Feature]]) -> None:
     n = len(rows)
+    features = [f for chosen in by_pool.values() for f in chosen]
     needs_four = [m for m in settings.metrics if m in NEEDS_FOUR]
     if needs_four and n < MIN_DEBIASED_SAMPLES:
         raise SimilarityInputError(f"{', '.join(needs_four)} need at least {MIN_DEBIASED_SAMPLES} samples (unbiased "
@@ -294,15 +311,14 @@ def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
     return need
 
 
-def check_budget(settings: SimilaritySettings, features: list[Feature], n: int, budget: int) -> None:
+def check_budget(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int) -> None:
     """Refuse, before reading, a request whose kept features do not fit 3/4 of the budget (the rest is for
     one block of neighbour search, at least one row of N similarities)."""
-    for pool in settings.pools:
-        chosen = [f for f in features if f.pool == pool]
+    for pool, chosen in by_pool.items():
         need = sum(kept_bytes(settings, f, n) for f in chosen) + BYTES_PER_SIMILARITY * n
         if need > budget * 3 // 4:
-            rbf = " (rbf keeps an N x N Gram matrix per feature: leave it out for large N)" if "rbf" in settings.metrics \
-                else ""
+            rbf = (" (rbf keeps an N x N Gram matrix per feature: leave it out for large N)"
+                   if "rbf" in settings.metrics else "")
             raise SimilarityInputError(
                 f"the {len(chosen)} features of pool {pool} keep {format_bytes(need)} for {n} samples{rbf}, more than "
                 f"3/4 of the memory budget ({format_bytes(budget)}); choose --memory-budget {_size(need * 4 / 3)}, "
@@ -396,6 +412,7 @@ def describe(result: SimilarityResult) -> str:
     settings = record["settings"]
     extra = "".join(f"; {n} {what}" for n, what in ((settings["permutations"], "permutations"),
                                                      (settings["bootstrap"], "bootstrap resamples")) if n)
-    return (f"{len(result.rows)} scores ({', '.join(settings['metrics'])}) of {len(record['features'])} features "
+    count = sum(map(len, record["features"].values()))
+    return (f"{len(result.rows)} scores ({', '.join(settings['metrics'])}) of {count} features "
             f"({', '.join(record['stores'])}; {record['samples']['count']} {record['split']} samples, "
             f"{settings['preprocess']}, top-{settings['topk']}{extra}) -> {result.out}/similarity.csv")
