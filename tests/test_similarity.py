@@ -535,6 +535,11 @@ def test_the_suggested_fixes_run(tmp_path, stores, fix):
     assert result.exit_code == 0, result.output
 
 
+def test_all_metrics():
+    settings = SimilaritySettings(stores=(("a", "a.zarr"),), out="x", metrics=("all",))
+    assert settings.metrics == tuple(METRICS)
+
+
 def test_a_store_read_at_its_own_pool(tmp_path, stores):
     # b at pool 2 (its 2x2 grid: 20 or 12 features) against a's features at pool 1
     result = run(tmp_path, stores, metrics=("mutual_knn", "linear"), store_pools=(("b", 2),), topk=4)

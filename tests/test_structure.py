@@ -153,6 +153,7 @@ STAGE_ENTRIES = {
                      "stages.sweep.run", "stages.sweep.task"],
     "report": ["pipeline.cli", "pipeline.commands.report", "stages.report"],
     "cka": ["pipeline.cli", "pipeline.commands.cka", "stages.cka.run"],
+    "similarity": ["pipeline.cli", "pipeline.commands.similarity", "stages.similarity.run"],
 }
 
 

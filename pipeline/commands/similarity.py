@@ -6,7 +6,7 @@ import click
 
 from pipeline import options
 
-_METRIC_HELP = ("Comma list of: linear, debiased, minibatch, rbf (as `pipeline cka`), cka, unbiased_cka, cknna, "
+_METRIC_HELP = ("all, or a comma list of: linear, debiased, minibatch, rbf (as `pipeline cka`), cka, unbiased_cka, cknna, "
                 "mutual_knn, cycle_knn, lcs_knn, edit_distance_knn (platonic-rep's definitions), svcca, procrustes "
                 "(a distance: 0 = equal). docs/similarity.md defines each.")
 

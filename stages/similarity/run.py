@@ -101,6 +101,8 @@ class SimilaritySettings:
             fail("give at least one --store")
         if len(set(names)) != len(names):
             fail(f"the stores need distinct names (give NAME=PATH to name a store); got {', '.join(names)}")
+        if tuple(self.metrics) == ("all",):
+            object.__setattr__(self, "metrics", tuple(METRICS))  # frozen: the one place a setting is expanded
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
             fail(f"unknown --metric {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
