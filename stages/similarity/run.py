@@ -304,6 +304,8 @@ def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
     """Bytes kept per feature while its pool is compared: the prepared features (float64), its neighbour
     lists, an N x N Gram matrix for rbf."""
     need = 8 * n * feature.width  # the prepared features, always kept: resamples and feature metrics read them
+    if settings.permutations or settings.bootstrap:
+        need *= 2  # a round's shuffled or resampled copy of every feature
     if any(METRICS[m].uses == "knn" for m in settings.metrics):
         need += 16 * n * settings.topk
     if "rbf" in settings.metrics:
