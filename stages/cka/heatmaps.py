@@ -61,8 +61,12 @@ def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[F
         for i in range(len(rows)):
             for j in range(len(columns)):
                 if np.isfinite(values[i, j]):
+                    light = values[i, j] > (low + vmax) / 2  # viridis is light at the top
+                    if cmap != "viridis":  # another map: black on light cells by the cell's own luminance
+                        red, green, blue, _ = colours(image.norm(values[i, j]))
+                        light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
                     axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=size,
-                              color="black" if values[i, j] > (low + vmax) / 2 else "white")
+                              color="black" if light else "white")
     tick = 7 if cell >= 0.3 else 5.5
     axes.set_xticks(range(len(columns)), [str(f.block) for f in columns], fontsize=tick)
     axes.set_yticks(range(len(rows)), [str(f.block) for f in rows], fontsize=tick)

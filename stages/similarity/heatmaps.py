@@ -27,7 +27,7 @@ def write_heatmaps(results: dict, out_dir: Path, *, settings, samples: int) -> l
         for m, s in scores.items():
             metric = METRICS[m]
             top = metric.top(settings.topk) if metric.higher else 2.0
-            what = f"{m} · {settings.preprocess} · pool {pool}×{pool} · {samples} {settings.split} samples"
+            what = f"{m} · {settings.preprocess} · pool {pool} · {samples} {settings.split}"
             views = [("", s.score, metric.label, "viridis" if metric.higher else "viridis_r")]
             if s.null is not None:
                 mean = np.nanmean(s.null, axis=2) if np.isfinite(s.null).any() else np.full(s.score.shape, np.nan)
@@ -41,12 +41,12 @@ def write_heatmaps(results: dict, out_dir: Path, *, settings, samples: int) -> l
                     rows = index[name]
                     path = out_dir / f"{m}_{prefix}{name}_pool{pool}.png"
                     plot_matrix(matrix[np.ix_(rows, rows)], [features[i] for i in rows], [features[i] for i in rows],
-                                path, title=f"{name}: {what}", label=label, vmax=top, cmap=cmap)
+                                path, title=f"{name}\n{what}", label=label, vmax=top, cmap=cmap)
                     written.append(path)
                 for a, b in combinations(stores, 2):
                     path = out_dir / f"{m}_{prefix}{a}_vs_{b}_pool{pool}.png"
                     plot_matrix(matrix[np.ix_(index[a], index[b])], [features[i] for i in index[a]],
-                                [features[i] for i in index[b]], path, title=f"{a} (rows) vs {b} (columns): {what}",
+                                [features[i] for i in index[b]], path, title=f"{a} (rows) vs {b} (columns)\n{what}",
                                 label=label, vmax=top, cmap=cmap)
                     written.append(path)
     return written
