@@ -58,7 +58,7 @@ def probe_config(plan, combo, row: dict, *, kind: str | None = None) -> dict:
         "reads": [{"block": b, "timestep": t, "pool": combo.pool, "grid": g} for b, t, g in combo.pieces],
         "num_classes": plan.num_classes,
         "classes": plan.store.classes,
-        "options": plan.options if kind is None else {},
+        "options": plan.options if kind in (None, spec.name) else {},  # kNN's vote; not a linear head's
         "standardisation": spec.standardisation,
         "hyper": {c: row[c] for c in HYPER_KEYS if row[c] != ""},
         "val_top1": row["val_top1"],

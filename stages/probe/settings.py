@@ -33,6 +33,20 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
     return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
 
 
+VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_probes.KNNProbe)
+
+
+def check_vote(owner: str, vote, temperature) -> None:
+    """kNN's vote and temperature, checked as scikit-learn checks its parameters; else ConfigError."""
+    if vote not in VOTES:
+        raise ConfigError(f"The 'vote' parameter of {owner} must be a str among {{{', '.join(map(repr, VOTES))}}}. "
+                          f"Got {vote!r} instead.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not 0.0 < temperature < np.inf:
+        raise ConfigError(f"The 'temperature' parameter of {owner} must be a float in the range (0.0, inf). "
+                          f"Got {temperature!r} instead.")
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
@@ -75,6 +89,8 @@ class ProbeSettings:
     views: int | None = None  # augmented views the heads train on (one per sample per epoch); None: all stored
     Cs: tuple[float, ...] = default_grid("logreg")
     ks: tuple[int, ...] = default_grid("knn")
+    vote: str = "softmax"  # knn: each neighbour votes exp(sim / temperature) (DINOv2), 1 / distance, or 1
+    temperature: float = 0.07  # knn: T of the softmax vote (DINOv2's)
     alphas: tuple[float, ...] = default_grid("ridge")
     val_fraction: float = 0.1
     seed: int = 0
@@ -85,6 +101,10 @@ class ProbeSettings:
     allow_incomplete: bool = False
     read_threads: int = 4
     threads: int | None = None  # CPU threads for torch and BLAS during the run; None: the libraries' default
+    seeds: tuple[int, ...] | None = None  # retrain the chosen configuration once per seed (stages.probe.repeats)
+    shots: tuple[int, ...] | None = None  # few-shot: train on this many rows per class (stages.probe.fewshot)
+    episodes: int = 5  # few-shot: seeded subsets per shot count
+    episode: tuple[int, int] | None = None  # (shots, episode): this run trains on that few-shot subset only
 
     def __post_init__(self):
         def fail(name, what, value):
@@ -134,6 +154,25 @@ class ProbeSettings:
             if value is not None:
                 object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
         object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
+        check_vote("the probe", self.vote, self.temperature)
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if not seeds or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in seeds):
+                fail("seeds", "a non-empty list of non-negative integers (e.g. 0,1,2) or None", self.seeds)
+            if len(set(seeds)) != len(seeds):
+                fail("seeds", "a list of distinct seeds (a repeated seed repeats a number, it adds none)", self.seeds)
+            object.__setattr__(self, "seeds", tuple(int(v) for v in seeds))
+        if self.shots is not None:
+            object.__setattr__(self, "shots", check_grid("the probe", "shots", self.shots, integer=True))
+            if len(set(self.shots)) != len(self.shots):
+                fail("shots", "a list of distinct shot counts", self.shots)
+        if isinstance(self.episodes, bool) or not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1:
+            fail("episodes", "a positive integer (few-shot subsets per shot count)", self.episodes)
+        if self.episode is not None:
+            shots, episode = self.episode
+            if int(shots) != shots or shots < 1 or int(episode) != episode or episode < 0:
+                fail("episode", "(shots >= 1, episode >= 0) or None", self.episode)
+            object.__setattr__(self, "episode", (int(shots), int(episode)))
         if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")):
             fail("name", "a plain directory name", self.name)
         for name in ("train_split", "val_split", "test_split"):
