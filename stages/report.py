@@ -26,7 +26,8 @@ from matplotlib.patches import Rectangle
 
 from cache.errors import ConfigError
 from stages.outputs import check_output_dir, holds_only, staged_output
-from stages.probe.results import HYPER_KEYS, best_row, find_runs, read_run, run_metrics, summary_of
+from stages.probe.metrics import confusion_matrix
+from stages.probe.results import HYPER_KEYS, TEST_COLUMNS, best_row, find_runs, read_run, run_metrics, summary_of
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -38,8 +39,59 @@ def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title:
     record, rows = read_run(run_dir)
     metrics = run_metrics(record, rows)
     images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
-    (out_dir / "summary.md").write_text(run_markdown(record, rows, images, out_dir) + "\n")
+    confusion = confusion_png(run_dir, record, best_row(rows), out_dir / "confusion.png")
+    (out_dir / "summary.md").write_text(run_markdown(record, rows, images + ([confusion] if confusion else []),
+                                                     out_dir) + "\n")
     return metrics
+
+
+def confusion_png(run_dir: Path, record: dict, best: dict | None, path: Path) -> Path | None:
+    """The row-normalised confusion matrix of the configuration chosen on validation, from predictions.npz;
+    None when the run has no saved predictions of it."""
+    predictions = Path(run_dir) / "predictions.npz"
+    if best is None or not predictions.exists():
+        return None
+    with np.load(predictions) as saved:
+        if best["key"] not in saved.files:
+            return None
+        top, labels = saved[best["key"]], saved["labels"]
+    num_classes = int(record["num_classes"])
+    names = [str(c) for c in (record.get("classes") or range(num_classes))]
+    plot_confusion(confusion_matrix(top, labels, num_classes), names, path,
+                   title=f"{record['name']} · {best['key']}: test top-1 {100 * best['test_top1']:.1f}%")
+    return path
+
+
+def plot_confusion(counts: np.ndarray, names: list[str], path: Path, *, title: str) -> None:
+    """Rows: true class, normalised to its test samples (%); columns: predicted class. Numbers in the cells
+    and every class name up to 30 classes; beyond, a name every few classes and no numbers."""
+    k = len(names)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, 100 * counts / np.maximum(totals, 1), np.nan)
+    side = min(16.0, max(4.5, 0.38 * k + 2.5))
+    figure = Figure(figsize=(side + 1.2, side), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
+    image = axes.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0, vmax=100, interpolation="nearest")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if np.isfinite(share[i, j]) and counts[i, j]:
+                    axes.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                              color="white" if share[i, j] > 50 else "black")
+    step = max(1, int(math.ceil(k / 30)))
+    shown = list(range(0, k, step))
+    short = [n if len(n) <= 18 else n[:17] + "…" for n in names]
+    axes.set_xticks(shown, [short[i] for i in shown], rotation=90, fontsize=7)
+    axes.set_yticks(shown, [short[i] for i in shown], fontsize=7)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title + "\nrows: share of each true class's test samples (%)", fontsize=9)
+    figure.colorbar(image, ax=axes, label="% of the true class", fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def heatmaps(rows: list[dict], out_dir: Path, *, prefix: str, title: str) -> list[Path]:
@@ -104,8 +156,11 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     lines.append("")
     if best is not None:
         lines.append(f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
-                     f"test top-1 **{_pct(best['test_top1'])}**" + (f", test top-5 {_pct(best['test_top5'])}"
-                                                                   if best.get("test_top5") is not None else "") + ".")
+                     f"test top-1 **{_pct(best['test_top1'])}**{_interval(best, 'top1')}"
+                     + (f", test top-5 {_pct(best['test_top5'])}{_interval(best, 'top5')}"
+                        if best.get("test_top5") is not None else "")
+                     + (f", balanced accuracy {_pct(best['test_balanced'])}{_interval(best, 'balanced')}"
+                        if best.get("test_balanced") is not None else "") + " (95% bootstrap intervals over test samples).")
         lines.append("")
     chosen = sorted((r for r in rows if r["selected"] == 1), key=lambda r: -r["val_top1"])
     lines += [f"{h}# Chosen configuration per input set (sorted by validation top-1)", "",
@@ -126,6 +181,11 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     for image in images:
         lines += ["", f"![{image.stem}]({image.relative_to(relative_to).as_posix()})"]
     return "\n".join(lines)
+
+
+def _interval(row: dict, metric: str) -> str:
+    low, high = row.get(f"test_{metric}_low"), row.get(f"test_{metric}_high")
+    return "" if low is None or high is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
 
 
 def _describe(row: dict) -> str:
@@ -149,7 +209,9 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
     comparison.png. Result sets are only read.
 
     metrics.json maps run name (the head, e.g. "linear") -> result-set name -> test top-1 of the
-    configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them.
+    configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them;
+    evaluation.json the same configuration's test top-1, top-5, balanced accuracy and their 95%
+    bootstrap intervals (also DVC metrics).
     best.json (and the return value) holds the same choice with its configuration and all accuracies.
     """
     if not result_dirs:
@@ -160,7 +222,9 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
         return _write_report(runs, staging)
 
 
-REPORT_FILES = {"summary.md", "configs.csv", "best.json", "metrics.json", "comparison.png"}
+REPORT_FILES = {"summary.md", "configs.csv", "best.json", "metrics.json", "evaluation.json", "comparison.png"}
+# evaluation.json (DVC metrics beside metrics.json): the chosen configuration's test metrics and intervals
+EVALUATION_KEYS = ("val_top1", *TEST_COLUMNS)
 
 
 def is_report_output(out: Path) -> bool:
@@ -186,6 +250,9 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
     headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
                 for run, per_set in metrics.items()}
     (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    evaluation = {run: {name: None if best is None else {k: best[k] for k in EVALUATION_KEYS if best.get(k) is not None}
+                        for name, best in per_set.items()} for run, per_set in metrics.items()}
+    (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     (out_dir / "best.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_rows(out_dir / "configs.csv", all_rows)
     names = list(runs)

@@ -17,6 +17,7 @@ from stages.probe.plan import ProbeInputError
 from stages.probe.results import ENGINE_FIELDS, read_run
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
+from stages.report import build_report, render_run
 from stages.sweep.plan import StoreRef
 from stages.sweep.run import run_sweep
 from stages.transfer import build_transfer
@@ -67,6 +68,20 @@ def test_top5_balanced_and_per_class_accuracy_are_scikit_learns_on_the_saved_pre
     assert metrics["bootstrap"] == {**BOOTSTRAP, "seed": 0, "test_samples": len(labels)}
     for key in ("test_top5", "test_balanced", "test_top1_low", "test_top1_high"):
         assert key in best
+
+
+def test_the_chosen_configuration_gets_a_confusion_matrix_and_the_report_its_evaluation(knn_run, tmp_path):
+    render_run(knn_run.run_dir, tmp_path / "rendered")
+    image = tmp_path / "rendered" / "confusion.png"
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 10_000
+    summary = (tmp_path / "rendered" / "summary.md").read_text()
+    assert "![confusion](confusion.png)" in summary and "balanced accuracy" in summary and "[" in summary
+    build_report({"pretrained": knn_run.run_dir}, tmp_path / "report")
+    evaluation = json.loads((tmp_path / "report" / "evaluation.json").read_text())
+    best = knn_run.metrics["best"]
+    assert evaluation == {"knn": {"pretrained": {k: best[k] for k in (
+        "val_top1", "test_top1", "test_top5", "test_top1_low", "test_top1_high", "test_top5_low", "test_top5_high",
+        "test_balanced", "test_balanced_low", "test_balanced_high")}}}
 
 
 def test_top5_is_left_out_with_five_classes_or_fewer(tmp_path):
