@@ -318,6 +318,17 @@ def random_init(model: str, out: str, seed: int, overwrite: bool) -> None:
 @click.option("--attention-heads", type=click.IntRange(min=1), default=None, help="[default: 4]")
 @click.option("--C", "Cs", type=options.FLOATS, default=None, help="logreg C grid [default: 0.001,0.01,0.1,1,10].")
 @click.option("--knn-k", "ks", type=options.INTS, default=None, help="knn k grid [default: 1,5,10,20,50,100].")
+@click.option("--vote", type=click.Choice(["softmax", "distance", "uniform"]), default=None,
+              help="knn: each of the k neighbours votes exp(cosine similarity / T) for its class (DINOv2's kNN), "
+                   "1 / cosine distance (scikit-learn's weights='distance'), or 1 [default: softmax].")
+@click.option("--temperature", type=float, default=None, help="knn: T of the softmax vote [default: 0.07, DINOv2's].")
+@click.option("--seeds", type=options.SEEDS, default=None,
+              help="Train the configuration chosen on validation again with each of these seeds (initialisation, data "
+                   "order, carved validation rows), e.g. 0,1,2; metrics.json reports each and their mean and std.")
+@click.option("--shots", type=options.SHOTS, default=None,
+              help="Few-shot: also train on SHOTS rows of each class, e.g. 1,2,5,10,20 (--episodes seeded subsets of "
+                   "the fit rows per count; each the whole sweep, chosen on validation); mean and std over episodes.")
+@click.option("--episodes", type=int, default=None, help="Few-shot subsets per --shots count [default: 5].")
 @click.option("--alpha", "alphas", type=options.FLOATS, default=None, help="ridge alpha grid [default: 0.1 to 1e4].")
 @click.option("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Share of train carved out for choosing hyper-parameters [default: 0.1].")
@@ -369,6 +380,27 @@ def probe(store, storage_options, head, render, group_size, **flags) -> None:
     best = result.metrics["best"]
     click.echo(f"{len(result.rows)} configurations -> {result.run_dir}; chosen on validation: {best['key']} "
                f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+    for line in _evaluation_lines(result.metrics):
+        click.echo(line)
+
+
+def _evaluation_lines(metrics: dict) -> list[str]:
+    """The chosen configuration's intervals, its seeds and the few-shot episodes, as `probe` prints them."""
+    best, pct = metrics["best"], lambda v: f"{100 * v:.1f}%"
+    parts = [f"test top-1 {pct(best['test_top1'])} [{pct(best['test_top1_low'])}, {pct(best['test_top1_high'])}]"]
+    if best.get("test_top5") is not None:
+        parts.append(f"top-5 {pct(best['test_top5'])} [{pct(best['test_top5_low'])}, {pct(best['test_top5_high'])}]")
+    parts.append(f"balanced {pct(best['test_balanced'])} [{pct(best['test_balanced_low'])}, "
+                 f"{pct(best['test_balanced_high'])}]")
+    lines = ["  " + ", ".join(parts) + " (95% bootstrap intervals)"]
+    if "seeds" in metrics:
+        top1 = metrics["seeds"]["test_top1"]
+        lines.append(f"  seeds {','.join(str(r['seed']) for r in metrics['seeds']['runs'])}: test top-1 "
+                     f"{pct(top1['mean'])} ± {pct(top1['std'])}")
+    for shots, result in (metrics.get("few_shot") or {}).get("shots", {}).items():
+        top1 = result["test_top1"]
+        lines.append(f"  {shots}-shot, {top1['n']} episodes: test top-1 {pct(top1['mean'])} ± {pct(top1['std'])}")
+    return lines
 
 
 @main.command()
@@ -423,6 +455,8 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
         best = result.metrics["best"]
         click.echo(f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
                    f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+        for line in _evaluation_lines(result.metrics):
+            click.echo(line)
     click.echo(f"{len(done.plan.tasks)} task(s): {done.submitted} run, {done.reused} reused")
 
 

@@ -217,7 +217,7 @@ def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> 
     if not result_dirs:
         raise ConfigError("build_report needs at least one result directory")
     check_output_dir(Path(out_dir), made_by=is_report_output, command="report", needs_overwrite=False)
-    runs = {name: [(p.name, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
+    runs = {name: [(p, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
     with staged_output(Path(out_dir)) as staging:
         return _write_report(runs, staging)
 
@@ -241,11 +241,15 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
     all_rows = []
     sections = []
     for set_name, set_runs in runs.items():
-        for run_name, record, rows in set_runs:
+        for run_dir, record, rows in set_runs:
+            run_name = run_dir.name
             metrics.setdefault(run_name, {})[set_name] = summary_of(best_row(rows))
             all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")
+            confusion = confusion_png(run_dir, {**record, "name": f"{set_name} / {run_name}"}, best_row(rows),
+                                      out_dir / "heatmaps" / f"{set_name}__{run_name}__confusion.png")
+            images += [confusion] if confusion else []
             sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2))
     headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
                 for run, per_set in metrics.items()}

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from sklearn.metrics import balanced_accuracy_score, recall_score, top_k_accuracy_score
 
 from cache import FeatureStore
+from pipeline.cli import main
 from stages.probe.fewshot import few_shot_rows
 from stages.probe.metrics import BOOTSTRAP, bootstrap_intervals, mean_std
 from stages.probe.plan import ProbeInputError
@@ -42,7 +44,7 @@ def knn_run(store, tmp_path_factory):
 
 # -- metrics against scikit-learn -----------------------------------------------------------------------
 def test_top5_balanced_and_per_class_accuracy_are_scikit_learns_on_the_saved_predictions(knn_run):
-    record, rows = read_run(knn_run.run_dir)
+    _, rows = read_run(knn_run.run_dir)
     chosen = [r for r in rows if r["selected"] == 1]
     assert len(chosen) == 8
     with np.load(knn_run.run_dir / "predictions.npz") as saved:
@@ -196,7 +198,7 @@ def test_the_record_is_the_same_from_probe_and_sweep_and_keeps_the_transfer_mark
     mine, theirs = (json.loads((r.run_dir / "run.json").read_text()) for r in (swept, serial))
     assert mine["data_kind"] == theirs["data_kind"] == "dogs"
     assert set(mine) - set(theirs) == {"sweep"}
-    strip = lambda record: {k: v for k, v in record.items() if k not in ENGINE_FIELDS}  # noqa: E731
+    strip = lambda record: {k: v for k, v in record.items() if k not in ENGINE_FIELDS}
     mine["settings"]["out"] = theirs["settings"]["out"]  # where each was asked to write
     assert json.dumps(strip(mine), indent=2) == json.dumps(strip(theirs), indent=2)
     # the transfer table marks Stanford Dogs whichever engine made the results
@@ -204,3 +206,23 @@ def test_the_record_is_the_same_from_probe_and_sweep_and_keeps_the_transfer_mark
     (swept.run_dir).rename(tmp_path / "dogs" / "pretrained" / "knn")
     build_transfer({"dogs": tmp_path / "dogs"}, tmp_path / "table")
     assert "| dogs † |" in (tmp_path / "table" / "transfer.md").read_text()
+
+
+# -- the command line -----------------------------------------------------------------------------------------
+def test_probe_and_sweep_take_the_vote_seeds_and_shots(store, tmp_path):
+    common = ["--head", "knn", "--blocks", "1", "--timesteps", "10", "--pool", "2", "--knn-k", "5,10", "--vote",
+              "uniform", "--temperature", "0.5", "--seeds", "0,1", "--shots", "2", "--episodes", "2", "--threads", "1"]
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--out", str(tmp_path / "p"), *common])
+    assert result.exit_code == 0, result.output
+    assert "(95% bootstrap intervals)" in result.output and "balanced" in result.output
+    assert "seeds 0,1: test top-1" in result.output and "2-shot, 2 episodes: test top-1" in result.output
+    record = json.loads((tmp_path / "p" / "knn" / "run.json").read_text())
+    assert record["head_options"] == {"vote": "uniform", "temperature": 0.5}
+    assert record["settings"]["seeds"] == [0, 1] and record["settings"]["shots"] == [2]
+    saved = json.loads((tmp_path / "p" / "knn" / "heads" / "b1_t10_p2.json").read_text())
+    assert saved["options"] == {"vote": "uniform", "temperature": 0.5}
+    swept = CliRunner().invoke(main, ["sweep", "--store", f"s={store}", "--out", str(tmp_path / "s"), *common])
+    assert swept.exit_code == 0, swept.output
+    assert "seeds 0,1: test top-1" in swept.output
+    for name in ("configs.csv", "metrics.json", "few_shot_subsets.json"):
+        assert (tmp_path / "s" / "s" / "knn" / name).read_bytes() == (tmp_path / "p" / "knn" / name).read_bytes(), name

@@ -49,7 +49,7 @@ def train_once(store, settings, device) -> tuple[dict, dict, object]:
     scores = {"test_top1": topk_accuracy(top, labels, 1),
               "test_top5": topk_accuracy(top, labels, 5) if plan.num_classes > 5 and top.shape[1] >= 5 else None,
               "test_balanced": balanced_accuracy(top, labels, plan.num_classes),
-              "val_top1": float(best["val_top1"]), "fit_rows": int(len(plan.samples.fit))}
+              "val_top1": float(best["val_top1"]), "fit_rows": len(plan.samples.fit)}
     return best, scores, plan
 
 
