@@ -27,7 +27,8 @@ from matplotlib.patches import Rectangle
 from cache.errors import ConfigError
 from stages.outputs import check_output_dir, holds_only, staged_output
 from stages.probe.metrics import confusion_matrix
-from stages.probe.results import HYPER_KEYS, TEST_COLUMNS, best_row, find_runs, read_run, run_metrics, summary_of
+from stages.probe.results import (HYPER_KEYS, TEST_COLUMNS, best_row, find_runs, read_repeats, read_run, run_metrics,
+                                  summary_of)
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title:
     out_dir = Path(out_dir or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record, rows = read_run(run_dir)
-    metrics = run_metrics(record, rows)
+    metrics = run_metrics(record, rows, read_repeats(run_dir))
     images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
     confusion = confusion_png(run_dir, record, best_row(rows), out_dir / "confusion.png")
     (out_dir / "summary.md").write_text(run_markdown(record, rows, images + ([confusion] if confusion else []),
@@ -205,8 +206,9 @@ def _pct(value, *, sign: bool = True) -> str:
 
 # -- several result sets -----------------------------------------------------------------------------
 def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
-    """Combine named result sets into `out_dir`: metrics.json, best.json, configs.csv, summary.md, heatmaps/,
-    comparison.png. Result sets are only read.
+    """Combine named result sets into `out_dir`: metrics.json, evaluation.json, best.json, configs.csv,
+    summary.md, heatmaps/, confusion/ (each run's chosen configuration), comparison.png. Result sets are
+    only read.
 
     metrics.json maps run name (the head, e.g. "linear") -> result-set name -> test top-1 of the
     configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them;
@@ -229,7 +231,7 @@ EVALUATION_KEYS = ("val_top1", *TEST_COLUMNS)
 
 def is_report_output(out: Path) -> bool:
     """Whether `out` holds only what `build_report` writes (a report can be rebuilt, so it is replaced)."""
-    if not holds_only(out, REPORT_FILES, folders={"heatmaps": ".png"}):
+    if not holds_only(out, REPORT_FILES, folders={"heatmaps": ".png", "confusion": ".png"}):
         return False
     summary = out / "summary.md"
     return not summary.exists() or summary.read_text().startswith("# Probe report")
@@ -237,6 +239,7 @@ def is_report_output(out: Path) -> bool:
 
 def _write_report(runs: dict, out_dir: Path) -> dict:
     (out_dir / "heatmaps").mkdir()
+    (out_dir / "confusion").mkdir()
     metrics: dict[str, dict] = {}
     all_rows = []
     sections = []
@@ -248,7 +251,7 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")
             confusion = confusion_png(run_dir, {**record, "name": f"{set_name} / {run_name}"}, best_row(rows),
-                                      out_dir / "heatmaps" / f"{set_name}__{run_name}__confusion.png")
+                                      out_dir / "confusion" / f"{set_name}__{run_name}.png")
             images += [confusion] if confusion else []
             sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2))
     headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}

@@ -3,6 +3,7 @@ the saved predictions, bootstrap intervals, seeds, few-shot episodes, and one ru
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def knn_run(store, tmp_path_factory):
 
 # -- metrics against scikit-learn -----------------------------------------------------------------------
 def test_top5_balanced_and_per_class_accuracy_are_scikit_learns_on_the_saved_predictions(knn_run):
-    _, rows = read_run(knn_run.run_dir)
+    record, rows = read_run(knn_run.run_dir)
     chosen = [r for r in rows if r["selected"] == 1]
     assert len(chosen) == 8
     with np.load(knn_run.run_dir / "predictions.npz") as saved:
@@ -65,9 +66,12 @@ def test_top5_balanced_and_per_class_accuracy_are_scikit_learns_on_the_saved_pre
         metrics = json.loads((knn_run.run_dir / "metrics.json").read_text())
         best = metrics["best"]
         recall = recall_score(labels, saved[best["key"]][:, 0], average=None, labels=range(10))
-    assert list(metrics["per_class"]) == [f"digit {i}" for i in range(10)]
-    np.testing.assert_allclose(list(metrics["per_class"].values()), recall)
-    assert metrics["bootstrap"] == {**BOOTSTRAP, "seed": 0, "test_samples": len(labels)}
+    with open(knn_run.run_dir / "per_class.csv", newline="") as f:
+        per_class = list(csv.DictReader(f))
+    assert [r["name"] for r in per_class] == [f"digit {i}" for i in range(10)]
+    assert [int(r["test_samples"]) for r in per_class] == np.bincount(labels).tolist()
+    np.testing.assert_allclose([float(r["test_accuracy"]) for r in per_class], recall, atol=1e-6)
+    assert record["bootstrap"] == {**BOOTSTRAP, "seed": 0}
     for key in ("test_top5", "test_balanced", "test_top1_low", "test_top1_high"):
         assert key in best
 
@@ -184,6 +188,8 @@ def test_seeds_retrain_the_chosen_configuration_and_report_mean_and_std(store, t
     values = [r["test_top1"] for r in seeds["runs"]]
     assert seeds["test_top1"] == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values, ddof=1)),
                                   "n": 3, "values": values}
+    # metrics.json is rebuilt from the result files alone (repeats.json holds the repeats)
+    assert render_run(result.run_dir, tmp_path / "rendered") == json.loads((result.run_dir / "metrics.json").read_text())
 
 
 # -- one record for every engine ----------------------------------------------------------------------------

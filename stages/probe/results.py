@@ -2,8 +2,10 @@
 
     <out>/<name>/configs.csv             one row per configuration (COLUMNS)
                  run.json                seed, store fingerprint, split roles, every setting, the plan
-                 metrics.json            the configuration chosen on validation, overall and per pool; its
-                                         per-class accuracy; seeds and few-shot episodes when asked for
+                 metrics.json            the configuration chosen on validation, overall and per pool, with
+                                         repeats.json's summaries (built from the files around it alone)
+                 per_class.csv           the chosen configuration's test accuracy on each class
+                 repeats.json            --seeds and --shots: every repeat's numbers, mean and std
                  predictions.npz         top-5 test predictions of each input set's chosen configuration
                  validation_subset.json  the rows that chose the hyper-parameters
                  few_shot_subsets.json   the train rows of every few-shot episode (with --shots)
@@ -26,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from cache.errors import UserError
-from stages.probe.metrics import (BOOTSTRAP, balanced_accuracy, bootstrap_intervals, per_class_accuracy,
-                                  topk_accuracy)
+from stages.probe.metrics import BOOTSTRAP, balanced_accuracy, bootstrap_intervals, per_class_accuracy, topk_accuracy
 from stages.probe.registry import GRID_COLUMNS
 
 # test metrics of the chosen configurations, with 95% bootstrap intervals (stages.probe.metrics)
@@ -42,7 +43,9 @@ METRIC_KEYS = ("val_top1", *TEST_COLUMNS)
 ENGINE_FIELDS = ("device", "seconds", "versions", "sweep")
 HYPER_KEYS = GRID_COLUMNS
 RESULT_FILES = ("configs.csv", "run.json", "metrics.json", "predictions.npz", "validation_subset.json")
-FEW_SHOT_FILE = "few_shot_subsets.json"
+FEW_SHOT_FILE = "few_shot_subsets.json"  # with --shots
+REPEATS_FILE = "repeats.json"  # with --seeds or --shots
+PER_CLASS_FILE = "per_class.csv"
 
 
 class ResultsError(UserError, FileNotFoundError):
@@ -107,6 +110,7 @@ def run_record(plan, *, location: str, engine: dict) -> dict:
         "classes": store.classes,
         "data_kind": store.attrs.get("data", {}).get("kind", "folder"),  # what transfer tables mark (stages.transfer)
         **plan.record(),
+        "bootstrap": {**BOOTSTRAP, "seed": settings.seed},  # the intervals of the TEST_COLUMNS
         **{key: engine[key] for key in ENGINE_FIELDS if key in engine},
     }
 
@@ -143,7 +147,7 @@ def write_run(directory: Path, rows: list[dict], predictions: dict, record: dict
               extras: dict | None = None, few_shot_subsets: dict | None = None) -> dict:
     """Write every result file of a run into `directory`; returns metrics.json's content.
 
-    `extras` ({"seeds": ..., "few_shot": ...}) are added to metrics.json as they are."""
+    `extras` ({"seeds": ..., "few_shot": ...}) are written to repeats.json and added to metrics.json."""
     score_test(rows, predictions, samples.test.y, record["num_classes"], record["seed"])
     with open(directory / "configs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
@@ -158,16 +162,38 @@ def write_run(directory: Path, rows: list[dict], predictions: dict, record: dict
     if few_shot_subsets:
         (directory / FEW_SHOT_FILE).write_text(json.dumps(few_shot_subsets) + "\n")
     (directory / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    metrics = run_metrics(*read_run(directory))
+    if extras:
+        (directory / REPEATS_FILE).write_text(json.dumps(extras, indent=2) + "\n")
     best = best_row(read_run(directory)[1])
     if best is not None and best["key"] in predictions:
-        names = record.get("classes") or [str(c) for c in range(record["num_classes"])]
-        per_class = per_class_accuracy(np.asarray(predictions[best["key"]]), samples.test.y, record["num_classes"])
-        metrics["per_class"] = {str(name): (None if np.isnan(v) else float(v)) for name, v in zip(names, per_class)}
-    metrics["bootstrap"] = {**BOOTSTRAP, "seed": record["seed"], "test_samples": int(len(samples.test))}
-    metrics.update(extras or {})
+        write_per_class(directory / PER_CLASS_FILE, np.asarray(predictions[best["key"]]), samples.test.y,
+                        record.get("classes") or [], record["num_classes"])
+    metrics = run_metrics(*read_run(directory), read_repeats(directory))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def write_per_class(path: Path, top: np.ndarray, labels: np.ndarray, classes: list, num_classes: int) -> None:
+    """per_class.csv: each class's test samples and the chosen configuration's accuracy on them (its recall)."""
+    accuracy = per_class_accuracy(top, labels, num_classes)
+    counts = np.bincount(labels, minlength=num_classes)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["class", "name", "test_samples", "test_accuracy"])
+        for c in range(num_classes):
+            name = classes[c] if c < len(classes) else str(c)
+            writer.writerow([c, name, int(counts[c]), "" if np.isnan(accuracy[c]) else f"{accuracy[c]:.6f}"])
+
+
+def read_repeats(run_dir: str | Path) -> dict:
+    """repeats.json ({"seeds": ..., "few_shot": ...}, `stages.probe.repeats`) of a run; {} without repeats."""
+    path = Path(run_dir) / REPEATS_FILE
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ResultsError(f"{path} cannot be read ({error}); re-run the probe that wrote it") from None
 
 
 # -- reading -------------------------------------------------------------------------------------------
@@ -235,8 +261,8 @@ def summary_of(row: dict | None) -> dict | None:
     return out
 
 
-def run_metrics(record: dict, rows: list[dict]) -> dict:
-    """metrics.json of a run: the chosen configuration overall and per pool."""
+def run_metrics(record: dict, rows: list[dict], repeats: dict | None = None) -> dict:
+    """metrics.json of a run: the chosen configuration overall and per pool (and its repeats, if any)."""
     pools = sorted({r["pool"] for r in rows})
     return {
         "head": record["head"],
@@ -245,4 +271,5 @@ def run_metrics(record: dict, rows: list[dict]) -> dict:
         "by_pool": {str(p): summary_of(best_row([r for r in rows if r["pool"] == p])) for p in pools},
         "num_input_sets": sum(1 for r in rows if r["selected"] == 1),
         "num_configurations": len(rows),
+        **(repeats or {}),
     }
