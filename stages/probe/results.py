@@ -216,6 +216,9 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
                        if c not in (reader.fieldnames or [])]
             if missing:
                 raise ValueError(f"no column(s) {', '.join(missing)}")
+            unknown = [c for c in reader.fieldnames if c not in COLUMNS]
+            if unknown:  # e.g. a header cut short
+                raise ValueError(f"unknown column(s) {', '.join(unknown)}")
             rows = [_parse(row, rows_path, number) for number, row in enumerate(reader, 2)]
     except (OSError, ValueError, csv.Error) as error:
         raise ResultsError(f"{rows_path} is damaged ({error}); re-run the probe that wrote it") from None
