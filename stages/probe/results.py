@@ -276,3 +276,31 @@ def run_metrics(record: dict, rows: list[dict], repeats: dict | None = None) -> 
         "num_configurations": len(rows),
         **(repeats or {}),
     }
+
+
+def describe_metrics(metrics: dict) -> list[str]:
+    """metrics.json in a few lines, as `pipeline probe` and `pipeline sweep` print it under the chosen configuration:
+    its test metrics with their intervals, its seeds, the few-shot episodes."""
+    best = metrics["best"]
+
+    def pct(value) -> str:
+        return f"{100 * value:.1f}%"
+
+    def with_interval(name: str) -> str:
+        low, high = best.get(f"test_{name}_low"), best.get(f"test_{name}_high")
+        return pct(best[f"test_{name}"]) + ("" if low is None or high is None else f" [{pct(low)}, {pct(high)}]")
+
+    parts = [f"test top-1 {with_interval('top1')}"]
+    if best.get("test_top5") is not None:
+        parts.append(f"top-5 {with_interval('top5')}")
+    if best.get("test_balanced") is not None:
+        parts.append(f"balanced {with_interval('balanced')}")
+    lines = ["  " + ", ".join(parts) + " (95% bootstrap intervals)"]
+    if "seeds" in metrics:
+        top1 = metrics["seeds"]["test_top1"]
+        lines.append(f"  seeds {','.join(str(r['seed']) for r in metrics['seeds']['runs'])}: test top-1 "
+                     f"{pct(top1['mean'])} ± {pct(top1['std'])}")
+    for shots, result in (metrics.get("few_shot") or {}).get("shots", {}).items():
+        top1 = result["test_top1"]
+        lines.append(f"  {shots}-shot, {top1['n']} episodes: test top-1 {pct(top1['mean'])} ± {pct(top1['std'])}")
+    return lines
