@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.devices import resolve_device
 from stages.outputs import staged_output
 from stages.probe.plan import ProbeInputError
-from stages.devices import resolve_device
 from stages.probe.record import finish_run
 from stages.probe.run import ProbeResult
 from stages.progress import progress_bar
