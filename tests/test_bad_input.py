@@ -319,6 +319,8 @@ CASES = {
                                               "--shots 100 is more than the 19 fit rows of class '0', the smallest"),
     "probe --episodes 0": (lambda e: (knn_probe(e, "--shots", "1", "--episodes", "0"), [e.store]), 1,
                            "The 'episodes' setting of the probe must be a positive integer"),
+    "probe --episodes without --shots": (lambda e: (knn_probe(e, "--episodes", "3"), [e.store]), 1,
+                                         "--episodes 3 has no effect without --shots; add --shots"),
     "probe --temperature 0": (lambda e: (knn_probe(e, "--temperature", "0"), [e.store]), 1,
                               "The 'temperature' parameter of the probe must be a float in the range (0.0, inf). Got 0.0"),
     "probe --seeds empty": (lambda e: (knn_probe(e, "--seeds", ","), [e.store]), 2, "the list is empty"),

@@ -73,8 +73,9 @@ def seed_repeats(store, settings, best: dict, device) -> dict:
     runs = []
     for seed in settings.seeds:
         log.info("seed %d of %s: %s %s", seed, ",".join(map(str, settings.seeds)), best["key"], fixed)
-        repeat = replace(settings, seed=seed, seeds=None, shots=None, episode=None, blocks=_numbers(best["blocks"]),
-                         timesteps=_numbers(best["timesteps"]), pools=(int(best["pool"]),), halving=False, **fixed)
+        repeat = replace(settings, seed=seed, seeds=None, shots=None, episodes=None, episode=None,
+                         blocks=_numbers(best["blocks"]), timesteps=_numbers(best["timesteps"]),
+                         pools=(int(best["pool"]),), halving=False, **fixed)
         _, scores, _ = train_once(store, repeat, device)
         runs.append({"seed": seed, **scores})
     return {"configuration": {"key": best["key"], **{axis.name: best[axis.name] for axis in spec.grid}},
@@ -90,7 +91,7 @@ def few_shot_episodes(store, settings, device) -> tuple[dict, dict]:
         runs = []
         for episode in range(settings.episodes):
             log.info("few-shot: %d shot(s), episode %d of %d", shots, episode + 1, settings.episodes)
-            run = replace(settings, seeds=None, shots=None, episode=(shots, episode))
+            run = replace(settings, seeds=None, shots=None, episodes=None, episode=(shots, episode))
             best, scores, plan = train_once(store, run, device)
             subsets[f"{shots}/{episode}"] = plan.samples.fit.index.tolist()
             runs.append({"episode": episode, "key": best["key"],

@@ -103,7 +103,7 @@ class ProbeSettings:
     threads: int | None = None  # CPU threads for torch and BLAS during the run; None: the libraries' default
     seeds: tuple[int, ...] | None = None  # retrain the chosen configuration once per seed (stages.probe.repeats)
     shots: tuple[int, ...] | None = None  # few-shot: train on this many rows per class (stages.probe.fewshot)
-    episodes: int = 5  # few-shot: seeded subsets per shot count
+    episodes: int | None = None  # few-shot: seeded subsets per shot count; None: 5 with shots
     episode: tuple[int, int] | None = None  # (shots, episode): this run trains on that few-shot subset only
 
     def __post_init__(self):
@@ -166,7 +166,13 @@ class ProbeSettings:
             object.__setattr__(self, "shots", check_grid("the probe", "shots", self.shots, integer=True))
             if len(set(self.shots)) != len(self.shots):
                 fail("shots", "a list of distinct shot counts", self.shots)
-        if isinstance(self.episodes, bool) or not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1:
+        if self.episodes is not None and self.shots is None:
+            raise ConfigError(f"--episodes {self.episodes} has no effect without --shots; add --shots (e.g. --shots "
+                              "1,5,10) or leave --episodes out")
+        if self.shots is not None and self.episodes is None:
+            object.__setattr__(self, "episodes", 5)
+        if self.episodes is not None and (isinstance(self.episodes, bool) or
+                                          not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1):
             fail("episodes", "a positive integer (few-shot subsets per shot count)", self.episodes)
         if self.episode is not None:
             shots, episode = self.episode
