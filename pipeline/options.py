@@ -141,6 +141,8 @@ TIMESTEPS = IntListType(minimum=0)
 POOLS = IntListType(minimum=1)
 LEVELS = LevelListType(minimum=0)
 SIZES = IntListType(minimum=1, distinct=False)  # layer widths: repeats are fine
+SEEDS = IntListType(minimum=0)  # --seeds 0,1,2
+SHOTS = IntListType(minimum=1)  # --shots 1,2,5,10,20
 BLOCKS = BlockSpecType()
 NAMES = NameListType()
 HEAD = HeadType()

@@ -26,7 +26,17 @@ from matplotlib.patches import Rectangle
 
 from cache.errors import ConfigError
 from stages.outputs import check_output_dir, holds_only, staged_output
-from stages.probe.results import HYPER_KEYS, best_row, find_runs, read_run, run_metrics, summary_of
+from stages.probe.metrics import confusion_matrix
+from stages.probe.results import (
+    HYPER_KEYS,
+    TEST_COLUMNS,
+    best_row,
+    find_runs,
+    read_repeats,
+    read_run,
+    run_metrics,
+    summary_of,
+)
 
 
 # -- one run ---------------------------------------------------------------------------------------
@@ -36,10 +46,61 @@ def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title:
     out_dir = Path(out_dir or run_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     record, rows = read_run(run_dir)
-    metrics = run_metrics(record, rows)
+    metrics = run_metrics(record, rows, read_repeats(run_dir))
     images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
-    (out_dir / "summary.md").write_text(run_markdown(record, rows, images, out_dir) + "\n")
+    confusion = confusion_png(run_dir, record, best_row(rows), out_dir / "confusion.png")
+    (out_dir / "summary.md").write_text(run_markdown(record, rows, images + ([confusion] if confusion else []),
+                                                     out_dir) + "\n")
     return metrics
+
+
+def confusion_png(run_dir: Path, record: dict, best: dict | None, path: Path) -> Path | None:
+    """The row-normalised confusion matrix of the configuration chosen on validation, from predictions.npz;
+    None when the run has no saved predictions of it."""
+    predictions = Path(run_dir) / "predictions.npz"
+    if best is None or not predictions.exists():
+        return None
+    with np.load(predictions) as saved:
+        if best["key"] not in saved.files:
+            return None
+        top, labels = saved[best["key"]], saved["labels"]
+    num_classes = int(record["num_classes"])
+    names = [str(c) for c in (record.get("classes") or range(num_classes))]
+    plot_confusion(confusion_matrix(top, labels, num_classes), names, path,
+                   title=f"{record['name']} · {best['key']}: test top-1 {100 * best['test_top1']:.1f}%")
+    return path
+
+
+def plot_confusion(counts: np.ndarray, names: list[str], path: Path, *, title: str) -> None:
+    """Rows: true class, normalised to its test samples (%); columns: predicted class. Numbers in the cells
+    and every class name up to 30 classes; beyond, a name every few classes and no numbers."""
+    k = len(names)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(totals > 0, 100 * counts / np.maximum(totals, 1), np.nan)
+    side = min(16.0, max(4.5, 0.38 * k + 2.5))
+    figure = Figure(figsize=(side + 1.2, side), dpi=120)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    cmap = matplotlib.colormaps["Blues"].with_extremes(bad="#dddddd")
+    image = axes.imshow(np.ma.masked_invalid(share), cmap=cmap, vmin=0, vmax=100, interpolation="nearest")
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if np.isfinite(share[i, j]) and counts[i, j]:
+                    axes.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                              color="white" if share[i, j] > 50 else "black")
+    step = max(1, int(math.ceil(k / 30)))
+    shown = list(range(0, k, step))
+    short = [n if len(n) <= 18 else n[:17] + "…" for n in names]
+    axes.set_xticks(shown, [short[i] for i in shown], rotation=90, fontsize=7)
+    axes.set_yticks(shown, [short[i] for i in shown], fontsize=7)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title + "\nrows: share of each true class's test samples (%)", fontsize=9)
+    figure.colorbar(image, ax=axes, label="% of the true class", fraction=0.046, pad=0.04)
+    figure.tight_layout()
+    figure.savefig(path)
 
 
 def heatmaps(rows: list[dict], out_dir: Path, *, prefix: str, title: str) -> list[Path]:
@@ -105,8 +166,12 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     lines.append("")
     if best is not None:
         lines.append(f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
-                     f"test top-1 **{_pct(best['test_top1'])}**" + (f", test top-5 {_pct(best['test_top5'])}"
-                                                                   if best.get("test_top5") is not None else "") + ".")
+                     f"test top-1 **{_pct(best['test_top1'])}**{_interval(best, 'top1')}"
+                     + (f", test top-5 {_pct(best['test_top5'])}{_interval(best, 'top5')}"
+                        if best.get("test_top5") is not None else "")
+                     + (f", balanced accuracy {_pct(best['test_balanced'])}{_interval(best, 'balanced')}"
+                        if best.get("test_balanced") is not None else "")
+                     + " (95% bootstrap intervals over test samples).")
         lines.append("")
     chosen = sorted((r for r in rows if r["selected"] == 1), key=lambda r: -r["val_top1"])
     lines += [f"{h}# Chosen configuration per input set (sorted by validation top-1)", "",
@@ -129,6 +194,11 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     return "\n".join(lines)
 
 
+def _interval(row: dict, metric: str) -> str:
+    low, high = row.get(f"test_{metric}_low"), row.get(f"test_{metric}_high")
+    return "" if low is None or high is None else f" [{100 * low:.1f}, {100 * high:.1f}]"
+
+
 def _describe(row: dict) -> str:
     noun = "blocks" if "+" in str(row["blocks"]) else "block"
     return f"{noun} {row['blocks']}, t={row['timesteps']}, pool {row['pool']}, {_hypers(row)}"
@@ -146,27 +216,32 @@ def _pct(value, *, sign: bool = True) -> str:
 
 # -- several result sets -----------------------------------------------------------------------------
 def build_report(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -> dict:
-    """Combine named result sets into `out_dir`: metrics.json, best.json, configs.csv, summary.md, heatmaps/,
-    comparison.png. Result sets are only read.
+    """Combine named result sets into `out_dir`: metrics.json, evaluation.json, best.json, configs.csv,
+    summary.md, heatmaps/, confusion/ (each run's chosen configuration), comparison.png. Result sets are
+    only read.
 
     metrics.json maps run name (the head, e.g. "linear") -> result-set name -> test top-1 of the
-    configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them.
+    configuration chosen on validation: plain numbers, so `dvc metrics show/diff` compare them;
+    evaluation.json the same configuration's test top-1, top-5, balanced accuracy and their 95%
+    bootstrap intervals (also DVC metrics).
     best.json (and the return value) holds the same choice with its configuration and all accuracies.
     """
     if not result_dirs:
         raise ConfigError("build_report needs at least one result directory")
     check_output_dir(Path(out_dir), made_by=is_report_output, command="report", needs_overwrite=False)
-    runs = {name: [(p.name, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
+    runs = {name: [(p, *read_run(p)) for p in find_runs(path)] for name, path in result_dirs.items()}
     with staged_output(Path(out_dir)) as staging:
         return _write_report(runs, staging)
 
 
-REPORT_FILES = {"summary.md", "configs.csv", "best.json", "metrics.json", "comparison.png"}
+REPORT_FILES = {"summary.md", "configs.csv", "best.json", "metrics.json", "evaluation.json", "comparison.png"}
+# evaluation.json (DVC metrics beside metrics.json): the chosen configuration's test metrics and intervals
+EVALUATION_KEYS = ("val_top1", *TEST_COLUMNS)
 
 
 def is_report_output(out: Path) -> bool:
     """Whether `out` holds only what `build_report` writes (a report can be rebuilt, so it is replaced)."""
-    if not holds_only(out, REPORT_FILES, folders={"heatmaps": ".png"}):
+    if not holds_only(out, REPORT_FILES, folders={"heatmaps": ".png", "confusion": ".png"}):
         return False
     summary = out / "summary.md"
     return not summary.exists() or summary.read_text().startswith("# Probe report")
@@ -174,20 +249,28 @@ def is_report_output(out: Path) -> bool:
 
 def _write_report(runs: dict, out_dir: Path) -> dict:
     (out_dir / "heatmaps").mkdir()
+    (out_dir / "confusion").mkdir()
     metrics: dict[str, dict] = {}
     all_rows = []
     sections = []
     for set_name, set_runs in runs.items():
-        for run_name, record, rows in set_runs:
+        for run_dir, record, rows in set_runs:
+            run_name = run_dir.name
             metrics.setdefault(run_name, {})[set_name] = summary_of(best_row(rows))
             all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")
+            confusion = confusion_png(run_dir, {**record, "name": f"{set_name} / {run_name}"}, best_row(rows),
+                                      out_dir / "confusion" / f"{set_name}__{run_name}.png")
+            images += [confusion] if confusion else []
             sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir,
                                          level=2))
     headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
                 for run, per_set in metrics.items()}
     (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    evaluation = {run: {name: None if best is None else {k: best[k] for k in EVALUATION_KEYS if best.get(k) is not None}
+                        for name, best in per_set.items()} for run, per_set in metrics.items()}
+    (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     (out_dir / "best.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_rows(out_dir / "configs.csv", all_rows)
     names = list(runs)

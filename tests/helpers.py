@@ -58,16 +58,19 @@ def reference_image(path, size: int) -> torch.Tensor:
 # -- feature stores from known features ------------------------------------------------------------------
 def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] | None = None,
                 resolution: dict | None = None,
-                chunk_samples: int = 64, pools=(1,), skip_chunks: dict | None = None) -> Path:
+                chunk_samples: int = 64, pools=(1,), skip_chunks: dict | None = None,
+                data_kind: str | None = None) -> Path:
     """features[(block, timestep)][split] = (N, C, g, g); labels[split] = (N,).
 
     `resolution[block]` defaults to the stored grid; `skip_chunks[(split, block, timestep)]` lists
-    sample chunks left unwritten (an unfinished extraction).
+    sample chunks left unwritten (an unfinished extraction); `data_kind` is the data set's kind as
+    extraction records it (stages.data.registry), e.g. "dogs".
     """
     num_classes = int(max(int(v.max()) for v in labels.values())) + 1
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="test", data={"classes": classes or [str(i) for i in range(num_classes)]}, noise_seed=0,
-                    dtype="float32", precision="fp32", chunk_samples=int(chunk_samples))
+    data = {"classes": classes or [str(i) for i in range(num_classes)], **({"kind": data_kind} if data_kind else {})}
+    settings.update(kind="test", data=data, noise_seed=0, dtype="float32", precision="fp32",
+                    chunk_samples=int(chunk_samples))
     blocks = sorted({b for b, _ in features})
     table = []
     for b in blocks:

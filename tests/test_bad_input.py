@@ -217,6 +217,17 @@ def broken_preprocessing(env):
     return env.extract(model=model), [model]
 
 
+def knn_probe(env, *extra):
+    return ["probe", "--store", env.store, "--head", "knn", "--knn-k", "1", "--threads", "1", "--out", env.tmp / "r",
+            "--no-render", *extra]
+
+
+def shots_over_the_smallest_class(env):
+    """An earlier result in --out stays as it was."""
+    assert CliRunner().invoke(main, [str(a) for a in knn_probe(env)]).exit_code == 0
+    return knn_probe(env, "--shots", "1,100"), [env.store, env.tmp / "r"]
+
+
 CASES = {
     "extract --data an unknown kind": (lambda e: (e.extract(data=f"birds:{e.data}"), []), 1,
                                        "unknown data-set kind 'birds'"),
@@ -297,6 +308,19 @@ CASES = {
                                                       "--out", e.tmp], []), 1, "with recipe 'diffssl'"),
     "probe --views 3 on a store with one": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3",
                                                         "--out", e.tmp], []), 1, "holds 1 view(s)"),
+    # issue 20: the field's kNN, few-shot, seeds
+    "probe --shots over the smallest class": (shots_over_the_smallest_class, 1,
+                                              "--shots 100 is more than the 19 fit rows of class '0', the smallest"),
+    "probe --episodes 0": (lambda e: (knn_probe(e, "--shots", "1", "--episodes", "0"), [e.store]), 1,
+                           "The 'episodes' setting of the probe must be a positive integer"),
+    "probe --episodes without --shots": (lambda e: (knn_probe(e, "--episodes", "3"), [e.store]), 1,
+                                         "--episodes 3 has no effect without --shots; add --shots"),
+    "probe --temperature 0": (lambda e: (knn_probe(e, "--temperature", "0"), [e.store]), 1,
+                              "The 'temperature' parameter of the probe must be a float in the range (0.0, inf). "
+                              "Got 0.0"),
+    "probe --seeds empty": (lambda e: (knn_probe(e, "--seeds", ","), [e.store]), 2, "the list is empty"),
+    "probe --seeds repeated": (lambda e: (knn_probe(e, "--seeds", "0,1,0"), [e.store]), 2,
+                               "0 appear(s) more than once in '0,1,0'"),
 }
 
 

@@ -70,6 +70,9 @@ def test_repro_writes_metrics_for_every_head_and_baseline(project):
     assert list((project / "report" / "heatmaps").glob("*.png"))
     shown = run(["dvc", "metrics", "show", "--json"], project)
     assert "pretrained" in shown and "random_init" in shown and "pixels" in shown
+    # issue 20: balanced accuracy, top-5 and the interval bounds beside top-1 (report/evaluation.json)
+    assert "report/evaluation.json" in shown and "test_balanced" in shown and "test_top1_low" in shown
+    assert list((project / "report" / "confusion").glob("*.png"))
 
 
 def test_second_repro_does_nothing_and_probe_changes_rerun_only_probes(project):

@@ -11,7 +11,8 @@ import pytest
 import tomllib
 
 from cache.extras import EXTRAS, MissingExtraError, install_command, require
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -151,7 +151,7 @@ def test_knn_probe_answers_every_k_from_one_search_like_scikit_learn(digits):
     X, y, Xv, yv, Xt, _ = digits
     X = np.vstack([X, X[:3]])  # exact duplicates: distance 0 takes the whole vote
     y = np.concatenate([y, y[:3]])
-    probe = KNNProbe(ks=(1, 7, 20)).fit(X, y, Xv, yv)
+    probe = KNNProbe(ks=(1, 7, 20), vote="distance").fit(X, y, Xv, yv)
     queries = np.vstack([Xt, X[:3]])
     scores = probe.decision_grid(queries)
     for j, k in enumerate(probe.ks_):

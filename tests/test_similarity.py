@@ -26,7 +26,8 @@ from stages.similarity.preprocess import clamp_value, preprocess
 from stages.similarity.run import COLUMNS, SimilaritySettings, run_similarity
 from tests.test_cka import read, related_features
 from tests.test_cka import reference as cka_reference
-from tests.test_probe_support import write_store
+
+from helpers import write_store
 
 
 # -- the references -------------------------------------------------------------------------------------

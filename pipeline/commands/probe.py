@@ -77,6 +77,18 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
 @_setting("--attention-heads", type=click.IntRange(min=1), default=None, help="[default: {attention_heads}]")
 @_setting("--C", "Cs", type=options.FLOATS, default=None, help="logreg C grid [default: {Cs}].")
 @_setting("--knn-k", "ks", type=options.INTS, default=None, help="knn k grid [default: {ks}].")
+@_setting("--vote", type=click.Choice(["softmax", "distance", "uniform"]), default=None,
+          help="knn: each of the k neighbours votes exp(cosine similarity / T) for its class (DINOv2's kNN), "
+               "1 / cosine distance (scikit-learn's weights='distance'), or 1 [default: {vote}].")
+@_setting("--temperature", type=float, default=None, help="knn: T of the softmax vote [default: {temperature}].")
+@click.option("--seeds", type=options.SEEDS, default=None,
+              help="Train the configuration chosen on validation again with each of these seeds (initialisation, "
+                   "data order, carved validation rows), e.g. 0,1,2; metrics.json reports each and their mean and "
+                   "std.")
+@click.option("--shots", type=options.SHOTS, default=None,
+              help="Few-shot: also train on SHOTS rows of each class, e.g. 1,2,5,10,20 (--episodes seeded subsets of "
+                   "the fit rows per count; each the whole sweep, chosen on validation); mean and std over episodes.")
+@_setting("--episodes", type=int, default=None, help="Few-shot subsets per --shots count [default: {episodes}].")
 @_setting("--alpha", "alphas", type=options.FLOATS, default=None, help="ridge alpha grid [default: {alphas}].")
 @_setting("--val-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
           help="Share of train carved out for choosing hyper-parameters [default: {val_fraction}].")
@@ -130,3 +142,7 @@ def probe(store, storage_options, head, render, group_size, **flags) -> None:
     best = result.metrics["best"]
     click.echo(f"{len(result.rows)} configurations -> {result.run_dir}; chosen on validation: {best['key']} "
                f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+    from stages.probe.results import describe_metrics
+
+    for line in describe_metrics(result.metrics):
+        click.echo(line)

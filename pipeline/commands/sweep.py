@@ -28,6 +28,7 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     runs one thread unless --threads says otherwise); tables and plots come from `pipeline report
     --results OUT/<store>`.
     """
+    from stages.probe.results import describe_metrics
     from stages.sweep.engine import EngineOptions
     from stages.sweep.plan import StoreRef, plan_sweep
     from stages.sweep.run import run_sweep
@@ -60,6 +61,8 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
         best = result.metrics["best"]
         click.echo(f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
                    f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+        for line in describe_metrics(result.metrics):
+            click.echo(line)
     click.echo(f"{len(done.plan.tasks)} task(s): {done.submitted} run, {done.reused} reused")
 
 

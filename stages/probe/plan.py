@@ -26,6 +26,7 @@ from cache.errors import IncompleteStoreError, UserError
 from cache.reader import FeatureStore
 from cache.text import format_bytes, format_ranges
 from stages.devices import available_memory
+from stages.probe.fewshot import RULE, few_shot_rows, rows_digest, smallest_class
 from stages.probe.registry import HeadSpec
 from stages.probe.settings import ProbeSettings
 
@@ -245,8 +246,24 @@ def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSett
     else:
         fit = usable[train]
         selection_rows = Rows(official, store.labels(official), usable[official])
+    if settings.shots is not None or settings.episode is not None:
+        fit = _few_shot(store, train_labels, fit, settings)
     return Samples(Rows(train, train_labels, fit), selection_rows, Rows(test, store.labels(test), usable[test]),
                    store.chunk_samples)
+
+
+def _few_shot(store: FeatureStore, labels: np.ndarray, fit: np.ndarray, settings: ProbeSettings) -> np.ndarray:
+    """The fit rows of a few-shot episode (`settings.episode`), after checking every asked shot count fits."""
+    c, count = smallest_class(labels, fit)
+    most = max([*(settings.shots or ()), *((settings.episode[0],) if settings.episode else ())])
+    if most > count:
+        name = store.classes[c] if c < len(store.classes) else str(c)
+        raise ProbeInputError(f"--shots {most} is more than the {count} fit rows of class {name!r}, the smallest "
+                              f"(the train split less its validation rows); give --shots {count} or fewer")
+    if settings.episode is None:
+        return fit
+    shots, episode = settings.episode
+    return few_shot_rows(labels, fit, shots=shots, episode=episode, seed=settings.seed)
 
 
 def carve_validation(labels: np.ndarray, rows: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -417,6 +434,9 @@ class ProbePlan:
             "epochs": self.epochs,
             "halving": [{"after_epoch": e, "keep": k} for e, k in self.rungs] if self.spec.is_torch else None,
             "recipe": self.settings.recipe,
+            "few_shot": None if self.settings.episode is None else {
+                "shots": self.settings.episode[0], "episode": self.settings.episode[1], "seed": self.settings.seed,
+                "rule": RULE, "indices_sha256": rows_digest(samples.fit.index)},
             "views": {"train": self.views, "stored": self.store.views(self.samples.fit.split),
                       "choice": "stages.probe.plan.view_choice(seed, epoch, index, views)",
                       "evaluation": "view 0 (the centre view)"},

@@ -123,7 +123,7 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
              saved_as="linear"),
     HeadSpec("knn", SKLEARN, "stages.probe.sklearn_probes:KNNProbe",
              (GridAxis("k", "ks", (1, 5, 10, 20, 50, 100)),), "k nearest neighbours by cosine similarity",
-             train_copies=2),
+             options=(("vote", "vote"), ("temperature", "temperature")), train_copies=2),
     HeadSpec("ridge", SKLEARN, "stages.probe.sklearn_probes:RidgeProbe",
              (GridAxis("alpha", "alphas", (1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)),), "one-vs-rest ridge regression",
              saved_as="linear"),

@@ -13,8 +13,9 @@ What one run does, in order:
    (`stages.probe.torch_sweep`), or scikit-learn estimators one input set after the other over their
    whole grid (`stages.probe.sklearn_sweep`). The hyper-parameters are chosen on the validation
    rows; the test split is scored once, for the chosen configuration of each input set only.
-3. Write the results (`stages.probe.results`) into `<out>/<name>/`, built beside it and renamed into
-   place only when complete. Tables and plots are `stages.report`'s job.
+3. With `seeds` or `shots`, train the repeats (`stages.probe.repeats`); write the results
+   (`stages.probe.record`, the same for every engine) into `<out>/<name>/`, built beside it and renamed
+   into place only when complete. Tables and plots are `stages.report`'s job.
 
 Every mode and every split into passes trains the same heads: the memory budget only decides what
 is cached.
@@ -26,7 +27,7 @@ import contextlib
 import logging
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ import torch
 from cache.reader import FeatureStore
 from stages.devices import resolve_device
 from stages.probe.plan import ProbeInputError, make_plan
-from stages.probe.results import write_run
+from stages.probe.record import finish_run
 from stages.probe.settings import ProbeSettings
 from stages.probe.sklearn_sweep import sweep_sklearn
 from stages.probe.torch_sweep import sweep_torch
@@ -101,24 +102,9 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
         pass_rows, pass_predictions = sweep(plan, combos, partial / "heads", device)
         rows += pass_rows
         predictions.update(pass_predictions)
-    record = {
-        "head": settings.head,
-        "name": settings.run_name,
-        "store": str(settings.store),
-        "store_fingerprint": store.fingerprint,
-        "seed": settings.seed,
-        "settings": {**asdict(settings), "storage_options": sorted(settings.storage_options or {})},  # no secrets
-        "hypers": plan.hypers,
-        "head_options": plan.options,
-        "num_classes": plan.num_classes,
-        "classes": store.classes,
-        "data_kind": store.attrs.get("data", {}).get("kind", "folder"),  # what transfer tables mark (stages.transfer)
-        **plan.record(),
-        "device": str(device),
-        "seconds": round(time.perf_counter() - started, 3),
-        "versions": _versions(),
-    }
-    metrics = write_run(partial, rows, predictions, record, samples)
+    engine = {"device": str(device), "seconds": round(time.perf_counter() - started, 3), "versions": _versions()}
+    record, metrics = finish_run(partial, plan, rows, predictions, location=str(settings.store), engine=engine,
+                                 device=device)
     if final.exists():
         shutil.rmtree(final)
     partial.rename(final)

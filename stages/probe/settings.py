@@ -36,7 +36,19 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
 # What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
 # line's help reads them from here.
 DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
-                    "attention_heads": 4}
+                    "attention_heads": 4, "episodes": 5}
+VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_probes.KNNProbe)
+
+
+def check_vote(owner: str, vote, temperature) -> None:
+    """kNN's vote and temperature, checked as scikit-learn checks its parameters; else ConfigError."""
+    if vote not in VOTES:
+        raise ConfigError(f"The 'vote' parameter of {owner} must be a str among {{{', '.join(map(repr, VOTES))}}}. "
+                          f"Got {vote!r} instead.")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
+            or not 0.0 < temperature < np.inf:
+        raise ConfigError(f"The 'temperature' parameter of {owner} must be a float in the range (0.0, inf). "
+                          f"Got {temperature!r} instead.")
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,8 @@ class ProbeSettings:
     views: int | None = None  # augmented views the heads train on (one per sample per epoch); None: all stored
     Cs: tuple[float, ...] = default_grid("logreg")
     ks: tuple[int, ...] = default_grid("knn")
+    vote: str = "softmax"  # knn: each neighbour votes exp(sim / temperature) (DINOv2), 1 / distance, or 1
+    temperature: float = 0.07  # knn: T of the softmax vote (DINOv2's)
     alphas: tuple[float, ...] = default_grid("ridge")
     val_fraction: float = 0.1
     seed: int = 0
@@ -91,6 +105,10 @@ class ProbeSettings:
     allow_incomplete: bool = False
     read_threads: int = 4
     threads: int | None = None  # CPU threads for torch and BLAS during the run; None: the libraries' default
+    seeds: tuple[int, ...] | None = None  # retrain the chosen configuration once per seed (stages.probe.repeats)
+    shots: tuple[int, ...] | None = None  # few-shot: train on this many rows per class (stages.probe.fewshot)
+    episodes: int | None = None  # few-shot: seeded subsets per shot count; None: 5 with shots
+    episode: tuple[int, int] | None = None  # (shots, episode): this run trains on that few-shot subset only
 
     def __post_init__(self):
         def fail(name, what, value):
@@ -140,6 +158,31 @@ class ProbeSettings:
             if value is not None:
                 object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
         object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
+        check_vote("the probe", self.vote, self.temperature)
+        if self.seeds is not None:
+            seeds = tuple(self.seeds)
+            if not seeds or any(isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0 for v in seeds):
+                fail("seeds", "a non-empty list of non-negative integers (e.g. 0,1,2) or None", self.seeds)
+            if len(set(seeds)) != len(seeds):
+                fail("seeds", "a list of distinct seeds (a repeated seed repeats a number, it adds none)", self.seeds)
+            object.__setattr__(self, "seeds", tuple(int(v) for v in seeds))
+        if self.shots is not None:
+            object.__setattr__(self, "shots", check_grid("the probe", "shots", self.shots, integer=True))
+            if len(set(self.shots)) != len(self.shots):
+                fail("shots", "a list of distinct shot counts", self.shots)
+        if self.episodes is not None and self.shots is None:
+            raise ConfigError(f"--episodes {self.episodes} has no effect without --shots; add --shots (e.g. --shots "
+                              "1,5,10) or leave --episodes out")
+        if self.shots is not None and self.episodes is None:
+            object.__setattr__(self, "episodes", DEFAULTS_OF_NONE["episodes"])
+        if self.episodes is not None and (isinstance(self.episodes, bool) or
+                                          not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1):
+            fail("episodes", "a positive integer (few-shot subsets per shot count)", self.episodes)
+        if self.episode is not None:
+            shots, episode = self.episode
+            if int(shots) != shots or shots < 1 or int(episode) != episode or episode < 0:
+                fail("episode", "(shots >= 1, episode >= 0) or None", self.episode)
+            object.__setattr__(self, "episode", (int(shots), int(episode)))
         if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name
                                       or self.name.startswith(".")):
             fail("name", "a plain directory name", self.name)

@@ -8,7 +8,8 @@
 All three follow scikit-learn's conventions (`__init__` stores hyper-parameters, `fit` validates,
 learns, returns self; learned state ends in `_`). They fit the whole grid in one go where the
 model allows it: LogRegProbe warm-starts along increasing C, KNNProbe answers every k from one
-neighbour search, RidgeProbe solves every alpha from one eigendecomposition.
+neighbour search (voting as DINOv2 does by default, `--vote`), RidgeProbe solves every alpha from one
+eigendecomposition.
 Without validation data the first grid value is used.
 """
 
@@ -25,7 +26,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
 
 from cache.errors import ConfigError
-from stages.probe.settings import check_grid
+from stages.probe.settings import check_grid, check_vote
 
 
 def topk_labels(scores: np.ndarray, classes: np.ndarray, k: int) -> np.ndarray:
@@ -156,19 +157,32 @@ class RidgeProbe(_LinearGridProbe):
 
 
 class KNNProbe(_GridProbe):
-    """k nearest neighbours by cosine similarity, votes weighted by 1 / cosine distance.
+    """k nearest neighbours by cosine similarity; every k is answered from one search for the largest k.
 
-    Every k is answered from one search for the largest k. The vote matches scikit-learn's
-    `KNeighborsClassifier(metric="cosine", weights="distance", algorithm="brute")`, including its
-    rule that neighbours at distance 0 take the whole vote.
+    Features are L2-normalised; the neighbours of a query are the k training rows of highest cosine
+    similarity s (ties: the lower training row first). Each neighbour votes for its class with
+
+    - ``softmax`` (the default): exp(s / T), T = ``temperature`` (0.07), as DINO and DINOv2
+      (`dinov2/eval/knn.py`) and solo-learn report kNN accuracy; the votes of a query are divided by
+      their sum over its k neighbours (DINOv2 divides by the sum over its largest k, which changes no
+      argmax);
+    - ``distance``: 1 / (1 - s), scikit-learn's ``KNeighborsClassifier(metric="cosine",
+      weights="distance")``, including its rule that neighbours at distance 0 take the whole vote;
+    - ``uniform``: 1 (a majority vote; ties go to the lower class).
+
+    k above the number of training rows means all of them.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5, 10, 20, 50, 100), *, batch_size: int = 1024):
+    def __init__(self, ks: Sequence[int] = (1, 5, 10, 20, 50, 100), *, vote: str = "softmax",
+                 temperature: float = 0.07, batch_size: int = 1024):
         self.ks = ks
+        self.vote = vote
+        self.temperature = temperature
         self.batch_size = batch_size
 
     def fit(self, X, y, X_val=None, y_val=None) -> KNNProbe:
         ks = check_grid(type(self).__name__, "ks", self.ks, integer=True)
+        check_vote(type(self).__name__, self.vote, self.temperature)
         X, y = check_X_y(X, y, dtype=np.float32)
         self.classes_, self._codes = np.unique(y, return_inverse=True)
         usable = sorted({min(k, len(y)) for k in ks})
@@ -182,32 +196,70 @@ class KNNProbe(_GridProbe):
         """k above the number of training rows means all of them."""
         return super().grid_index(min(int(value), len(self._codes)))
 
-    def kneighbors(self, X) -> tuple[np.ndarray, np.ndarray]:
-        """(N, k_max) cosine distances (ascending) and indices into the training rows."""
+    def neighbours(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k_max) cosine similarities (descending; ties: lower training row first) and their training rows."""
         queries = _unit_rows(torch.from_numpy(check_array(X, dtype=np.float32)))
         k = int(self.ks_.max())
-        distances, indices = [], []
+        sims, indices = [], []
         for start in range(0, len(queries), self.batch_size):
-            sims = queries[start : start + self.batch_size] @ self._train.T
-            top, index = torch.topk(sims, k, dim=1)
-            distances.append(torch.clamp(1.0 - top.double(), min=0.0).numpy())
+            block = queries[start : start + self.batch_size] @ self._train.T
+            top, index = _stable_top(block, k)
+            sims.append(top.double().numpy())
             indices.append(index.numpy())
-        return np.concatenate(distances), np.concatenate(indices)
+        return np.concatenate(sims), np.concatenate(indices)
+
+    def kneighbors(self, X) -> tuple[np.ndarray, np.ndarray]:
+        """(N, k_max) cosine distances (ascending) and indices into the training rows."""
+        sims, indices = self.neighbours(X)
+        return np.clip(1.0 - sims, 0.0, None), indices
 
     def decision_grid(self, X) -> np.ndarray:
-        """(n_k, N, n_classes) weighted votes of every k, from one neighbour search."""
-        distances, indices = self.kneighbors(X)
-        codes = self._codes[indices]  # (N, k_max)
-        out = np.zeros((len(self.ks_), len(distances), len(self.classes_)))
-        rows = np.arange(len(distances))[:, None]
-        for j, k in enumerate(self.ks_):
-            d = distances[:, :k]
-            with np.errstate(divide="ignore"):
-                weights = 1.0 / d
-            exact = (d == 0).any(axis=1)
-            weights[exact] = (d[exact] == 0).astype(float)
-            np.add.at(out[j], (np.broadcast_to(rows, codes[:, :k].shape), codes[:, :k]), weights)
-        return out
+        """(n_k, N, n_classes) votes of every k, from one neighbour search."""
+        sims, indices = self.neighbours(X)
+        return knn_votes(sims, self._codes[indices], self.ks_, len(self.classes_), vote=self.vote,
+                         temperature=self.temperature)
+
+
+def knn_votes(sims: np.ndarray, codes: np.ndarray, ks, num_classes: int, *, vote: str = "softmax",
+              temperature: float = 0.07) -> np.ndarray:
+    """(n_k, N, num_classes) votes of the first k neighbours for every k in `ks`.
+
+    sims (N, k_max): cosine similarities, most similar first; codes (N, k_max): their class indices."""
+    out = np.zeros((len(ks), len(sims), num_classes))
+    rows = np.broadcast_to(np.arange(len(sims))[:, None], codes.shape)
+    if vote == "softmax":  # shifted by the top similarity: exp(s / T) overflows float64 for T << 1
+        weights = np.exp((sims - sims[:, :1]) / temperature)
+    elif vote == "uniform":
+        weights = np.ones_like(sims)
+    else:
+        distances = np.clip(1.0 - sims, 0.0, None)
+        with np.errstate(divide="ignore"):
+            weights = 1.0 / distances
+    for j, k in enumerate(ks):
+        w = weights[:, :k].copy()
+        if vote == "distance":
+            exact = (distances[:, :k] == 0).any(axis=1)
+            w[exact] = (distances[exact, :k] == 0).astype(float)
+        np.add.at(out[j], (rows[:, :k], codes[:, :k]), w)
+        if vote == "softmax":
+            out[j] /= w.sum(axis=1, keepdims=True)
+    return out
+
+
+def _stable_top(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) the largest values of each row of `sims` (B, n), descending, and their columns; among equal
+    values the lower column comes first, so which of two equally similar rows is a neighbour does not
+    depend on the kernel (at the k boundary it changes the vote)."""
+    n = sims.shape[1]
+    top, index = torch.topk(sims, min(k + 1, n), dim=1)
+    order = torch.from_numpy(np.lexsort((index.numpy(), -top.numpy()), axis=1))
+    top, index = top.gather(1, order), index.gather(1, order)
+    if top.shape[1] > k:  # a tie across the boundary: only a full stable sort of the row knows its order
+        tied = torch.nonzero(top[:, k - 1] == top[:, k]).flatten()
+        if len(tied):
+            full, columns = torch.sort(sims[tied], dim=1, descending=True, stable=True)
+            top[tied], index[tied] = full[:, : k + 1], columns[:, : k + 1]
+    return top[:, :k], index[:, :k]
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

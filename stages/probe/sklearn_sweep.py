@@ -43,7 +43,7 @@ def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device:
         X_val = layout.combo_matrix(selection, ci)
         if samples.carved:
             X_val = X_val[samples.selection.index]
-        probe = estimator(**{axis.setting: tuple(grid)}).fit(X[samples.fit.index], y_fit, X_val, y_val)
+        probe = estimator(**{axis.setting: tuple(grid)}, **plan.options).fit(X[samples.fit.index], y_fit, X_val, y_val)
         scores = probe.decision_grid(X_val)
         index = [probe.grid_index(v) for v in grid]
         combo_rows = []

@@ -39,7 +39,7 @@ from stages.sweep.versions import environment
 
 # ProbeSettings fields that never change a trained number (or are captured by the input sets themselves)
 NOT_IN_KEY = ("store", "out", "name", "blocks", "timesteps", "pools", "memory_budget", "read_threads",
-              "storage_options")
+              "storage_options", "seeds", "shots", "episodes")  # the last three: repeats after the tasks
 
 
 @dataclass(frozen=True)

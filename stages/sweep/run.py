@@ -26,12 +26,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from stages.devices import resolve_device
 from stages.outputs import staged_output
 from stages.probe.plan import ProbeInputError
-from stages.probe.results import write_run
+from stages.probe.record import finish_run
 from stages.probe.run import ProbeResult
 from stages.progress import progress_bar
 from stages.sweep.engine import EngineOptions, open_engine
@@ -122,26 +123,12 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
                 shutil.copy2(file, partial / "heads" / file.name)
             seconds += summary["seconds"]
             devices.add(summary["device"])
-        probe_plan, settings = run.plan, run.settings
-        record = {
-            "head": settings.head,
-            "name": settings.run_name,
-            "store": str(run.store.location),
-            "store_fingerprint": probe_plan.store.fingerprint,
-            "seed": settings.seed,
-            "settings": {**asdict(settings), "storage_options": sorted(settings.storage_options or {})},  # no secrets
-            "hypers": probe_plan.hypers,
-            "head_options": probe_plan.options,
-            "num_classes": probe_plan.num_classes,
-            "classes": probe_plan.store.classes,
-            **probe_plan.record(),
-            "device": ", ".join(sorted(devices)),
-            "seconds": round(seconds, 3),  # summed over the tasks
-            "versions": environment(),
-            "sweep": {"plan": plan.key, "group_size": plan.group_size,
-                      "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in run.tasks]},
-        }
-        metrics = write_run(partial, rows, predictions, record, run.samples)
+        engine = {"device": ", ".join(sorted(devices)), "seconds": round(seconds, 3),  # summed over the tasks
+                  "versions": environment(),
+                  "sweep": {"plan": plan.key, "group_size": plan.group_size,
+                            "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in run.tasks]}}
+        record, metrics = finish_run(partial, run.plan, rows, predictions, location=str(run.store.location),
+                                     engine=engine, device=resolve_device(run.settings.device))
     log.info("assembled %s from %d task(s) in %.1f s", final, len(run.tasks), time.perf_counter() - started)
     return ProbeResult(final, rows, metrics, record)
 
