@@ -68,6 +68,8 @@ class ExtractConfig:
     views: int = 1  # views of each image of `view_splits`: the centre view and views - 1 augmented ones
     augment: str | Augment | None = None  # e.g. "resized-crop,flip" (stages.data.augment); None: that default
     view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
+    feature_norm: str | None = None  # transformer kinds: "layernorm" normalises each token (stages.models.tokens)
+    guidance: float | None = None  # FLUX.1-dev: the guidance embedding's value (None: the pipeline's 3.5)
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -237,7 +239,8 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     if model is None:
         from stages.models.kinds import load_feature_model
 
-        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint)
+        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint,
+                                   feature_norm=config.feature_norm, guidance=config.guidance)
     if config.timesteps is None:
         config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)
