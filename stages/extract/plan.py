@@ -154,6 +154,9 @@ class Plan:
             count = self.objects(split)
             objects += count
             lines.append(f"{split:<{width}} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
+        estimate = self.model.memory_estimate(max(self.grids), self.config.precision)
+        if estimate is not None:
+            lines += estimate.lines(images * len(self.config.timesteps), images, self.config.precision)
         flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
         index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
         lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} objects "

@@ -94,6 +94,8 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
         writer, work = _open_store(plan, job)
         try:
             plan.model.prepare(device)
+            if config.precision != "fp32":
+                plan.model.cast(COMPUTE_DTYPES[config.precision])  # a no-op but for the kinds sized for today's models
             with plan.model.capture(plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
                 for split in plan.splits:
                     _extract_split(plan, split, work[split], writer, capture, pool, device, progress, job)

@@ -18,6 +18,8 @@
     noise_scales(t)          (a, b) of x_t = a x0 + b eps: sqrt(abar_t), sqrt(1 - abar_t) for the DDPM family,
                              (1 - sigma_t, sigma_t) for rectified flow (stages.models.flow)
     noise_formula()          that formula in words, for the store's info
+    cast(dtype)              at bf16 / fp16, the kinds made for today's sizes cast their network's weights
+    memory_estimate(deepest, precision)   weights and activations for --dry-run (latent kinds), else None
 
 The chunk and batch scheduling, the noise function, the store and resuming stay in
 stages.extract.run, shared by every kind.
@@ -48,6 +50,13 @@ class FeatureModel:
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Cast the network's weights to a low compute precision, where the kind does (stages.models.memory)."""
+
+    def memory_estimate(self, deepest: int, precision: str):
+        """A stages.models.memory.MemoryEstimate for --dry-run, or None where the kind gives none."""
+        return None
 
     def noise_scales(self, timestep: int) -> tuple[float, float]:
         abar = self.alphas_cumprod()

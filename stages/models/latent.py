@@ -49,6 +49,11 @@ def _square(size) -> int:
 class LatentModel(FeatureModel):
     """A network over the latents of `vae`, noised with `scheduler` (shared by Stable Diffusion and DiT)."""
 
+    # The kinds made for today's model sizes (SDXL, SD3, FLUX, PixArt) cast the network's weights to the compute
+    # precision and encode images in VAE slices (stages.models.memory); SD 1.x/2.x and DiT keep computing as their
+    # existing stores were computed (float32 weights under autocast, one VAE call per batch).
+    at_scale = False
+
     def __init__(self, network: nn.Module, vae: nn.Module, scheduler, source: str, *, latent_size: int | None = None,
                  latent_channels: int | None = None):
         # the VAE runs in float32 whatever the compute precision (SDXL's VAE overflows in fp16): the latents are
@@ -86,15 +91,44 @@ class LatentModel(FeatureModel):
         self.network = self.network.to(device).eval()
         self.vae = self.vae.to(device).eval()
 
+    def cast(self, dtype: torch.dtype) -> None:
+        if self.at_scale:
+            self.network = self.network.to(dtype)
+
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H / f, W / f): (posterior mean - shift factor) x scaling factor,
         in float32 (SD3 and FLUX's VAEs have a shift factor; SD's and DiT's none)."""
+        if self.at_scale:
+            from stages.models.memory import vae_image_bytes, vae_slice
+
+            step = vae_slice(vae_image_bytes(self.vae, self.image_size), len(x0))
+            if step < len(x0):
+                return torch.cat([self._encode(x0[i:i + step]) for i in range(0, len(x0), step)])
+        return self._encode(x0)
+
+    def _encode(self, x0: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x0.device.type, enabled=False):
             mean = self.vae.encode(x0.float()).latent_dist.mean
         shift = self.vae.config.get("shift_factor")
         if shift:
             mean = mean - float(shift)
         return mean * float(self.vae.config.scaling_factor)
+
+    def memory_estimate(self, deepest: int, precision: str):
+        """stages.models.memory.MemoryEstimate for blocks up to `deepest` at `precision` (for --dry-run)."""
+        from stages.models import memory
+
+        params = memory.parameters(self.network)
+        row_bytes, basis = self.activation_row_bytes(deepest, precision)
+        return memory.MemoryEstimate(
+            type(self.network).__name__, params, params * (memory.PRECISION_BYTES[precision] if self.at_scale else 4),
+            memory.parameters(self.vae), int(getattr(self, "text_parameters", 0)), row_bytes,
+            memory.vae_image_bytes(self.vae, self.image_size), basis)
+
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        return memory.unet_row_bytes(self.block_table(), deepest, precision), "U-Net block outputs x 4"
 
     @cached_property
     def weights_sha256(self) -> str:
@@ -129,6 +163,7 @@ class StableDiffusionModel(LatentModel):
         self.prompt = prompt
         self.prompts: list[str] = [""] if prompt is None else []
         self._embeddings: torch.Tensor | None = None
+        self.text_parameters = sum(p.numel() for p in text_encoder.parameters())  # on the CPU, for --dry-run
 
     def bind_classes(self, classes: list[str]) -> None:
         if self.prompt is not None:
@@ -201,6 +236,13 @@ class DiTModel(LatentModel):
         for i in range(len(self.network.transformer_blocks)):
             rows.append(Block(i + 2, f"transformer_blocks.{i}", f"blocks[{i}]", width, self.grid, stride))
         return rows
+
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        width = int(self.network.config.num_attention_heads * self.network.config.attention_head_dim)
+        return (memory.transformer_row_bytes(self.grid**2, width, precision),
+                f"{self.grid**2} image tokens x width {width} x {memory.BLOCK_COPIES}")
 
     def _tokens_to_map(self, output) -> torch.Tensor:
         from stages.models.tokens import token_map

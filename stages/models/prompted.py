@@ -40,6 +40,8 @@ def check_template(prompt: str | None) -> None:
 class PromptedModel(LatentModel):
     """A latent model whose conditioning is computed once from text (the module docstring)."""
 
+    at_scale = True
+
     def __init__(self, network, vae, scheduler, source: str, *, prompt: str | None = None, **sizes):
         super().__init__(network, vae, scheduler, source, **sizes)
         check_template(prompt)

@@ -78,6 +78,17 @@ class TokenTransformer(PromptedModel):
     def forward(self, network, sample: torch.Tensor, timesteps: torch.Tensor, rows: dict) -> None:
         raise NotImplementedError
 
+    def text_tokens(self) -> int:
+        """Text tokens in the residual stream beside the image tokens (MMDiT's joint sequence; 0 for cross-attention)."""
+        return 0
+
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        tokens = self.grid**2 + self.text_tokens()
+        return (memory.transformer_row_bytes(tokens, self.width, precision),
+                f"{self.grid**2} image + {self.text_tokens()} text tokens x width {self.width} x {memory.BLOCK_COPIES}")
+
     def capture(self, blocks) -> BlockCapture:
         def forward(network, sample, timesteps, *, labels=None, **_):
             self.forward(network, sample, timesteps, self.rows(labels, sample.shape[0]))
@@ -134,7 +145,11 @@ class SD3Model(FlowTransformer):
         super().__init__(transformer, vae, scheduler, source, prompt=prompt, feature_norm=feature_norm)
         self.encoders = encoders  # [(tokenizer, CLIP-L), (tokenizer_2, CLIP-G), (tokenizer_3, T5)]
         self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
+        self.clip_length = text.max_length(*encoders[0])
         self.schedule = flow_schedule(scheduler, self.grid**2, source)
+
+    def text_tokens(self):
+        return self.clip_length + self.max_sequence_length
 
     def block_modules(self):
         blocks = [(f"transformer_blocks.{i}", f"joint_blocks[{i}]") for i in range(len(self.network.transformer_blocks))]
@@ -203,6 +218,9 @@ class FluxModel(FlowTransformer):
         self.encoders = encoders  # [(tokenizer, CLIP-L), (tokenizer_2, T5)]
         self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
         self.schedule = flow_schedule(scheduler, self.grid**2, source)
+
+    def text_tokens(self):
+        return self.max_sequence_length
 
     def block_modules(self):
         double = [(f"transformer_blocks.{i}", f"double_blocks[{i}]") for i in range(len(self.network.transformer_blocks))]
