@@ -291,9 +291,11 @@ def test_a_prompt_template_conditions_each_image_on_its_class(dirs, images, tmp_
     assert store.attrs["model"]["conditioning"]["per_class"] is True
 
 
-def test_text_encoders_are_freed_before_any_image(dirs, images, tmp_path):
+def test_text_encoders_are_loaded_only_to_encode_and_freed_before_any_image(dirs, images, tmp_path):
+    from stages.models.text import Deferred
+
     model = load_feature_model(str(dirs["sd3"]))
-    assert model.encoders is not None
+    assert model.block_table() and all(isinstance(e, Deferred) for _, e in model._encoders)  # `blocks` loads no T5
     plan = make_plan(ExtractConfig(model=str(dirs["sd3"]), data=str(images), out=str(tmp_path / "x.zarr"),
                                    blocks=(2,), timesteps=(10,)), model)
     assert plan.model.encoders is None and plan.model.text_parameters > 0
@@ -343,3 +345,39 @@ def test_blocks_command_shows_the_transformer_blocks(dirs):
     result = CliRunner().invoke(main, ["blocks", "--model", str(dirs["flux"])])
     assert result.exit_code == 0, result.output
     assert "single_transformer_blocks.1" in result.output and "double_blocks[0]" in result.output
+
+
+# -- bad input: one-line errors, nothing written -------------------------------------------------------------------
+def _set_class(path, component, name):
+    config = path / component / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "_class_name": name}))
+    return path
+
+
+def _index(path, **changes):
+    index = path / "model_index.json"
+    index.write_text(json.dumps({**json.loads(index.read_text()), **changes}))
+    return path
+
+
+@pytest.mark.parametrize("setup, flags, fragment", [
+    (lambda d: make_sd3_dir(d, skip=("text_encoder_3", "tokenizer_3")), [], "with its T5 encoder dropped"),
+    (lambda d: make_flux_dir(d, skip=("text_encoder_2",)), [], "the FLUX pipeline directory lacks text_encoder_2/"),
+    (lambda d: make_sdxl_dir(d, skip=("text_encoder_2", "tokenizer_2")), [], "SDXL pipeline directory lacks text_encoder_2/"),
+    (lambda d: make_sdxl_dir(d, skip=("text_encoder", "tokenizer")), [], "an SDXL refiner"),
+    (lambda d: _set_class(make_pixart_dir(d), "transformer", "SanaTransformer2DModel"), [],
+     "its transformer/ class SanaTransformer2DModel is not supported; supported: "),
+    (lambda d: _set_class(make_sdxl_dir(d), "unet", "UNetSpatioTemporalConditionModel"), [],
+     "its unet/ class UNetSpatioTemporalConditionModel is not supported"),
+    (lambda d: _index(make_sd3_dir(d), _class_name="StableDiffusion3ControlNetPipeline"), [], "a ControlNet pipeline"),
+    (lambda d: make_flux_dir(d, guidance=False), ["--guidance", "2"], "has no guidance embedding (FLUX.1-schnell)"),
+    (lambda d: make_sdxl_dir(d), ["--feature-norm", "layernorm"], "--feature-norm applies to the transformer kinds"),
+    (lambda d: make_pixart_dir(d), ["--guidance", "2"], "--guidance applies to FLUX.1 pipelines only"),
+])
+def test_bad_pipelines_and_options_are_one_line_errors(setup, flags, fragment, images, tmp_path):
+    model = setup(tmp_path / "pipe")
+    result = CliRunner().invoke(main, ["extract", "--model", str(model), "--data", str(images), "--out",
+                                       str(tmp_path / "x.zarr"), "--blocks", "2", "--timesteps", "10", *flags])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert fragment in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "x.zarr").exists()

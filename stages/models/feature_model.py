@@ -54,6 +54,10 @@ class FeatureModel:
     def cast(self, dtype: torch.dtype) -> None:
         """Cast the network's weights to a low compute precision, where the kind does (stages.models.memory)."""
 
+    def input_summary(self) -> str | None:
+        """One line above `pipeline blocks`' table: what an image becomes before the blocks (latent kinds)."""
+        return None
+
     def memory_estimate(self, deepest: int, precision: str):
         """A stages.models.memory.MemoryEstimate for --dry-run, or None where the kind gives none."""
         return None

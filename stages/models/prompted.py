@@ -48,8 +48,23 @@ class PromptedModel(LatentModel):
         self.prompt = prompt
         self.prompts: list[str] = [""] if prompt is None else []
         self._conditioning: dict[str, torch.Tensor] | None = None
-        self.text_parameters = 0  # of the text encoders, counted before they are dropped (for --dry-run)
+        self.text_parameters = 0  # of the text encoders, counted when loaded (for --dry-run)
+        self._encoders: list | None = None
         self._encoders_dropped = False
+
+    @property
+    def encoders(self) -> list | None:
+        """[(tokenizer, text encoder), ...], the encoders loaded on first use (stages.models.text.Deferred)."""
+        if self._encoders is not None and any(isinstance(e, text.Deferred) for _, e in self._encoders):
+            self._encoders = [(t, e.load() if isinstance(e, text.Deferred) else e) for t, e in self._encoders]
+            self.text_parameters = sum(p.numel() for _, e in self._encoders for p in e.parameters())
+        return self._encoders
+
+    @encoders.setter
+    def encoders(self, value: list | None) -> None:
+        self._encoders = value
+        if value is not None and not any(isinstance(e, text.Deferred) for _, e in value):
+            self.text_parameters = sum(p.numel() for _, e in value for p in e.parameters())
 
     # -- what a kind says -------------------------------------------------------------------------------
     def encode_text(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -57,7 +72,7 @@ class PromptedModel(LatentModel):
         raise NotImplementedError
 
     def drop_text_encoders(self) -> None:
-        raise NotImplementedError
+        self.encoders = None
 
     def conditioning_settings(self) -> dict:
         """What else decides the conditioning (sequence lengths, guidance, size conditioning)."""
@@ -109,7 +124,6 @@ class SDXLModel(PromptedModel):
         """`encoders`: [(tokenizer, CLIPTextModel), (tokenizer_2, CLIPTextModelWithProjection)]."""
         super().__init__(unet, vae, scheduler, source, prompt=prompt)
         self.encoders = encoders
-        self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
         expected = int(unet.add_embedding.linear_1.in_features)
         pooled = int(encoders[-1][1].config.projection_dim)
         got = 6 * int(unet.config.addition_time_embed_dim) + pooled
@@ -128,9 +142,6 @@ class SDXLModel(PromptedModel):
             states, pooled = text.clip(tokenizer, encoder, prompts, penultimate=True)
             hidden.append(states)
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
-
-    def drop_text_encoders(self):
-        self.encoders = None
 
     def conditioning_settings(self):
         return {"time_ids": self.time_ids, "hidden_states": "penultimate layer of text_encoder and text_encoder_2",
@@ -168,7 +179,7 @@ def load_sdxl(source: str, *, prompt: str | None = None) -> SDXLModel:
     encoders = [(text.load_tokenizer(path, "tokenizer"), text.load_text_encoder(path, "text_encoder", "CLIPTextModel")),
                 (text.load_tokenizer(path, "tokenizer_2"),
                  text.load_text_encoder(path, "text_encoder_2", "CLIPTextModelWithProjection"))]
-    if getattr(encoders[1][1].config, "projection_dim", None) is None or not hasattr(encoders[1][1], "text_projection"):
+    if encoders[1][1].cls.__name__ != "CLIPTextModelWithProjection":
         raise ModelLoadError(f"--model {source}: text_encoder_2/ is not a CLIPTextModelWithProjection (SDXL's pooled "
                              "embedding is its projection)")
     return SDXLModel(unet, vae, _scheduler(path), encoders, str(source), prompt)

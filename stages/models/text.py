@@ -30,18 +30,38 @@ def component_class(path: Path, name: str) -> str | None:
     return entry[1] if isinstance(entry, (list, tuple)) and len(entry) == 2 else None
 
 
-def load_text_encoder(path: Path, name: str, default: str):
-    """The transformers model in `path/name`, of the class model_index.json names (else `default`), float32."""
-    import transformers
+class Deferred:
+    """A text encoder not loaded yet: its config now (cheap), its weights when `load()` is called.
 
-    cls_name = component_class(path, name) or default
-    cls = getattr(transformers, cls_name, None)
-    if cls is None:
-        raise ModelLoadError(f"--model {path}: {name}/ is a {cls_name}, which transformers does not have")
-    try:
-        return cls.from_pretrained(path / name, dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise ModelLoadError(f"--model {path}: cannot load {name}/ ({type(error).__name__}: {error})") from None
+    `pipeline blocks` and `pipeline pixels` never load T5-XXL's 19 GB; extraction loads it once to encode the
+    prompts and drops it."""
+
+    def __init__(self, path: Path, name: str, default: str):
+        import transformers
+
+        self.path, self.name = path, name
+        cls_name = component_class(path, name) or default
+        self.cls = getattr(transformers, cls_name, None)
+        if self.cls is None:
+            raise ModelLoadError(f"--model {path}: {name}/ is a {cls_name}, which transformers does not have")
+        try:
+            self.config = self.cls.config_class.from_pretrained(path / name)
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(f"--model {path}: cannot read {name}/config.json ({type(error).__name__}: "
+                                 f"{error})") from None
+
+    def load(self):
+        try:
+            return self.cls.from_pretrained(self.path / self.name, dtype=torch.float32).eval()
+        except (OSError, ValueError, RuntimeError, KeyError) as error:
+            raise ModelLoadError(f"--model {self.path}: cannot load {self.name}/ ({type(error).__name__}: "
+                                 f"{error})") from None
+
+
+def load_text_encoder(path: Path, name: str, default: str) -> Deferred:
+    """The transformers model in `path/name`, of the class model_index.json names (else `default`), float32,
+    loaded when first needed (Deferred)."""
+    return Deferred(path, name, default)
 
 
 def load_tokenizer(path: Path, name: str):

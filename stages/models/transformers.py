@@ -144,7 +144,6 @@ class SD3Model(FlowTransformer):
         self.patch = int(transformer.config.patch_size)
         super().__init__(transformer, vae, scheduler, source, prompt=prompt, feature_norm=feature_norm)
         self.encoders = encoders  # [(tokenizer, CLIP-L), (tokenizer_2, CLIP-G), (tokenizer_3, T5)]
-        self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
         self.clip_length = text.max_length(*encoders[0])
         self.schedule = flow_schedule(scheduler, self.grid**2, source)
 
@@ -164,9 +163,6 @@ class SD3Model(FlowTransformer):
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return {"encoder_hidden_states": torch.cat([clip_states, t5_states], dim=-2),
                 "pooled_projections": torch.cat([pooled1, pooled2], dim=-1)}
-
-    def drop_text_encoders(self):
-        self.encoders = None
 
     def conditioning_settings(self):
         return {"max_sequence_length": self.max_sequence_length,
@@ -216,7 +212,6 @@ class FluxModel(FlowTransformer):
                                         "(FLUX.1-schnell); leave --guidance out")
         self.guidance = (FLUX_DEFAULT_GUIDANCE if guidance is None else float(guidance)) if self.guided else None
         self.encoders = encoders  # [(tokenizer, CLIP-L), (tokenizer_2, T5)]
-        self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
         self.schedule = flow_schedule(scheduler, self.grid**2, source)
 
     def text_tokens(self):
@@ -233,9 +228,6 @@ class FluxModel(FlowTransformer):
         _, pooled = text.clip(tok1, clip1, prompts, penultimate=False)
         states, _ = text.t5(tok2, t5, prompts, self.max_sequence_length)
         return {"encoder_hidden_states": states, "pooled_projections": pooled}
-
-    def drop_text_encoders(self):
-        self.encoders = None
 
     def conditioning_settings(self):
         return {"max_sequence_length": self.max_sequence_length, "guidance": self.guidance,
@@ -261,7 +253,6 @@ class PixArtModel(TokenTransformer):
         self.patch = int(transformer.config.patch_size)
         super().__init__(transformer, vae, scheduler, source, prompt=prompt, feature_norm=feature_norm)
         self.encoders = encoders  # [(tokenizer, T5)]
-        self.text_parameters = sum(p.numel() for _, e in encoders for p in e.parameters())
         self.max_sequence_length = int(max_sequence_length)
 
     def block_modules(self):
@@ -272,9 +263,6 @@ class PixArtModel(TokenTransformer):
         ((tokenizer, t5),) = self.encoders
         states, mask = text.t5(tokenizer, t5, prompts, self.max_sequence_length, masked=True)
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
-
-    def drop_text_encoders(self):
-        self.encoders = None
 
     def conditioning_settings(self):
         return {"max_sequence_length": self.max_sequence_length,
