@@ -49,14 +49,16 @@ def build(kind: str):
             unet = diffusers.UNet2DConditionModel(
                 sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-                transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-                addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                projection_class_embeddings_input_dim=2816)
             return SDXLModel(unet, diffusers.AutoencoderKL(**VAE4), diffusers.DDPMScheduler(),
                              [(TOKENIZER, clip_l), (TOKENIZER, clip_g)], "stable-diffusion-xl-base-1.0")
         if kind in ("sd3-medium", "sd3.5-large"):
-            size = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536) if kind == "sd3-medium" else \
-                dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm")
+            medium = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)
+            large = dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm")
+            size = medium if kind == "sd3-medium" else large
             net = diffusers.SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64,
                                                   joint_attention_dim=4096, pooled_projection_dim=2048, out_channels=16,
                                                   pos_embed_max_size=192, **size)

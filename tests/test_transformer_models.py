@@ -212,7 +212,8 @@ def test_batch_size_and_truncation_change_nothing(kind, blocks, stores, dirs, im
 def test_the_flux_pass_stops_after_the_deepest_block(dirs, images, tmp_path):
     model = load_feature_model(str(dirs["flux"]))
     ran = []
-    for name, blocks in (("double", model.network.transformer_blocks), ("single", model.network.single_transformer_blocks)):
+    net = model.network
+    for name, blocks in (("double", net.transformer_blocks), ("single", net.single_transformer_blocks)):
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(lambda m, args, name=name, i=i: ran.append((name, i)))
     run_extract(ExtractConfig(model=str(dirs["flux"]), data=str(images), out=str(tmp_path / "u.zarr"), blocks=(4,),
@@ -303,7 +304,8 @@ def test_text_encoders_are_loaded_only_to_encode_and_freed_before_any_image(dirs
 
 # -- --feature-norm and massive activations ---------------------------------------------------------------------
 def test_feature_norm_layernorm_normalises_each_token_before_pooling(dirs, images, stores, tmp_path):
-    store = extract(dirs["pixart"], images, tmp_path / "n.zarr", blocks=(2,), timesteps=(261,), feature_norm="layernorm")
+    store = extract(dirs["pixart"], images, tmp_path / "n.zarr", blocks=(2,), timesteps=(261,),
+                    feature_norm="layernorm")
     assert store.attrs["model"]["feature_norm"] == {"name": "layernorm", "eps": 1e-6, "affine": False}
     full = reference("pixart", dirs["pixart"], images, store.paths("val"), 261)["transformer_blocks.0"]
     tokens = full.flatten(2).transpose(1, 2)
@@ -363,7 +365,8 @@ def _index(path, **changes):
 @pytest.mark.parametrize("setup, flags, fragment", [
     (lambda d: make_sd3_dir(d, skip=("text_encoder_3", "tokenizer_3")), [], "with its T5 encoder dropped"),
     (lambda d: make_flux_dir(d, skip=("text_encoder_2",)), [], "the FLUX pipeline directory lacks text_encoder_2/"),
-    (lambda d: make_sdxl_dir(d, skip=("text_encoder_2", "tokenizer_2")), [], "SDXL pipeline directory lacks text_encoder_2/"),
+    (lambda d: make_sdxl_dir(d, skip=("text_encoder_2", "tokenizer_2")), [],
+     "SDXL pipeline directory lacks text_encoder_2/"),
     (lambda d: make_sdxl_dir(d, skip=("text_encoder", "tokenizer")), [], "an SDXL refiner"),
     (lambda d: _set_class(make_pixart_dir(d), "transformer", "SanaTransformer2DModel"), [],
      "its transformer/ class SanaTransformer2DModel is not supported; supported: "),

@@ -24,9 +24,9 @@ FLUX_SCHEDULER = dict(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_
 def clip_encoder(hidden: int, *, projection: int | None = None, seed: int = 2, max_length: int = 24):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=max_length, bos_token_id=0, eos_token_id=1,
-                            pad_token_id=1, projection_dim=projection or hidden)
+    config = CLIPTextConfig(vocab_size=CLIP_VOCAB, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                            bos_token_id=0, eos_token_id=1, pad_token_id=1, projection_dim=projection or hidden)
     torch.manual_seed(seed)
     model = CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
     return _fill(model.eval(), seed, std=0.2)
@@ -89,7 +89,8 @@ def make_sdxl_dir(path: Path, skip: tuple[str, ...] = ()) -> Path:
              "scheduler": DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)}
     index = {"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
              "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
              "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDPMScheduler"]}
     return _save(path, parts, index, skip)
 
@@ -108,7 +109,8 @@ def make_sd3_dir(path: Path, skip: tuple[str, ...] = ()) -> Path:
              "text_encoder_3": t5_encoder(), "tokenizer_3": "t5"}
     index = {"_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
              "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
-             "text_encoder": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"],
              "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
              "tokenizer_2": ["transformers", "CLIPTokenizer"], "text_encoder_3": ["transformers", "T5EncoderModel"],
              "tokenizer_3": ["transformers", "T5TokenizerFast"]}

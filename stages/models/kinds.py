@@ -139,6 +139,7 @@ def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: st
         from stages.models import transformers
 
         options = {"guidance": guidance} if kind == "flux" else {}
-        loader = {"sd3": transformers.load_sd3, "flux": transformers.load_flux, "pixart": transformers.load_pixart}[kind]
+        loaders = {"sd3": transformers.load_sd3, "flux": transformers.load_flux, "pixart": transformers.load_pixart}
+        loader = loaders[kind]
         return loader(source, prompt=prompt, feature_norm=feature_norm, **options)
     return load_model(source)

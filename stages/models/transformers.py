@@ -79,7 +79,7 @@ class TokenTransformer(PromptedModel):
         raise NotImplementedError
 
     def text_tokens(self) -> int:
-        """Text tokens in the residual stream beside the image tokens (MMDiT's joint sequence; 0 for cross-attention)."""
+        """Text tokens in the residual stream beside the image tokens (MMDiT's joint sequence; 0: cross-attention)."""
         return 0
 
     def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
@@ -151,7 +151,8 @@ class SD3Model(FlowTransformer):
         return self.clip_length + self.max_sequence_length
 
     def block_modules(self):
-        blocks = [(f"transformer_blocks.{i}", f"joint_blocks[{i}]") for i in range(len(self.network.transformer_blocks))]
+        blocks = [(f"transformer_blocks.{i}", f"joint_blocks[{i}]")
+                  for i in range(len(self.network.transformer_blocks))]
         return [("pos_embed", "x_embedder"), *blocks]
 
     def encode_text(self, prompts):
@@ -218,7 +219,8 @@ class FluxModel(FlowTransformer):
         return self.max_sequence_length
 
     def block_modules(self):
-        double = [(f"transformer_blocks.{i}", f"double_blocks[{i}]") for i in range(len(self.network.transformer_blocks))]
+        double = [(f"transformer_blocks.{i}", f"double_blocks[{i}]")
+                  for i in range(len(self.network.transformer_blocks))]
         single = [(f"single_transformer_blocks.{i}", f"single_blocks[{i}]")
                   for i in range(len(self.network.single_transformer_blocks))]
         return [("x_embedder", "img_in"), *double, *single]
@@ -240,7 +242,8 @@ class FluxModel(FlowTransformer):
             guidance = torch.full((len(sample),), self.guidance, device=sample.device, dtype=torch.float32)
         # FluxPipeline passes the scheduler's timestep / 1000; the transformer multiplies by 1000 again
         network(hidden_states=pack(sample), encoder_hidden_states=states, pooled_projections=rows["pooled_projections"],
-                timestep=self.model_timesteps(timesteps) / 1000, img_ids=image_ids(self.grid, sample.device, sample.dtype),
+                timestep=self.model_timesteps(timesteps) / 1000,
+                img_ids=image_ids(self.grid, sample.device, sample.dtype),
                 txt_ids=torch.zeros(states.shape[1], 3, device=sample.device, dtype=sample.dtype), guidance=guidance)
 
 
@@ -332,7 +335,8 @@ def load_sd3(source: str, *, prompt=None, feature_norm=None) -> SD3Model:
 def load_flux(source: str, *, prompt=None, feature_norm=None, guidance=None) -> FluxModel:
     path = Path(source).expanduser()
     _need(path, {"transformer": "FluxTransformer2DModel", "vae": "AutoencoderKL", "text_encoder": "CLIP-L",
-                 "tokenizer": "CLIP-L's tokenizer", "text_encoder_2": "T5-XXL", "tokenizer_2": "T5's tokenizer"}, "FLUX")
+                 "tokenizer": "CLIP-L's tokenizer", "text_encoder_2": "T5-XXL", "tokenizer_2": "T5's tokenizer"},
+          "FLUX")
     encoders = _encoders(path, [("tokenizer", "text_encoder", "CLIPTextModel"),
                                 ("tokenizer_2", "text_encoder_2", "T5EncoderModel")])
     return FluxModel(_transformer(path, "FluxTransformer2DModel", source), _vae(path, source),
