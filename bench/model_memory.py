@@ -32,53 +32,74 @@ CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hi
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
 TOKENIZER = SimpleNamespace(model_max_length=77)
+# --small: the same structures, narrow (a CPU benchmark); the text encoders keep their widths, with --text-layers
+SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), sample_size=256, norm_num_groups=32)
 
 
-def build(kind: str):
+def build(kind: str, *, device="meta", small: bool = False, text_layers: int | None = None, tokenizers=None):
+    """The project's model of `kind` (stages.models) around networks built from the published configs on `device`
+    (meta: no memory), random weights; `small`: narrow widths and 256 px; `text_layers`: shallow text encoders
+    of the real widths (for a benchmark: their depth does not change the extraction); `tokenizers`:
+    {"clip": ..., "t5": ...} where the encoders are to be run."""
     import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from stages.models.prompted import SDXLModel
     from stages.models.transformers import FluxModel, PixArtModel, SD3Model
 
-    with torch.device("meta"):
-        clip_l, clip_lp = CLIPTextModel(CLIPTextConfig(**CLIP_L)), CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L))
-        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G))
-        t5 = T5EncoderModel(T5Config(**T5_XXL)) if kind != "sdxl" else None
+    clip_tok = (tokenizers or {}).get("clip", TOKENIZER)
+    t5_tok = (tokenizers or {}).get("t5", TOKENIZER)
+    shallow = {} if text_layers is None else {"num_hidden_layers": text_layers}
+    vae4 = {**VAE4, **SMALL_VAE} if small else VAE4
+    vae16 = {**VAE16, **SMALL_VAE} if small else VAE16
+    with torch.device("meta" if device == "meta" else "cpu"):  # text encoders run on the CPU, as extraction runs them
+        clip_l = CLIPTextModel(CLIPTextConfig(**{**CLIP_L, **shallow}))
+        clip_lp = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_L, **shallow}))
+        clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_G, **shallow}))
+        t5 = None if kind == "sdxl" else T5EncoderModel(T5Config(**{**T5_XXL, **(
+            {} if text_layers is None else {"num_layers": text_layers})}))
+    with torch.device(device):
         if kind == "sdxl":  # stabilityai/stable-diffusion-xl-base-1.0
+            widths = dict(block_out_channels=(32, 64, 128), transformer_layers_per_block=(1, 1, 2),
+                          attention_head_dim=(2, 4, 8), sample_size=32) if small else \
+                dict(block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+                     attention_head_dim=(5, 10, 20), sample_size=128)
             unet = diffusers.UNet2DConditionModel(
-                sample_size=128, block_out_channels=(320, 640, 1280), layers_per_block=2,
-                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
+                layers_per_block=2, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=2048,
                 use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
-                projection_class_embeddings_input_dim=2816)
-            return SDXLModel(unet, diffusers.AutoencoderKL(**VAE4), diffusers.DDPMScheduler(),
-                             [(TOKENIZER, clip_l), (TOKENIZER, clip_g)], "stable-diffusion-xl-base-1.0")
+                projection_class_embeddings_input_dim=2816, **widths)
+            return SDXLModel(unet, diffusers.AutoencoderKL(**vae4), diffusers.DDPMScheduler(),
+                             [(clip_tok, clip_l), (clip_tok, clip_g)], "stable-diffusion-xl-base-1.0")
         if kind in ("sd3-medium", "sd3.5-large"):
             medium = dict(num_layers=24, num_attention_heads=24, caption_projection_dim=1536)
             large = dict(num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm")
             size = medium if kind == "sd3-medium" else large
-            net = diffusers.SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, attention_head_dim=64,
-                                                  joint_attention_dim=4096, pooled_projection_dim=2048, out_channels=16,
-                                                  pos_embed_max_size=192, **size)
-            return SD3Model(net, diffusers.AutoencoderKL(**VAE16), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
-                            [(TOKENIZER, clip_lp), (TOKENIZER, clip_g), (None, t5)], kind)
+            if small:
+                size = dict(num_layers=6, num_attention_heads=4, caption_projection_dim=256)
+            net = diffusers.SD3Transformer2DModel(sample_size=32 if small else 128, patch_size=2, in_channels=16,
+                                                  attention_head_dim=64, joint_attention_dim=4096,
+                                                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192,
+                                                  **size)
+            return SD3Model(net, diffusers.AutoencoderKL(**vae16), diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0),
+                            [(clip_tok, clip_lp), (clip_tok, clip_g), (t5_tok, t5)], kind)
         if kind == "flux.1-dev":
-            net = diffusers.FluxTransformer2DModel(in_channels=64, num_layers=19, num_single_layers=38,
-                                                   attention_head_dim=128, num_attention_heads=24,
-                                                   joint_attention_dim=4096, pooled_projection_dim=768,
-                                                   guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+            size = dict(num_layers=2, num_single_layers=4, num_attention_heads=2) if small else \
+                dict(num_layers=19, num_single_layers=38, num_attention_heads=24)
+            net = diffusers.FluxTransformer2DModel(in_channels=64, attention_head_dim=128, joint_attention_dim=4096,
+                                                   pooled_projection_dim=768, guidance_embeds=True,
+                                                   axes_dims_rope=(16, 56, 56), **size)
             scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
-            return FluxModel(net, diffusers.AutoencoderKL(**VAE16), scheduler, [(TOKENIZER, clip_l), (None, t5)], kind)
+            return FluxModel(net, diffusers.AutoencoderKL(**vae16), scheduler, [(clip_tok, clip_l), (t5_tok, t5)], kind)
         if kind == "pixart-sigma-1024":
+            size = dict(sample_size=32, num_layers=6, num_attention_heads=4) if small else \
+                dict(sample_size=128, num_layers=28, num_attention_heads=16)
             net = diffusers.PixArtTransformer2DModel(
-                sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, patch_size=2,
-                in_channels=4, out_channels=8, caption_channels=4096, cross_attention_dim=1152,
-                norm_type="ada_norm_single", num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6,
-                attention_bias=True, activation_fn="gelu-approximate", use_additional_conditions=False,
-                interpolation_scale=2)
-            return PixArtModel(net, diffusers.AutoencoderKL(**VAE4), diffusers.DDPMScheduler(), [(None, t5)], kind)
+                attention_head_dim=72, patch_size=2, in_channels=4, out_channels=8, caption_channels=4096,
+                cross_attention_dim=72 * size["num_attention_heads"], norm_type="ada_norm_single",
+                num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+                activation_fn="gelu-approximate", use_additional_conditions=False, interpolation_scale=2, **size)
+            return PixArtModel(net, diffusers.AutoencoderKL(**vae4), diffusers.DDPMScheduler(), [(t5_tok, t5)], kind)
     raise ValueError(kind)
 
 
