@@ -396,3 +396,28 @@ def test_bf16_casts_the_network_and_stays_close_to_fp32(dirs, images, stores, tm
     model.cast(torch.bfloat16)
     assert next(model.network.parameters()).dtype == torch.bfloat16
     assert next(model.vae.parameters()).dtype == torch.float32  # the latents are what gets noised
+
+
+def test_dry_run_prints_the_memory_estimate(dirs, images, tmp_path):
+    result = CliRunner().invoke(main, ["extract", "--model", str(dirs["flux"]), "--data", str(images), "--out",
+                                       str(tmp_path / "x.zarr"), "--blocks", "3", "--timesteps", "10,500",
+                                       "--precision", "bf16", "--dry-run"])
+    assert result.exit_code == 0, result.output
+    for fragment in ("memory (estimate; bf16):", "FluxTransformer2DModel", "of weights", "never on the GPU",
+                     "per batch row (16 image + 512 text tokens x width 32 x 14)", "peak"):
+        assert fragment in result.output, result.output
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_dit_feature_norm_is_the_layernorm_of_its_tokens(images, tmp_path):
+    from latent_models import make_dit_dir
+    from tests.test_latent_models import dit_reference
+
+    dit = make_dit_dir(tmp_path / "dit")
+    store = extract(dit, images, tmp_path / "n.zarr", blocks=(3,), timesteps=(261,), feature_norm="layernorm")
+    full = dit_reference(dit, images, store.paths("val"), 261)["transformer_blocks.1"]
+    tokens = full.flatten(2).transpose(1, 2)
+    normed = F.layer_norm(tokens, (tokens.shape[-1],), eps=1e-6).transpose(1, 2).reshape(full.shape)
+    np.testing.assert_allclose(store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(),
+                               rtol=1e-5, atol=1e-5)
+    assert store.attrs["model"]["feature_norm"]["name"] == "layernorm"
