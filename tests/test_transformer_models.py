@@ -421,3 +421,33 @@ def test_dit_feature_norm_is_the_layernorm_of_its_tokens(images, tmp_path):
     np.testing.assert_allclose(store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(),
                                rtol=1e-5, atol=1e-5)
     assert store.attrs["model"]["feature_norm"]["name"] == "layernorm"
+
+
+def test_two_processes_write_the_store_one_process_writes(dirs, images, tmp_path):
+    """FLUX under torch.distributed (gloo, 2 ranks, started as torchrun starts them) equals one process, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.s3_server import closed_port
+    from tests.test_distributed import REPO, assert_same, decoded, finish
+
+    def launch(out, world_size):
+        port, processes = closed_port(), []
+        for rank in range(world_size):
+            env = {**os.environ, "OMP_NUM_THREADS": "1"}
+            if world_size > 1:
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                           PIPELINE_DIST_TIMEOUT="120")
+            command = [sys.executable, "-m", "pipeline", "extract", "--model", str(dirs["flux"]), "--data",
+                       str(images), "--out", str(out), "--blocks", "2,5", "--timesteps", "10,500", "--pool", "1,2",
+                       "--batch-size", "4", "--chunk-samples", "2", "--shard-samples", "2", "--device", "cpu"]
+            processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                              stderr=subprocess.PIPE, text=True))
+        return finish(processes)
+
+    for world_size in (1, 2):
+        for code, _, err in launch(tmp_path / f"w{world_size}.zarr", world_size):
+            assert code == 0, err[-3000:]
+    assert_same(decoded(tmp_path / "w1.zarr"), decoded(tmp_path / "w2.zarr"))
