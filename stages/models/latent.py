@@ -266,7 +266,9 @@ class DiTModel(LatentModel):
     def identity(self) -> dict:
         identity = {**self._identity(), "conditioning": {"class_label": self.null_class, "null_class": True}}
         if self.feature_norm:  # recorded only when used: a store without it stays what it always was
-            identity["feature_norm"] = {"name": self.feature_norm, "eps": 1e-6, "affine": False}
+            from stages.models.tokens import feature_norm_record
+
+            identity["feature_norm"] = feature_norm_record(self.feature_norm)
         return identity
 
 

@@ -23,6 +23,11 @@ FEATURE_NORMS = ("none", "layernorm")
 LAYERNORM_EPS = 1e-6  # the eps of every supported transformer's norm_out (elementwise_affine=False)
 
 
+def feature_norm_record(norm: str) -> dict:
+    """What the store's identity records of a `--feature-norm` in use."""
+    return {"name": norm, "eps": LAYERNORM_EPS, "affine": False}
+
+
 def image_tokens(output, *, joint: bool = False) -> torch.Tensor:
     """(B, N, D) image tokens of a block's output: the second of MMDiT's (text, image) pair, else the tensor."""
     if joint:

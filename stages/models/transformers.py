@@ -35,7 +35,7 @@ from stages.models.flow import FlowSchedule, flow_schedule
 from stages.models.latent import _loading, _need, _scheduler
 from stages.models.loading import ModelLoadError
 from stages.models.prompted import PromptedModel
-from stages.models.tokens import FEATURE_NORMS, image_tokens, token_map
+from stages.models.tokens import FEATURE_NORMS, feature_norm_record, image_tokens, token_map
 
 FLUX_DEFAULT_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (FLUX.1-dev); schnell has no guidance embedding
 
@@ -102,7 +102,7 @@ class TokenTransformer(PromptedModel):
     def identity(self) -> dict:
         identity = {**self._identity(), "conditioning": self.conditioning_record(), "noising": self.noising_record()}
         if self.feature_norm:  # recorded only when used: the default store is the raw residual stream
-            identity["feature_norm"] = {"name": self.feature_norm, "eps": 1e-6, "affine": False}
+            identity["feature_norm"] = feature_norm_record(self.feature_norm)
         return identity
 
 
