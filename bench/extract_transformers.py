@@ -86,8 +86,9 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
         plan = make_plan(config, model)  # encodes the prompt once and frees the text encoders
         params = sum(p.numel() for p in model.network.parameters()) / 1e9
         print(f"{kind} ({KINDS[kind]}{'' if full else ', narrow'}): {params:.2f}B parameters, {len(table)} blocks, "
-              f"{size} px -> {model.latent_size}^2 x {model.latent_channels} latents; blocks {lo}-{hi}; {images} images "
-              f"x {len(timesteps)} timesteps; batch {batch} rows; {device} {precision}; built in {built:.0f} s")
+              f"{size} px -> {model.latent_size}^2 x {model.latent_channels} latents; blocks {lo}-{hi}; "
+              f"{images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} {precision}; "
+              f"built in {built:.0f} s")
         estimate = model.memory_estimate(max(blocks), precision)
         print("\n".join(estimate.lines(batch, max(1, batch // len(timesteps)), precision)))
         model.prepare(device)

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import json
 import math
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from transformer_models import make_flux_dir, make_pixart_dir, make_sd3_dir, make_sdxl_dir
 
 from cache.errors import StoreMismatchError
-from conftest import make_image_folder
 from pipeline.cli import main
 from stages.extract import noise
 from stages.extract.plan import ExtractConfig, make_plan
@@ -25,7 +25,8 @@ from stages.extract.run import run_extract
 from stages.models.kinds import load_feature_model
 from tests.test_extract import reference_image
 from tests.test_latent_models import POOLS, extract
-from transformer_models import make_flux_dir, make_pixart_dir, make_sd3_dir, make_sdxl_dir
+
+from conftest import make_image_folder
 
 TIMESTEPS = (0, 261, 999)
 MAKERS = {"sdxl": make_sdxl_dir, "sd3": make_sd3_dir, "flux": make_flux_dir, "pixart": make_pixart_dir}
@@ -49,12 +50,13 @@ def stores(dirs, images, tmp_path_factory):
 
 
 # -- the references: diffusers' pipelines and schedulers, our code nowhere --------------------------------------
-@lru_cache(maxsize=None)
+@cache
 def pipeline(kind: str, directory: str):
     """The diffusers pipeline of `kind` built from the directory's components (float32, CPU)."""
+    from pathlib import Path
+
     import diffusers
     import transformers
-    from pathlib import Path
 
     path = Path(directory)
     index = json.loads((path / "model_index.json").read_text())
@@ -410,8 +412,9 @@ def test_dry_run_prints_the_memory_estimate(dirs, images, tmp_path):
 
 
 def test_dit_feature_norm_is_the_layernorm_of_its_tokens(images, tmp_path):
-    from latent_models import make_dit_dir
     from tests.test_latent_models import dit_reference
+
+    from latent_models import make_dit_dir
 
     dit = make_dit_dir(tmp_path / "dit")
     store = extract(dit, images, tmp_path / "n.zarr", blocks=(3,), timesteps=(261,), feature_norm="layernorm")

@@ -11,8 +11,15 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DDPMScheduler, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel,
-                       PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel)
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
+    PixArtTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 
 from latent_models import LETTERS, _fill, write_tokenizer
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
+from cache.extras import require
 from stages.models.blocks import Block, UnsupportedModelError, block_table
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
@@ -66,7 +67,8 @@ class LatentModel(FeatureModel):
         self.image_size = self.latent_size * self.vae_factor
         self.latent_channels = latent_channels or int(network.config.in_channels)
         if int(vae.config.latent_channels) != self.latent_channels:
-            raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but the "
+            raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but "
+                                 f"the "
                                  f"{type(network).__name__} takes {self.latent_channels} channels")
 
     @property
@@ -302,6 +304,8 @@ def _loading(source, what):
 def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x pipeline directory: unet/, vae/, text_encoder/, tokenizer/ (scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    require("transformers", "transformers", "a Stable Diffusion pipeline's text encoder")
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(source).expanduser()
