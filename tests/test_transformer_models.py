@@ -426,6 +426,7 @@ def test_dit_feature_norm_is_the_layernorm_of_its_tokens(images, tmp_path):
     assert store.attrs["model"]["feature_norm"]["name"] == "layernorm"
 
 
+@pytest.mark.slow  # torch.distributed process groups
 def test_two_processes_write_the_store_one_process_writes(dirs, images, tmp_path):
     """FLUX under torch.distributed (gloo, 2 ranks, started as torchrun starts them) equals one process, bit for bit."""
     import os
