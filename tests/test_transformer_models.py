@@ -349,6 +349,8 @@ def test_blocks_command_shows_the_transformer_blocks(dirs):
     result = CliRunner().invoke(main, ["blocks", "--model", str(dirs["flux"])])
     assert result.exit_code == 0, result.output
     assert "single_transformer_blocks.1" in result.output and "double_blocks[0]" in result.output
+    model = load_feature_model(str(dirs["flux"]))
+    assert f"250 -> {model.noise_scales(250)[1]:.3f}" in result.output and "mu " in result.output
 
 
 # -- bad input: one-line errors, nothing written -------------------------------------------------------------------

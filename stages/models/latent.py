@@ -119,7 +119,7 @@ class LatentModel(FeatureModel):
     def input_summary(self) -> str:
         side = self.latent_size
         return (f"{self.kind}: {self.image_size} px images -> {side}x{side}x{self.latent_channels} latents "
-                f" (VAE /{self.vae_factor}); px/cell and latent/cell: what one cell of a block's map covers")
+                f"(VAE /{self.vae_factor}); px/cell and latent/cell: what one cell of a block's map covers")
 
     def memory_estimate(self, deepest: int, precision: str):
         """stages.models.memory.MemoryEstimate for blocks up to `deepest` at `precision` (for --dry-run)."""

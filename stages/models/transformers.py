@@ -129,6 +129,14 @@ class FlowTransformer(TokenTransformer):
     def noising_record(self) -> dict:
         return {**self.schedule.record, "formula": self.noise_formula()}
 
+    def input_summary(self) -> str:
+        """`pipeline blocks`' header, with the timestep -> sigma mapping a user picks timesteps by."""
+        record = self.schedule.record
+        shift = f"mu {record['mu']:.3f}" if "mu" in record else f"shift {record['shift']:g}"
+        points = ", ".join(f"{t} -> {float(self.schedule.sigmas[t]):.3f}" for t in (0, 100, 250, 500, 750, 999))
+        return (f"{super().input_summary()}\nnoise: x_t = (1 - sigma_t) z0 + sigma_t eps, sigma_t = {record['sigma']} "
+                f"({shift}); t -> sigma: {points}")
+
     def model_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
         """The network's timestep input for our integer timesteps: the scheduler's timestep (sigma x N)."""
         return self.schedule.timesteps.to(timesteps.device)[timesteps]
