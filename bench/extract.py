@@ -5,6 +5,7 @@
     python bench/extract.py --nproc 2                # 1 process against 2 (torchrun), and the store's objects
     python bench/extract.py --model-kind sd|dit      # latent models (bench/extract_latent.py;
                                                      # --full: SD-2.1 / DiT-XL/2 sizes)
+    python bench/extract.py --model-kind sdxl|sd3|flux|pixart   # bench/extract_transformers.py (--full: real sizes)
 
 CPU mode prints wall time of (a) bare full forward passes, one per timestep, on tensors already in
 memory; (b) extraction of every block at those timesteps into a store (decoding, noise, hooks,
@@ -130,16 +131,21 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=None,
                         help="compare 1 process with N under torchrun, and count the store's objects "
                              "(bench/extract_scale.py)")
-    parser.add_argument("--model-kind", choices=("unet", "sd", "dit"), default="unet",
-                        help="sd, dit: a latent model (bench/extract_latent.py), VAE encoding timed separately")
+    parser.add_argument("--model-kind", choices=("unet", "sd", "dit", "sdxl", "sd3", "flux", "pixart"), default="unet",
+                        help="sd, dit: a latent model (bench/extract_latent.py); sdxl, sd3, flux, pixart: "
+                             "bench/extract_transformers.py; VAE encoding timed separately")
     parser.add_argument("--full", action="store_true",
-                        help="with --model-kind: SD-2.1- or DiT-XL/2-sized random weights")
+                        help="with --model-kind: SD-2.1-, DiT-XL/2-, SDXL-, SD3-medium-, FLUX.1-dev- or "
+                             "PixArt-Sigma-sized random weights")
     parser.add_argument("--precision", default=None, help="with --model-kind [default: bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args()
     device = torch.device(args.device)
     timesteps = [int(t) for t in args.timesteps.split(",")]
     if args.model_kind != "unet":
-        from bench.extract_latent import run
+        if args.model_kind in ("sd", "dit"):
+            from bench.extract_latent import run
+        else:
+            from bench.extract_transformers import run
 
         run(args.model_kind, full=args.full, device=device,
             images=args.images or (128 if device.type == "cuda" else 32),

@@ -10,6 +10,11 @@
 #    against 2 sharing the GPU (bench/extract.py --nproc 2) and the store's objects with and without shards.
 # 4. the model kinds' parity tests on the GPU, and bench/extract.py --model-kind sd --full: SD-2.1-sized
 #    random weights (768 px) at bf16, VAE encoding timed separately (transformers and timm needed).
+# 5. today's models (issue 22): their parity tests on the GPU, then bench/extract.py --model-kind flux --full and
+#    --model-kind sd3 --full: FLUX.1-dev-sized (11.9B) and SD3-medium-sized (2.0B) random weights at 1024 px in bf16,
+#    built on the GPU (never written to disk), with the peak GPU memory beside the --dry-run estimate.
+#    Prepared, not yet run on a GPU (about 6 more minutes, estimated). `bash bench/gpu_check.sh OUT transformers`
+#    runs section 5 alone.
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
 # wheels in .whl/ first; they are installed into /tmp/site.
 set -u
@@ -23,6 +28,18 @@ if [ -d .whl ]; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 nvidia-smi -L
+transformers_check() {
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_transformer_models.py \
+        2>&1 | tail -15 | tee "$out/pytest_transformers_gpu.txt"
+    timeout 360 python3 bench/extract.py --device cuda --model-kind flux --full --images 32 --timesteps 250,750 \
+        --batch-size 16 --repeats 1 2>&1 | grep -v Warn | tail -16 | tee "$out/extract_flux_dev.txt"
+    timeout 240 python3 bench/extract.py --device cuda --model-kind sd3 --full --images 64 --timesteps 250,750 \
+        --batch-size 32 --repeats 1 2>&1 | grep -v Warn | tail -16 | tee "$out/extract_sd3_medium.txt"
+}
+if [ "${2:-}" = transformers ]; then
+    transformers_check
+    exit 0
+fi
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_extract.py tests/test_probe.py tests/test_probe_heads.py \
     2>&1 | tail -15 | tee "$out/pytest_gpu.txt"
 timeout 120 python3 bench/probe.py --device cuda --threads 1 --workdir /tmp/bench-probe 2>&1 | grep -v Warn \
@@ -35,3 +52,4 @@ timeout 240 python3 bench/extract.py --device cuda --model-kind sd --full --imag
     2>&1 | grep -v Warn | tail -5 | tee "$out/extract_sd21.txt"
 timeout 200 python3 bench/extract.py --device cuda --nproc 2 --images 512 --timesteps 10,90,150 2>&1 | grep -v Warn \
     | tail -6 | tee "$out/extract_nproc2.txt"
+transformers_check

@@ -201,7 +201,7 @@ def test_dift_up_ft_index_is_the_last_row_of_each_up_block():
     (lambda d: make_sd_dir(d, skip=("vae",)), "lacks vae/ (AutoencoderKL)"),
     (lambda d: make_sd_dir(d, skip=("text_encoder", "tokenizer")),
      "lacks text_encoder/ (the text encoder), tokenizer/"),
-    (lambda d: _sdxl(make_sd_dir(d)), "SDXL"),
+    (lambda d: _sdxl(make_sd_dir(d)), "the SDXL pipeline directory lacks text_encoder_2/"),
 ])
 def test_bad_pipeline_directories_are_one_line_errors(setup, fragment, images, tmp_path):
     model = setup(tmp_path / "pipe")

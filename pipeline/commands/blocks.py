@@ -14,4 +14,6 @@ def blocks(model: str) -> None:
     from stages.models.blocks import format_table
     from stages.models.kinds import load_feature_model
 
-    click.echo(format_table(load_feature_model(model, weights=False).block_table()))
+    loaded = load_feature_model(model, weights=False)
+    click.echo(format_table(loaded.block_table(), latent_factor=getattr(loaded, "vae_factor", None),
+                            title=loaded.input_summary()))

@@ -68,6 +68,8 @@ class ExtractConfig:
     views: int = 1  # views of each image of `view_splits`: the centre view and views - 1 augmented ones
     augment: str | Augment | None = None  # e.g. "resized-crop,flip" (stages.data.augment); None: that default
     view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
+    feature_norm: str | None = None  # transformer kinds: "layernorm" normalises each token (stages.models.tokens)
+    guidance: float | None = None  # FLUX.1-dev: the guidance embedding's value (None: the pipeline's 3.5)
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -154,6 +156,9 @@ class Plan:
             count = self.objects(split)
             objects += count
             lines.append(f"{split:<{width}} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
+        estimate = self.model.memory_estimate(max(self.grids), self.config.precision)
+        if estimate is not None:
+            lines += estimate.lines(images * len(self.config.timesteps), images, self.config.precision)
         flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
         index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
         lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} "
@@ -241,7 +246,8 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     if model is None:
         from stages.models.kinds import load_feature_model
 
-        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint)
+        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint,
+                                   feature_norm=config.feature_norm, guidance=config.guidance)
     if config.timesteps is None:
         config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)

@@ -1,6 +1,7 @@
 """The extraction run: one forward pass per batch (all timesteps at once) into the feature store.
 
     x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   eps = noise(seed, index, t, shape)   (stages.extract.noising)
+    (rectified flow: x_t = (1 - sigma_t) z0 + sigma_t eps; each model's FeatureModel.noise_scales)
 
 Work is organised by the store's shards: every batch lies inside one sample chunk, and a shard's
 arrays are handed to a background writer as soon as the shard is complete, so the forward passes
@@ -14,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 import time
 from collections import deque
@@ -94,6 +94,8 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
         writer, work = _open_store(plan, job)
         try:
             plan.model.prepare(device)
+            if config.precision != "fp32":
+                plan.model.cast(COMPUTE_DTYPES[config.precision])  # a no-op but for the kinds sized for today's models
             writer_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
             with plan.model.capture(plan.blocks) as capture, writer_thread as pool:
                 for split in plan.splits:
@@ -185,8 +187,7 @@ def noise_record(model: FeatureModel, draws: int) -> dict:
     """What the store's info says about the noise (the settings hold what decides it)."""
     if not model.diffusion:
         return {"formula": "none: not a diffusion model; features are stored under the marker timestep 0"}
-    x0 = "x0" if model.kind == "unet" else "z0 (the VAE's posterior mean x its scaling factor)"
-    record = {"formula": f"x_t = sqrt(abar_t) {x0} + sqrt(1 - abar_t) eps",
+    record = {"formula": model.noise_formula(),
               "eps": "stages.extract.noise(seed, index, t, shape)"}
     if draws > 1:
         record["ensemble"] = (f"the mean feature over draws k = 0..{draws - 1}, "
@@ -249,10 +250,8 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
-    if model.diffusion:
-        abar = model.alphas_cumprod()
-        scale_x0 = [float(math.sqrt(abar[t])) for t in steps]
-        scale_eps = [float(math.sqrt(1.0 - abar[t])) for t in steps]
+    if model.diffusion:  # x_t = a x0 + b eps, the model's own noising (FeatureModel.noise_scales)
+        scale_x0, scale_eps = (list(column) for column in zip(*(model.noise_scales(t) for t in steps)))
     labels = torch.as_tensor(data.labels, dtype=torch.int64)
     autocast = (
         torch.autocast(device.type, dtype=COMPUTE_DTYPES[config.precision])

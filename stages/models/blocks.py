@@ -109,13 +109,18 @@ def resolve_blocks(numbers: tuple[int, ...] | None, table: list[Block]) -> list[
     return [by_number[n] for n in sorted(set(numbers))]
 
 
-def format_table(table: list[Block]) -> str:
+def format_table(table: list[Block], *, latent_factor: int | None = None, title: str | None = None) -> str:
+    """The table as `pipeline blocks` prints it; for a latent model (`latent_factor`: its VAE's downsampling)
+    also each block's cells (a transformer's image tokens) and how many latent cells one cell covers."""
     latent = any(b.stride is not None for b in table)
     header = f"{'block':>5}  {'module':<32} {'adm':<18} {'channels':>8}  {'resolution':>10}"
     header += f"  {'px/cell':>7}" if latent else ""
+    header += f"  {'cells':>6}  {'latent/cell':>11}" if latent and latent_factor else ""
     rows = [
         f"{b.number:>5}  {b.module:<32} {b.adm_name:<18} {b.channels:>8}  {f'{b.resolution}x{b.resolution}':>10}"
         + (f"  {b.stride:>7}" if latent else "")
+        + (f"  {b.resolution**2:>6}  {f'{b.stride // latent_factor}x{b.stride // latent_factor}':>11}"
+           if latent and latent_factor else "")
         for b in table
     ]
-    return "\n".join([header, *rows])
+    return "\n".join([*([title] if title else []), header, *rows])

@@ -15,12 +15,19 @@
     bind_classes(classes)    the data set's class names, before identity() (a prompt template uses them)
     identity()               everything about the model that decides its features (the store's "model")
     num_train_timesteps, alphas_cumprod()   the noise schedule (diffusion kinds)
+    noise_scales(t)          (a, b) of x_t = a x0 + b eps: sqrt(abar_t), sqrt(1 - abar_t) for the DDPM family,
+                             (1 - sigma_t, sigma_t) for rectified flow (stages.models.flow)
+    noise_formula()          that formula in words, for the store's info
+    cast(dtype)              at bf16 / fp16, the kinds made for today's sizes cast their network's weights
+    memory_estimate(deepest, precision)   weights and activations for --dry-run (latent kinds), else None
 
 The chunk and batch scheduling, the noise function, the store and resuming stay in
 stages.extract.run, shared by every kind.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -43,6 +50,25 @@ class FeatureModel:
 
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
         return x0
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Cast the network's weights to a low compute precision, where the kind does (stages.models.memory)."""
+
+    def input_summary(self) -> str | None:
+        """One line above `pipeline blocks`' table: what an image becomes before the blocks (latent kinds)."""
+        return None
+
+    def memory_estimate(self, deepest: int, precision: str):
+        """A stages.models.memory.MemoryEstimate for --dry-run, or None where the kind gives none."""
+        return None
+
+    def noise_scales(self, timestep: int) -> tuple[float, float]:
+        abar = self.alphas_cumprod()
+        return float(math.sqrt(abar[timestep])), float(math.sqrt(1.0 - abar[timestep]))
+
+    def noise_formula(self) -> str:
+        x0 = "x0" if self.kind == "unet" else "z0 (the VAE's posterior mean x its scaling factor)"
+        return f"x_t = sqrt(abar_t) {x0} + sqrt(1 - abar_t) eps"
 
     def bind_classes(self, classes: list[str]) -> None:
         pass

@@ -4,9 +4,17 @@
     timm:<name>                   a timm architecture, weights from --checkpoint (stages.models.backbones)
     a pipeline directory with unet/ holding a UNet2DConditionModel, vae/, text_encoder/, tokenizer/
                                   Stable Diffusion 1.x/2.x (stages.models.latent)
+    ... whose UNet2DConditionModel has addition_embed_type "text_time", with text_encoder_2/, tokenizer_2/
+                                  SDXL (stages.models.prompted)
     a pipeline directory with transformer/ holding a DiTTransformer2DModel, vae/
                                   DiT (stages.models.latent)
+    ... an SD3Transformer2DModel, a FluxTransformer2DModel or a PixArtTransformer2DModel, with the pipeline's
+        text encoders and tokenizers, vae/, scheduler/
+                                  SD3 / SD3.5, FLUX.1, PixArt-Alpha / Sigma (stages.models.transformers)
     anything else                 a pixel-space UNet2DModel (stages.models.loading)
+
+Anything else a diffusers pipeline directory can hold (video models, ControlNets, other transformers
+such as Sana's, SDXL refiners) is refused by name, with the list of what is supported.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from stages.models.blocks import UnsupportedModelError
 from stages.models.feature_model import FeatureModel
 from stages.models.loading import ModelLoadError, load_model
 
@@ -25,8 +34,58 @@ def _class_name(config: Path) -> str | None:
         return None
 
 
+SUPPORTED = ("pixel-space UNet2DModel directories, Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/SD3.5, FLUX.1-dev/schnell "
+             "and PixArt-Alpha/Sigma pipeline directories, hf: and timm: vision backbones")
+TRANSFORMERS = {"DiTTransformer2DModel": "dit", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
+                "PixArtTransformer2DModel": "pixart"}
+TEXT_CONDITIONED = ("stable-diffusion", "sdxl", "sd3", "flux", "pixart")
+TOKEN_KINDS = ("dit", "sd3", "flux", "pixart")  # transformer kinds: --feature-norm applies
+
+
+def refuse(source: str, what: str) -> UnsupportedModelError:
+    return UnsupportedModelError(f"--model {source}: {what} is not supported; supported: {SUPPORTED}")
+
+
+def _pipeline_kind(path: Path, source: str) -> str | None:
+    """The kind of a diffusers pipeline directory, None if it is not one; unsupported ones are refused."""
+    index = path / "model_index.json"
+    try:
+        entries = json.loads(index.read_text()) if index.exists() else {}
+    except ValueError:
+        entries = {}
+    pipeline = str(entries.get("_class_name") or "")
+    if "controlnet" in entries or (path / "controlnet").is_dir() or "ControlNet" in pipeline:
+        raise refuse(source, f"a ControlNet pipeline ({pipeline or 'controlnet/'})")
+    if "Video" in pipeline or "Vid" in pipeline:
+        raise refuse(source, f"a video pipeline ({pipeline})")
+    transformer = _class_name(path / "transformer" / "config.json")
+    if transformer is not None:
+        if transformer not in TRANSFORMERS:
+            raise refuse(source, f"its transformer/ class {transformer}")
+        return TRANSFORMERS[transformer]
+    unet = _class_name(path / "unet" / "config.json")
+    if unet == "UNet2DConditionModel":
+        config = json.loads((path / "unet" / "config.json").read_text())
+        addition = config.get("addition_embed_type")
+        if addition == "text_time":
+            if not (path / "text_encoder").is_dir() and (path / "text_encoder_2").is_dir():
+                raise refuse(source, "an SDXL refiner (text_encoder_2/ only, aesthetic-score conditioning)")
+            return "sdxl"
+        if addition:
+            raise refuse(source, f"a U-Net with added {addition!r} conditioning")
+        return "stable-diffusion"
+    if unet is not None and unet != "UNet2DModel":
+        raise refuse(source, f"its unet/ class {unet}")
+    if "transformer" in entries:
+        return "dit"
+    if "text_encoder" in entries or "vae" in entries:
+        return "stable-diffusion"
+    return None
+
+
 def model_kind(source: str) -> str:
-    """"hf", "timm", "stable-diffusion", "dit" or "unet", from the name and (for a directory) its layout."""
+    """"hf", "timm", "stable-diffusion", "sdxl", "dit", "sd3", "flux", "pixart" or "unet", from the name and
+    (for a directory) its layout; a pipeline of another kind is refused (UnsupportedModelError)."""
     text = str(source)
     if text.startswith("hf:"):
         return "hf"
@@ -34,34 +93,28 @@ def model_kind(source: str) -> str:
         return "timm"
     path = Path(text).expanduser()
     if path.is_dir():
-        if _class_name(path / "transformer" / "config.json") == "DiTTransformer2DModel":
-            return "dit"
-        if _class_name(path / "unet" / "config.json") == "UNet2DConditionModel":
-            return "stable-diffusion"
-        index = path / "model_index.json"
-        if index.exists():
-            try:
-                entries = json.loads(index.read_text())
-            except ValueError:
-                entries = {}
-            if "transformer" in entries:
-                return "dit"
-            if "text_encoder" in entries or "vae" in entries:
-                return "stable-diffusion"
+        return _pipeline_kind(path, text) or "unet"
     return "unet"
 
 
 def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: str | None = None,
-                       weights: bool = True) -> FeatureModel:
+                       weights: bool = True, feature_norm: str | None = None,
+                       guidance: float | None = None) -> FeatureModel:
     """Load what `--model` names (module docstring); options that do not apply to its kind are refused.
 
     `weights=False` is enough for the block table: a timm model then needs no checkpoint."""
     kind = model_kind(source)
-    if prompt is not None and kind != "stable-diffusion":
-        raise ModelLoadError(f"--prompt applies to Stable Diffusion pipelines only; --model {source} is a {kind} model")
+    if prompt is not None and kind not in TEXT_CONDITIONED:
+        raise ModelLoadError(f"--prompt applies to text-conditioned pipelines ({', '.join(TEXT_CONDITIONED)}); "
+                             f"--model {source} is a {kind} model")
     if checkpoint is not None and kind != "timm":
         raise ModelLoadError(f"--checkpoint applies to timm: models only; --model {source} is a {kind} model "
                              "(its weights are in its directory)")
+    if feature_norm not in (None, "none") and kind not in TOKEN_KINDS:
+        raise ModelLoadError(f"--feature-norm applies to the transformer kinds ({', '.join(TOKEN_KINDS)}); --model "
+                             f"{source} is a {kind} model: leave --feature-norm out")
+    if guidance is not None and kind != "flux":
+        raise ModelLoadError(f"--guidance applies to FLUX.1 pipelines only; --model {source} is a {kind} model")
     if kind == "hf":
         from stages.models.backbones import load_hf
 
@@ -74,8 +127,19 @@ def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: st
         from stages.models.latent import load_stable_diffusion
 
         return load_stable_diffusion(source, prompt=prompt)
+    if kind == "sdxl":
+        from stages.models.prompted import load_sdxl
+
+        return load_sdxl(source, prompt=prompt)
     if kind == "dit":
         from stages.models.latent import load_dit
 
-        return load_dit(source)
+        return load_dit(source, feature_norm=feature_norm)
+    if kind in ("sd3", "flux", "pixart"):
+        from stages.models import transformers
+
+        options = {"guidance": guidance} if kind == "flux" else {}
+        loaders = {"sd3": transformers.load_sd3, "flux": transformers.load_flux, "pixart": transformers.load_pixart}
+        loader = loaders[kind]
+        return loader(source, prompt=prompt, feature_norm=feature_norm, **options)
     return load_model(source)

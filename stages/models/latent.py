@@ -10,7 +10,7 @@ pipeline's own schedule and the project's noise function over the latent shape.
   instead (the class folder's name, `_` read as a space). The prompt and the embeddings' sha256 are
   part of the store's identity. Its block table numbers the U-Net as `stages.models.blocks` numbers
   `UNet2DModel`, which for SD 1.x/2.x is the original LDM code's `input_blocks`, `middle_block`,
-  `output_blocks`. SDXL (added text-time conditioning) is refused for now.
+  `output_blocks`. SDXL (added text-time conditioning) is stages.models.prompted's.
 - DiT is class-conditional; it is run with the null class (the unconditional embedding of
   classifier-free guidance), which the store records. Its blocks are the patch embedding and each
   transformer block, tokens laid out as the patch grid.
@@ -50,15 +50,22 @@ def _square(size) -> int:
 class LatentModel(FeatureModel):
     """A network over the latents of `vae`, noised with `scheduler` (shared by Stable Diffusion and DiT)."""
 
-    def __init__(self, network: nn.Module, vae: nn.Module, scheduler, source: str):
-        # the VAE runs in float32 whatever the compute precision: the latents are what gets noised
+    # The kinds made for today's model sizes (SDXL, SD3, FLUX, PixArt) cast the network's weights to the compute
+    # precision and encode images in VAE slices (stages.models.memory); SD 1.x/2.x and DiT keep computing as their
+    # existing stores were computed (float32 weights under autocast, one VAE call per batch).
+    at_scale = False
+
+    def __init__(self, network: nn.Module, vae: nn.Module, scheduler, source: str, *, latent_size: int | None = None,
+                 latent_channels: int | None = None):
+        # the VAE runs in float32 whatever the compute precision (SDXL's VAE overflows in fp16): the latents are
+        # what gets noised
         vae = vae if next(vae.parameters()).dtype == torch.float32 else vae.float()
         self.network, self.vae, self.scheduler, self.source = network, vae.eval(), scheduler, source
         self.network.eval()
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.latent_size = _square(network.config.sample_size)
+        self.latent_size = latent_size or _square(network.config.sample_size)
         self.image_size = self.latent_size * self.vae_factor
-        self.latent_channels = int(network.config.in_channels)
+        self.latent_channels = latent_channels or int(network.config.in_channels)
         if int(vae.config.latent_channels) != self.latent_channels:
             raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but "
                                  f"the "
@@ -86,11 +93,49 @@ class LatentModel(FeatureModel):
         self.network = self.network.to(device).eval()
         self.vae = self.vae.to(device).eval()
 
+    def cast(self, dtype: torch.dtype) -> None:
+        if self.at_scale:
+            self.network = self.network.to(dtype)
+
     def encode(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H / f, W / f): the posterior mean x scaling factor, in float32."""
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H / f, W / f): (posterior mean - shift factor) x scaling factor,
+        in float32 (SD3 and FLUX's VAEs have a shift factor; SD's and DiT's none)."""
+        if self.at_scale:
+            from stages.models.memory import vae_image_bytes, vae_slice
+
+            step = vae_slice(vae_image_bytes(self.vae, self.image_size), len(x0))
+            if step < len(x0):
+                return torch.cat([self._encode(x0[i:i + step]) for i in range(0, len(x0), step)])
+        return self._encode(x0)
+
+    def _encode(self, x0: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x0.device.type, enabled=False):
             mean = self.vae.encode(x0.float()).latent_dist.mean
+        shift = self.vae.config.get("shift_factor")
+        if shift:
+            mean = mean - float(shift)
         return mean * float(self.vae.config.scaling_factor)
+
+    def input_summary(self) -> str:
+        side = self.latent_size
+        return (f"{self.kind}: {self.image_size} px images -> {side}x{side}x{self.latent_channels} latents "
+                f"(VAE /{self.vae_factor}); px/cell and latent/cell: what one cell of a block's map covers")
+
+    def memory_estimate(self, deepest: int, precision: str):
+        """stages.models.memory.MemoryEstimate for blocks up to `deepest` at `precision` (for --dry-run)."""
+        from stages.models import memory
+
+        params = memory.parameters(self.network)
+        row_bytes, basis = self.activation_row_bytes(deepest, precision)
+        return memory.MemoryEstimate(
+            type(self.network).__name__, params, params * (memory.PRECISION_BYTES[precision] if self.at_scale else 4),
+            memory.parameters(self.vae), int(getattr(self, "text_parameters", 0)), row_bytes,
+            memory.vae_image_bytes(self.vae, self.image_size), basis)
+
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        return memory.unet_row_bytes(self.block_table(), deepest, precision), "U-Net block outputs x 4"
 
     @cached_property
     def weights_sha256(self) -> str:
@@ -125,6 +170,7 @@ class StableDiffusionModel(LatentModel):
         self.prompt = prompt
         self.prompts: list[str] = [""] if prompt is None else []
         self._embeddings: torch.Tensor | None = None
+        self.text_parameters = sum(p.numel() for p in text_encoder.parameters())  # on the CPU, for --dry-run
 
     def bind_classes(self, classes: list[str]) -> None:
         if self.prompt is not None:
@@ -174,8 +220,13 @@ class StableDiffusionModel(LatentModel):
 class DiTModel(LatentModel):
     kind = "dit"
 
-    def __init__(self, transformer, vae, scheduler, source: str):
+    def __init__(self, transformer, vae, scheduler, source: str, *, feature_norm: str | None = None):
+        from stages.models.tokens import FEATURE_NORMS
+
         super().__init__(transformer, vae, scheduler, source)
+        if feature_norm not in (None, *FEATURE_NORMS):
+            raise UnsupportedModelError(f"--feature-norm {feature_norm}: use one of {', '.join(FEATURE_NORMS)}")
+        self.feature_norm = None if feature_norm in (None, "none") else feature_norm
         classes = transformer.config.num_embeds_ada_norm
         table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
         if classes is None or table.num_embeddings <= int(classes):
@@ -193,10 +244,18 @@ class DiTModel(LatentModel):
             rows.append(Block(i + 2, f"transformer_blocks.{i}", f"blocks[{i}]", width, self.grid, stride))
         return rows
 
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        width = int(self.network.config.num_attention_heads * self.network.config.attention_head_dim)
+        return (memory.transformer_row_bytes(self.grid**2, width, precision),
+                f"{self.grid**2} image tokens x width {width} x {memory.BLOCK_COPIES}")
+
     def _tokens_to_map(self, output) -> torch.Tensor:
-        tokens = output_tensor(output)  # (B, h*w, D), row-major over the patch grid
-        b, n, d = tokens.shape
-        return tokens.transpose(1, 2).reshape(b, d, self.grid, self.grid)
+        from stages.models.tokens import token_map
+
+        # (B, h*w, D), row-major over the patch grid
+        return token_map(output_tensor(output), self.grid, norm=self.feature_norm)
 
     def capture(self, blocks) -> BlockCapture:
         def forward(transformer, sample, timesteps, **_):
@@ -207,15 +266,21 @@ class DiTModel(LatentModel):
         return BlockCapture(self.network, blocks, forward=forward, maps=maps)
 
     def identity(self) -> dict:
-        return {**self._identity(), "conditioning": {"class_label": self.null_class, "null_class": True}}
+        identity = {**self._identity(), "conditioning": {"class_label": self.null_class, "null_class": True}}
+        if self.feature_norm:  # recorded only when used: a store without it stays what it always was
+            from stages.models.tokens import feature_norm_record
+
+            identity["feature_norm"] = feature_norm_record(self.feature_norm)
+        return identity
 
 
 # -- loading -------------------------------------------------------------------------------------------
-def _need(path: Path, parts: dict[str, str]) -> None:
+def _need(path: Path, parts: dict[str, str], kind: str = "") -> None:
     missing = [f"{name}/ ({what})" for name, what in parts.items() if not (path / name).is_dir()]
     if missing:
-        raise ModelLoadError(f"--model {path}: the pipeline directory lacks {', '.join(missing)}; a "
-                             "diffusers pipeline saved with save_pretrained has one folder per component")
+        raise ModelLoadError(f"--model {path}: the {kind + ' ' if kind else ''}pipeline directory lacks "
+                             f"{', '.join(missing)}; a diffusers pipeline saved with save_pretrained has one folder "
+                             "per component")
 
 
 def _scheduler(path: Path):
@@ -247,10 +312,9 @@ def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDi
     _need(path, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "the text encoder",
                  "tokenizer": "the text encoder's tokenizer"})
     unet_config = json.loads((path / "unet" / "config.json").read_text())
-    if unet_config.get("addition_embed_type") or (path / "text_encoder_2").is_dir():
-        raise UnsupportedModelError(f"--model {source} is an SDXL pipeline (added text-time conditioning, a second "
-                                    f"text "
-                                    "encoder): not supported yet; use a Stable Diffusion 1.x or 2.x pipeline")
+    if unet_config.get("addition_embed_type"):
+        raise UnsupportedModelError(f"--model {source}: a U-Net with added {unet_config['addition_embed_type']} "
+                                    "conditioning is not Stable Diffusion 1.x/2.x (SDXL's text_time is supported)")
     unet = _loading(source, lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False))
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))
     text_encoder = _loading(source, lambda: CLIPTextModel.from_pretrained(path / "text_encoder"))
@@ -258,7 +322,7 @@ def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDi
     return StableDiffusionModel(unet, vae, _scheduler(path), text_encoder, tokenizer, str(source), prompt)
 
 
-def load_dit(source: str) -> DiTModel:
+def load_dit(source: str, *, feature_norm: str | None = None) -> DiTModel:
     """A DiT pipeline directory: transformer/ (DiTTransformer2DModel), vae/, scheduler/."""
     from diffusers import AutoencoderKL, DiTTransformer2DModel
 
@@ -267,4 +331,4 @@ def load_dit(source: str) -> DiTModel:
     transformer = _loading(source, lambda: DiTTransformer2DModel.from_pretrained(path / "transformer",
                                                                                  low_cpu_mem_usage=False))
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))
-    return DiTModel(transformer, vae, _scheduler(path), str(source))
+    return DiTModel(transformer, vae, _scheduler(path), str(source), feature_norm=feature_norm)
