@@ -90,7 +90,7 @@ SETTINGS = {
     "pixels": (_pixels, {}, {"data", "out", "model", "size", "channels"}),
     "verify": (dict, {}, {"store", "storage_options", "repair"}),
     "report": (dict, {}, {"results", "out", "transfer"}),
-    "convert-adm": (dict, {}, {"checkpoint", "out_dir", "flags"}),
+    "convert-adm": (dict, {}, {"checkpoint", "out_dir", "flags", "preset"}),
     "blocks": (dict, {}, {"model"}),
     "datasets": (dict, {}, set()),
 }

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from cache.extras import EXTRAS, MissingExtraError, install_command, require
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +50,7 @@ def test_require_names_the_extra_and_a_pip_command_for_this_interpreter():
     assert require("json", "s3", "x").__name__ == "json"
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_s3_without_the_s3_extra(tmp_path):
     done = run_without(["s3fs"], "verify", "--store", "s3://bucket/features.zarr", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
@@ -57,6 +59,7 @@ def test_s3_without_the_s3_extra(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     features, labels = digits_features(n_train=200)
     store = write_store(tmp_path / "digits.zarr", features, labels)
@@ -69,6 +72,7 @@ def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("metrics.json"))
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_timm_backbone_without_timm(tmp_path):
     done = run_without(["timm"], "blocks", "--model", "timm:resnet18", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
