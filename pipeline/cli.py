@@ -15,7 +15,7 @@ import importlib
 import logging
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import MutableMapping
 
 import click
 
@@ -32,11 +32,21 @@ COMMANDS = ("blocks", "cka", "convert-adm", "data", "datasets", "extract", "pixe
             "random-init", "report", "similarity", "sweep", "verify")
 
 
-class _LazyCommands(Mapping):
-    """{name: click command} of `COMMANDS`, each module imported when its command is first asked for."""
+class _LazyCommands(MutableMapping):
+    """{name: click command} of `COMMANDS`, each module imported when its command is first asked for
+    (`Group.add_command` still adds a command object directly)."""
 
     def __init__(self, names):
-        self._names, self._loaded = tuple(names), {}
+        self._names, self._loaded = list(names), {}
+
+    def __setitem__(self, name, command):
+        if name not in self._names:
+            self._names.append(name)
+        self._loaded[name] = command
+
+    def __delitem__(self, name):
+        self._names.remove(name)
+        self._loaded.pop(name, None)
 
     def __getitem__(self, name):
         if name not in self._loaded:

@@ -54,6 +54,12 @@ def _cka() -> dict:
     return _fields(CkaSettings)
 
 
+def _similarity() -> dict:
+    from stages.similarity.run import SimilaritySettings
+
+    return _fields(SimilaritySettings)
+
+
 def _pretrain() -> dict:
     from stages.pretrain.ddpm import pretrain_ddpm
 
@@ -84,20 +90,22 @@ SETTINGS = {
     "probe": (_probe, {}, {"store", "head", "render", "group_size"}),
     "sweep": (_probe, {}, {"stores", "heads", "dry_run", "group_size"}),
     "cka": (_cka, {}, {"stores", "out"}),
+    "similarity": (_similarity, {}, {"stores", "out"}),
     "pretrain": (_pretrain, {}, {"data_dir", "out", "overwrite"}),
     "random-init": (_random_init, {}, {"model", "out"}),
     "data": (_data, {}, {"out"}),
     "pixels": (_pixels, {}, {"data", "out", "model", "size", "channels"}),
     "verify": (dict, {}, {"store", "storage_options", "repair"}),
     "report": (dict, {}, {"results", "out", "transfer"}),
-    "convert-adm": (dict, {}, {"checkpoint", "out_dir", "flags"}),
+    "convert-adm": (dict, {}, {"checkpoint", "out_dir", "flags", "preset"}),
     "blocks": (dict, {}, {"model"}),
     "datasets": (dict, {}, set()),
 }
 # Help that states a default the settings leave to the stage or the data (a None resolved at run time).
 RESOLVED_LATER = {"timesteps", "pools", "splits", "workers", "chunk_samples", "shard_samples", "preprocess", "prompt",
                   "augment", "val_split", "test_split", "name", "lrs", "weight_decays", "memory_budget", "threads",
-                  "views", "samples", "blocks", "stores", "size", "channels", "scale", "epochs", "recipe"}
+                  "views", "samples", "blocks", "stores", "size", "channels", "scale", "epochs", "recipe",
+                  "feature_norm", "guidance"}
 # Options with no default of their own: flags of the command and required values.
 FLAGS_AND_REQUIRED = {"help"}
 

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import tomllib
 
 from cache.extras import EXTRAS, MissingExtraError, install_command, require
 
@@ -32,6 +31,7 @@ def run_without(modules: list[str], *args: str, cwd: Path) -> subprocess.Complet
 
 
 def test_pyproject_extras_are_the_ones_the_code_names():
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert set(EXTRAS) <= set(extras)
     assert extras["all"] == [f"diffusion-feature-cache[{','.join(EXTRAS)}]"]
@@ -50,6 +50,7 @@ def test_require_names_the_extra_and_a_pip_command_for_this_interpreter():
     assert require("json", "s3", "x").__name__ == "json"
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_s3_without_the_s3_extra(tmp_path):
     done = run_without(["s3fs"], "verify", "--store", "s3://bucket/features.zarr", cwd=tmp_path)
     assert done.returncode == 1, done.stderr
@@ -58,6 +59,7 @@ def test_s3_without_the_s3_extra(tmp_path):
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     features, labels = digits_features(n_train=200)
     store = write_store(tmp_path / "digits.zarr", features, labels)
@@ -70,6 +72,7 @@ def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("metrics.json"))
 
 
+@pytest.mark.slow  # a pipeline process with modules blocked
 def test_timm_backbone_without_timm(tmp_path):
     done = run_without(["timm"], "blocks", "--model", "timm:resnet18", cwd=tmp_path)
     assert done.returncode == 1, done.stderr

@@ -86,7 +86,8 @@ def tree_digest(path: Path) -> str:
     ("linear", {}),
     ("mlp", {"hidden": (32,), "lrs": (1e-3, 1e-2)}),
     ("cnn", {"width": 16, "pools": (4,)}),
-    ("attention", {"dim": 32, "depth": 1, "attention_heads": 2, "pools": (4,)}),
+    pytest.param("attention", {"dim": 32, "depth": 1, "attention_heads": 2, "pools": (4,)},
+                 marks=pytest.mark.slow),  # the slowest head to train
     ("logreg", {"Cs": (0.1, 1.0)}),
     ("knn", {"ks": (1, 5)}),
     ("ridge", {"alphas": (1.0, 10.0)}),
@@ -154,7 +155,8 @@ def test_default_linear_sweep_is_close_to_scikit_learn_on_digits(digits_store, t
 @pytest.mark.parametrize("head,extra", [
     ("linear", {"batchnorm": True, "pools": (1, 2)}),
     ("mlp", {"hidden": (16,), "pools": (2,)}),
-    ("attention", {"dim": 16, "depth": 1, "attention_heads": 2, "pools": (2,), "epochs": 3}),
+    pytest.param("attention", {"dim": 16, "depth": 1, "attention_heads": 2, "pools": (2,), "epochs": 3},
+                 marks=pytest.mark.slow),  # the slowest head to train
 ])
 def test_streamed_training_equals_in_memory_training(digits_store, tmp_path, head, extra):
     common = dict(store=str(digits_store), head=head, timesteps=(90,), shuffle_window=256, lrs=(1e-3, 1e-2),
@@ -178,6 +180,7 @@ def test_automatic_mode_streams_when_the_budget_is_small(digits_store, tmp_path)
 
 
 # -- honest selection --------------------------------------------------------------------------------
+@pytest.mark.slow  # four probe runs on two stores
 def test_selection_never_sees_the_test_split(tmp_path):
     features, labels = digits_features()
     clean = write_store(tmp_path / "clean.zarr", features, labels, pools=(2,))

@@ -8,6 +8,7 @@ TYPE_CHECKING), so an import that only runs on some code path still counts.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 import re
 import shutil
@@ -122,6 +123,7 @@ def test_help_does_not_import_torch():
 DVC_FILES = {"dvc.yaml": "", "transfer/dvc.yaml": "../"}  # each file, and how its deps reach the repository
 
 
+@functools.cache
 def command_graph() -> dict[str, set[str]]:
     """The import graph a command runs on: every import of every module counts (also those inside
     functions, the way a command imports its stage code), except inside `pipeline.options`, whose

@@ -9,6 +9,7 @@ import click
 from pipeline import options
 
 
+@functools.cache
 def _defaults() -> dict[str, str]:
     """The probe's defaults as its help shows them, read from `ProbeSettings` and the head registry."""
     from dataclasses import MISSING, fields

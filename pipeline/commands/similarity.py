@@ -52,7 +52,6 @@ def similarity(stores, metrics, blocks, timesteps, pools, store_pools, split, sa
                batch_size, rbf_sigma, permutations, bootstrap, best_pair, seed, memory_budget, threads, out,
                storage_options) -> None:
     """Every requested similarity metric of every pair of (store, block, timestep), within and across stores."""
-    from cache.storage import parse_storage_options
     from stages.similarity.run import SimilaritySettings, describe, run_similarity
 
     settings = SimilaritySettings(
@@ -60,5 +59,5 @@ def similarity(stores, metrics, blocks, timesteps, pools, store_pools, split, sa
         pools=pools, store_pools=tuple(store_pools), split=split, samples=samples, preprocess=preprocess, topk=topk,
         cca_dim=cca_dim, batch_size=batch_size, rbf_sigma=rbf_sigma, permutations=permutations, bootstrap=bootstrap,
         best_pair=best_pair, seed=seed, memory_budget=memory_budget, threads=threads,
-        storage_options=parse_storage_options(storage_options) or None)
+        storage_options=storage_options or None)
     click.echo(describe(run_similarity(settings)))
