@@ -317,3 +317,19 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatc
     assert "Traceback" not in result.output
     assert fragment in result.output, result.output
     assert {path: digest(path) for path in protected} == before
+
+
+@pytest.mark.parametrize("command", [["extract", "--out", "s3://"], ["extract", "--out", "s3:///x"],
+                                     ["verify", "--store", "s3://"], ["probe", "--store", "gs://", "--head", "knn"]])
+def test_an_object_store_url_without_a_bucket_is_refused_and_writes_nothing(env, command, monkeypatch):
+    # issue 24: `s3://` was stripped to `s3:`, a local directory of that name, and `s3:///x` was a traceback
+    monkeypatch.chdir(env.tmp)
+    before = sorted(p.name for p in env.tmp.iterdir())
+    if command[0] == "extract":
+        command = env.extract(out=command[2])
+    result = CliRunner().invoke(main, [str(a) for a in command])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "names no bucket" in line and "://BUCKET/" in line, line
+    assert sorted(p.name for p in env.tmp.iterdir()) == before
