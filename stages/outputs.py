@@ -9,6 +9,7 @@ and swapped in at the end, so a failure or a kill never leaves a half-written di
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable, Iterator
@@ -16,10 +17,48 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from cache.errors import UserError
+from cache.text import format_bytes
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+# Libraries that wrap the operating system's error in their own keep only its text (safetensors' SafetensorError:
+# "IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })").
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
 
 
 class OutputExistsError(UserError, FileExistsError):
     """The output directory holds something this command must not replace; the message says what to do."""
+
+
+class OutputFullError(UserError):
+    """The disk filled while a command wrote its results; what it had half-written is removed."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk (or quota), as an OSError or as a library's error that wraps one."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in FULL
+    return any(text in str(error) for text in FULL_TEXTS)
+
+
+@contextmanager
+def full_disk_is_one_line(out: Path, what: str) -> Iterator[None]:
+    """Turn a full disk inside the block into an OutputFullError naming `out`, the free space and the fix; the
+    block's own clean-up (a staging directory removed) has run by then."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        free = _free_bytes(Path(out))
+        raise OutputFullError(f"{out}: no space left on the device while {what}; {format_bytes(free)} free. Free some "
+                              "space and run the same command again: nothing half-written was kept") from None
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
 
 
 def check_output_dir(out: Path, *, made_by: Callable[[Path], bool], command: str, overwrite: bool = False,

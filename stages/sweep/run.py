@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages.outputs import staged_output
+from stages.outputs import full_disk_is_one_line, staged_output
 from stages.probe.plan import ProbeInputError
 from stages.probe.results import write_run
 from stages.probe.run import ProbeResult
@@ -111,7 +111,7 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
     rows, predictions, seconds, devices = [], {}, 0.0, set()
     final = root / run.run
     _check_run_dir(final)
-    with staged_output(final) as partial:
+    with full_disk_is_one_line(root, f"assembling {run.run}"), staged_output(final) as partial:
         (partial / "heads").mkdir()
         for task in run.tasks:
             task_rows, task_predictions, heads, summary = read_task(root, task.key)

@@ -31,6 +31,7 @@ import numpy as np
 from cache.errors import UserError
 from cache.reader import FeatureStore
 from stages.devices import resolve_device
+from stages.outputs import full_disk_is_one_line
 from stages.probe.plan import make_plan
 from stages.probe.run import thread_limit
 from stages.probe.settings import ProbeSettings
@@ -72,16 +73,17 @@ def run_task(payload: dict) -> dict:
                 f"{', '.join(payload['combo_keys'])} of {payload['run']} no longer matches; run the sweep again")
         device = resolve_device(settings.device)
         partial = root / TASKS / f".{key}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        (partial / "heads").mkdir(parents=True)
         try:
-            sweep = sweep_torch if plan.spec.is_torch else sweep_sklearn
-            rows, predictions = sweep(plan, combos, partial / "heads", device)
-            (partial / "rows.json").write_text(json.dumps(rows) + "\n")
-            np.savez_compressed(partial / "predictions.npz", **predictions)
-            summary = {"key": key, "run": payload["run"], "inputs": payload["combo_keys"], "where": where,
-                       "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
-            (partial / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
-            _commit(partial, task_dir(root, key))
+            with full_disk_is_one_line(root, f"saving the heads and results of a task of {payload['run']}"):
+                (partial / "heads").mkdir(parents=True)
+                sweep = sweep_torch if plan.spec.is_torch else sweep_sklearn
+                rows, predictions = sweep(plan, combos, partial / "heads", device)
+                (partial / "rows.json").write_text(json.dumps(rows) + "\n")
+                np.savez_compressed(partial / "predictions.npz", **predictions)
+                summary = {"key": key, "run": payload["run"], "inputs": payload["combo_keys"], "where": where,
+                           "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
+                (partial / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
+                _commit(partial, task_dir(root, key))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise

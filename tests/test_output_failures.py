@@ -1,0 +1,64 @@
+"""Failures while `pipeline probe` and `pipeline sweep` write their results (issue 24): each ends as one line
+naming the problem and the fix, or as a correct result, and nothing half-written is left behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from tests.test_probe_support import digits_features, write_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    features, labels = digits_features(n_train=300)
+    return write_store(tmp_path_factory.mktemp("outputs") / "store.zarr", features, labels, pools=(1,))
+
+
+def command(kind: str, store: Path, out: Path, *extra) -> list[str]:
+    if kind == "probe":
+        return ["probe", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--epochs",
+                "5", "--out", str(out), "--no-render", *extra]
+    return ["sweep", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--epochs", "5",
+            "--out", str(out), *extra]
+
+
+def leftovers(out: Path) -> list[str]:
+    """Half-written results: staging directories of runs and tasks."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".partial" in p.name or ".replaced" in p.name)
+
+
+def one_error_line(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit), result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    return line
+
+
+@pytest.mark.parametrize("kind", ["probe", "sweep"])
+def test_a_full_disk_while_heads_are_saved_is_one_line_and_leaves_nothing_half_written(store, tmp_path, monkeypatch,
+                                                                                        kind):
+    from safetensors import SafetensorError
+
+    from stages.probe import heads
+
+    def full(state, path, *args, **kwargs):
+        # The disk fills as safetensors writes a head: it reports the ENOSPC as its own error, not an OSError
+        # (the text is what safetensors 0.8 prints on a full disk).
+        Path(path).write_bytes(b"\0" * 16)  # what a write cut short leaves
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
+                              'space left on device" })')
+
+    monkeypatch.setattr(heads, "save_file", full)
+    out = tmp_path / "results"
+    line = one_error_line(CliRunner().invoke(main, command(kind, store, out)))
+    assert f"{out}: no space left on the device while saving" in line and " free. Free some space and run the " \
+        "same command again" in line, line
+    assert leftovers(out) == []
+    monkeypatch.undo()
+    result = CliRunner().invoke(main, command(kind, store, out))  # the same command, once there is space
+    assert result.exit_code == 0, result.output
+    assert leftovers(out) == []
