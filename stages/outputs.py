@@ -10,8 +10,12 @@ and swapped in at the end, so a failure or a kill never leaves a half-written di
 from __future__ import annotations
 
 import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +31,10 @@ FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "
 
 class OutputExistsError(UserError, FileExistsError):
     """The output directory holds something this command must not replace; the message says what to do."""
+
+
+class OutputLockedError(UserError):
+    """Another process is writing the same output; the message names it."""
 
 
 class OutputFullError(UserError):
@@ -120,3 +128,52 @@ def staged_output(out: Path) -> Iterator[Path]:
 def _sample(out: Path) -> str:
     names = sorted(entry.name for entry in out.iterdir())
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+@contextmanager
+def output_lock(target: Path, command: str) -> Iterator[None]:
+    """Hold `target` (a run directory, or a sweep's results root) for this process while the block runs; a
+    second process asking for it is refused with an OutputLockedError naming the holder.
+
+    The lock is a `flock` on the hidden file `.<name>.lock` beside `target`, which the operating system
+    releases when its holder dies (kill -9 included); the file is removed when the block ends, so a
+    finished output holds nothing of it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputLockedError(f"{target} is being written by another process ({holder}); wait for it to "
+                                    "finish, or write to another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # its last holder removed it between our open and our lock: take a fresh one
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        record = {"command": f"pipeline {command}", "host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a process waiting on the old file then retries
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return (f"`{record['command']}`, host {record['host']}, pid {record['pid']}, writing since "
+                f"{record['since']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its holder is starting"

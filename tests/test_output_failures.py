@@ -62,3 +62,49 @@ def test_a_full_disk_while_heads_are_saved_is_one_line_and_leaves_nothing_half_w
     result = CliRunner().invoke(main, command(kind, store, out))  # the same command, once there is space
     assert result.exit_code == 0, result.output
     assert leftovers(out) == []
+
+
+PAUSED_RUN = (
+    "import os, signal, sys\n"
+    "import {module} as m\n"
+    "original = m.{function}\n"
+    "def paused(*args, **kwargs):\n"
+    "    os.kill(os.getpid(), signal.SIGSTOP)  # stopped (by the test) while it writes its output\n"
+    "    return original(*args, **kwargs)\n"
+    "m.{function} = paused\n"
+    "from pipeline.cli import main\n"
+    "main(sys.argv[1:])\n")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", ["probe", "sweep"])
+def test_a_second_run_into_an_output_being_written_is_refused_naming_the_first(store, tmp_path, kind):
+    # issue 24: two probes of one head shared one staging directory, and a sweep dropped another's tasks in progress
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "results"
+    where = ("stages.probe.run", "_train_and_write") if kind == "probe" else ("stages.sweep.task", "run_task")
+    code = PAUSED_RUN.format(module=where[0], function=where[1])
+    first = subprocess.Popen([sys.executable, "-c", code, *command(kind, store, out)], cwd=Path(__file__).parents[1],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        _, status = os.waitpid(first.pid, os.WUNTRACED)
+        assert os.WIFSTOPPED(status), first.stdout.read().decode()[-3000:]
+        line = one_error_line(CliRunner().invoke(main, command(kind, store, out)))
+        assert "is being written by another process" in line and f"pid {first.pid}" in line, line
+        assert f"pipeline {kind}" in line and "wait for it to finish, or write to another --out" in line, line
+        os.kill(first.pid, signal.SIGCONT)
+        output = first.communicate(timeout=240)[0].decode()
+        assert first.returncode == 0, output[-3000:]
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert leftovers(out) == [] and not [p for p in out.parent.rglob(".*.lock")]
+    run = out / "linear" if kind == "probe" else out / "store" / "linear"
+    serial = tmp_path / "serial"
+    assert CliRunner().invoke(main, command(kind, store, serial)).exit_code == 0
+    relative = run.relative_to(out)
+    assert (run / "configs.csv").read_text() == (serial / relative / "configs.csv").read_text()

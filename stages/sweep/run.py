@@ -29,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages.outputs import full_disk_is_one_line, staged_output
+from stages.outputs import full_disk_is_one_line, output_lock, staged_output
 from stages.probe.plan import ProbeInputError
 from stages.probe.results import write_run
 from stages.probe.run import ProbeResult
@@ -63,6 +63,13 @@ def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: s
     `threads` defaults to 1 per task here (parallelism comes from tasks; results depend on the thread
     count in the last bits, so every task of a sweep uses the same one)."""
     root = Path(out)
+    with output_lock(root, "sweep"):  # a second sweep into this root would drop this one's tasks in progress
+        return _run_sweep(root, stores, heads, options, group_size=group_size, nested=nested, engine=engine,
+                          progress=progress)
+
+
+def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None,
+               nested: bool, engine: EngineOptions, progress: bool) -> SweepResult:
     options = {"threads": 1, **options, "out": str(root)}
     plan = plan_sweep(stores, heads, options, group_size=group_size, nested=nested)
     for run in plan.runs:
@@ -111,7 +118,8 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
     rows, predictions, seconds, devices = [], {}, 0.0, set()
     final = root / run.run
     _check_run_dir(final)
-    with full_disk_is_one_line(root, f"assembling {run.run}"), staged_output(final) as partial:
+    with (output_lock(final, "sweep"), full_disk_is_one_line(root, f"assembling {run.run}"),
+          staged_output(final) as partial):
         (partial / "heads").mkdir()
         for task in run.tasks:
             task_rows, task_predictions, heads, summary = read_task(root, task.key)
