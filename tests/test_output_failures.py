@@ -108,3 +108,36 @@ def test_a_second_run_into_an_output_being_written_is_refused_naming_the_first(s
     assert CliRunner().invoke(main, command(kind, store, serial)).exit_code == 0
     relative = run.relative_to(out)
     assert (run / "configs.csv").read_text() == (serial / relative / "configs.csv").read_text()
+
+
+def damage_task(task: Path, how: str) -> None:
+    if how == "heads folder deleted":
+        import shutil
+
+        shutil.rmtree(task / "heads")
+    elif how == "predictions deleted":
+        (task / "predictions.npz").unlink()
+    elif how == "rows truncated":
+        (task / "rows.json").write_bytes((task / "rows.json").read_bytes()[:40])
+    elif how == "predictions truncated":
+        (task / "predictions.npz").write_bytes((task / "predictions.npz").read_bytes()[:100])
+    else:
+        (task / "task.json").write_text("{")
+
+
+@pytest.mark.parametrize("how", ["heads folder deleted", "predictions deleted", "rows truncated",
+                                 "predictions truncated", "task.json truncated"])
+def test_a_task_result_damaged_on_disk_is_noticed_and_computed_again(store, tmp_path, how):
+    # issue 24: a damaged task result was read (a traceback) instead of being computed again
+    out = tmp_path / "results"
+    first = CliRunner().invoke(main, command("sweep", store, out))
+    assert first.exit_code == 0, first.output
+    expected = (out / "store" / "linear" / "configs.csv").read_text()
+    (task,) = [p for p in (out / ".sweep" / "tasks").iterdir() if not p.name.startswith(".")]
+    damage_task(task, how)
+    again = CliRunner().invoke(main, command("sweep", store, out))
+    assert again.exit_code == 0 and "Traceback" not in again.output, again.output
+    assert "its result was damaged" in again.output and "1 task(s): 1 run, 0 reused" in again.output, again.output
+    assert (out / "store" / "linear" / "configs.csv").read_text() == expected
+    assert sorted(p.name for p in (task / "heads").iterdir()) and (task / "predictions.npz").is_file()
+    assert leftovers(out) == []

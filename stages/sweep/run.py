@@ -36,7 +36,7 @@ from stages.probe.run import ProbeResult
 from stages.progress import progress_bar
 from stages.sweep.engine import EngineOptions, open_engine
 from stages.sweep.plan import RunPlan, StoreRef, SweepPlan, plan_sweep
-from stages.sweep.task import TASKS, is_done, read_task, remove_stale_partials
+from stages.sweep.task import TASKS, discard_damaged, is_done, read_task, remove_stale_partials, task_dir
 from stages.sweep.versions import environment
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,11 @@ def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: di
     for run in plan.runs:
         _check_run_dir(root / run.run)
     tasks = plan.tasks
+    for task in tasks:
+        problem = discard_damaged(root, task.key)
+        if problem is not None:
+            log.warning("%s: its result was damaged (%s); removed, to be computed again", task_dir(root, task.key),
+                        problem)
     missing = [t for t in tasks if not is_done(root, t.key)]
     log.info("sweep: %d run(s), %d task(s): %d already done, %d to run on %s", len(plan.runs), len(tasks),
              len(tasks) - len(missing), len(missing), engine.describe())
