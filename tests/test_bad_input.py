@@ -97,6 +97,23 @@ def fake_image_with_workers(env):
     return env.extract("--workers", "2", data=data), []
 
 
+def a_bad_png(kind):
+    def setup(env):
+        data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2)
+        png = data / "train" / "class1" / "img0003.png"
+        png.write_bytes({"empty": b"", "truncated": png.read_bytes()[:60], "fake": b"not a png at all"}[kind])
+        return env.extract(data=data), [data]
+    return setup
+
+
+def a_garbage_mat(name, content):
+    def setup(env):
+        root, _ = fa.make_flowers(env.tmp / "flowers")
+        (root / name).write_bytes(content)
+        return env.extract(data=f"flowers:{root}"), [root]
+    return setup
+
+
 def truncated_image_in_pretrain(env):
     data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2, size=(8, 8))
     png = data / "train" / "class0" / "img0002.png"
@@ -255,6 +272,13 @@ CASES = {
     "a class folder that is a symlink loop": (symlink_loop, 1, "(a loop)"),
     "a fake image with --workers 2": (fake_image_with_workers, 1, "cannot read image"),
     "a decompression bomb": (bomb, 1, "Shrink the image"),
+    # issue 24: bad data is one line naming the file and the fix (no scipy traceback, no BytesIO repr)
+    "an empty PNG": (a_bad_png("empty"), 1, "img0003.png: the file is empty. Replace it with a readable copy"),
+    "a truncated PNG": (a_bad_png("truncated"), 1, "img0003.png: the file is truncated or damaged. Replace it"),
+    "a fake PNG": (a_bad_png("fake"), 1, "img0003.png: it is not an image file"),
+    "flowers: a garbage imagelabels.mat": (a_garbage_mat("imagelabels.mat", b"hello, not a mat file\n" * 20), 1,
+                                           "imagelabels.mat: it is not a readable MATLAB file"),
+    "flowers: an empty setid.mat": (a_garbage_mat("setid.mat", b""), 1, "setid.mat: it is not a readable MATLAB file"),
     "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget", "inf"],
                                              []), 2, "not a finite size"),
     "probe a store that is not there": (lambda e: (["probe", "--store", e.tmp / "none.zarr", "--head", "linear"], []),
@@ -316,6 +340,7 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatc
     assert isinstance(result.exception, SystemExit), result.exception  # click's exit, not an escaped exception
     assert "Traceback" not in result.output
     assert fragment in result.output, result.output
+    assert "<_io." not in result.output
     assert {path: digest(path) for path in protected} == before
 
 
