@@ -358,3 +358,28 @@ def test_an_object_store_url_without_a_bucket_is_refused_and_writes_nothing(env,
     (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert "names no bucket" in line and "://BUCKET/" in line, line
     assert sorted(p.name for p in env.tmp.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "fake"])
+def test_after_a_bad_image_is_replaced_the_same_command_finishes_the_store(env, kind):
+    # issue 24: what a bad image's run leaves behind is a store the rerun finishes, equal to a clean run's
+    import numpy as np
+
+    from cache import FeatureStore
+
+    setup = a_bad_png(kind)
+    args, _ = setup(env)
+    png = env.tmp / "d" / "train" / "class1" / "img0003.png"
+    make_image_folder(env.tmp / "good", counts={"train": 6, "val": 2}, classes=2)
+    good = env.tmp / "good" / "train" / "class1" / "img0003.png"
+    failed = CliRunner().invoke(main, [str(a) for a in args])
+    assert failed.exit_code == 1 and "Replace it with a readable copy and run the same command again" in failed.output
+    assert not (env.tmp / "new.zarr").exists() or not any((env.tmp / "new.zarr").iterdir())  # nothing half-written
+    png.write_bytes(good.read_bytes())
+    again = CliRunner().invoke(main, [str(a) for a in args])
+    assert again.exit_code == 0, again.output
+    clean = CliRunner().invoke(main, [str(a) for a in env.extract(data=env.tmp / "good", out=env.tmp / "clean.zarr")])
+    assert clean.exit_code == 0, clean.output
+    ours, theirs = FeatureStore.open(env.tmp / "new.zarr"), FeatureStore.open(env.tmp / "clean.zarr")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(ours.read(split, 3, 10), theirs.read(split, 3, 10))
