@@ -32,7 +32,7 @@ from stages.data.augment import view_generator
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
-from stages.extract.distributed import JobError, join_job, share_of
+from stages.extract.distributed import JobError, join_job, peer_loss_is_one_line, share_of
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
 from stages.models.feature_model import FeatureModel
@@ -86,7 +86,7 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
 
     Under torchrun every rank runs this: rank 0 opens the store and shares the pending shards, and
     each rank computes and writes its share of them (`stages.extract.distributed`)."""
-    with join_job() as job:
+    with join_job() as job, peer_loss_is_one_line(job):
         plan = make_plan(config, model)
         config = plan.config  # the model's default timesteps filled in
         device = resolve_device(job.device_name(config.device))
