@@ -141,3 +141,46 @@ def test_a_task_result_damaged_on_disk_is_noticed_and_computed_again(store, tmp_
     assert (out / "store" / "linear" / "configs.csv").read_text() == expected
     assert sorted(p.name for p in (task / "heads").iterdir()) and (task / "predictions.npz").is_file()
     assert leftovers(out) == []
+
+
+WORKER_DIES_AT_START = (
+    "import os, signal, sys\n"
+    "if '--multiprocessing-fork' in sys.argv and os.environ.get('KILL_WORKER_TOKEN'):  # a dask worker starting\n"
+    "    try:\n"
+    "        os.close(os.open(os.environ['KILL_WORKER_TOKEN'], os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
+    "        first = True\n"
+    "    except FileExistsError:\n"
+    "        first = False\n"
+    "    if first or os.environ.get('KILL_EVERY_WORKER'):\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n")
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("which", ["the first worker", "every worker"])
+def test_a_worker_killed_while_the_local_cluster_starts_is_replaced_or_one_line(store, tmp_path, which):
+    # issue 24: a worker lost while `--workers 2` started its LocalCluster was distributed's "Nanny failed to start"
+    import os
+    import subprocess
+    import sys
+
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(WORKER_DIES_AT_START)  # imported by every process, workers included
+    repo = Path(__file__).parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(repo)]),
+           "KILL_WORKER_TOKEN": str(tmp_path / "token"), **({"KILL_EVERY_WORKER": "1"} if which == "every worker" else {})}
+    out = tmp_path / "results"
+    done = subprocess.run([sys.executable, "-m", "pipeline", *command("sweep", store, out, "--workers", "2")], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=540)
+    assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
+    assert "the local dask cluster did not start (a worker died while starting" in done.stderr, done.stderr[-3000:]
+    if which == "every worker":
+        assert done.returncode == 1, done.stderr[-3000:]
+        (line,) = [line for line in done.stderr.splitlines() if line.startswith("Error:")]
+        assert "did not start in 3 tries" in line and "run the same command again" in line, line
+        return
+    assert done.returncode == 0, done.stderr[-3000:]
+    serial = tmp_path / "serial"
+    assert CliRunner().invoke(main, command("sweep", store, serial)).exit_code == 0
+    relative = Path("store") / "linear" / "configs.csv"
+    assert (out / relative).read_text() == (serial / relative).read_text()
