@@ -9,7 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +77,7 @@ PAUSED_RUN = (
     "main(sys.argv[1:])\n")
 
 
+@pytest.mark.slow  # a paused probe or sweep process
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("kind", ["probe", "sweep"])
 def test_a_second_run_into_an_output_being_written_is_refused_naming_the_first(store, tmp_path, kind):
@@ -89,7 +91,8 @@ def test_a_second_run_into_an_output_being_written_is_refused_naming_the_first(s
     where = ("stages.probe.run", "_train_and_write") if kind == "probe" else ("stages.sweep.task", "run_task")
     code = PAUSED_RUN.format(module=where[0], function=where[1])
     first = subprocess.Popen([sys.executable, "-c", code, *command(kind, store, out)], cwd=Path(__file__).parents[1],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
         _, status = os.waitpid(first.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), first.stdout.read().decode()[-3000:]
@@ -155,6 +158,7 @@ WORKER_DIES_AT_START = (
     "        os.kill(os.getpid(), signal.SIGKILL)\n")
 
 
+@pytest.mark.slow  # local dask clusters whose workers die
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("which", ["the first worker", "every worker"])
 def test_a_worker_killed_while_the_local_cluster_starts_is_replaced_or_one_line(store, tmp_path, which):
@@ -168,7 +172,9 @@ def test_a_worker_killed_while_the_local_cluster_starts_is_replaced_or_one_line(
     (hook / "sitecustomize.py").write_text(WORKER_DIES_AT_START)  # imported by every process, workers included
     repo = Path(__file__).parents[1]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(repo)]),
-           "KILL_WORKER_TOKEN": str(tmp_path / "token"), **({"KILL_EVERY_WORKER": "1"} if which == "every worker" else {})}
+           "KILL_WORKER_TOKEN": str(tmp_path / "token")}
+    if which == "every worker":
+        env["KILL_EVERY_WORKER"] = "1"
     out = tmp_path / "results"
     done = subprocess.run([sys.executable, "-m", "pipeline", *command("sweep", store, out, "--workers", "2")], cwd=repo,
                           env=env, capture_output=True, text=True, timeout=540)

@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +73,8 @@ def image_channels(path: Path) -> int:
         with Image.open(path) as image:
             return 1 if image.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_MODES) else 3
     except Image.DecompressionBombError as error:
-        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data set.") from None
+        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data "
+                        "set.") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise unreadable_image(path, error) from None
 
@@ -167,7 +168,8 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:
-        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data set.") from None
+        raise DataError(f"cannot read image {path}: {error} "
+                        "Shrink the image, or remove it from the data set.") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise unreadable_image(path, error) from None
     if array.ndim == 2 and channels == 3:  # a 16-bit grayscale image for an RGB model
