@@ -345,6 +345,16 @@ SCOPED_BLOCKS = ParsedType("[STORE=]BLOCKS", _parse_scoped_blocks, (tuple,))  # 
 SCOPED_TIMESTEPS = ParsedType("[STORE=]TIMESTEPS", _parse_scoped_timesteps, (tuple,))  # e.g. 10,90 or adm=10,90
 
 
+def _parse_store_pool(text: str) -> tuple[str, int]:
+    name, pool = parse_scoped(text, lambda spec: int(spec) if spec.strip().isdigit() and int(spec) > 0 else None)
+    if name is None or pool is None:
+        raise ValueError(f"{text!r} is not NAME=POOL with a positive integer POOL, such as pixels=16")
+    return name, pool
+
+
+STORE_POOL = ParsedType("STORE=POOL", _parse_store_pool, (tuple,))  # e.g. pixels=16
+
+
 class HeadListType(click.ParamType):
     """A comma list of distinct head kinds of `stages.probe.registry`, e.g. `linear,mlp,logreg`."""
 

@@ -51,6 +51,7 @@ def project(tmp_path_factory) -> Path:
     params["extract"]["timesteps"] = "25"
     params["extract"]["batch_size"] = 64
     params["probe"]["heads"] = ["linear"]
+    params["similarity"].update(timesteps="25", samples=30, permutations=3)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "init", "-q"], root)
     run(["git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "add", "-A"], root)
