@@ -7,8 +7,15 @@ of two writers racing for a store exactly one succeeds. While it runs, a backgro
 the lease every `ttl / 3` seconds with `If-Match` on the ETag it last wrote, so nobody else can have
 changed it in between. A lease whose `expires` has passed (its writer was killed, or lost the
 network) may be taken over, again with `If-Match` on the expired lease's ETag, so two writers
-taking over the same expired lease cannot both succeed. A writer that fails to renew (someone took
-its lease over after it stalled past `expires`) stops before its next write.
+taking over the same expired lease cannot both succeed.
+
+A writer proves that it still holds the lease before every write (`check`): it renews the lease
+there and then, with `If-Match` on its ETag. A writer that cannot (someone took its lease over after
+it stalled past `expires`, or took it over and has since released it, so that there is no lease at
+all) stops before that write, however long it was stalled and whatever its renewal thread did.
+
+Time comes from `now` (the lease clock, `time.time` by default): tests replace it to see a lease
+expire without waiting for it.
 
 Expiry compares the writer's clock with the taker's: hosts sharing a store need clocks within a few
 seconds of each other (NTP), which `ttl` (60 s by default) leaves ample room for.
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 
 LEASE = "_writer.lease"
 TTL_SECONDS = float(os.environ.get("FEATURE_STORE_LEASE_TTL", "60"))
+now = time.time  # the lease clock (unix seconds), read at each use so that tests can move it
 
 
 class LeaseLostError(StoreLockedError):
@@ -51,22 +59,24 @@ class _Held:
 class Lease:
     """Held by the one writer of an object store; `release` (or the context manager) gives it back."""
 
-    def __init__(self, location: Location, *, ttl: float | None = None):
+    def __init__(self, location: Location, *, ttl: float | None = None, clock=None):
         self.location = location
         self.ttl = float(TTL_SECONDS if ttl is None else ttl)
+        self._clock = clock  # None: the module's `now`
         self._held: _Held | None = None
         self._lost: str | None = None
+        self._guard = threading.Lock()  # one conditional renewal at a time: two on one ETag would fail each other
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._s3 = location.protocol in ("s3", "s3a")
 
     # -- taking and giving back --------------------------------------------------------------------------
     def acquire(self) -> Lease:
-        body = self._body(since=time.time())
+        body = self._body(since=self._now())
         etag = self._create(body)
         if etag is None:  # someone holds, or held, the lease
             current, current_etag = self._read()
-            if current is not None and current.get("expires", 0) > time.time():
+            if current is not None and current.get("expires", 0) > self._now():
                 raise StoreLockedError(f"{self.location} is being written by another process ({describe(current)}); "
                                        "wait for it to finish or write to another --out")
             holder = describe(current) if current else "a lease that could not be read"
@@ -94,9 +104,9 @@ class Lease:
         self._held = None
 
     def check(self) -> None:
-        """Raise LeaseLostError if the lease was taken over; writers call it before each write."""
-        if self._lost is not None:
-            raise LeaseLostError(self._lost)
+        """Prove that this writer still holds the lease by renewing it now; raise LeaseLostError if it was
+        taken over (or taken over and released). Writers call it before each write."""
+        self.renew()
 
     def __enter__(self) -> Lease:
         return self.acquire()
@@ -115,23 +125,34 @@ class Lease:
                 log.warning("%s: renewing the writer lease failed (%s); trying again", self.location, error)
 
     def renew(self) -> None:
-        held = self._held
-        if held is None:
-            return
-        body = {**held.body, "expires": time.time() + self.ttl}
-        etag = self._replace(body, held.etag)
-        if etag is None:
-            current, _ = self._read()
-            self._lost = (f"{self.location}: this writer's lease was taken over by another process "
-                          f"({describe(current) if current else 'unknown'}) after it expired; this run stops. "
-                          "Run again once that writer has finished")
-            raise LeaseLostError(self._lost)
-        self._held = _Held(etag, body)
+        with self._guard:
+            if self._lost is not None:
+                raise LeaseLostError(self._lost)
+            held = self._held
+            if held is None:
+                return
+            body = {**held.body, "expires": self._now() + self.ttl}
+            try:
+                etag = self._replace(body, held.etag)
+            except FileNotFoundError:  # no lease at all: another writer took it over and has released it
+                etag = None
+            if etag is None:
+                current, _ = self._read()
+                taker = (f"is held by another process ({describe(current)})" if current else
+                         "was taken over by another process, which has finished and released it")
+                self._lost = (f"{self.location}: this writer stalled past its lease's expiry and the lease {taker}; "
+                              "this run stops before writing again (finished shards are kept). Run the same "
+                              "command again to finish the store")
+                raise LeaseLostError(self._lost)
+            self._held = _Held(etag, body)
+
+    def _now(self) -> float:
+        return (self._clock or now)()
 
     # -- the object store's conditional writes ----------------------------------------------------------
     def _body(self, *, since: float) -> dict:
         return {"holder": {"host": socket.gethostname(), "pid": os.getpid(), "since": since},
-                "expires": time.time() + self.ttl, "ttl": self.ttl}
+                "expires": self._now() + self.ttl, "ttl": self.ttl}
 
     def _key(self) -> str:
         return self.location.key(LEASE)
@@ -152,6 +173,10 @@ class Lease:
         data = json.dumps(body).encode()
         if self._s3:
             return self._s3_put(data, IfMatch=etag) if etag else self._s3_put(data, IfNoneMatch="*")
+        # Without conditional writes: still ours only if the holder written there is this writer.
+        current, _ = self._read()
+        if current is None or (self._held is not None and current.get("holder") != self._held.body["holder"]):
+            return None
         self.location.fs.pipe_file(self._key(), data)
         return "-"
 

@@ -77,6 +77,21 @@ def _merged(defaults: dict, options: dict) -> dict:
     return merged
 
 
+def _checked_url(text: str) -> str:
+    """The URL without trailing slashes; one without a scheme, or an object store's without a bucket, is refused
+    (stripping `s3://` to `s3:` would make it a local directory of that name)."""
+    scheme, _, rest = text.partition("://")
+    rest = rest.rstrip("/")
+    if not scheme:
+        raise StorageError(f"{text}: no scheme before :// ; write a local path, or a URL such as s3://BUCKET/store.zarr")
+    if scheme in BUCKETS:
+        bucket = rest.split("/", 1)[0]
+        if not bucket or bucket != bucket.strip():
+            raise StorageError(f"{text} names no bucket: write {scheme}://BUCKET/path/store.zarr, e.g. "
+                               f"{scheme}://lab/features/store.zarr")
+    return f"{scheme}://{rest}"
+
+
 @dataclass(frozen=True)
 class Location:
     """A store's address: `url` as the user gave it, and the storage options it is opened with."""
@@ -90,7 +105,7 @@ class Location:
             return url
         text = str(url)
         if is_url(text):
-            text = text.rstrip("/")
+            text = _checked_url(text)
         elif options:
             raise StorageError(f"--storage-option applies to object stores (s3://, gs:// ...), not to the local "
                                f"path {text}")

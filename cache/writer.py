@@ -26,6 +26,7 @@ repairs, attributes), the others `attach` to it and write only the shards they a
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from contextlib import contextmanager
@@ -48,7 +49,14 @@ from cache.creation import (
     sample_chunking,
     write_index_array,
 )
-from cache.errors import DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError, StoreMismatchError
+from cache.errors import (
+    DataChangedError,
+    NonFiniteFeaturesError,
+    StoreError,
+    StoreFullError,
+    StoreMismatchError,
+    StoreReplacedError,
+)
 from cache.integrity import (
     DECODE_ERRORS,
     Damage,
@@ -248,8 +256,19 @@ class FeatureStoreWriter:
             self._update_attrs(**info)
 
     def _update_attrs(self, **changes) -> None:
+        if not self.location.local:
+            self._check_attrs_unchanged()
         self._attrs.update(changes)
         self._group.attrs.update(changes)
+
+    def _check_attrs_unchanged(self) -> None:
+        # zarr writes the whole settings file from this writer's copy: never from a copy that another writer
+        # has since changed (a lease lost in a stall between its check and this write)
+        stored = layout.normalised(json.loads(self.location.read_text("zarr.json")).get("attributes", {}))
+        if _as_json(stored) != _as_json(self._attrs):
+            raise StoreReplacedError(f"{self.path}: its settings were changed by another writer while this one ran; "
+                                     "this run stops without writing them (finished shards are kept). Run the same "
+                                     "command again to finish the store")
 
     # -- completion ----------------------------------------------------------------------------------
     def done(self, split: str, block: int, timestep: int) -> np.ndarray:
@@ -309,8 +328,6 @@ class FeatureStoreWriter:
         missing = set(features) - target.arrays
         if missing:
             raise ValueError(f"write set {path} does not hold {sorted(missing)}")
-        if self._lock is not None:
-            self._lock.check()  # an object store's lease lost to another writer: stop before writing
         with self._writing(f"shard {shard} of {split}"):
             for (block, timestep), values in features.items():
                 name = layout.feature_path(split, block, timestep)
@@ -366,6 +383,8 @@ class FeatureStoreWriter:
 
     @contextmanager
     def _writing(self, what: str, unlisted: dict | None = None):
+        if self._lock is not None:
+            self._lock.check()  # an object store's lease lost to another writer: stop before writing
         try:
             yield
         except OSError as error:
@@ -504,3 +523,7 @@ class FeatureStoreWriter:
             self.location.delete(path)
         for shard in range(self.num_shards(split)):
             self._mark_unfinished(split, block, timestep, shard)
+
+
+def _as_json(attrs: dict) -> str:
+    return json.dumps(attrs, sort_keys=True, default=str)

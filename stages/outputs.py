@@ -9,17 +9,64 @@ and swapped in at the end, so a failure or a kill never leaves a half-written di
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from cache.errors import UserError
+from cache.text import format_bytes
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
+# Libraries that wrap the operating system's error in their own keep only its text (safetensors' SafetensorError:
+# "IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })").
+FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "StorageFull", "QuotaExceeded")
 
 
 class OutputExistsError(UserError, FileExistsError):
     """The output directory holds something this command must not replace; the message says what to do."""
+
+
+class OutputLockedError(UserError):
+    """Another process is writing the same output; the message names it."""
+
+
+class OutputFullError(UserError):
+    """The disk filled while a command wrote its results; what it had half-written is removed."""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """A full disk (or quota), as an OSError or as a library's error that wraps one."""
+    if isinstance(error, OSError) and error.errno is not None:
+        return error.errno in FULL
+    return any(text in str(error) for text in FULL_TEXTS)
+
+
+@contextmanager
+def full_disk_is_one_line(out: Path, what: str) -> Iterator[None]:
+    """Turn a full disk inside the block into an OutputFullError naming `out`, the free space and the fix; the
+    block's own clean-up (a staging directory removed) has run by then."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        free = _free_bytes(Path(out))
+        raise OutputFullError(f"{out}: no space left on the device while {what}; {format_bytes(free)} free. Free some "
+                              "space and run the same command again: nothing half-written was kept") from None
+
+
+def _free_bytes(path: Path) -> int:
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return 0
 
 
 def check_output_dir(out: Path, *, made_by: Callable[[Path], bool], command: str, overwrite: bool = False,
@@ -82,3 +129,52 @@ def staged_output(out: Path) -> Iterator[Path]:
 def _sample(out: Path) -> str:
     names = sorted(entry.name for entry in out.iterdir())
     return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
+
+@contextmanager
+def output_lock(target: Path, command: str) -> Iterator[None]:
+    """Hold `target` (a run directory, or a sweep's results root) for this process while the block runs; a
+    second process asking for it is refused with an OutputLockedError naming the holder.
+
+    The lock is a `flock` on the hidden file `.<name>.lock` beside `target`, which the operating system
+    releases when its holder dies (kill -9 included); the file is removed when the block ends, so a
+    finished output holds nothing of it.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise OutputLockedError(f"{target} is being written by another process ({holder}); wait for it to "
+                                    "finish, or write to another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:  # its last holder removed it between our open and our lock: take a fresh one
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        record = {"command": f"pipeline {command}", "host": socket.gethostname(), "pid": os.getpid(),
+                  "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while still held: a process waiting on the old file then retries
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        return (f"`{record['command']}`, host {record['host']}, pid {record['pid']}, writing since "
+                f"{record['since']}")
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its holder is starting"

@@ -87,6 +87,23 @@ def fake_image_with_workers(env):
     return env.extract("--workers", "2", data=data), []
 
 
+def a_bad_png(kind):
+    def setup(env):
+        data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2)
+        png = data / "train" / "class1" / "img0003.png"
+        png.write_bytes({"empty": b"", "truncated": png.read_bytes()[:60], "fake": b"not a png at all"}[kind])
+        return env.extract(data=data), [data]
+    return setup
+
+
+def a_garbage_mat(name, content):
+    def setup(env):
+        root, _ = fa.make_flowers(env.tmp / "flowers")
+        (root / name).write_bytes(content)
+        return env.extract(data=f"flowers:{root}"), [root]
+    return setup
+
+
 def truncated_image_in_pretrain(env):
     data = make_image_folder(env.tmp / "d", counts={"train": 6, "val": 2}, classes=2, size=(8, 8))
     png = data / "train" / "class0" / "img0002.png"
@@ -256,6 +273,13 @@ CASES = {
     "a class folder that is a symlink loop": (symlink_loop, 1, "(a loop)"),
     "a fake image with --workers 2": (fake_image_with_workers, 1, "cannot read image"),
     "a decompression bomb": (bomb, 1, "Shrink the image"),
+    # issue 24: bad data is one line naming the file and the fix (no scipy traceback, no BytesIO repr)
+    "an empty PNG": (a_bad_png("empty"), 1, "img0003.png: the file is empty. Replace it with a readable copy"),
+    "a truncated PNG": (a_bad_png("truncated"), 1, "img0003.png: the file is truncated or damaged. Replace it"),
+    "a fake PNG": (a_bad_png("fake"), 1, "img0003.png: it is not an image file"),
+    "flowers: a garbage imagelabels.mat": (a_garbage_mat("imagelabels.mat", b"hello, not a mat file\n" * 20), 1,
+                                           "imagelabels.mat: it is not a readable MATLAB file"),
+    "flowers: an empty setid.mat": (a_garbage_mat("setid.mat", b""), 1, "setid.mat: it is not a readable MATLAB file"),
     "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget",
                                               "inf"],
                                              []), 2, "not a finite size"),
@@ -334,4 +358,46 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatc
     assert isinstance(result.exception, SystemExit), result.exception  # click's exit, not an escaped exception
     assert "Traceback" not in result.output
     assert fragment in result.output, result.output
+    assert "<_io." not in result.output
     assert {path: digest(path) for path in protected} == before
+
+
+@pytest.mark.parametrize("command", [["extract", "--out", "s3://"], ["extract", "--out", "s3:///x"],
+                                     ["verify", "--store", "s3://"], ["probe", "--store", "gs://", "--head", "knn"]])
+def test_an_object_store_url_without_a_bucket_is_refused_and_writes_nothing(env, command, monkeypatch):
+    # issue 24: `s3://` was stripped to `s3:`, a local directory of that name, and `s3:///x` was a traceback
+    monkeypatch.chdir(env.tmp)
+    before = sorted(p.name for p in env.tmp.iterdir())
+    if command[0] == "extract":
+        command = env.extract(out=command[2])
+    result = CliRunner().invoke(main, [str(a) for a in command])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert "names no bucket" in line and "://BUCKET/" in line, line
+    assert sorted(p.name for p in env.tmp.iterdir()) == before
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "fake"])
+def test_after_a_bad_image_is_replaced_the_same_command_finishes_the_store(env, kind):
+    # issue 24: what a bad image's run leaves behind is a store the rerun finishes, equal to a clean run's
+    import numpy as np
+
+    from cache import FeatureStore
+
+    setup = a_bad_png(kind)
+    args, _ = setup(env)
+    png = env.tmp / "d" / "train" / "class1" / "img0003.png"
+    make_image_folder(env.tmp / "good", counts={"train": 6, "val": 2}, classes=2)
+    good = env.tmp / "good" / "train" / "class1" / "img0003.png"
+    failed = CliRunner().invoke(main, [str(a) for a in args])
+    assert failed.exit_code == 1 and "Replace it with a readable copy and run the same command again" in failed.output
+    assert not (env.tmp / "new.zarr").exists() or not any((env.tmp / "new.zarr").iterdir())  # nothing half-written
+    png.write_bytes(good.read_bytes())
+    again = CliRunner().invoke(main, [str(a) for a in args])
+    assert again.exit_code == 0, again.output
+    clean = CliRunner().invoke(main, [str(a) for a in env.extract(data=env.tmp / "good", out=env.tmp / "clean.zarr")])
+    assert clean.exit_code == 0, clean.output
+    ours, theirs = FeatureStore.open(env.tmp / "new.zarr"), FeatureStore.open(env.tmp / "clean.zarr")
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(ours.read(split, 3, 10), theirs.read(split, 3, 10))

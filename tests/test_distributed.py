@@ -174,3 +174,35 @@ def test_nproc_runs_the_job_under_torchrun(tiny_model, data, reference, tmp_path
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same(decoded(out), reference)
+
+
+def test_nproc_with_a_rank_killed_ends_with_one_line_naming_it_and_the_same_command_resumes(tiny_model, data,
+                                                                                              reference, tmp_path):
+    # issue 24: torchrun's agent ended the job with its ChildFailedError traceback
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    # every process of the job (the launcher, and the ranks it starts) imports this at start-up
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('KILL_RANK') == os.environ.get('RANK'):\n"
+        "    import cache.writer as w\n"
+        "    original, count = w.FeatureStoreWriter.write_shard, [0]\n"
+        "    def write_shard(self, *args, **kwargs):\n"
+        "        count[0] += 1\n"
+        "        if count[0] == 2:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return original(self, *args, **kwargs)\n"
+        "    w.FeatureStoreWriter.write_shard = write_shard\n")
+    out = tmp_path / "store.zarr"
+    command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(data), "--out",
+               str(out), *ARGS, "--nproc", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    killed = subprocess.run(command, cwd=REPO, env={**env, "KILL_RANK": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert killed.returncode == 1, killed.stderr[-3000:]
+    assert "Traceback" not in killed.stderr + killed.stdout, killed.stderr[-3000:]
+    (line,) = [line for line in killed.stderr.splitlines() if line.startswith("Error:")]
+    assert "rank 1 of the --nproc 2 job died (killed by SIGKILL)" in line and "run the same command again" in line
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(decoded(out), reference)

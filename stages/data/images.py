@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +72,31 @@ def image_channels(path: Path) -> int:
     try:
         with Image.open(path) as image:
             return 1 if image.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_MODES) else 3
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
+    except Image.DecompressionBombError as error:
+        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data "
+                        "set.") from None
+    except (OSError, ValueError, SyntaxError) as error:
+        raise unreadable_image(path, error) from None
+
+
+def unreadable_image(path: Path, error: BaseException) -> DataError:
+    """The one-line error of an image file that does not decode: what is wrong with it, in words (PIL names
+    the in-memory copy it decoded, `<_io.BytesIO object at 0x...>`, not the file), and the fix."""
+    text = str(error)
+    try:
+        empty = os.stat(path).st_size == 0
+    except OSError:
+        empty = False
+    if empty:
+        reason = "the file is empty"
+    elif "cannot identify image file" in text:
+        reason = "it is not an image file (its content is no image format PIL reads)"
+    elif "truncated" in text or "broken data stream" in text or "unrecognized data stream" in text:
+        reason = "the file is truncated or damaged"
+    else:
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", text) or type(error).__name__
+    return DataError(f"cannot read image {path}: {reason}. Replace it with a readable copy and run the same command "
+                     "again (what was finished is kept), or remove it from the data set")
 
 
 def content_hash(data: bytes) -> int:
@@ -147,7 +171,7 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
         raise DataError(f"cannot read image {path}: {error} "
                         "Shrink the image, or remove it from the data set.") from None
     except (OSError, ValueError, SyntaxError) as error:
-        raise DataError(f"cannot read image {path}: {error}") from error
+        raise unreadable_image(path, error) from None
     if array.ndim == 2 and channels == 3:  # a 16-bit grayscale image for an RGB model
         array = np.repeat(array[:, :, None], 3, axis=2)
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -25,8 +25,12 @@ def load(path: Path, keys: tuple[str, ...]) -> dict:
         contents = scipy.io.loadmat(path, squeeze_me=False, struct_as_record=True)
     except NotImplementedError:  # MATLAB v7.3 files are HDF5
         raise DataError(f"{path} is a MATLAB v7.3 (HDF5) file; save it as -v7 or use the official download") from None
-    except (OSError, ValueError, TypeError) as error:
-        raise DataError(f"cannot read {path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - scipy raises MatReadError, ValueError, TypeError ... on a damaged file
+        if isinstance(error, FileNotFoundError):
+            raise DataError(f"cannot read {path}: {error.strerror}") from None
+        raise DataError(f"cannot read {path}: it is not a readable MATLAB file ({type(error).__name__}: {error}). "
+                        "Replace it with the file from the data set's official download, then run the same "
+                        "command again") from None
     missing = [key for key in keys if key not in contents]
     if missing:
         present = sorted(k for k in contents if not k.startswith("__"))

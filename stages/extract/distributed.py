@@ -14,8 +14,10 @@ local rank on CUDA, gloo on the CPU. `DistributedSampler` is not used: it pads b
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -109,3 +111,18 @@ def join_job() -> Job:
     dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT,
                             **({"device_id": torch.device("cuda", local_rank)} if nccl else {}))
     return Job(rank, world_size, local_rank, _initialised=True)
+
+
+@contextlib.contextmanager
+def peer_loss_is_one_line(job: Job) -> Iterator[None]:
+    """A rank that loses another rank of the job (it died, and torch.distributed's next collective fails)
+    stops with one line instead of gloo's or NCCL's traceback; the launcher names the rank that died."""
+    try:
+        yield
+    except RuntimeError as error:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
+        if not job.distributed or not (isinstance(error, dist.DistError) or "gloo" in str(error).lower()
+                                       or "connection" in str(error).lower()):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise JobError(f"rank {job.rank} lost another process of the job ({first[:200]}); finished shards are kept: "
+                       "run the same command again to resume") from None

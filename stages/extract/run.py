@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +32,7 @@ from stages.data.augment import view_generator
 from stages.data.errors import DataError
 from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
-from stages.extract.distributed import JobError, join_job, share_of
+from stages.extract.distributed import JobError, join_job, peer_loss_is_one_line, share_of
 from stages.extract.noising import noise
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
 from stages.models.feature_model import FeatureModel
@@ -85,12 +86,13 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
 
     Under torchrun every rank runs this: rank 0 opens the store and shares the pending shards, and
     each rank computes and writes its share of them (`stages.extract.distributed`)."""
-    with join_job() as job:
+    with join_job() as job, peer_loss_is_one_line(job):
         plan = make_plan(config, model)
         config = plan.config  # the model's default timesteps filled in
         device = resolve_device(job.device_name(config.device))
         if config.precision == "fp16" and device.type != "cuda":
             raise ConfigError("--precision fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        new_store = job.is_main and not set(plan.location.children()) - {layout.LEASE}
         writer, work = _open_store(plan, job)
         try:
             plan.model.prepare(device)
@@ -101,9 +103,27 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
                 for split in plan.splits:
                     _extract_split(plan, split, work[split], writer, capture, pool, device, progress, job)
             job.barrier()  # the store stays held until every rank has written its shards
+        except DataError:
+            writer.close()
+            if new_store:
+                _remove_new_store(plan.location)
+            raise
         finally:
             writer.close()
     return plan
+
+
+def _remove_new_store(location) -> None:
+    # A bad image stops the run that created the store. The data set's identity (file sizes) changes when the
+    # image is replaced or removed, so the store it began could only be refused by the rerun: removed instead,
+    # the same command starts afresh once the data is fixed.
+    log.warning("%s: removed the store this run had begun; it starts afresh once the data set is fixed", location)
+    for child in location.children():  # the location itself (a directory the user made) stays
+        if location.local:
+            path = location.path / child
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+        else:
+            location.delete(child)
 
 
 def _open_store(plan: Plan, job) -> tuple[FeatureStoreWriter, dict]:

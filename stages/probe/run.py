@@ -35,6 +35,7 @@ import torch
 
 from cache.reader import FeatureStore
 from stages.devices import resolve_device
+from stages.outputs import full_disk_is_one_line, output_lock
 from stages.probe.plan import ProbeInputError, make_plan
 from stages.probe.record import finish_run
 from stages.probe.settings import ProbeSettings
@@ -93,7 +94,23 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
              plan.mode, len(plan.passes))
     final = Path(settings.out) / settings.run_name
     partial = Path(settings.out) / f".{settings.run_name}.partial"
-    _prepare(final, partial)
+    with output_lock(final, "probe"):  # one staging directory per run directory: one writer at a time
+        _prepare(final, partial)
+        try:
+            with full_disk_is_one_line(Path(settings.out), "saving the probe's heads and results"):
+                rows, metrics, record = _train_and_write(plan, store, settings, device, partial, started)
+                if final.exists():
+                    shutil.rmtree(final)
+                partial.rename(final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a half-written result is never left behind
+            raise
+    log.info("wrote %s in %.1f s", final, time.perf_counter() - started)
+    return ProbeResult(final, rows, metrics, record)
+
+
+def _train_and_write(plan, store: FeatureStore, settings: ProbeSettings, device, partial: Path, started: float):
+    """Train every pass, saving the chosen heads into `partial`, and write the result files there."""
     sweep = sweep_torch if plan.spec.is_torch else sweep_sklearn
     rows, predictions = [], {}
     for number, members in enumerate(plan.passes):
@@ -105,11 +122,7 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
     engine = {"device": str(device), "seconds": round(time.perf_counter() - started, 3), "versions": _versions()}
     record, metrics = finish_run(partial, plan, rows, predictions, location=str(settings.store), engine=engine,
                                  device=device)
-    if final.exists():
-        shutil.rmtree(final)
-    partial.rename(final)
-    log.info("wrote %s in %.1f s", final, time.perf_counter() - started)
-    return ProbeResult(final, rows, metrics, record)
+    return rows, metrics, record
 
 
 def _prepare(final: Path, partial: Path) -> None:

@@ -36,6 +36,15 @@ class SchedulerUnreachableError(UserError, ConnectionError):
     """No dask scheduler answered at the given address."""
 
 
+class ClusterStartError(UserError, RuntimeError):
+    """The local cluster did not start (its workers kept dying while starting); nothing of the sweep ran."""
+
+
+# A worker that dies while the local cluster starts (killed, out of memory under load) fails the whole start
+# ("Nanny failed to start"): the cluster is started again, this many times in all.
+START_ATTEMPTS = 3
+
+
 class TaskFailedError(UserError, RuntimeError):
     """A task could not finish (its workers kept dying); the results of the other tasks are kept."""
 
@@ -141,17 +150,13 @@ def open_engine(options: EngineOptions) -> Iterator[InProcess | Distributed]:
     from cache.extras import require
 
     require("distributed", "cluster", "a sweep on dask.distributed (--workers, --scheduler, --cluster)")
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     with contextlib.ExitStack() as stack:
         if options.workers is not None:
             # The scheduler always serves HTTP (health, metrics); without --dashboard on a free loopback port
             # and without the dashboard's pages.
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=options.workers, threads_per_worker=options.threads_per_worker, processes=True,
-                host="127.0.0.1", dashboard_address="127.0.0.1:8787" if options.dashboard else "127.0.0.1:0",
-                scheduler_kwargs={"dashboard": options.dashboard},
-                silence_logs=logging.CRITICAL))  # task errors reach the driver; shutdown chatter need not
+            cluster = stack.enter_context(_local_cluster(options))
             client = stack.enter_context(Client(cluster))
         elif options.cluster is not None:
             cluster = stack.enter_context(start_jobqueue_cluster(options.cluster, dashboard=options.dashboard))
@@ -165,6 +170,31 @@ def open_engine(options: EngineOptions) -> Iterator[InProcess | Distributed]:
         log.info("running on %s", options.describe())
         engine.check_versions()  # the workers there now; later ones are checked by each task
         yield engine
+
+
+def _local_cluster(options: EngineOptions):
+    """A LocalCluster of `options.workers` processes on 127.0.0.1, started again where a worker died while it
+    started; a ClusterStartError when it never starts."""
+    from distributed import LocalCluster
+
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            return LocalCluster(
+                n_workers=options.workers, threads_per_worker=options.threads_per_worker, processes=True,
+                host="127.0.0.1", dashboard_address="127.0.0.1:8787" if options.dashboard else "127.0.0.1:0",
+                scheduler_kwargs={"dashboard": options.dashboard},
+                silence_logs=logging.CRITICAL)  # task errors reach the driver; shutdown chatter need not
+        except (RuntimeError, OSError, TimeoutError) as error:  # "Nanny failed to start", a start-up timeout
+            cause = error.__cause__ or error
+            why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
+            if attempt == START_ATTEMPTS:
+                raise ClusterStartError(
+                    f"the local dask cluster of {options.workers} worker(s) did not start in {START_ATTEMPTS} tries "
+                    f"(a worker died while starting: {why}); nothing ran and finished tasks are kept. Check the "
+                    "memory free for the workers, then run the same command again") from None
+            log.warning("the local dask cluster did not start (a worker died while starting: %s); starting it "
+                        "again (%d/%d)", why, attempt + 1, START_ATTEMPTS)
+    raise AssertionError("unreachable")
 
 
 def _connect(address: str, timeout: float):

@@ -30,14 +30,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.devices import resolve_device
-from stages.outputs import staged_output
+from stages.outputs import full_disk_is_one_line, output_lock, staged_output
 from stages.probe.plan import ProbeInputError
 from stages.probe.record import finish_run
 from stages.probe.run import ProbeResult
 from stages.progress import progress_bar
 from stages.sweep.engine import EngineOptions, open_engine
 from stages.sweep.plan import RunPlan, StoreRef, SweepPlan, plan_sweep
-from stages.sweep.task import TASKS, is_done, read_task, remove_stale_partials
+from stages.sweep.task import TASKS, discard_damaged, is_done, read_task, remove_stale_partials, task_dir
 from stages.sweep.versions import environment
 
 log = logging.getLogger(__name__)
@@ -64,11 +64,23 @@ def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: s
     `threads` defaults to 1 per task here (parallelism comes from tasks; results depend on the thread
     count in the last bits, so every task of a sweep uses the same one)."""
     root = Path(out)
+    with output_lock(root, "sweep"):  # a second sweep into this root would drop this one's tasks in progress
+        return _run_sweep(root, stores, heads, options, group_size=group_size, nested=nested, engine=engine,
+                          progress=progress)
+
+
+def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None,
+               nested: bool, engine: EngineOptions, progress: bool) -> SweepResult:
     options = {"threads": 1, **options, "out": str(root)}
     plan = plan_sweep(stores, heads, options, group_size=group_size, nested=nested)
     for run in plan.runs:
         _check_run_dir(root / run.run)
     tasks = plan.tasks
+    for task in tasks:
+        problem = discard_damaged(root, task.key)
+        if problem is not None:
+            log.warning("%s: its result was damaged (%s); removed, to be computed again", task_dir(root, task.key),
+                        problem)
     missing = [t for t in tasks if not is_done(root, t.key)]
     log.info("sweep: %d run(s), %d task(s): %d already done, %d to run on %s", len(plan.runs), len(tasks),
              len(tasks) - len(missing), len(missing), engine.describe())
@@ -113,7 +125,8 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
     rows, predictions, seconds, devices = [], {}, 0.0, set()
     final = root / run.run
     _check_run_dir(final)
-    with staged_output(final) as partial:
+    with (output_lock(final, "sweep"), full_disk_is_one_line(root, f"assembling {run.run}"),
+          staged_output(final) as partial):
         (partial / "heads").mkdir()
         for task in run.tasks:
             task_rows, task_predictions, heads, summary = read_task(root, task.key)

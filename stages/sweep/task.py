@@ -24,6 +24,7 @@ import shutil
 import socket
 import time
 import uuid
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ import numpy as np
 from cache.errors import UserError
 from cache.reader import FeatureStore
 from stages.devices import resolve_device
+from stages.outputs import full_disk_is_one_line
 from stages.probe.plan import make_plan
 from stages.probe.run import thread_limit
 from stages.probe.settings import ProbeSettings
@@ -51,7 +53,36 @@ def task_dir(root: str | Path, key: str) -> Path:
 
 
 def is_done(root: str | Path, key: str) -> bool:
+    """Whether the task has a whole result (see `result_problem`)."""
+    return result_problem(root, key) is None
+
+
+def has_result(root: str | Path, key: str) -> bool:
+    """Whether the task's result directory was committed (whole or since damaged)."""
     return (task_dir(root, key) / "task.json").is_file()
+
+
+def result_problem(root: str | Path, key: str) -> str | None:
+    """None when the task's result is whole: task.json, rows.json with a row per input set, predictions.npz
+    with each input set's predictions, and each input set's saved head; else what is wrong ("not run" when
+    there is no result). A result damaged on disk after it was written is recomputed, never read."""
+    directory = task_dir(root, key)
+    if not has_result(root, key):
+        return "not run"
+    try:
+        inputs = json.loads((directory / "task.json").read_text())["inputs"]
+        rows = json.loads((directory / "rows.json").read_text())
+        if not isinstance(rows, list) or not {row["key"] for row in rows} >= set(inputs):
+            return "rows.json lacks rows of its input sets"
+        with np.load(directory / "predictions.npz") as data:
+            if not set(data.files) >= set(inputs):
+                return "predictions.npz lacks predictions of its input sets"
+        missing = [name for name in inputs if not (directory / "heads" / f"{name}.json").is_file()]
+        if missing:
+            return f"the saved head of {', '.join(missing)} is missing"
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+        return f"cannot be read ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+    return None
 
 
 def run_task(payload: dict) -> dict:
@@ -61,6 +92,7 @@ def run_task(payload: dict) -> dict:
     root, key = Path(payload["root"]), payload["key"]
     if is_done(root, key):
         return {"key": key, "ran": False, "where": where}
+    discard_damaged(root, key)
     settings = ProbeSettings(**payload["settings"])
     started = time.perf_counter()
     with thread_limit(settings.threads), FeatureStore.open(payload["location"],
@@ -73,16 +105,17 @@ def run_task(payload: dict) -> dict:
                 f"{', '.join(payload['combo_keys'])} of {payload['run']} no longer matches; run the sweep again")
         device = resolve_device(settings.device)
         partial = root / TASKS / f".{key}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        (partial / "heads").mkdir(parents=True)
         try:
-            sweep = sweep_torch if plan.spec.is_torch else sweep_sklearn
-            rows, predictions = sweep(plan, combos, partial / "heads", device)
-            (partial / "rows.json").write_text(json.dumps(rows) + "\n")
-            np.savez_compressed(partial / "predictions.npz", **predictions)
-            summary = {"key": key, "run": payload["run"], "inputs": payload["combo_keys"], "where": where,
-                       "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
-            (partial / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
-            _commit(partial, task_dir(root, key))
+            with full_disk_is_one_line(root, f"saving the heads and results of a task of {payload['run']}"):
+                (partial / "heads").mkdir(parents=True)
+                sweep = sweep_torch if plan.spec.is_torch else sweep_sklearn
+                rows, predictions = sweep(plan, combos, partial / "heads", device)
+                (partial / "rows.json").write_text(json.dumps(rows) + "\n")
+                np.savez_compressed(partial / "predictions.npz", **predictions)
+                summary = {"key": key, "run": payload["run"], "inputs": payload["combo_keys"], "where": where,
+                           "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
+                (partial / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
+                _commit(partial, task_dir(root, key))
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -96,6 +129,22 @@ def _commit(partial: Path, final: Path) -> None:
         if not is_done(final.parent.parent.parent, final.name):
             raise
         shutil.rmtree(partial, ignore_errors=True)
+
+
+def discard_damaged(root: str | Path, key: str) -> str | None:
+    """Remove the task's result if it was committed but is no longer whole (so that it is computed again);
+    returns what was wrong with it, or None."""
+    problem = result_problem(root, key)
+    if problem is None or problem == "not run":
+        return None
+    directory = task_dir(root, key)
+    aside = directory.with_name(f".{key}.damaged-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(directory, aside)  # out of the way in one step; then removed
+    except FileNotFoundError:
+        return problem
+    shutil.rmtree(aside, ignore_errors=True)
+    return problem
 
 
 def read_task(root: str | Path, key: str) -> tuple[list[dict], dict, Path, dict]:
