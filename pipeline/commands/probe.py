@@ -16,7 +16,7 @@ def _defaults() -> dict[str, str]:
 
     from stages.probe.recipes import RECIPES
     from stages.probe.registry import HEADS
-    from stages.probe.settings import DEFAULTS_OF_NONE, ProbeSettings
+    from stages.probe.settings import DEFAULTS_OF_NONE, EPISODES_WITH_SHOTS, ProbeSettings
 
     values = {f.name: f.default for f in fields(ProbeSettings) if f.default is not MISSING}
     shown = {name: options.shown(value) for name, value in {**values, **DEFAULTS_OF_NONE}.items()}
@@ -26,6 +26,7 @@ def _defaults() -> dict[str, str]:
             by_rule.setdefault((spec.epochs, spec.min_steps), []).append(spec.name)
     shown["epochs"] = "; ".join(f"{epochs} for {', '.join(names)}, at least {steps} steps"
                                 for (epochs, steps), names in by_rule.items())
+    shown["episodes"] = f"{EPISODES_WITH_SHOTS} with --shots"
     recipe = RECIPES["diffssl"]
     shown["recipe"] = (f"{recipe['linear']['epochs']} epochs, batch {recipe['linear']['batch_size']}, lr "
                        f"{options.shown(recipe['linear']['lrs'])} ({options.shown(recipe['attention']['lrs'])} "

@@ -36,7 +36,8 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
 # What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
 # line's help reads them from here.
 DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
-                    "attention_heads": 4, "episodes": 5}
+                    "attention_heads": 4}
+EPISODES_WITH_SHOTS = 5  # few-shot subsets per shot count when --shots is given without --episodes
 VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_probes.KNNProbe)
 
 
@@ -174,7 +175,7 @@ class ProbeSettings:
             raise ConfigError(f"--episodes {self.episodes} has no effect without --shots; add --shots (e.g. --shots "
                               "1,5,10) or leave --episodes out")
         if self.shots is not None and self.episodes is None:
-            object.__setattr__(self, "episodes", DEFAULTS_OF_NONE["episodes"])
+            object.__setattr__(self, "episodes", EPISODES_WITH_SHOTS)
         if self.episodes is not None and (isinstance(self.episodes, bool) or
                                           not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1):
             fail("episodes", "a positive integer (few-shot subsets per shot count)", self.episodes)
