@@ -62,6 +62,11 @@ def cluster():
     """(scheduler address, client) of a `--workers 2` engine."""
     # Workers forked from this process start with torch imported (users' workers are spawned, dask's
     # default): on a busy 2-core machine spawning and importing costs each worker tens of seconds.
+    # distributed's defaults must be loaded before dask.config.set scopes them: a set whose block
+    # imports distributed removes its whole "distributed" section on exit, and every later test that
+    # reads dask's distributed config fails with KeyError('distributed').
+    import distributed  # noqa: F401
+
     with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
             open_engine(EngineOptions(workers=2)) as engine:
         assert engine.dashboard is None
