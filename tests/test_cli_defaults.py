@@ -54,6 +54,12 @@ def _cka() -> dict:
     return _fields(CkaSettings)
 
 
+def _similarity() -> dict:
+    from stages.similarity.run import SimilaritySettings
+
+    return _fields(SimilaritySettings)
+
+
 def _pretrain() -> dict:
     from stages.pretrain.ddpm import pretrain_ddpm
 
@@ -84,6 +90,7 @@ SETTINGS = {
     "probe": (_probe, {}, {"store", "head", "render", "group_size"}),
     "sweep": (_probe, {}, {"stores", "heads", "dry_run", "group_size"}),
     "cka": (_cka, {}, {"stores", "out"}),
+    "similarity": (_similarity, {}, {"stores", "out"}),
     "pretrain": (_pretrain, {}, {"data_dir", "out", "overwrite"}),
     "random-init": (_random_init, {}, {"model", "out"}),
     "data": (_data, {}, {"out"}),
