@@ -65,7 +65,9 @@ class Commands(click.Group):
             from cache.errors import UserError
 
             if isinstance(error, UserError):
-                raise click.ClickException(str(error)) from error
+                from pipeline.advice import render
+
+                raise click.ClickException(render(error)) from error
             if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
                 where = f": {error.filename}" if error.filename else ""
                 raise click.ClickException(f"{error.strerror}{where}") from error
@@ -190,26 +192,33 @@ def datasets() -> None:
 @click.option("--store", required=True, help="The feature store to check (a directory or an object-store URL).")
 @options.storage_option
 @click.option("--repair", is_flag=True,
-              help="Rebuild damaged completion flags and mark damaged chunks unfinished, for `pipeline extract` to "
-                   "recompute.")
+              help="Repair what is found: damaged, missing or foreign shards (and labels, paths, file records) are "
+                   "recomputed from the model and data the store records; a store left unfinished is finished.")
 def verify(store: str, storage_options, repair: bool) -> None:
-    """Decode and check every finished shard of a store: checksums, missing objects, non-finite values, flags."""
-    from cache import FeatureStoreWriter
+    """Decode and check every finished shard of a store: checksums, digests, missing objects, non-finite values,
+    flags, labels and paths; with --repair, make the store whole."""
     from cache.integrity import find_damage
     from cache.storage import Location, parse_storage_options
+    from pipeline.advice import repair_command
 
     location = Location.parse(store, parse_storage_options(storage_options))
-    damage = FeatureStoreWriter.repair(location) if repair else find_damage(location, full=True)
+    if repair:
+        from stages.extract.repair import repair_store
+
+        outcome = repair_store(location)
+        for item in outcome.found:
+            click.echo(item.describe(store))
+        click.echo(f"{store}: repaired; every finished shard verifies" if outcome.recomputed
+                   else f"{store}: every finished shard verifies, nothing to repair")
+        return
+    damage = find_damage(location, full=True)
     for item in damage:
         click.echo(item.describe(store))
     if not damage:
         click.echo(f"{store}: every finished shard verifies")
-    elif repair:
-        click.echo(f"{len(damage)} problem(s) repaired: damaged chunks are marked unfinished; run `pipeline extract` "
-                   "with the store's settings (or `dvc repro`) to recompute them")
     else:
-        raise click.ClickException(f"{store}: {len(damage)} problem(s); `pipeline verify --store {store} --repair` "
-                                   "marks them for `pipeline extract` to recompute")
+        raise click.ClickException(f"{store}: {len(damage)} problem(s)\nTo repair it, run: "
+                                   f"`{repair_command(location)}`")
 
 
 @main.command("convert-adm")

@@ -3,22 +3,24 @@ a store replaced under a reader, images changed in place. Each is a parametrised
 that the fault is detected and named (or harmless), repair the way the message says, and compare the
 store with an uninterrupted one, file by file.
 
-A kill is simulated in-process: from the chosen write on, every write of the store raises, as if the
-process had died there (kill -9 runs no cleanup, and here no cleanup may write either). One case
-kills a real process to check that the two agree. Bad input to every command: tests/test_bad_input.py.
+A kill is simulated in-process, through zarr's store API (`FailingStore`, a `WrapperStore` every store
+is opened through): from the chosen write on, every write of the store raises, as if the process had
+died there (kill -9 runs no cleanup, and here no cleanup may write either). One case kills a real
+process to check that the two agree. Bad input to every command: tests/test_bad_input.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,13 +30,15 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from PIL import Image
+from zarr.storage import LocalStore, WrapperStore
 
 from cache import FeatureStore, FeatureStoreWriter
-from cache import creation
 from cache import writer as store_writer
+from cache.storage import wrapped_stores
 from cache.errors import (DataChangedError, IntegrityError, StoreError, StoreFullError, StoreInUseError,
                           StoreReplacedError)
 from conftest import make_image_folder
+from pipeline.advice import render
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
@@ -88,64 +92,70 @@ def store(model, data, tmp_path) -> Path:
     return out
 
 
-@contextmanager
-def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int | None = None, torn: bool = False):
-    """Store writes fail from the `from_write`-th on (a kill), or once `after_bytes` were written (a full
-    disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does.
+class Faults:
+    """When the store's writes fail: from the `from_write`-th on (a kill), or once `after_bytes` were written
+    (a full disk). `torn` leaves the killed write's temporary file behind, as a kill during a local write does.
 
-    zarr writes several keys at once from worker threads: the kill waits for the writes already under
-    way to land (as if the process died just after them), and no write starts after it."""
-    count, written, dead = itertools.count(), [0], [False]
-    in_flight, lock = [0], threading.Condition()
-    put, mark_root = store_writer.zarr.storage._local._put, creation._mark_root
+    zarr writes several keys at once: the kill waits for the writes already under way to land (as if the
+    process died just after them), and no write starts after it."""
 
-    def kill(what: str, path=None, value=None):
-        with lock:
-            if not dead[0] and torn and path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".0f0f.partial").write_bytes(bytes(value.as_buffer_like())[: len(value) // 2])
-            dead[0] = True
-            lock.wait_for(lambda: in_flight[0] == 0)
-        raise Crash(what)
+    def __init__(self, from_write: int | None, after_bytes: int | None, torn: bool):
+        self.from_write, self.after_bytes, self.torn = from_write, after_bytes, torn
+        self.count, self.written, self.dead, self.in_flight = 0, 0, False, 0
 
-    def failing_put(path, value, exclusive=False):
-        with lock:
-            killed = dead[0] or (from_write is not None and next(count) >= from_write)
-            full = not killed and after_bytes is not None and written[0] + len(value) > after_bytes
-            if not killed and not full:
-                written[0] += len(value)
-                in_flight[0] += 1
+    async def write(self, store, key: str, value, *, exclusive: bool) -> None:
+        killed = self.dead or (self.from_write is not None and self.count >= self.from_write)
+        self.count += 1
+        full = not killed and self.after_bytes is not None and self.written + len(value) > self.after_bytes
         if killed:
-            kill(str(path), path, value)
+            if not self.dead and self.torn and isinstance(store, LocalStore):
+                target = Path(store.root) / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.with_suffix(".0f0f.partial").write_bytes(value.to_bytes()[: len(value) // 2])
+            self.dead = True
+            while self.in_flight:  # the writes already under way land (they run on the same event loop)
+                await asyncio.sleep(0.001)
+            raise Crash(key)
         if full:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        self.written += len(value)
+        self.in_flight += 1
         try:
-            return put(path, value, exclusive)
+            await (store.set_if_not_exists(key, value) if exclusive else store.set(key, value))
         finally:
-            with lock:
-                in_flight[0] -= 1
-                lock.notify_all()
+            self.in_flight -= 1
 
-    def failing_mark_root(directory, attrs):
-        with lock:
-            killed = dead[0] or (from_write is not None and next(count) >= from_write)
-        if killed:
-            kill("zarr.json")
-        return mark_root(directory, attrs)
 
-    monkeypatch.setattr(store_writer.zarr.storage._local, "_put", failing_put)
-    monkeypatch.setattr(creation, "_mark_root", failing_mark_root)
-    try:
-        yield count
-    finally:
-        monkeypatch.setattr(store_writer.zarr.storage._local, "_put", put)
-        monkeypatch.setattr(creation, "_mark_root", mark_root)
+class FailingStore(WrapperStore):
+    """zarr's store API: every write goes through `Faults.write` (reads, listings, deletes pass through)."""
+
+    def __init__(self, store, faults: Faults):
+        super().__init__(store)
+        self.faults = faults
+
+    def _with_store(self, store) -> FailingStore:
+        return type(self)(store, self.faults)
+
+    async def set(self, key: str, value) -> None:
+        await self.faults.write(self._store, key, value, exclusive=False)
+
+    async def set_if_not_exists(self, key: str, value) -> None:
+        await self.faults.write(self._store, key, value, exclusive=True)
+
+
+@contextmanager
+def writes_fail(monkeypatch=None, *, from_write: int | None = None, after_bytes: int | None = None,
+                torn: bool = False):
+    """Every store opened meanwhile fails as `Faults` says (through `cache.storage.wrapped_stores`)."""
+    faults = Faults(from_write, after_bytes, torn)
+    with wrapped_stores(lambda store: FailingStore(store, faults)):
+        yield faults
 
 
 def count_writes(model, data, out, monkeypatch) -> int:
-    with writes_fail(monkeypatch, from_write=10**9) as count:
+    with writes_fail(monkeypatch, from_write=10**9) as faults:
         extract(model, data, out)
-    return next(count)
+    return faults.count
 
 
 # -- kills ------------------------------------------------------------------------------------------
@@ -251,23 +261,37 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
-# (damage, what reading then says, how the message says to repair it)
+def copy_from_another_store(other: Path):
+    """A shard copied in from a store of the same layout made with another noise seed."""
+    def damage(store: Path) -> None:
+        shutil.copyfile(feature_shard(other), feature_shard(store))
+    return damage
+
+
+def delete_digests(store: Path) -> None:
+    (record,) = (store / "_digests" / "train").glob("set-*")
+    (record / "c" / "1" / "0").unlink()
+
+
+# (damage, what reading then says); every case is repaired by the command its message prints
 DAMAGE = {
-    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
-    "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
-    "deleted feature chunk": (lambda s: feature_shard(s).unlink(), "shard 1 (chunk 2) is marked finished but is missing",
-                              "extract"),
-    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values", "verify"),
-    "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
-                                "extract"),
-    "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
-    "edited split size": (edit_settings, "says split 'train' has 12 samples", "extract"),
-    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"), "train/block5/t90/zarr.json",
-                                 "extract"),
-    "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged",
-                                  "extract"),
-    "truncated settings": (lambda s: truncate(s / "zarr.json"), "zarr.json, the store's settings, is damaged",
-                           "overwrite"),
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
+    "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
+    "deleted feature chunk": (lambda s: feature_shard(s).unlink(),
+                              "shard 1 (chunk 2) is marked finished but is missing"),
+    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values"),
+    "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "(its completion flag) fails"),
+    "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "(its completion flag) fails"),
+    "deleted digest record": (delete_digests, "(the digests of a finished shard) is missing"),
+    "edited split size": (edit_settings, "says split 'train' has 12 samples"),
+    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"),
+                                 "train/block5/t90 has a damaged"),
+    "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged"),
+    "deleted labels chunk": (lambda s: (s / "train/labels/c/0").unlink(), "train/labels chunk(s) 0 are missing"),
+    "deleted val labels chunk": (lambda s: (s / "val/labels/c/0").unlink(), "val/labels chunk(s) 0 are missing"),
+    "deleted paths chunk": (lambda s: (s / "val/paths/c/0").unlink(), "val/paths chunk(s) 0 are missing"),
+    "deleted file records shard": (lambda s: (s / "train/files/c/1/0").unlink(),
+                                   "train/files shard 1 does not match its digests"),
 }
 
 
@@ -276,31 +300,84 @@ def read_everything(path: Path) -> None:
     for split in store.splits:
         store.labels(split)
         store.paths(split)
+        store.file_records(split)
         for block, timestep in store.arrays():
             store.read(split, block, timestep)
 
 
+def advised_command(message: str) -> list[str]:
+    """The one command a message advises, split as a shell would."""
+    (command,) = re.findall(r"`(pipeline [^`]+)`", message)
+    return shlex.split(command)[1:]
+
+
+def run_advice(message: str, model) -> None:
+    """Run the advised command verbatim (in this process, so that it loads the test's tiny model)."""
+    result = CliRunner().invoke(main, advised_command(message))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_damage_is_named_on_read_and_repaired_as_the_message_says(model, data, reference, store, case):
-    damage, fragment, repair = DAMAGE[case]
+def test_damage_is_named_on_read_and_the_advice_run_verbatim_repairs_it(model, data, reference, store, case):
+    damage, fragment = DAMAGE[case]
     damage(store)
-    with pytest.raises((IntegrityError, StoreError)) as error:
+    with pytest.raises(StoreError) as error:
         read_everything(store)
-    assert fragment in str(error.value) and str(store) in str(error.value)
-    if repair == "verify":
-        assert "pipeline extract" in str(error.value)
-        result = CliRunner().invoke(main, ["verify", "--store", str(store)])
-        assert result.exit_code == 1 and fragment.split(" (chunk")[0] in result.output
-        result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
-        assert result.exit_code == 0, result.output
-        with pytest.raises(StoreError, match="unfinished"):
-            read_everything(store)  # marked unfinished: never read as if it were sound
-    if repair == "overwrite":
-        with pytest.raises(StoreError, match="--overwrite"):
-            extract(model, data, store)
-        extract(model, data, store, overwrite=True)
-    else:
+    message = render(error.value)
+    assert fragment in message and str(store) in message
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])  # verify names it too, and the same fix
+    assert checked.exit_code == 1 and advised_command(checked.output) == advised_command(message), checked.output
+    run_advice(message, model)
+    assert_same_store(store, reference)
+    read_everything(store)
+
+
+def test_a_shard_copied_from_another_store_is_foreign(model, data, reference, store, tmp_path):
+    other = tmp_path / "other.zarr"
+    extract(model, data, other, noise_seed=1)
+    copy_from_another_store(other)(store)
+    with pytest.raises(IntegrityError, match=r"shard 1 \(chunk 2\) is marked finished but does not match its digest"):
+        read_everything(store)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert checked.exit_code == 1 and "train/block3/t10 shard 1 does not match its digests" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(store, reference)
+
+
+def test_a_lost_settings_file_is_named_and_replaced_with_overwrite(model, data, reference, store):
+    truncate(store / "zarr.json")
+    with pytest.raises(StoreError) as error:
+        read_everything(store)
+    assert "zarr.json, the store's settings, is damaged" in render(error.value)
+    assert "--overwrite" in render(error.value)
+    with pytest.raises(StoreError) as error:
         extract(model, data, store)
+    assert "--overwrite" in render(error.value)
+    extract(model, data, store, overwrite=True)
+    assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("step", [0, 1, 3, 10, 30])
+def test_an_overwrite_killed_part_way_is_verified_and_repaired_as_advised(model, data, reference, store, tmp_path,
+                                                                          monkeypatch, step):
+    other = tmp_path / "other.zarr"  # the store is replaced by one of other settings; the kill stops that
+    extract(model, data, other, noise_seed=1)
+    shutil.rmtree(store)
+    shutil.copytree(other, store)
+    with writes_fail(monkeypatch, from_write=step), pytest.raises(Crash):
+        extract(model, data, store, overwrite=True)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert checked.exception is None or isinstance(checked.exception, SystemExit), checked.output
+    assert "Traceback" not in checked.output
+    if store_files(store) == store_files(other):  # killed before its first write: the old store, untouched
+        assert checked.exit_code == 0, checked.output
+        return
+    if checked.exit_code:
+        assert "never finished being made" in checked.output
+        run_advice(checked.output, model)
+    else:  # the settings were written: what is left is unfinished work, which the repair also finishes
+        assert FeatureStore.open(store).missing()
+        run_advice(f"`pipeline verify --store {store} --repair`", model)
     assert_same_store(store, reference)
 
 

@@ -33,6 +33,7 @@ from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
 from stages.extract.distributed import JobError, join_job, share_of
 from stages.extract.noising import noise
+from stages.extract.repair import recipe
 from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
 from stages.models.feature_model import FeatureModel
 from stages.progress import progress_bar
@@ -146,6 +147,7 @@ def _open_writer(plan: Plan) -> FeatureStoreWriter:
         grids=plan.grids,
         overwrite=config.overwrite,
         verify=config.verify,
+        recipe=recipe(config, plan.chunk_samples, plan.shard_samples),
     )
     try:
         for name, folder in plan.splits.items():
