@@ -287,8 +287,8 @@ class Location:
 
     def _credential_hint(self) -> str:
         if self.protocol.startswith("s3"):
-            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-option key=... --storage-option "
-                    "secret=..., or --storage-option anon=true for a public bucket")
+            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the storage options key and secret, or the "
+                    "storage option anon=true for a public bucket")
         return f"the environment or storage options that {self.protocol}:// reads"
 
     def _explain(self, error: Exception) -> str:
@@ -299,7 +299,7 @@ class Location:
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
                     "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError", "TimeoutError"):
             return (f"{self.url}: cannot reach the object store{self._at_endpoint()} ({text}). Check the endpoint "
-                    "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) and the network")
+                    "(AWS_ENDPOINT_URL or the storage option endpoint_url) and the network")
         if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
             return self._no_bucket()
         return f"{self.url}: the object store refused the request ({name}: {text})"

@@ -511,3 +511,71 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
         with pytest.raises(StoreError, match=r"gave NaN or infinite features for train samples 2.*--dtype float32"):
             writer.write_shard("train", 0, {(3, 150): values})
     assert FeatureStore.open(out).missing_chunks("train", 3, 150) == [0, 1, 2]
+
+
+# -- labels, paths and file records: never read as their fill value (issue 24) ---------------------
+def test_a_deleted_labels_chunk_fails_the_probe_with_the_repair_command(model, data, reference, store, tmp_path):
+    """The case that once scored 37.5% with exit 0: labels read as all zeros. (CKA reads no labels: its
+    numbers do not depend on them.)"""
+    (store / "train/labels/c/0").unlink()
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "knn", "--knn-k", "1", "--blocks", "5",
+                                       "--timesteps", "90", "--out", str(tmp_path / "probe"), "--no-render"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "train/labels chunk(s) 0 are missing" in result.output
+    assert advised_command(result.output) == ["verify", "--store", str(store), "--repair"]
+    assert not (tmp_path / "probe").exists() or not any((tmp_path / "probe").rglob("*.csv"))
+    run_advice(result.output, model)
+    assert_same_store(store, reference)
+
+
+def test_a_view_splits_labels_are_verified_and_repaired(model, data, tmp_path):
+    out, reference = tmp_path / "views.zarr", tmp_path / "reference.zarr"
+    for path in (out, reference):
+        extract(model, data, path, views=2, blocks=(3,), timesteps=(10,))
+    (out / "train@view1/labels/c/0").unlink()
+    with pytest.raises(IntegrityError) as error:
+        FeatureStore.open(out).labels("train@view1")
+    assert "train@view1/labels chunk(s) 0 are missing" in str(error.value)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(out)])
+    assert checked.exit_code == 1 and "train@view1/labels" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(out, store_files(reference))
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    from tests.s3_server import ENV, make_bucket, s3_server
+
+    with s3_server() as url, pytest.MonkeyPatch.context() as patch:
+        for key, value in ENV.items():
+            patch.setenv(key, value)
+        patch.setenv("AWS_ENDPOINT_URL", url)
+        make_bucket(url, "lab")
+        yield url
+
+
+@pytest.mark.parametrize("where", ["memory", "s3"])
+def test_labels_and_paths_on_object_stores_are_verified_and_repaired(model, data, tmp_path, request, where):
+    import fsspec
+
+    url = "memory://faults/labels.zarr" if where == "memory" else "s3://lab/faults/labels.zarr"
+    if where == "s3":
+        request.getfixturevalue("endpoint")
+        from s3fs import S3FileSystem
+
+        S3FileSystem.clear_instance_cache()
+    extract(model, data, url)
+    before = {s: (FeatureStore.open(url).labels(s), FeatureStore.open(url).paths(s)) for s in ("train", "val")}
+    fs, root = fsspec.core.url_to_fs(url)
+    for key in ("train/labels/c/0", "val/paths/c/0"):
+        fs.rm(f"{root}/{key}")
+    with pytest.raises(IntegrityError, match="train/labels chunk"):
+        FeatureStore.open(url).labels("train")
+    checked = CliRunner().invoke(main, ["verify", "--store", url])
+    assert checked.exit_code == 1 and "train/labels" in checked.output and "val/paths" in checked.output
+    run_advice(checked.output, model)
+    store = FeatureStore.open(url)
+    for split, (labels, paths) in before.items():
+        np.testing.assert_array_equal(store.labels(split), labels)
+        assert store.paths(split) == paths
+    assert store.verify() == []
