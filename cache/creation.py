@@ -169,9 +169,11 @@ def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], b
     chunk_samples = int(settings["chunk_samples"])
     shard_samples = layout.shard_samples(settings)
     group.create_group(layout.PROGRESS)
+    group.create_group(layout.DIGESTS)
     for name, index in splits.items():
         group.create_group(name)
         group.create_group(layout.progress_group(name))
+        group.create_group(f"{layout.DIGESTS}/{name}")
         write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
         write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
         create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)

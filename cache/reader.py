@@ -389,6 +389,7 @@ class FeatureStore:
             if digest_mismatch(self._key, path, values, chunk, self.chunk_samples, expected) is not None:
                 problem = "does not match its digest: written for another store or place, or edited"
         if problem:
+            self._check_current()  # a store replaced under the reader is that, not damage
             raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file})",
                                  store=self.location, damage=[Damage(path, shard, problem)])
 

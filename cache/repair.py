@@ -105,6 +105,7 @@ def repair_index(writer, split: str, index: SplitIndex) -> None:
     group, n = writer._group, len(index.paths)
     group.require_group(split)
     group.require_group(layout.progress_group(split))
+    group.require_group(layout.DIGESTS).require_group(split)  # format 1 stores have none
     expected = {layout.labels_path(split): np.asarray(index.labels, dtype=np.int64),
                 layout.paths_path(split): np.asarray(index.paths, dtype=str)}
     for path, values in expected.items():
