@@ -21,6 +21,7 @@ import zarr
 from cache import digests as digests_
 from cache import layout
 from cache.errors import CREATE, ELSEWHERE, REPLACE, IncompleteStoreError, IntegrityError, StoreError
+from cache.manifest import Manifest
 from cache.storage import Location
 
 DECODE_ERRORS = (ValueError, RuntimeError, TypeError)  # crc32c mismatch, blosc / zstd / json errors
@@ -212,13 +213,12 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
     """Every damaged or missing piece of the store at `location` (see the module docstring)."""
     location = Location.parse(location)
     attrs = finished_attrs(location)
+    manifest = Manifest.parse(attrs, str(location))
     group = zarr.open_group(location.zarr_store(read_only=True), mode="r")
-    shard_samples = layout.shard_samples(attrs)
-    per_shard = shard_samples // int(attrs["chunk_samples"])
+    shard_samples, per_shard = manifest.shard_samples, manifest.chunks_per_shard
     key = digests_.binding(attrs)
     damage = []
-    table = {row["number"]: row for row in attrs["block_table"]}
-    for split, n in attrs["splits"].items():
+    for split, n in manifest.splits.items():
         n_shards = layout.num_chunks(int(n), shard_samples)
         for array_path in (layout.labels_path(split), layout.paths_path(split)):
             array = _metadata(group, array_path, damage, required=True)
@@ -229,15 +229,14 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
         damage += flag_damage
         files = _metadata(group, layout.files_path(split), damage, required=False)
         if files is not None:
-            damage += files_damage(files, split, sets, key, n_shards, per_shard, int(attrs["chunk_samples"]))
-        for block, entry in attrs["features"].items():
-            grid = int(entry["grid"])
-            for timestep in entry["timesteps"]:
-                array_path = layout.feature_path(split, int(block), int(timestep))
+            damage += files_damage(files, split, sets, key, n_shards, per_shard, manifest.chunk_samples)
+        for block, stored in manifest.features.items():
+            for timestep in stored.timesteps:
+                array_path = layout.feature_path(split, block, timestep)
                 array = _metadata(group, array_path, damage, required=True)
                 if array is None:
                     continue
-                expected = (int(n), int(table[int(block)]["channels"]), grid, grid)
+                expected = manifest.shape(split, block)
                 if array.shape != expected:
                     damage.append(Damage(array_path, None, f"is {array.shape}, the settings say {expected}"))
                     continue

@@ -35,6 +35,7 @@ from cache.errors import (REPLACE, ConfigError, IncompleteStoreError, IntegrityE
 from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, digest_mismatch, done_shards,
                              expected_digests, files_damage, find_damage, finished_attrs, identity, index_problem,
                              load_write_sets, read_root_attrs)
+from cache.manifest import Manifest
 from cache.pooling import adaptive_avg_pool, derivable
 from cache.storage import Location
 from cache.text import format_ranges
@@ -51,9 +52,10 @@ class FeatureStore:
         self._hold = None
         self._arrays: dict[str, zarr.Array] = {}
         self._key = digests.binding(attrs)
+        self.manifest = Manifest.parse(attrs, self.path)  # the settings, typed and checked once
         self._root_seen = self._root_stamp()
         self._check_shapes()  # the settings first: a wrong split size would look like damaged flags
-        self._sets = {split: self._load_sets(split) for split in self._attrs["splits"]}  # views too
+        self._sets = {split: self._load_sets(split) for split in self.manifest.splits}  # views too
 
     @classmethod
     def open(cls, path, storage_options: dict | None = None) -> FeatureStore:
@@ -92,13 +94,13 @@ class FeatureStore:
     @property
     def splits(self) -> list[str]:
         """The data set's splits (augmented views of a split are not splits of their own: `views`)."""
-        return [s for s in self._attrs["splits"] if layout.parse_view_split(s)[1] == 0]
+        return [s for s in self.manifest.splits if layout.parse_view_split(s)[1] == 0]
 
     def views(self, split: str) -> int:
         """How many views of each image of `split` the store holds: 1 (the centre view), or K in a store
         extracted with K views (view 0 the centre view, 1..K-1 augmented; attrs["views"] says how)."""
         self._check_split(split)
-        stored = [layout.parse_view_split(name) for name in self._attrs["splits"]]
+        stored = [layout.parse_view_split(name) for name in self.manifest.splits]
         return 1 + sum(1 for base, view in stored if base == split and view > 0)
 
     def view_split(self, split: str, view: int = 0) -> str:
@@ -110,11 +112,11 @@ class FeatureStore:
 
     @property
     def blocks(self) -> list[int]:
-        return sorted(int(b) for b in self._attrs["features"])
+        return sorted(self.manifest.features)
 
     @property
     def timesteps(self) -> list[int]:
-        return sorted({int(t) for entry in self._attrs["features"].values() for t in entry["timesteps"]})
+        return sorted({t for stored in self.manifest.features.values() for t in stored.timesteps})
 
     @property
     def classes(self) -> list[str]:
@@ -123,12 +125,12 @@ class FeatureStore:
     @property
     def chunk_samples(self) -> int:
         """Samples per stored chunk: every array of the store is chunked along samples by this."""
-        return int(self._attrs["chunk_samples"])
+        return self.manifest.chunk_samples
 
     @property
     def shard_samples(self) -> int:
         """Samples per shard, the unit of writing and completion (`chunk_samples` in stores without sharding)."""
-        return layout.shard_samples(self._attrs)
+        return self.manifest.shard_samples
 
     @property
     def extracted_pools(self) -> list[int]:
@@ -141,19 +143,18 @@ class FeatureStore:
         return hashlib.sha256(json.dumps(self._attrs, sort_keys=True).encode()).hexdigest()
 
     def has(self, block: int, timestep: int) -> bool:
-        entry = self._attrs["features"].get(str(block))
-        return entry is not None and int(timestep) in entry["timesteps"]
+        stored = self.manifest.features.get(int(block))
+        return stored is not None and int(timestep) in stored.timesteps
 
     def arrays(self) -> list[tuple[int, int]]:
         """Every (block, timestep) the store lists."""
-        return [(b, int(t)) for b in self.blocks for t in self._attrs["features"][str(b)]["timesteps"]]
+        return self.manifest.arrays()
 
     def block_info(self, block: int) -> dict:
         """The block's row of the model's table plus the stored `grid`."""
-        rows = {row["number"]: row for row in self._attrs["block_table"]}
-        if str(block) not in self._attrs["features"]:
+        if int(block) not in self.manifest.features:
             raise NotInStoreError(self._missing_message(block, None))
-        return {**rows[int(block)], "grid": int(self._attrs["features"][str(block)]["grid"])}
+        return {**self.manifest.block(block).row, "grid": self.manifest.features[int(block)].grid}
 
     def pools(self, block: int) -> list[int]:
         """Every pool size that can be read exactly for this block."""
@@ -162,7 +163,7 @@ class FeatureStore:
 
     def num_samples(self, split: str) -> int:
         self._check_split(split)
-        return int(self._attrs["splits"][split])
+        return int(self.manifest.splits[split])
 
     def num_chunks(self, split: str) -> int:
         return layout.num_chunks(self.num_samples(split), self.chunk_samples)
@@ -214,7 +215,7 @@ class FeatureStore:
     def missing(self) -> dict[tuple[str, int, int], list[int]]:
         """Every array with unfinished sample chunks: (split, block, timestep) -> chunk indices."""
         result = {}
-        for split in self._attrs["splits"]:  # views too ("<split>@view<v>")
+        for split in self.manifest.splits:  # views too ("<split>@view<v>")
             for block, timestep in self.arrays():
                 chunks = self.missing_chunks(split, block, timestep)
                 if chunks:
@@ -317,8 +318,7 @@ class FeatureStore:
     def _check_shapes(self) -> None:
         """The settings agree with the arrays: split sizes, feature shapes, flag counts (named file on failure)."""
         settings = f"{self.path}/zarr.json"
-        table = {row["number"]: row for row in self._attrs["block_table"]}
-        for split, n in self._attrs["splits"].items():
+        for split, n in self.manifest.splits.items():
             for path in (layout.labels_path(split), layout.paths_path(split)):
                 shape = self._metadata(path).shape
                 if shape != (int(n),):
@@ -327,8 +327,7 @@ class FeatureStore:
                                          damage=[Damage("zarr.json", None, f"lists {n} samples of {split}")])
             for block, timestep in self.arrays():
                 path = layout.feature_path(split, block, timestep)
-                grid = int(self._attrs["features"][str(block)]["grid"])
-                expected = (int(n), int(table[block]["channels"]), grid, grid)
+                expected = self.manifest.shape(split, block)
                 shape = self._metadata(path).shape
                 if shape != expected:
                     raise IntegrityError(f"{settings} describes {path} as {expected}, but it is {shape}: the settings "
@@ -442,7 +441,7 @@ class FeatureStore:
         return min(int(pool), info["resolution"])
 
     def _check_split(self, split: str) -> None:
-        if split not in self._attrs["splits"]:
+        if split not in self.manifest.splits:
             raise NotInStoreError(f"{self.path} has no split {split!r}; it has {self.splits}")
 
     def _check(self, split: str, block: int, timestep: int) -> None:
@@ -452,7 +451,7 @@ class FeatureStore:
 
     def _missing_message(self, block: int, timestep: int | None) -> str:
         held = "; ".join(
-            f"block {b}: timesteps {self._attrs['features'][str(b)]['timesteps']}" for b in self.blocks
+            f"block {b}: timesteps {list(self.manifest.features[b].timesteps)}" for b in self.blocks
         )
         what = f"block {block}" if timestep is None else f"block {block} at timestep {timestep}"
         return f"{self.path} has no {what}; it holds {held or 'nothing yet'}"

@@ -152,13 +152,11 @@ def repair_in_place(writer, *, verify: bool) -> None:
             _set_flag(writer, layout.PROGRESS + item.path[len(layout.DIGESTS):], item.shard, 0)
         else:
             rebuild_flag(writer, item)
-    attrs = writer._attrs
-    table = {row["number"]: row for row in attrs["block_table"]}
-    for split in attrs["splits"]:
-        for block, entry in attrs["features"].items():
-            for timestep in entry["timesteps"]:
-                writer._ensure_array(split, int(block), int(timestep), table[int(block)]["channels"],
-                                     int(entry["grid"]), attrs["dtype"])
+    manifest = writer.manifest
+    for split in manifest.splits:
+        for block, timestep in manifest.arrays():
+            writer._ensure_array(split, block, timestep, manifest.block(block).channels,
+                                 manifest.features[block].grid, writer._attrs["dtype"])
     for item in find_damage(writer.location, full=verify):
         if item.shard is None:
             continue  # metadata (made again above), labels and paths (`reopen` rewrites them from the data set)

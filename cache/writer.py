@@ -37,6 +37,7 @@ from cache.creation import (FEATURE_CODECS, FULL, SMALL_CODECS, SplitIndex, diff
                             inspect_directory, make_directory, replace, sample_chunking)
 from cache.errors import (REPLACE, DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError,
                           StoreMismatchError)
+from cache.manifest import Manifest
 from cache.integrity import DECODE_ERRORS, Damage, WriteSet, digest_columns, done_shards, load_write_sets
 from cache.storage import Location
 from cache.text import format_bytes, format_ranges
@@ -139,6 +140,11 @@ class FeatureStoreWriter:
 
     # -- planning ------------------------------------------------------------------------------------
     @property
+    def manifest(self) -> Manifest:
+        """The settings as they are now, typed (`cache.manifest`)."""
+        return Manifest.parse(self._attrs, self.path)
+
+    @property
     def chunk_samples(self) -> int:
         return int(self._attrs["chunk_samples"])
 
@@ -156,15 +162,15 @@ class FeatureStoreWriter:
         return layout.chunk_slice(shard, self.num_samples(split), self.shard_samples)
 
     def grid(self, block: int) -> int | None:
-        entry = self._attrs["features"].get(str(block))
-        return None if entry is None else int(entry["grid"])
+        stored = self.manifest.features.get(int(block))
+        return None if stored is None else stored.grid
 
     def add_arrays(self, features: dict[int, int], timesteps: list[int], pools: list[int]) -> None:
         """Make sure an array exists for every (split, block, timestep); `features` maps block -> grid.
 
         An existing block must have been stored at the same grid (a finer one cannot be derived).
         """
-        table = {row["number"]: row for row in self._attrs["block_table"]}
+        manifest = self.manifest
         contents = {key: dict(value) for key, value in self._attrs["features"].items()}
         for block, grid in features.items():
             entry = contents.get(str(block))
@@ -177,7 +183,7 @@ class FeatureStoreWriter:
         wanted = {(int(block), int(t)): int(grid) for block, grid in features.items() for t in timesteps}
         with self._writing("creating arrays", unlisted=wanted):
             for block, grid in features.items():
-                channels = table[block]["channels"]
+                channels = manifest.block(block).channels
                 entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
                 for timestep in timesteps:
                     for split in self._attrs["splits"]:
@@ -367,12 +373,12 @@ class FeatureStoreWriter:
         """Uncompressed bytes of every shard not yet finished: what a run still writes, at most; `unlisted`
         ((block, timestep) -> grid) adds arrays about to be created."""
         itemsize = np.dtype(self._attrs["dtype"]).itemsize
-        table = {row["number"]: row for row in self._attrs["block_table"]}
-        arrays = {(int(b), int(t)): int(e["grid"]) for b, e in self._attrs["features"].items() for t in e["timesteps"]}
+        manifest = self.manifest
+        arrays = {(b, t): manifest.features[b].grid for b, t in manifest.arrays()}
         total = 0
         for split in self._attrs["splits"]:
             for (block, timestep), grid in {**(unlisted or {}), **arrays}.items():
-                per_sample = table[block]["channels"] * grid ** 2 * itemsize
+                per_sample = manifest.block(block).channels * grid ** 2 * itemsize
                 listed = (block, timestep) in arrays
                 pending = len(self.pending_shards(split, block, timestep)) if listed else self.num_shards(split)
                 total += min(pending * self.shard_samples, self.num_samples(split)) * per_sample

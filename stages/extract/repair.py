@@ -102,12 +102,12 @@ def _groups(store: FeatureStore) -> list[tuple[tuple[int, ...], tuple[int, ...],
     store's pools where those give every block its stored grid, else one run per grid."""
     by_timesteps: dict[tuple, list[int]] = {}
     for block in store.blocks:
-        timesteps = tuple(sorted(int(t) for t in store.attrs["features"][str(block)]["timesteps"]))
+        timesteps = tuple(sorted(store.manifest.features[block].timesteps))
         by_timesteps.setdefault(timesteps, []).append(block)
     groups = []
     for timesteps, blocks in by_timesteps.items():
         info = {b: store.block_info(b) for b in blocks}
-        pools = tuple(store.attrs["pools"])
+        pools = store.manifest.pools
         if pools and all(stored_grid(i["resolution"], list(pools)) == i["grid"] for i in info.values()):
             groups.append((tuple(sorted(blocks)), timesteps, pools))
             continue
