@@ -10,6 +10,10 @@ A store's errors say what is wrong and where in plain words, and carry typed fie
 alone, and the command line turns the fields into advice (`pipeline.advice`).
 """
 
+from __future__ import annotations
+
+from dataclasses import dataclass
+
 # What a store in a given state needs (StoreError.remedy):
 REPAIR = "repair"  # recompute what is damaged or unfinished, from the recipe (model, data) the store records
 REPLACE = "replace"  # its settings are lost or differ: extract again over it, or into another store
@@ -19,6 +23,19 @@ WIDER_DTYPE = "wider-dtype"  # features overflowed the stored dtype: store float
 RESTORE_DATA = "restore-data"  # images changed: restore them, or re-extract everything over the store
 CREATE = "create"  # there is no store yet: make it
 REMEDIES = (REPAIR, REPLACE, ELSEWHERE, WAIT, WIDER_DTYPE, RESTORE_DATA, CREATE)
+
+
+@dataclass(frozen=True)
+class Damage:
+    """One damaged or missing piece of a store."""
+
+    path: str  # the array, relative to the store, e.g. "train/block3/t10" or "_progress/train/set-..."
+    shard: int | None  # its shard: the unit of writing (a chunk in stores without sharding; None: the metadata)
+    problem: str  # e.g. "fails its checksum"
+
+    def describe(self, store: str) -> str:
+        where = f"{store}/{self.path}" + ("" if self.shard is None else f" shard {self.shard}")
+        return f"{where} {self.problem}"
 
 
 class UserError(Exception):

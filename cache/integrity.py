@@ -20,24 +20,11 @@ import zarr
 
 from cache import digests as digests_
 from cache import layout
-from cache.errors import CREATE, ELSEWHERE, REPLACE, IncompleteStoreError, IntegrityError, StoreError
+from cache.errors import CREATE, ELSEWHERE, REPLACE, Damage, IncompleteStoreError, IntegrityError, StoreError
 from cache.manifest import Manifest
 from cache.storage import Location
 
 DECODE_ERRORS = (ValueError, RuntimeError, TypeError)  # crc32c mismatch, blosc / zstd / json errors
-
-
-@dataclass(frozen=True)
-class Damage:
-    """One damaged or missing piece of a store."""
-
-    path: str  # the array, relative to the store, e.g. "train/block3/t10" or "_progress/train/set-..."
-    shard: int | None  # its shard: the unit of writing (a chunk in stores without sharding; None: the metadata)
-    problem: str  # e.g. "fails its checksum"
-
-    def describe(self, store: str) -> str:
-        where = f"{store}/{self.path}" + ("" if self.shard is None else f" shard {self.shard}")
-        return f"{where} {self.problem}"
 
 
 @dataclass

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from cache import layout
-from cache.errors import REPLACE, IntegrityError
+from cache.errors import REPLACE, Damage, IntegrityError
 
 
 @dataclass(frozen=True)
@@ -130,9 +130,7 @@ def upgrade(attrs: Mapping) -> dict:
     return attrs
 
 
-def _damage(key: str, why: str):
-    from cache.integrity import Damage
-
+def _damage(key: str, why: str) -> Damage:
     return Damage("zarr.json", None, f"{key} {why}")
 
 

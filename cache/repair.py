@@ -5,14 +5,14 @@ Two entry points:
 - `reopen(writer, splits, ...)`, when a writer opens an existing store: partial writes removed,
   split sizes, labels, paths and file records checked against the data set and written again where
   missing or damaged, then `repair_in_place`.
-- `repair(location)`: the store alone (no data set): every finished shard verified (`find_damage`),
-  then `repair_in_place`.
+- `repair_alone(writer)` (`FeatureStoreWriter.repair(location)`): the store alone (no data set):
+  every finished shard verified (`find_damage`), then `repair_in_place`.
 
 `repair_in_place` rebuilds damaged completion flags from the shards that verify, and marks every
 damaged, missing or foreign piece unfinished: a feature shard, a shard's digest record, a shard of
 file records (its features are recomputed with it, which writes the records again). What is marked
 unfinished is recomputed by the next extraction (its maker: `cache` holds no model). Labels and
-paths cannot be recomputed without the data set: `repair` reports them, `reopen` rewrites them.
+paths cannot be recomputed without the data set: `repair_alone` reports them, `reopen` rewrites them.
 """
 
 from __future__ import annotations
@@ -21,43 +21,22 @@ import logging
 
 import numpy as np
 
-from cache import digests, layout, locks
-from cache.creation import SplitIndex, create_files_array, inspect_directory, remove_partial_writes, write_index_array
-from cache.errors import IncompleteStoreError, StoreError
-from cache.integrity import DECODE_ERRORS, Damage, chunk_rows, decode_error, find_damage, index_problem, read_root_attrs
+from cache import digests, layout
+from cache.creation import SplitIndex, create_files_array, remove_partial_writes, write_index_array
+from cache.integrity import DECODE_ERRORS, Damage, chunk_rows, decode_error, find_damage, index_problem
 from cache.integrity import expected_digests, shard_problem
-from cache.storage import Location
 
 log = logging.getLogger(__name__)
 
 
-def repair(path) -> list[Damage]:
-    """Verify every finished shard of the store at `path` and repair what needs no data set (module
-    docstring). Returns what was found: feature, digest and file-record damage is then unfinished work;
-    labels and paths damage remains until the store is next opened with its data set."""
-    from cache.writer import FeatureStoreWriter
-
-    directory = Location.parse(path)
-    read_root_attrs(directory)  # a store that is not there, or not a store, is named first
-    lock = locks.lock_writer(directory)
-    try:
-        state, _ = inspect_directory(directory)
-        if state == "unfinished":
-            raise IncompleteStoreError(f"{directory} was never finished being made: a run stopped while making or "
-                                       "replacing it", store=directory)
-        if state != "valid":
-            raise StoreError(f"{directory} is {state}", store=directory, remedy="replace")
-        import zarr
-
-        writer = FeatureStoreWriter(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
-        with writer._writing("repairing the store"):
-            edited = _sizes_from_arrays(writer)
-            found = edited + find_damage(directory, full=True)
-            remove_partial_writes(directory)
-            repair_in_place(writer, verify=True)
-        return found
-    finally:
-        lock.release()
+def repair_alone(writer) -> list[Damage]:
+    """`FeatureStoreWriter.repair`'s work, the writer holding the store's lock: every finished shard verified,
+    what needs no data set repaired (module docstring). Returns what was found."""
+    edited = _sizes_from_arrays(writer)
+    found = edited + find_damage(writer.location, full=True)
+    remove_partial_writes(writer.location)
+    repair_in_place(writer, verify=True)
+    return found
 
 
 def _sizes_from_arrays(writer) -> list[Damage]:

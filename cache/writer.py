@@ -32,13 +32,14 @@ from contextlib import contextmanager
 import numpy as np
 import zarr
 
-from cache import digests, layout, locks
+from cache import digests, layout, locks, repair
 from cache.creation import (FEATURE_CODECS, FULL, SMALL_CODECS, SplitIndex, differences,
                             inspect_directory, make_directory, replace, sample_chunking)
-from cache.errors import (REPLACE, DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError,
-                          StoreMismatchError)
+from cache.errors import (REPLACE, DataChangedError, IncompleteStoreError, NonFiniteFeaturesError, StoreError,
+                          StoreFullError, StoreMismatchError)
 from cache.manifest import Manifest
-from cache.integrity import DECODE_ERRORS, Damage, WriteSet, digest_columns, done_shards, load_write_sets
+from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, digest_columns, done_shards, load_write_sets,
+                             read_root_attrs)
 from cache.storage import Location
 from cache.text import format_bytes, format_ranges
 
@@ -98,9 +99,7 @@ class FeatureStoreWriter:
             if state == "valid" and not changed:
                 writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
                 with writer._writing("reopening the store"):
-                    from cache.repair import reopen
-
-                    reopen(writer, splits, verify=verify, recipe=recipe)
+                    repair.reopen(writer, splits, verify=verify, recipe=recipe)
                 return writer
             if state == "valid" and not overwrite:
                 raise StoreMismatchError(f"{directory} was made with other settings:\n  " + "\n  ".join(changed),
@@ -409,10 +408,24 @@ class FeatureStoreWriter:
 
     @classmethod
     def repair(cls, path: str | Location) -> list[Damage]:
-        """Verify every finished shard and mark what is damaged unfinished (`cache.repair.repair`)."""
-        from cache import repair
-
-        return repair.repair(path)
+        """Verify every finished shard of the store at `path` and repair what needs no data set: damaged
+        flags rebuilt, damaged, missing or foreign shards marked unfinished (`cache.repair`), for the next
+        extraction to recompute. Returns what was found."""
+        directory = Location.parse(path)
+        read_root_attrs(directory)  # a store that is not there, or not a store, is named first
+        lock = locks.lock_writer(directory)
+        try:
+            state, _ = inspect_directory(directory)
+            if state == "unfinished":
+                raise IncompleteStoreError(f"{directory} was never finished being made: a run stopped while making "
+                                           "or replacing it", store=directory)
+            if state != "valid":
+                raise StoreError(f"{directory} is {state}", store=directory, remedy=REPLACE)
+            writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
+            with writer._writing("repairing the store"):
+                return repair.repair_alone(writer)
+        finally:
+            lock.release()
 
     def _mark_unfinished(self, split: str, block: int, timestep: int, shard: int) -> None:
         for write_set in self._sets[split]:

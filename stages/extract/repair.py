@@ -1,6 +1,6 @@
 """Repairing a store completely: the store alone says how (its recipe), so one command needs nothing else.
 
-A store records its *recipe*, the extraction request that made it (`recipe`: model, data, class and
+A store records its *recipe*, the extraction request that made it (`stages.extract.plan.recipe`: model, data, class and
 image selections, noise seed, dtype, precision, batch size, chunking, views, with local paths made
 absolute), from the first write on: a store left unfinished by a killed run (even one killed while
 replacing a store) still says how to finish it. `repair_store`:
@@ -19,39 +19,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields
-from pathlib import Path
 
 from cache import FeatureStore
 from cache.errors import REPLACE, IncompleteStoreError, IntegrityError, StoreError
 from cache.integrity import Damage, find_damage, finished_attrs, read_root_attrs
 from cache.pooling import derivable, stored_grid
-from cache.repair import repair
+from cache.writer import FeatureStoreWriter
 from cache.storage import Location
 from stages.extract.plan import ExtractConfig
 
 log = logging.getLogger(__name__)
 
-# The request fields a store records: what decides its numbers (the rest: where and how fast it runs)
-RECIPE_FIELDS = ("model", "data", "classes", "subset", "prompt", "checkpoint", "preprocess", "ensemble", "views",
-                 "augment", "view_splits", "splits", "noise_seed", "dtype", "precision", "batch_size",
-                 "chunk_samples", "shard_samples", "blocks", "timesteps", "pools")
-
-
 @dataclass(frozen=True)
 class RepairOutcome:
     found: list[Damage]  # what verification found before the repair
     recomputed: bool  # whether an extraction ran
-
-
-def recipe(config: ExtractConfig, chunk_samples: int, shard_samples: int) -> dict:
-    """The store's record of `config` (JSON): local paths absolute, so it can be run from anywhere."""
-    record = {name: getattr(config, name) for name in RECIPE_FIELDS}
-    record.update(model=_absolute(config.model), data=_absolute_data(config.data), classes=_absolute(config.classes),
-                  subset=_absolute(config.subset), checkpoint=_absolute(config.checkpoint),
-                  chunk_samples=int(chunk_samples), shard_samples=int(shard_samples),
-                  # an Augment object (library use) has no text form: its views' settings are recorded anyway
-                  augment=config.augment if isinstance(config.augment, str) else None)
-    return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
 
 
 def config_from_recipe(record: dict, location: Location, **changes) -> ExtractConfig:
@@ -76,7 +58,7 @@ def repair_store(location: Location | str, *, progress: bool = True, run=None) -
         log.warning("%s was never finished being made: making it again from its recipe", location)
         run(config_from_recipe(record, location))
         return RepairOutcome([Damage("zarr.json", None, "was never finished being made")], True)
-    found = repair(location)
+    found = FeatureStoreWriter.repair(location)
     store = FeatureStore.open(location)
     if not found and not store.missing():
         return RepairOutcome([], False)
@@ -118,17 +100,3 @@ def _groups(store: FeatureStore) -> list[tuple[tuple[int, ...], tuple[int, ...],
             chosen = tuple(p for p in pools if derivable(grid, resolution, p)) or (grid,)
             groups.append((tuple(sorted(members)), timesteps, chosen))
     return groups
-
-
-def _absolute(path: str | None) -> str | None:
-    if path is None:
-        return None
-    candidate = Path(str(path)).expanduser()
-    return str(candidate.resolve()) if candidate.exists() else str(path)
-
-
-def _absolute_data(spec: str) -> str:
-    kind, sep, rest = str(spec).partition(":")
-    if sep and not Path(str(spec)).exists() and kind.isalpha() and len(kind) > 1:
-        return f"{kind}:{_absolute(rest)}"
-    return _absolute(spec)

@@ -33,8 +33,8 @@ from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
 from stages.extract.distributed import JobError, join_job, share_of
 from stages.extract.noising import noise
-from stages.extract.repair import recipe
-from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
+from stages.extract.plan import (ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version,
+                                  recipe)
 from stages.models.feature_model import FeatureModel
 from stages.progress import progress_bar
 
