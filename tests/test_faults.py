@@ -580,3 +580,18 @@ def test_labels_and_paths_on_object_stores_are_verified_and_repaired(model, data
         np.testing.assert_array_equal(store.labels(split), labels)
         assert store.paths(split) == paths
     assert store.verify() == []
+
+
+def test_a_damaged_pixel_store_is_repaired_as_advised(model, data, tmp_path):
+    """The raw-pixel baseline's store records its own recipe: the same one command repairs it."""
+    out, reference = tmp_path / "pixels.zarr", tmp_path / "reference.zarr"
+    for path in (out, reference):
+        result = CliRunner().invoke(main, ["pixels", "--data", str(data), "--out", str(path), "--size", "8",
+                                           "--channels", "3"])
+        assert result.exit_code == 0, result.output
+    flip_a_bit(max(p for p in (out / "train/block0/t0/c").rglob("*") if p.is_file()))
+    (out / "val/paths/c/0").unlink()
+    checked = CliRunner().invoke(main, ["verify", "--store", str(out)])
+    assert checked.exit_code == 1 and "val/paths" in checked.output and "train/block0/t0" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(out, store_files(reference))

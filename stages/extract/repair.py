@@ -56,7 +56,7 @@ def repair_store(location: Location | str, *, progress: bool = True, run=None) -
             raise StoreError(f"{location} was never finished being made, and does not record how it was made "
                              "(made before stores recorded their recipe)", store=location, remedy=REPLACE) from None
         log.warning("%s was never finished being made: making it again from its recipe", location)
-        run(config_from_recipe(record, location))
+        _remake(record, location, run)
         return RepairOutcome([Damage("zarr.json", None, "was never finished being made")], True)
     found = FeatureStoreWriter.repair(location)
     store = FeatureStore.open(location)
@@ -67,7 +67,9 @@ def repair_store(location: Location | str, *, progress: bool = True, run=None) -
         raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe), "
                          "so its damaged or unfinished parts cannot be recomputed from it alone", store=location,
                          remedy=REPLACE, damage=found)
-    for blocks, timesteps, pools in _groups(store):
+    if record.get("maker") == "pixels":
+        _remake(record, location, run)
+    for blocks, timesteps, pools in [] if record.get("maker") else _groups(store):
         run(config_from_recipe(record, location, blocks=blocks, timesteps=timesteps, pools=pools))
     left = find_damage(location, full=True)
     unfinished = FeatureStore.open(location).missing()
@@ -76,6 +78,17 @@ def repair_store(location: Location | str, *, progress: bool = True, run=None) -
         raise IntegrityError(f"{location} is still damaged after its repair: " + "; ".join(names), store=location,
                              damage=left, remedy=REPLACE)
     return RepairOutcome(found, True)
+
+
+def _remake(record: dict, location: Location, run) -> None:
+    """Run the recipe as it was recorded: an extraction, or the pixel baseline (`maker`: "pixels")."""
+    if record.get("maker") == "pixels":
+        from stages.extract.pixels import write_pixel_store
+
+        arguments = {k: tuple(v) if isinstance(v, list) else v for k, v in record.items() if k != "maker"}
+        write_pixel_store(arguments.pop("data"), location.url, **arguments)
+        return
+    run(config_from_recipe(record, location))
 
 
 def _groups(store: FeatureStore) -> list[tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
