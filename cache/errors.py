@@ -22,7 +22,8 @@ WAIT = "wait"  # another process writes or reads it: wait, or write to another s
 WIDER_DTYPE = "wider-dtype"  # features overflowed the stored dtype: store float32 (and compute in fp32)
 RESTORE_DATA = "restore-data"  # images changed: restore them, or re-extract everything over the store
 CREATE = "create"  # there is no store yet: make it
-REMEDIES = (REPAIR, REPLACE, ELSEWHERE, WAIT, WIDER_DTYPE, RESTORE_DATA, CREATE)
+RERUN = "rerun"  # damage is marked unfinished, but the store does not say how it was made: run its maker again
+REMEDIES = (REPAIR, REPLACE, ELSEWHERE, WAIT, WIDER_DTYPE, RESTORE_DATA, CREATE, RERUN)
 
 
 @dataclass(frozen=True)

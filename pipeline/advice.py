@@ -46,6 +46,8 @@ def render(error: Exception) -> str:
         errors.WIDER_DTYPE: "Try --dtype float32, and --precision fp32 if the model ran in bf16 or fp16.",
         errors.RESTORE_DATA: "Restore them, or re-extract everything with --overwrite.",
         errors.CREATE: f"Make it first: `pipeline extract --out {shlex.quote(str(store))} ...`.",
+        errors.RERUN: "Run the `pipeline extract` that made it again, with the same settings: it recomputes what "
+                      "is now marked unfinished.",
     }.get(remedy)
     return f"{text}\n{advice}" if advice else text
 

@@ -215,7 +215,13 @@ def verify(store: str, storage_options, repair: bool) -> None:
     for item in damage:
         click.echo(item.describe(store))
     if not damage:
+        from cache import FeatureStore
+
         click.echo(f"{store}: every finished shard verifies")
+        unfinished = FeatureStore.open(location).missing()
+        if unfinished:
+            click.echo(f"{len(unfinished)} array(s) have unfinished shards (a run stopped before it finished); "
+                       f"to finish them, run: `{repair_command(location)}`")
     else:
         raise click.ClickException(f"{store}: {len(damage)} problem(s)\nTo repair it, run: "
                                    f"`{repair_command(location)}`")

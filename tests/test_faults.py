@@ -375,9 +375,9 @@ def test_an_overwrite_killed_part_way_is_verified_and_repaired_as_advised(model,
     if checked.exit_code:
         assert "never finished being made" in checked.output
         run_advice(checked.output, model)
-    else:  # the settings were written: what is left is unfinished work, which the repair also finishes
-        assert FeatureStore.open(store).missing()
-        run_advice(f"`pipeline verify --store {store} --repair`", model)
+    else:  # the settings were written: what is left is unfinished work, which the same command finishes
+        assert FeatureStore.open(store).missing() and "unfinished shards" in checked.output
+        run_advice(checked.output, model)
     assert_same_store(store, reference)
 
 
@@ -595,3 +595,19 @@ def test_a_damaged_pixel_store_is_repaired_as_advised(model, data, tmp_path):
     assert checked.exit_code == 1 and "val/paths" in checked.output and "train/block0/t0" in checked.output
     run_advice(checked.output, model)
     assert_same_store(out, store_files(reference))
+
+
+def test_a_store_made_before_recipes_is_marked_and_rerun_as_advised(model, data, reference, store):
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["recipe"]
+    (store / "zarr.json").write_text(json.dumps(meta, indent=2))
+    flip_a_bit(feature_shard(store))
+    result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
+    assert result.exit_code == 1 and "does not record how it was made" in result.output
+    assert "Run the `pipeline extract` that made it again, with the same settings" in result.output
+    with pytest.raises(StoreError, match="unfinished"):
+        read_everything(store)  # marked unfinished: never read as if it were sound
+    extract(model, data, store)  # the rerun the advice names (it records the recipe from now on)
+    files = store_files(store)
+    assert json.loads(files.pop("zarr.json")) == json.loads(reference["zarr.json"])  # the recipe is last now
+    assert files == {key: value for key, value in reference.items() if key != "zarr.json"}

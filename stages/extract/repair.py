@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, fields
 
 from cache import FeatureStore
-from cache.errors import REPLACE, IncompleteStoreError, IntegrityError, StoreError
+from cache.errors import REPLACE, RERUN, IncompleteStoreError, IntegrityError, StoreError
 from cache.integrity import Damage, find_damage, finished_attrs, read_root_attrs
 from cache.pooling import derivable, stored_grid
 from cache.writer import FeatureStoreWriter
@@ -65,8 +65,8 @@ def repair_store(location: Location | str, *, progress: bool = True, run=None) -
     record = attrs.get("recipe")
     if record is None:
         raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe), "
-                         "so its damaged or unfinished parts cannot be recomputed from it alone", store=location,
-                         remedy=REPLACE, damage=found)
+                         "so its damaged or unfinished parts, now marked unfinished, cannot be recomputed from it "
+                         "alone", store=location, remedy=RERUN, damage=found)
     if record.get("maker") == "pixels":
         _remake(record, location, run)
     for blocks, timesteps, pools in [] if record.get("maker") else _groups(store):
