@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 
 from cache import layout
 from cache.errors import REPLACE, Damage, IntegrityError
@@ -71,7 +70,7 @@ class Manifest:
                 raise bad("block_table", f"holds {row!r}, not a row")
             number = _int(row, "number", bad, 0, "block_table row ")
             table[number] = BlockRow(number, _int(row, "channels", bad, 1, f"block {number} "),
-                                     _int(row, "resolution", bad, 1, f"block {number} "), MappingProxyType(dict(row)))
+                                     _int(row, "resolution", bad, 1, f"block {number} "), dict(row))
         splits = attrs["splits"]
         if not isinstance(splits, Mapping) or not all(isinstance(n, int) and n >= 0 for n in splits.values()):
             raise bad("splits", f"is {splits!r}, not split -> sample count")
@@ -90,9 +89,9 @@ class Manifest:
         if not all(isinstance(p, int) and p >= 1 for p in pools):
             raise bad("pools", f"is {pools!r}")
         identity = {key: attrs.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
-        return cls(attrs["format"], MappingProxyType(identity), chunk, shard, MappingProxyType(table),
-                   MappingProxyType(dict(splits)), MappingProxyType(features), tuple(pools),
-                   MappingProxyType(dict(attrs.get("index_digests") or {})), attrs.get("recipe"))
+        return cls(attrs["format"], identity, chunk, shard, table,
+                   dict(splits), features, tuple(pools),
+                   dict(attrs.get("index_digests") or {}), attrs.get("recipe"))
 
     # -- what it says --------------------------------------------------------------------------------------
     def block(self, number: int) -> BlockRow:

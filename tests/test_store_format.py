@@ -5,6 +5,7 @@ one repair command (run verbatim in tests/test_faults.py)."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -55,6 +56,7 @@ def test_the_manifest_types_the_settings():
     assert manifest.block(3).channels == 8 and manifest.block(3).row["module"] == "down_blocks.1"
     assert manifest.arrays() == [(3, 10), (3, 90)] and manifest.shape("train", 3) == (10, 8, 2, 2)
     assert manifest.num_shards("train") == 2 and manifest.chunks_per_shard == 2
+    assert pickle.loads(pickle.dumps(manifest)) == manifest  # stores travel to dask workers
 
 
 @pytest.mark.parametrize("changes, named", [
