@@ -1,12 +1,13 @@
 """Repairing a store completely: the store alone says how (its recipe), so one command needs nothing else.
 
-A store records its *recipe*, the extraction request that made it (`stages.extract.plan.recipe`: model, data, class and
-image selections, noise seed, dtype, precision, batch size, chunking, views, with local paths made
-absolute), from the first write on: a store left unfinished by a killed run (even one killed while
-replacing a store) still says how to finish it. `repair_store`:
+A store records its *recipe*, the extraction request that made it (`stages.extract.plan.recipe`:
+model, data, class and image selections, noise seed, dtype, precision, batch size, chunking, views,
+with local paths made absolute; the pixel baseline records its own), from the first write on: a
+store left unfinished by a killed run (even one killed while replacing a store) still says how to
+finish it. `repair_store`:
 
 1. verifies every finished shard and marks what is damaged, missing or foreign unfinished
-   (`cache.repair.repair`; a store never finished being made is rebuilt from its recipe instead);
+   (`FeatureStoreWriter.repair`; a store never finished being made is rebuilt from its recipe instead);
 2. recomputes every unfinished shard, labels and paths included, by running the extraction again
    with the recipe, once per group of arrays extracted together (the same write sets, so the same
    batches and bytes as the uninterrupted run);
@@ -24,11 +25,12 @@ from cache import FeatureStore
 from cache.errors import REPLACE, RERUN, IncompleteStoreError, IntegrityError, StoreError
 from cache.integrity import Damage, find_damage, finished_attrs, read_root_attrs
 from cache.pooling import derivable, stored_grid
-from cache.writer import FeatureStoreWriter
 from cache.storage import Location
+from cache.writer import FeatureStoreWriter
 from stages.extract.plan import ExtractConfig
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RepairOutcome:
@@ -37,16 +39,19 @@ class RepairOutcome:
 
 
 def config_from_recipe(record: dict, location: Location, **changes) -> ExtractConfig:
+    """The extraction a recipe records, into the store at `location` (`changes`: e.g. which blocks)."""
     known = {f.name for f in fields(ExtractConfig)}
     values = {key: tuple(value) if isinstance(value, list) else value for key, value in record.items() if key in known}
     return ExtractConfig(**{**values, "out": location.url, "storage_options": dict(location.options), **changes})
 
 
-def repair_store(location: Location | str, *, progress: bool = True, run=None) -> RepairOutcome:
-    """Make the store at `location` whole (module docstring); `run` replaces `run_extract` (tests)."""
+def repair_store(location: Location | str, *, progress: bool = True) -> RepairOutcome:
+    """Make the store at `location` whole (module docstring)."""
     from stages.extract.run import run_extract
 
-    run = run or (lambda config: run_extract(config, progress=progress))
+    def run(config: ExtractConfig) -> None:
+        run_extract(config, progress=progress)
+
     location = Location.parse(location)
     try:
         attrs = finished_attrs(location)
