@@ -33,12 +33,13 @@ def repair_command(store) -> str:
 
 
 def render(error: Exception) -> str:
-    """The message of a user error, with its advice (one line after it) where the error carries a remedy."""
-    text = str(error)
+    """The message of a user error, its advice appended on the same line where the error carries a remedy
+    (an error is one line: what is wrong, then what to do)."""
+    text = str(error).rstrip(". ")
     remedy = getattr(error, "remedy", None)
     store = getattr(error, "store", None)
     if remedy == errors.REPAIR and store is not None:
-        return f"{text}\nTo repair it, run: `{repair_command(store)}`"
+        return f"{text}. To repair it, run: `{repair_command(store)}`"
     advice = {
         errors.REPLACE: "Extract again with --overwrite (it replaces the store), or into another --out.",
         errors.ELSEWHERE: "Choose another --out.",
@@ -49,7 +50,7 @@ def render(error: Exception) -> str:
         errors.RERUN: "Run the `pipeline extract` that made it again, with the same settings: it recomputes what "
                       "is now marked unfinished.",
     }.get(remedy)
-    return f"{text}\n{advice}" if advice else text
+    return f"{text}. {advice}" if advice else str(error)
 
 
 def _flatten(options: dict, prefix: str = ""):

@@ -223,7 +223,7 @@ def verify(store: str, storage_options, repair: bool) -> None:
             click.echo(f"{len(unfinished)} array(s) have unfinished shards (a run stopped before it finished); "
                        f"to finish them, run: `{repair_command(location)}`")
     else:
-        raise click.ClickException(f"{store}: {len(damage)} problem(s)\nTo repair it, run: "
+        raise click.ClickException(f"{store}: {len(damage)} problem(s). To repair it, run: "
                                    f"`{repair_command(location)}`")
 
 
