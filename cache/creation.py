@@ -52,7 +52,10 @@ def describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str]
         return lines
     if stored == wanted:
         return []
-    short = lambda value: (text if len(text := json.dumps(value, default=str)) <= 80 else text[:77] + "...")  # noqa: E731
+    def short(value) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 80 else text[:77] + "..."
+
     return [f"{name}: the store has {short(stored)}, this run asks for {short(wanted)}"]
 
 

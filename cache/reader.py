@@ -30,16 +30,36 @@ import numpy as np
 import zarr
 
 from cache import digests, layout, locks
-from cache.errors import (REPLACE, ConfigError, IncompleteStoreError, IntegrityError, NotInStoreError, StoreError,
-                          StoreReplacedError)
-from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, digest_mismatch, done_shards,
-                             expected_digests, files_damage, find_damage, finished_attrs, identity, index_problem,
-                             load_write_sets, read_root_attrs)
+from cache.errors import (
+    REPLACE,
+    ConfigError,
+    IncompleteStoreError,
+    IntegrityError,
+    NotInStoreError,
+    StoreError,
+    StoreReplacedError,
+)
+from cache.integrity import (
+    DECODE_ERRORS,
+    Damage,
+    WriteSet,
+    chunk_rows,
+    decode_error,
+    digest_mismatch,
+    done_shards,
+    expected_digests,
+    files_damage,
+    find_damage,
+    finished_attrs,
+    identity,
+    index_problem,
+    load_write_sets,
+    read_root_attrs,
+)
 from cache.manifest import Manifest
 from cache.pooling import adaptive_avg_pool, derivable
 from cache.storage import Location
 from cache.text import format_ranges
-
 
 
 class FeatureStore:
@@ -107,7 +127,8 @@ class FeatureStore:
         """The stored split that holds view `view` of `split` (`cache.layout.view_split`)."""
         views = self.views(split)
         if not isinstance(view, (int, np.integer)) or not 0 <= view < views:
-            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view {view!r}")
+            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view "
+                                  f"{view!r}")
         return layout.view_split(split, int(view))
 
     @property

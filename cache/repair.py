@@ -23,8 +23,16 @@ import numpy as np
 
 from cache import digests, layout
 from cache.creation import SplitIndex, create_files_array, remove_partial_writes, write_index_array
-from cache.integrity import DECODE_ERRORS, Damage, chunk_rows, decode_error, find_damage, index_problem
-from cache.integrity import expected_digests, shard_problem
+from cache.integrity import (
+    DECODE_ERRORS,
+    Damage,
+    chunk_rows,
+    decode_error,
+    expected_digests,
+    find_damage,
+    index_problem,
+    shard_problem,
+)
 
 log = logging.getLogger(__name__)
 
