@@ -91,6 +91,8 @@ def test_cache_speaks_no_command_line_language():
         for number, line in enumerate(path.read_text().splitlines(), 1):
             if "--storage-option" in line and path.name == "storage.py":
                 continue
+            if path.name == "extras.py" and "--constraint" in line:  # pip's flag, in the pip command it prints
+                continue
             if re.search(r"`pipeline |(?<![\w-])--[a-z]", line):
                 found.append(f"{path.name}:{number}: {line.strip()}")
     assert found == []
