@@ -19,8 +19,8 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
-from cache import layout, locks
-from cache.errors import StoreError, StoreFullError
+from cache import digests, layout, locks
+from cache.errors import ELSEWHERE, StoreError, StoreFullError
 from cache.storage import Location
 from cache.text import format_bytes
 
@@ -83,13 +83,15 @@ def make_directory(location: Location) -> None:
         return
     directory = location.path
     if directory.exists() and not directory.is_dir():
-        raise StoreError(f"--out {directory} is a file, not a directory: choose another path for the store")
+        raise StoreError(f"{directory} is a file, not a directory: it cannot hold a store", store=location,
+                         remedy=ELSEWHERE)
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise StoreError(f"cannot make the store directory {directory}: {error.strerror}") from None
+        raise StoreError(f"cannot make the store directory {directory}: {error.strerror}", store=location,
+                         remedy=ELSEWHERE) from None
     if not os.access(directory, os.W_OK):
-        raise StoreError(f"cannot write to {directory} (permission denied): choose another --out")
+        raise StoreError(f"cannot write to {directory} (permission denied)", store=location, remedy=ELSEWHERE)
 
 
 def inspect_directory(location: Location) -> tuple[str, dict]:
@@ -99,17 +101,18 @@ def inspect_directory(location: Location) -> tuple[str, dict]:
     if not children:
         return "empty", {}
     if "zarr.json" not in children:
-        raise StoreError(f"{location} exists and is not a feature store (no zarr.json); choose another --out")
+        raise StoreError(f"{location} exists and is not a feature store (no zarr.json)", store=location,
+                         remedy=ELSEWHERE)
     try:
         metadata = json.loads(location.read_text("zarr.json"))
         attrs = dict(metadata.get("attributes", {}))
     except (OSError, ValueError, AttributeError):
         if layout.PROGRESS in children:
             return "damaged", {}
-        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store; "
-                         "choose another --out") from None
-    if attrs.get("format") != layout.FORMAT:
-        raise StoreError(f"{location} is a Zarr group but not a feature store; choose another --out")
+        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store", store=location,
+                         remedy=ELSEWHERE) from None
+    if attrs.get("format") not in layout.FORMATS:
+        raise StoreError(f"{location} is a Zarr group but not a feature store", store=location, remedy=ELSEWHERE)
     if any(key not in attrs for key in layout.REQUIRED_KEYS):
         return "unfinished", attrs
     return "valid", attrs
@@ -129,11 +132,28 @@ def _mark_root(location: Location, attrs: dict) -> None:
     location.write_bytes("zarr.json", text.encode())
 
 
-def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict]) -> zarr.Group:
-    """Clear the store (never while a reader holds it) and create it again, settings last."""
+def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict],
+            recipe: dict | None = None) -> zarr.Group:
+    """Clear the store (never while a reader holds it) and create it again, settings last.
+
+    `recipe` (opaque here: what its maker needs to make the store again) is written first, with the
+    format marker, so that a store left unfinished still says how to finish it."""
+    try:
+        _clear(location, recipe)
+        return _create(location, settings, splits, block_table, recipe)
+    except OSError as error:
+        if error.errno in FULL and location.local:
+            raise StoreFullError(f"{location}: no space left on the device while creating the store "
+                                 f"({format_bytes(shutil.disk_usage(location.path).free)} free). Free some space and "
+                                 "run again", store=location) from None
+        raise
+
+
+def _clear(location: Location, recipe: dict | None) -> None:
     claim = locks.claim_for_replacing(location)
     try:
-        _mark_root(location, {"format": layout.FORMAT})  # from here on the store is unfinished
+        # from here on the store is unfinished
+        _mark_root(location, {"format": layout.FORMAT, **({"recipe": recipe} if recipe is not None else {})})
         for child in location.children():
             if child in ("zarr.json", layout.LEASE):
                 continue
@@ -144,31 +164,34 @@ def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], b
                 location.delete(child)
     finally:
         locks.unlock(claim)
+
+
+def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict],
+            recipe: dict | None) -> zarr.Group:
     group = zarr.open_group(location.zarr_store(read_only=False), mode="r+")
     chunk_samples = int(settings["chunk_samples"])
     shard_samples = layout.shard_samples(settings)
-    try:
-        group.create_group(layout.PROGRESS)
-        for name, index in splits.items():
-            group.create_group(name)
-            group.create_group(layout.progress_group(name))
-            write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
-            write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
-            create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
-        group.attrs.put({
-            "format": layout.FORMAT,
-            **settings,
-            "block_table": block_table,
-            "splits": {name: len(index.paths) for name, index in splits.items()},
-            "features": {},
-            "pools": [],
-        })
-    except OSError as error:
-        if error.errno in FULL and location.local:
-            raise StoreFullError(f"{location}: no space left on the device while creating the store "
-                                 f"({format_bytes(shutil.disk_usage(location.path).free)} free). Free some space and "
-                                 "run again") from None
-        raise
+    group.create_group(layout.PROGRESS)
+    group.create_group(layout.DIGESTS)
+    for name, index in splits.items():
+        group.create_group(name)
+        group.create_group(layout.progress_group(name))
+        group.create_group(f"{layout.DIGESTS}/{name}")
+        write_index_array(group, layout.labels_path(name), np.asarray(index.labels, dtype=np.int64))
+        write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
+        create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
+    key = digests.binding(settings)
+    group.attrs.put({
+        "format": layout.FORMAT,
+        **settings,
+        "block_table": block_table,
+        "splits": {name: len(index.paths) for name, index in splits.items()},
+        "features": {},
+        "pools": [],
+        "index_digests": {name: digests.index_digests(key, name, index.labels, index.paths)
+                          for name, index in splits.items()},
+        **({"recipe": recipe} if recipe is not None else {}),
+    })
     return group
 
 

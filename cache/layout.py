@@ -5,7 +5,8 @@
     <store>/<split>/paths                    (N,) str, image path relative to the data root
     <store>/<split>/files                    (N, 2) uint64: content hash and mtime of each image when it was read
     <store>/<split>/block<B>/t<T>            (N, C, g, g) features of block B at timestep T
-    <store>/_progress/<split>/<write set>    (n_shards,) uint8, 1 once shard k of every array of the set is written
+    <store>/_progress/<split>/<write set>    (n_shards,) uint8, 1 (2: with digests) once shard k of the set is written
+    <store>/_digests/<split>/<write set>     (n_chunks, arrays + 1) uint64 digests of the chunks the set wrote
     <store>/_writer.lease                    object stores only: who is writing (cache.lease)
 
 Arrays are chunked along samples (`chunk_samples` rows, the unit of reading) and, in stores made
@@ -22,7 +23,7 @@ either done in all its arrays or in none. A shard of an array is done when any s
 array has its flag set. Stores written before write sets keep one flag array per feature array,
 `_progress/<split>/block<B>/t<T>`: a set of one.
 
-Augmented views (`pipeline extract --views K`): view 0 of a split is the split itself; view v >= 1 is
+Augmented views (an extraction with K views): view 0 of a split is the split itself; view v >= 1 is
 stored as a split of its own named `<split>@view<v>` (`view_split`), with the same labels, paths and
 file records and the same arrays, chunks, write sets and checksums as any split. The root attribute
 "views" records which splits have how many views and their augmentations; `FeatureStore.splits`
@@ -38,8 +39,12 @@ import hashlib
 import json
 import re
 
-FORMAT = "diffusion-feature-cache/1"
+FORMAT = "diffusion-feature-cache/2"
+# Format 1 had no digests (`cache.digests`); its stores are read as they are and upgraded when next written.
+FORMATS = ("diffusion-feature-cache/1", FORMAT)
 PROGRESS = "_progress"
+DIGESTS = "_digests"
+FLAG_DONE, FLAG_DIGESTS = 1, 2  # a finished shard's flag: without, or with, its digests recorded
 LEASE = "_writer.lease"
 DIMENSIONS = ("sample", "channel", "y", "x")
 FILE_FIELDS = ("blake2b64", "mtime_ns")
@@ -104,6 +109,11 @@ def files_path(split: str) -> str:
 
 def progress_group(split: str) -> str:
     return f"{PROGRESS}/{split}"
+
+
+def digests_path(flags_path: str) -> str:
+    """The digest record of a write set: "_progress/<split>/<set>" -> "_digests/<split>/<set>"."""
+    return DIGESTS + flags_path[len(PROGRESS):]
 
 
 def write_set_name(arrays) -> str:

@@ -77,14 +77,14 @@ class Lease:
         if etag is None:  # someone holds, or held, the lease
             current, current_etag = self._read()
             if current is not None and current.get("expires", 0) > self._now():
-                raise StoreLockedError(f"{self.location} is being written by another process ({describe(current)}); "
-                                       "wait for it to finish or write to another --out")
+                raise StoreLockedError(f"{self.location} is being written by another process ({describe(current)})",
+                                       store=self.location)
             holder = describe(current) if current else "a lease that could not be read"
             log.warning("%s: taking over the expired lease of %s", self.location, holder)
             etag = self._replace(body, current_etag)
             if etag is None:
                 raise StoreLockedError(f"{self.location}: another process took over its expired writer lease at the "
-                                       "same moment; wait for it to finish or write to another --out")
+                                       "same moment", store=self.location)
         self._held = _Held(etag, body)
         self._thread = threading.Thread(target=self._renew_loop, name="store-lease", daemon=True)
         self._thread.start()

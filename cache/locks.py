@@ -5,10 +5,10 @@ included), and neither a file of its own in the hierarchy:
 
 - the writer lock, exclusive, on the store directory: held by every writer for its whole run;
 - the reader lock, shared, on the store's `_progress` directory: held by readers that pin the store
-  (a probe, for its whole run). A writer that would *replace* the store (a mismatching one with
-  `--overwrite`) first takes it exclusively, and is refused while any reader holds it. Writers that
-  only add to the store (resume, new blocks or timesteps) never touch it: readers see finished
-  chunks only, so both can run at once.
+  (a probe, for its whole run). A writer that would *replace* the store (an extraction with
+  other settings, told to overwrite it) first takes it exclusively, and is refused while any
+  reader holds it. Writers that only add to the store (resume, new blocks or timesteps) never
+  touch it: readers see finished chunks only, so both can run at once.
 
 On object stores the writer holds a lease object instead (`cache.lease`), and there is no reader
 lock: a reader notices a replacement by the store's identity, which it checks on every read.
@@ -63,8 +63,7 @@ def _flock_writer(directory: Path) -> int:
     except BlockingIOError:
         os.close(fd)
         raise StoreLockedError(
-            f"{directory} is being written by another process; wait for it to finish or write to another --out"
-        ) from None
+            f"{directory} is being written by another process", store=directory) from None
     return fd
 
 
@@ -78,15 +77,14 @@ def hold_for_reading(location: Location) -> int | None:
     """A shared lock on the store's readers' directory, or None where the store has none (half-built,
     or on an object store)."""
     return _lock_readers(location, fcntl.LOCK_SH,
-                         f"{location} is being replaced by another process (`extract --overwrite`); wait for it to "
-                         "finish, then run again")
+                         f"{location} is being replaced by another process (an extraction over it)")
 
 
 def claim_for_replacing(location: Location) -> int | None:
     """The readers' lock taken exclusively before a writer replaces the store; refused while a reader holds it."""
     return _lock_readers(location, fcntl.LOCK_EX,
                          f"{location} is open for reading in another process (a probe?); replacing it now would "
-                         "change the features under that reader. Wait for it to finish, or write to another --out.")
+                         "change the features under that reader")
 
 
 def _lock_readers(location: Location, mode: int, refusal: str) -> int | None:
@@ -100,5 +98,5 @@ def _lock_readers(location: Location, mode: int, refusal: str) -> int | None:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise StoreInUseError(refusal) from None
+        raise StoreInUseError(refusal, store=location) from None
     return fd

@@ -5,16 +5,19 @@
     x = store.read("train", block=24, timestep=90, pool=2)   # (N, C, 2, 2) float32
     y = store.labels("train")                                 # (N,) int64
     lazy = store.read_dask("train", 24, 90, pool=1)           # same values, chunked by samples
-    store.views("train")                                      # 1, or K with `pipeline extract --views K`
+    store.views("train")                                      # 1, or K in a store extracted with K views
     x3 = store.read("train", 24, 90, pool=2, view=3)          # augmented view 3 of every train image
     with store.hold(): ...                                    # no writer may replace it meanwhile
 
 What is read can be trusted or fails loudly. Opening checks the settings against the arrays (split
 sizes, shapes, completion flags), naming the file that disagrees. Every chunk read is checked: its
 checksum (zarr's crc32c codec, verified as it decodes), and, where it is marked finished, that it
-is there and finite. Every read also checks that the store is still the one that was opened (its
-identity settings), so a store replaced under a reader stops it instead of feeding it other
-features. `verify` checks every finished chunk of the store at once (`pipeline verify`).
+is there and finite, and that its values match the digests recorded when it was written
+(`cache.digests`: a chunk missing, copied in from another store or edited in place is named, never
+read as its fill value). Labels, paths and file records are checked the same way. Every read also
+checks that the store is still the one that was opened (its identity settings), so a store replaced
+under a reader stops it instead of feeding it other features. `verify` checks every finished chunk of
+the store at once. Errors carry the damage found (`IntegrityError.damage`) and what it needs (`remedy`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from functools import cached_property
 import numpy as np
 import zarr
 
-from cache import layout, locks
+from cache import digests, layout, locks
 from cache.errors import (
+    REPLACE,
     ConfigError,
     IncompleteStoreError,
     IntegrityError,
@@ -41,17 +45,21 @@ from cache.integrity import (
     WriteSet,
     chunk_rows,
     decode_error,
+    digest_mismatch,
     done_shards,
+    expected_digests,
+    files_damage,
     find_damage,
+    finished_attrs,
     identity,
+    index_problem,
     load_write_sets,
     read_root_attrs,
 )
+from cache.manifest import Manifest
 from cache.pooling import adaptive_avg_pool, derivable
 from cache.storage import Location
 from cache.text import format_ranges
-
-REPAIR = "`pipeline extract` on the store (with its settings) recomputes it"
 
 
 class FeatureStore:
@@ -63,19 +71,17 @@ class FeatureStore:
         self._identity = identity(attrs)
         self._hold = None
         self._arrays: dict[str, zarr.Array] = {}
+        self._key = digests.binding(attrs)
+        self.manifest = Manifest.parse(attrs, self.path)  # the settings, typed and checked once
         self._root_seen = self._root_stamp()
         self._check_shapes()  # the settings first: a wrong split size would look like damaged flags
-        self._sets = {split: self._load_sets(split) for split in self._attrs["splits"]}  # views too
+        self._sets = {split: self._load_sets(split) for split in self.manifest.splits}  # views too
 
     @classmethod
     def open(cls, path, storage_options: dict | None = None) -> FeatureStore:
         """The store at a local path or an fsspec URL (`s3://...`, with `storage_options` for its file system)."""
         location = Location.parse(path, storage_options)
-        attrs = read_root_attrs(location)
-        missing = [key for key in layout.REQUIRED_KEYS if key not in attrs]
-        if missing:
-            raise StoreError(f"{location} was never finished being created (a run stopped while making it; no "
-                             f"{', '.join(missing)}). Run `pipeline extract` on it again: it is rebuilt")
+        attrs = finished_attrs(location)
         return cls(zarr.open_group(location.zarr_store(read_only=True), mode="r"), location, attrs)
 
     # -- holding ---------------------------------------------------------------------------------------
@@ -108,13 +114,13 @@ class FeatureStore:
     @property
     def splits(self) -> list[str]:
         """The data set's splits (augmented views of a split are not splits of their own: `views`)."""
-        return [s for s in self._attrs["splits"] if layout.parse_view_split(s)[1] == 0]
+        return [s for s in self.manifest.splits if layout.parse_view_split(s)[1] == 0]
 
     def views(self, split: str) -> int:
-        """How many views of each image of `split` the store holds: 1 (the centre view), or K with
-        `pipeline extract --views K` (view 0 the centre view, 1..K-1 augmented; attrs["views"] says how)."""
+        """How many views of each image of `split` the store holds: 1 (the centre view), or K in a store
+        extracted with K views (view 0 the centre view, 1..K-1 augmented; attrs["views"] says how)."""
         self._check_split(split)
-        stored = [layout.parse_view_split(name) for name in self._attrs["splits"]]
+        stored = [layout.parse_view_split(name) for name in self.manifest.splits]
         return 1 + sum(1 for base, view in stored if base == split and view > 0)
 
     def view_split(self, split: str, view: int = 0) -> str:
@@ -127,11 +133,11 @@ class FeatureStore:
 
     @property
     def blocks(self) -> list[int]:
-        return sorted(int(b) for b in self._attrs["features"])
+        return sorted(self.manifest.features)
 
     @property
     def timesteps(self) -> list[int]:
-        return sorted({int(t) for entry in self._attrs["features"].values() for t in entry["timesteps"]})
+        return sorted({t for stored in self.manifest.features.values() for t in stored.timesteps})
 
     @property
     def classes(self) -> list[str]:
@@ -140,12 +146,12 @@ class FeatureStore:
     @property
     def chunk_samples(self) -> int:
         """Samples per stored chunk: every array of the store is chunked along samples by this."""
-        return int(self._attrs["chunk_samples"])
+        return self.manifest.chunk_samples
 
     @property
     def shard_samples(self) -> int:
         """Samples per shard, the unit of writing and completion (`chunk_samples` in stores without sharding)."""
-        return layout.shard_samples(self._attrs)
+        return self.manifest.shard_samples
 
     @property
     def extracted_pools(self) -> list[int]:
@@ -158,19 +164,18 @@ class FeatureStore:
         return hashlib.sha256(json.dumps(self._attrs, sort_keys=True).encode()).hexdigest()
 
     def has(self, block: int, timestep: int) -> bool:
-        entry = self._attrs["features"].get(str(block))
-        return entry is not None and int(timestep) in entry["timesteps"]
+        stored = self.manifest.features.get(int(block))
+        return stored is not None and int(timestep) in stored.timesteps
 
     def arrays(self) -> list[tuple[int, int]]:
         """Every (block, timestep) the store lists."""
-        return [(b, int(t)) for b in self.blocks for t in self._attrs["features"][str(b)]["timesteps"]]
+        return self.manifest.arrays()
 
     def block_info(self, block: int) -> dict:
         """The block's row of the model's table plus the stored `grid`."""
-        rows = {row["number"]: row for row in self._attrs["block_table"]}
-        if str(block) not in self._attrs["features"]:
+        if int(block) not in self.manifest.features:
             raise NotInStoreError(self._missing_message(block, None))
-        return {**rows[int(block)], "grid": int(self._attrs["features"][str(block)]["grid"])}
+        return {**self.manifest.block(block).row, "grid": self.manifest.features[int(block)].grid}
 
     def pools(self, block: int) -> list[int]:
         """Every pool size that can be read exactly for this block."""
@@ -179,7 +184,7 @@ class FeatureStore:
 
     def num_samples(self, split: str) -> int:
         self._check_split(split)
-        return int(self._attrs["splits"][split])
+        return int(self.manifest.splits[split])
 
     def num_chunks(self, split: str) -> int:
         return layout.num_chunks(self.num_samples(split), self.chunk_samples)
@@ -193,19 +198,26 @@ class FeatureStore:
 
     def labels(self, split: str) -> np.ndarray:
         self._check_split(split)
-        return np.asarray(self._read_whole(layout.labels_path(split)), dtype=np.int64)
+        return np.asarray(self._read_index(split, layout.labels_path(split)), dtype=np.int64)
 
     def paths(self, split: str) -> list[str]:
         self._check_split(split)
-        return [str(p) for p in self._read_whole(layout.paths_path(split))]
+        return [str(p) for p in self._read_index(split, layout.paths_path(split))]
 
     def file_records(self, split: str) -> np.ndarray | None:
         """(N, 2) uint64: each image's content hash and mtime (ns) when it was read, 0 where not read yet;
         None for stores written before they were recorded."""
         self._check_split(split)
-        if layout.files_path(split) not in self._group:
+        path = layout.files_path(split)
+        if path not in self._group:
             return None
-        return np.asarray(self._read_whole(layout.files_path(split)), dtype=np.uint64)
+        values = np.asarray(self._read_whole(path), dtype=np.uint64)
+        per_shard = self.shard_samples // self.chunk_samples
+        damage = files_damage(self._metadata(path), split, self._sets[split], self._key, self.num_shards(split),
+                              per_shard, self.chunk_samples)
+        if damage:
+            self._fail(damage)
+        return values
 
     # -- completeness ----------------------------------------------------------------------------------
     def write_sets(self, split: str) -> list[WriteSet]:
@@ -224,7 +236,7 @@ class FeatureStore:
     def missing(self) -> dict[tuple[str, int, int], list[int]]:
         """Every array with unfinished sample chunks: (split, block, timestep) -> chunk indices."""
         result = {}
-        for split in self._attrs["splits"]:  # views too ("<split>@view<v>")
+        for split in self.manifest.splits:  # views too ("<split>@view<v>")
             for block, timestep in self.arrays():
                 chunks = self.missing_chunks(split, block, timestep)
                 if chunks:
@@ -259,7 +271,7 @@ class FeatureStore:
             raise IntegrityError(f"{self.path}/{path} cannot be read ({error})") from None
         done = self.done_chunks(split, block, timestep)
         for chunk in np.flatnonzero(done):
-            self._check_finite(values[self.chunk_rows(split, chunk)], path, int(chunk))
+            self._check_chunk(values[self.chunk_rows(split, chunk)], split, block, timestep, int(chunk))
         self._check_current()
         return adaptive_avg_pool(values, size)
 
@@ -273,7 +285,7 @@ class FeatureStore:
         path = layout.feature_path(split, block, timestep)
         values = self._decode(array, path, chunk)
         if self.done_chunks(split, block, timestep)[chunk]:
-            self._check_finite(values, path, chunk)
+            self._check_chunk(values, split, block, timestep, chunk)
         self._check_current()
         return adaptive_avg_pool(values, self._output_size(block, pool))
 
@@ -313,33 +325,35 @@ class FeatureStore:
         return layout.shard_file(path, int(self._shard_of(chunk)), ndim)
 
     def _load_sets(self, split: str) -> list[WriteSet]:
-        sets, damage = load_write_sets(self._group, split, self.num_shards(split))
+        sets, damage = load_write_sets(self._group, split, self.num_shards(split),
+                                       self.shard_samples // self.chunk_samples)
         if damage:
             lines = [d.describe(self.path) for d in damage[:5]]
-            raise IntegrityError("completion flags are damaged:\n  " + "\n  ".join(lines)
-                                 + "\n`pipeline extract` on the store rebuilds them from the chunks it can verify "
-                                 "(`pipeline verify --store ... --repair` does it without extracting)")
+            raise IntegrityError("completion flags or digests are damaged:\n  " + "\n  ".join(lines),
+                                 store=self.location, damage=damage)
         return sets
+
+    def _fail(self, damage: list[Damage]) -> None:
+        raise IntegrityError("; ".join(d.describe(self.path) for d in damage[:5]), store=self.location, damage=damage)
 
     def _check_shapes(self) -> None:
         """The settings agree with the arrays: split sizes, feature shapes, flag counts (named file on failure)."""
         settings = f"{self.path}/zarr.json"
-        table = {row["number"]: row for row in self._attrs["block_table"]}
-        for split, n in self._attrs["splits"].items():
+        for split, n in self.manifest.splits.items():
             for path in (layout.labels_path(split), layout.paths_path(split)):
                 shape = self._metadata(path).shape
                 if shape != (int(n),):
                     raise IntegrityError(f"{settings} says split {split!r} has {n} samples, but {path} holds "
-                                         f"{shape[0]}: the settings were edited or damaged. Restore them, or "
-                                         "re-extract with `pipeline extract ... --overwrite`")
+                                         f"{shape[0]}: the settings were edited or damaged", store=self.location,
+                                         damage=[Damage("zarr.json", None, f"lists {n} samples of {split}")])
             for block, timestep in self.arrays():
                 path = layout.feature_path(split, block, timestep)
-                grid = int(self._attrs["features"][str(block)]["grid"])
-                expected = (int(n), int(table[block]["channels"]), grid, grid)
+                expected = self.manifest.shape(split, block)
                 shape = self._metadata(path).shape
                 if shape != expected:
                     raise IntegrityError(f"{settings} describes {path} as {expected}, but it is {shape}: the settings "
-                                         f"were edited or damaged. {REPAIR.capitalize()} after --overwrite")
+                                         "were edited or damaged", store=self.location, remedy=REPLACE,
+                                         damage=[Damage(path, None, f"is {shape}, the settings say {expected}")])
 
     def _metadata(self, path: str) -> zarr.Array:
         if path in self._arrays:
@@ -348,10 +362,9 @@ class FeatureStore:
             self._arrays[path] = self._group[path]
             return self._arrays[path]
         except KeyError:
-            raise IntegrityError(f"{self.path}/{path} is missing (the settings list it). "
-                                 f"{REPAIR.capitalize()}") from None
+            self._fail([Damage(path, None, "is missing (the settings list it)")])
         except DECODE_ERRORS as error:
-            raise IntegrityError(f"{self.path}/{path}/zarr.json is damaged ({error}). {REPAIR.capitalize()}") from None
+            self._fail([Damage(path, None, f"has a damaged zarr.json ({error})")])
 
     def _read_whole(self, path: str) -> np.ndarray:
         array = self._metadata(path)
@@ -360,9 +373,17 @@ class FeatureStore:
         except DECODE_ERRORS:
             chunks = -(-array.shape[0] // array.chunks[0])
             bad = [k for k in range(chunks) if decode_error(array, chunk_rows(array, k))]
-            raise IntegrityError(f"{self.path}/{path} chunk(s) {format_ranges(bad)} are damaged. "
-                                 f"{REPAIR.capitalize()}") from None
+            raise IntegrityError(f"{self.path}/{path} chunk(s) {format_ranges(bad)} are damaged", store=self.location,
+                                 damage=[Damage(path, None, f"chunk(s) {format_ranges(bad)} are damaged")]) from None
         self._check_current()
+        return values
+
+    def _read_index(self, split: str, path: str) -> np.ndarray:
+        """Labels or paths, every chunk present and matching the recorded digest (`index_problem`)."""
+        values = self._read_whole(path)
+        problem = index_problem(self.location, self._attrs, split, path, self._metadata(path))
+        if problem:
+            self._fail([Damage(path, None, problem)])
         return values
 
     def _decode(self, array: zarr.Array, path: str, chunk: int) -> np.ndarray:
@@ -371,16 +392,26 @@ class FeatureStore:
         except DECODE_ERRORS:
             problem = decode_error(array, chunk_rows(array, chunk))
             raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} {problem} "
-                                 f"({self._chunk_file(path, chunk, array.ndim)}). {REPAIR}") from None
+                                 f"({self._chunk_file(path, chunk, array.ndim)})", store=self.location,
+                                 damage=[Damage(path, int(self._shard_of(chunk)), problem)]) from None
 
-    def _check_finite(self, values: np.ndarray, path: str, chunk: int) -> None:
-        if np.isfinite(values).all():
-            return
+    def _check_chunk(self, values: np.ndarray, split: str, block: int, timestep: int, chunk: int) -> None:
+        """A finished chunk: finite, there, and holding the values written for this place of this store."""
+        path = layout.feature_path(split, block, timestep)
+        shard = int(self._shard_of(chunk))
         file = self._chunk_file(path, chunk, values.ndim)
-        present = self.location.exists(file)
-        problem = "holds non-finite values" if present else "is missing"
-        raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file}). "
-                             f"{REPAIR}")
+        problem = None
+        if not np.isfinite(values).all():
+            problem = "holds non-finite values" if self.location.exists(file) else "is missing"
+        else:
+            expected = expected_digests(self._sets[split], (block, timestep), shard,
+                                        self.shard_samples // self.chunk_samples)
+            if digest_mismatch(self._key, path, values, chunk, self.chunk_samples, expected) is not None:
+                problem = "does not match its digest: written for another store or place, or edited"
+        if problem:
+            self._check_current()  # a store replaced under the reader is that, not damage
+            raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file})",
+                                 store=self.location, damage=[Damage(path, shard, problem)])
 
     def _root_stamp(self):
         """(inode, mtime) of the root zarr.json: every rewrite of the settings changes it (local stores)."""
@@ -414,9 +445,7 @@ class FeatureStore:
                 raise IncompleteStoreError(
                     f"{self.path}: {split} block {block} timestep {timestep} is unfinished: "
                     f"{len(missing)} of {self.num_chunks(split)} sample chunks "
-                    f"missing ({format_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete "
-                    f"reads."
-                )
+                    f"missing ({format_ranges(missing)})", store=self.location)
         return self._metadata(layout.feature_path(split, block, timestep))
 
     def _output_size(self, block: int, pool: int | None) -> int:
@@ -433,7 +462,7 @@ class FeatureStore:
         return min(int(pool), info["resolution"])
 
     def _check_split(self, split: str) -> None:
-        if split not in self._attrs["splits"]:
+        if split not in self.manifest.splits:
             raise NotInStoreError(f"{self.path} has no split {split!r}; it has {self.splits}")
 
     def _check(self, split: str, block: int, timestep: int) -> None:
@@ -443,7 +472,7 @@ class FeatureStore:
 
     def _missing_message(self, block: int, timestep: int | None) -> str:
         held = "; ".join(
-            f"block {b}: timesteps {self._attrs['features'][str(b)]['timesteps']}" for b in self.blocks
+            f"block {b}: timesteps {list(self.manifest.features[b].timesteps)}" for b in self.blocks
         )
         what = f"block {block}" if timestep is None else f"block {block} at timestep {timestep}"
         return f"{self.path} has no {what}; it holds {held or 'nothing yet'}"

@@ -10,6 +10,10 @@ environment of its file system (for S3: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS
 AWS_DEFAULT_REGION) and `storage_options` for the rest. An object PUT is atomic, so what local stores
 get from a rename object stores get from the PUT itself.
 
+Every store zarr opens can be passed through a wrapper (`wrapped_stores`, a zarr `WrapperStore`
+factory), as can the few writes made around zarr (the root's zarr.json): the seam through which the
+fault tests kill or fill a store at its Nth write, with zarr's public store API only.
+
 Failures to reach a store (an unknown URL scheme, an endpoint that does not answer, missing
 credentials, a bucket that does not exist) are `StorageError`s that name the store and the fix.
 """
@@ -17,6 +21,8 @@ credentials, a bucket that does not exist) are `StorageError`s that name the sto
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -67,6 +73,21 @@ def parse_storage_options(pairs) -> dict:
                 raise StorageError(f"--storage-option {pair!r}: {parent} was already given a value")
         target[leaf] = value
     return options
+
+
+_wrapper: Callable | None = None
+
+
+@contextmanager
+def wrapped_stores(wrap: Callable) -> Iterator[None]:
+    """Meanwhile every store opened is `wrap(store)` (e.g. a `zarr.storage.WrapperStore` that fails at
+    its Nth write): for fault injection; nothing else uses it."""
+    global _wrapper
+    previous, _wrapper = _wrapper, wrap
+    try:
+        yield
+    finally:
+        _wrapper = previous
 
 
 def _merged(defaults: dict, options: dict) -> dict:
@@ -165,11 +186,16 @@ class Location:
     def zarr_store(self, *, read_only: bool):
         """What `zarr.open_group` takes for this store."""
         if self.local:
-            return self.url
+            if _wrapper is None:
+                return self.url
+            from zarr.storage import LocalStore
+
+            return _wrapper(LocalStore(self.url, read_only=read_only))
         from zarr.storage import FsspecStore
 
         self._fs_and_root  # noqa: B018 -- an unknown scheme or bad options are named here, not deep inside zarr
-        return FsspecStore.from_url(self.url, storage_options=self._options or None, read_only=read_only)
+        store = FsspecStore.from_url(self.url, storage_options=self._options or None, read_only=read_only)
+        return store if _wrapper is None else _wrapper(store)
 
     # -- objects -----------------------------------------------------------------------------------------
     def exists(self, relative: str) -> bool:
@@ -216,6 +242,12 @@ class Location:
 
     def write_bytes(self, relative: str, data: bytes) -> None:
         """One atomic PUT (object stores); local stores write a temporary file and rename it."""
+        if _wrapper is not None:  # through the wrapped store, like every other write
+            from zarr.core.buffer import default_buffer_prototype
+            from zarr.core.sync import sync
+
+            sync(self.zarr_store(read_only=False).set(relative, default_buffer_prototype().buffer.from_bytes(data)))
+            return
         if self.local:
             target = self.path / relative
             partial = target.with_name(target.name + ".replacing.partial")
@@ -276,8 +308,8 @@ class Location:
 
     def _credential_hint(self) -> str:
         if self.protocol.startswith("s3"):
-            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or --storage-option key=... --storage-option "
-                    "secret=..., or --storage-option anon=true for a public bucket")
+            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the storage options key and secret, or the "
+                    "storage option anon=true for a public bucket")
         return f"the environment or storage options that {self.protocol}:// reads"
 
     def _explain(self, error: Exception) -> str:
@@ -288,7 +320,7 @@ class Location:
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
                     "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError", "TimeoutError"):
             return (f"{self.url}: cannot reach the object store{self._at_endpoint()} ({text}). Check the endpoint "
-                    "(AWS_ENDPOINT_URL or --storage-option endpoint_url=...) and the network")
+                    "(AWS_ENDPOINT_URL or the storage option endpoint_url) and the network")
         if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
             return self._no_bucket()
         return f"{self.url}: the object store refused the request ({name}: {text})"

@@ -34,23 +34,22 @@ from contextlib import contextmanager
 import numpy as np
 import zarr
 
-from cache import layout, locks
+from cache import digests, layout, locks, repair
 from cache.creation import (
     FEATURE_CODECS,
     FULL,
     SMALL_CODECS,
     SplitIndex,
-    create_files_array,
     differences,
     inspect_directory,
     make_directory,
-    remove_partial_writes,
     replace,
     sample_chunking,
-    write_index_array,
 )
 from cache.errors import (
+    REPLACE,
     DataChangedError,
+    IncompleteStoreError,
     NonFiniteFeaturesError,
     StoreError,
     StoreFullError,
@@ -61,14 +60,12 @@ from cache.integrity import (
     DECODE_ERRORS,
     Damage,
     WriteSet,
-    chunk_rows,
-    decode_error,
+    digest_columns,
     done_shards,
-    find_damage,
     load_write_sets,
     read_root_attrs,
-    shard_problem,
 )
+from cache.manifest import Manifest
 from cache.storage import Location
 from cache.text import format_bytes, format_ranges
 
@@ -98,6 +95,7 @@ class FeatureStoreWriter:
         grids: dict[int, int] | None = None,
         overwrite: bool = False,
         verify: bool = False,
+        recipe: dict | None = None,
     ) -> FeatureStoreWriter:
         """Create the store, or reopen one made with the same `settings` (keys in layout.IDENTITY_KEYS).
 
@@ -106,7 +104,8 @@ class FeatureStoreWriter:
         named, or, with `overwrite`, replaced (never while a reader holds it). A store that agrees is
         reopened either way and repaired where needed (module docstring), so finished shards are kept
         and only what is missing gets computed. `verify` also decodes every finished shard.
-        `path` is a local directory or an object store URL (`cache.storage.Location`).
+        `path` is a local directory or an object store URL (`cache.storage.Location`). `recipe` is
+        recorded as it is (root attribute "recipe"): what the caller needs to make the store again.
         """
         settings = layout.normalised(settings)
         missing = [key for key in layout.IDENTITY_KEYS if key not in settings]
@@ -126,20 +125,19 @@ class FeatureStoreWriter:
             if state == "valid" and not changed:
                 writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
                 with writer._writing("reopening the store"):
-                    writer._reopen(splits, verify=verify)
+                    repair.reopen(writer, splits, verify=verify, recipe=recipe)
                 return writer
             if state == "valid" and not overwrite:
-                raise StoreMismatchError(
-                    f"{directory} was made with other settings:\n  " + "\n  ".join(changed)
-                    + "\nUse another --out, or --overwrite to replace the store."
-                )
+                raise StoreMismatchError(f"{directory} was made with other settings:\n  " + "\n  ".join(changed),
+                                         store=directory)
             if state == "damaged" and not overwrite:
                 raise StoreError(f"{directory}/zarr.json, the store's settings, is damaged: its features cannot be "
-                                 "trusted. Pass --overwrite to replace the store, or use another --out")
+                                 "trusted", store=directory, remedy=REPLACE,
+                                 damage=[Damage("zarr.json", None, "is damaged")])
             if state == "unfinished":
                 log.warning("%s was left unfinished by a run that stopped while making it: building it again",
                             directory)
-            writer = cls(directory, replace(directory, settings, splits, block_table), lock)
+            writer = cls(directory, replace(directory, settings, splits, block_table, recipe), lock)
             writer._load_sets()
             return writer
         except BaseException:
@@ -168,6 +166,11 @@ class FeatureStoreWriter:
 
     # -- planning ------------------------------------------------------------------------------------
     @property
+    def manifest(self) -> Manifest:
+        """The settings as they are now, typed (`cache.manifest`)."""
+        return Manifest.parse(self._attrs, self.path)
+
+    @property
     def chunk_samples(self) -> int:
         return int(self._attrs["chunk_samples"])
 
@@ -185,15 +188,15 @@ class FeatureStoreWriter:
         return layout.chunk_slice(shard, self.num_samples(split), self.shard_samples)
 
     def grid(self, block: int) -> int | None:
-        entry = self._attrs["features"].get(str(block))
-        return None if entry is None else int(entry["grid"])
+        stored = self.manifest.features.get(int(block))
+        return None if stored is None else stored.grid
 
     def add_arrays(self, features: dict[int, int], timesteps: list[int], pools: list[int]) -> None:
         """Make sure an array exists for every (split, block, timestep); `features` maps block -> grid.
 
         An existing block must have been stored at the same grid (a finer one cannot be derived).
         """
-        table = {row["number"]: row for row in self._attrs["block_table"]}
+        manifest = self.manifest
         contents = {key: dict(value) for key, value in self._attrs["features"].items()}
         for block, grid in features.items():
             entry = contents.get(str(block))
@@ -201,13 +204,12 @@ class FeatureStoreWriter:
                 raise StoreMismatchError(
                     f"{self.path}: block {block} is stored pooled to {entry['grid']}x{entry['grid']}, "
                     f"this run needs {grid}x{grid} for pools {sorted(pools)}. Ask only for pools that divide "
-                    f"{entry['grid']}, or use --overwrite (or another --out) to re-extract."
-                )
+                    f"{entry['grid']}, or extract again", store=self.location)
         dtype = self._attrs["dtype"]
         wanted = {(int(block), int(t)): int(grid) for block, grid in features.items() for t in timesteps}
         with self._writing("creating arrays", unlisted=wanted):
             for block, grid in features.items():
-                channels = table[block]["channels"]
+                channels = manifest.block(block).channels
                 entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
                 for timestep in timesteps:
                     for split in self._attrs["splits"]:
@@ -239,10 +241,10 @@ class FeatureStoreWriter:
                     and existing.shards == chunking.get("shards") and str(existing.dtype) == dtype):
                 return  # (stores made before sharding keep their unsharded arrays: a shard is a chunk there)
             if self.done(split, block, timestep).any():
-                raise StoreError(f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
-                                 f"({existing.dtype}), this run needs {shape} in chunks of {chunking['chunks']} "
-                                 f"({dtype}) and it holds finished shards: use --overwrite (or another --out) to "
-                                 "re-extract")
+                raise StoreMismatchError(f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
+                                         f"({existing.dtype}), this run needs {shape} in chunks of "
+                                         f"{chunking['chunks']} ({dtype}) and it holds finished shards",
+                                         store=self.location)
             self._forget_array(split, block, timestep)
         self._group.create_array(
             name, shape=shape, **chunking, dtype=dtype,
@@ -283,8 +285,13 @@ class FeatureStoreWriter:
         """The write set of these (block, timestep) arrays in `split` (created if new); pass it to `write_shard`."""
         keys = sorted({(int(b), int(t)) for b, t in arrays})
         path = f"{layout.progress_group(split)}/{layout.write_set_name(keys)}"
-        if not any(s.path == path for s in self._sets[split]):
+        known = next((s for s in self._sets[split] if s.path == path), None)
+        if known is not None and known.digests is None:  # a set of format 1: its new shards get digests
+            with self._writing("creating digest records"):
+                known.digests = self._digest_array(split, path, keys)
+        if known is None:
             with self._writing("creating completion flags"):
+                digests_table = self._digest_array(split, path, keys)  # before the flags that point to it
                 # one object per flag: shards are written by different processes, never one object by two
                 array = self._group.create_array(
                     path, shape=(self.num_shards(split),), chunks=(1,), dtype="uint8", fill_value=0,
@@ -292,8 +299,26 @@ class FeatureStoreWriter:
                     attributes={"arrays": [layout.array_key(b, t) for b, t in keys]},
                 )
                 del array
-            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_shards(split), np.uint8)))
+            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_shards(split), np.uint8),
+                                              digest_columns(keys), digests_table))
         return path
+
+    def _digest_array(self, split: str, flags_path: str, keys) -> np.ndarray:
+        """Make (or adopt) the set's digest record: one object per shard, like its features (`cache.digests`)."""
+        path = layout.digests_path(flags_path)
+        columns = digest_columns(keys)
+        shape = (layout.num_chunks(self.num_samples(split), self.chunk_samples), len(columns))
+        try:
+            existing = self._group[path]
+            if existing.shape == shape:
+                return np.asarray(existing[:], dtype=np.uint64)
+        except (KeyError, *DECODE_ERRORS):
+            pass
+        self._group.create_array(path, shape=shape, chunks=(self.shard_samples // self.chunk_samples, len(columns)),
+                                 dtype="uint64", fill_value=0, compressors=SMALL_CODECS,
+                                 dimension_names=("chunk", "column"), attributes={"columns": list(columns)},
+                                 overwrite=True)
+        return np.zeros(shape, np.uint64)
 
     def reload_write_sets(self) -> None:
         """Read the completion flags again (a process attached to the store, after the holder made new sets)."""
@@ -319,8 +344,7 @@ class FeatureStoreWriter:
                 raise NonFiniteFeaturesError(
                     f"block {block} at timestep {timestep} gave NaN or infinite features for {split} samples "
                     f"{format_ranges(bad.tolist())}; they are not stored. Features beyond float16's range "
-                    "(65504) overflow: try --dtype float32, and --precision fp32 if the model ran in bf16 or fp16"
-                )
+                    "(65504) overflow", store=self.location)
         if files is not None:
             self._check_files(split, rows, files)
         path = write_set or self.write_set(split, features)
@@ -328,19 +352,35 @@ class FeatureStoreWriter:
         missing = set(features) - target.arrays
         if missing:
             raise ValueError(f"write set {path} does not hold {sorted(missing)}")
+        if target.digests is None:  # attached before the holder gave a set of format 1 its digest record
+            target.digests = self._digest_array(split, path, target.arrays)
+        chunks = range(rows.start // self.chunk_samples, layout.num_chunks(rows.stop, self.chunk_samples))
+        table = np.zeros((len(chunks), len(target.columns)), np.uint64)
+        key = digests.binding(self._attrs)
         with self._writing(f"shard {shard} of {split}"):
             for (block, timestep), values in features.items():
                 name = layout.feature_path(split, block, timestep)
                 array = self._group[name]
+                stored = values.astype(array.dtype, copy=False)
+                column = target.columns.index(layout.array_key(block, timestep))
+                for i, chunk in enumerate(chunks):
+                    part = stored[i * self.chunk_samples:(i + 1) * self.chunk_samples]
+                    table[i, column] = digests.chunk_digest(key, name, chunk, part)
                 # An unfinished shard's old object holds nothing of value, and zarr would read it (a damaged
                 # one fails) to merge the new rows into it: start from nothing.
                 self._discard(layout.shard_file(name, shard, array.ndim))
-                array[rows] = values.astype(array.dtype, copy=False)
+                array[rows] = stored
             if files is not None and layout.files_path(split) in self._group:
+                for i, chunk in enumerate(chunks):
+                    part = files[i * self.chunk_samples:(i + 1) * self.chunk_samples]
+                    table[i, -1] = digests.file_digest(key, split, chunk, part)
                 self._discard(layout.shard_file(layout.files_path(split), shard, 2))
                 self._group[layout.files_path(split)][rows] = files
-            self._group[path][shard] = 1
-        target.flags[shard] = 1
+            # the digests, then the flag that says they are there: a kill in between leaves the shard unfinished
+            self._group[layout.digests_path(path)][chunks.start:chunks.stop] = table
+            self._group[path][shard] = layout.FLAG_DIGESTS
+        target.digests[chunks.start:chunks.stop] = table
+        target.flags[shard] = layout.FLAG_DIGESTS
 
     def file_records(self, split: str) -> np.ndarray:
         """(N, 2) uint64 content hash and mtime (ns) of each image when it was read; 0 where not yet read."""
@@ -362,20 +402,19 @@ class FeatureStoreWriter:
             names = self._group[layout.paths_path(split)][rows][changed]
             raise DataChangedError(
                 f"{len(names)} image(s) of {split} changed since the store's features were computed from them "
-                f"(content hash differs): {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}. "
-                "Restore them, or re-extract everything with --overwrite"
-            )
+                f"(content hash differs): {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}",
+                store=self.location)
 
     def remaining_bytes(self, unlisted: dict[tuple[int, int], int] | None = None) -> int:
         """Uncompressed bytes of every shard not yet finished: what a run still writes, at most; `unlisted`
         ((block, timestep) -> grid) adds arrays about to be created."""
         itemsize = np.dtype(self._attrs["dtype"]).itemsize
-        table = {row["number"]: row for row in self._attrs["block_table"]}
-        arrays = {(int(b), int(t)): int(e["grid"]) for b, e in self._attrs["features"].items() for t in e["timesteps"]}
+        manifest = self.manifest
+        arrays = {(b, t): manifest.features[b].grid for b, t in manifest.arrays()}
         total = 0
         for split in self._attrs["splits"]:
             for (block, timestep), grid in {**(unlisted or {}), **arrays}.items():
-                per_sample = table[block]["channels"] * grid ** 2 * itemsize
+                per_sample = manifest.block(block).channels * grid ** 2 * itemsize
                 listed = (block, timestep) in arrays
                 pending = len(self.pending_shards(split, block, timestep)) if listed else self.num_shards(split)
                 total += min(pending * self.shard_samples, self.num_samples(split)) * per_sample
@@ -398,115 +437,44 @@ class FeatureStoreWriter:
                 "Free some space and run the same command again: finished shards are kept."
             ) from None
 
-    # -- reopening and repairs -----------------------------------------------------------------------
+    # -- reopening and repairs (cache.repair) ---------------------------------------------------------
     def _load_sets(self) -> list[Damage]:
         damage = []
         for split in self._attrs["splits"]:
-            self._sets[split], found = load_write_sets(self._group, split, self.num_shards(split))
+            self._sets[split], found = load_write_sets(self._group, split, self.num_shards(split),
+                                                       self.shard_samples // self.chunk_samples)
             damage += found
         return damage
-
-    def _reopen(self, splits: dict[str, SplitIndex], *, verify: bool) -> None:
-        remove_partial_writes(self.location)
-        sizes = {split: len(index.paths) for split, index in splits.items()}
-        if {**self._attrs["splits"], **sizes} != self._attrs["splits"]:  # edited: the data set says what they are
-            log.warning("%s/zarr.json listed split sizes %s; the data set has %s: corrected", self.path,
-                        self._attrs["splits"], sizes)
-            self._update_attrs(splits={**self._attrs["splits"], **sizes})
-        for split, index in splits.items():
-            self._repair_index(split, index)
-        self._repair(verify=verify)
 
     @classmethod
     def repair(cls, path: str | Location) -> list[Damage]:
         """Verify every finished shard of the store at `path` and repair what needs no data set: damaged
-        flags are rebuilt, damaged or missing shards marked unfinished (`pipeline extract` recomputes
-        them). Returns what was found; labels and paths can only be written again by `pipeline extract`."""
+        flags rebuilt, damaged, missing or foreign shards marked unfinished (`cache.repair`), for the next
+        extraction to recompute. Returns what was found."""
         directory = Location.parse(path)
         read_root_attrs(directory)  # a store that is not there, or not a store, is named first
         lock = locks.lock_writer(directory)
         try:
             state, _ = inspect_directory(directory)
+            if state == "unfinished":
+                raise IncompleteStoreError(f"{directory} was never finished being made: a run stopped while making "
+                                           "or replacing it", store=directory)
             if state != "valid":
-                raise StoreError(f"{directory} is {state}: only `pipeline extract ... --overwrite` can rebuild it")
+                raise StoreError(f"{directory} is {state}", store=directory, remedy=REPLACE)
             writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)
-            found = find_damage(directory, full=True)
             with writer._writing("repairing the store"):
-                writer._repair(verify=True)
-            return found
+                return repair.repair_alone(writer)
         finally:
             lock.release()
-
-    def _repair(self, *, verify: bool) -> None:
-        """Flags, arrays and finished shards: what the settings imply is there, and sound."""
-        damage = self._load_sets()
-        for item in damage:
-            if item.shard is None:  # flags of the wrong length: they are rebuilt from scratch
-                log.warning("%s: rebuilt", item.describe(self.path))
-                del self._group[item.path]
-        if any(d.shard is None for d in damage):
-            damage = [d for d in damage if d.shard is not None] + self._load_sets()
-        for item in damage:
-            self._rebuild_flag(item)
-        table = {row["number"]: row for row in self._attrs["block_table"]}
-        for split in self._attrs["splits"]:
-            for block, entry in self._attrs["features"].items():
-                for timestep in entry["timesteps"]:
-                    self._ensure_array(split, int(block), int(timestep), table[int(block)]["channels"],
-                                       int(entry["grid"]), self._attrs["dtype"])
-        for item in find_damage(self.location, full=verify):
-            if item.shard is not None and "/block" in item.path:
-                log.warning("%s: marked unfinished, to be recomputed", item.describe(self.path))
-                split = item.path.split("/")[0]
-                self._mark_unfinished(split, *layout.parse_array_key(item.path.split("/", 1)[1]), item.shard)
-
-    def _repair_index(self, split: str, index: SplitIndex) -> None:
-        """Labels, paths and file records exist and hold what the data set says (identity already matched)."""
-        n = len(index.paths)
-        group = self._group.require_group(split)
-        self._group.require_group(layout.progress_group(split))
-        expected = {layout.labels_path(split): np.asarray(index.labels, dtype=np.int64),
-                    layout.paths_path(split): np.asarray(index.paths, dtype=str)}
-        for path, values in expected.items():
-            try:
-                array = self._group[path]
-                current = array[:]
-                if array.shape == (n,) and np.array_equal(current, values):
-                    continue
-            except (KeyError, *DECODE_ERRORS):
-                pass
-            log.warning("%s/%s was missing or damaged: written again from the data set", self.path, path)
-            write_index_array(self._group, path, values)
-        try:
-            files = self._group[layout.files_path(split)]
-            if files.shape != (n, 2):
-                raise KeyError(layout.files_path(split))
-            for k in range(-(-n // files.chunks[0])):
-                rows = chunk_rows(files, k)
-                if decode_error(files, rows):  # unknown hashes: checked again when the images are next read
-                    files[rows] = np.zeros((rows.stop - rows.start, 2), np.uint64)
-        except (KeyError, *DECODE_ERRORS):
-            if layout.files_path(split) in group:
-                del self._group[layout.files_path(split)]
-            create_files_array(self._group, split, n, self.chunk_samples, self.shard_samples)
-
-    def _rebuild_flag(self, item: Damage) -> None:
-        """A damaged flag of shard k: 1 if every array of its set verifies at shard k, else 0."""
-        split = item.path.split("/")[1]
-        write_set = next(s for s in self._sets[split] if s.path == item.path)
-        ok = all(shard_problem(self.location, layout.feature_path(split, b, t),
-                               self._group[layout.feature_path(split, b, t)], item.shard, self.shard_samples,
-                               full=True) is None
-                 for b, t in write_set.arrays if layout.feature_path(split, b, t) in self._group)
-        log.warning("%s: rebuilt as %s", item.describe(self.path), "finished" if ok else "unfinished")
-        self._group[item.path][item.shard] = int(ok)
-        write_set.flags[item.shard] = int(ok)
 
     def _mark_unfinished(self, split: str, block: int, timestep: int, shard: int) -> None:
         for write_set in self._sets[split]:
             if (block, timestep) in write_set.arrays and write_set.flags[shard]:
-                self._group[write_set.path][shard] = 0
-                write_set.flags[shard] = 0
+                self._set_flag(write_set, shard, 0)
+
+    def _set_flag(self, write_set: WriteSet, shard: int, value: int) -> None:
+        self._group[write_set.path][shard] = value
+        write_set.flags[shard] = value
 
     def _discard(self, key: str) -> None:
         if self.location.local:

@@ -99,7 +99,9 @@ class Commands(click.Group):
             from cache.errors import UserError
 
             if isinstance(error, UserError):
-                raise click.ClickException(str(error)) from error
+                from pipeline.advice import render
+
+                raise click.ClickException(render(error)) from error
             if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
                 where = f": {error.filename}" if error.filename else ""
                 raise click.ClickException(f"{error.strerror}{where}") from error

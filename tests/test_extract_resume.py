@@ -177,3 +177,53 @@ def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_mode
                 progress=False)
     store = FeatureStore.open(out)
     assert store.block_info(3)["grid"] == 4 and store.timesteps == [10, 90] and not store.missing()
+
+
+def as_format_1(store: Path) -> None:
+    """What a store written before digests looks like: no _digests, flags of 1, no index digests or recipe."""
+    import json
+    import shutil
+
+    import zarr
+
+    shutil.rmtree(store / "_digests")
+    group = zarr.open_group(store, mode="r+")
+    for split in ("train", "val"):
+        for _, flags in group[f"_progress/{split}"].arrays():
+            flags[:] = (flags[:] > 0).astype("uint8")
+    root = json.loads((store / "zarr.json").read_text())
+    for key in ("index_digests", "recipe"):
+        del root["attributes"][key]
+    root["attributes"]["format"] = "diffusion-feature-cache/1"
+    (store / "zarr.json").write_text(json.dumps(root))
+
+
+def test_a_format_1_store_reads_verifies_and_is_upgraded_when_next_written(tiny_model, tiny_data, tmp_path):
+    import json
+
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    for out in (old, new):
+        run_extract(config(tiny_model, tiny_data, out, blocks=(3,), timesteps=(10,)), progress=False)
+    as_format_1(old)
+    legacy, fresh = FeatureStore.open(old), FeatureStore.open(new)
+    assert legacy.verify() == [] and (legacy.labels("train") == fresh.labels("train")).all()
+    assert (legacy.read("train", 3, 10) == fresh.read("train", 3, 10)).all()
+    (old / "val/labels/c/0").rename(tmp_path / "labels")  # format 1 has no digests: still never read as zeros
+    with pytest.raises(StoreError, match="val/labels chunk"):
+        FeatureStore.open(old).labels("val")
+    (tmp_path / "labels").rename(old / "val/labels/c/0")
+    for out in (old, new):  # the next write upgrades it: format 2, index digests, digests for every new shard
+        run_extract(config(tiny_model, tiny_data, out, blocks=(3,), timesteps=(10, 90)), progress=False)
+    attrs = json.loads((old / "zarr.json").read_text())["attributes"]
+    assert attrs["format"] == "diffusion-feature-cache/2" and attrs["index_digests"] == FeatureStore.open(new).attrs[
+        "index_digests"]
+    assert (FeatureStore.open(old).read("val", 3, 90) == FeatureStore.open(new).read("val", 3, 90)).all()
+    assert FeatureStore.open(old).verify() == []
+    labels = old / "train/labels/c/0"
+    labels.write_bytes((new / "train/labels/c/0").read_bytes())  # the same bytes: fine
+    other = tmp_path / "other.zarr"  # a copy from a store of another noise seed is foreign once digests exist
+    run_extract(config(tiny_model, tiny_data, other, blocks=(3,), timesteps=(10, 90), noise_seed=4), progress=False)
+    shard = "train/block3/t90/c/1/0/0/0"
+    (old / shard).write_bytes((other / shard).read_bytes())
+    with pytest.raises(StoreError, match="does not match its digest"):
+        FeatureStore.open(old).read("train", 3, 90)

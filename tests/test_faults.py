@@ -3,22 +3,24 @@ a store replaced under a reader, images changed in place. Each is a parametrised
 that the fault is detected and named (or harmless), repair the way the message says, and compare the
 store with an uninterrupted one, file by file.
 
-A kill is simulated in-process: from the chosen write on, every write of the store raises, as if the
-process had died there (kill -9 runs no cleanup, and here no cleanup may write either). One case
-kills a real process to check that the two agree. Bad input to every command: tests/test_bad_input.py.
+A kill is simulated in-process, through zarr's store API (`FailingStore`, a `WrapperStore` every store
+is opened through): from the chosen write on, every write of the store raises, as if the process had
+died there (kill -9 runs no cleanup, and here no cleanup may write either). One case kills a real
+process to check that the two agree. Bad input to every command: tests/test_bad_input.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
-import itertools
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,8 +30,9 @@ import pytest
 import zarr
 from click.testing import CliRunner
 from PIL import Image
+from zarr.storage import LocalStore, WrapperStore
 
-from cache import FeatureStore, FeatureStoreWriter, creation
+from cache import FeatureStore, FeatureStoreWriter
 from cache import writer as store_writer
 from cache.errors import (
     DataChangedError,
@@ -39,6 +42,8 @@ from cache.errors import (
     StoreInUseError,
     StoreReplacedError,
 )
+from cache.storage import wrapped_stores
+from pipeline.advice import render
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
@@ -94,64 +99,70 @@ def store(model, data, tmp_path) -> Path:
     return out
 
 
-@contextmanager
-def writes_fail(monkeypatch, *, from_write: int | None = None, after_bytes: int | None = None, torn: bool = False):
-    """Store writes fail from the `from_write`-th on (a kill), or once `after_bytes` were written (a full
-    disk). `torn` leaves the killed write's temporary file behind, as a kill during the write does.
+class Faults:
+    """When the store's writes fail: from the `from_write`-th on (a kill), or once `after_bytes` were written
+    (a full disk). `torn` leaves the killed write's temporary file behind, as a kill during a local write does.
 
-    zarr writes several keys at once from worker threads: the kill waits for the writes already under
-    way to land (as if the process died just after them), and no write starts after it."""
-    count, written, dead = itertools.count(), [0], [False]
-    in_flight, lock = [0], threading.Condition()
-    put, mark_root = store_writer.zarr.storage._local._put, creation._mark_root
+    zarr writes several keys at once: the kill waits for the writes already under way to land (as if the
+    process died just after them), and no write starts after it."""
 
-    def kill(what: str, path=None, value=None):
-        with lock:
-            if not dead[0] and torn and path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.with_suffix(".0f0f.partial").write_bytes(bytes(value.as_buffer_like())[: len(value) // 2])
-            dead[0] = True
-            lock.wait_for(lambda: in_flight[0] == 0)
-        raise Crash(what)
+    def __init__(self, from_write: int | None, after_bytes: int | None, torn: bool):
+        self.from_write, self.after_bytes, self.torn = from_write, after_bytes, torn
+        self.count, self.written, self.dead, self.in_flight = 0, 0, False, 0
 
-    def failing_put(path, value, exclusive=False):
-        with lock:
-            killed = dead[0] or (from_write is not None and next(count) >= from_write)
-            full = not killed and after_bytes is not None and written[0] + len(value) > after_bytes
-            if not killed and not full:
-                written[0] += len(value)
-                in_flight[0] += 1
+    async def write(self, store, key: str, value, *, exclusive: bool) -> None:
+        killed = self.dead or (self.from_write is not None and self.count >= self.from_write)
+        self.count += 1
+        full = not killed and self.after_bytes is not None and self.written + len(value) > self.after_bytes
         if killed:
-            kill(str(path), path, value)
+            if not self.dead and self.torn and isinstance(store, LocalStore):
+                target = Path(store.root) / key
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.with_suffix(".0f0f.partial").write_bytes(value.to_bytes()[: len(value) // 2])
+            self.dead = True
+            while self.in_flight:  # the writes already under way land (they run on the same event loop)
+                await asyncio.sleep(0.001)
+            raise Crash(key)
         if full:
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            raise OSError(errno.ENOSPC, "No space left on device", key)
+        self.written += len(value)
+        self.in_flight += 1
         try:
-            return put(path, value, exclusive)
+            await (store.set_if_not_exists(key, value) if exclusive else store.set(key, value))
         finally:
-            with lock:
-                in_flight[0] -= 1
-                lock.notify_all()
+            self.in_flight -= 1
 
-    def failing_mark_root(directory, attrs):
-        with lock:
-            killed = dead[0] or (from_write is not None and next(count) >= from_write)
-        if killed:
-            kill("zarr.json")
-        return mark_root(directory, attrs)
 
-    monkeypatch.setattr(store_writer.zarr.storage._local, "_put", failing_put)
-    monkeypatch.setattr(creation, "_mark_root", failing_mark_root)
-    try:
-        yield count
-    finally:
-        monkeypatch.setattr(store_writer.zarr.storage._local, "_put", put)
-        monkeypatch.setattr(creation, "_mark_root", mark_root)
+class FailingStore(WrapperStore):
+    """zarr's store API: every write goes through `Faults.write` (reads, listings, deletes pass through)."""
+
+    def __init__(self, store, faults: Faults):
+        super().__init__(store)
+        self.faults = faults
+
+    def _with_store(self, store) -> FailingStore:
+        return type(self)(store, self.faults)
+
+    async def set(self, key: str, value) -> None:
+        await self.faults.write(self._store, key, value, exclusive=False)
+
+    async def set_if_not_exists(self, key: str, value) -> None:
+        await self.faults.write(self._store, key, value, exclusive=True)
+
+
+@contextmanager
+def writes_fail(monkeypatch=None, *, from_write: int | None = None, after_bytes: int | None = None,
+                torn: bool = False):
+    """Every store opened meanwhile fails as `Faults` says (through `cache.storage.wrapped_stores`)."""
+    faults = Faults(from_write, after_bytes, torn)
+    with wrapped_stores(lambda store: FailingStore(store, faults)):
+        yield faults
 
 
 def count_writes(model, data, out, monkeypatch) -> int:
-    with writes_fail(monkeypatch, from_write=10**9) as count:
+    with writes_fail(monkeypatch, from_write=10**9) as faults:
         extract(model, data, out)
-    return next(count)
+    return faults.count
 
 
 # -- kills ------------------------------------------------------------------------------------------
@@ -259,26 +270,37 @@ def truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
 
 
-# (damage, what reading then says, how the message says to repair it)
+def copy_from_another_store(other: Path):
+    """A shard copied in from a store of the same layout made with another noise seed."""
+    def damage(store: Path) -> None:
+        shutil.copyfile(feature_shard(other), feature_shard(store))
+    return damage
+
+
+def delete_digests(store: Path) -> None:
+    (record,) = (store / "_digests" / "train").glob("set-*")
+    (record / "c" / "1" / "0").unlink()
+
+
+# (damage, what reading then says); every case is repaired by the command its message prints
 DAMAGE = {
-    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum",
-                                       "verify"),
-    "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
+    "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
     "deleted feature chunk": (lambda s: feature_shard(s).unlink(),
-                              "shard 1 (chunk 2) is marked finished but is missing",
-                              "extract"),
-    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values",
-                                  "verify"),
-    "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
-                                "extract"),
-    "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
-    "edited split size": (edit_settings, "says split 'train' has 12 samples", "extract"),
-    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"), "train/block5/t90/zarr.json",
-                                 "extract"),
-    "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged",
-                                  "extract"),
-    "truncated settings": (lambda s: truncate(s / "zarr.json"), "zarr.json, the store's settings, is damaged",
-                           "overwrite"),
+                              "shard 1 (chunk 2) is marked finished but is missing"),
+    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values"),
+    "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "(its completion flag) fails"),
+    "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "(its completion flag) fails"),
+    "deleted digest record": (delete_digests, "(the digests of a finished shard) is missing"),
+    "edited split size": (edit_settings, "says split 'train' has 12 samples"),
+    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"),
+                                 "train/block5/t90 has a damaged"),
+    "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged"),
+    "deleted labels chunk": (lambda s: (s / "train/labels/c/0").unlink(), "train/labels chunk(s) 0 are missing"),
+    "deleted val labels chunk": (lambda s: (s / "val/labels/c/0").unlink(), "val/labels chunk(s) 0 are missing"),
+    "deleted paths chunk": (lambda s: (s / "val/paths/c/0").unlink(), "val/paths chunk(s) 0 are missing"),
+    "deleted file records shard": (lambda s: (s / "train/files/c/1/0").unlink(),
+                                   "train/files shard 1 does not match its digests"),
 }
 
 
@@ -287,31 +309,84 @@ def read_everything(path: Path) -> None:
     for split in store.splits:
         store.labels(split)
         store.paths(split)
+        store.file_records(split)
         for block, timestep in store.arrays():
             store.read(split, block, timestep)
 
 
+def advised_command(message: str) -> list[str]:
+    """The one command a message advises, split as a shell would."""
+    (command,) = re.findall(r"`(pipeline [^`]+)`", message)
+    return shlex.split(command)[1:]
+
+
+def run_advice(message: str, model) -> None:
+    """Run the advised command verbatim (in this process, so that it loads the test's tiny model)."""
+    result = CliRunner().invoke(main, advised_command(message))
+    assert result.exit_code == 0, result.output
+
+
 @pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_damage_is_named_on_read_and_repaired_as_the_message_says(model, data, reference, store, case):
-    damage, fragment, repair = DAMAGE[case]
+def test_damage_is_named_on_read_and_the_advice_run_verbatim_repairs_it(model, data, reference, store, case):
+    damage, fragment = DAMAGE[case]
     damage(store)
-    with pytest.raises((IntegrityError, StoreError)) as error:
+    with pytest.raises(StoreError) as error:
         read_everything(store)
-    assert fragment in str(error.value) and str(store) in str(error.value)
-    if repair == "verify":
-        assert "pipeline extract" in str(error.value)
-        result = CliRunner().invoke(main, ["verify", "--store", str(store)])
-        assert result.exit_code == 1 and fragment.split(" (chunk")[0] in result.output
-        result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
-        assert result.exit_code == 0, result.output
-        with pytest.raises(StoreError, match="unfinished"):
-            read_everything(store)  # marked unfinished: never read as if it were sound
-    if repair == "overwrite":
-        with pytest.raises(StoreError, match="--overwrite"):
-            extract(model, data, store)
-        extract(model, data, store, overwrite=True)
-    else:
+    message = render(error.value)
+    assert fragment in message and str(store) in message
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])  # verify names it too, and the same fix
+    assert checked.exit_code == 1 and advised_command(checked.output) == advised_command(message), checked.output
+    run_advice(message, model)
+    assert_same_store(store, reference)
+    read_everything(store)
+
+
+def test_a_shard_copied_from_another_store_is_foreign(model, data, reference, store, tmp_path):
+    other = tmp_path / "other.zarr"
+    extract(model, data, other, noise_seed=1)
+    copy_from_another_store(other)(store)
+    with pytest.raises(IntegrityError, match=r"shard 1 \(chunk 2\) is marked finished but does not match its digest"):
+        read_everything(store)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert checked.exit_code == 1 and "train/block3/t10 shard 1 does not match its digests" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(store, reference)
+
+
+def test_a_lost_settings_file_is_named_and_replaced_with_overwrite(model, data, reference, store):
+    truncate(store / "zarr.json")
+    with pytest.raises(StoreError) as error:
+        read_everything(store)
+    assert "zarr.json, the store's settings, is damaged" in render(error.value)
+    assert "--overwrite" in render(error.value)
+    with pytest.raises(StoreError) as error:
         extract(model, data, store)
+    assert "--overwrite" in render(error.value)
+    extract(model, data, store, overwrite=True)
+    assert_same_store(store, reference)
+
+
+@pytest.mark.parametrize("step", [0, 1, 3, 10, 30])
+def test_an_overwrite_killed_part_way_is_verified_and_repaired_as_advised(model, data, reference, store, tmp_path,
+                                                                          monkeypatch, step):
+    other = tmp_path / "other.zarr"  # the store is replaced by one of other settings; the kill stops that
+    extract(model, data, other, noise_seed=1)
+    shutil.rmtree(store)
+    shutil.copytree(other, store)
+    with writes_fail(monkeypatch, from_write=step), pytest.raises(Crash):
+        extract(model, data, store, overwrite=True)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert checked.exception is None or isinstance(checked.exception, SystemExit), checked.output
+    assert "Traceback" not in checked.output
+    if store_files(store) == store_files(other):  # killed before its first write: the old store, untouched
+        assert checked.exit_code == 0, checked.output
+        return
+    if checked.exit_code:
+        assert "never finished being made" in checked.output
+        run_advice(checked.output, model)
+    else:  # the settings were written: what is left is unfinished work, which the same command finishes
+        assert FeatureStore.open(store).missing() and "unfinished shards" in checked.output
+        run_advice(checked.output, model)
     assert_same_store(store, reference)
 
 
@@ -326,8 +401,8 @@ def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, s
     written = []
     original = FeatureStoreWriter.write_shard
     monkeypatch.setattr(FeatureStoreWriter, "write_shard",
-                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split,
-                                                                                                       chunk, *a, **k))
+                        lambda self, split, chunk, *a, **k: written.append((split, chunk))
+                        or original(self, split, chunk, *a, **k))
     extract(model, data, store)
     assert written == []
     assert_same_store(store, reference)
@@ -444,6 +519,106 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
         writer.add_arrays({3: 1}, [150], [1])
         values = np.ones((16, store.block_info(3)["channels"], 1, 1), np.float16)  # shard 0: 16 samples
         values[2] = np.inf  # what float16 makes of a feature above 65504
-        with pytest.raises(StoreError, match=r"gave NaN or infinite features for train samples 2.*--dtype float32"):
+        with pytest.raises(StoreError, match=r"gave NaN or infinite features for train samples 2") as error:
             writer.write_shard("train", 0, {(3, 150): values})
+        assert "--dtype float32" in render(error.value)  # the command line's advice
     assert FeatureStore.open(out).missing_chunks("train", 3, 150) == [0, 1, 2]
+
+
+# -- labels, paths and file records: never read as their fill value (issue 24) ---------------------
+def test_a_deleted_labels_chunk_fails_the_probe_with_the_repair_command(model, data, reference, store, tmp_path):
+    """The case that once scored 37.5% with exit 0: labels read as all zeros. (CKA reads no labels: its
+    numbers do not depend on them.)"""
+    (store / "train/labels/c/0").unlink()
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "knn", "--knn-k", "1", "--blocks", "5",
+                                       "--timesteps", "90", "--out", str(tmp_path / "probe"), "--no-render"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "train/labels chunk(s) 0 are missing" in result.output
+    assert advised_command(result.output) == ["verify", "--store", str(store), "--repair"]
+    assert not (tmp_path / "probe").exists() or not any((tmp_path / "probe").rglob("*.csv"))
+    run_advice(result.output, model)
+    assert_same_store(store, reference)
+
+
+def test_a_view_splits_labels_are_verified_and_repaired(model, data, tmp_path):
+    out, reference = tmp_path / "views.zarr", tmp_path / "reference.zarr"
+    for path in (out, reference):
+        extract(model, data, path, views=2, blocks=(3,), timesteps=(10,))
+    (out / "train@view1/labels/c/0").unlink()
+    with pytest.raises(IntegrityError) as error:
+        FeatureStore.open(out).labels("train@view1")
+    assert "train@view1/labels chunk(s) 0 are missing" in str(error.value)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(out)])
+    assert checked.exit_code == 1 and "train@view1/labels" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(out, store_files(reference))
+
+
+@pytest.fixture(scope="module")
+def endpoint():
+    from tests.s3_server import ENV, make_bucket, s3_server
+
+    with s3_server() as url, pytest.MonkeyPatch.context() as patch:
+        for key, value in ENV.items():
+            patch.setenv(key, value)
+        patch.setenv("AWS_ENDPOINT_URL", url)
+        make_bucket(url, "lab")
+        yield url
+
+
+@pytest.mark.parametrize("where", ["memory", pytest.param("s3", marks=pytest.mark.slow)])
+def test_labels_and_paths_on_object_stores_are_verified_and_repaired(model, data, tmp_path, request, where):
+    import fsspec
+
+    url = "memory://faults/labels.zarr" if where == "memory" else "s3://lab/faults/labels.zarr"
+    if where == "s3":
+        request.getfixturevalue("endpoint")
+        from s3fs import S3FileSystem
+
+        S3FileSystem.clear_instance_cache()
+    extract(model, data, url, blocks=(3,), timesteps=(10,))  # one array: object stores are slow to write
+    before = {s: (FeatureStore.open(url).labels(s), FeatureStore.open(url).paths(s)) for s in ("train", "val")}
+    fs, root = fsspec.core.url_to_fs(url)
+    for key in ("train/labels/c/0", "val/paths/c/0"):
+        fs.rm(f"{root}/{key}")
+    with pytest.raises(IntegrityError, match="train/labels chunk"):
+        FeatureStore.open(url).labels("train")
+    checked = CliRunner().invoke(main, ["verify", "--store", url])
+    assert checked.exit_code == 1 and "train/labels" in checked.output and "val/paths" in checked.output
+    run_advice(checked.output, model)
+    store = FeatureStore.open(url)
+    for split, (labels, paths) in before.items():
+        np.testing.assert_array_equal(store.labels(split), labels)
+        assert store.paths(split) == paths
+    assert store.verify() == []
+
+
+def test_a_damaged_pixel_store_is_repaired_as_advised(model, data, tmp_path):
+    """The raw-pixel baseline's store records its own recipe: the same one command repairs it."""
+    out, reference = tmp_path / "pixels.zarr", tmp_path / "reference.zarr"
+    for path in (out, reference):
+        result = CliRunner().invoke(main, ["pixels", "--data", str(data), "--out", str(path), "--size", "8",
+                                           "--channels", "3"])
+        assert result.exit_code == 0, result.output
+    flip_a_bit(max(p for p in (out / "train/block0/t0/c").rglob("*") if p.is_file()))
+    (out / "val/paths/c/0").unlink()
+    checked = CliRunner().invoke(main, ["verify", "--store", str(out)])
+    assert checked.exit_code == 1 and "val/paths" in checked.output and "train/block0/t0" in checked.output
+    run_advice(checked.output, model)
+    assert_same_store(out, store_files(reference))
+
+
+def test_a_store_made_before_recipes_is_marked_and_rerun_as_advised(model, data, reference, store):
+    meta = json.loads((store / "zarr.json").read_text())
+    del meta["attributes"]["recipe"]
+    (store / "zarr.json").write_text(json.dumps(meta, indent=2))
+    flip_a_bit(feature_shard(store))
+    result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
+    assert result.exit_code == 1 and "does not record how it was made" in result.output
+    assert "Run the `pipeline extract` that made it again, with the same settings" in result.output
+    with pytest.raises(StoreError, match="unfinished"):
+        read_everything(store)  # marked unfinished: never read as if it were sound
+    extract(model, data, store)  # the rerun the advice names (it records the recipe from now on)
+    files = store_files(store)
+    assert json.loads(files.pop("zarr.json")) == json.loads(reference["zarr.json"])  # the recipe is last now
+    assert files == {key: value for key, value in reference.items() if key != "zarr.json"}

@@ -57,8 +57,12 @@ def test_view_zero_and_evaluation_splits_equal_a_store_without_views(stores):
     assert plain.views("train") == 1 and views.views("train") == 3 and views.views("val") == 1
     assert views.splits == plain.splits == ["train", "val"]
     assert "views" not in plain.attrs and views.attrs["views"]["count"] == 3
-    assert {k: v for k, v in views.attrs.items() if k not in ("views", "splits")} == \
-        {k: v for k, v in plain.attrs.items() if k != "splits"}
+    # index digests are keyed by the identity settings (views among them), and the recipe names the views asked for
+    derived = ("views", "splits", "index_digests", "recipe")
+    assert {k: v for k, v in views.attrs.items() if k not in derived} == \
+        {k: v for k, v in plain.attrs.items() if k not in derived}
+    assert views.attrs["recipe"] == {**plain.attrs["recipe"], "views": 3, "augment": AUGMENT}
+    assert sorted(views.attrs["index_digests"]) == ["train", "train@view1", "train@view2", "val"]
     for split in plain.splits:
         for b, t in plain.arrays():
             np.testing.assert_array_equal(views.read(split, b, t), plain.read(split, b, t))

@@ -19,7 +19,7 @@ from stages.data.folders import dataset_identity
 from stages.data.images import preprocessing
 from stages.data.registry import open_dataset
 from stages.devices import available_memory
-from stages.extract.plan import CHUNK_BYTES, check_split_names
+from stages.extract.plan import CHUNK_BYTES, absolute_data, absolute_path, check_split_names
 from stages.extract.run import check_images_unchanged
 
 PIXEL_BLOCK = 0
@@ -72,8 +72,12 @@ def write_pixel_store(
         "chunk_samples": chunk_samples,
     }
     index = {name: SplitIndex(split.labels, split.paths) for name, split in folders.items()}
-    with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row],
-                                 overwrite=overwrite) as writer:
+    # what `stages.extract.repair` runs to make the store again (local paths absolute)
+    recipe = {"maker": "pixels", "data": absolute_data(str(data)), "size": size, "channels": channels,
+              "pools": list(pools) if pools is not None else None, "splits": list(splits) if splits else None,
+              "chunk_samples": chunk_samples, "classes": absolute_path(classes), "subset": absolute_path(subset)}
+    with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row], overwrite=overwrite,
+                                 recipe=recipe) as writer:
         writer.add_arrays({PIXEL_BLOCK: grid}, [PIXEL_TIMESTEP], list(pools or (size,)))
         writer.update_info(data_root=str(next(iter(folders.values())).root.resolve()))
         for name, split in folders.items():

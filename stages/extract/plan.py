@@ -16,6 +16,7 @@ import contextlib
 import re
 from dataclasses import dataclass, field, replace
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
@@ -172,6 +173,41 @@ class Plan:
         chunks = [c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n,
                                                                                                  self.chunk_samples)))]
         return len(chunk_batches(chunks, n, self.chunk_samples, images))
+
+
+# The request fields a store records: what decides its numbers (the rest: where and how fast it runs)
+RECIPE_FIELDS = ("model", "data", "classes", "subset", "prompt", "checkpoint", "preprocess", "ensemble", "views",
+                 "augment", "view_splits", "splits", "noise_seed", "dtype", "precision", "batch_size",
+                 "chunk_samples", "shard_samples", "blocks", "timesteps", "pools")
+
+
+def recipe(config: ExtractConfig, chunk_samples: int, shard_samples: int) -> dict:
+    """The store's record of `config` (JSON): local paths absolute, so it can be run from anywhere."""
+    record = {name: getattr(config, name) for name in RECIPE_FIELDS}
+    record.update(model=absolute_path(config.model), data=absolute_data(config.data),
+                  classes=absolute_path(config.classes), subset=absolute_path(config.subset),
+                  checkpoint=absolute_path(config.checkpoint),
+                  chunk_samples=int(chunk_samples), shard_samples=int(shard_samples),
+                  # an Augment object (library use) has no text form: its views' settings are recorded anyway
+                  augment=config.augment if isinstance(config.augment, str) else None)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
+
+
+def absolute_path(path: str | None) -> str | None:
+    """`path` made absolute where it names something here (a model directory, a list file); else as given
+    (a Hub id, a shipped list's name)."""
+    if path is None:
+        return None
+    candidate = Path(str(path)).expanduser()
+    return str(candidate.resolve()) if candidate.exists() else str(path)
+
+
+def absolute_data(spec: str) -> str:
+    """A `--data` value (PATH or KIND:PATH) with its path made absolute."""
+    kind, sep, rest = str(spec).partition(":")
+    if sep and not Path(str(spec)).exists() and kind.isalpha() and len(kind) > 1:
+        return f"{kind}:{absolute_path(rest)}"
+    return absolute_path(spec)
 
 
 def package_version() -> str:

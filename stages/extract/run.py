@@ -34,7 +34,7 @@ from stages.data.folders import ImageFolderSplit, changed_images
 from stages.devices import resolve_device
 from stages.extract.distributed import JobError, join_job, peer_loss_is_one_line, share_of
 from stages.extract.noising import noise
-from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version
+from stages.extract.plan import ExtractConfig, Plan, chunk_batches, images_per_pass, make_plan, package_version, recipe
 from stages.models.feature_model import FeatureModel
 from stages.progress import progress_bar
 
@@ -169,6 +169,7 @@ def _open_writer(plan: Plan) -> FeatureStoreWriter:
         grids=plan.grids,
         overwrite=config.overwrite,
         verify=config.verify,
+        recipe=recipe(config, plan.chunk_samples, plan.shard_samples),
     )
     try:
         for name, folder in plan.splits.items():
