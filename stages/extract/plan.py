@@ -68,6 +68,8 @@ class ExtractConfig:
     views: int = 1  # views of each image of `view_splits`: the centre view and views - 1 augmented ones
     augment: str | Augment | None = None  # e.g. "resized-crop,flip" (stages.data.augment); None: that default
     view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
+    image_column: str | None = None  # wds: / hf: data: the image's extension or column (None: found from the data)
+    label_column: str | None = None  # wds: the .json field of the label (None: .cls); hf: the label column
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -244,7 +246,9 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     table = model.block_table()
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
-    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
+    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset,
+                          image_column=config.image_column, label_column=config.label_column,
+                          storage_options=config.storage_options)  # wds: shards at a URL use --out's options
     model.bind_classes(next(iter(splits.values())).classes)
     data_identity = dataset_identity(splits)  # of the data set; views are not more data
     augment, views = None, {}
