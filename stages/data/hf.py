@@ -91,9 +91,9 @@ def find_columns(features, image_column: str | None, label_column: str | None, w
             return found[0]
         if not found and what == "label" and "label" in features:
             return "label"
-        how = "none" if not found else f"{len(found)} ({', '.join(found)})"
-        raise DataError(f"{where} has {how} {feature_type.__name__} column(s) among {columns}: name the {what} "
-                        f"column with {option} NAME")
+        how = f"no {feature_type.__name__} column" if not found else \
+            f"{len(found)} {feature_type.__name__} columns ({', '.join(found)})"
+        raise DataError(f"{where} has {how} (its columns: {columns}): name the {what} column with {option} NAME")
 
     return (pick(image_column, datasets.Image, "--image-column", "image"),
             pick(label_column, datasets.ClassLabel, "--label-column", "label"))
