@@ -65,7 +65,8 @@ def write_parquet(folder: Path, out: Path, *, label: bool = True, split_names: d
         if label:
             table["label"] = [int(x) for x in split.labels]
         renamed = (split_names or {}).get(name, name)
-        pq.write_table(pa.table(table, schema=features.arrow_schema), out / "data" / f"{renamed}-00000-of-00001.parquet")
+        file = out / "data" / f"{renamed}-00000-of-00001.parquet"
+        pq.write_table(pa.table(table, schema=features.arrow_schema), file)
     return out
 
 

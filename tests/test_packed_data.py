@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-
-from cache import FeatureStore
-from cache.errors import DataChangedError
 from conftest import make_image_folder
 from packed_fixtures import add_member, save_to_disk, write_parquet, write_shards
+from test_distributed import assert_same, decoded, finish, launch
+
+from cache import FeatureStore, StoreError
+from cache.errors import DataChangedError
 from pipeline.cli import main
 from stages.data.errors import DataError
 from stages.data.registry import open_dataset
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
-from test_distributed import assert_same, decoded, finish, launch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,8 +59,8 @@ def parquet(folder) -> Path:
 
 
 def settings(model, data, out, **changes) -> ExtractConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), blocks=(2, 5), timesteps=(10, 90), pools=(1, 2),
-                batch_size=4, chunk_samples=4, shard_samples=8)
+    base = {"model": str(model), "data": str(data), "out": str(out), "blocks": (2, 5), "timesteps": (10, 90),
+            "pools": (1, 2), "batch_size": 4, "chunk_samples": 4, "shard_samples": 8}
     return ExtractConfig(**{**base, **changes})
 
 
@@ -86,7 +86,8 @@ def test_wds_listing_is_the_folders_keys_labels_and_classes(folder, shards):
 
 def test_wds_order_keys_and_labels_are_those_webdataset_reads(shards):
     webdataset = pytest.importorskip("webdataset")
-    patterns = {"train": str(shards / "set-train-{000000..000004}.tar"), "val": str(shards / "set-val-{000000..000001}.tar")}
+    patterns = {"train": str(shards / "set-train-{000000..000004}.tar"),
+                "val": str(shards / "set-val-{000000..000001}.tar")}
     spec = "wds:" + ",".join(f"{split}={pattern}" for split, pattern in patterns.items())
     packed = open_dataset(spec)
     for split, pattern in patterns.items():
@@ -137,8 +138,11 @@ def test_classes_and_subset_select_rows_of_packed_data(shards, tmp_path):
 def test_extraction_from_shards_and_tables_equals_the_folders(tiny_model, folder, shards, parquet, tmp_path):
     run_extract(settings(tiny_model, folder, tmp_path / "folder.zarr"), progress=False)
     reference = FeatureStore.open(tmp_path / "folder.zarr")
+    def rows(split):
+        return [f"{split}/{row}" for row in range(len(reference.labels(split)))]
+
     for spec, paths in ((f"wds:{shards}", lambda split: stems(open_dataset(str(folder))[split])),
-                        (f"hf:{parquet}", lambda split: [f"{split}/{row}" for row in range(len(reference.labels(split)))])):
+                        (f"hf:{parquet}", rows)):
         out = tmp_path / f"{spec[:2]}.zarr"
         run_extract(settings(tiny_model, spec, out), progress=False)
         store = FeatureStore.open(out)
@@ -179,7 +183,7 @@ def test_a_killed_run_resumes_reading_only_the_unfinished_samples(tiny_model, sh
     def done():
         try:
             return int(FeatureStore.open(killed).done_chunks("train", 5, 90).sum())
-        except Exception:
+        except (OSError, KeyError, ValueError, StoreError):  # not created yet, or being written
             return 0
 
     try:

@@ -155,12 +155,12 @@ def _open_packed(kind: str, spec: str, *, splits, classes, subset, image_column,
     return selected
 
 
-PACKED = {
-    "wds": "WebDataset tar shards: wds:PATTERN, wds:SPLIT=PATTERN,SPLIT=PATTERN or wds:FOLDER "
-           "(<name>-<split>-<number>.tar); key.jpg/png/... + key.cls (or --label-column FIELD of key.json); "
-           "class names from classes.txt beside the shards",
-    "hf": "Hugging Face datasets: hf:FOLDER (save_to_disk, or parquet files named by split) or hf:OWNER/NAME[:CONFIG] "
-          "(the Hub); the Image and ClassLabel columns, or --image-column / --label-column",
+PACKED = {  # the kinds whose images are packed in containers (`stages.data.packed`), as `pipeline datasets` shows them
+    "wds": ("WebDataset tar shards: wds:PATTERN, wds:SPLIT=PATTERN,SPLIT=PATTERN or wds:FOLDER "
+            "(<name>-<split>-<number>.tar); key.jpg/png/... + key.cls (or --label-column FIELD of key.json); "
+            "class names from classes.txt beside the shards"),
+    "hf": ("Hugging Face datasets: hf:FOLDER (save_to_disk, or parquet files named by split) or hf:OWNER/NAME[:CONFIG] "
+           "(the Hub); the Image and ClassLabel columns, or --image-column / --label-column"),
 }
 
 

@@ -317,8 +317,9 @@ def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: 
     result = {}
     for split, (shards, rows, sizes, mtimes) in indexed.items():
         names = [shard.rsplit("/", 1)[-1] for shard in shards]
-        source = TarSource(shards, np.asarray([r[0] for r in rows], np.int32), np.asarray([r[3] for r in rows], np.int64),
-                           np.asarray([r[4] for r in rows], np.int64), [r[2] for r in rows], mtimes, storage_options)
+        column = list(zip(*rows))  # shard number, key, member name, offset, size, label
+        source = TarSource(shards, np.asarray(column[0], np.int32), np.asarray(column[3], np.int64),
+                           np.asarray(column[4], np.int64), list(column[2]), mtimes, storage_options)
         lines = [f"{names[r[0]]}\t{r[1]}\t{r[4]}" for r in rows]
         root = Remote(shards[0].rsplit("/", 1)[0]) if _URL.match(shards[0]) else Path(shards[0]).parent
         result[split] = PackedSplit(root, split, classes, [r[1] for r in rows],
