@@ -132,8 +132,13 @@ class TarSource(Source):
     def _file(self, number: int):
         file = self._files.get(number)
         if file is None:
-            fs, path = _filesystem(self.shards[number], self.storage_options)
-            file = self._files[number] = fs.open(path, "rb")
+            url = self.shards[number]
+            if _URL.match(url):
+                fs, path = _filesystem(url, self.storage_options)
+                file = fs.open(path, "rb", block_size=0)  # a range request per sample, no read-ahead
+            else:
+                file = open(url, "rb", buffering=0)  # noqa: SIM115 (kept open for the process's later reads)
+            self._files[number] = file
         return file
 
     def fetch(self, index: int) -> tuple[bytes, int]:
