@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from cache.errors import StoreError
+from cache.extras import require
 
 
 class StorageError(StoreError):
@@ -115,6 +116,8 @@ class Location:
     def _fs_and_root(self):
         import fsspec
 
+        if self.protocol in ("s3", "s3a"):
+            require("s3fs", "s3", f"{self.url}: an S3 store")
         try:
             cls = fsspec.get_filesystem_class(self.protocol)
         except (ValueError, ImportError) as error:

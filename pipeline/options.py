@@ -135,6 +135,14 @@ BLOCKS = BlockSpecType()
 NAMES = NameListType()
 HEAD = HeadType()
 
+# Help of the options that read a data set (`pipeline extract`, `pipeline pixels`).
+DATA_HELP = ("The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
+             "layout (an image folder <split>/<class>/<image> if none); `pipeline datasets` lists the kinds.")
+CLASSES_HELP = ("Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
+                "shipped list: imagenet50, imagenet100, imagenet200.")
+SUBSET_HELP = ("Keep only these images (in the splits the list names): a file with one image path or file name "
+               "per line, or a shipped list: imagenet1pct, imagenet10pct.")
+
 model_option = click.option(
     "--model",
     required=True,

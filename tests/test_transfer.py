@@ -18,7 +18,7 @@ from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
-from test_structure import PACKAGES, REPO, closure, import_graph, project_modules
+from test_structure import PACKAGES, REPO, cli_modules, closure, import_graph, project_modules
 
 
 @pytest.fixture(scope="module")
@@ -78,19 +78,19 @@ def test_a_directory_of_data_sets_stands_for_each(results, tmp_path):
 
 
 TEMPLATE_ENTRIES = {
-    "random_init": ["pipeline.cli", "stages.pretrain.random_init"],
-    "extract_pretrained": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "extract_random_init": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.loading"],
-    "probe": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
-    "probe_pixels": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
-    "report": ["pipeline.cli", "stages.transfer"],
+    "random_init": ["pipeline.cli", "pipeline.commands.random_init", "stages.pretrain.random_init"],
+    "extract_pretrained": ["pipeline.cli", "pipeline.commands.extract", "stages.extract.plan", "stages.extract.run"],
+    "extract_random_init": ["pipeline.cli", "pipeline.commands.extract", "stages.extract.plan", "stages.extract.run"],
+    "pixels": ["pipeline.cli", "pipeline.commands.pixels", "stages.extract.pixels", "stages.models.loading"],
+    "probe": ["pipeline.cli", "pipeline.commands.probe", "stages.probe.run", "stages.probe.settings"],
+    "probe_pixels": ["pipeline.cli", "pipeline.commands.probe", "stages.probe.run", "stages.probe.settings"],
+    "report": ["pipeline.cli", "pipeline.commands.report", "stages.transfer"],
 }
 
 
 @pytest.fixture(scope="module")
 def graph():
-    return import_graph(module_level=("pipeline.cli", "pipeline.options"))
+    return import_graph(module_level=cli_modules())
 
 
 @pytest.mark.parametrize("stage", sorted(TEMPLATE_ENTRIES))

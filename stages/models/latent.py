@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
+from cache.extras import require
 from stages.models.blocks import Block, UnsupportedModelError, block_table
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
@@ -237,6 +238,8 @@ def _loading(source, what):
 def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x pipeline directory: unet/, vae/, text_encoder/, tokenizer/ (scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    require("transformers", "transformers", "a Stable Diffusion pipeline's text encoder")
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(source).expanduser()

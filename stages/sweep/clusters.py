@@ -19,6 +19,7 @@ and submits jobs when the engine scales it.
 from __future__ import annotations
 
 from cache.errors import UserError
+from cache.extras import require
 
 KINDS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
          "moab": "MoabCluster", "oar": "OARCluster", "htcondor": "HTCondorCluster"}
@@ -29,8 +30,7 @@ class ClusterConfigError(UserError, ValueError):
 
 
 def _cluster_class(kind: str):
-    import dask_jobqueue
-
+    dask_jobqueue = require("dask_jobqueue", "cluster", f"a {kind} cluster")
     return getattr(dask_jobqueue, KINDS[kind])
 
 

@@ -137,6 +137,9 @@ def open_engine(options: EngineOptions) -> Iterator[InProcess | Distributed]:
     if options.in_process:
         yield InProcess()
         return
+    from cache.extras import require
+
+    require("distributed", "cluster", "a sweep on dask.distributed (--workers, --scheduler, --cluster)")
     from distributed import Client, LocalCluster
 
     with contextlib.ExitStack() as stack:
