@@ -292,3 +292,19 @@ def test_a_split_the_data_lacks_names_the_splits_it_has(shards, parquet):
         open_dataset(f"wds:{shards}", splits=("test",))
     with pytest.raises(DataError, match="its splits are train, val"):
         open_dataset(f"hf:{parquet}", splits=("test",))
+
+
+@pytest.mark.parametrize(("blocked", "extra", "data"), [
+    (["braceexpand"], "wds", "wds:train={shards}/set-train-{{000000..000004}}.tar"),  # a folder needs no expansion
+    (["datasets"], "hf", "hf:{parquet}")])
+def test_packed_data_without_its_extra_names_the_install_command(blocked, extra, data, shards, parquet, tiny_model,
+                                                                 tmp_path):
+    from test_extras import run_without
+
+    done = run_without(blocked, "extract", "--model", str(tiny_model), "--data",
+                       data.format(shards=shards, parquet=parquet), "--out", str(tmp_path / "store.zarr"),
+                       "--dry-run", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert f"[{extra}]" in last and f"pip install 'diffusion-feature-cache[{extra}]'" in last, done.stderr
+    assert "Traceback" not in done.stderr

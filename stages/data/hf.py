@@ -22,18 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.extras import require
 from stages.data.errors import DataError, MissingDataError
 from stages.data.packed import PackedSplit, Remote, Source
 
-INSTALL = "pip install 'diffusion-feature-cache[hf]'"
-
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise DataError(f"hf: data needs the datasets package: {INSTALL}") from None
-    return datasets
+    return require("datasets", "hf", "--data hf:")
 
 
 def load(text: str):

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cache.extras import require
 from stages.data.errors import DataError, MissingDataError
 from stages.data.kind import IMAGE_SUFFIXES
 from stages.data.packed import PackedSplit, Remote, Source
@@ -71,10 +72,7 @@ def _filesystem(url: str, storage_options: dict):
 
 def expand(pattern: str, storage_options: dict) -> list[str]:
     """The shards a pattern names, in order: brace ranges and lists expanded in order, globs sorted."""
-    try:
-        from braceexpand import braceexpand
-    except ImportError:
-        raise DataError("wds: data needs the braceexpand package: pip install 'diffusion-feature-cache[wds]'") from None
+    braceexpand = require("braceexpand", "wds", "--data wds:").braceexpand
     shards = []
     for single in braceexpand(pattern):
         if any(c in single for c in "*?["):
