@@ -308,3 +308,19 @@ def test_packed_data_without_its_extra_names_the_install_command(blocked, extra,
     last = done.stderr.strip().splitlines()[-1]
     assert f"[{extra}]" in last and f"pip install 'diffusion-feature-cache[{extra}]'" in last, done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_command_line_names_columns_and_lists_the_packed_kinds(tiny_model, folder, parquet, tmp_path):
+    write_shards(folder, tmp_path / "wds", per_shard=8, label="json")
+    runner = CliRunner()
+    for data, extra in ((f"wds:{tmp_path / 'wds'}", ["--image-column", "png", "--label-column", "label"]),
+                        (f"hf:{parquet}", ["--image-column", "image", "--label-column", "label"])):
+        result = runner.invoke(main, ["extract", "--model", str(tiny_model), "--data", data, "--out",
+                                      str(tmp_path / "store.zarr"), "--blocks", "2", "--dry-run", *extra])
+        assert result.exit_code == 0, result.output
+        assert "21" in result.output  # the train split's samples
+    result = runner.invoke(main, ["extract", "--model", str(tiny_model), "--data", f"hf:{parquet}", "--out",
+                                  str(tmp_path / "store.zarr"), "--blocks", "2", "--dry-run", "--label-column", "no"])
+    assert result.exit_code == 1 and "has no column 'no' (--label-column)" in result.output
+    listed = runner.invoke(main, ["datasets"])
+    assert listed.exit_code == 0 and "wds:PATTERN" in listed.output and "hf:FOLDER" in listed.output
