@@ -268,9 +268,9 @@ def main() -> None:
             ("probe linear, block 24 pool 2 (4,096 features), 1 epoch",
              [*pipeline, "probe", "--store", str(store), "--head", "linear", "--blocks", "24", "--pool", "2",
               "--out", str(workdir / "probe"), "--no-render", *common], train + IMAGENET_VAL),
-            ("sweep linear, blocks 24,30 x pools 1,2, 1 epoch",
-             [*pipeline, "sweep", "--store", str(store), "--head", "linear", "--out", str(workdir / "sweep"), *common],
-             train + IMAGENET_VAL),
+            ("sweep linear, block 30 x pools 1,2 (512 and 2,048 features), 1 epoch",
+             [*pipeline, "sweep", "--store", str(store), "--head", "linear", "--blocks", "30",
+              "--out", str(workdir / "sweep"), *common], train + IMAGENET_VAL),
             ("cka linear, 4 arrays, 50,000 val samples",
              [*pipeline, "cka", "--store", str(store), "--split", "val", "--samples", "50000", "--pool", "1,2",
               "--out", str(workdir / "cka"), *budget], IMAGENET_VAL),
@@ -282,13 +282,13 @@ def main() -> None:
             run["rows"] = rows
             results[label] = run
             rate = run["read_bytes"] / run["wall_s"]
-            print(f"  {label}\n    {run['wall_s']:.0f} s wall, {run['cpu_s'] / run['wall_s']:.1f} cores busy, peak "
+            print(f"  {label}\n    {run['wall_s']:.0f} s wall ({run['cpu_s']:.0f} CPU s), peak "
                   f"{format_bytes(run['peak_rss'])}; {rows / run['wall_s']:,.0f} samples/s; read "
                   f"{format_bytes(run['read_bytes'])} from the file system, {format_bytes(rate)}/s = "
                   f"{rate / bandwidth:.3f} of the disk's sequential bandwidth")
-        metrics = sorted((workdir / "probe").rglob("metrics.json"))
-        if metrics:
-            print(f"  probe result: {json.loads(metrics[0].read_text()).get('best', '')}")
+        for name in ("probe", "sweep"):
+            chosen = [line for line in (workdir / f"{name}.log").read_text().splitlines() if "chosen on" in line]
+            print(f"  {name}: {chosen[-1] if chosen else '(no result line)'}")
 
         scale = IMAGENET_TRAIN / train
         print(f"\nextrapolated to {IMAGENET_TRAIN:,} train rows (x{scale:.1f}; linear in rows, memory held by the "
