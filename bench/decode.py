@@ -115,12 +115,16 @@ def kinds_of_input(images: list[bytes], workdir: Path) -> dict:
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    splits["wds"] = open_dataset(f"wds:{workdir / 'wds'}", splits=("train",))["train"]
+    try:
+        splits["wds"] = open_dataset(f"wds:{workdir / 'wds'}", splits=("train",))["train"]
+    except ImportError as missing:  # the [wds] extra (cache.extras.MissingExtraError is an ImportError)
+        print(f"  (no wds: {missing})")
     try:
         import datasets
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
+        print("  (no hf: the [hf] extra is not installed)")
         return splits
     datasets.config.HF_DATASETS_CACHE = workdir / "hf-cache"
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=order.classes)})

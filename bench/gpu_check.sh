@@ -10,6 +10,7 @@
 #    against 2 sharing the GPU (bench/extract.py --nproc 2) and the store's objects with and without shards.
 # 4. the model kinds' parity tests on the GPU, and bench/extract.py --model-kind sd --full: SD-2.1-sized
 #    random weights (768 px) at bf16, VAE encoding timed separately (transformers and timm needed).
+# 5. bench/decode.py --device cuda: the CPU decode paths and torchvision's batched decode_jpeg on the GPU.
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
 # wheels in .whl/ first; they are installed into /tmp/site.
 set -u
@@ -35,3 +36,5 @@ timeout 240 python3 bench/extract.py --device cuda --model-kind sd --full --imag
     2>&1 | grep -v Warn | tail -5 | tee "$out/extract_sd21.txt"
 timeout 200 python3 bench/extract.py --device cuda --nproc 2 --images 512 --timesteps 10,90,150 2>&1 | grep -v Warn \
     | tail -6 | tee "$out/extract_nproc2.txt"
+# 5. bench/decode.py: images/s per core of the CPU decode paths beside torchvision's batched decode_jpeg on the GPU
+timeout 240 python3 bench/decode.py --device cuda --seconds 1 2>&1 | grep -v Warn | tee "$out/decode_cuda.txt"
