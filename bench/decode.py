@@ -179,7 +179,8 @@ def main() -> None:
                                  for d, r in zip(images, reference)])
             base = per_core.setdefault((size, "exact"), speed)
             per_core[(size, name)] = speed
-            print(f"{size:>5} {name:<28} {speed:>10.0f} {speed / base:>8.2f}x {diffs.max():>11.4f} {diffs.mean():>12.5f}")
+            print(f"{size:>5} {name:<28} {speed:>10.0f} {speed / base:>8.2f}x {diffs.max():>11.4f} "
+                  f"{diffs.mean():>12.5f}")
 
     with tempfile.TemporaryDirectory() as workdir:
         splits = kinds_of_input(images, Path(workdir))

@@ -217,7 +217,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     pipeline = [sys.executable, "-m", "pipeline"]
     free = shutil.disk_usage(workdir).free
-    print(f"{platform.node()}: {os.cpu_count()} cores, {format_bytes(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))} "
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    print(f"{platform.node()}: {os.cpu_count()} cores, {format_bytes(memory)} "
           f"memory, {format_bytes(free)} free on {workdir}'s disk")
     results = {"machine": {"cores": os.cpu_count(), "node": platform.node()}}
     try:
@@ -256,10 +257,11 @@ def main() -> None:
         store = workdir / "rehearsal.zarr"
         written = write_store(store, train, IMAGENET_VAL)
         results["store"] = written
-        print(f"\n(b) store: {train:,} train + {IMAGENET_VAL:,} val rows, blocks 24 (1,024 ch) and 30 (512 ch) at 2x2, "
-              f"float16: {format_bytes(written['feature_bytes'])} of features, {format_bytes(written['bytes'])} on disk "
-              f"(chunks of {written['chunk']}, shards of {written['shard']} rows); written in {written['seconds']:.0f} s "
-              f"({written['rows'] / written['seconds']:,.0f} rows/s, {written['cpu_s'] / written['seconds']:.1f} cores)")
+        print(f"\n(b) store: {train:,} train + {IMAGENET_VAL:,} val rows, blocks 24 (1,024 ch) and 30 (512 ch) at "
+              f"2x2, float16: {format_bytes(written['feature_bytes'])} of features, {format_bytes(written['bytes'])} on "
+              f"disk (chunks of {written['chunk']}, shards of {written['shard']} rows); written in "
+              f"{written['seconds']:.0f} s ({written['rows'] / written['seconds']:,.0f} rows/s, "
+              f"{written['cpu_s'] / written['seconds']:.1f} cores)")
 
         budget = ["--memory-budget", args.memory_budget]
         common = ["--epochs", "1", "--lr", "1e-3", "--weight-decay", "0", "--data-mode", "stream", "--threads", "2",

@@ -13,10 +13,16 @@ import pytest
 import torch
 from PIL import Image
 
-from stages.data.images import DRAFT_MAX_DIFFERENCE, DRAFT_MEAN_DIFFERENCE, decode_of, load_image, preprocessing
+from stages.data.images import (
+    DRAFT_MAX_DIFFERENCE,
+    DRAFT_MEAN_DIFFERENCE,
+    decode_of,
+    load_image,
+    preprocessing,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-from decode import photographs  # noqa: E402  (the bench's ImageNet-like JPEGs)
+from decode import photographs
 
 
 @pytest.fixture(scope="module")
