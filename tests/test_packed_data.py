@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from pathlib import Path
 
@@ -246,7 +247,6 @@ def truncated_member(folder, tmp):
 
 def missing_cls(folder, tmp):
     files = write_shards(folder, tmp / "wds", per_shard=5)
-    import tarfile
 
     with tarfile.open(files["val"][0], "w", format=tarfile.USTAR_FORMAT) as tar:
         add_member(tar, "lonely.png", (folder / open_dataset(str(folder))["val"].paths[0]).read_bytes())
@@ -324,3 +324,23 @@ def test_the_command_line_names_columns_and_lists_the_packed_kinds(tiny_model, f
     assert result.exit_code == 1 and "has no column 'no' (--label-column)" in result.output
     listed = runner.invoke(main, ["datasets"])
     assert listed.exit_code == 0 and "wds:PATTERN" in listed.output and "hf:FOLDER" in listed.output
+
+
+@pytest.mark.parametrize("form", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_the_header_index_finds_what_tarfile_finds(form, tmp_path):
+    from stages.data.tarindex import tar_members
+
+    path = tmp_path / "shard.tar"
+    long = "d" * 70 + "/" + "k" * 60  # over ustar's 100-byte name field unless split into its prefix
+    names = ["a.jpg", "a.cls", f"{long}.png", f"{long}.cls", "x" * 120 + ".jpg" if form != tarfile.USTAR_FORMAT
+             else "y.jpg", "ü-ß.jpg"]
+    with tarfile.open(path, "w", format=form) as tar:
+        tar.addfile(tarfile.TarInfo("folder"))  # a member that is not a file: not indexed
+        for i, name in enumerate(names):
+            add_member(tar, name, bytes(range(256)) * (i + 1))
+    with tarfile.open(path) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isfile()]
+    with open(path, "rb") as file:
+        members, small = tar_members(file, path.stat().st_size, str(path), {"cls"})
+    assert [(m.name, m.offset, m.size) for m in members] == expected
+    assert small == {"a.cls": bytes(range(256)) * 2, f"{long}.cls": bytes(range(256)) * 4}
