@@ -17,7 +17,7 @@ BIN := $(VENV)/bin
 CONSTRAINTS := $(VENV)/torch-constraints.txt
 INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # [all] less timm: what a set-up without a working torchvision gets
-NO_TIMM := s3,cluster,dvc,transformers
+NO_TIMM := s3,cluster,dvc,transformers,wds,hf
 
 .PHONY: repro test test-fast lint install
 

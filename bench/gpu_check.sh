@@ -15,6 +15,7 @@
 #    built on the GPU (never written to disk), with the peak GPU memory beside the --dry-run estimate.
 #    Prepared, not yet run on a GPU (about 6 more minutes, estimated). `bash bench/gpu_check.sh OUT transformers`
 #    runs section 5 alone.
+# 6. bench/decode.py --device cuda: the CPU decode paths and torchvision's batched decode_jpeg on the GPU.
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
 # wheels in .whl/ first; they are installed into /tmp/site.
 set -u
@@ -53,3 +54,5 @@ timeout 240 python3 bench/extract.py --device cuda --model-kind sd --full --imag
 timeout 200 python3 bench/extract.py --device cuda --nproc 2 --images 512 --timesteps 10,90,150 2>&1 | grep -v Warn \
     | tail -6 | tee "$out/extract_nproc2.txt"
 transformers_check
+# 6. bench/decode.py: images/s per core of the CPU decode paths beside torchvision's batched decode_jpeg on the GPU
+timeout 240 python3 bench/decode.py --device cuda --seconds 1 2>&1 | grep -v Warn | tee "$out/decode_cuda.txt"

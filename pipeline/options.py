@@ -175,7 +175,8 @@ class SettingsHelpOption(click.Option):
 
 # Help of the options that read a data set (`pipeline extract`, `pipeline pixels`).
 DATA_HELP = ("The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
-             "layout (an image folder <split>/<class>/<image> if none); `pipeline datasets` lists the kinds.")
+             "layout (an image folder <split>/<class>/<image> if none); wds:PATTERN (WebDataset shards) or "
+             "hf:PATH_OR_ID[:CONFIG] (Hugging Face datasets); `pipeline datasets` lists the kinds.")
 CLASSES_HELP = ("Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
                 "shipped list: imagenet50, imagenet100, imagenet200.")
 SUBSET_HELP = ("Keep only these images (in the splits the list names): a file with one image path or file name "
@@ -409,3 +410,13 @@ def engine_options(command):
 
 
 ENGINE_FLAGS = ("workers", "scheduler", "cluster", "scale", "threads_per_worker", "dashboard", "connect_timeout")
+
+
+def data_column_options(command):
+    """--image-column and --label-column: where wds: and hf: data keep the image and the label."""
+    command = click.option("--label-column", default=None,
+                           help="wds: the field of key.json holding the label [default: key.cls]; hf: the label "
+                                "column [default: the ClassLabel column].")(command)
+    return click.option("--image-column", default=None,
+                        help="wds: the image's extension, e.g. png [default: the first image member]; hf: the image "
+                             "column [default: the Image column].")(command)

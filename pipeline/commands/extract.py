@@ -26,7 +26,8 @@ from pipeline import options
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", help="Compute precision.")
 @click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N.")
 @click.option("--workers", type=click.IntRange(min=0), default=None,
-              help="Image decoding processes [default: 0 on CPU, up to 8 on CUDA].")
+              help="Image decoding processes [default: 0 on CPU; on CUDA 4 per GPU (docs/data.md), fewer where a "
+                   "process's share of the cores is smaller].")
 @click.option("--noise-seed", type=click.IntRange(min=0), default=0, help="Seed of the per-sample noise.")
 @click.option("--chunk-samples", type=click.IntRange(min=1), default=None,
               help="Samples per stored chunk, the unit of reading [default: ~4 MB chunks].")
@@ -66,10 +67,14 @@ from pipeline import options
               help="Augmentations of the views >= 1, e.g. resized-crop,flip (the paper's) or resized-crop=0.8-1.0,"
                    "crop=2 (digits: no flips) [default: resized-crop,flip].")
 @click.option("--view-splits", type=options.NAMES, default="train", help="The splits that get --views.")
+@options.data_column_options
+@click.option("--decode", type=click.Choice(["exact", "draft"]), default="exact",
+              help="draft: JPEGs decoded at 1/2, 1/4 or 1/8 scale where the model's size allows (PIL's draft; "
+                   "1.4-2x faster for 128 and 64 px models from ImageNet-sized photos, not exact; recorded).")
 def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, splits, batch_size, dtype,
             precision, device, workers, noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite,
             verify, dry_run, ensemble, prompt, feature_norm, guidance, checkpoint, preprocess, views, augment,
-            view_splits) -> None:
+            view_splits, image_column, label_column, decode) -> None:
     """Run the model once per batch and timestep set, and store every requested block's pooled output.
 
     --model is a UNet2DModel, a Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/3.5, FLUX.1 or PixArt pipeline directory,
@@ -94,7 +99,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         storage_options=storage_options, overwrite=overwrite, verify=verify,
         classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
         preprocess=preprocess, views=views, augment=augment, view_splits=view_splits, feature_norm=feature_norm,
-        guidance=guidance,
+        guidance=guidance, image_column=image_column, label_column=label_column, decode=decode,
     )
     if dry_run:
         click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))

@@ -104,7 +104,12 @@ def scan(root: str | Path, splits: list[str]) -> dict[str, ImageFolderSplit]:
 def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:
     """A hash of the file list (relative path, size, label): cheap at ImageNet scale, yet it changes
     when a file is added, removed, relabelled or replaced by one of another size. Data sets of other
-    kinds, or with selections, add their `meta` (kind, metadata file hashes, roles, ...)."""
+    kinds, or with selections, add their `meta` (kind, metadata file hashes, roles, ...). Packed data
+    (wds:, hf:) hashes its index instead (`stages.data.packed.packed_identity`)."""
+    if not isinstance(next(iter(splits.values())), ImageFolderSplit):
+        from stages.data.packed import packed_identity
+
+        return packed_identity(splits)
     digest = hashlib.sha256()
     for name, split in splits.items():
         for path, label in zip(split.paths, split.labels):
@@ -128,7 +133,12 @@ def changed_images(split: ImageFolderSplit, records: np.ndarray) -> tuple[list[i
 
     `records` (N, 2) are (content hash, mtime in ns) per image when it was read, 0 where never read. An
     image whose mtime differs is hashed again: another hash means it changed; the same hash means
-    it was only touched (copied, checked out), and its new mtime should be recorded."""
+    it was only touched (copied, checked out), and its new mtime should be recorded. Packed data
+    (wds:, hf:) compares its containers' mtimes instead (`stages.data.packed.changed_samples`)."""
+    if not isinstance(split, ImageFolderSplit):
+        from stages.data.packed import changed_samples
+
+        return changed_samples(split, records)
     changed, touched, updated = [], [], []
     for row in np.flatnonzero(records[:, 0] != 0):
         path = split.root / split.paths[row]

@@ -12,6 +12,13 @@ centre crop, scaled to [-1, 1]. 16-bit grayscale images are scaled to the same r
   of the models it writes.
 
 Augmented views (`stages.data.augment`) change the short side and the crop's position and may flip.
+
+Decoding (`DECODES`): "exact" decodes every pixel (the default; PIL and torchvision's `decode_jpeg`
+give identical pixels, bench/decode.py); "draft" lets libjpeg scale a JPEG by 1/2, 1/4 or 1/8 in the
+DCT while decoding (PIL's `Image.draft`), as far as the short side stays at least the resize's side.
+It changes the pixels (`DRAFT_MAX_DIFFERENCE`), so a store records it; it only helps where the image is at
+least twice the model's size (an ImageNet photo, 500x375, for a 128- or 64-pixel model, not for a
+256-pixel one).
 """
 
 from __future__ import annotations
@@ -30,21 +37,47 @@ from stages.data.errors import DataError
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
 PREPROCESSES = ("bicubic", "adm")
+DECODES = ("exact", "draft")
+# How far "draft" is from "exact" on [-1, 1], largest and mean over pixels, on ImageNet-like JPEGs (500x375,
+# q90) at 128 and 64 pixels with either resize: bench/decode.py measured 0.61 and 0.052 at most
+# (tests/test_decode.py holds them to these bounds). Both resize the same picture, from a 1/2^k-scale DCT
+# decode and from every pixel; the largest differences are single pixels at edges.
+DRAFT_MAX_DIFFERENCE = 0.75
+DRAFT_MEAN_DIFFERENCE = 0.06
 
 
 CONVENTIONS = ("project", "transformers", "torchvision")
 RESAMPLING = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
-def preprocessing(size: int, channels: int, method: str = "bicubic") -> dict:
+def preprocessing(size: int, channels: int, method: str = "bicubic", decode: str = "exact") -> dict:
     """What the store records about the preprocessing (part of its identity). "bicubic" records what
-    stores always recorded, so that stores made before "adm" existed keep their identity."""
+    stores always recorded, so that stores made before "adm" existed keep their identity; so does
+    the "exact" decode, for stores made before "draft" existed."""
     check_preprocess(method)
     if method == "adm":
-        return {"resize": "guided-diffusion center_crop_arr: BOX halving while the short side >= 2 x size, then "
-                          "short side bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1],
-                "method": "adm"}
-    return {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels, "range": [-1, 1]}
+        record = {"resize": "guided-diffusion center_crop_arr: BOX halving while the short side >= 2 x size, then "
+                            "short side bicubic", "size": size, "crop": "centre", "channels": channels,
+                  "range": [-1, 1], "method": "adm"}
+    else:
+        record = {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels,
+                  "range": [-1, 1]}
+    return with_decode(record, decode)
+
+
+def with_decode(record: dict, decode: str) -> dict:
+    """A preprocessing record with the decode added where it is not the exact one."""
+    if decode not in DECODES:
+        raise DataError(f"unknown decode {decode!r}; choose from {', '.join(DECODES)}")
+    if decode == "draft":
+        return {**record, "decode": "draft: JPEG decoded at 1/2, 1/4 or 1/8 scale (PIL Image.draft) while the short "
+                                    "side stays >= the resize's side"}
+    return record
+
+
+def decode_of(record: dict) -> str:
+    """The decode of a recorded preprocessing dict ("exact" where none is recorded)."""
+    return "draft" if str(record.get("decode", "")).startswith("draft") else "exact"
 
 
 def preprocess_method(record: dict) -> str:
@@ -123,7 +156,8 @@ def read_image(path: Path, size: int, channels: int, **options) -> tuple[torch.T
 
 def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0,
                method: str = "bicubic", resize: int | None = None, resample: str = "bicubic", squash: bool = False,
-               convention: str = "project", augment=None, rng: np.random.Generator | None = None) -> torch.Tensor:
+               convention: str = "project", augment=None, rng: np.random.Generator | None = None,
+               draft: bool = False) -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
     `data`, when given, are the file's bytes already read (the image is decoded from them).
@@ -135,7 +169,8 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
     always has ("project": round, floor), as transformers' processors do ("transformers": floor,
     floor) or as torchvision's Resize and CenterCrop do ("torchvision", timm's: floor, round): a
     pixel's shift between them is a different feature. `augment` (a `stages.data.augment.Augment`)
-    with its generator `rng` makes an augmented view instead of the centre crop."""
+    with its generator `rng` makes an augmented view instead of the centre crop. `draft` decodes a JPEG
+    at the smallest 1/2^k scale whose short side is still at least the resize's (module docstring)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     if channels not in (1, 3):
@@ -143,16 +178,19 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
     check_preprocess(method)
     try:
         with Image.open(path if data is None else io.BytesIO(data)) as image:
+            side = resize or size
+            if augment is not None and augment.crop_fractions is not None:
+                low, high = augment.short_sides(size)
+                side = int(rng.integers(low, high + 1))
+            if draft and not crop_bottom and image.format == "JPEG":
+                # both sides stay >= side, so the short side the resize starts from is never below it
+                image.draft("RGB" if channels == 3 else "L", (side, side))
             image = _eight_bit_range(image, channels)
             if crop_bottom:
                 if image.size[1] <= crop_bottom:
                     raise DataError(f"it is {image.size[1]} pixels high: nothing is left after cutting the "
                                     f"{crop_bottom}-pixel banner off its bottom")
                 image = image.crop((0, 0, image.size[0], image.size[1] - crop_bottom))
-            side = resize or size
-            if augment is not None and augment.crop_fractions is not None:
-                low, high = augment.short_sides(size)
-                side = int(rng.integers(low, high + 1))
             image = _resize_short_side(image, side, method, resample=resample, squash=squash, convention=convention)
             if augment is not None and augment.crop:
                 image = _pad(image, augment.pad(size))

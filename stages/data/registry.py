@@ -16,6 +16,8 @@ import hashlib
 import re
 from pathlib import Path
 
+import numpy as np
+
 from stages.data.aircraft import AIRCRAFT, AIRCRAFT_FAMILY, AIRCRAFT_MANUFACTURER
 from stages.data.birds import CUB, NABIRDS
 from stages.data.cars import CARS
@@ -68,13 +70,22 @@ def resolve_data(spec: str) -> tuple[Kind, Path, bool]:
 
 
 def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: str | None = None,
-                 subset: str | None = None):
+                 subset: str | None = None, image_column: str | None = None, label_column: str | None = None,
+                 storage_options: dict | None = None):
     """{split: ImageFolderSplit} of a `--data` value, with `--classes` / `--subset` applied.
 
-    `splits` None: the kind's official splits (an image folder's: train, val)."""
+    `splits` None: the kind's official splits (an image folder's: train, val). `wds:` and `hf:` values
+    (`PACKED`) give `stages.data.packed.PackedSplit`s, which read alike; `image_column` / `label_column`
+    name their image and label, and `storage_options` are fsspec's for shards at a URL."""
     from stages.data.folders import ImageFolderSplit
     from stages.data.subsets import select_classes, select_images
 
+    packed = _packed_kind(str(spec))
+    if packed is not None:
+        return _open_packed(packed, str(spec), splits=splits, classes=classes, subset=subset,
+                            image_column=image_column, label_column=label_column, storage_options=storage_options)
+    if image_column is not None or label_column is not None:
+        raise DataError(f"--image-column and --label-column apply to wds: and hf: data, not to --data {spec}")
     kind, root, named = resolve_data(spec)
     try:
         listing = kind.read(root, tuple(splits) if splits is not None else None)
@@ -101,6 +112,56 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
     return {name: ImageFolderSplit(root, name, list(listing.classes), paths, labels,
                                    crop_bottom=listing.crop_bottom, meta=meta)
             for name, (paths, labels) in listing.splits.items()}
+
+
+def _packed_kind(spec: str) -> str | None:
+    """"wds" or "hf" when `spec` names packed data (a prefix, unless it is an existing folder's name)."""
+    prefix, sep, _ = spec.partition(":")
+    if sep and prefix.lower() in PACKED and not Path(spec).exists():
+        return prefix.lower()
+    return None
+
+
+def _open_packed(kind: str, spec: str, *, splits, classes, subset, image_column, label_column, storage_options):
+    """{split: PackedSplit} of a `wds:` or `hf:` value, with `--classes` / `--subset` applied to its index."""
+    from stages.data.subsets import select_classes, select_images
+
+    rest = spec.partition(":")[2]
+    if kind == "wds":
+        from stages.data.wds import open_wds
+
+        opened = open_wds(rest, splits=splits, image_column=image_column, label_column=label_column,
+                          storage_options=storage_options)
+    else:
+        from stages.data.hf import open_hf
+
+        opened = open_hf(rest, splits=splits, image_column=image_column, label_column=label_column)
+    if classes is None and subset is None:
+        return opened
+    first = next(iter(opened.values()))
+    listing = Listing(Path("."), first.classes, {name: (s.paths, s.labels) for name, s in opened.items()})
+    meta = dict(first.meta)
+    if classes is not None:
+        listing, meta["class_list"] = select_classes(listing, classes)
+    if subset is not None:
+        listing, meta["subset"] = select_images(listing, subset, classes_selected=classes is not None)
+    selected = {}
+    for name, (paths, labels) in listing.splits.items():
+        if not paths:
+            raise DataError(f"split {name!r} of {spec} has no images left after the --classes / --subset selection")
+        position = {path: row for row, path in enumerate(opened[name].paths)}
+        rows = np.asarray([position[path] for path in paths], dtype=np.int64)
+        selected[name] = opened[name].select(rows, listing.classes, labels, meta)
+    return selected
+
+
+PACKED = {  # the kinds whose images are packed in containers (`stages.data.packed`), as `pipeline datasets` shows them
+    "wds": ("WebDataset tar shards: wds:PATTERN, wds:SPLIT=PATTERN,SPLIT=PATTERN or wds:FOLDER "
+            "(<name>-<split>-<number>.tar); key.jpg/png/... + key.cls (or --label-column FIELD of key.json); "
+            "class names from classes.txt beside the shards"),
+    "hf": ("Hugging Face datasets: hf:FOLDER (save_to_disk, or parquet files named by split) or hf:OWNER/NAME[:CONFIG] "
+           "(the Hub); the Image and ClassLabel columns, or --image-column / --label-column"),
+}
 
 
 def _near_misses(path: Path) -> str:
@@ -142,4 +203,6 @@ def format_kinds() -> str:
                                                           if kind.archive_dir else ""))
         if kind.overlaps:
             lines.append(f"{'':<22} images overlap {kind.overlaps}")
+    for name, text in PACKED.items():
+        lines.append(f"{name:<22} {text}; only as {name}:...")
     return "\n".join(lines)

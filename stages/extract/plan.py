@@ -27,7 +27,7 @@ from cache.storage import Location
 from cache.text import format_bytes
 from stages.data.augment import Augment, parse_augment
 from stages.data.folders import ImageFolderSplit, dataset_identity
-from stages.data.images import PREPROCESSES, preprocessing
+from stages.data.images import DECODES, PREPROCESSES, decode_of, preprocessing, with_decode
 from stages.data.registry import open_dataset
 from stages.models.blocks import Block, resolve_blocks
 from stages.models.feature_model import NO_NOISE_TIMESTEP, FeatureModel
@@ -71,6 +71,9 @@ class ExtractConfig:
     view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
     feature_norm: str | None = None  # transformer kinds: "layernorm" normalises each token (stages.models.tokens)
     guidance: float | None = None  # FLUX.1-dev: the guidance embedding's value (None: the pipeline's 3.5)
+    image_column: str | None = None  # wds: / hf: data: the image's extension or column (None: found from the data)
+    label_column: str | None = None  # wds: the .json field of the label (None: .cls); hf: the label column
+    decode: str = "exact"  # "draft": JPEGs decoded at a reduced scale where the model is small (recorded)
 
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
@@ -104,7 +107,8 @@ class Plan:
         augmentation and view number (`stages.data.augment`)."""
         method = self.settings["preprocessing"].get("method", "bicubic")
         base, view = self.views.get(split, (split, 0))
-        return {"method": method, "view": view, "augment": self.augment if view else None}
+        return {"method": method, "view": view, "augment": self.augment if view else None,
+                "draft": decode_of(self.settings["preprocessing"]) == "draft"}
 
     @property
     def location(self) -> Location:
@@ -242,6 +246,8 @@ def _validate(config: ExtractConfig, model: FeatureModel) -> None:
         raise ConfigError(f"precision must be one of {sorted(PRECISIONS)}, got {config.precision!r}")
     if config.batch_size < 1:
         raise ConfigError(f"batch size must be positive, got {config.batch_size}")
+    if config.decode not in DECODES:
+        raise ConfigError(f"decode must be one of {', '.join(DECODES)}, got {config.decode!r}")
     if config.preprocess is not None and config.preprocess not in PREPROCESSES:
         raise ConfigError(f"preprocess must be one of {', '.join(PREPROCESSES)}, got {config.preprocess!r}")
     if isinstance(config.views, bool) or not isinstance(config.views, int) or config.views < 1:
@@ -290,7 +296,9 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     table = model.block_table()
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
-    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset)
+    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset,
+                          image_column=config.image_column, label_column=config.label_column,
+                          storage_options=config.storage_options)  # wds: shards at a URL use --out's options
     model.bind_classes(next(iter(splits.values())).classes)
     data_identity = dataset_identity(splits)  # of the data set; views are not more data
     augment, views = None, {}
@@ -324,7 +332,7 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
         "kind": model.store_kind,
         "model": identity,
         "data": data_identity,
-        "preprocessing": _preprocessing(model, config.preprocess),
+        "preprocessing": _preprocessing(model, config.preprocess, config.decode),
         "noise_seed": int(config.noise_seed) if model.diffusion else None,
         "dtype": config.dtype,
         "precision": config.precision,
@@ -344,15 +352,15 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
 
 
 
-def _preprocessing(model: FeatureModel, method: str | None) -> dict:
+def _preprocessing(model: FeatureModel, method: str | None, decode: str = "exact") -> dict:
     """What the store records about the preprocessing: a pixel U-Net's `--preprocess` (or its directory's
-    choice), every other kind its own processor's."""
+    choice), every other kind its own processor's; with `--decode draft`, that too."""
     if model.kind == "unet":
-        return preprocessing(model.image_size, int(model.unet.config.in_channels), method or model.preprocess)
+        return preprocessing(model.image_size, int(model.unet.config.in_channels), method or model.preprocess, decode)
     if method is not None:
         raise ConfigError(f"--preprocess {method} applies to pixel-space U-Nets; --model {model.source} makes its "
                           "inputs its own way (recorded in the store): leave --preprocess out")
-    return model.preprocessing()
+    return with_decode(model.preprocessing(), decode)
 
 
 def images_per_pass(batch_size: int, num_timesteps: int) -> int:

@@ -76,9 +76,20 @@ class _NoisedImages(Dataset):
         return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
 
+# DataLoader workers one GPU needs (docs/data.md, bench/decode.py): an H200 running ADM-256 to block 30 in
+# bf16 at half its peak takes 537 images/s at one timestep; one core makes 200-220 samples/s (JPEG decode,
+# bicubic resize, the noise) from files, tar shards or parquet alike: 3 cores, and one to spare.
+WORKERS_PER_GPU = 4
+
+
 def default_workers(device: torch.device) -> int:
-    cpus = os.cpu_count() or 1
-    return min(8, cpus - 1) if device.type == "cuda" else 0
+    """0 on the CPU (the forward is the bottleneck there); on CUDA `WORKERS_PER_GPU`, or fewer where this
+    process's share of the cores (its affinity over the local ranks, one core kept for itself) is smaller."""
+    if device.type != "cuda":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    share = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(WORKERS_PER_GPU, share - 1))
 
 
 def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureModel | None = None) -> Plan:
@@ -264,7 +275,8 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
     options = plan.image_options(split)  # the preprocessing, and a view's augmentation
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, {**model.image_options(), "method": options["method"]}, steps, config.noise_seed,
+        _NoisedImages(data, {**model.image_options(), "method": options["method"], "draft": options["draft"]},
+                      steps, config.noise_seed,
                       model.noise_shape(), draws, view=options["view"], augment=options["augment"]),
         batch_sampler=batches,
         num_workers=workers,
