@@ -172,7 +172,7 @@ def main() -> None:
         exact = [load_image("bench", size, 3, data=d) for d in images]
         for name, options in (("exact (bicubic)", {}), ("adm resize", {"method": "adm"}),
                               ("draft + bicubic", {"draft": True}), ("draft + adm", {"method": "adm", "draft": True})):
-            speed = rate(lambda d, o=options: load_image("bench", size, 3, data=d, **o), images, args.seconds)
+            speed = rate(lambda d, o=options, s=size: load_image("bench", s, 3, data=d, **o), images, args.seconds)
             reference = exact if options.get("method") != "adm" else [
                 load_image("bench", size, 3, data=d, method="adm") for d in images]
             diffs = torch.stack([(load_image("bench", size, 3, data=d, **options) - r).abs()

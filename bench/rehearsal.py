@@ -258,7 +258,8 @@ def main() -> None:
         written = write_store(store, train, IMAGENET_VAL)
         results["store"] = written
         print(f"\n(b) store: {train:,} train + {IMAGENET_VAL:,} val rows, blocks 24 (1,024 ch) and 30 (512 ch) at "
-              f"2x2, float16: {format_bytes(written['feature_bytes'])} of features, {format_bytes(written['bytes'])} on "
+              f"2x2, float16: {format_bytes(written['feature_bytes'])} of features, "
+              f"{format_bytes(written['bytes'])} on "
               f"disk (chunks of {written['chunk']}, shards of {written['shard']} rows); written in "
               f"{written['seconds']:.0f} s ({written['rows'] / written['seconds']:,.0f} rows/s, "
               f"{written['cpu_s'] / written['seconds']:.1f} cores)")

@@ -318,7 +318,7 @@ def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: 
     if side:
         meta["class_file"] = side.rsplit("/", 1)[-1]
     result = {}
-    for split, (shards, rows, sizes, mtimes) in indexed.items():
+    for split, (shards, rows, _sizes, mtimes) in indexed.items():
         names = [shard.rsplit("/", 1)[-1] for shard in shards]
         column = list(zip(*rows))  # shard number, key, member name, offset, size, label
         source = TarSource(shards, np.asarray(column[0], np.int32), np.asarray(column[3], np.int64),
