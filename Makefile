@@ -1,4 +1,5 @@
-# Two commands on a fresh machine:  `make repro` (the default pipeline) and `make test`.
+# Two commands on a fresh machine:  `make repro` (the default pipeline) and `make test`
+# (`make test-fast`: the fast tier; `make lint`: ruff and the import contracts; docs/development.md).
 #
 # TORCH picks the PyTorch installed first: torch==2.13.0 is a CPU build on this project's CPU
 # machines and a CUDA build from PyPI on a Linux GPU machine; `make install TORCH=torch==2.5.1` takes
@@ -18,7 +19,7 @@ INDEX := $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 # [all] less timm: what a set-up without a working torchvision gets
 NO_TIMM := s3,cluster,dvc,transformers,wds,hf
 
-.PHONY: repro test install
+.PHONY: repro test test-fast lint install
 
 install: $(VENV)/.installed
 
@@ -44,3 +45,12 @@ repro: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
+
+# The fast tier: every test not marked slow (docs/development.md).
+test-fast: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
+
+# ruff's rules and import-linter's architecture contracts (pyproject.toml)
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/lint-imports

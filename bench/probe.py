@@ -216,7 +216,8 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
     for key, (seconds, _, accuracy, features) in sk.items():
         row = chosen[key]
         differences.append(100 * (row["test_top1"] - accuracy))
-        print(f"{key:<14}{features:>9}{seconds:>11.3f}{per_combo:>9.3f}{seconds / per_combo:>7.1f}{100 * accuracy:>14.1f}%"
+        print(f"{key:<14}{features:>9}{seconds:>11.3f}{per_combo:>9.3f}{seconds / per_combo:>7.1f}"
+              f"{100 * accuracy:>14.1f}%"
               f"{100 * row['test_top1']:>12.1f}%{differences[-1]:>+7.1f}  {row['lr']:g}")
     sk_mean = np.mean([v[0] for v in sk.values()])
     sk_cpu = np.mean([v[1] for v in sk.values()])
@@ -226,7 +227,8 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
           f"{sk_cpu / (sweep_cpu / len(combos)):.2f}")
     print(f"test top-1, mean over combinations: scikit-learn {100 * np.mean([v[2] for v in sk.values()]):.2f}%, "
           f"sweep {100 * np.mean([r['test_top1'] for r in chosen.values()]):.2f}% "
-          f"(mean difference {np.mean(differences):+.2f}, largest |difference| {np.max(np.abs(differences)):.2f} points)")
+          f"(mean difference {np.mean(differences):+.2f}, largest |difference| {np.max(np.abs(differences)):.2f} "
+          f"points)")
     return {
         "device": result.record["device"], "halving": result.record["halving"],
         "threads": args.threads, "combinations": len(combos), "sklearn_C": args.sklearn_C,
@@ -246,7 +248,8 @@ def _device_name(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="Where the store and results go [default: a temp dir].")
     parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
     parser.add_argument("--unet", action="store_true", help="Extract real (random-init) U-Net features instead.")
     parser.add_argument("--configs", default="small,realistic",
@@ -254,7 +257,8 @@ def main() -> None:
                              "(10000 train, 50 classes, 256-4096 features) [default: both].")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--timesteps", default="10,150,400")
-    parser.add_argument("--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument("--channels", type=int, default=96,
+                        help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
     parser.add_argument("--epochs", type=int, default=None, help="[default: the probe's default]")
     parser.add_argument("--device", default="cpu", help="Where the sweep runs: cpu, cuda [default: cpu].")

@@ -50,7 +50,8 @@ def test_lsun_cat_and_horse_are_bedroom_flags():
 
 def test_the_papers_checkpoint_converts_and_class_conditional_ones_say_why_not():
     architecture = adm_architecture(preset_flags("256x256_diffusion_uncond.pt"))
-    assert (architecture.image_size, architecture.channel_mult, architecture.head_channels) == (256, (1, 1, 2, 2, 4, 4), 64)
+    shape = (architecture.image_size, architecture.channel_mult, architecture.head_channels)
+    assert shape == (256, (1, 1, 2, 2, 4, 4), 64)
     with pytest.raises(AdmConversionError, match="class-conditional"):
         adm_architecture(preset_flags("64x64_diffusion"))
 

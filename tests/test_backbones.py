@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cache import FeatureStore
-from conftest import make_image_folder
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
+
+from helpers import make_image_folder
 
 IMAGENET = ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
 CLIP = ([0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711])
@@ -29,7 +30,7 @@ POOLS = (1, 2)
 def _fill(module, seed):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, parameter in module.named_parameters():
+        for parameter in module.parameters():
             if parameter.dim() > 1:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
     return module
@@ -49,8 +50,16 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
-    from transformers import (CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, ResNetConfig, ResNetModel,
-                              ViTConfig, ViTModel)
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        Dinov2Config,
+        Dinov2Model,
+        ResNetConfig,
+        ResNetModel,
+        ViTConfig,
+        ViTModel,
+    )
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -64,7 +73,8 @@ def hf_dirs(tmp_path_factory):
                                                   intermediate_size=32, image_size=16, patch_size=4)), 3).eval()
     return {
         # CLIPImageProcessor: short side 18, centre crop 16, CLIP's mean and std
-        "clip": save_hf(root / "clip", clip, {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 18},
+        "clip": save_hf(root / "clip", clip, {"image_processor_type": "CLIPImageProcessor",
+                                              "size": {"shortest_edge": 18},
                                               "do_center_crop": True, "crop_size": {"height": 16, "width": 16},
                                               "resample": 3, "do_normalize": True, "image_mean": CLIP[0],
                                               "image_std": CLIP[1]}),
@@ -73,7 +83,8 @@ def hf_dirs(tmp_path_factory):
                                                     "size": {"shortest_edge": 28}, "resample": 3, "do_normalize": True,
                                                     "image_mean": IMAGENET[0], "image_std": IMAGENET[1]}),
         # ViTImageProcessor: a square resize, mean and std 0.5
-        "vit": save_hf(root / "vit", vit, {"image_processor_type": "ViTImageProcessor", "size": {"height": 16, "width": 16},
+        "vit": save_hf(root / "vit", vit, {"image_processor_type": "ViTImageProcessor", "size": {"height": 16,
+                                                                                                 "width": 16},
                                            "resample": 2, "do_normalize": True, "image_mean": [0.5] * 3,
                                            "image_std": [0.5] * 3}),
         # BitImageProcessor (DINOv2's): short side 20, centre crop 16
@@ -152,7 +163,9 @@ def test_hf_vision_transformers_patch_grid_and_class_token(name, hf_dirs, images
         x = processor([Image.open(images / p).convert("RGB") for p in paths], return_tensors="pt").pixel_values
         with torch.no_grad():
             out = model(pixel_values=x, output_hidden_states=True)
-        grid = lambda h: h[:, 1:].transpose(1, 2).reshape(len(paths), -1, 4, 4)  # the class token first, then 4x4
+        def grid(h):  # the class token first, then 4x4
+            return h[:, 1:].transpose(1, 2).reshape(len(paths), -1, 4, 4)
+
         maps = {i + 1: grid(h) for i, h in enumerate(out.hidden_states)}  # CLIP's [0]: after its pre-norm
         # the class token after the final norm: ViT's and DINOv2's last state, CLIP's pooled output
         cls = out.pooler_output if name == "clip" else out.last_hidden_state[:, 0]

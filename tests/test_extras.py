@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from cache.extras import EXTRAS, MissingExtraError, install_command, require
 from tests.test_probe_support import digits_features, write_store

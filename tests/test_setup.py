@@ -31,5 +31,6 @@ def test_the_pinned_torch_is_the_installed_one(pins):
 def test_a_cpu_torch_brought_no_cuda_packages(pins):
     if torch.version.cuda is not None:
         pytest.skip(f"torch {torch.__version__} is a CUDA build")
-    cuda = sorted(d.metadata["Name"] for d in metadata.distributions() if d.metadata["Name"].lower().startswith("nvidia-"))
+    names = (d.metadata["Name"] for d in metadata.distributions())
+    cuda = sorted(name for name in names if name.lower().startswith("nvidia-"))
     assert not cuda, f"a CPU set-up holds CUDA packages: {cuda}"

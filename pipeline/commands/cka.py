@@ -28,7 +28,8 @@ from pipeline import options
 @click.option("--rbf-sigma", type=click.FloatRange(min=0, min_open=True), default=1.0,
               help="rbf: bandwidth as a multiple of the median pairwise distance.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of --samples and of the minibatch order.")
-@click.option("--memory-budget", type=options.BYTES, default=None, help="e.g. 8GB [default: half the available memory].")
+@click.option("--memory-budget", type=options.BYTES, default=None,
+              help="e.g. 8GB [default: half the available memory].")
 @click.option("--threads", type=click.IntRange(min=1), default=4, help="Chunk reads in parallel.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for cka.csv, cka.json and heatmaps/ (new, empty, or an earlier `pipeline cka` output).")
@@ -36,11 +37,10 @@ from pipeline import options
 def cka(stores, blocks, timesteps, pools, split, samples, estimator, batch_size, rbf_sigma, seed, memory_budget,
         threads, out, storage_options) -> None:
     """Centred kernel alignment of every pair of requested (store, block, timestep), within and across stores."""
-    from cache.storage import parse_storage_options
     from stages.cka.run import CkaSettings, describe, run_cka
 
     settings = CkaSettings(stores=tuple(stores), out=out, blocks=tuple(blocks), timesteps=tuple(timesteps),
                            pools=pools, split=split, samples=samples, estimator=estimator, batch_size=batch_size,
                            rbf_sigma=rbf_sigma, seed=seed, memory_budget=memory_budget, threads=threads,
-                           storage_options=parse_storage_options(storage_options) or None)
+                           storage_options=storage_options or None)
     click.echo(describe(run_cka(settings)))

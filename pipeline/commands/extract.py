@@ -29,12 +29,14 @@ from pipeline import options
               help="Image decoding processes [default: 0 on CPU; on CUDA 4 per GPU (docs/data.md), fewer where a "
                    "process's share of the cores is smaller].")
 @click.option("--noise-seed", type=click.IntRange(min=0), default=0, help="Seed of the per-sample noise.")
-@click.option("--chunk-samples", type=click.IntRange(min=1), default=None, help="Samples per stored chunk, the unit of reading [default: ~4 MB chunks].")
+@click.option("--chunk-samples", type=click.IntRange(min=1), default=None,
+              help="Samples per stored chunk, the unit of reading [default: ~4 MB chunks].")
 @click.option("--shard-samples", type=click.IntRange(min=1), default=None,
               help="Samples per shard (one object per array; a multiple of --chunk-samples), the unit of writing "
                    "[default: ~128 MB shards of the widest array, at most 1 GB of all arrays].")
 @click.option("--nproc", type=click.IntRange(min=1), default=1,
-              help="Processes on this machine (torchrun --standalone; one GPU each on CUDA). Under torchrun, leave it out.")
+              help="Processes on this machine (torchrun --standalone; one GPU each on CUDA). Under torchrun, leave it "
+                   "out.")
 @options.storage_option
 @click.option("--overwrite", is_flag=True,
               help="Replace the store if it was made with other settings (a matching one is still resumed).")
@@ -74,7 +76,6 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
     """
     import os
 
-    from cache.storage import parse_storage_options
     from stages.extract.launch import relaunch
 
     if nproc > 1 and not dry_run:
@@ -88,7 +89,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         model=model, data=data, out=out, blocks=blocks_spec, timesteps=timesteps, pools=pools, splits=splits,
         batch_size=batch_size, dtype=dtype, precision=precision, device=device, workers=workers,
         noise_seed=noise_seed, chunk_samples=chunk_samples, shard_samples=shard_samples,
-        storage_options=parse_storage_options(storage_options), overwrite=overwrite, verify=verify,
+        storage_options=storage_options, overwrite=overwrite, verify=verify,
         classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
         preprocess=preprocess, views=views, augment=augment, view_splits=view_splits, image_column=image_column,
         label_column=label_column, decode=decode,

@@ -8,11 +8,16 @@ from pipeline import options
 
 
 @click.command()
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False), help="Image folder root; only <data>/train is used.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory (save_pretrained layout).")
-@click.option("--epochs", type=click.IntRange(min=1), default=16, help="Passes over the train split (the stopping rule).")
-@click.option("--image-size", type=click.IntRange(min=4), default=16, help="Training resolution (the extraction's preprocessing).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, help="Seed of the weights, data order, timesteps and noise.")
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Image folder root; only <data>/train is used.")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Model directory (save_pretrained layout).")
+@click.option("--epochs", type=click.IntRange(min=1), default=16,
+              help="Passes over the train split (the stopping rule).")
+@click.option("--image-size", type=click.IntRange(min=4), default=16,
+              help="Training resolution (the extraction's preprocessing).")
+@click.option("--seed", type=click.IntRange(min=0), default=0,
+              help="Seed of the weights, data order, timesteps and noise.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128)
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=2e-3, help="AdamW learning rate.")
 @click.option("--channels", type=options.SIZES, default="32,64,64",
@@ -28,5 +33,6 @@ def pretrain(data_dir: str, out: str, epochs: int, image_size: int, seed: int, b
 
     log = pretrain_ddpm(data_dir, out, epochs=epochs, image_size=image_size, seed=seed, batch_size=batch_size,
                         lr=lr, channels=channels, attention_levels=attention_levels, device=device, overwrite=overwrite)
-    click.echo(f"trained {log['steps']} steps ({log['epochs']} epochs) in {log['train_seconds']:.0f} s on {log['device']}; "
+    click.echo(f"trained {log['steps']} steps ({log['epochs']} epochs) in {log['train_seconds']:.0f} s on "
+               f"{log['device']}; "
                f"final loss {log['final_loss']:.4f}; saved to {out}")

@@ -9,13 +9,15 @@ from pipeline.commands.probe import probe
 
 
 @click.command()
-@click.option("--store", "stores", multiple=True, required=True,
+@click.option("--store", "stores", type=options.NAMED_STORE, multiple=True, required=True,
               help="A feature store: PATH, URL or NAME=PATH (NAME: its results sub-directory [default: the file name "
                    "without .zarr]); repeat for more.")
-@click.option("--head", "heads", type=options.HEADS, required=True, help="Comma list of head kinds, e.g. linear,mlp,logreg.")
+@click.option("--head", "heads", type=options.HEADS, required=True,
+              help="Comma list of head kinds, e.g. linear,mlp,logreg.")
 @click.option("--out", default="results", type=click.Path(file_okay=False),
               help="Results root: runs go to OUT/<store>/<head>, task results to OUT/.sweep/.")
-@click.option("--dry-run", is_flag=True, help="Print the tasks, which are done, and with --cluster the job script; run nothing.")
+@click.option("--dry-run", is_flag=True,
+              help="Print the tasks, which are done, and with --cluster the job script; run nothing.")
 def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     """Train every (store, head) over every requested input set, as tasks on dask.distributed.
 
@@ -27,16 +29,14 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     --results OUT/<store>`.
     """
     from stages.sweep.engine import EngineOptions
-    from stages.sweep.plan import parse_store, plan_sweep
+    from stages.sweep.plan import StoreRef, plan_sweep
     from stages.sweep.run import run_sweep
 
-    from cache.storage import parse_storage_options
-
     engine = EngineOptions(**{key: flags.pop(key) for key in options.ENGINE_FLAGS})
-    storage_options = parse_storage_options(flags.pop("storage_options", ()))
+    storage_options = flags.pop("storage_options")
     given = {key: value for key, value in flags.items() if value is not None}
     given["storage_options"] = storage_options or None
-    refs = [parse_store(text) for text in stores]
+    refs = [StoreRef(name, location) for name, location in stores]
     if dry_run:
         from stages.sweep.task import is_done
 
@@ -56,7 +56,7 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
             click.echo(f"job script of each {engine.cluster} job:\n{script}")
         return
     done = run_sweep(refs, list(heads), given, out=out, group_size=group_size, engine=engine)
-    for name, result in done.runs.items():
+    for result in done.runs.values():
         best = result.metrics["best"]
         click.echo(f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
                    f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")

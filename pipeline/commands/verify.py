@@ -17,9 +17,9 @@ def verify(store: str, storage_options, repair: bool) -> None:
     """Decode and check every finished shard of a store: checksums, missing objects, non-finite values, flags."""
     from cache import FeatureStoreWriter
     from cache.integrity import find_damage
-    from cache.storage import Location, parse_storage_options
+    from cache.storage import Location
 
-    location = Location.parse(store, parse_storage_options(storage_options))
+    location = Location.parse(store, storage_options)
     damage = FeatureStoreWriter.repair(location) if repair else find_damage(location, full=True)
     for item in damage:
         click.echo(item.describe(store))

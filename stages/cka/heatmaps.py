@@ -42,8 +42,9 @@ def write_heatmaps(matrices: dict, out_dir: Path, *, estimator: str, split: str,
 
 
 def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[Feature], path: Path, *,
-                title: str) -> None:
-    """One heatmap: CKA of `rows` x `columns` features, labelled by block, grouped by timestep."""
+                title: str, label: str = "CKA", vmax: float = 1.0, cmap: str = "viridis") -> None:
+    """One heatmap: CKA (or the score `label` names, at most `vmax`) of `rows` x `columns` features, labelled
+    by block, grouped by timestep; NaN cells grey."""
     values = np.asarray(values, dtype=np.float64)
     count = max(len(rows), len(columns))
     cell = float(np.clip(10.0 / count, 0.2, 0.6))  # inches per cell
@@ -52,16 +53,20 @@ def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[F
     axes = figure.add_subplot()
     finite = values[np.isfinite(values)]
     low = min(0.0, float(finite.min())) if finite.size else 0.0
-    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=low, vmax=1.0, aspect="equal",
+    colours = matplotlib.colormaps[cmap].with_extremes(bad="#dddddd")
+    image = axes.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=low, vmax=vmax, aspect="equal",
                         interpolation="nearest")
     if cell >= 0.33:
         size = 5.5 if cell < 0.45 else 7
         for i in range(len(rows)):
             for j in range(len(columns)):
                 if np.isfinite(values[i, j]):
+                    light = values[i, j] > (low + vmax) / 2  # viridis is light at the top
+                    if cmap != "viridis":  # another map: black on light cells by the cell's own luminance
+                        red, green, blue, _ = colours(image.norm(values[i, j]))
+                        light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
                     axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=size,
-                              color="black" if values[i, j] > (low + 1) / 2 else "white")
+                              color="black" if light else "white")
     tick = 7 if cell >= 0.3 else 5.5
     axes.set_xticks(range(len(columns)), [str(f.block) for f in columns], fontsize=tick)
     axes.set_yticks(range(len(rows)), [str(f.block) for f in rows], fontsize=tick)
@@ -70,7 +75,7 @@ def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[F
     axes.set_xlabel(f"{columns[0].store}: block" if columns else "")
     axes.set_ylabel(f"{rows[0].store}: block" if rows else "")
     axes.set_title(title, fontsize=9)
-    figure.colorbar(image, ax=axes, label="CKA", fraction=0.04, pad=0.1)
+    figure.colorbar(image, ax=axes, label=label, fraction=0.04, pad=0.1)
     figure.tight_layout()
     figure.savefig(path)
 

@@ -80,8 +80,8 @@ def write_mnist_folder(
     The split is stratified by class and fixed by `seed` (scikit-learn's `train_test_split`), so
     the same arguments always give the same files, byte for byte. `image_size` resizes (bicubic)
     from the native 28x28; None keeps 28x28. `per_class` keeps only the first that many images of each
-    class (in row order) before splitting: a small, still balanced set for quick runs. A non-empty `out_dir` is refused unless it is a
-    previous output of this function, which is then replaced as a whole.
+    class (in row order) before splitting: a small, still balanced set for quick runs. A non-empty
+    `out_dir` is refused unless it is a previous output of this function, which is then replaced as a whole.
     """
     from sklearn.model_selection import train_test_split
 

@@ -28,8 +28,8 @@ PRESETS: dict[str, str] = {
     "256x256_diffusion": f"{_BASE} --class_cond True --image_size 256 --num_head_channels 64",
     "64x64_diffusion": ("--attention_resolutions 32,16,8 --class_cond True --diffusion_steps 1000 --dropout 0.1 "
                         "--image_size 64 --learn_sigma True --noise_schedule cosine --num_channels 192 "
-                        "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True --use_new_attention_order True "
-                        "--use_fp16 True --use_scale_shift_norm True"),
+                        "--num_head_channels 64 --num_res_blocks 3 --resblock_updown True "
+                        "--use_new_attention_order True --use_fp16 True --use_scale_shift_norm True"),
     "128x128_diffusion": f"{_BASE} --class_cond True --image_size 128 --num_heads 4",
     "512x512_diffusion": f"{_BASE.replace('--use_fp16 True', '--use_fp16 False')} --class_cond True --image_size 512 "
                          "--num_head_channels 64",

@@ -33,6 +33,12 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
     return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
 
 
+# What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
+# line's help reads them from here.
+DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
+                    "attention_heads": 4}
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
@@ -100,8 +106,7 @@ class ProbeSettings:
             for name, value in RECIPES[self.recipe][self.head].items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        for name, value in (("batch_size", 256), ("optimizer", "adamw"), ("halving", True), ("dim", 256),
-                            ("depth", 2), ("attention_heads", 4)):
+        for name, value in DEFAULTS_OF_NONE.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.views is not None and (isinstance(self.views, bool) or self.views < 1):
@@ -126,15 +131,17 @@ class ProbeSettings:
             fail("memory_budget", "a positive, finite number of bytes or None", self.memory_budget)
         for name in ("blocks", "timesteps", "pools", "hidden"):
             value = getattr(self, name)
-            if value is not None and (not value or any(int(v) != v or v < (0 if name == "timesteps" else 1) for v in value)):
-                fail(name, "a non-empty list of " + ("non-negative" if name == "timesteps" else "positive") + " integers", value)
+            low, kind = (0, "non-negative") if name == "timesteps" else (1, "positive")
+            if value is not None and (not value or any(int(v) != v or v < low for v in value)):
+                fail(name, f"a non-empty list of {kind} integers", value)
         for name in ("lrs", "weight_decays", "Cs", "alphas"):
             value = getattr(self, name)
             low = -1e-300 if name == "weight_decays" else 0.0
             if value is not None:
                 object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
         object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
-        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")):
+        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name
+                                      or self.name.startswith(".")):
             fail("name", "a plain directory name", self.name)
         for name in ("train_split", "val_split", "test_split"):
             value = getattr(self, name)

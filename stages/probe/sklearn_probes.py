@@ -72,7 +72,8 @@ class _GridProbe(ClassifierMixin, BaseEstimator):
         X, y = check_X_y(X, y, dtype=dtype)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got "
+                              f"{len(self.classes_)}")
         return X, y, np.array(sorted(set(grid)))
 
 

@@ -44,17 +44,20 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     if plan.mode == "memory":
         train = MemorySource(reader, layout, fit_split, fit_mask, per_channel, device, raw=recipe, views=views)
     else:
-        stats = identity_statistics(reader) if recipe else fit_statistics(reader, fit_split, fit_mask, per_channel, device)
+        stats = identity_statistics(reader) if recipe else fit_statistics(reader, fit_split, fit_mask, per_channel,
+                                                                          device)
         train = StreamSource(reader, layout, fit_split, stats, views=views)
     selection = train if samples.carved else StreamSource(reader, layout, samples.selection.split, train.stats)
     seeds = [[member_seed(settings.seed, plan.spec.name, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
              for c in combos]
     if flat:
         bank = FlatBank([c.dim for c in combos], len(hypers), plan.num_classes, seeds=seeds,
-                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden", ())),
+                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden",
+                                                                                                            ())),
                         default_init=recipe)
     else:
-        bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options, seeds)
+        bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options,
+                          seeds)
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
     epochs = plan.epochs
@@ -71,7 +74,8 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
             optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
         warm = int(settings.warmup * total)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+            optimizer,
+            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     rungs = dict(plan.rungs)
     scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
     lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
@@ -123,7 +127,7 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
         rows_out += combo_rows
     # test: only the chosen member of each input set, as the saved probe that reads raw features
     probes = {}
-    for ci, (member, row) in chosen.items():
+    for ci, (member, _row) in chosen.items():
         combo = combos[ci]
         means = [torch.from_numpy(train.stats[p][0]) for p in combo.pieces]
         stds = [torch.from_numpy(train.stats[p][1]) for p in combo.pieces]

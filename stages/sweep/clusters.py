@@ -36,7 +36,8 @@ def _cluster_class(kind: str):
 
 def _fix_message(kind: str, error: Exception) -> ClusterConfigError:
     return ClusterConfigError(
-        f"dask-jobqueue cannot make a {kind} job from dask's configuration: {' '.join(str(error).split())}. Set jobqueue.{kind}.cores and "
+        f"dask-jobqueue cannot make a {kind} job from dask's configuration: {' '.join(str(error).split())}. Set "
+        f"jobqueue.{kind}.cores and "
         f"jobqueue.{kind}.memory (and queue, walltime, ...) in ~/.config/dask/jobqueue.yaml, or as "
         f"DASK_JOBQUEUE__{kind.upper()}__CORES=8 and DASK_JOBQUEUE__{kind.upper()}__MEMORY=32GB")
 

@@ -1,0 +1,108 @@
+"""Time and peak memory of every `pipeline similarity` metric at N = 10,000 and 100,000 samples, and the
+chunked neighbour search against the N x N in-memory form where that fits.
+
+    nice -n 10 python bench/similarity.py                       # N = 10000 and 100000, 64 features
+    python bench/similarity.py --samples 2000 --width 256 --budget 64MB
+
+Two related feature sets X (N, width) and Y (a noisy nonlinear map of X), prepared as
+`--preprocess clamp-l2` does. For each N, in one process, one after the other:
+
+* neighbour search of each side (`stages.similarity.neighbours.nearest_neighbours`, row blocks within
+  `--budget`), k = 10: the cost every kNN metric and CKNNA share;
+* each metric on the prepared pair (its own work once the neighbours are known; the feature-space
+  metrics read the features); rbf is left out (an N x N Gram matrix per side);
+* where N x N float64 fits `--in-memory-limit`: the in-memory form (the whole similarity matrix,
+  diagonal excluded, the k largest of each row), and the ratio chunked / in-memory of time and memory,
+  with a check that both find the same neighbours.
+
+Printed: wall and CPU time, peak memory allocated by NumPy and Python during each (tracemalloc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cache.text import format_bytes
+from stages.similarity.metrics import METRICS, Parameters, Side, score
+from stages.similarity.preprocess import preprocess
+
+
+def measured(function):
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    started, cpu = time.perf_counter(), time.process_time()
+    value = function()
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return value, seconds, cpu, peak
+
+
+def in_memory_neighbours(x: np.ndarray, k: int) -> np.ndarray:
+    """The N x N form: every inner product, the diagonal excluded, the k largest per row (ties: smaller index)."""
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    top = np.argpartition(-s, k, axis=1)[:, : k + 1]  # k + 1 so that a tie at the k-th is seen
+    order = np.lexsort((top, -np.take_along_axis(s, top, axis=1)), axis=1)
+    return np.take_along_axis(top, order, axis=1)[:, :k]
+
+
+def line(label: str, seconds: float, cpu: float, peak: int, extra: str = "") -> None:
+    print(f"  {label:<34} {seconds:8.2f} s wall {cpu:8.2f} s CPU  peak {format_bytes(peak):>10}{extra}", flush=True)
+
+
+def bench(n: int, width: int, k: int, budget: int, in_memory_limit: int, metrics: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, width))
+    y = np.tanh(x @ rng.normal(size=(width, width)) / np.sqrt(width)) + 0.5 * rng.normal(size=(n, width))
+    params = Parameters(topk=k, cca_dim=10, budget=budget,
+                        batches=tuple(np.array_split(rng.permutation(n), -(-n // 256))))
+    a, b = Side(preprocess(x, "clamp-l2"), params), Side(preprocess(y, "clamp-l2"), params)
+    print(f"N = {n}, {width} features per side, k = {k}, neighbour-search budget {format_bytes(budget)}", flush=True)
+    for name, side in (("X", a), ("Y", b)):
+        _, seconds, cpu, peak = measured(lambda side=side: side.neighbours)
+        line(f"neighbour search of {name} (chunked)", seconds, cpu, peak)
+        chunked = (seconds, cpu, peak)
+    if 8 * n * n <= in_memory_limit:
+        whole, seconds, cpu, peak = measured(lambda: in_memory_neighbours(b.x, k))
+        same = np.array_equal(whole, b.neighbours.indices)
+        line("neighbour search of Y (N x N)", seconds, cpu, peak,
+             f"; chunked / in-memory: wall {chunked[0] / seconds:.2f}, CPU {chunked[1] / cpu:.2f}, memory "
+             f"{chunked[2] / peak:.3f}; same neighbours: {same}")
+    else:
+        print(f"  neighbour search of Y (N x N)      not run: {format_bytes(8 * n * n)} for the similarities alone")
+    for metric in metrics:
+        value, seconds, cpu, peak = measured(lambda metric=metric: score(metric, a, b))
+        line(metric, seconds, cpu, peak, f"  score {value:.4f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", default="10000,100000", help="Comma list of N.")
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--topk", type=int, default=10)
+    parser.add_argument("--budget", default="256MB", help="Memory for one block of the neighbour search.")
+    parser.add_argument("--in-memory-limit", default="2GB", help="Run the N x N form only where it needs at most this.")
+    parser.add_argument("--threads", type=int, default=2, help="BLAS threads.")
+    args = parser.parse_args()
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.options import parse_byte_size
+
+    metrics = [m for m in METRICS if m != "rbf"]
+    with threadpool_limits(limits=args.threads):
+        for n in (int(s) for s in args.samples.split(",")):
+            bench(n, args.width, args.topk, parse_byte_size(args.budget), parse_byte_size(args.in_memory_limit),
+                  metrics)
+
+
+if __name__ == "__main__":
+    main()
