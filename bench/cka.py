@@ -13,8 +13,9 @@ same process, one after the other, under the same thread limit:
   float64 sums; once with the default memory budget (one pass), once with `--budget` (several passes
   over the store, memory bounded by the budget).
 
-Printed: wall and CPU time (CPU time is the fairer measure on a shared machine), peak memory allocated by NumPy and Python during each (tracemalloc: NumPy's
-buffers are traced), and the largest absolute difference between the two sides' CKA values.
+Printed: wall and CPU time (CPU time is the fairer measure on a shared machine), peak memory allocated
+by NumPy and Python during each (tracemalloc: NumPy's buffers are traced), and the largest absolute
+difference between the two sides' CKA values.
 The synthetic store has related blocks (each a random linear map of the previous one plus noise),
 so CKA values spread over (0, 1).
 """
@@ -87,7 +88,8 @@ def measured(function):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default=None, help="An existing store (every array at pool 1) instead of a synthetic one.")
+    parser.add_argument("--store", default=None,
+                        help="An existing store (every array at pool 1) instead of a synthetic one.")
     parser.add_argument("--split", default="val")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--blocks", type=int, default=24)
@@ -118,7 +120,7 @@ def main() -> None:
         for label, budget in (("streamed, one pass", 1 << 40), (f"streamed, budget {args.budget}",
                                                                parse_byte_size(args.budget))):
             (linear, _), (seconds, cpu), peak = measured(
-                lambda: streaming.linear_and_debiased(reader, features, rows, budget=budget))
+                lambda budget=budget: streaming.linear_and_debiased(reader, features, rows, budget=budget))
             groups = len(streaming.plan_groups(features, budget, reader.window))
             print(f"{label:<28}: {seconds:7.2f} s wall {cpu:7.2f} s CPU  peak {format_bytes(peak):>10}  "
                   f"({groups * (groups + 1) // 2} pass(es)); ratios: wall {seconds / t_memory:.2f}, CPU "

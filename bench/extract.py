@@ -3,7 +3,8 @@
     python bench/extract.py                          # CPU: ADM-shaped 32 px model, 3 timesteps
     python bench/extract.py --device cuda --adm256   # GPU: ADM-256-sized random weights, blocks 18-30
     python bench/extract.py --nproc 2                # 1 process against 2 (torchrun), and the store's objects
-    python bench/extract.py --model-kind sd|dit      # latent models (bench/extract_latent.py; --full: SD-2.1 / DiT-XL/2 sizes)
+    python bench/extract.py --model-kind sd|dit      # latent models (bench/extract_latent.py;
+                                                     # --full: SD-2.1 / DiT-XL/2 sizes)
 
 CPU mode prints wall time of (a) bare full forward passes, one per timestep, on tensors already in
 memory; (b) extraction of every block at those timesteps into a store (decoding, noise, hooks,
@@ -28,13 +29,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.models.blocks import block_table  # noqa: E402
-from stages.models.capture import BlockCapture  # noqa: E402
 from stages.data.folders import scan  # noqa: E402
 from stages.data.images import load_image  # noqa: E402
 from stages.extract import noise  # noqa: E402
 from stages.extract.plan import ExtractConfig  # noqa: E402
 from stages.extract.run import COMPUTE_DTYPES, exact_fp32, run_extract  # noqa: E402
+from stages.models.blocks import block_table  # noqa: E402
+from stages.models.capture import BlockCapture  # noqa: E402
 from stages.models.loading import load_model  # noqa: E402
 from stages.models.unet_configs import adm_unet_config  # noqa: E402
 
@@ -66,7 +67,8 @@ def inputs(model_dir: Path, data: Path, timesteps: list[int]):
     split = scan(data, ["train"])["train"]
     x0 = torch.stack([load_image(data / p, unet.config.sample_size, 3) for p in split.paths])
     abar = DDPMScheduler.from_pretrained(model_dir).alphas_cumprod
-    xts = {t: abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t, x0.shape[1:]) for i in range(len(x0))])
+    xts = {t: abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t,
+                                                                              x0.shape[1:]) for i in range(len(x0))])
            for t in timesteps}
     return unet, xts
 
@@ -126,10 +128,12 @@ def main() -> None:
     parser.add_argument("--timesteps", default="10,90,150")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
     parser.add_argument("--nproc", type=int, default=None,
-                        help="compare 1 process with N under torchrun, and count the store's objects (bench/extract_scale.py)")
+                        help="compare 1 process with N under torchrun, and count the store's objects "
+                             "(bench/extract_scale.py)")
     parser.add_argument("--model-kind", choices=("unet", "sd", "dit"), default="unet",
                         help="sd, dit: a latent model (bench/extract_latent.py), VAE encoding timed separately")
-    parser.add_argument("--full", action="store_true", help="with --model-kind: SD-2.1- or DiT-XL/2-sized random weights")
+    parser.add_argument("--full", action="store_true",
+                        help="with --model-kind: SD-2.1- or DiT-XL/2-sized random weights")
     parser.add_argument("--precision", default=None, help="with --model-kind [default: bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -137,7 +141,8 @@ def main() -> None:
     if args.model_kind != "unet":
         from bench.extract_latent import run
 
-        run(args.model_kind, full=args.full, device=device, images=args.images or (128 if device.type == "cuda" else 32),
+        run(args.model_kind, full=args.full, device=device,
+            images=args.images or (128 if device.type == "cuda" else 32),
             batch=args.batch_size or (32 if device.type == "cuda" else 8), timesteps=timesteps,
             precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"), repeats=args.repeats)
         return
@@ -183,11 +188,13 @@ def main() -> None:
             for precision in ("bf16", "fp32"):  # the fast setting first, in case a time limit cuts the run
                 bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device, precision, last)
                 runs = [(bare(unet, xts, batch, device, precision, last),
-                         extraction(loaded, data, store, tuple(range(first, last + 1)), timesteps, batch, device, precision))
+                         extraction(loaded, data, store, tuple(range(first, last + 1)), timesteps, batch, device,
+                                    precision))
                         for _ in range(args.repeats)]
                 a, b = (min(column) for column in zip(*runs))
                 n = images * len(timesteps)
-                print(f"{precision + (' (no TF32)' if precision == 'fp32' else '')}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
+                label = precision + (" (no TF32)" if precision == "fp32" else "")
+                print(f"{label}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
                       f"x {len(timesteps)} timesteps into a store: {n / b:8.1f} img*t/s | ratio {b / a:.3f} "
                       "(target <= 1.10)")
     finally:

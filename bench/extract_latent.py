@@ -34,7 +34,8 @@ SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 SIZES = {
     # SD 2.1 (stabilityai/stable-diffusion-2-1, 768 px) and its VAE; the text encoder has SD 2.1's width, one layer
-    ("sd", True): dict(unet=dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+    ("sd", True): dict(unet=dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10,
+                                                                                                                20, 20),
                                  cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
                                  down_block_types=SD_DOWN, up_block_types=SD_UP),
                        vae=(128, 256, 512, 512), text=1024, blocks="13-19"),
@@ -74,7 +75,8 @@ def build(workdir: Path, kind: str, full: bool, images: int) -> tuple[Path, Path
                                      num_attention_heads=8, intermediate_size=4 * sizes["text"], bos_token_id=0,
                                      eos_token_id=1, pad_token_id=1)).save_pretrained(pipe / "text_encoder")
         latent = sizes["unet"]["sample_size"]
-        (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "text_encoder": []}))
+        (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                           "text_encoder": []}))
     else:
         dit = DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **sizes["dit"])
         dit.save_pretrained(pipe / "transformer")
@@ -113,7 +115,8 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
         autocast = torch.autocast(device.type, dtype=COMPUTE_DTYPES[precision], enabled=precision != "fp32")
         params = sum(p.numel() for p in model.network.parameters()) / 1e6
         print(f"{kind}: {params:.0f}M parameters, {len(table)} blocks, {model.image_size} px -> {model.latent_size}^2 "
-              f"latents; blocks {spec}; {images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} {precision}")
+              f"latents; blocks {spec}; {images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} "
+              f"{precision}")
 
         def vae() -> tuple[float, torch.Tensor]:
             sync(device)
@@ -145,7 +148,8 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
         def extraction() -> float:
             out = workdir / "features.zarr"
             shutil.rmtree(out, ignore_errors=True)
-            config = ExtractConfig(model=str(pipe), data=str(data), out=str(out), blocks=blocks, timesteps=tuple(timesteps),
+            config = ExtractConfig(model=str(pipe), data=str(data), out=str(out), blocks=blocks,
+                                   timesteps=tuple(timesteps),
                                    pools=(1, 2), splits=("train",), batch_size=batch, device=str(device),
                                    precision=precision)
             sync(device)

@@ -101,7 +101,8 @@ class Recompute:
     def __call__(self, epoch: int, rows: np.ndarray) -> torch.Tensor:
         view = epoch + 1  # a fresh draw every epoch, never one of the stored views (seed + 1)
         x0 = torch.stack([load_image(self.split.root / self.split.paths[i], self.size, self.channels,
-                                     augment=self.augment, rng=view_generator(self.seed + 1, int(i), view)) for i in rows])
+                                     augment=self.augment, rng=view_generator(self.seed + 1, int(i),
+                                                                              view)) for i in rows])
         eps = torch.stack([noise(self.seed + 1, int(i), self.timestep, x0.shape[1:], view) for i in rows])
         with torch.inference_mode(), BlockCapture(self.unet, [self.block]) as capture:
             out = capture(self.a * x0 + self.s * eps, torch.full((len(rows),), self.timestep),
@@ -134,7 +135,8 @@ def main() -> None:
     parser.add_argument("--sweep-timesteps", default="100,200", help="The sweep line: every block at these.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=1.0,
-                        help="SGD learning rate (the recipe's is 1e-2: with --no-standardise, on this small DDPM every arm stays at "
+                        help="SGD learning rate (the recipe's is 1e-2: with --no-standardise, on this small DDPM every "
+                             "arm stays at "
                              "chance).")
     parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
                         help="Standardise features with the centre view's train statistics (--no-standardise: raw "
@@ -194,7 +196,8 @@ def main() -> None:
 
     torch_threads = torch.get_num_threads()
     print(f"\nblock {args.block}, t={args.timestep}, pool {args.pool}, {dim} features; linear head, the paper's recipe "
-          f"at lr {args.lr:g} on {'standardised' if args.standardise else 'raw'} features, {args.epochs} epochs; {n} train / {len(y_test)} test images; augmentation {augment.record(16)}; "
+          f"at lr {args.lr:g} on {'standardised' if args.standardise else 'raw'} features, {args.epochs} epochs; {n} "
+          f"train / {len(y_test)} test images; augmentation {augment.record(16)}; "
           f"torch threads {torch_threads}")
     print(f"{'arm':<40} {'test top-1':>10} {'extract s':>10} {'train s':>9} {'total s':>9} {'speed-up':>9}")
     for name, acc, ext, train in rows:

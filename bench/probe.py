@@ -288,15 +288,16 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
               f" hyper-parameter sets) on {result.record['device']}{_device_name(result.record['device'])}: "
               f"{seconds:.2f} s in all")
         print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
-              f"{'sweep top-1':>13}{'diff':>7}")
+              f"{'sweep top-1':>13}{'diff':>7}  sklearn C")
         for (key, (sk_seconds, _, accuracy, features, C)), diff in zip(sk.items(), differences):
             print(f"{key:<14}{features:>9}{sk_seconds:>11.3f}{per_combo:>9.3f}{sk_seconds / per_combo:>7.1f}"
-                  f"{100 * accuracy:>14.1f}%{100 * chosen[key]['test_top1']:>12.1f}%{diff:>+7.1f}")
+                  f"{100 * accuracy:>14.1f}%{100 * chosen[key]['test_top1']:>12.1f}%{diff:>+7.1f}  {C:g}")
         print(f"per combination, wall: scikit-learn tuned {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
               f"{sk_mean / per_combo:.2f}; CPU: {sk_cpu:.3f} s vs {cpu / len(combos):.3f} s -> ratio "
               f"{sk_cpu / (cpu / len(combos)):.2f}")
-        print(f"test top-1 minus scikit-learn tuned: mean {np.mean(differences):+.2f}, lowest {np.min(differences):+.2f} "
-              f"points; sweep matmuls {flops / 1e9:.2f} GFLOP = {flops / seconds / 1e9:.2f} GFLOP/s, "
+        print(f"test top-1 minus scikit-learn tuned: mean {np.mean(differences):+.2f}, lowest "
+              f"{np.min(differences):+.2f} points; sweep matmuls {flops / 1e9:.2f} GFLOP = "
+              f"{flops / seconds / 1e9:.2f} GFLOP/s, "
               f"{100 * flops / seconds / peak:.1f}% of this machine's float32 matmul peak")
         report[name] = {"solver": settings.solver, "seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
                         "cpu_seconds_per_combination": cpu / len(combos), "flops": flops,
@@ -314,7 +315,8 @@ def _device_name(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="Where the store and results go [default: a temp dir].")
     parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
     parser.add_argument("--unet", action="store_true", help="Extract real (random-init) U-Net features instead.")
     parser.add_argument("--configs", default="small,realistic",
@@ -322,7 +324,8 @@ def main() -> None:
                              "(10000 train, 50 classes, 256-4096 features) [default: both].")
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--timesteps", default="10,150,400")
-    parser.add_argument("--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument("--channels", type=int, default=96,
+                        help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
     parser.add_argument("--epochs", type=int, default=None, help="Epochs of the old default [default: its default]")
     parser.add_argument("--device", default="cpu", help="Where the sweep runs: cpu, cuda [default: cpu].")

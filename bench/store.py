@@ -4,8 +4,9 @@
     python bench/store.py --samples 65536
 
 Prints the wall time of reading every chunk of one array (a) with plain zarr (decompression and
-crc32c only) and a conversion to float32, as the store's reader returns it, (b) with `FeatureStore.read_chunk` (also: completion, finite values, the store's
-identity per read), (c) with `FeatureStore.read` (one call for the whole array), and the ratios.
+crc32c only) and a conversion to float32, as the store's reader returns it, (b) with
+`FeatureStore.read_chunk` (also: completion, finite values, the store's identity per read), (c) with
+`FeatureStore.read` (one call for the whole array), and the ratios.
 Best of `--repeats`.
 """
 

@@ -34,11 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir].")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="Where the store and results go [default: a temp dir].")
     parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--timesteps", default="10,150")
-    parser.add_argument("--channels", type=int, default=32, help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument("--channels", type=int, default=32,
+                        help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
     parser.add_argument("--heads", default="linear,ridge")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=None,
@@ -48,6 +50,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     from bench_probe import make_store  # bench/probe.py, imported under another name (see below)
+
     from stages.sweep.engine import EngineOptions, open_engine
     from stages.sweep.plan import StoreRef
     from stages.sweep.run import run_sweep, sweep_digest
@@ -68,7 +71,8 @@ def main() -> None:
     startup = time.perf_counter() - started
 
     timings, digests, tasks = {}, {}, 0
-    for name, engine in (("in-process", EngineOptions()), (f"--workers {args.workers}", EngineOptions(workers=args.workers))):
+    for name, engine in (("in-process", EngineOptions()), (f"--workers {args.workers}",
+                                                           EngineOptions(workers=args.workers))):
         started = time.perf_counter()
         result = run_sweep(ref, heads, options, out=work / name.strip("-").replace(" ", ""), group_size=args.group_size,
                            engine=engine, progress=False)

@@ -52,7 +52,10 @@ def describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str]
         return lines
     if stored == wanted:
         return []
-    short = lambda value: (text if len(text := json.dumps(value, default=str)) <= 80 else text[:77] + "...")  # noqa: E731
+    def short(value) -> str:
+        text = json.dumps(value, default=str)
+        return text if len(text) <= 80 else text[:77] + "..."
+
     return [f"{name}: the store has {short(stored)}, this run asks for {short(wanted)}"]
 
 
@@ -103,7 +106,8 @@ def inspect_directory(location: Location) -> tuple[str, dict]:
     except (OSError, ValueError, AttributeError):
         if layout.PROGRESS in children:
             return "damaged", {}
-        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store; choose another --out") from None
+        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store; "
+                         "choose another --out") from None
     if attrs.get("format") != layout.FORMAT:
         raise StoreError(f"{location} is a Zarr group but not a feature store; choose another --out")
     if any(key not in attrs for key in layout.REQUIRED_KEYS):

@@ -27,10 +27,26 @@ import numpy as np
 import zarr
 
 from cache import layout, locks
-from cache.errors import (ConfigError, IncompleteStoreError, IntegrityError, NotInStoreError, StoreError,
-                          StoreReplacedError)
-from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_shards, find_damage,
-                             identity, load_write_sets, read_root_attrs)
+from cache.errors import (
+    ConfigError,
+    IncompleteStoreError,
+    IntegrityError,
+    NotInStoreError,
+    StoreError,
+    StoreReplacedError,
+)
+from cache.integrity import (
+    DECODE_ERRORS,
+    Damage,
+    WriteSet,
+    chunk_rows,
+    decode_error,
+    done_shards,
+    find_damage,
+    identity,
+    load_write_sets,
+    read_root_attrs,
+)
 from cache.pooling import adaptive_avg_pool, derivable
 from cache.storage import Location
 from cache.text import format_ranges
@@ -105,7 +121,8 @@ class FeatureStore:
         """The stored split that holds view `view` of `split` (`cache.layout.view_split`)."""
         views = self.views(split)
         if not isinstance(view, (int, np.integer)) or not 0 <= view < views:
-            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view {view!r}")
+            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view "
+                                  f"{view!r}")
         return layout.view_split(split, int(view))
 
     @property
@@ -331,7 +348,8 @@ class FeatureStore:
             self._arrays[path] = self._group[path]
             return self._arrays[path]
         except KeyError:
-            raise IntegrityError(f"{self.path}/{path} is missing (the settings list it). {REPAIR.capitalize()}") from None
+            raise IntegrityError(f"{self.path}/{path} is missing (the settings list it). "
+                                 f"{REPAIR.capitalize()}") from None
         except DECODE_ERRORS as error:
             raise IntegrityError(f"{self.path}/{path}/zarr.json is damaged ({error}). {REPAIR.capitalize()}") from None
 
@@ -396,7 +414,8 @@ class FeatureStore:
                 raise IncompleteStoreError(
                     f"{self.path}: {split} block {block} timestep {timestep} is unfinished: "
                     f"{len(missing)} of {self.num_chunks(split)} sample chunks "
-                    f"missing ({format_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete reads."
+                    f"missing ({format_ranges(missing)}). Re-run the extraction to finish it, or allow incomplete "
+                    f"reads."
                 )
         return self._metadata(layout.feature_path(split, block, timestep))
 

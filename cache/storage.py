@@ -22,6 +22,7 @@ from functools import cached_property
 from pathlib import Path
 
 from cache.errors import StoreError
+from cache.extras import require
 
 
 class StorageError(StoreError):
@@ -71,7 +72,8 @@ def parse_storage_options(pairs) -> dict:
 def _merged(defaults: dict, options: dict) -> dict:
     merged = dict(defaults)
     for key, value in options.items():
-        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key),
+                                                                                            dict) else value
     return merged
 
 
@@ -115,6 +117,8 @@ class Location:
     def _fs_and_root(self):
         import fsspec
 
+        if self.protocol in ("s3", "s3a"):
+            require("s3fs", "s3", f"{self.url}: an S3 store")
         try:
             cls = fsspec.get_filesystem_class(self.protocol)
         except (ValueError, ImportError) as error:
@@ -149,7 +153,7 @@ class Location:
             return self.url
         from zarr.storage import FsspecStore
 
-        self._fs_and_root  # an unknown scheme or bad options are named here, not deep inside zarr
+        self._fs_and_root  # noqa: B018 -- an unknown scheme or bad options are named here, not deep inside zarr
         return FsspecStore.from_url(self.url, storage_options=self._options or None, read_only=read_only)
 
     # -- objects -----------------------------------------------------------------------------------------
@@ -162,7 +166,9 @@ class Location:
         """Every object under a prefix, as keys relative to the store: one listing instead of a request each."""
         if self.local:
             base = self.path / relative
-            return {p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file()} if base.is_dir() else set()
+            if not base.is_dir():
+                return set()
+            return {p.relative_to(self.path).as_posix() for p in base.rglob("*") if p.is_file()}
         try:
             found = self._call("list", self.fs.find, self.key(relative))
         except FileNotFoundError:

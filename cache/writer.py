@@ -29,16 +29,38 @@ from __future__ import annotations
 import logging
 import shutil
 from contextlib import contextmanager
+
 import numpy as np
 import zarr
 
 from cache import layout, locks
-from cache.creation import (FEATURE_CODECS, FULL, SMALL_CODECS, SplitIndex, create_files_array, differences,
-                            inspect_directory, make_directory, remove_partial_writes, replace, sample_chunking,
-                            write_index_array)
+from cache.creation import (
+    FEATURE_CODECS,
+    FULL,
+    SMALL_CODECS,
+    SplitIndex,
+    create_files_array,
+    differences,
+    inspect_directory,
+    make_directory,
+    remove_partial_writes,
+    replace,
+    sample_chunking,
+    write_index_array,
+)
 from cache.errors import DataChangedError, NonFiniteFeaturesError, StoreError, StoreFullError, StoreMismatchError
-from cache.integrity import (DECODE_ERRORS, Damage, WriteSet, chunk_rows, decode_error, done_shards, find_damage,
-                             load_write_sets, read_root_attrs, shard_problem)
+from cache.integrity import (
+    DECODE_ERRORS,
+    Damage,
+    WriteSet,
+    chunk_rows,
+    decode_error,
+    done_shards,
+    find_damage,
+    load_write_sets,
+    read_root_attrs,
+    shard_problem,
+)
 from cache.storage import Location
 from cache.text import format_bytes, format_ranges
 
@@ -107,7 +129,8 @@ class FeatureStoreWriter:
                 raise StoreError(f"{directory}/zarr.json, the store's settings, is damaged: its features cannot be "
                                  "trusted. Pass --overwrite to replace the store, or use another --out")
             if state == "unfinished":
-                log.warning("%s was left unfinished by a run that stopped while making it: building it again", directory)
+                log.warning("%s was left unfinished by a run that stopped while making it: building it again",
+                            directory)
             writer = cls(directory, replace(directory, settings, splits, block_table), lock)
             writer._load_sets()
             return writer
@@ -270,7 +293,8 @@ class FeatureStoreWriter:
         rows = self.shard_rows(split, shard)
         for (block, timestep), values in features.items():
             if values.shape[0] != rows.stop - rows.start:
-                raise ValueError(f"shard {shard} of {split} holds {rows.stop - rows.start} samples, got {values.shape[0]}")
+                raise ValueError(f"shard {shard} of {split} holds {rows.stop - rows.start} samples, got "
+                                 f"{values.shape[0]}")
             if not np.isfinite(values).all():
                 bad = rows.start + np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
                 raise NonFiniteFeaturesError(
@@ -350,7 +374,8 @@ class FeatureStoreWriter:
             free = shutil.disk_usage(self.location.path).free
             raise StoreFullError(
                 f"{self.path}: no space left on the device while {what}; {format_bytes(free)} free, and the "
-                f"unfinished shards need up to {format_bytes(self.remaining_bytes(unlisted))} more (before compression). "
+                f"unfinished shards need up to {format_bytes(self.remaining_bytes(unlisted))} more (before "
+                f"compression). "
                 "Free some space and run the same command again: finished shards are kept."
             ) from None
 

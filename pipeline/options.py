@@ -6,11 +6,12 @@ torch: `pipeline --help` and every command's `--help` stay fast.
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import re
 
 import click
-
 
 _RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -38,6 +39,23 @@ def parse_block_spec(spec: str) -> list[int] | None:
     return sorted(numbers)
 
 
+def parse_int_list(text: str, *, minimum: int | None = None, distinct: bool = True) -> tuple[int, ...]:
+    """'10,90,150' -> (10, 90, 150): a non-empty comma list of integers of at least `minimum`, distinct
+    unless `distinct` is False."""
+    try:
+        numbers = tuple(int(part) for part in str(text).split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{text!r} is not a comma list of integers such as 10,90,150") from None
+    if not numbers:
+        raise ValueError("the list is empty")
+    repeated = sorted({n for n in numbers if numbers.count(n) > 1})
+    if repeated and distinct:
+        raise ValueError(f"{', '.join(map(str, repeated))} appear(s) more than once in {text!r}")
+    if minimum is not None and min(numbers) < minimum:
+        raise ValueError(f"{text!r} holds {min(numbers)}; every value must be at least {minimum}")
+    return numbers
+
+
 class IntListType(click.ParamType):
     """A comma list of integers of at least `minimum`, e.g. `10,90,150`; distinct unless `distinct` is False."""
 
@@ -50,17 +68,9 @@ class IntListType(click.ParamType):
         if isinstance(value, (list, tuple)):
             return tuple(int(v) for v in value)
         try:
-            numbers = tuple(int(part) for part in str(value).split(",") if part.strip())
-        except ValueError:
-            self.fail(f"{value!r} is not a comma list of integers such as 10,90,150", param, ctx)
-        if not numbers:
-            self.fail("the list is empty", param, ctx)
-        repeated = sorted({n for n in numbers if numbers.count(n) > 1})
-        if repeated and self.distinct:
-            self.fail(f"{', '.join(map(str, repeated))} appear(s) more than once in {value!r}", param, ctx)
-        if self.minimum is not None and min(numbers) < self.minimum:
-            self.fail(f"{value!r} holds {min(numbers)}; every value must be at least {self.minimum}", param, ctx)
-        return numbers
+            return parse_int_list(value, minimum=self.minimum, distinct=self.distinct)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
 class LevelListType(IntListType):
@@ -135,6 +145,40 @@ BLOCKS = BlockSpecType()
 NAMES = NameListType()
 HEAD = HeadType()
 
+def shown(value) -> str:
+    """A default as the help shows it: lists as comma lists, floats short, booleans as on/off."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (tuple, list)):
+        return ",".join(shown(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+class SettingsHelpOption(click.Option):
+    """An option whose help names defaults read from the settings: each `{name}` in its help becomes
+    `defaults()[name]` when the help is first shown. The settings are imported then, not when the command
+    line loads (`pipeline --help` stays light), and the help cannot drift from what the stage does."""
+
+    def __init__(self, *decls, defaults, **kwargs):
+        super().__init__(*decls, **kwargs)
+        self._defaults = defaults
+
+    def get_help_record(self, ctx):
+        if self._defaults is not None:
+            self.help, self._defaults = self.help.format(**self._defaults()), None
+        return super().get_help_record(ctx)
+
+
+# Help of the options that read a data set (`pipeline extract`, `pipeline pixels`).
+DATA_HELP = ("The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
+             "layout (an image folder <split>/<class>/<image> if none); `pipeline datasets` lists the kinds.")
+CLASSES_HELP = ("Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
+                "shipped list: imagenet50, imagenet100, imagenet200.")
+SUBSET_HELP = ("Keep only these images (in the splits the list names): a file with one image path or file name "
+               "per line, or a shipped list: imagenet1pct, imagenet10pct.")
+
 model_option = click.option(
     "--model",
     required=True,
@@ -176,14 +220,33 @@ def parse_byte_size(text: str) -> int | None:
     return int(size)
 
 
-def parse_named_path(text: str) -> tuple[str, str]:
-    """'pretrained=results/a' -> ('pretrained', 'results/a'); 'results/a/' -> ('a', 'results/a/')."""
-    name, sep, path = str(text).partition("=")
-    if not sep:
-        path = name
-        name = path.rstrip("/\\").replace("\\", "/").split("/")[-1] or path
-    if not name or not path:
-        raise ValueError(f"{text!r} is not PATH or NAME=PATH")
+def split_name(text: str) -> tuple[str | None, str]:
+    """'NAME=REST' -> ('NAME', 'REST'); 'REST' -> (None, 'REST'). The one reading of the NAME= prefix.
+
+    An '=' after a '/', a '\\' or a ':' belongs to a path or URL (s3://bucket/run=3/f.zarr), not to a name.
+    """
+    text = str(text).strip()
+    name, sep, rest = text.partition("=")
+    if not sep or any(c in name for c in "/\\:"):
+        return None, text
+    if not name.strip():
+        raise ValueError(f"{text!r} has an empty name; write NAME={rest.strip()} or leave out the '='")
+    return name.strip(), rest.strip()
+
+
+def parse_named(text: str, *, suffix: str = "") -> tuple[str, str]:
+    """'[NAME=]PATH' -> (NAME, PATH): 'pretrained=results/a' -> ('pretrained', 'results/a'); without NAME=
+    the name is the path's last component less `suffix` ('results/a/' -> 'a'; with suffix '.zarr',
+    's3://b/adm256.zarr' -> 'adm256'). The name becomes a directory or a label: never empty or hidden."""
+    name, path = split_name(text)
+    if not path:
+        raise ValueError(f"{text!r} names no path; give PATH or NAME=PATH")
+    if name is None:
+        name = path.rstrip("/\\").replace("\\", "/").split("/")[-1]
+        if suffix and name.endswith(suffix) and len(name) > len(suffix):
+            name = name[: -len(suffix)]
+    if not name or name.startswith("."):
+        raise ValueError(f"{text!r} gives no usable name ({name!r}); write NAME=PATH")
     return name, path
 
 
@@ -205,36 +268,67 @@ class ParsedType(click.ParamType):
 
 FLOATS = ParsedType("FLOATS", parse_float_list, (tuple,))  # e.g. 1e-3,0.01,0.1
 BYTES = ParsedType("SIZE", parse_byte_size, (int,))  # e.g. 8GB, or auto (None)
-NAMED_PATH = ParsedType("[NAME=]PATH", parse_named_path, (tuple,))  # the name defaults to the directory's own
+NAMED_PATH = ParsedType("[NAME=]PATH", parse_named, (tuple,))  # the name defaults to the directory's own
+
+
+def parse_storage_option(text: str) -> tuple[tuple[str, ...], object]:
+    """'KEY=VALUE' -> (the key's dotted parts, the value): 'anon=true' -> (('anon',), True);
+    'client_kwargs.region_name=eu-west-1' -> (('client_kwargs', 'region_name'), 'eu-west-1').
+
+    Values are read as JSON where they parse (`true`, `3`, `{"a": 1}`) and kept as text otherwise.
+    """
+    key, sep, raw = str(text).partition("=")
+    parts = tuple(part.strip() for part in key.split("."))
+    if not sep or not all(parts):
+        raise ValueError(f"{text!r}: expected KEY=VALUE, e.g. anon=true or client_kwargs.region_name=eu-west-1")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return parts, value
+
+
+def merge_storage_options(pairs) -> dict:
+    """Parsed `--storage-option`s as nested fsspec options; a key given twice (or as both a value and a
+    parent of other keys) is an error rather than a silent choice."""
+    options: dict = {}
+    for parts, value in pairs:
+        target = options
+        for depth, part in enumerate(parts[:-1]):
+            target = target.setdefault(part, {})
+            if not isinstance(target, dict):
+                raise ValueError(f"{'.'.join(parts[:depth + 1])} is given a value and also keys below it")
+        if parts[-1] in target:
+            raise ValueError(f"{'.'.join(parts)} is given twice")
+        target[parts[-1]] = value
+    return options
+
+
+STORAGE_OPTION = ParsedType("KEY=VALUE", parse_storage_option, ())
+
+
+def _storage_options(ctx, param, pairs) -> dict:
+    try:
+        return merge_storage_options(pairs or ())
+    except ValueError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
 
 
 def storage_option(command):
-    """`--storage-option KEY=VALUE`, repeatable: fsspec options of an object store (`cache.storage`)."""
+    """`--storage-option KEY=VALUE`, repeatable: fsspec options of an object store (`cache.storage`), handed
+    to the command as one nested dict ({} when none is given)."""
     return click.option(
-        "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+        "--storage-option", "storage_options", type=STORAGE_OPTION, multiple=True, callback=_storage_options,
         help="An fsspec option of an object-store URL (s3://, gs:// ...), e.g. anon=true or "
              "client_kwargs.region_name=eu-west-1; repeat for more. Credentials and endpoints come from the "
              "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")(command)
 
 
 # -- pipeline cka ----------------------------------------------------------------------------------------
-def parse_named_store(text: str) -> tuple[str, str]:
-    """'features/adm256.zarr' -> ('adm256', 'features/adm256.zarr'); 'adm=features/a.zarr' -> ('adm', ...)."""
-    name, path = parse_named_path(text)
-    if "=" not in str(text):
-        stem = name.rsplit(".", 1)[0] if name.endswith(".zarr") else name
-        name = stem or name
-    return name, path
-
-
 def parse_scoped(text: str, parse) -> tuple[str | None, object]:
     """'[NAME=]SPEC' -> (NAME or None, parse(SPEC)): a selection for one store by name, or for all."""
-    name, sep, spec = str(text).partition("=")
-    if not sep:
-        name, spec = None, name
-    elif not name.strip():
-        raise ValueError(f"{text!r} has an empty store name; write NAME=SPEC or SPEC")
-    return (name.strip() if name is not None else None), parse(spec)
+    name, spec = split_name(text)
+    return name, parse(spec)
 
 
 def _parse_scoped_blocks(text: str):
@@ -243,19 +337,10 @@ def _parse_scoped_blocks(text: str):
 
 
 def _parse_scoped_timesteps(text: str):
-    def timesteps(spec):
-        try:
-            values = tuple(int(part) for part in spec.split(",") if part.strip())
-        except ValueError:
-            raise ValueError(f"{spec!r} is not a comma list of integers such as 10,90,150") from None
-        if not values or min(values) < 0 or len(set(values)) != len(values):
-            raise ValueError(f"{spec!r} must be a comma list of distinct timesteps >= 0, such as 10,90,150")
-        return values
-
-    return parse_scoped(text, timesteps)
+    return parse_scoped(text, functools.partial(parse_int_list, minimum=0))
 
 
-NAMED_STORE = ParsedType("[NAME=]PATH", parse_named_store, (tuple,))  # the name defaults to the file stem
+NAMED_STORE = ParsedType("[NAME=]PATH", functools.partial(parse_named, suffix=".zarr"), (tuple,))  # name: the file stem
 SCOPED_BLOCKS = ParsedType("[STORE=]BLOCKS", _parse_scoped_blocks, (tuple,))  # e.g. 18-30 or adm=18-30
 SCOPED_TIMESTEPS = ParsedType("[STORE=]TIMESTEPS", _parse_scoped_timesteps, (tuple,))  # e.g. 10,90 or adm=10,90
 
@@ -286,17 +371,21 @@ HEADS = HeadListType()
 def engine_options(command):
     """Where a sweep's tasks run (`stages.sweep.engine`): in this process unless one of these is given."""
     decorators = [
-        click.option("--workers", type=int, default=None,
+        click.option("--workers", type=click.IntRange(min=1), default=None,
                      help="Run the tasks on a local dask cluster of this many worker processes (127.0.0.1) "
                           "[default: in this process]."),
-        click.option("--scheduler", default=None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
+        click.option("--scheduler", default=None,
+                     help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
         click.option("--cluster", default=None,
                      help="Start a dask-jobqueue cluster of this kind (slurm, pbs, sge, lsf, moab, oar, htcondor), "
                           "configured by dask's configuration (jobqueue.yaml)."),
-        click.option("--scale", type=int, default=None, help="Workers of the --cluster [default: 1]."),
-        click.option("--threads-per-worker", type=int, default=1, help="Threads of each --workers process."),
+        click.option("--scale", type=click.IntRange(min=1), default=None,
+                     help="Workers of the --cluster [default: 1]."),
+        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1,
+                     help="Threads of each --workers process."),
         click.option("--dashboard", is_flag=True, help="Start dask's dashboard (its address is logged)."),
-        click.option("--connect-timeout", type=float, default=30.0, help="Seconds to wait for --scheduler."),
+        click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+                     help="Seconds to wait for --scheduler."),
         click.option("--group-size", type=click.IntRange(min=0), default=None,
                      help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
                           "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "

@@ -47,7 +47,8 @@ def holds_only(out: Path, names: set[str], *, folders: dict[str, str] | None = N
         if entry.is_symlink():
             return False
         if entry.name in folders and entry.is_dir():
-            if any(not f.is_file() or f.is_symlink() or not f.name.endswith(folders[entry.name]) for f in entry.iterdir()):
+            if any(not f.is_file() or f.is_symlink() or not f.name.endswith(folders[entry.name])
+                   for f in entry.iterdir()):
                 return False
         elif entry.name not in names or not entry.is_file():
             return False

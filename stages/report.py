@@ -79,7 +79,8 @@ def plot_heatmap(cells: list[dict], path: Path, *, title: str) -> None:
         i, j = timesteps.index(int(best["timesteps"])), blocks.index(int(best["blocks"]))
         axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
         axes.set_xlabel(f"U-Net block (ADM numbering)\nred box: chosen on validation (block {best['blocks']}, "
-                        f"t={best['timesteps']}: val {100 * best['val_top1']:.1f}%, test {100 * best['test_top1']:.1f}%)")
+                        f"t={best['timesteps']}: val {100 * best['val_top1']:.1f}%, "
+                        f"test {100 * best['test_top1']:.1f}%)")
     else:
         axes.set_xlabel("U-Net block (ADM numbering)")
     axes.set_xticks(range(len(blocks)), [str(b) for b in blocks])
@@ -182,7 +183,8 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
             all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
             images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
                               title=f"{set_name} / {run_name}")
-            sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2))
+            sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir,
+                                         level=2))
     headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
                 for run, per_set in metrics.items()}
     (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
@@ -225,7 +227,8 @@ def plot_comparison(metrics: dict, names: list[str], path: Path) -> None:
         bars = axes.bar(np.arange(len(heads)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
         for bar, value in zip(bars, values):
             if np.isfinite(value):
-                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7)
+                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom",
+                          fontsize=7)
     axes.set_xticks(range(len(heads)), heads)
     axes.set_ylabel("test top-1 (%)")
     axes.set_ylim(0, 105)

@@ -152,7 +152,8 @@ def plot_transfer(metrics: dict, datasets: list[str], columns: list[tuple[str, s
                         label=f"{model} · {head}")
         for bar, value in zip(bars, values):
             if np.isfinite(value):
-                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom", fontsize=6)
+                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom",
+                          fontsize=6)
     axes.set_xticks(range(len(datasets)), [f"{d} {MARK}" if d in overlaps else d for d in datasets])
     axes.set_ylabel("test top-1 (%)")
     axes.set_ylim(0, 105)

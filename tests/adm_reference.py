@@ -1,4 +1,5 @@
-"""An independent re-implementation of guided-diffusion's `UNetModel`, the reference the ADM conversion is tested against.
+"""An independent re-implementation of guided-diffusion's `UNetModel`, the reference the ADM conversion is
+tested against.
 
 Written from the structure of guided-diffusion's `unet.py`, `nn.py` and `script_util.create_model`
 (module names and nesting match, so `state_dict()` keys and shapes are the ones its checkpoints
@@ -203,7 +204,8 @@ _CHANNEL_MULT = {512: (0.5, 1, 1, 2, 2, 4, 4), 256: (1, 1, 2, 2, 4, 4), 128: (1,
 def reference_from_flags(flags: dict) -> ReferenceUNet:
     """script_util.create_model: guided-diffusion's argument dict (defaults filled in) -> the network."""
     size = flags["image_size"]
-    mult = _CHANNEL_MULT[size] if flags["channel_mult"] == "" else tuple(int(m) for m in flags["channel_mult"].split(","))
+    given = flags["channel_mult"]
+    mult = _CHANNEL_MULT[size] if given == "" else tuple(int(m) for m in given.split(","))
     return ReferenceUNet(
         model_channels=flags["num_channels"],
         out_channels=6 if flags["learn_sigma"] else 3,

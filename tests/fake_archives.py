@@ -173,7 +173,8 @@ def make_dogs(root: Path) -> tuple[Path, dict]:
                 labels.append(label + 1)
                 expected[split].append((f"Images/{relative}", label))
         scipy.io.savemat(root / f"{split}_list.mat", {
-            "file_list": cell(files, (len(files), 1)), "annotation_list": cell([f[:-4] for f in files], (len(files), 1)),
+            "file_list": cell(files, (len(files), 1)), "annotation_list": cell([f[:-4] for f in files], (len(files),
+                                                                                                         1)),
             "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1)})
     return root, expected
 

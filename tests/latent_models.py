@@ -65,7 +65,8 @@ def tiny_text_encoder(vocab_size: int, seed: int = 2, max_length: int = 24):
 
 
 def make_sd_dir(path: Path, *, unet: UNet2DConditionModel | None = None, skip: tuple[str, ...] = ()) -> Path:
-    """unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, as StableDiffusionPipeline saves them."""
+    """unet/, vae/, text_encoder/, tokenizer/, scheduler/ and model_index.json, as StableDiffusionPipeline saves
+    them."""
     parts = {
         "unet": unet or tiny_sd_unet(),
         "vae": tiny_vae(),

@@ -20,11 +20,11 @@ from scipy.spatial.distance import pdist, squareform
 
 from cache import FeatureStore
 from pipeline.cli import main
-from pipeline.options import parse_named_store, parse_scoped
+from pipeline.options import parse_named, parse_scoped
 from stages.cka.run import COLUMNS, CkaSettings, run_cka, select_samples
 from stages.cka.streaming import minibatches
-from tests.test_bad_input import digest
-from tests.test_probe_support import write_store
+
+from helpers import digest, write_store
 
 
 # -- the reference: Gram form ---------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def related_features(seed=0, n=(40, 43), channels=5, grid=2, timesteps=(10, 90),
     mix = rng.normal(size=(channels, channels))
     for split, count in zip(("train", "val"), n):
         labels[split] = np.arange(count) % 3
-        for k, t in enumerate(timesteps):
+        for t in timesteps:
             x = rng.normal(size=(count, channels, grid, grid)) + mean
             features.setdefault((1, t), {})[split] = x.astype(np.float32)
             mixed = np.tanh(np.einsum("oc,nchw->nohw", mix, x - mean) / 2) + 0.3 * rng.normal(size=x.shape)
@@ -102,7 +102,7 @@ def stores(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _read(path: Path, block: int, timestep: int, pool: int, split: str) -> np.ndarray:
     x = FeatureStore.open(path).read(split, block, timestep, pool)
     return x.reshape(len(x), -1).astype(np.float64)
@@ -193,7 +193,8 @@ def test_symmetric_and_independent_of_store_order(tmp_path, stores):
     backward = run(tmp_path, dict(reversed(list(stores.items()))), estimator="debiased")
 
     def pairs(result):
-        return {frozenset([(r["store_a"], r["block_a"], r["timestep_a"]), (r["store_b"], r["block_b"], r["timestep_b"])]):
+        return {frozenset([(r["store_a"], r["block_a"], r["timestep_a"]), (r["store_b"], r["block_b"],
+                                                                           r["timestep_b"])]):
                 r["cka"] for r in result.rows}
 
     a, b = pairs(forward), pairs(backward)
@@ -272,7 +273,8 @@ def test_command_writes_the_long_table_settings_and_heatmaps(tmp_path, stores):
         "a_pool1.png", "a_pool2.png", "a_vs_other_pool1.png", "a_vs_other_pool2.png", "other_pool1.png",
         "other_pool2.png"]
     assert (out / "heatmaps" / "a_pool1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = CliRunner().invoke(main, ["cka", "--store", str(stores["b"]), "--out", str(out)])  # its own output: replaced
+    again = CliRunner().invoke(main, ["cka", "--store", str(stores["b"]), "--out",
+                                      str(out)])  # its own output: replaced
     assert again.exit_code == 0, again.output
     assert [p.name for p in (out / "heatmaps").iterdir()] == ["b_pool1.png"]
     (out / "notes.txt").write_text("mine")
@@ -286,7 +288,7 @@ def test_command_writes_the_long_table_settings_and_heatmaps(tmp_path, stores):
     ("features/r50/", ("r50", "features/r50/")),
 ])
 def test_store_names(text, expected):
-    assert parse_named_store(text) == expected
+    assert parse_named(text, suffix=".zarr") == expected
 
 
 @pytest.mark.parametrize("text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")),
@@ -305,7 +307,8 @@ BAD = {
     "a block the store lacks": (lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"], 1,
                                 "a ({}) has no block 9; it holds blocks 1, 2, 3"),
     "a timestep the store lacks": (lambda t, s: ["--store", str(s["a"]), "--store", str(s["b"]), "--timesteps", "b=10"],
-                                   1, "b ({}) has no timestep 10 for block(s) 1, 2, 3; it holds block 1: timesteps [0]"),
+                                   1, "b ({}) has no timestep 10 for block(s) 1, 2, 3; it holds block 1: timesteps "
+                                      "[0]"),
     "a pool the store lacks": (lambda t, s: ["--store", str(s["a"]), "--pool", "3"], 1,
                                "cannot give pool 3 for block(s) 1, 2, 3; it can give block 1: pools [1, 2]"),
     "a split the store lacks": (lambda t, s: ["--store", str(s["a"]), "--split", "test"], 1, "has no split 'test'"),

@@ -12,13 +12,14 @@ import pytest
 import scipy.io
 from click.testing import CliRunner
 
-import fake_archives as fa
-from conftest import make_image_folder
 from pipeline.cli import main
 from stages.data.errors import DataError, MissingDataError
 from stages.data.folders import dataset_identity, scan
 from stages.data.registry import KINDS, open_dataset, resolve_data
 from stages.data.subsets import LISTS, named_lists
+
+import fake_archives as fa
+from helpers import make_image_folder
 
 MAKERS = {
     "cub": (fa.make_cub, "CUB_200_2011"), "nabirds": (fa.make_nabirds, "nabirds"),
@@ -233,7 +234,8 @@ def test_subset_by_file_name_keeps_the_other_splits_whole(tmp_path):
     subset = tmp_path / "subset.txt"
     subset.write_text("n02119789_6.JPEG\nn01440764/n01440764_10026.JPEG\n")
     splits = open_dataset(str(tmp_path), subset=str(subset))
-    assert listing(splits)["train"] == [("train/n01440764/n01440764_10026.JPEG", 0), ("train/n02119789/n02119789_6.JPEG", 2)]
+    assert listing(splits)["train"] == [("train/n01440764/n01440764_10026.JPEG", 0),
+                                        ("train/n02119789/n02119789_6.JPEG", 2)]
     assert listing(splits)["val"] == expected["val"]
     record = dataset_identity(splits)["subset"]
     assert record["lines"] == 2 and record["splits"] == {"train": 2} and record["dropped"] == 0
@@ -271,7 +273,8 @@ def test_shipped_lists_are_the_upstream_files_verbatim():
     counts = {"imagenet50": 50, "imagenet100": 100, "imagenet200": 200, "imagenet1pct": 12811, "imagenet10pct": 128116}
     for name, entry in named_lists().items():
         path = LISTS / entry["file"]
-        blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True).stdout.strip()
+        blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
+                              check=True).stdout.strip()
         assert blob == entry["git_blob"], name  # the blob id upstream's tree records for entry["path"]
         assert len(path.read_text().split("\n" if entry["selects"] == "classes" else None)) - \
             (entry["selects"] == "classes") == counts[name], name

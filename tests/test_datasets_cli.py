@@ -7,9 +7,10 @@ import json
 
 from click.testing import CliRunner
 
-import fake_archives as fa
 from cache import FeatureStore
 from pipeline.cli import main
+
+import fake_archives as fa
 
 
 def invoke(*args):

@@ -37,6 +37,7 @@ def full(tmp_path_factory):
     return out, write_mnist_folder(out)
 
 
+@pytest.mark.slow  # writes the whole default data set (5000 images)
 def test_full_default_split(full):
     out, record = full
     assert record["splits"] == {"train": 4000, "val": 1000}
@@ -54,6 +55,7 @@ def test_full_default_split(full):
     assert len(names["train"] | names["val"]) == 5000
 
 
+@pytest.mark.slow  # writes the whole default data set (5000 images)
 def test_files_are_the_source_images_in_their_class_folder(full, source):
     out, _ = full
     images, labels = source
@@ -145,6 +147,7 @@ def test_cli_data(small_mnist, tmp_path):
     assert result.exit_code == 1 and "not empty" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow  # writes the whole default data set (5000 images)
 def test_per_class_keeps_a_balanced_subset(source, tmp_path):
     images, labels = source
     record = write_mnist_folder(tmp_path / "d", val_fraction=0.2, seed=0, per_class=10)

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from cache import FeatureStore
-from conftest import make_image_folder
-from tests.s3_server import closed_port
+
+from helpers import make_image_folder
+from s3_server import closed_port
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--blocks", "2,5,9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "4", "--chunk-samples", "4",
@@ -41,6 +42,8 @@ RECORDING = (
     "from pipeline.cli import main\n"
     "main(sys.argv[1:])\n"
 )
+
+pytestmark = pytest.mark.slow  # torchrun process groups
 
 
 @pytest.fixture(scope="module")

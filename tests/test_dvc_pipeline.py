@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # whole `dvc repro` runs
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -79,3 +81,19 @@ def test_second_repro_does_nothing_and_probe_changes_rerun_only_probes(project):
     assert "Running stage 'probe@" in changed and "Running stage 'report'" in changed
     for stage in ("data", "pretrain", "random_init", "extract@", "pixels"):
         assert f"Running stage '{stage}" not in changed, changed
+
+
+def test_editing_one_command_makes_only_its_stages_stale(project):
+    """Each stage depends on its own command's module: an edit of `pipeline probe`'s (its help, say)
+    touches the probe stages and nothing upstream, DDPM training least of all."""
+    module = project / "pipeline" / "commands" / "probe.py"
+    original = module.read_text()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PYTHONPATH": str(project)}
+    try:
+        module.write_text(original + "\n# an edit of the probe command's module\n")
+        done = subprocess.run(["dvc", "status", "--json"], cwd=project, env=env, capture_output=True, text=True)
+    finally:
+        module.write_text(original)
+    assert done.returncode == 0, done.stderr
+    stale = set(json.loads(done.stdout))
+    assert stale and all(name.startswith(("probe@", "probe_pixels@")) for name in stale), stale

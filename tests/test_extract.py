@@ -10,24 +10,15 @@ from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
 from cache import FeatureStore
+from pipeline.options import parse_block_spec
 from stages.extract import noise
 from stages.extract.plan import ExtractConfig
-from pipeline.options import parse_block_spec
 from stages.extract.run import run_extract
+
+from helpers import reference_image
 
 TIMESTEPS = (0, 90, 500)
 POOLS = (1, 2, 4)
-
-
-def reference_image(path, size: int) -> torch.Tensor:
-    """The documented preprocessing, written out again: short side to `size` (bicubic), centre crop."""
-    image = Image.open(path).convert("RGB")
-    w, h = image.size
-    scale = size / min(w, h)
-    image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BICUBIC)
-    left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
-    array = np.asarray(image.crop((left, top, left + size, top + size)), dtype=np.float32)
-    return torch.from_numpy(array.transpose(2, 0, 1) / 127.5 - 1.0)
 
 
 def reference_features(model_dir, data_dir, split, paths, timestep, seed=0):
@@ -54,7 +45,8 @@ def reference_features(model_dir, data_dir, split, paths, timestep, seed=0):
 def store_f32(tiny_model, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "f.zarr"
     config = ExtractConfig(
-        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("all"), timesteps=TIMESTEPS, pools=POOLS,
+        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("all"), timesteps=TIMESTEPS,
+        pools=POOLS,
         batch_size=7, dtype="float32", chunk_samples=8,
     )
     run_extract(config, progress=False)
@@ -101,7 +93,8 @@ def test_batch_size_and_truncation_do_not_change_features(store_f32, tiny_model,
     # batch size 1 and only blocks up to the middle: the pass stops early, the numbers must not move
     out = tmp_path / "b1.zarr"
     config = ExtractConfig(
-        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("2,5-7"), timesteps=(90,), pools=POOLS,
+        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("2,5-7"), timesteps=(90,),
+        pools=POOLS,
         batch_size=1, dtype="float32", chunk_samples=8,
     )
     run_extract(config, progress=False)
@@ -120,7 +113,8 @@ def test_truncated_pass_stops_after_deepest_block(tiny_model, tiny_data, tmp_pat
         return original(self, x)
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
-    config = ExtractConfig(model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "s.zarr"), blocks=parse_block_spec("1"),
+    config = ExtractConfig(model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "s.zarr"),
+                           blocks=parse_block_spec("1"),
                            timesteps=(10,), batch_size=32, splits=("val",))
     run_extract(config, progress=False)
     assert len(ran) == 1  # conv_in only, not one convolution more

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 
 from cache import FeatureStore
-from conftest import make_image_folder
 from pipeline.cli import main
 from pipeline.options import parse_block_spec
+
+from helpers import make_image_folder
 
 
 def invoke(*args):

@@ -14,10 +14,13 @@ import torch
 
 from cache import FeatureStore, FeatureStoreWriter, StoreError, StoreLockedError, StoreMismatchError
 from cache.writer import SplitIndex
-from conftest import make_image_folder
-from stages.extract.plan import ExtractConfig
 from pipeline.options import parse_block_spec
+from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
+
+from helpers import make_image_folder
+
+pytestmark = pytest.mark.slow  # extractions killed and resumed in subprocesses
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,7 +31,8 @@ def chunk_files(store: Path) -> dict[str, bytes]:
 
 
 def config(model, data, out, **changes) -> ExtractConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), blocks=parse_block_spec("2-9"), timesteps=(10, 90), pools=(1, 2),
+    base = dict(model=str(model), data=str(data), out=str(out), blocks=parse_block_spec("2-9"), timesteps=(10, 90),
+                pools=(1, 2),
                 batch_size=3, chunk_samples=4, shard_samples=8)
     return ExtractConfig(**{**base, **changes})
 
@@ -110,7 +114,8 @@ def test_mismatched_store_is_refused_with_the_difference_named(tiny_model, tiny_
     with pytest.raises(StoreMismatchError, match="dtype"):
         run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), dtype="float32"), progress=False)
     assert chunk_files(out) == before
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5, overwrite=True), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5, overwrite=True),
+                progress=False)
     assert FeatureStore.open(out).attrs["noise_seed"] == 5
 
 
@@ -143,7 +148,8 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
     run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5"), timesteps=(10,)), progress=False)
     first = chunk_files(out)
     writes = record_writes(monkeypatch)
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5,8"), timesteps=(10, 90)), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5,8"), timesteps=(10, 90)),
+                progress=False)
     assert {key for _, _, key in writes} == {(3, 90), (5, 90), (8, 10), (8, 90)}
     after = chunk_files(out)
     unchanged = [k for k in first if "block3/t10/" in k or "block5/t10/" in k]
@@ -162,10 +168,12 @@ def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_mode
     run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     writes = record_writes(monkeypatch)
     # What `dvc repro` runs after a timestep is added: the matching store is extended, not redone.
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), timesteps=(10, 90, 150), overwrite=True),
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), timesteps=(10, 90, 150),
+                       overwrite=True),
                 progress=False)
     assert {key for _, _, key in writes} == {(3, 150)}
     # A finer pool than block 3 was stored at, with --overwrite: the store is rebuilt at the new grid.
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,), overwrite=True), progress=False)
+    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,), overwrite=True),
+                progress=False)
     store = FeatureStore.open(out)
     assert store.block_info(3)["grid"] == 4 and store.timesteps == [10, 90] and not store.missing()

@@ -29,16 +29,22 @@ import zarr
 from click.testing import CliRunner
 from PIL import Image
 
-from cache import FeatureStore, FeatureStoreWriter
-from cache import creation
+from cache import FeatureStore, FeatureStoreWriter, creation
 from cache import writer as store_writer
-from cache.errors import (DataChangedError, IntegrityError, StoreError, StoreFullError, StoreInUseError,
-                          StoreReplacedError)
-from conftest import make_image_folder
+from cache.errors import (
+    DataChangedError,
+    IntegrityError,
+    StoreError,
+    StoreFullError,
+    StoreInUseError,
+    StoreReplacedError,
+)
 from pipeline.cli import main
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.models.loading import load_model
+
+from helpers import make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(blocks=(3, 5), timesteps=(10, 90), pools=(1,), batch_size=4, chunk_samples=8, shard_samples=16)
@@ -149,6 +155,7 @@ def count_writes(model, data, out, monkeypatch) -> int:
 
 
 # -- kills ------------------------------------------------------------------------------------------
+@pytest.mark.slow  # a whole extraction killed at every write
 def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference, tmp_path, monkeypatch):
     """kill -9 at each step of store creation, array creation, chunk writes and flags, then resume.
     (Covers the half-built store that looked complete, the array without flags that got stuck, and a
@@ -169,6 +176,7 @@ def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference,
     assert failures == [], failures
 
 
+@pytest.mark.slow  # a real extraction process, killed
 def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, reference, tmp_path):
     out = tmp_path / "killed.zarr"
     command = [sys.executable, "-c", (
@@ -253,11 +261,14 @@ def truncate(path: Path) -> None:
 
 # (damage, what reading then says, how the message says to repair it)
 DAMAGE = {
-    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
+    "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum",
+                                       "verify"),
     "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum", "verify"),
-    "deleted feature chunk": (lambda s: feature_shard(s).unlink(), "shard 1 (chunk 2) is marked finished but is missing",
+    "deleted feature chunk": (lambda s: feature_shard(s).unlink(),
+                              "shard 1 (chunk 2) is marked finished but is missing",
                               "extract"),
-    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values", "verify"),
+    "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values",
+                                  "verify"),
     "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "completion flags are damaged",
                                 "extract"),
     "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "completion flags are damaged", "extract"),
@@ -315,7 +326,8 @@ def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, s
     written = []
     original = FeatureStoreWriter.write_shard
     monkeypatch.setattr(FeatureStoreWriter, "write_shard",
-                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split, chunk, *a, **k))
+                        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split,
+                                                                                                       chunk, *a, **k))
     extract(model, data, store)
     assert written == []
     assert_same_store(store, reference)
@@ -427,7 +439,8 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
     settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
                                                   "precision", "chunk_samples", "shard_samples")}
     splits = {s: store_writer.SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
-    with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=store.attrs["block_table"]) as writer:
+    with FeatureStoreWriter.open(out, settings=settings, splits=splits,
+                                 block_table=store.attrs["block_table"]) as writer:
         writer.add_arrays({3: 1}, [150], [1])
         values = np.ones((16, store.block_info(3)["channels"], 1, 1), np.float16)  # shard 0: 16 samples
         values[2] = np.inf  # what float16 makes of a feature above 65504

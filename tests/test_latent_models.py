@@ -11,18 +11,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from diffusers import AutoencoderKL, DiTTransformer2DModel, PNDMScheduler, DDPMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, DiTTransformer2DModel, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from cache import FeatureStore
-from conftest import make_image_folder
-from latent_models import make_dit_dir, make_sd_dir
 from pipeline.cli import main
 from pipeline.options import parse_block_spec
 from stages.extract import noise
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
-from tests.test_extract import reference_image
+
+from helpers import make_image_folder, reference_image
+from latent_models import make_dit_dir, make_sd_dir
 
 TIMESTEPS = (0, 261)
 POOLS = (1, 2)
@@ -131,7 +131,8 @@ def test_stable_diffusion_features_equal_a_plain_forward_pass(sd_store, sd_dir, 
     assert_store_matches(sd_store, lambda paths, t, labels: sd_reference(sd_dir, images, paths, t))
     attrs = sd_store.attrs
     assert attrs["kind"] == "diffusion" and attrs["model"]["kind"] == "stable-diffusion"
-    assert attrs["model"]["conditioning"]["prompt"] == "" and len(attrs["model"]["conditioning"]["embedding_sha256"]) == 64
+    conditioning = attrs["model"]["conditioning"]
+    assert conditioning["prompt"] == "" and len(conditioning["embedding_sha256"]) == 64
     assert attrs["preprocessing"]["size"] == 16 and attrs["block_table"][2]["stride"] == 4
 
 
@@ -198,7 +199,8 @@ def test_dift_up_ft_index_is_the_last_row_of_each_up_block():
 
 @pytest.mark.parametrize("setup, fragment", [
     (lambda d: make_sd_dir(d, skip=("vae",)), "lacks vae/ (AutoencoderKL)"),
-    (lambda d: make_sd_dir(d, skip=("text_encoder", "tokenizer")), "lacks text_encoder/ (the text encoder), tokenizer/"),
+    (lambda d: make_sd_dir(d, skip=("text_encoder", "tokenizer")),
+     "lacks text_encoder/ (the text encoder), tokenizer/"),
     (lambda d: _sdxl(make_sd_dir(d)), "SDXL"),
 ])
 def test_bad_pipeline_directories_are_one_line_errors(setup, fragment, images, tmp_path):

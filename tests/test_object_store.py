@@ -24,9 +24,12 @@ from s3fs import S3FileSystem
 from cache import FeatureStore, FeatureStoreWriter, StoreLockedError
 from cache.storage import Location
 from cache.writer import SplitIndex
-from conftest import make_image_folder
 from pipeline.cli import main
-from tests.s3_server import ENV, closed_port, list_keys, make_bucket, s3_server
+
+from helpers import make_image_folder
+from s3_server import ENV, closed_port, list_keys, make_bucket, s3_server
+
+pytestmark = pytest.mark.slow  # an S3 server (moto) and killed processes
 
 REPO = Path(__file__).resolve().parents[1]
 ARGS = ["--blocks", "3,5", "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "4",

@@ -12,7 +12,8 @@ from stages.data.images import load_image
 
 def test_pixel_store_holds_the_preprocessed_images(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "pixels.zarr"
-    result = CliRunner().invoke(main, ["pixels", "--data", str(tiny_data), "--out", str(out), "--model", str(tiny_model)])
+    result = CliRunner().invoke(main, ["pixels", "--data", str(tiny_data), "--out", str(out), "--model",
+                                       str(tiny_model)])
     assert result.exit_code == 0, result.output
     store = FeatureStore.open(out)
     assert store.attrs["kind"] == "pixels" and store.blocks == [0] and store.timesteps == [0]

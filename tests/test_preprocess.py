@@ -1,4 +1,5 @@
-"""`--preprocess adm` is guided-diffusion's center_crop_arr exactly, and the preprocessing is part of the store's identity."""
+"""`--preprocess adm` is guided-diffusion's center_crop_arr exactly, and the preprocessing is part of the store's
+identity."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from PIL import Image
 
 from cache import FeatureStore
 from cache.errors import StoreMismatchError
-from conftest import make_model_dir
 from stages.data.images import load_image
 from stages.extract.plan import ExtractConfig, make_plan
 from stages.extract.run import run_extract
+
+from helpers import make_model_dir
 
 
 def center_crop_arr(pil_image, image_size):
@@ -92,9 +94,10 @@ def test_model_directory_names_its_preprocessing(tmp_path, tiny_data):
 def test_extracted_adm_images_are_the_reference(tmp_path):
     """The store's features are those of the reference preprocessing (compared through the pixel path:
     the U-Net's input of one sample, rebuilt from the image alone)."""
-    from stages.extract.run import _NoisedImages
     from stages.data.folders import scan
-    from conftest import make_image_folder
+    from stages.extract.run import _NoisedImages
+
+    from helpers import make_image_folder
 
     data = make_image_folder(tmp_path / "data", counts={"train": 2}, size=(70, 64))
     split = scan(data, ["train"])["train"]

@@ -21,7 +21,8 @@ from stages.probe.registry import HEADS
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings, halving_rungs
 from stages.report import render_run
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 FAST = dict(threads=1, epochs=10, batch_size=64)
 
@@ -129,7 +130,8 @@ def test_linear_head_agrees_with_scikit_learn_on_digits(digits_store, tmp_path):
     n_fit = len(FeatureStore.open(digits_store).labels("train")) - len(carve_validation(
         store.labels("train"), np.arange(1200), 0.1, 0)[1])
     result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1, 2),
-                                     timesteps=(10,), pools=(8,), optimizer="sgd", lrs=(0.3,), weight_decays=(1 / n_fit,),
+                                     timesteps=(10,), pools=(8,), optimizer="sgd", lrs=(0.3,),
+                                     weight_decays=(1 / n_fit,),
                                      batch_size=n_fit, epochs=300, warmup=0.0, threads=1))
     predictions = np.load(result.run_dir / "predictions.npz")
     for row in (r for r in result.rows if r["selected"]):
@@ -193,7 +195,8 @@ def test_selection_never_sees_the_test_split(tmp_path):
         clean_rows, corrupted_rows = runs["clean", head].rows, runs["corrupted", head].rows
         strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("test")} for r in rows]  # noqa: E731
         assert strip(clean_rows) == strip(corrupted_rows)  # validation scores and choices are unchanged
-        assert [r["test_top1"] for r in clean_rows if r["selected"]] != [r["test_top1"] for r in corrupted_rows if r["selected"]]
+        chosen_clean = [r["test_top1"] for r in clean_rows if r["selected"]]
+        assert chosen_clean != [r["test_top1"] for r in corrupted_rows if r["selected"]]
         assert max(r["test_top1"] for r in corrupted_rows if r["selected"]) < 0.3
         assert all(r["test_top1"] == "" for r in clean_rows if not r["selected"])  # test scored for chosen only
 
@@ -205,7 +208,8 @@ def test_validation_subset_is_seeded_stratified_and_recorded(digits_store, tmp_p
     np.testing.assert_array_equal(val, again)
     assert not set(fit) & set(val) and len(fit) + len(val) == len(labels)
     assert np.all(np.abs(np.bincount(labels[val]) - 0.1 * np.bincount(labels)) <= 1)
-    result = run_probe(ProbeSettings(store=str(digits_store), head="ridge", out=str(tmp_path), pools=(1,), seed=3, threads=1))
+    result = run_probe(ProbeSettings(store=str(digits_store), head="ridge", out=str(tmp_path), pools=(1,), seed=3,
+                                     threads=1))
     recorded = json.loads((result.run_dir / "validation_subset.json").read_text())
     assert recorded["indices"] == val.tolist() and recorded["seed"] == 3
     record = json.loads((result.run_dir / "run.json").read_text())
@@ -223,7 +227,8 @@ def test_saved_probes_reproduce_the_test_predictions_from_raw_store_features(dig
         predictions = np.load(result.run_dir / "predictions.npz")
         for key in (r["key"] for r in result.rows if r["selected"]):
             probe, config = load_probe(result.run_dir / "heads" / key)
-            inputs = [torch.from_numpy(store.read("val", r["block"], r["timestep"], r["pool"])) for r in config["reads"]]
+            inputs = [torch.from_numpy(store.read("val", r["block"], r["timestep"],
+                                                  r["pool"])) for r in config["reads"]]
             with torch.no_grad():
                 top1 = probe(*inputs).argmax(dim=1).numpy()
             np.testing.assert_array_equal(top1, predictions[key][:, 0])
@@ -270,8 +275,10 @@ def test_an_unfinished_store_is_refused_unless_allowed(tmp_path):
     assert "train block 1 timestep 90: chunks 2-4" in str(error.value)
     assert "val block 2 timestep 10: chunks 0" in str(error.value) and "--allow-incomplete" in str(error.value)
     # only the arrays a probe reads matter
-    run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), blocks=(2,), timesteps=(90,), threads=1))
-    result = run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), allow_incomplete=True, threads=1))
+    run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), blocks=(2,), timesteps=(90,),
+                            threads=1))
+    result = run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), allow_incomplete=True,
+                                     threads=1))
     assert result.record["samples"]["train"] == 1200
     assert result.record["samples"]["fit"] + result.record["samples"]["val"] == 1200 - 3 * 64
     assert result.record["samples"]["test"] == 597 - 64
@@ -330,7 +337,8 @@ def test_halving_retires_members_and_the_survivor_trains_as_it_would_alone(digit
         alone = run_probe(ProbeSettings(out=str(tmp_path / key), lrs=(chosen["lr"],), halving=False,
                                         **{**common, "blocks": (int(chosen["blocks"]),)}))
         (row,) = alone.rows
-        assert row["val_top1"] == pytest.approx(chosen["val_top1"]) and row["test_top1"] == pytest.approx(chosen["test_top1"])
+        assert row["val_top1"] == pytest.approx(chosen["val_top1"])
+        assert row["test_top1"] == pytest.approx(chosen["test_top1"])
         assert_same_probe(halved.run_dir, alone.run_dir, key, rtol=1e-4, atol=1e-5)
 
 

@@ -10,9 +10,10 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.options import parse_byte_size, parse_float_list, parse_named_path
+from pipeline.options import parse_byte_size, parse_float_list, parse_named
 from stages.report import build_report, render_run
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,8 @@ def noise_store(tmp_path_factory):
     """The same layout with features that carry no class information (a "random" baseline)."""
     features, labels = digits_features(n_train=600)
     rng = np.random.default_rng(0)
-    noise = {key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()} for key, value in features.items()}
+    noise = {key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()} for key,
+             value in features.items()}
     return write_store(tmp_path_factory.mktemp("cli") / "noise.zarr", noise, labels, pools=(1, 2))
 
 
@@ -69,7 +71,7 @@ def test_parse_byte_size_rejects(text):
     ("pixels=runs/raw", ("pixels", "runs/raw")),
 ])
 def test_parse_named_path(text, expected):
-    assert parse_named_path(text) == expected
+    assert parse_named(text) == expected
 
 
 def test_probe_command_runs_a_sweep_and_reports_the_choice(store, tmp_path):
@@ -120,7 +122,8 @@ def test_probe_command_explains_what_the_store_lacks(store, tmp_path):
     (["--blocks", "9-3"], "runs backwards"),
 ])
 def test_probe_command_rejects_malformed_values(store, tmp_path, args, fragment):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path), *args])
+    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
+                                       *args])
     assert result.exit_code == 2 and fragment in result.output
 
 

@@ -14,7 +14,8 @@ from stages.probe.plan import ProbeInputError
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
 from stages.probe.sklearn_probes import RidgeProbe
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 FAST = dict(threads=1, epochs=4, batch_size=64)
 
@@ -26,7 +27,8 @@ def split_three_ways(features, labels):
     rows = {"train": every[every % 4 != 0], "val": every[every % 4 == 0]}
 
     def cut(by_split):
-        return {"train": by_split["train"][rows["train"]], "val": by_split["train"][rows["val"]], "test": by_split["val"]}
+        return {"train": by_split["train"][rows["train"]], "val": by_split["train"][rows["val"]],
+                "test": by_split["val"]}
 
     return {key: cut(value) for key, value in features.items()}, cut(labels)
 

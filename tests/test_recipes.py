@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from cache.errors import ConfigError
-from conftest import make_image_folder
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.probe.banks import FlatBank
@@ -20,6 +19,8 @@ from stages.probe.plan import Rows, Samples, epoch_schedule
 from stages.probe.recipes import recipe_lr
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
+
+from helpers import make_image_folder
 
 
 # -- the paper's head, rebuilt from its published structure (soumik-kanad/diffssl) ----------------------
@@ -180,7 +181,8 @@ def test_linear_recipe_schedule_and_raw_features(store, tmp_path):
     assert config["lr_per_epoch"][6] == pytest.approx(1e-2) and config["lr_per_epoch"][7] == pytest.approx(1e-3)
     assert config["lr_per_epoch"][27] == pytest.approx(1e-5)
     probe, _ = load_probe(result.run_dir / "heads" / "b3_t10_p1")
-    assert torch.equal(probe.mean0, torch.zeros_like(probe.mean0)) and torch.equal(probe.std0, torch.ones_like(probe.std0))
+    assert torch.equal(probe.mean0, torch.zeros_like(probe.mean0)) and torch.equal(probe.std0,
+                                                                                   torch.ones_like(probe.std0))
     assert result.record["settings"]["optimizer"] == "sgd" and result.record["settings"]["weight_decays"] == (0.0,)
 
 

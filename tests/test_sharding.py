@@ -12,8 +12,9 @@ import zarr
 from click.testing import CliRunner
 
 from cache import FeatureStore
-from conftest import make_image_folder
 from pipeline.cli import main
+
+from helpers import make_image_folder
 
 ARGS = ["--blocks", "3,5", "--pool", "1", "--batch-size", "4", "--chunk-samples", "4"]
 

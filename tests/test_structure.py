@@ -1,4 +1,5 @@
-"""The shape of the code: no import cycles, dependencies one way, a light `--help`, complete DVC deps.
+"""The shape of the code: import-linter's contracts (no import cycles, dependencies one way), a light
+`--help`, DVC deps that are exactly the code each stage's command runs.
 
 The import graph is read from the source (every import statement, also inside functions and under
 TYPE_CHECKING), so an import that only runs on some code path still counts.
@@ -7,6 +8,9 @@ TYPE_CHECKING), so an import that only runs on some code path still counts.
 from __future__ import annotations
 
 import ast
+import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,38 +62,6 @@ def import_graph(*, module_level: tuple[str, ...] = ()) -> dict[str, set[str]]:
     return graph
 
 
-def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components with more than one module (Tarjan)."""
-    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
-
-    def visit(v):
-        index[v] = low[v] = counter[0]
-        counter[0] += 1
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph.get(v, ()):
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for v in sorted(graph):
-        if v not in index:
-            visit(v)
-    return found
-
-
 def closure(graph: dict[str, set[str]], roots: list[str]) -> set[str]:
     seen, todo = set(), list(roots)
     while todo:
@@ -100,20 +72,34 @@ def closure(graph: dict[str, set[str]], roots: list[str]) -> set[str]:
     return seen
 
 
-def test_no_two_modules_import_each_other():
-    assert cycles(import_graph()) == []
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """import-linter's contracts (pyproject.toml [tool.importlinter]) on the packages under `root`."""
+    tool = Path(sys.executable).with_name("lint-imports")
+    return subprocess.run([str(tool), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
+                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
 
 
-def test_the_walker_sees_a_cycle():
-    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+def test_architecture_contracts_hold():
+    """Layers pipeline -> stages -> cache, cache alone, no import cycles: kept by import-linter."""
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout
 
 
-def test_dependencies_point_one_way():
-    graph = import_graph()
-    wrong = [(m, t) for m, targets in graph.items() for t in targets
-             if (m.startswith("cache") and not t.startswith("cache"))
-             or (m.startswith("stages") and t.startswith("pipeline"))]
-    assert wrong == []
+def test_the_contracts_see_a_cycle_and_a_wrong_way_import(tmp_path):
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path)
+    with (tmp_path / "cache" / "errors.py").open("a") as module:  # the store reaching up into a stage
+        module.write("\n\ndef _wrong_way():\n    from stages.probe import registry  # noqa: F401\n")
+    with (tmp_path / "stages" / "devices.py").open("a") as module:  # devices <-> outputs: a cycle
+        module.write("\n\ndef _cycle():\n    from stages import outputs  # noqa: F401\n")
+    with (tmp_path / "stages" / "outputs.py").open("a") as module:
+        module.write("\n\ndef _cycle():\n    from stages import devices  # noqa: F401\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode == 1
+    for contract in ("Layers", "The store stands alone", "No import cycles"):
+        assert re.search(rf"{contract}[^\n]*BROKEN", done.stdout), (contract, done.stdout)
 
 
 def test_help_does_not_import_torch():
@@ -132,35 +118,65 @@ def test_help_does_not_import_torch():
     assert done.stdout.strip() == "[]"
 
 
-# What each DVC stage runs: the command line (its module-level imports; each command imports its own
-# stage code when it runs) and the stage code the stage's command calls (probes with --no-render).
-STAGE_ENTRIES = {
-    "data": ["pipeline.cli", "stages.data.mnist"],
-    "pretrain": ["pipeline.cli", "stages.pretrain.ddpm"],
-    "random_init": ["pipeline.cli", "stages.pretrain.random_init"],
-    "extract": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.kinds"],
-    "probe": ["pipeline.cli", "stages.sweep.engine", "stages.sweep.plan", "stages.sweep.run", "stages.sweep.task"],
-    "probe_pixels": ["pipeline.cli", "stages.sweep.engine", "stages.sweep.plan", "stages.sweep.run",
-                     "stages.sweep.task"],
-    "report": ["pipeline.cli", "stages.report"],
-    "cka": ["pipeline.cli", "stages.cka.run"],
-}
+# -- DVC: each stage depends on the code its command runs, and on nothing else ---------------------------
+DVC_FILES = {"dvc.yaml": "", "transfer/dvc.yaml": "../"}  # each file, and how its deps reach the repository
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_ENTRIES))
-def test_dvc_dependencies_are_per_folder_and_complete(stage):
-    definition = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]
+def command_graph() -> dict[str, set[str]]:
+    """The import graph a command runs on: every import of every module counts (also those inside
+    functions, the way a command imports its stage code), except inside `pipeline.options`, whose
+    lazy imports serve only the options that use them."""
+    return import_graph(module_level=("pipeline.options",))
+
+
+def stage_roots(cmd: str) -> list[str]:
+    """The modules a DVC stage's command line starts from: the `pipeline` group and the command's module
+    (and `python -m pipeline`, which `--nproc` starts again under torchrun)."""
+    names = re.findall(r"(?:^|\s)pipeline ([a-z][a-z-]*)", cmd)
+    assert len(names) == 1, f"expected one `pipeline <command>` in {cmd!r}"
+    roots = ["pipeline.cli", f"pipeline.commands.{names[0].replace('-', '_')}"]
+    return roots + (["pipeline.__main__"] if "--nproc" in cmd else [])
+
+
+def dvc_stages() -> list[tuple[str, str]]:
+    return [(path, stage) for path in DVC_FILES for stage in yaml.safe_load((REPO / path).read_text())["stages"]]
+
+
+def code_deps(path: str, stage: str) -> tuple[str, list[str]]:
+    """(the stage's command, its deps on the project's code, relative to the repository root)."""
+    definition = yaml.safe_load((REPO / path).read_text())["stages"][stage]
     body = definition.get("do", definition)
-    deps = [d for d in body["deps"] if not d.startswith(("$", "data/", "features/", "results", "models/"))]
-    code = [d for d in deps if d.split("/")[0] in PACKAGES]
+    prefix = DVC_FILES[path]
+    deps = [d[len(prefix):] for d in body["deps"] if isinstance(d, str) and d.startswith(prefix)]
+    return body["cmd"], [d for d in deps if d.split("/")[0] in PACKAGES]
+
+
+def holds(dep: str, module_file: Path) -> bool:
+    relative = module_file.relative_to(REPO).as_posix()
+    return relative == dep if dep.endswith(".py") else relative.startswith(dep.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("path, stage", dvc_stages())
+def test_dvc_dependencies_are_the_code_the_command_runs(path, stage):
+    cmd, code = code_deps(path, stage)
     modules = project_modules()
-    needed = closure(import_graph(module_level=("pipeline.cli", "pipeline.options")), STAGE_ENTRIES[stage])
-    uncovered = sorted(m for m in needed
-                       if not any(modules[m].relative_to(REPO).as_posix().startswith(d.rstrip("/") + ("" if d.endswith(".py") else "/"))
-                                  for d in code))
-    assert uncovered == [], f"dvc.yaml stage {stage} lacks the code of {uncovered}"
-    # a dependency is a whole folder, or a module that sits beside folders and is shared by stages
+    needed = closure(command_graph(), stage_roots(cmd))
+    uncovered = sorted(m for m in needed if not any(holds(d, modules[m]) for d in code))
+    assert uncovered == [], f"{path} stage {stage} lacks the code of {uncovered}"
+    unneeded = [d for d in code if not any(holds(d, modules[m]) for m in needed)]
+    assert unneeded == [], f"{path} stage {stage} depends on code its command never imports: {unneeded}"
     for dep in code:
-        path = REPO / dep
-        assert path.is_dir() or (path.suffix == ".py" and path.parent != REPO / "stages" / "probe"), dep
+        if dep.split("/")[0] == "pipeline":  # one command's module, never every command's
+            assert dep.endswith(".py"), f"{path} stage {stage}: {dep} (list the command's own modules)"
+        else:  # a whole folder, or a module that sits beside folders and is shared by stages
+            assert (REPO / dep).is_dir() or (REPO / dep).suffix == ".py", dep
+
+
+def test_a_command_module_is_not_every_stages_dependency():
+    """Editing one command (its help, say) re-runs only the stages that run it: DDPM training does not
+    depend on the probe's command module, nor the probe on pretraining's."""
+    deps = {stage: code_deps("dvc.yaml", stage)[1] for path, stage in dvc_stages() if path == "dvc.yaml"}
+    assert "pipeline/commands/pretrain.py" in deps["pretrain"]
+    assert not any(d.startswith("pipeline/commands/") and d != "pipeline/commands/pretrain.py"
+                   for d in deps["pretrain"])
+    assert "pipeline/commands/pretrain.py" not in deps["probe"] and "pipeline" not in deps["probe"]

@@ -29,11 +29,12 @@ from pipeline.cli import main
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
 from stages.sweep.engine import EngineOptions, open_engine
-from stages.sweep.plan import StoreRef, parse_store, plan_sweep
+from stages.sweep.plan import StoreRef, plan_sweep
 from stages.sweep.run import SweepResult, run_sweep, sweep_digest
 from stages.sweep.task import TASKS, run_task
 from stages.sweep.versions import VersionMismatchError
-from tests.test_probe_support import digits_features, write_store
+
+from helpers import digits_features, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 OPTS = dict(epochs=3, batch_size=64, lrs=(1e-3, 1e-2), pools=(1, 2))
@@ -76,16 +77,6 @@ def on(cluster) -> EngineOptions:
 
 
 # -- the plan ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("text, name, location", [
-    ("features/adm256.zarr", "adm256", "features/adm256.zarr"),
-    ("features/adm256.zarr/", "adm256", "features/adm256.zarr/"),
-    ("pre=features/a.zarr", "pre", "features/a.zarr"),
-    ("s3://bucket/run=3/f.zarr", "f", "s3://bucket/run=3/f.zarr"),
-])
-def test_parse_store(text, name, location):
-    assert parse_store(text) == StoreRef(name, location)
-
-
 def test_tasks_are_groups_keyed_by_what_decides_their_numbers(store, tmp_path):
     refs = [StoreRef("digits", str(store))]
     plan = plan_sweep(refs, HEADS, OPTS, group_size=3)
@@ -142,6 +133,7 @@ def test_a_rerun_runs_nothing_and_another_configuration_reuses_nothing(store, re
     assert (other.submitted, other.reused) == (4, 0)
 
 
+@pytest.mark.slow  # the module's local dask cluster
 def test_results_on_two_local_workers_equal_the_in_process_run(store, reference, cluster, tmp_path):
     address, client = cluster
     assert address.startswith("tcp://127.0.0.1:") and len(client.scheduler_info()["workers"]) == 2
@@ -156,6 +148,7 @@ def test_results_on_two_local_workers_equal_the_in_process_run(store, reference,
     assert str(os.getpid()) not in " ".join(ran_on) and len(ran_on) >= 1
 
 
+@pytest.mark.slow  # the module's local dask cluster
 def test_a_worker_killed_mid_task_loses_nothing(store, reference, cluster, tmp_path):
     """SIGKILL the worker process that is training a task (found by its task's partial directory)."""
     killed = []
@@ -190,6 +183,7 @@ def _drive(store: str, out: str) -> None:
     run_sweep([StoreRef("digits", store)], ["linear"], OPTS, out=out, group_size=GROUP, progress=False)
 
 
+@pytest.mark.slow  # the module's local dask cluster
 def test_a_killed_driver_is_rerun_and_runs_only_missing_tasks(store, reference, cluster, tmp_path):
     """A driver (in-process engine, forked so that it starts with torch imported) SIGKILLed after its first
     task; the rerun, on the cluster, runs the others only."""
@@ -209,6 +203,7 @@ def test_a_killed_driver_is_rerun_and_runs_only_missing_tasks(store, reference, 
     assert run_digest(result, "digits/linear") == run_digest(reference, "digits/linear")
 
 
+@pytest.mark.slow  # the module's local dask cluster
 def test_probe_with_a_scheduler_writes_what_the_sweep_writes(store, reference, cluster, tmp_path):
     result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
                                        "--scheduler", cluster[0], "--group-size", str(GROUP), "--no-render",

@@ -11,14 +11,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-import fake_archives as fa
 from pipeline.cli import main
 from stages.extract.pixels import write_pixel_store
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings
-from test_structure import PACKAGES, REPO, closure, import_graph, project_modules
+
+import fake_archives as fa
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +58,8 @@ def test_transfer_table_rows_columns_and_the_overlap_mark(results, tmp_path):
     with open(tmp_path / "t" / "transfer.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 6 and {r["kind"] for r in lines} == {"cub", "dogs"}
-    dogs_ridge = next(r for r in lines if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge")
+    dogs_ridge = next(r for r in lines
+                      if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge")
     assert abs(float(dogs_ridge["test_top1"]) - table["dogs"]["pretrained/ridge"]) < 1e-6
     assert dogs_ridge["overlaps"].startswith("ImageNet-1k train")
     assert (tmp_path / "t" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
@@ -73,37 +76,9 @@ def test_a_directory_of_data_sets_stands_for_each(results, tmp_path):
     (tmp_path / "c" / "mine.txt").write_text("keep")
     result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(results), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "was not written by" in result.output
-    result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(tmp_path), "--out", str(tmp_path / "d")])
+    result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(tmp_path), "--out",
+                                       str(tmp_path / "d")])
     assert result.exit_code == 1 and "holds no <model>/<head>/ probe results" in result.output
-
-
-TEMPLATE_ENTRIES = {
-    "random_init": ["pipeline.cli", "stages.pretrain.random_init"],
-    "extract_pretrained": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "extract_random_init": ["pipeline.cli", "stages.extract.plan", "stages.extract.run"],
-    "pixels": ["pipeline.cli", "stages.extract.pixels", "stages.models.loading"],
-    "probe": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
-    "probe_pixels": ["pipeline.cli", "stages.probe.run", "stages.probe.settings"],
-    "report": ["pipeline.cli", "stages.transfer"],
-}
-
-
-@pytest.fixture(scope="module")
-def graph():
-    return import_graph(module_level=("pipeline.cli", "pipeline.options"))
-
-
-@pytest.mark.parametrize("stage", sorted(TEMPLATE_ENTRIES))
-def test_the_transfer_template_lists_its_code(stage, graph):
-    definition = yaml.safe_load((REPO / "transfer" / "dvc.yaml").read_text())["stages"][stage]
-    body = definition.get("do", definition)
-    code = [d[3:] for d in body["deps"] if d.startswith("../") and d[3:].split("/")[0] in PACKAGES]
-    modules = project_modules()
-    needed = closure(graph, TEMPLATE_ENTRIES[stage])
-    uncovered = sorted(m for m in needed
-                       if not any(modules[m].relative_to(REPO).as_posix().startswith(d.rstrip("/") + ("" if d.endswith(".py") else "/"))
-                                  for d in code))
-    assert uncovered == [], f"transfer/dvc.yaml stage {stage} lacks the code of {uncovered}"
 
 
 def test_the_transfer_template_covers_every_data_set_and_head():

@@ -1,7 +1,7 @@
-"""Augmented views in the store (`extract --views K --augment ...`) and probes that train on one view per sample per epoch."""
+"""Augmented views in the store (`extract --views K --augment ...`) and probes that train on one view per sample
+per epoch."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
@@ -85,7 +85,7 @@ def test_each_view_is_recomputable_from_the_image(stores, tiny_model, tiny_data)
                 captured = {}
                 for block in BLOCKS:
                     module = unet.get_submodule(table[block]["module"])
-                    handle = module.register_forward_hook(lambda m, i, o, b=block: captured.__setitem__(b, o))
+                    handle = module.register_forward_hook(lambda m, i, o, b=block, c=captured: c.__setitem__(b, o))
                     with torch.no_grad():
                         unet(xt, torch.tensor([t]))
                     handle.remove()
@@ -97,7 +97,10 @@ def test_each_view_is_recomputable_from_the_image(stores, tiny_model, tiny_data)
 def test_views_draw_differently_and_repeat_exactly(tiny_data):
     path = next((tiny_data / "train").rglob("*.png"))
     augment = parse_augment(AUGMENT)
-    draw = lambda index, view: load_image(path, 16, 3, augment=augment, rng=view_generator(0, index, view))  # noqa: E731
+
+    def draw(index, view):
+        return load_image(path, 16, 3, augment=augment, rng=view_generator(0, index, view))
+
     assert torch.equal(draw(3, 1), draw(3, 1))
     assert not torch.equal(draw(3, 1), draw(3, 2)) and not torch.equal(draw(3, 1), draw(4, 1))
     assert not torch.equal(noise(0, 3, 10, (3, 4, 4), 1), noise(0, 3, 10, (3, 4, 4)))
@@ -110,7 +113,8 @@ def test_views_are_part_of_the_store_identity(stores, tiny_model, tiny_data):
         run_extract(config(tiny_model, tiny_data, store.path, views=3, augment="resized-crop"), progress=False)
     with pytest.raises(StoreMismatchError, match="views"):
         run_extract(config(tiny_model, tiny_data, store.path), progress=False)
-    run_extract(config(tiny_model, tiny_data, store.path, views=3, augment=AUGMENT), progress=False)  # resumes: nothing to do
+    run_extract(config(tiny_model, tiny_data, store.path, views=3, augment=AUGMENT),
+                progress=False)  # resumes: nothing to do
     with pytest.raises(ConfigError, match="--views"):
         run_extract(config(tiny_model, tiny_data, store.path, augment=AUGMENT), progress=False)
 
@@ -145,7 +149,8 @@ def test_training_rows_read_their_epochs_view_and_evaluation_rows_view_zero(stor
         chosen = view_choice(7, epoch, rows, 3)
         np.testing.assert_array_equal(got, np.stack([stored[v][i] for i, v in zip(rows, chosen)]))
     packed, local = data.window(chunks)  # validation: the centre view
-    np.testing.assert_array_equal(layout.take(packed, local(np.arange(n)), torch.device("cpu"))[0][0].numpy(), stored[0])
+    np.testing.assert_array_equal(layout.take(packed, local(np.arange(n)), torch.device("cpu"))[0][0].numpy(),
+                                  stored[0])
 
 
 def test_probe_with_one_view_is_bit_for_bit_a_probe_without_views(stores, tmp_path):
@@ -173,7 +178,10 @@ def test_dry_run_shows_the_cost_of_views(tiny_model, tiny_data, tmp_path):
     assert "train@view3" in four and "views: train 4" in four and "train@view1" not in one
     passes = lambda text, split: [line for line in text.splitlines() if line.startswith(f"{split}: ")]  # noqa: E731
     assert passes(four, "train@view2")[0].split(":", 1)[1] == passes(one, "train")[0].split(":", 1)[1]
-    nbytes = lambda plan, split: sum(int(np.prod(shape)) for s, _, _, shape in plan.arrays() if s == split)  # noqa: E731
+
+    def nbytes(plan, split):
+        return sum(int(np.prod(shape)) for s, _, _, shape in plan.arrays() if s == split)
+
     plan1 = make_plan(config(tiny_model, tiny_data, tmp_path / "s.zarr"))
     plan4 = make_plan(config(tiny_model, tiny_data, tmp_path / "s.zarr", views=4))
     total = lambda plan: sum(int(np.prod(shape)) for *_, shape in plan.arrays())  # noqa: E731

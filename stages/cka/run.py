@@ -149,7 +149,7 @@ def run_cka(settings: CkaSettings) -> CkaResult:
         write_rows(staging / "cka.csv", table)
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
-                write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
+            write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
                            samples=len(rows))
         (staging / "cka.json").write_text(json.dumps(record, indent=2) + "\n")
     return CkaResult(out, table, record)
@@ -316,4 +316,5 @@ def describe(result: CkaResult) -> str:
     pools = sorted({r["pool"] for r in result.rows})
     return (f"{len(result.rows)} pairs of {len(record['features'])} features ({', '.join(record['stores'])}; pool "
             f"{', '.join(map(str, pools))}; {record['samples']['count']} {record['split']} samples, "
-            f"{record['settings']['estimator']}) -> {result.out}/cka.csv; budget {format_bytes(record['memory_budget'])}")
+            f"{record['settings']['estimator']}) -> {result.out}/cka.csv; budget "
+            f"{format_bytes(record['memory_budget'])}")

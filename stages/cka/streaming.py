@@ -26,8 +26,15 @@ import numpy as np
 from cache.errors import UserError
 from cache.reader import FeatureStore
 from cache.text import format_bytes
-from stages.cka.estimators import (CrossMoments, centre_gram, gram_cka_matrix, linear_grams, normalise, rbf_gram,
-                                   unbiased_hsic_matrix)
+from stages.cka.estimators import (
+    CrossMoments,
+    centre_gram,
+    gram_cka_matrix,
+    linear_grams,
+    normalise,
+    rbf_gram,
+    unbiased_hsic_matrix,
+)
 from stages.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -70,7 +77,7 @@ class Reader:
                 chosen = rows[(rows >= start) & (rows < start + self.window)]
                 if len(chosen) == 0:
                     continue
-                yield list(pool.map(lambda cursor: cursor.rows(chosen), cursors))
+                yield list(pool.map(lambda cursor, chosen=chosen: cursor.rows(chosen), cursors))
                 bar.update(len(chosen))
 
 

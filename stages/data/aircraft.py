@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 
 from stages.data.errors import DataError
-from stages.data.kind import Kind, Listing, labels_of, read_table, require, requested
+from stages.data.kind import Kind, Listing, labels_of, read_table, requested, require
 
 BANNER_PIXELS = 20
 _CLASS_FILES = {"variant": "variants.txt", "family": "families.txt", "manufacturer": "manufacturers.txt"}

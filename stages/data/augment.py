@@ -47,7 +47,8 @@ class Augment:
         if self.crop_fractions is not None:
             low, high = self.crop_fractions
             if not 0.0 < low <= high <= 1.0:
-                raise ConfigError(f"resized-crop needs crop fractions 0 < A <= B <= 1 (A-B, e.g. 0.8-1.0), got {low}-{high}")
+                raise ConfigError(f"resized-crop needs crop fractions 0 < A <= B <= 1 (A-B, e.g. 0.8-1.0), got "
+                                  f"{low}-{high}")
         if self.padding is not None and self.padding < 0:
             raise ConfigError(f"crop padding must be a non-negative number of pixels, got {self.padding}")
         if not 0.0 <= self.flip <= 1.0:

@@ -38,7 +38,8 @@ def read_cars(root: Path, splits: tuple[str, ...] | None) -> Listing:
         if not (root / folder).is_dir():
             raise CARS.missing(root / folder, "the image folder")
         with matfiles.reading(root / annotations):
-            rows = matfiles.records(matfiles.load(root / annotations, ("annotations",))["annotations"], ("fname", "class"))
+            rows = matfiles.records(matfiles.load(root / annotations, ("annotations",))["annotations"], ("fname",
+                                                                                                         "class"))
         labels = np.asarray([row["class"] - 1 for row in rows], dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise DataError(f"{root / annotations}: class ids outside 1..{len(classes)} of {meta}")

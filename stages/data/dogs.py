@@ -8,10 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-
 from stages.data import matfiles
 from stages.data.errors import DataError
-from stages.data.kind import Kind, Listing, require, requested
+from stages.data.kind import Kind, Listing, requested, require
 
 
 def read_dogs(root: Path, splits: tuple[str, ...] | None) -> Listing:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from stages.data import matfiles
 from stages.data.errors import DataError
-from stages.data.kind import Kind, Listing, require, requested
+from stages.data.kind import Kind, Listing, requested, require
 
 _SET_KEYS = {"train": "trnid", "val": "valid", "test": "tstid"}
 

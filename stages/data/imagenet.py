@@ -18,7 +18,7 @@ import numpy as np
 
 from stages.data import matfiles
 from stages.data.errors import DataError
-from stages.data.kind import IMAGE_SUFFIXES, Kind, Listing, require, requested
+from stages.data.kind import IMAGE_SUFFIXES, Kind, Listing, requested, require
 
 DEVKIT = "ILSVRC2012_devkit_t12/data"
 GROUND_TRUTH = f"{DEVKIT}/ILSVRC2012_validation_ground_truth.txt"

@@ -144,7 +144,8 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:
-        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data set.") from None
+        raise DataError(f"cannot read image {path}: {error} "
+                        "Shrink the image, or remove it from the data set.") from None
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"cannot read image {path}: {error}") from error
     if array.ndim == 2 and channels == 3:  # a 16-bit grayscale image for an RGB model

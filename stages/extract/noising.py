@@ -18,7 +18,8 @@ import torch
 from cache.errors import ConfigError
 
 
-def noise(seed: int, index: int, timestep: int, shape: tuple[int, ...], view: int = 0, *, draw: int = 0) -> torch.Tensor:
+def noise(seed: int, index: int, timestep: int, shape: tuple[int, ...], view: int = 0, *,
+          draw: int = 0) -> torch.Tensor:
     """eps for sample `index` (its position in its split) at `timestep`: float32 N(0, 1) on the CPU.
 
     A pure function: a `torch.Generator` seeded with 64 bits drawn from

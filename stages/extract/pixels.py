@@ -47,7 +47,8 @@ def write_pixel_store(
     if pools is not None and (not pools or min(pools) < 1):
         raise ConfigError(f"pools must be positive integers, got {list(pools)}")
     if size < 1 or channels not in (1, 3):
-        raise ConfigError(f"the pixel store needs a positive size and 1 or 3 channels, got size {size}, {channels} channels")
+        raise ConfigError(f"the pixel store needs a positive size and 1 or 3 channels, got size {size}, {channels} "
+                          f"channels")
     per_image = 4 * channels * size * size
     if 4 * per_image > available_memory():
         largest = int((available_memory() / (16 * channels)) ** 0.5)
@@ -71,7 +72,8 @@ def write_pixel_store(
         "chunk_samples": chunk_samples,
     }
     index = {name: SplitIndex(split.labels, split.paths) for name, split in folders.items()}
-    with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row], overwrite=overwrite) as writer:
+    with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row],
+                                 overwrite=overwrite) as writer:
         writer.add_arrays({PIXEL_BLOCK: grid}, [PIXEL_TIMESTEP], list(pools or (size,)))
         writer.update_info(data_root=str(next(iter(folders.values())).root.resolve()))
         for name, split in folders.items():

@@ -109,7 +109,8 @@ class Plan:
 
     def arrays(self) -> list[tuple[str, Block, int, tuple[int, ...]]]:
         return [
-            (split, block, t, (len(self.splits[split].paths), block.channels, self.grids[block.number], self.grids[block.number]))
+            (split, block, t, (len(self.splits[split].paths), block.channels, self.grids[block.number],
+                               self.grids[block.number]))
             for split in self.splits
             for block in self.blocks
             for t in self.config.timesteps
@@ -137,7 +138,8 @@ class Plan:
         for split, data in self.splits.items():
             n = len(data.paths)
             shards = layout.num_chunks(n, self.shard_samples)
-            per_rank = [self._passes(split, list(range(shards))[rank::world_size], images) for rank in range(world_size)]
+            per_rank = [self._passes(split, list(range(shards))[rank::world_size],
+                                     images) for rank in range(world_size)]
             lines.append(
                 f"{split}: {n} images in {shards} shards, {sum(per_rank)} forward passes of up to {images} images x "
                 f"{len(self.config.timesteps)} timesteps"
@@ -154,14 +156,16 @@ class Plan:
             lines.append(f"{split:<{width}} {block.number:>5} {t:>8}  {str(shape):<24} {count:>7} {size / 1e6:>10.2f}")
         flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
         index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
-        lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} objects "
+        lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} "
+                     f"objects "
                      f"of features, {flags} completion flags, about {index} of labels, paths and file records")
         return "\n".join(lines)
 
     def _passes(self, split: str, shards: list[int], images: int) -> int:
         n = len(self.splits[split].paths)
         per = self.shard_samples // self.chunk_samples
-        chunks = [c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n, self.chunk_samples)))]
+        chunks = [c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n,
+                                                                                                 self.chunk_samples)))]
         return len(chunk_batches(chunks, n, self.chunk_samples, images))
 
 
@@ -287,7 +291,8 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     }
     if views:  # only stores with augmented views record them: a store without stays as it always was
         settings["views"] = {
-            "count": int(config.views), "splits": list(config.view_splits), "augment": augment.record(model.image_options()["size"]),
+            "count": int(config.views), "splits": list(config.view_splits),
+            "augment": augment.record(model.image_options()["size"]),
             "draws": "stages.data.augment.view_generator(noise_seed, index, view)",
             "noise": "stages.extract.noise(noise_seed, index, t, shape, view)",
         }

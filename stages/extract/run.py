@@ -94,7 +94,8 @@ def run_extract(config: ExtractConfig, *, progress: bool = True, model: FeatureM
         writer, work = _open_store(plan, job)
         try:
             plan.model.prepare(device)
-            with plan.model.capture(plan.blocks) as capture, ThreadPoolExecutor(1, thread_name_prefix="store-writer") as pool:
+            writer_thread = ThreadPoolExecutor(1, thread_name_prefix="store-writer")
+            with plan.model.capture(plan.blocks) as capture, writer_thread as pool:
                 for split in plan.splits:
                     _extract_split(plan, split, work[split], writer, capture, pool, device, progress, job)
             job.barrier()  # the store stays held until every rank has written its shards
@@ -201,7 +202,8 @@ def check_images_unchanged(writer: FeatureStoreWriter, split: str, folder: Image
     if changed:
         raise DataChangedError(
             f"{len(changed)} image(s) of {split} changed since the store's features were computed from them (same "
-            f"size, other content): {', '.join(folder.paths[i] for i in changed[:5])}{' ...' if len(changed) > 5 else ''}. "
+            f"size, other content): {', '.join(folder.paths[i] for i in changed[:5])}"
+            f"{' ...' if len(changed) > 5 else ''}. "
             f"Restore them, or re-extract with --overwrite"
         )
     if touched:
@@ -231,7 +233,8 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
         writer.reload_write_sets()  # rank 0 may have made the set just now
     mine = share_of(sorted(needs), job)
     per_shard = ss // cs
-    chunks = [c for shard in mine for c in range(shard * per_shard, min((shard + 1) * per_shard, layout.num_chunks(n, cs)))]
+    num_chunks = layout.num_chunks(n, cs)
+    chunks = [c for shard in mine for c in range(shard * per_shard, min((shard + 1) * per_shard, num_chunks))]
     batches = chunk_batches(chunks, n, cs, images_per_pass(config.batch_size, len(steps)))
     everyone = sum(writer.shard_rows(split, shard).stop - writer.shard_rows(split, shard).start for shard in needs)
     model: FeatureModel = plan.model

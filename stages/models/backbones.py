@@ -23,14 +23,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
+from cache.extras import require
 from stages.models.blocks import Block, UnsupportedModelError
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
@@ -45,7 +46,8 @@ _RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # PIL's n
 class _Tap:
     module: str
     name: str  # the table's "adm" column: what the model's own code calls it
-    shape: str  # "map" (B, C, H, W), "tokens" (B, prefix + h*w, D), "cls" (B, prefix + h*w, D) -> token 0, "pooled" (B, D)
+    # "map" (B, C, H, W), "tokens" (B, prefix + h*w, D), "cls" (B, prefix + h*w, D) -> token 0, "pooled" (B, D)
+    shape: str
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class BackboneModel(FeatureModel):
         patch = int(getattr(self, "patch_size", 0) or 0)
         side = self.image.size // patch if patch else int(math.isqrt(sequence))
         if side * side > sequence:
-            raise UnsupportedModelError(f"--model {self.source}: {sequence} tokens cannot hold a {side}x{side} patch grid")
+            raise UnsupportedModelError(f"--model {self.source}: {sequence} tokens cannot hold a {side}x{side} patch "
+                                        f"grid")
         return side * side
 
     def block_table(self) -> list[Block]:
@@ -115,7 +118,8 @@ class BackboneModel(FeatureModel):
 
     def image_options(self) -> dict:
         spec = self.image
-        return {"size": spec.size, "channels": 3, "resize": spec.resize, "resample": spec.resample, "squash": spec.squash,
+        return {"size": spec.size, "channels": 3, "resize": spec.resize, "resample": spec.resample,
+                "squash": spec.squash,
                 "convention": spec.convention}
 
     def noise_shape(self) -> None:
@@ -181,7 +185,8 @@ def _hf_taps(network: nn.Module, model_type: str) -> list[_Tap]:
              if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")]
     embeddings = find("embeddings")
     if embeddings is None or not lists:
-        raise UnsupportedModelError(f"{type(network).__name__} ({model_type}): not a ResNet or a vision transformer with "
+        raise UnsupportedModelError(f"{type(network).__name__} ({model_type}): not a ResNet or a vision transformer "
+                                    f"with "
                                     "embeddings and a list of layers; supported: ResNet, ViT, DINOv2, CLIP vision")
     layers, module = max(lists, key=lambda item: len(item[1]))
     # CLIP normalises the embeddings before its first layer: the patch embedding block is what that layer reads
@@ -199,7 +204,8 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
     """The image processor's sizes, filter, mean and std, read from its preprocessor_config.json."""
     path = directory / "preprocessor_config.json"
     if not path.exists():
-        raise ModelLoadError(f"--model hf:{source}: no preprocessor_config.json beside the model, so its image size, mean "
+        raise ModelLoadError(f"--model hf:{source}: no preprocessor_config.json beside the model, so its image size, "
+                             f"mean "
                              "and std are unknown; save the model's image processor there too "
                              "(AutoImageProcessor.from_pretrained(...).save_pretrained(DIR))")
     config = json.loads(path.read_text())
@@ -228,6 +234,7 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
 
 def load_hf(source: str) -> BackboneModel:
     """A vision backbone from a local `save_pretrained` directory or a Hub id (module docstring)."""
+    require("transformers", "transformers", f"--model hf:{source}")
     from transformers import AutoConfig, AutoModel
 
     path = Path(source).expanduser()
@@ -306,7 +313,7 @@ def _state_dict(checkpoint: str, name: str) -> dict:
 
 def load_timm(name: str, checkpoint: str | None, *, weights: bool = True) -> BackboneModel:
     """A timm architecture with the weights of `checkpoint` (`weights=False`: structure only, for the table)."""
-    import timm
+    timm = require("timm", "backbones", f"--model timm:{name}")
     from timm.data import resolve_model_data_config
 
     try:
@@ -325,7 +332,8 @@ def load_timm(name: str, checkpoint: str | None, *, weights: bool = True) -> Bac
             raise ModelLoadError(f"--checkpoint {checkpoint} does not fit timm:{name}: {len(missing)} weights missing "
                                  f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
         if result.unexpected_keys:
-            log.info("--checkpoint %s: %d entries not used by timm:%s (%s ...)", checkpoint, len(result.unexpected_keys),
+            log.info("--checkpoint %s: %d entries not used by timm:%s (%s ...)", checkpoint,
+                     len(result.unexpected_keys),
                      name, result.unexpected_keys[0])
     data = resolve_model_data_config(network)
     if data.get("crop_mode", "center") != "center":

@@ -10,7 +10,7 @@ how the output becomes one (`maps`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

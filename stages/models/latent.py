@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cache.errors import UserError
+from cache.extras import require
 from stages.models.blocks import Block, UnsupportedModelError, block_table
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
@@ -59,7 +60,8 @@ class LatentModel(FeatureModel):
         self.image_size = self.latent_size * self.vae_factor
         self.latent_channels = int(network.config.in_channels)
         if int(vae.config.latent_channels) != self.latent_channels:
-            raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but the "
+            raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but "
+                                 f"the "
                                  f"{type(network).__name__} takes {self.latent_channels} channels")
 
     @property
@@ -237,6 +239,8 @@ def _loading(source, what):
 def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDiffusionModel:
     """A Stable Diffusion 1.x/2.x pipeline directory: unet/, vae/, text_encoder/, tokenizer/ (scheduler/)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    require("transformers", "transformers", "a Stable Diffusion pipeline's text encoder")
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(source).expanduser()
@@ -244,7 +248,8 @@ def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDi
                  "tokenizer": "the text encoder's tokenizer"})
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     if unet_config.get("addition_embed_type") or (path / "text_encoder_2").is_dir():
-        raise UnsupportedModelError(f"--model {source} is an SDXL pipeline (added text-time conditioning, a second text "
+        raise UnsupportedModelError(f"--model {source} is an SDXL pipeline (added text-time conditioning, a second "
+                                    f"text "
                                     "encoder): not supported yet; use a Stable Diffusion 1.x or 2.x pipeline")
     unet = _loading(source, lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False))
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))

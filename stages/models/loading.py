@@ -124,18 +124,22 @@ def load_model(source: str | Path) -> LoadedModel:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"--model {text}: expected a directory saved by UNet2DModel.save_pretrained, got a file")
+            raise ModelLoadError(f"--model {text}: expected a directory saved by UNet2DModel.save_pretrained, got a "
+                                 f"file")
         unet_dir, scheduler_dir = _layout(path)
         if not (unet_dir / "config.json").exists():
             raise ModelLoadError(
-                f"--model {text}: no config.json in {unet_dir}; expected a directory saved by UNet2DModel.save_pretrained"
+                f"--model {text}: no config.json in {unet_dir}; expected a directory saved by "
+                f"UNet2DModel.save_pretrained"
             )
         try:
             unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-            scheduler = DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
+            scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir
+                         else DDPMScheduler(**DEFAULT_SCHEDULE))
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
             # diffusers says which file is missing or not valid JSON; truncated weights come from safetensors
-            raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a directory "
+            raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a "
+                                 f"directory "
                                  "saved by UNet2DModel.save_pretrained (config.json and its weights)") from None
         return LoadedModel(unet.eval(), scheduler, text, _recorded_preprocess(path, unet_dir))
     if text.startswith((".", "/", "~")) or text.count("/") != 1:

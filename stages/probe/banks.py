@@ -232,7 +232,7 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
             optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=history,
                                           tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
 
-            def closure(x=x, weight=weight, bias=bias, decay=decay, optimizer=optimizer):
+            def closure(x=x, weight=weight, bias=bias, decay=decay, optimizer=optimizer, B=B):
                 optimizer.zero_grad(set_to_none=True)
                 logits = torch.baddbmm(bias, weight, x.transpose(1, 2))  # (G, K, B)
                 picked = logits.gather(1, labels.view(1, 1, B).expand(logits.shape[0], 1, B)).squeeze(1)

@@ -107,16 +107,19 @@ def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
         problems.append(f"the {spec.name} head needs a pooled grid of at least {spec.min_grid}x{spec.min_grid}; "
                         + ", ".join(f"block {b} at pool {p} is {grids[(b, p)]}x{grids[(b, p)]}" for b, p in small))
     if problems:
-        raise ProbeInputError(f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n" + describe_store(store))
+        raise ProbeInputError(f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n"
+                              + describe_store(store))
     if not pairs:
         raise ProbeInputError(f"nothing to probe.\n{describe_store(store)}")
     channels = {b: store.block_info(b)["channels"] for b in blocks}
     if settings.fuse:
         if len({b for b, _ in pairs}) * len({t for _, t in pairs}) != len(pairs):
-            raise ProbeInputError(f"--fuse needs every requested block at every requested timestep.\n{describe_store(store)}")
+            raise ProbeInputError(f"--fuse needs every requested block at every requested "
+                                  f"timestep.\n{describe_store(store)}")
         return [Combo(tuple(pairs), int(p), tuple((channels[b], grids[(b, p)]) for b, _ in pairs)) for p in pools
                 if all((b, p) in grids for b, _ in pairs)]
-    return [Combo(((b, t),), int(p), ((channels[b], grids[(b, p)]),)) for p in pools for b, t in pairs if (b, p) in grids]
+    return [Combo(((b, t),), int(p), ((channels[b], grids[(b, p)]),)) for p in pools for b, t in pairs if (b,
+                                                                                                           p) in grids]
 
 
 def describe_store(store: FeatureStore) -> str:
@@ -213,7 +216,8 @@ def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSett
     train, official, test = role_splits(store, settings)
     splits = [s for s in (train, official, test) if s is not None]
     arrays = sorted({pair for c in combos for pair in c.inputs})
-    missing = {key: chunks for key, chunks in store.missing().items() if key[0] in splits and (key[1], key[2]) in arrays}
+    missing = {key: chunks for key, chunks in store.missing().items() if key[0] in splits and (key[1],
+                                                                                               key[2]) in arrays}
     if missing and not settings.allow_incomplete:
         lines = [f"  {split} block {b} timestep {t}: chunks {format_ranges(chunks, 8)}"
                  for (split, b, t), chunks in sorted(missing.items())]
@@ -404,7 +408,8 @@ class ProbePlan:
                            "fraction": self.settings.val_fraction if samples.carved else None,
                            "seed": self.settings.seed, "stratified": samples.carved,
                            "size": int(len(samples.selection)),
-                           "indices_sha256": hashlib.sha256(samples.selection.index.astype(np.int64).tobytes()).hexdigest()},
+                           "indices_sha256": hashlib.sha256(
+                               samples.selection.index.astype(np.int64).tobytes()).hexdigest()},
             "data_mode": self.mode,
             "passes": len(self.passes),
             "memory_budget": self.budget,
@@ -433,11 +438,14 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
                               "--solver lbfgs needs; train with minibatches: add --solver minibatch")
     epochs = rungs = None
     if settings.spec.is_torch:
-        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed, 0,
+        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed,
+                                                           0,
                                                            drop_last=settings.recipe is not None))
         if steps == 0:
-            raise ProbeInputError(f"{len(samples.fit)} fit rows make no full batch of {settings.batch_size} (the recipe "
-                                  "drops the last partial batch, as the paper's loader does); give a smaller --batch-size")
+            raise ProbeInputError(f"{len(samples.fit)} fit rows make no full batch of {settings.batch_size} (the "
+                                  f"recipe "
+                                  "drops the last partial batch, as the paper's loader does); give a smaller "
+                                  "--batch-size")
         epochs = settings.num_epochs(steps)
         rungs = settings.rungs(epochs)
     return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(len(samples.fit)), num_classes,
@@ -461,6 +469,7 @@ def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSetting
         unfinished = [(b, t) for b, t in arrays if store.missing_chunks(name, b, t)]
         if unfinished:
             raise IncompleteStoreError(f"{store.path}: view {view} of {split} is unfinished for "
-                                       f"{', '.join(f'block {b} t {t}' for b, t in unfinished)}; finish the extraction, "
+                                       f"{', '.join(f'block {b} t {t}' for b, t in unfinished)}; finish the "
+                                       f"extraction, "
                                        f"or train on fewer views (--views {view})")
     return views

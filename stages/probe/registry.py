@@ -119,7 +119,7 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
              options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
              standardisation="per channel"),
     # C in half-decades from 1e-4 to 1e3: the best C of a converged fit fell outside 1e-3..10 on digits'
-    # low-dimensional input sets (bench/probe.py --convergence)
+    # low-dimensional input sets (bench/converge.py)
     HeadSpec("logreg", SKLEARN, "stages.probe.sklearn_probes:LogRegProbe",
              (GridAxis("C", "Cs", tuple(round(10.0 ** (e / 2), 12) for e in range(-8, 7))),),
              "scikit-learn's multinomial logistic regression",

@@ -100,7 +100,8 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     except (OSError, ValueError) as error:
         raise ResultsError(f"{record_path} cannot be read ({error}); re-run the probe that wrote it") from None
     if not isinstance(record, dict) or "head" not in record or "name" not in record:
-        raise ResultsError(f"{record_path} is not a probe's run.json (no head and name); re-run the probe that wrote it")
+        raise ResultsError(f"{record_path} is not a probe's run.json (no head and name); re-run the probe that wrote "
+                           f"it")
     try:
         with open(rows_path, newline="") as f:
             reader = csv.DictReader(f)

@@ -39,6 +39,12 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
     return tuple(int(v) for v in items) if integer else tuple(float(v) for v in items)
 
 
+# What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
+# line's help reads them from here.
+DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
+                    "attention_heads": 4, "warmup": 0.05}
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     """Everything a probe run depends on; recorded in run.json. None means "the default for this head".
@@ -118,10 +124,9 @@ class ProbeSettings:
             for name, value in RECIPES[self.recipe][self.head].items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        for name, value in (("batch_size", 256), ("optimizer", "adamw"), ("halving", True), ("dim", 256),
-                            ("depth", 2), ("attention_heads", 4), ("warmup", 0.05),
-                            ("standardise", self.recipe is None), ("solver", self._solver()),
-                            ("Cs", default_grid("logreg")), ("ks", default_grid("knn")), ("alphas", default_grid("ridge"))):
+        defaults = {**DEFAULTS_OF_NONE, "standardise": self.recipe is None, "solver": self._solver(),
+                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge")}
+        for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
         if self.solver not in SOLVERS:
@@ -157,15 +162,17 @@ class ProbeSettings:
             fail("memory_budget", "a positive, finite number of bytes or None", self.memory_budget)
         for name in ("blocks", "timesteps", "pools", "hidden"):
             value = getattr(self, name)
-            if value is not None and (not value or any(int(v) != v or v < (0 if name == "timesteps" else 1) for v in value)):
-                fail(name, "a non-empty list of " + ("non-negative" if name == "timesteps" else "positive") + " integers", value)
+            low, kind = (0, "non-negative") if name == "timesteps" else (1, "positive")
+            if value is not None and (not value or any(int(v) != v or v < low for v in value)):
+                fail(name, f"a non-empty list of {kind} integers", value)
         for name in ("lrs", "weight_decays", "Cs", "alphas"):
             value = getattr(self, name)
             low = -1e-300 if name == "weight_decays" else 0.0
             if value is not None:
                 object.__setattr__(self, name, check_grid("the probe", name, value, low=low))
         object.__setattr__(self, "ks", check_grid("the probe", "ks", self.ks, integer=True))
-        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")):
+        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name
+                                      or self.name.startswith(".")):
             fail("name", "a plain directory name", self.name)
         for name in ("train_split", "val_split", "test_split"):
             value = getattr(self, name)
@@ -180,7 +187,7 @@ class ProbeSettings:
 
     def _solver(self) -> str:
         """The default solver: L-BFGS for a plain linear head whose features are kept in memory (it converges to
-        the optimum of the L2-regularised objective, bench/probe.py --convergence), else minibatches."""
+        the optimum of the L2-regularised objective, bench/converge.py), else minibatches."""
         plain = self.head == "linear" and not self.batchnorm and self.recipe is None and self.data_mode != "stream"
         asked = self.epochs is not None or self.optimizer is not None or self.lrs is not None  # minibatch settings
         return "lbfgs" if plain and not asked else "minibatch"
@@ -212,7 +219,8 @@ class ProbeSettings:
         rows = self.spec.hypers(self)
         if self.solver == "lbfgs" and self.weight_decays is None:
             n = max(1, int(n_fit or 1))
-            rows = [{"lr": row["lr"], "weight_decay": 1.0 / (C * n)} for row in rows[:1] for C in sorted(self.Cs, reverse=True)]
+            rows = [{"lr": row["lr"], "weight_decay": 1.0 / (C * n)}
+                    for row in rows[:1] for C in sorted(self.Cs, reverse=True)]
         return rows
 
     def rungs(self, epochs: int) -> list[tuple[int, int]]:

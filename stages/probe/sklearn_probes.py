@@ -72,7 +72,8 @@ class _GridProbe(ClassifierMixin, BaseEstimator):
         X, y = check_X_y(X, y, dtype=dtype)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}")
+            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got "
+                              f"{len(self.classes_)}")
         return X, y, np.array(sorted(set(grid)))
 
 
@@ -92,7 +93,7 @@ class _LinearGridProbe(_GridProbe):
 class LogRegProbe(_LinearGridProbe):
     """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C, as scikit-learn's
     `_logistic_regression_path` does. `tol` is tighter than scikit-learn's default 1e-4, which stops lbfgs
-    after a few dozen iterations at large C, short of the optimum (bench/probe.py --convergence)."""
+    after a few dozen iterations at large C, short of the optimum (bench/converge.py)."""
 
     def __init__(self, Cs: Sequence[float] = tuple(10.0 ** (e / 2) for e in range(-8, 7)), *, max_iter: int = 2000,
                  tol: float = 1e-6):

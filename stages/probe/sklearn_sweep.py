@@ -23,7 +23,8 @@ from stages.probe.scoring import accuracy
 from stages.probe.sklearn_probes import topk_labels
 
 
-def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: torch.device) -> tuple[list[dict], dict]:
+def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: torch.device) -> tuple[list[dict],
+                                                                                                        dict]:
     """Fit, choose and score the estimators of `combos` (one pass); (configs rows, test predictions per key)."""
     settings, samples, spec = plan.settings, plan.samples, plan.spec
     (axis,) = spec.grid

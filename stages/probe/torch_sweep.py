@@ -52,10 +52,12 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
              for c in combos]
     if flat:
         bank = FlatBank([c.dim for c in combos], len(hypers), plan.num_classes, seeds=seeds,
-                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden", ())),
+                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden",
+                                                                                                            ())),
                         default_init=recipe)
     else:
-        bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options, seeds)
+        bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options,
+                          seeds)
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
     if settings.solver == "lbfgs":  # in memory: every member solved to its optimum on the full fit rows
@@ -63,7 +65,8 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                                labels[samples.fit.index].to(device), [h["weight_decay"] for h in hypers],
                                max_iter=settings.lbfgs_iterations)
         log.info("L-BFGS: %d iterations for %d heads", iterations, len(bank.active))
-        measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device, plan.num_classes)
+        measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
+                             plan.num_classes)
         scores = {m: (1, *v) for m, v in measured.items()}
         lr_per_epoch = {l: [float(h["lr"])] for l, h in enumerate(hypers)}
     else:
@@ -81,7 +84,9 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                 optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
             warm = int(settings.warmup * total)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+                optimizer,
+                lambda s: (s + 1) / warm if s < warm
+                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
         rungs = dict(plan.rungs)
         scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
         lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
@@ -115,8 +120,8 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
             if epoch in rungs:
                 keep = [m for ci in range(len(combos))
                         for m in best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])]
-                log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch, rungs[epoch],
-                         len(bank.active) // len(combos))
+                log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch,
+                         rungs[epoch], len(bank.active) // len(combos))
                 bank.keep(keep)
     finished = set(bank.active)
     rows_out, chosen = [], {}
@@ -133,7 +138,7 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
         rows_out += combo_rows
     # test: only the chosen member of each input set, as the saved probe that reads raw features
     probes = {}
-    for ci, (member, row) in chosen.items():
+    for ci, (member, _row) in chosen.items():
         combo = combos[ci]
         means = [torch.from_numpy(train.stats[p][0]) for p in combo.pieces]
         stds = [torch.from_numpy(train.stats[p][1]) for p in combo.pieces]

@@ -19,6 +19,7 @@ and submits jobs when the engine scales it.
 from __future__ import annotations
 
 from cache.errors import UserError
+from cache.extras import require
 
 KINDS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
          "moab": "MoabCluster", "oar": "OARCluster", "htcondor": "HTCondorCluster"}
@@ -29,14 +30,14 @@ class ClusterConfigError(UserError, ValueError):
 
 
 def _cluster_class(kind: str):
-    import dask_jobqueue
-
+    dask_jobqueue = require("dask_jobqueue", "cluster", f"a {kind} cluster")
     return getattr(dask_jobqueue, KINDS[kind])
 
 
 def _fix_message(kind: str, error: Exception) -> ClusterConfigError:
     return ClusterConfigError(
-        f"dask-jobqueue cannot make a {kind} job from dask's configuration: {' '.join(str(error).split())}. Set jobqueue.{kind}.cores and "
+        f"dask-jobqueue cannot make a {kind} job from dask's configuration: {' '.join(str(error).split())}. Set "
+        f"jobqueue.{kind}.cores and "
         f"jobqueue.{kind}.memory (and queue, walltime, ...) in ~/.config/dask/jobqueue.yaml, or as "
         f"DASK_JOBQUEUE__{kind.upper()}__CORES=8 and DASK_JOBQUEUE__{kind.upper()}__MEMORY=32GB")
 

@@ -55,7 +55,8 @@ class EngineOptions:
     def __post_init__(self):
         chosen = [name for name in ("workers", "scheduler", "cluster") if getattr(self, name) is not None]
         if len(chosen) > 1:
-            raise ConfigError(f"give one of --workers, --scheduler and --cluster, not {' and '.join('--' + c for c in chosen)}")
+            raise ConfigError("give one of --workers, --scheduler and --cluster, not "
+                              + " and ".join("--" + c for c in chosen))
         if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
                                          or self.workers < 1):
             raise ConfigError(f"--workers {self.workers}: give 1 or more local worker processes, or leave --workers "
@@ -137,6 +138,9 @@ def open_engine(options: EngineOptions) -> Iterator[InProcess | Distributed]:
     if options.in_process:
         yield InProcess()
         return
+    from cache.extras import require
+
+    require("distributed", "cluster", "a sweep on dask.distributed (--workers, --scheduler, --cluster)")
     from distributed import Client, LocalCluster
 
     with contextlib.ExitStack() as stack:

@@ -51,20 +51,6 @@ class StoreRef:
     location: str
 
 
-def parse_store(text: str) -> StoreRef:
-    """'NAME=LOCATION' or 'LOCATION' (named after its last path component, without '.zarr')."""
-    text = str(text).strip()
-    name, sep, location = text.partition("=")
-    if not sep or "/" in name or ":" in name:  # an '=' inside a path or URL does not name it
-        name, location = "", text
-    if not name:
-        name = location.rstrip("/").replace("\\", "/").split("/")[-1]
-        name = name[: -len(".zarr")] if name.endswith(".zarr") and len(name) > 5 else name
-    if not location or not name or name.startswith("."):
-        raise ConfigError(f"{text!r} is not a store: give PATH, a URL, or NAME=PATH")
-    return StoreRef(name, location)
-
-
 @dataclass(frozen=True)
 class Task:
     """One unit of work: the input sets `combos` (indices into its run's plan) of one store and head."""

@@ -80,7 +80,8 @@ def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: s
                 runner.run([t.payload(str(root)) for t in missing], lambda summary: bar.update(1))
     lost = [t for t in tasks if not is_done(root, t.key)]
     if lost:
-        raise ResultsRootError(f"{len(lost)} task(s) finished but left no result under {root / TASKS}: the workers must "
+        raise ResultsRootError(f"{len(lost)} task(s) finished but left no result under {root / TASKS}: the workers "
+                               f"must "
                                f"see the results root at the same path ({root.resolve()}), e.g. on a shared file "
                                "system; give --out a path they share")
     remove_stale_partials(root, [t.key for t in tasks])

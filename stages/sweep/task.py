@@ -63,7 +63,8 @@ def run_task(payload: dict) -> dict:
         return {"key": key, "ran": False, "where": where}
     settings = ProbeSettings(**payload["settings"])
     started = time.perf_counter()
-    with thread_limit(settings.threads), FeatureStore.open(payload["location"], settings.storage_options).hold() as store:
+    with thread_limit(settings.threads), FeatureStore.open(payload["location"],
+                                                           settings.storage_options).hold() as store:
         plan = make_plan(store, settings)
         combos = [plan.combos[i] for i in payload["combos"]] if max(payload["combos"]) < len(plan.combos) else []
         if [c.key for c in combos] != payload["combo_keys"] or task_key(plan, combos) != key:
