@@ -102,7 +102,8 @@ def main() -> None:
         chosen = {r["key"]: r for r in result.rows if r["selected"]}
         diffs = {k: 100 * (chosen[k]["test_top1"] - ref[k]["test"]) for k in ref}
         worst = min(diffs, key=diffs.get)
-        print(f"{head}{args.tag}: {seconds:.1f} s, mean {np.mean(list(diffs.values())):+.2f}, lowest {diffs[worst]:+.2f} "
+        print(f"{head}{args.tag}: {seconds:.1f} s, mean {np.mean(list(diffs.values())):+.2f}, "
+              f"lowest {diffs[worst]:+.2f} "
               f"({worst}: {chosen[worst]['test_top1']:.4f} vs {ref[worst]['test']:.4f} at C {ref[worst]['C']:g}); "
               f"below -0.3: {sum(d < -0.3 for d in diffs.values())}/{len(diffs)}, "
               f"below -0.5: {sum(d < -0.5 for d in diffs.values())}")
