@@ -7,12 +7,18 @@
 
 Both sides read the same store, in the same process, under the same thread limit:
 
-* scikit-learn: for each combination, read train and test from the store, standardise with the fit
-  rows' statistics, fit `LogisticRegression()` (lbfgs, C=1) on the fit rows, score the test split.
-* sweep: `run_probe(head="linear")` with its defaults (4 learning rates, AdamW, cosine, 10 epochs or
-  at least 200 steps, successive halving of the learning rates), all combinations and learning
-  rates in one pass per epoch, selection on the validation subset, results written (heads,
-  predictions, heatmaps), on `--device`.
+* scikit-learn's tuned fit: for each combination, read train and test from the store, standardise with
+  the fit rows' statistics, fit `LogisticRegression` (lbfgs, tol 1e-6) along logreg's default C grid
+  (15 values, 1e-4..1e3) with warm starts, choose C on the probe's validation rows, score the test split.
+* sweep, old default: `run_probe(head="linear", solver="minibatch")` (4 learning rates, AdamW, cosine,
+  10 epochs or at least 200 steps, successive halving), all combinations and learning rates in one
+  pass per epoch; new default: `run_probe(head="linear")`, in memory L-BFGS on the L2-regularised
+  objective over the same C grid (as weight decay 1 / (C n)). Both choose on the validation subset,
+  write their results (heads, predictions, heatmaps), on `--device`.
+
+The float32 matmul throughput of the machine is measured in the same run (1024 x 1024 products under
+the same thread limit), and the sweep's matmul operations are counted by torch's FlopCounterMode in an
+untimed rerun: their ratio says how far from the hardware the sweep is.
 
 Once-per-process costs stay outside both timings, as scikit-learn's import does: torch.optim's
 first use imports torch._dynamo (about 1.3 s), and a GPU's context and BLAS handle are made before the
@@ -152,9 +158,16 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
     return store
 
 
-def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray, C: float = 1.0) -> dict:
-    """{key: (wall seconds, cpu seconds, test top-1, features)}, one combination after the other."""
+def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray, val: np.ndarray,
+                       Cs: list[float]) -> dict:
+    """{key: (wall seconds, cpu seconds, test top-1, features, chosen C)}, one combination after the other: for
+    each, LogisticRegression (lbfgs, tol 1e-6) along `Cs` with warm starts, C chosen on the validation rows
+    (ties: lower validation loss), the chosen fit scored on test."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
 
     from cache import FeatureStore
 
@@ -168,76 +181,130 @@ def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit
         x_fit = train[fit].reshape(len(fit), -1)
         mean, std = x_fit.mean(0), x_fit.std(0)
         std[std < 1e-6] = 1
-        model = LogisticRegression(C=C, max_iter=1000).fit((x_fit - mean) / std, y_train[fit])
-        accuracy = model.score((test.reshape(len(test), -1) - mean) / std, y_test)
+        x_fit, x_val = (x_fit - mean) / std, (train[val].reshape(len(val), -1) - mean) / std
+        model = LogisticRegression(C=Cs[0], max_iter=2000, tol=1e-6, warm_start=True)
+        best = None
+        for C in sorted(Cs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.set_params(C=C).fit(x_fit, y_train[fit])
+            score = (model.score(x_val, y_train[val]), -log_loss(y_train[val], model.predict_proba(x_val),
+                                                                 labels=model.classes_))
+            if best is None or score > best[0]:
+                best = (score, C, model.coef_.copy(), model.intercept_.copy())
+        _, C, coef, intercept = best
+        logits = ((test.reshape(len(test), -1) - mean) / std) @ coef.T + intercept
+        accuracy = float(np.mean(model.classes_[logits.argmax(1)] == y_test))
         out[f"b{block}_t{timestep}_p{pool}"] = (time.perf_counter() - started, time.process_time() - cpu, accuracy,
-                                                x_fit.shape[1])
+                                                x_fit.shape[1], C)
     return out
 
 
+def matmul_throughput(device: str, seconds: float = 1.0, size: int = 1024) -> float:
+    """float32 matmul FLOP/s of this machine under the current thread limit (size x size products)."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    (a @ b).sum().item()
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        c = a @ b
+        count += 1
+    c.sum().item()
+    return 2 * size**3 * count / (time.perf_counter() - started)
+
+
+def sweep_flops(settings) -> float:
+    """The floating-point operations of the matmuls a sweep runs (torch's FlopCounterMode, an untimed rerun)."""
+    from dataclasses import replace
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from stages.probe.run import run_probe
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_probe(replace(settings, name=f"{settings.run_name}-flops"))
+    return float(counter.get_total_flops())
+
+
 def compare(store_path: Path, title: str, out: Path, args) -> dict:
-    """One side-by-side run on one store: scikit-learn per combination, then the sweep; prints the table."""
+    """One side-by-side run on one store: scikit-learn's tuned fit per combination, then the sweep with the old
+    default (minibatch AdamW) and the new one (L-BFGS in memory); prints the table."""
+    from dataclasses import replace
+
     import torch
     from threadpoolctl import threadpool_limits
 
     from cache import FeatureStore
     from stages.probe.plan import carve_validation
+    from stages.probe.registry import default_grid
     from stages.probe.run import run_probe
     from stages.probe.settings import ProbeSettings
 
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]
-    settings = ProbeSettings(store=str(store_path), head="linear", out=str(out), pools=(1, 2),
-                             epochs=args.epochs, threads=args.threads, device=args.device, halving=not args.no_halving)
+    new = ProbeSettings(store=str(store_path), head="linear", out=str(out), pools=(1, 2), threads=args.threads,
+                        device=args.device, name="linear-new")
+    # the default before L-BFGS: AdamW, 4 learning rates, cosine, 10 epochs or 200 steps, successive halving
+    old = replace(new, solver="minibatch", lrs=None, epochs=args.epochs, halving=not args.no_halving, name="linear-old")
     labels = store.labels("train")
-    fit, _ = carve_validation(labels, np.arange(len(labels)), settings.val_fraction, settings.seed)
+    fit, val = carve_validation(labels, np.arange(len(labels)), new.val_fraction, new.seed)
+    Cs = [args.sklearn_C] if args.sklearn_C is not None else list(default_grid("logreg"))
 
     import torch._dynamo  # noqa: F401  (see the module docstring: once-per-process costs are not timed)
 
-    if settings.device.startswith("cuda"):  # the context and cuBLAS's handle
-        torch.ones(8, 8, device=settings.device) @ torch.ones(8, 8, device=settings.device)
+    if new.device.startswith("cuda"):  # the context and cuBLAS's handle
+        torch.ones(8, 8, device=new.device) @ torch.ones(8, 8, device=new.device)
     torch.set_num_threads(args.threads)
+    runs = {}
     with threadpool_limits(limits=args.threads):
-        sk = sklearn_one_by_one(store_path, combos, fit, C=args.sklearn_C)
-        started, cpu = time.perf_counter(), time.process_time()
-        result = run_probe(settings)
-        sweep_seconds, sweep_cpu = time.perf_counter() - started, time.process_time() - cpu
-    chosen = {r["key"]: r for r in result.rows if r["selected"]}
-    per_combo = sweep_seconds / len(combos)
-    print(f"\n== {title}: {len(fit)} fit rows, {len(store.labels('val'))} test rows, {len(store.classes)} classes")
-    halving = ", ".join(f"{r['keep']} after epoch {r['after_epoch']}" for r in result.record["halving"]) or "off"
-    print(f"threads {args.threads}; scikit-learn LogisticRegression(C={args.sklearn_C:g}, lbfgs, max_iter=1000) per "
-          f"combination on the CPU; sweep on {result.record['device']}{_device_name(result.record['device'])}: "
-          f"{len(settings.hypers())} learning rates x {len(combos)} combinations, {result.record['epochs']} epochs "
-          f"(halving: {halving}), {result.record['data_mode']} mode, {sweep_seconds:.2f} s in all\n")
-    print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
-          f"{'sweep top-1':>13}{'diff':>7}  chosen lr")
-    differences = []
-    for key, (seconds, _, accuracy, features) in sk.items():
-        row = chosen[key]
-        differences.append(100 * (row["test_top1"] - accuracy))
-        print(f"{key:<14}{features:>9}{seconds:>11.3f}{per_combo:>9.3f}{seconds / per_combo:>7.1f}"
-              f"{100 * accuracy:>14.1f}%"
-              f"{100 * row['test_top1']:>12.1f}%{differences[-1]:>+7.1f}  {row['lr']:g}")
+        peak = matmul_throughput(new.device)
+        sk = sklearn_one_by_one(store_path, combos, fit, val, Cs)
+        for name, settings in (("old", old), ("new", new)):
+            started, cpu = time.perf_counter(), time.process_time()
+            result = run_probe(settings)
+            seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+            flops = sweep_flops(settings)
+            runs[name] = (settings, result, seconds, cpu, flops)
     sk_mean = np.mean([v[0] for v in sk.values()])
     sk_cpu = np.mean([v[1] for v in sk.values()])
-    print(f"\nper combination, wall: scikit-learn {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
-          f"{sk_mean / per_combo:.2f} (sweep is {'cheaper' if sk_mean > per_combo else 'MORE expensive'})")
-    print(f"per combination, CPU:  scikit-learn {sk_cpu:.3f} s, sweep {sweep_cpu / len(combos):.3f} s -> ratio "
-          f"{sk_cpu / (sweep_cpu / len(combos)):.2f}")
-    print(f"test top-1, mean over combinations: scikit-learn {100 * np.mean([v[2] for v in sk.values()]):.2f}%, "
-          f"sweep {100 * np.mean([r['test_top1'] for r in chosen.values()]):.2f}% "
-          f"(mean difference {np.mean(differences):+.2f}, largest |difference| {np.max(np.abs(differences)):.2f} "
-          f"points)")
-    return {
-        "device": result.record["device"], "halving": result.record["halving"],
-        "threads": args.threads, "combinations": len(combos), "sklearn_C": args.sklearn_C,
-        "epochs": result.record["epochs"], "learning_rates": len(settings.hypers()),
-        "sklearn_seconds_per_combination": sk_mean,
-        "sweep_seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
-        "sklearn_cpu_seconds_per_combination": sk_cpu, "sweep_cpu_seconds_per_combination": sweep_cpu / len(combos),
-        "sklearn_top1": {k: v[2] for k, v in sk.items()}, "sweep_top1": {k: r["test_top1"] for k, r in chosen.items()},
-    }
+    print(f"\n== {title}: {len(fit)} fit rows, {len(val)} validation rows, {len(store.labels('val'))} test rows, "
+          f"{len(store.classes)} classes")
+    print(f"threads {args.threads}; scikit-learn: LogisticRegression(lbfgs, tol 1e-6) along {len(Cs)} C values with "
+          f"warm starts, C chosen on the validation rows, per combination on the CPU; float32 matmul peak of this "
+          f"machine: {peak / 1e9:.1f} GFLOP/s")
+    report = {"threads": args.threads, "combinations": len(combos), "Cs": Cs, "matmul_flops_per_s": peak,
+              "sklearn_seconds_per_combination": sk_mean, "sklearn_cpu_seconds_per_combination": sk_cpu,
+              "sklearn_top1": {k: v[2] for k, v in sk.items()}}
+    for name, (settings, result, seconds, cpu, flops) in runs.items():
+        chosen = {r["key"]: r for r in result.rows if r["selected"]}
+        per_combo = seconds / len(combos)
+        differences = [100 * (chosen[key]["test_top1"] - v[2]) for key, v in sk.items()]
+        solver = settings.solver if settings.solver == "lbfgs" else \
+            f"minibatch {settings.optimizer}, {result.record['epochs']} epochs"
+        print(f"\n-- {name} default ({solver}, {len({(r['lr'], r['weight_decay']) for r in result.rows})}"
+              f" hyper-parameter sets) on {result.record['device']}{_device_name(result.record['device'])}: "
+              f"{seconds:.2f} s in all")
+        print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
+              f"{'sweep top-1':>13}{'diff':>7}  sklearn C")
+        for (key, (sk_seconds, _, accuracy, features, C)), diff in zip(sk.items(), differences):
+            print(f"{key:<14}{features:>9}{sk_seconds:>11.3f}{per_combo:>9.3f}{sk_seconds / per_combo:>7.1f}"
+                  f"{100 * accuracy:>14.1f}%{100 * chosen[key]['test_top1']:>12.1f}%{diff:>+7.1f}  {C:g}")
+        print(f"per combination, wall: scikit-learn tuned {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
+              f"{sk_mean / per_combo:.2f}; CPU: {sk_cpu:.3f} s vs {cpu / len(combos):.3f} s -> ratio "
+              f"{sk_cpu / (cpu / len(combos)):.2f}")
+        print(f"test top-1 minus scikit-learn tuned: mean {np.mean(differences):+.2f}, lowest "
+              f"{np.min(differences):+.2f} points; sweep matmuls {flops / 1e9:.2f} GFLOP = "
+              f"{flops / seconds / 1e9:.2f} GFLOP/s, "
+              f"{100 * flops / seconds / peak:.1f}% of this machine's float32 matmul peak")
+        report[name] = {"solver": settings.solver, "seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
+                        "cpu_seconds_per_combination": cpu / len(combos), "flops": flops,
+                        "matmul_fraction": flops / seconds / peak, "mean_difference": float(np.mean(differences)),
+                        "lowest_difference": float(np.min(differences)),
+                        "top1": {k: r["test_top1"] for k, r in chosen.items()}}
+    return report
 
 
 def _device_name(device: str) -> str:
@@ -260,11 +327,11 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=96,
                         help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
-    parser.add_argument("--epochs", type=int, default=None, help="[default: the probe's default]")
+    parser.add_argument("--epochs", type=int, default=None, help="Epochs of the old default [default: its default]")
     parser.add_argument("--device", default="cpu", help="Where the sweep runs: cpu, cuda [default: cpu].")
     parser.add_argument("--no-halving", action="store_true", help="Train every learning rate for all epochs.")
-    parser.add_argument("--sklearn-C", dest="sklearn_C", type=float, default=1.0,
-                        help="C of the one scikit-learn fit per combination [default: 1, scikit-learn's default].")
+    parser.add_argument("--sklearn-C", dest="sklearn_C", type=float, default=None,
+                        help="One C for scikit-learn instead of tuning over logreg's C grid [default: tuned].")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 

@@ -14,12 +14,16 @@ def _defaults() -> dict[str, str]:
     """The probe's defaults as its help shows them, read from `ProbeSettings` and the head registry."""
     from dataclasses import MISSING, fields
 
+    from stages.probe.protocols import PROTOCOLS
     from stages.probe.recipes import RECIPES
-    from stages.probe.registry import HEADS
+    from stages.probe.registry import HEADS, default_grid
     from stages.probe.settings import DEFAULTS_OF_NONE, EPISODES_WITH_SHOTS, ProbeSettings
 
     values = {f.name: f.default for f in fields(ProbeSettings) if f.default is not MISSING}
     shown = {name: options.shown(value) for name, value in {**values, **DEFAULTS_OF_NONE}.items()}
+    shown.update({name: options.shown(default_grid(head)) for name, head in (("Cs", "logreg"), ("ks", "knn"),
+                                                                             ("alphas", "ridge"))})
+    shown["protocols"] = ", ".join(PROTOCOLS)
     by_rule: dict[tuple[int, int], list[str]] = {}
     for spec in HEADS.values():
         if spec.epochs is not None:
@@ -77,7 +81,8 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
 @_setting("--depth", type=click.IntRange(min=1), default=None,
           help="attention transformer blocks k [default: {depth}].")
 @_setting("--attention-heads", type=click.IntRange(min=1), default=None, help="[default: {attention_heads}]")
-@_setting("--C", "Cs", type=options.FLOATS, default=None, help="logreg C grid [default: {Cs}].")
+@_setting("--C", "Cs", type=options.FLOATS, default=None,
+          help="logreg C grid, and the L-BFGS linear head's as weight decay 1 / (C n) [default: {Cs}].")
 @_setting("--knn-k", "ks", type=options.INTS, default=None, help="knn k grid [default: {ks}].")
 @_setting("--vote", type=click.Choice(["softmax", "distance", "uniform"]), default=None,
           help="knn: each of the k neighbours votes exp(cosine similarity / T) for its class (DINOv2's kNN), "
@@ -109,6 +114,14 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
           help="Train as the paper's code does (linear, mlp, attention; with --fuse its DifFormer fusion): raw "
                "features, SGD without momentum, StepLR(7, 0.1), {recipe}, no grid; options given explicitly still "
                "override it.")
+@_setting("--protocol", default=None,
+          help="A published evaluation protocol by name, one of {protocols} (stages/probe/protocols.py, "
+               "docs/probes.md): dinov2 = DINOv2's linear lr grid, kNN vote and logreg C path; diffssl = --recipe "
+               "diffssl; default = this project's. Options given explicitly still override it.")
+@click.option("--solver", type=click.Choice(["lbfgs", "minibatch"]), default=None,
+              help="linear: lbfgs solves each head's L2-regularised objective on the in-memory fit rows over logreg's "
+                   "C grid; minibatch trains with --optimizer over the --lr grid (and streams) [default: lbfgs for a "
+                   "plain linear head unless --epochs, --lr, --optimizer or --data-mode stream ask for minibatches].")
 @click.option("--views", type=click.IntRange(min=1), default=None,
               help="Augmented views of the train split to train on, one per sample per epoch [default: all the store "
                    "holds; 1: the centre view only].")

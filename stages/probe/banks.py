@@ -196,6 +196,56 @@ class FlatBank(nn.Module):
         return head.cpu().eval()
 
 
+def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Tensor, decays: Sequence[float], *,
+              max_iter: int = 500, history: int = 20) -> int:
+    """Train every member of a linear `bank` to the optimum of its L2-regularised multinomial logistic loss,
+
+        mean_i CE(W x_i + b, y_i) + weight_decay_l / 2 * ||W||^2      (b not decayed),
+
+    which is scikit-learn's LogisticRegression(C) at weight_decay = 1 / (C n), by full-batch L-BFGS with a
+    strong-Wolfe line search. `features` are the bank's groups (G, n, D) of all n fit rows. The members'
+    objectives share no parameter, so their sum is minimised where each is: one L-BFGS run per
+    hyper-parameter set trains it for every input set of a group of equal size with batched matmuls, the
+    sets in order of decreasing decay, each starting from the previous one's optimum (the objective is
+    strictly convex: the start changes the path, not the optimum). Returns the most iterations of a run.
+    """
+    if bank.hidden or bank.batchnorm:
+        raise ConfigError("L-BFGS trains plain linear heads only (no hidden layers, no batch norm)")
+    bank.train()
+    bank.double()  # in float32 the summed loss stops improving before the least-regularised members converge
+    labels = labels.to(features[0].device)
+    most = 0
+    for g, x in enumerate(features):
+        x = x.double()
+        B = x.shape[1]
+        previous = None
+        # one run per hyper-parameter set, each at its own pace, from the strongest decay down, each warm-started
+        # from the previous optimum (as scikit-learn's _logistic_regression_path does along C)
+        for l in sorted(range(bank.L), key=lambda l: -float(decays[l])):
+            slot, decay = bank._slot[(g, 0, l)], float(decays[l])
+            weight, bias = bank.weights[slot], bank.biases[slot]
+            if previous is not None:
+                with torch.no_grad():
+                    weight.copy_(previous[0])
+                    bias.copy_(previous[1])
+            previous = (weight, bias)
+            optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter, history_size=history,
+                                          tolerance_grad=1e-7, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+            def closure(x=x, weight=weight, bias=bias, decay=decay, optimizer=optimizer, B=B):
+                optimizer.zero_grad(set_to_none=True)
+                logits = torch.baddbmm(bias, weight, x.transpose(1, 2))  # (G, K, B)
+                picked = logits.gather(1, labels.view(1, 1, B).expand(logits.shape[0], 1, B)).squeeze(1)
+                loss = (torch.logsumexp(logits, dim=1) - picked).sum() / B + 0.5 * decay * weight.pow(2).sum()
+                loss.backward()
+                return loss
+
+            optimizer.step(closure)
+            most = max(most, int(optimizer.state[optimizer._params[0]].get("n_iter", 0)))
+    bank.float()
+    return most
+
+
 def group_by_dim(dims: Sequence[int]) -> list[list[int]]:
     """Indices of equal values, groups ordered by value: how FlatBank groups its input sets."""
     return [[i for i, d in enumerate(dims) if d == value] for value in sorted(set(dims))]

@@ -453,6 +453,9 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
     mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels) * views,
                                        len(samples.test.labels), window_chunks * samples.chunk_samples * views,
                                        num_classes)
+    if mode == "stream" and settings.solver == "lbfgs":
+        raise ProbeInputError(f"the features of this probe do not fit the memory budget ({format_bytes(budget)}) that "
+                              "--solver lbfgs needs; train with minibatches: add --solver minibatch")
     epochs = rungs = None
     if settings.spec.is_torch:
         steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed,
@@ -465,8 +468,8 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
                                   "--batch-size")
         epochs = settings.num_epochs(steps)
         rungs = settings.rungs(epochs)
-    return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(), num_classes, mode, passes,
-                     budget, window_chunks, epochs, rungs or [], views)
+    return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(len(samples.fit)), num_classes,
+                     mode, passes, budget, window_chunks, epochs, rungs or [], views)
 
 
 def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSettings, split: str) -> int:

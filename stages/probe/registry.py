@@ -118,8 +118,11 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
              "the paper's attention head: LayerNorm, 1x1 conv to d, cls token, k blocks (DifFormer when fused)",
              options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
              standardisation="per channel"),
+    # C in half-decades from 1e-4 to 1e3: the best C of a converged fit fell outside 1e-3..10 on digits'
+    # low-dimensional input sets (bench/converge.py)
     HeadSpec("logreg", SKLEARN, "stages.probe.sklearn_probes:LogRegProbe",
-             (GridAxis("C", "Cs", (1e-3, 1e-2, 1e-1, 1.0, 10.0)),), "scikit-learn's multinomial logistic regression",
+             (GridAxis("C", "Cs", tuple(round(10.0 ** (e / 2), 12) for e in range(-8, 7))),),
+             "scikit-learn's multinomial logistic regression",
              saved_as="linear"),
     HeadSpec("knn", SKLEARN, "stages.probe.sklearn_probes:KNNProbe",
              (GridAxis("k", "ks", (1, 5, 10, 20, 50, 100)),), "k nearest neighbours by cosine similarity",

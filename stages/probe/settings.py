@@ -8,13 +8,19 @@ the head's row in `stages.probe.registry`. Imports neither torch nor scikit-lear
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 from cache.errors import ConfigError
+from stages.probe.protocols import PROTOCOLS, protocol_settings
 from stages.probe.recipes import RECIPE_HEAD_KIND, RECIPE_HEADS, RECIPES
 from stages.probe.registry import HEADS, default_grid, head_spec
+
+# The L-BFGS linear head minimises mean cross-entropy + weight_decay / 2 * ||W||^2, which is scikit-learn's
+# LogisticRegression(C) at weight_decay = 1 / (C n) on n fit rows: by default its grid is logreg's C grid in
+# those terms (`ProbeSettings.hypers`), so a converged linear head and logreg choose alike.
+SOLVERS = ("lbfgs", "minibatch")
 
 
 def check_grid(owner: str, name: str, values, *, integer: bool = False, low: float = 0.0) -> tuple:
@@ -36,7 +42,7 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
 # What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
 # line's help reads them from here.
 DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
-                    "attention_heads": 4}
+                    "attention_heads": 4, "warmup": 0.05}
 EPISODES_WITH_SHOTS = 5  # few-shot subsets per shot count when --shots is given without --episodes
 VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_probes.KNNProbe)
 
@@ -82,8 +88,12 @@ class ProbeSettings:
     lrs: tuple[float, ...] | None = None
     weight_decays: tuple[float, ...] | None = None
     optimizer: str | None = None  # None: adamw (the recipe's: sgd without momentum)
-    warmup: float = 0.05  # share of steps with a linear warm-up, then cosine decay to 0 (not with a recipe)
+    warmup: float | None = None  # share of steps with a linear warm-up, then cosine decay to 0; None: 0.05
     halving: bool | None = None  # successive halving over each input set's hyper-parameter sets; None: on
+    solver: str | None = None  # linear: "lbfgs" (full batch, in memory) or "minibatch"; None: see `_solver`
+    lbfgs_iterations: int = 500  # the most L-BFGS iterations (each one pass over the fit rows, or a few)
+    standardise: bool | None = None  # None: standardise per feature / channel (a recipe or protocol may say raw)
+    protocol: str | None = None  # "default", "diffssl", "dinov2": stages.probe.protocols
     batchnorm: bool = False  # linear / mlp: BatchNorm1d without affine before the head (MAE)
     hidden: tuple[int, ...] = (1024,)  # mlp hidden sizes
     width: int = 256  # cnn channels
@@ -92,11 +102,11 @@ class ProbeSettings:
     attention_heads: int | None = None  # None: 4 (the recipe's: 8)
     recipe: str | None = None  # "diffssl": the paper's training (stages.probe.recipes)
     views: int | None = None  # augmented views the heads train on (one per sample per epoch); None: all stored
-    Cs: tuple[float, ...] = default_grid("logreg")
-    ks: tuple[int, ...] = default_grid("knn")
+    Cs: tuple[float, ...] | None = None  # None: the head's default grid (or the protocol's)
+    ks: tuple[int, ...] | None = None
     vote: str = "softmax"  # knn: each neighbour votes exp(sim / temperature) (DINOv2), 1 / distance, or 1
     temperature: float = 0.07  # knn: T of the softmax vote (DINOv2's)
-    alphas: tuple[float, ...] = default_grid("ridge")
+    alphas: tuple[float, ...] | None = None
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -117,6 +127,14 @@ class ProbeSettings:
 
         if self.head not in HEADS:
             fail("head", f"one of {', '.join(HEADS)}", self.head)
+        if self.protocol is not None:
+            if self.protocol not in PROTOCOLS:
+                fail("protocol", f"one of {', '.join(PROTOCOLS)}", self.protocol)
+            known = {f.name for f in fields(self)}
+            for name, value in protocol_settings(self.protocol, self.head).items():
+                # names not (yet) settings are skipped: kNN's vote and temperature come from branch h-protocols
+                if name in known and getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
         if self.recipe is not None:
             if self.recipe not in RECIPES:
                 fail("recipe", f"one of {', '.join(RECIPES)} or None", self.recipe)
@@ -125,9 +143,22 @@ class ProbeSettings:
             for name, value in RECIPES[self.recipe][self.head].items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        for name, value in DEFAULTS_OF_NONE.items():
+        defaults = {**DEFAULTS_OF_NONE, "standardise": self.recipe is None, "solver": self._solver(),
+                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge")}
+        for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
+        if self.solver not in SOLVERS:
+            fail("solver", "'lbfgs' or 'minibatch'", self.solver)
+        if self.solver == "lbfgs":
+            if self.head != "linear" or self.batchnorm or self.recipe is not None or self.data_mode == "stream":
+                fail("solver", "'minibatch' unless the head is linear, without --batchnorm, --recipe or --data-mode "
+                     "stream", self.solver)
+            if self.lrs is None:
+                object.__setattr__(self, "lrs", (1.0,))  # L-BFGS's first step; its line search sets the rest
+        if isinstance(self.lbfgs_iterations, bool) or not isinstance(self.lbfgs_iterations, (int, np.integer)) \
+                or self.lbfgs_iterations < 1:
+            fail("lbfgs_iterations", "a positive integer", self.lbfgs_iterations)
         if self.views is not None and (isinstance(self.views, bool) or self.views < 1):
             fail("views", "a positive integer or None", self.views)
         if self.epochs is not None and (isinstance(self.epochs, bool) or self.epochs < 1):
@@ -198,6 +229,13 @@ class ProbeSettings:
         if self.dim % self.attention_heads:
             fail("dim", f"divisible by attention_heads ({self.attention_heads})", self.dim)
 
+    def _solver(self) -> str:
+        """The default solver: L-BFGS for a plain linear head whose features are kept in memory (it converges to
+        the optimum of the L2-regularised objective, bench/converge.py), else minibatches."""
+        plain = self.head == "linear" and not self.batchnorm and self.recipe is None and self.data_mode != "stream"
+        asked = self.epochs is not None or self.optimizer is not None or self.lrs is not None  # minibatch settings
+        return "lbfgs" if plain and not asked else "minibatch"
+
     @property
     def spec(self):
         """The head's row in the registry (with a recipe, the row of the head the recipe trains)."""
@@ -205,6 +243,8 @@ class ProbeSettings:
 
     def num_epochs(self, steps_per_epoch: int) -> int:
         """The epochs asked for, or the head's default raised to reach its minimum number of steps."""
+        if self.solver == "lbfgs":
+            return 1  # one full-batch solve (`lbfgs_iterations` L-BFGS iterations at most)
         if self.epochs is not None:
             return self.epochs
         spec = self.spec
@@ -217,13 +257,20 @@ class ProbeSettings:
         name = f"{self.head}_{self.recipe}" if self.recipe else self.head
         return f"{name}_fused" if self.fuse else name
 
-    def hypers(self) -> list[dict]:
-        """The grid of each input set, in member order."""
-        return self.spec.hypers(self)
+    def hypers(self, n_fit: int | None = None) -> list[dict]:
+        """The grid of each input set, in member order. The L-BFGS linear head without a weight-decay grid
+        takes logreg's C grid as weight_decay = 1 / (C n_fit) (its length only, without `n_fit`)."""
+        rows = self.spec.hypers(self)
+        if self.solver == "lbfgs" and self.weight_decays is None:
+            n = max(1, int(n_fit or 1))
+            rows = [{"lr": row["lr"], "weight_decay": 1.0 / (C * n)}
+                    for row in rows[:1] for C in sorted(self.Cs, reverse=True)]
+        return rows
 
     def rungs(self, epochs: int) -> list[tuple[int, int]]:
         """Where successive halving retires members: [(after epoch, keep per input set)]; [] without it."""
-        return halving_rungs(len(self.hypers()), epochs) if self.halving and self.spec.is_torch else []
+        use = self.halving and self.spec.is_torch and self.solver == "minibatch"
+        return halving_rungs(len(self.hypers()), epochs) if use else []
 
     def head_options(self) -> dict:
         return self.spec.options_from(self)

@@ -92,9 +92,12 @@ class _LinearGridProbe(_GridProbe):
 
 
 class LogRegProbe(_LinearGridProbe):
-    """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C."""
+    """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C, as scikit-learn's
+    `_logistic_regression_path` does. `tol` is tighter than scikit-learn's default 1e-4, which stops lbfgs
+    after a few dozen iterations at large C, short of the optimum (bench/converge.py)."""
 
-    def __init__(self, Cs: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0), *, max_iter: int = 1000, tol: float = 1e-4):
+    def __init__(self, Cs: Sequence[float] = tuple(10.0 ** (e / 2) for e in range(-8, 7)), *, max_iter: int = 2000,
+                 tol: float = 1e-6):
         self.Cs = Cs
         self.max_iter = max_iter
         self.tol = tol
@@ -117,6 +120,11 @@ class LogRegProbe(_LinearGridProbe):
             self.n_iter_.append(int(np.max(model.n_iter_)))
         self.coefs_, self.intercepts_ = np.stack(coefs), np.stack(intercepts)  # (n_C, K, D), (n_C, K)
         self._choose(X_val, y_val)
+        if X_val is not None:  # ties in validation top-1 go to the lower validation loss, as the torch sweep's `select`
+            losses = np.array([_log_loss(s, np.searchsorted(self.classes_, y_val)) for s in self.decision_grid(X_val)])
+            tied = np.flatnonzero(self.val_top1_ == self.val_top1_.max())
+            self.best_index_ = int(tied[np.argmin(losses[tied])])
+            self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
         self.best_C_ = float(self.Cs_[self.best_index_])
         return self
 
@@ -260,6 +268,16 @@ def _stable_top(sims: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
             full, columns = torch.sort(sims[tied], dim=1, descending=True, stable=True)
             top[tied], index[tied] = full[:, : k + 1], columns[:, : k + 1]
     return top[:, :k], index[:, :k]
+
+
+def _log_loss(logits: np.ndarray, codes: np.ndarray) -> float:
+    """Mean cross-entropy of (N, K) logits against class positions `codes` (unseen classes: position K, infinite)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(axis=1, keepdims=True)
+    log_z = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
+    seen = codes < logits.shape[1]
+    picked = np.where(seen, logits[np.arange(len(codes)), np.minimum(codes, logits.shape[1] - 1)], -np.inf)
+    return float(np.mean(log_z - picked))
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:

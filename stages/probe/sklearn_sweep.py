@@ -31,7 +31,8 @@ def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device:
     reader = Reader(plan.store, [p for c in combos for p in c.pieces], allow_incomplete=settings.allow_incomplete,
                     threads=settings.read_threads)
     layout = Layout(combos, flat=True)
-    source = MemorySource(reader, layout, samples.fit.split, samples.fit_mask(), per_channel=False)
+    source = MemorySource(reader, layout, samples.fit.split, samples.fit_mask(), per_channel=False,
+                          raw=not settings.standardise)
     selection = source.packed if samples.carved else packed_rows(reader, layout, samples.selection, source.stats)
     estimator = spec.load()
     grid = [h[axis.name] for h in plan.hypers]

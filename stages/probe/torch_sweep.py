@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from stages.probe import heads as H
-from stages.probe.banks import FlatBank, ModuleBank, member_seed
+from stages.probe.banks import FlatBank, ModuleBank, fit_lbfgs, member_seed
 from stages.probe.features import Layout, MemorySource, Reader, StreamSource, Views, fit_statistics, identity_statistics
 from stages.probe.plan import Combo, ProbePlan, Rows
 from stages.probe.recipes import STEP_EPOCHS, STEP_GAMMA
@@ -36,16 +36,16 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     flat = plan.spec.family == FLAT
     per_channel = plan.spec.standardisation == "per channel"
     recipe = settings.recipe is not None  # the paper's: raw features, SGD, StepLR per epoch (stages.probe.recipes)
+    raw = not settings.standardise  # the recipe's and protocols' raw features
     reader = Reader(plan.store, [p for c in combos for p in c.pieces], allow_incomplete=settings.allow_incomplete,
                     threads=settings.read_threads)
     layout = Layout(combos, flat)
     fit_split, fit_mask = samples.fit.split, samples.fit_mask()
     views = Views(plan.views, settings.seed)
     if plan.mode == "memory":
-        train = MemorySource(reader, layout, fit_split, fit_mask, per_channel, device, raw=recipe, views=views)
+        train = MemorySource(reader, layout, fit_split, fit_mask, per_channel, device, raw=raw, views=views)
     else:
-        stats = identity_statistics(reader) if recipe else fit_statistics(reader, fit_split, fit_mask, per_channel,
-                                                                          device)
+        stats = identity_statistics(reader) if raw else fit_statistics(reader, fit_split, fit_mask, per_channel, device)
         train = StreamSource(reader, layout, fit_split, stats, views=views)
     selection = train if samples.carved else StreamSource(reader, layout, samples.selection.split, train.stats)
     seeds = [[member_seed(settings.seed, plan.spec.name, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
@@ -60,58 +60,69 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                           seeds)
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
-    epochs = plan.epochs
-    schedules = [plan.schedule(e) for e in range(epochs)]
-    total = sum(len(w.batches) for s in schedules for w in s)
-    groups = bank.param_groups(hypers)
-    if recipe:  # finetune.py: SGD(params, lr) without momentum, StepLR(optimizer, 7, 0.1) stepped per epoch
-        optimizer = torch.optim.SGD(groups, momentum=0.0)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_EPOCHS, STEP_GAMMA)
+    if settings.solver == "lbfgs":  # in memory: every member solved to its optimum on the full fit rows
+        iterations = fit_lbfgs(bank, layout.take(train.packed, samples.fit.index, device),
+                               labels[samples.fit.index].to(device), [h["weight_decay"] for h in hypers],
+                               max_iter=settings.lbfgs_iterations)
+        log.info("L-BFGS: %d iterations for %d heads", iterations, len(bank.active))
+        measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
+                             plan.num_classes)
+        scores = {m: (1, *v) for m, v in measured.items()}
+        lr_per_epoch = {l: [float(h["lr"])] for l, h in enumerate(hypers)}
     else:
-        if settings.optimizer == "adamw":
-            optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+        epochs = plan.epochs
+        schedules = [plan.schedule(e) for e in range(epochs)]
+        total = sum(len(w.batches) for s in schedules for w in s)
+        groups = bank.param_groups(hypers)
+        if recipe:  # finetune.py: SGD(params, lr) without momentum, StepLR(optimizer, 7, 0.1) stepped per epoch
+            optimizer = torch.optim.SGD(groups, momentum=0.0)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, STEP_EPOCHS, STEP_GAMMA)
         else:
-            optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
-        warm = int(settings.warmup * total)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer,
-            lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
-    rungs = dict(plan.rungs)
-    scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
-    lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
-    for epoch, schedule in enumerate(schedules, 1):
-        bank.train()
-        for group in optimizer.param_groups:
-            if group["params"] and len(lr_per_epoch[group["hyper"]]) < epoch:
-                lr_per_epoch[group["hyper"]].append(float(group["lr"]))
-        loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
-        for window in schedule:
-            packed, local = train.window(window.chunks, epoch - 1)
-            for rows in window.batches:
-                batch = layout.take(packed, local(rows), device)
-                y = labels[rows].to(device)
-                loss = bank.loss(batch, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                if not recipe:
-                    scheduler.step()
-                loss_sum += loss.detach()
-                steps += 1
-        if recipe:
-            scheduler.step()
-        log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs,
-                 float(loss_sum) / len(bank.active) / max(steps, 1), len(bank.active))
-        if epoch in rungs or epoch == epochs:
-            measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
-                                 plan.num_classes)
-            scores.update({m: (epoch, *v) for m, v in measured.items()})
-        if epoch in rungs:
-            keep = [m for ci in range(len(combos))
-                    for m in best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])]
-            log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch, rungs[epoch],
-                     len(bank.active) // len(combos))
-            bank.keep(keep)
+            if settings.optimizer == "adamw":
+                optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.999), fused=True)
+            else:
+                optimizer = torch.optim.SGD(groups, momentum=0.9, fused=True)
+            warm = int(settings.warmup * total)
+            scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda s: (s + 1) / warm if s < warm
+                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        rungs = dict(plan.rungs)
+        scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
+        lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
+        for epoch, schedule in enumerate(schedules, 1):
+            bank.train()
+            for group in optimizer.param_groups:
+                if group["params"] and len(lr_per_epoch[group["hyper"]]) < epoch:
+                    lr_per_epoch[group["hyper"]].append(float(group["lr"]))
+            loss_sum, steps = torch.zeros((), device=device), 0  # summed on the device: no sync per step
+            for window in schedule:
+                packed, local = train.window(window.chunks, epoch - 1)
+                for rows in window.batches:
+                    batch = layout.take(packed, local(rows), device)
+                    y = labels[rows].to(device)
+                    loss = bank.loss(batch, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    if not recipe:
+                        scheduler.step()
+                    loss_sum += loss.detach()
+                    steps += 1
+            if recipe:
+                scheduler.step()
+            log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs,
+                     float(loss_sum) / len(bank.active) / max(steps, 1), len(bank.active))
+            if epoch in rungs or epoch == epochs:
+                measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
+                                     plan.num_classes)
+                scores.update({m: (epoch, *v) for m, v in measured.items()})
+            if epoch in rungs:
+                keep = [m for ci in range(len(combos))
+                        for m in best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])]
+                log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch,
+                         rungs[epoch], len(bank.active) // len(combos))
+                bank.keep(keep)
     finished = set(bank.active)
     rows_out, chosen = [], {}
     for ci, combo in enumerate(combos):

@@ -1,0 +1,150 @@
+"""Probes that reach a converged reference, and the evaluation protocols by name (stages.probe.protocols)."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
+
+from cache import FeatureStore
+from cache.errors import ConfigError
+from pipeline.cli import main
+from stages.probe.protocols import DINOV2_CS, DINOV2_LEARNING_RATES, PROTOCOLS, SUMMARY, protocol_settings
+from stages.probe.run import run_probe
+from stages.probe.settings import ProbeSettings
+from tests.test_probe_support import digits_features, write_store
+
+CS = (0.01, 0.1, 1.0, 10.0, 100.0)
+
+
+@pytest.fixture(scope="module")
+def digits_store(tmp_path_factory) -> Path:
+    features, labels = digits_features()
+    return write_store(tmp_path_factory.mktemp("digits") / "store.zarr", features, labels, pools=(4,),
+                       resolution={1: 16, 2: 16})
+
+
+def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
+    """Test top-1 of scikit-learn's LogisticRegression, converged (tol 1e-10), C chosen from CS on the probe's own
+    validation rows by the probe's rule (validation top-1, ties to the lower validation loss)."""
+    block, timestep, pool = (int(part[1:]) for part in key.split("_"))
+    val = np.array(json.loads((run_dir / "validation_subset.json").read_text())["indices"])
+    y, y_test = store.labels("train"), store.labels("val")
+    train, test = store.read("train", block, timestep, pool), store.read("val", block, timestep, pool)
+    fit = np.setdiff1d(np.arange(len(train)), val)
+    x = train.reshape(len(train), -1).astype(np.float64)
+    mean, std = x[fit].mean(0), x[fit].std(0)
+    std[std < 1e-6] = 1
+    standard = (x - mean) / std
+    best = None
+    for C in CS:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(standard[fit], y[fit])
+        score = (model.score(standard[val], y[val]), -log_loss(y[val], model.predict_proba(standard[val]),
+                                                               labels=model.classes_))
+        if best is None or score > best[0]:
+            best = (score, model)
+    return best[1].score((test.reshape(len(test), -1) - mean) / std, y_test)
+
+
+@pytest.mark.parametrize("head", ["linear", "logreg"])
+def test_default_heads_reach_a_converged_tuned_logistic_regression_on_digits(digits_store, tmp_path, head):
+    """Every input set within 0.3 points of (or above) the converged reference with the same C grid."""
+    store = FeatureStore.open(digits_store)
+    # the noisier timestep (hardest features; every input set: bench/converge.py)
+    result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,),
+                                     threads=1))
+    if head == "linear":
+        assert result.record["settings"]["solver"] == "lbfgs" and result.record["halving"] == []
+    chosen = [r for r in result.rows if r["selected"]]
+    assert len(chosen) == 2
+    gaps = {r["key"]: 100 * (r["test_top1"] - tuned_reference(store, result.run_dir, r["key"])) for r in chosen}
+    assert all(gap >= -0.3 for gap in gaps.values()), gaps
+
+
+def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
+    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))
+    assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
+    assert settings.hypers(n_fit=50) == [{"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
+                                         {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)}]
+    # minibatch settings keep the minibatch solver and the registry's learning-rate grid
+    assert ProbeSettings(store="s.zarr", head="linear", epochs=5).solver == "minibatch"
+    assert ProbeSettings(store="s.zarr", head="linear", data_mode="stream").solver == "minibatch"
+    assert ProbeSettings(store="s.zarr", head="linear", solver="minibatch").lrs is None
+
+
+# -- the protocol table -------------------------------------------------------------------------------
+def test_dinov2_rows_are_dinov2s_published_settings():
+    linear = protocol_settings("dinov2", "linear")
+    assert DINOV2_LEARNING_RATES == (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+    assert linear["lrs"] == pytest.approx([lr * 128 / 256 for lr in DINOV2_LEARNING_RATES])  # scale_lr at batch 128
+    assert (linear["optimizer"], linear["weight_decays"], linear["warmup"], linear["epochs"], linear["batch_size"],
+            linear["halving"], linear["standardise"]) == ("sgd", (0.0,), 0.0, 10, 128, False, False)
+    assert protocol_settings("dinov2", "knn") == {"standardise": False, "ks": (10, 20, 100, 200), "vote": "softmax",
+                                                  "temperature": 0.07}
+    assert len(DINOV2_CS) == 45 and DINOV2_CS[0] == pytest.approx(1e-6) and DINOV2_CS[-1] == pytest.approx(1e5)
+    np.testing.assert_allclose(np.diff(np.log10(DINOV2_CS)), 11 / 44)
+    assert protocol_settings("dinov2", "logreg") == {"standardise": False, "Cs": DINOV2_CS}
+    assert set(SUMMARY) == set(PROTOCOLS)
+
+
+def test_a_protocol_fills_what_was_not_given():
+    settings = ProbeSettings(store="s.zarr", head="linear", protocol="dinov2", epochs=3)
+    assert settings.epochs == 3 and settings.optimizer == "sgd" and len(settings.lrs) == 13
+    assert settings.solver == "minibatch" and settings.rungs(3) == [] and not settings.standardise
+    logreg = ProbeSettings(store="s.zarr", head="logreg", protocol="dinov2")
+    assert logreg.Cs == DINOV2_CS and not logreg.standardise
+    assert ProbeSettings(store="s.zarr", head="ridge", protocol="dinov2").standardise  # no row: the project's
+
+
+def test_protocol_diffssl_is_the_recipe():
+    by_protocol = ProbeSettings(store="s.zarr", head="attention", protocol="diffssl")
+    by_recipe = ProbeSettings(store="s.zarr", head="attention", recipe="diffssl")
+    assert {f.name: getattr(by_protocol, f.name) for f in fields(ProbeSettings) if f.name != "protocol"} == \
+        {f.name: getattr(by_recipe, f.name) for f in fields(ProbeSettings) if f.name != "protocol"}
+    default = ProbeSettings(store="s.zarr", head="linear", protocol="default")
+    assert default == ProbeSettings(store="s.zarr", head="linear", protocol=None).__class__(
+        **{**{f.name: getattr(ProbeSettings(store="s.zarr", head="linear"), f.name) for f in fields(ProbeSettings)},
+           "protocol": "default"})
+
+
+@pytest.mark.xfail("vote" not in {f.name for f in fields(ProbeSettings)}, strict=True,
+                   reason="kNN's vote and temperature are settings of branch h-protocols, not yet merged here")
+def test_every_protocol_setting_is_a_probe_setting():
+    names = {f.name for f in fields(ProbeSettings)}
+    assert all(name in names for rows in PROTOCOLS.values() for row in rows.values() for name in row)
+
+
+def test_dinov2_protocol_runs_knn_and_logreg_on_raw_features(digits_store, tmp_path):
+    result = run_probe(ProbeSettings(store=str(digits_store), head="logreg", protocol="dinov2", out=str(tmp_path),
+                                     blocks=(1,), timesteps=(10,), threads=1, Cs=DINOV2_CS[20:24]))
+    assert result.record["settings"]["protocol"] == "dinov2" and result.record["settings"]["standardise"] is False
+    assert 0.5 < result.metrics["best"]["test_top1"] <= 1.0
+
+
+# -- bad input --------------------------------------------------------------------------------------------
+def test_an_unknown_protocol_is_a_one_line_error_listing_them(digits_store, tmp_path):
+    result = CliRunner().invoke(main, ["probe", "--store", str(digits_store), "--head", "knn", "--protocol", "dino",
+                                       "--out", str(tmp_path / "results")])
+    assert result.exit_code == 1
+    message = result.output.strip()
+    assert "\n" not in message and "'protocol'" in message and "default, diffssl, dinov2" in message, message
+    assert not (tmp_path / "results").exists()
+    with pytest.raises(ConfigError, match="one of default, diffssl, dinov2"):
+        ProbeSettings(store="s.zarr", head="knn", protocol="DINOv2")
+
+
+def test_lbfgs_with_settings_it_cannot_serve_is_an_error():
+    with pytest.raises(ConfigError, match="'solver'"):
+        ProbeSettings(store="s.zarr", head="mlp", solver="lbfgs")
+    with pytest.raises(ConfigError, match="'solver'"):
+        ProbeSettings(store="s.zarr", head="linear", solver="lbfgs", data_mode="stream")
