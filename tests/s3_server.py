@@ -28,10 +28,16 @@ def s3_server():
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
+    # fsspec keeps one S3FileSystem per set of arguments, and the endpoint comes from the environment, not
+    # the arguments: without this, a module's tests would reach the server an earlier module stopped.
+    from s3fs import S3FileSystem
+
+    S3FileSystem.clear_instance_cache()
     try:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+        S3FileSystem.clear_instance_cache()
 
 
 def closed_port() -> int:

@@ -36,10 +36,13 @@ def _keywords(function) -> dict:
 
 
 def _probe() -> dict:
+    from stages.probe.registry import default_grid
     from stages.probe.settings import DEFAULTS_OF_NONE, ProbeSettings
     from stages.sweep.engine import EngineOptions
 
-    return {**_fields(ProbeSettings), **DEFAULTS_OF_NONE, **_fields(EngineOptions)}
+    grids = {"Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge"),  # None: these
+             "solver": ProbeSettings(store="s.zarr", head="linear").solver}
+    return {**_fields(ProbeSettings), **DEFAULTS_OF_NONE, **grids, **_fields(EngineOptions)}
 
 
 def _extract() -> dict:

@@ -57,12 +57,14 @@ def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
 
 
 @pytest.mark.parametrize("head", ["linear", "logreg"])
-def test_default_heads_reach_a_converged_tuned_logistic_regression_on_digits(digits_store, tmp_path, head):
-    """Every input set within 0.3 points of (or above) the converged reference with the same C grid."""
+def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(digits_store, tmp_path, head):
+    """Every input set within 0.3 points of (or above) the converged reference with the same C grid: logreg
+    by default, linear with --solver lbfgs (the minibatch default is faster and falls short: docs/probes.md)."""
     store = FeatureStore.open(digits_store)
     # the noisier timestep (hardest features; every input set: bench/converge.py)
+    solver = {"solver": "lbfgs"} if head == "linear" else {}
     result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,),
-                                     threads=1))
+                                     threads=1, **solver))
     if head == "linear":
         assert result.record["settings"]["solver"] == "lbfgs" and result.record["halving"] == []
     chosen = [r for r in result.rows if r["selected"]]
@@ -72,7 +74,8 @@ def test_default_heads_reach_a_converged_tuned_logistic_regression_on_digits(dig
 
 
 def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
-    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))
+    assert ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0)).solver == "minibatch"  # the default
+    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0), solver="lbfgs")
     assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
     assert settings.hypers(n_fit=50) == [{"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
                                          {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)}]
@@ -117,8 +120,6 @@ def test_protocol_diffssl_is_the_recipe():
            "protocol": "default"})
 
 
-@pytest.mark.xfail("vote" not in {f.name for f in fields(ProbeSettings)}, strict=True,
-                   reason="kNN's vote and temperature are settings of branch h-protocols, not yet merged here")
 def test_every_protocol_setting_is_a_probe_setting():
     names = {f.name for f in fields(ProbeSettings)}
     assert all(name in names for rows in PROTOCOLS.values() for row in rows.values() for name in row)

@@ -120,8 +120,8 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
                "diffssl; default = this project's. Options given explicitly still override it.")
 @click.option("--solver", type=click.Choice(["lbfgs", "minibatch"]), default=None,
               help="linear: lbfgs solves each head's L2-regularised objective on the in-memory fit rows over logreg's "
-                   "C grid; minibatch trains with --optimizer over the --lr grid (and streams) [default: lbfgs for a "
-                   "plain linear head unless --epochs, --lr, --optimizer or --data-mode stream ask for minibatches].")
+                   "C grid (converged, slower: docs/probes.md); minibatch trains with --optimizer over the --lr grid "
+                   "(and streams) [default: minibatch].")
 @click.option("--views", type=click.IntRange(min=1), default=None,
               help="Augmented views of the train split to train on, one per sample per epoch [default: all the store "
                    "holds; 1: the centre view only].")
