@@ -102,6 +102,27 @@ def holds_only(out: Path, names: set[str], *, folders: dict[str, str] | None = N
     return True
 
 
+def is_analysis_output(out: Path, files: set[str], record: str, command: str) -> bool:
+    """Whether `out` holds only what an analysis command writes (its CSV, its JSON record naming the command,
+    heatmaps/*.png): it can be recomputed, so it is replaced."""
+    if not holds_only(out, files, folders={"heatmaps": ".png"}):
+        return False
+    try:
+        return not (out / record).exists() or json.loads((out / record).read_text()).get("command") == command
+    except (OSError, ValueError):
+        return False
+
+
+def write_csv(path: Path, columns, rows: list[dict]) -> None:
+    """`rows` as a CSV file with a header of `columns`."""
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @contextmanager
 def staged_output(out: Path) -> Iterator[Path]:
     """A fresh directory beside `out` to write into, put in `out`'s place when the block succeeds (an

@@ -40,6 +40,19 @@ def s3_server():
         S3FileSystem.clear_instance_cache()
 
 
+@contextlib.contextmanager
+def s3_environment(bucket: str = "lab"):
+    """A fresh server with `bucket` made, and the environment (credentials, endpoint) pointing at it."""
+    import pytest
+
+    with s3_server() as url, pytest.MonkeyPatch.context() as patch:
+        for key, value in ENV.items():
+            patch.setenv(key, value)
+        patch.setenv("AWS_ENDPOINT_URL", url)
+        make_bucket(url, bucket)
+        yield url
+
+
 def closed_port() -> int:
     """A loopback port nobody listens on (bound, then released)."""
     with socket.socket() as sock:

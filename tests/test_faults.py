@@ -556,13 +556,9 @@ def test_a_view_splits_labels_are_verified_and_repaired(model, data, tmp_path):
 
 @pytest.fixture(scope="module")
 def endpoint():
-    from tests.s3_server import ENV, make_bucket, s3_server
+    from s3_server import s3_environment
 
-    with s3_server() as url, pytest.MonkeyPatch.context() as patch:
-        for key, value in ENV.items():
-            patch.setenv(key, value)
-        patch.setenv("AWS_ENDPOINT_URL", url)
-        make_bucket(url, "lab")
+    with s3_environment("lab") as url:
         yield url
 
 

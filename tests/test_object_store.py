@@ -26,7 +26,7 @@ from cache.writer import SplitIndex
 from pipeline.cli import main
 
 from helpers import make_image_folder
-from s3_server import ENV, closed_port, list_keys, make_bucket, s3_server
+from s3_server import closed_port, list_keys, s3_environment
 
 pytestmark = pytest.mark.slow  # an S3 server (moto) and killed processes
 
@@ -37,11 +37,7 @@ ARGS = ["--blocks", "3,5", "--timesteps", "10,90", "--pool", "1", "--batch-size"
 
 @pytest.fixture(scope="module")
 def endpoint():
-    with s3_server() as url, pytest.MonkeyPatch.context() as patch:
-        for key, value in ENV.items():
-            patch.setenv(key, value)
-        patch.setenv("AWS_ENDPOINT_URL", url)
-        make_bucket(url, "lab")
+    with s3_environment("lab") as url:
         yield url
 
 

@@ -24,7 +24,6 @@ any other, and pairs with it across stores need nothing special.
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -42,7 +41,7 @@ from stages.cka.estimators import DEBIASED, ESTIMATORS, MIN_DEBIASED_SAMPLES
 from stages.cka.heatmaps import write_heatmaps
 from stages.cka.streaming import CkaInputError, Feature
 from stages.devices import available_memory
-from stages.outputs import check_output_dir, holds_only, staged_output
+from stages.outputs import check_output_dir, is_analysis_output, staged_output, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +145,7 @@ def run_cka(settings: CkaSettings) -> CkaResult:
         "seconds": round(time.perf_counter() - started, 3),
     }
     with staged_output(out) as staging:
-        write_rows(staging / "cka.csv", table)
+        write_csv(staging / "cka.csv", COLUMNS, table)
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
             write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
@@ -292,22 +291,9 @@ def pair_rows(matrices: dict, settings: CkaSettings, samples: int) -> list[dict]
     return table
 
 
-def write_rows(path: Path, table: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(table)
-
-
 def is_cka_output(out: Path) -> bool:
     """Whether `out` holds only what `run_cka` writes (it can be recomputed, so it is replaced)."""
-    if not holds_only(out, OUTPUT_FILES, folders={"heatmaps": ".png"}):
-        return False
-    record = out / "cka.json"
-    try:
-        return not record.exists() or json.loads(record.read_text()).get("command") == "cka"
-    except (OSError, ValueError):
-        return False
+    return is_analysis_output(out, OUTPUT_FILES, "cka.json", "cka")
 
 
 def describe(result: CkaResult) -> str:

@@ -25,7 +25,6 @@ What one run does:
 from __future__ import annotations
 
 import contextlib
-import csv
 import hashlib
 import json
 import logging
@@ -44,7 +43,7 @@ from stages.cka.estimators import MIN_DEBIASED_SAMPLES
 from stages.cka.run import check_same_samples, resolve_features, select_samples
 from stages.cka.streaming import CkaInputError, Feature
 from stages.devices import available_memory
-from stages.outputs import check_output_dir, holds_only, staged_output
+from stages.outputs import check_output_dir, is_analysis_output, staged_output, write_csv
 from stages.progress import progress_bar
 from stages.similarity import calibration
 from stages.similarity.metrics import METRICS, Parameters, Side, score
@@ -186,9 +185,9 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         "seconds": round(time.perf_counter() - started, 3),
     }
     with staged_output(out) as staging:
-        _write_csv(staging / "similarity.csv", COLUMNS, table)
+        write_csv(staging / "similarity.csv", COLUMNS, table)
         if settings.best_pair:
-            _write_csv(staging / "best_pairs.csv", BEST_COLUMNS, best)
+            write_csv(staging / "best_pairs.csv", BEST_COLUMNS, best)
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
             from stages.similarity.heatmaps import (
@@ -401,22 +400,9 @@ def best_pairs(results: dict, settings: SimilaritySettings) -> list[dict]:
     return best
 
 
-def _write_csv(path: Path, columns, table: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(table)
-
-
 def is_similarity_output(out: Path) -> bool:
     """Whether `out` holds only what `run_similarity` writes (it can be recomputed, so it is replaced)."""
-    if not holds_only(out, OUTPUT_FILES, folders={"heatmaps": ".png"}):
-        return False
-    record = out / "similarity.json"
-    try:
-        return not record.exists() or json.loads(record.read_text()).get("command") == "similarity"
-    except (OSError, ValueError):
-        return False
+    return is_analysis_output(out, OUTPUT_FILES, "similarity.json", "similarity")
 
 
 def describe(result: SimilarityResult) -> str:
