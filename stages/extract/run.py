@@ -236,8 +236,7 @@ def check_images_unchanged(writer: FeatureStoreWriter, split: str, folder: Image
         raise DataChangedError(
             f"{len(changed)} image(s) of {split} changed since the store's features were computed from them (same "
             f"size, other content): {', '.join(folder.paths[i] for i in changed[:5])}"
-            f"{' ...' if len(changed) > 5 else ''}. "
-            f"Restore them, or re-extract with --overwrite"
+            f"{' ...' if len(changed) > 5 else ''}."  # the remedy's advice follows (pipeline.advice)
         )
     if touched:
         writer.update_file_records(split, np.asarray(touched), updated)
