@@ -6,9 +6,9 @@ import click
 
 from pipeline import options
 
-_METRIC_HELP = ("all, or a comma list of: linear, debiased, minibatch, rbf (as `pipeline cka`), cka, unbiased_cka, cknna, "
-                "mutual_knn, cycle_knn, lcs_knn, edit_distance_knn (platonic-rep's definitions), svcca, procrustes "
-                "(a distance: 0 = equal). docs/similarity.md defines each.")
+_METRIC_HELP = ("all, or a comma list of: linear, debiased, minibatch, rbf (as `pipeline cka`), cka, unbiased_cka, "
+                "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn (platonic-rep's definitions), svcca, "
+                "procrustes (a distance: 0 = equal). docs/similarity.md defines each.")
 
 
 @click.command()
