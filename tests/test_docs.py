@@ -117,3 +117,14 @@ def test_every_docs_page_is_in_the_nav():
     pages = {str(p.relative_to(REPO / "docs")) for p in (REPO / "docs").rglob("*.md")}
     assert pages - nav == set(), f"add to mkdocs.yml's nav: {sorted(pages - nav)}"
     assert nav - pages == set(), f"in the nav, not in docs/: {sorted(nav - pages)}"
+
+
+def test_getting_started_lists_every_extra():
+    """The extras table of docs/getting-started.md names every extra pyproject.toml defines, and no other."""
+    import tomllib
+
+    extras = set(tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    page = (REPO / "docs" / "getting-started.md").read_text()
+    table = page.split("### What is installed", 1)[1].split("\n#", 1)[0]
+    listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, re.M))
+    assert listed == extras, f"only in pyproject.toml: {extras - listed}; only on the page: {listed - extras}"
