@@ -128,3 +128,34 @@ def test_getting_started_lists_every_extra():
     table = page.split("### What is installed", 1)[1].split("\n#", 1)[0]
     listed = set(re.findall(r"^\| `([a-z0-9-]+)` \|", table, re.M))
     assert listed == extras, f"only in pyproject.toml: {extras - listed}; only on the page: {listed - extras}"
+
+
+def documented_invocations():
+    """(file, command, options) of every `pipeline COMMAND ...` line in a shell block of the README or docs/."""
+    for path in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", path.read_text(), re.S):
+            for line in re.sub(r"\\\n\s*", " ", block).splitlines():  # continuation lines joined
+                found = re.search(r"(?:^|\s)(?:pipeline|-m pipeline)\s+([a-z-]+)(.*)", line.split(" #")[0])
+                if found:
+                    options = re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", found.group(2))
+                    yield path.relative_to(REPO), found.group(1), options
+
+
+def test_documented_commands_and_options_exist():
+    """Examples in the prose cannot drift from the command line either: each names a command and its options."""
+    import click
+
+    from pipeline.cli import main
+
+    context = click.Context(main)
+    invocations = list(documented_invocations())
+    assert len(invocations) > 50  # the README's tour and the how-to pages
+    wrong = []
+    for path, name, options in invocations:
+        if name not in COMMANDS:
+            wrong.append(f"{path}: no command {name!r}")
+            continue
+        command = main.get_command(context, name)
+        known = {o for param in command.params for o in param.opts + param.secondary_opts}
+        wrong += [f"{path}: pipeline {name} has no {option}" for option in options if option not in known]
+    assert not wrong, "\n".join(wrong)
