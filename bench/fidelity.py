@@ -126,7 +126,7 @@ def main() -> None:
     parser.add_argument("--work", help="Where stores (and the default model and data) go [default: a temp dir].")
     parser.add_argument("--pretrain-epochs", type=int, default=20, help="The default DDPM's epochs (params.yaml: 20).")
     parser.add_argument("--per-class", type=int, default=0, help="Bundled MNIST: images per digit (0: all 500).")
-    parser.add_argument("--block", type=int, default=6, help="Near the best of the default sweep (README).")
+    parser.add_argument("--block", type=int, default=6, help="Near the best of the default sweep (docs/benchmarks.md).")
     parser.add_argument("--timestep", type=int, default=100)
     parser.add_argument("--pool", type=int, default=1)
     parser.add_argument("--epochs", type=int, default=RECIPE["epochs"])

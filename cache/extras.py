@@ -20,7 +20,7 @@ from cache.errors import UserError
 
 DISTRIBUTION = "diffusion-feature-cache"
 
-# extra -> what it adds (the README and `pyproject.toml` say the same; tests/test_extras.py compares)
+# extra -> what it adds (pyproject.toml and docs/getting-started.md say the same; test_extras, test_docs compare)
 EXTRAS = {
     "s3": "object stores: s3:// URLs (s3fs)",
     "cluster": "sweeps on dask.distributed and batch schedulers (distributed, dask-jobqueue)",
