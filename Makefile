@@ -46,9 +46,9 @@ repro: install
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest
 
-# The fast tier: every test not marked slow (docs/development.md).
+# The fast tier: every test not marked slow, on two worker processes (pytest-xdist; docs/development.md).
 test-fast: install
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow"
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -n 2
 
 # ruff's rules and import-linter's architecture contracts (pyproject.toml)
 lint: install

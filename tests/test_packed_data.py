@@ -159,6 +159,7 @@ def test_extraction_from_shards_and_tables_equals_the_folders(tiny_model, folder
                                                   reference.read(split, block, timestep, pool=pool))
 
 
+@pytest.mark.slow
 def test_ranks_write_the_store_one_process_writes_from_shards(tiny_model, shards, tmp_path):
     spec = f"wds:{shards}"
     ((code, _, err),) = finish(launch(tiny_model, spec, tmp_path / "one.zarr", 1, tmp_path / "one"))
@@ -168,6 +169,7 @@ def test_ranks_write_the_store_one_process_writes_from_shards(tiny_model, shards
     assert_same(decoded(tmp_path / "two.zarr"), decoded(tmp_path / "one.zarr"))
 
 
+@pytest.mark.slow
 def test_a_killed_run_resumes_reading_only_the_unfinished_samples(tiny_model, shards, tmp_path, monkeypatch):
     from stages.data.wds import TarSource
 
@@ -295,6 +297,7 @@ def test_a_split_the_data_lacks_names_the_splits_it_has(shards, parquet):
         open_dataset(f"hf:{parquet}", splits=("test",))
 
 
+@pytest.mark.slow  # a subprocess per case, with the extra made unimportable
 @pytest.mark.parametrize(("blocked", "extra", "data"), [
     (["braceexpand"], "wds", "wds:train={shards}/set-train-{{000000..000004}}.tar"),  # a folder needs no expansion
     (["datasets"], "hf", "hf:{parquet}")])
