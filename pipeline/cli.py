@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import MutableMapping
@@ -80,7 +81,10 @@ def _configure_logging(quiet: bool) -> None:
     level = logging.WARNING if quiet else logging.INFO
     for name in ("pipeline", "stages", "cache"):
         logging.getLogger(name).setLevel(level)
-    logging.getLogger("distributed").setLevel(logging.WARNING)  # a sweep's cluster: its warnings, not its chatter
+    # A sweep's cluster: its warnings, not its chatter. distributed sets its loggers' levels from dask's config when
+    # it is imported (after this, in the sweep), and its worker processes inherit the environment.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     handler.setLevel(level)
 
 
