@@ -4,6 +4,7 @@ behind it, typed errors for what a store lacks; and the rule and the view names 
 from __future__ import annotations
 
 import ast
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -104,6 +105,8 @@ def test_every_problem_is_listed_at_once_and_partial_keeps_what_is_there(store):
         store.select(**asked)
     kinds = [p.kind for p in error.value.problems]
     assert kinds == ["block", "timestep", "timestep", "pool"]  # 7; 50 of blocks 1 and 2; pool 3 of block 1
+    copy = pickle.loads(pickle.dumps(error.value))  # as it crosses to a dask worker's client
+    assert (type(copy), str(copy), copy.problems) == (SelectionError, str(error.value), error.value.problems)
     selection = store.select(**asked, partial=True)
     assert selection.problems == error.value.problems
     assert selection.arrays == ((1, 10), (2, 10))

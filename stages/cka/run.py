@@ -7,10 +7,11 @@
 
 What one run does:
 
-1. Resolve the request against every store, before reading any feature: each store's blocks and
-   timesteps (all it holds unless `blocks` / `timesteps` name some, for every store or one by name),
-   each pool readable for each block, the split; the stores must list the same samples (paths, and
-   content hashes where both recorded them). One error lists every problem and what the store has.
+1. Resolve the request against every store (`FeatureStore.select`), before reading any feature: each
+   store's blocks and timesteps (all it holds unless `blocks` / `timesteps` name some, for every store
+   or one by name), each pool readable for each block, the split; the stores must list the same samples
+   (paths, and content hashes where both recorded them). One error lists every problem and what the
+   store has. `opened` does this step for `pipeline similarity` too.
 2. Select the samples (all, or a seeded random `samples` of them) and stream them through the
    estimator (`stages.cka.streaming`), one matrix of every pair of features per pool.
 3. Write `<out>/`: cka.csv (one row per unordered pair, the diagonal included), cka.json (settings,

@@ -1,7 +1,8 @@
 """Resolving a probe request against a store, once, before any training: `make_plan` -> `ProbePlan`.
 
-1. Input sets (`Combo`): every (block, timestep, pool) asked for must be stored (one error lists all
-   problems and what the store has).
+1. Input sets (`Combo`): every (block, timestep, pool) asked for must be stored (`FeatureStore.select`,
+   where a pool at or above a block's resolution reads its full grid; one error lists all problems and
+   what the store has).
 2. Rows per role (`Samples`): the train split's rows (minus a carved validation subset, unless an
    official validation split is named) train the heads and give the standardisation statistics;
    the validation rows choose hyper-parameters; the test split is scored once, for the chosen
