@@ -25,6 +25,7 @@ with the same `problems` for the caller to report in its own words.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,7 @@ class Selection:
     pools: tuple[int, ...]
     arrays: tuple[tuple[int, int], ...]  # every (block, timestep) asked for that the store holds
     inputs: tuple[InputSet, ...]  # every array at every pool it can be read at
+    grids: Mapping[tuple[int, int], int]  # (block, pool) -> the side it reads, for every stored block asked
     problems: tuple[Unavailable, ...] = ()  # empty unless selected with `partial=True`
 
     @property
@@ -171,18 +173,19 @@ def select(manifest: Manifest, where: str, *, blocks=None, timesteps=None, pools
     if bad:
         raise ConfigError(f"pools must be positive integers, got {bad[0]!r}")
     pools = [int(p) for p in pools]
-    grids = {}  # (block, pool) -> the grid read, for each pool the block can be read at
+    grids, readable = {}, set()
     for b in asked_blocks:
         row, stored = manifest.block(b), manifest.features[b].grid
         for p in pools:
+            grids[(b, p)] = read_grid(p, row.resolution)
             if derivable(stored, row.resolution, p) and (full_above or p <= row.resolution):
-                grids[(b, p)] = read_grid(p, row.resolution)
+                readable.add((b, p))
             else:
                 problems.append(Unavailable("pool", (p,), tuple(readable_pools(manifest, b)), block=b, grid=stored))
     inputs = [InputSet(b, t, p, grids[(b, p)], manifest.block(b).channels, manifest.features[b].grid,
-                       manifest.block(b).resolution) for p in pools for b, t in arrays if (b, p) in grids]
+                       manifest.block(b).resolution) for p in pools for b, t in arrays if (b, p) in readable]
     selection = Selection(where, split, int(view) if stored_split is not None else 0, stored_split, views,
-                          tuple(pools), tuple(arrays), tuple(inputs), tuple(problems) if partial else ())
+                          tuple(pools), tuple(arrays), tuple(inputs), grids, tuple(problems) if partial else ())
     if problems and not partial:
         raise SelectionError(f"{where} cannot serve this request: " + "; ".join(p.describe() for p in problems),
                              problems=tuple(problems), store=store if store is not None else where)

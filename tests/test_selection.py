@@ -62,8 +62,10 @@ def test_a_pool_at_or_above_the_resolution_reads_the_full_grid(store, pool):
 
 def test_pools_above_the_resolution_collapse_to_one_grid_and_stay_separate_inputs(store):
     """Kept as it was: each pool asked is its own input set (a probe key, a CKA label), all at the full grid."""
-    items = store.select(blocks=[2], pools=[2, 4, 16]).inputs
+    selection = store.select(blocks=[2], pools=[2, 4, 16])
+    items = selection.inputs
     assert [(i.pool, i.grid) for i in items] == [(2, 2), (4, 2), (16, 2)]
+    assert selection.grids == {(2, 2): 2, (2, 4): 2, (2, 16): 2}
     assert len({i.width for i in items}) == 1
 
 
@@ -111,6 +113,8 @@ def test_every_problem_is_listed_at_once_and_partial_keeps_what_is_there(store):
     assert selection.problems == error.value.problems
     assert selection.arrays == ((1, 10), (2, 10))
     assert [(i.block, i.pool) for i in selection.inputs] == [(1, 1), (2, 1), (2, 3)]
+    # the side each stored block asked would be read at, readable or not (a head's minimum grid is checked on it)
+    assert selection.grids == {(1, 1): 1, (1, 3): 3, (2, 1): 1, (2, 3): 2}
 
 
 def test_bad_pools_and_views_are_config_errors(store):

@@ -215,7 +215,7 @@ def resolve_features(stores: dict[str, FeatureStore], settings: CkaSettings) -> 
         selection = store.select(blocks=_selection(settings.blocks, name) or None, pools=settings.pools,
                                  timesteps=None if timesteps is None else sorted(set(timesteps)),
                                  split=settings.split, full_above=False, partial=True)
-        problems += _problems(name, store, selection.problems)
+        problems += _problems(name, store, selection.problems, settings.pools)
         splits += [f"{name} ({store.path}) has no split {p.asked[0]!r}; it has {list(p.held)}"
                    for p in selection.problems if p.kind == "split"]
         pools = list(settings.pools)
@@ -226,7 +226,7 @@ def resolve_features(stores: dict[str, FeatureStore], settings: CkaSettings) -> 
     return features
 
 
-def _problems(name: str, store: FeatureStore, problems) -> list[str]:
+def _problems(name: str, store: FeatureStore, problems, pools) -> list[str]:
     """The selection's problems of one store, in the words of `pipeline cka`: one line per kind (per pool)."""
     where = f"{name} ({store.path})"
     lines = [f"{where} has no block {', '.join(map(str, p.asked))}; it holds blocks {', '.join(map(str, p.held))}"
@@ -237,12 +237,10 @@ def _problems(name: str, store: FeatureStore, problems) -> list[str]:
         lines.append(f"{where} has no timestep {', '.join(map(str, asked))} for block(s) "
                      f"{', '.join(str(p.block) for p in lacking)}; it holds "
                      + "; ".join(f"block {p.block}: timesteps {list(p.held)}" for p in lacking))
-    by_pool = {}  # pool -> its problems, one per block, in the order asked
-    for p in problems:
-        if p.kind == "pool":
-            by_pool.setdefault(p.asked[0], {}).setdefault(p.block, p)
-    for pool, per_block in by_pool.items():
-        cannot = list(per_block.values())
+    for pool in pools:  # each pool's problems, one per block, in the order asked
+        cannot = list({p.block: p for p in problems if p.kind == "pool" and p.asked == (pool,)}.values())
+        if not cannot:
+            continue
         lines.append(f"{where} cannot give pool {pool} for block(s) {', '.join(str(p.block) for p in cannot)}; it "
                      "can give " + "; ".join(f"block {p.block}: pools {list(p.held)}" for p in cannot))
     return lines

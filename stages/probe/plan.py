@@ -78,7 +78,7 @@ def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
     spec = settings.spec
     selection = store.select(blocks=settings.blocks, timesteps=settings.timesteps, pools=settings.pools, partial=True)
     problems = [p.describe() for p in selection.problems]
-    grids = {(i.block, i.pool): i.grid for i in selection.inputs}
+    grids = dict(selection.grids)
     small = sorted({(b, p) for (b, p), g in grids.items() if g < spec.min_grid})
     if small and settings.pools is None and settings.blocks is None:
         log.warning("%s needs grids of %dx%d or more: skipping %s", spec.name, spec.min_grid, spec.min_grid,
