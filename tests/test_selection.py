@@ -78,6 +78,23 @@ def test_without_full_above_a_pool_above_the_resolution_is_not_offered(store):
         store.select(blocks=[2], pools=[4], full_above=False)
 
 
+def test_the_commands_keep_their_rule_for_pools_above_the_resolution(store):
+    """The probe trains one input set per pool asked, each at the full grid; CKA (and similarity, which
+    resolves as CKA does) refuses a pool the block does not have. Both as before the selection existed."""
+    from stages.cka.run import CkaSettings, resolve_features
+    from stages.cka.streaming import CkaInputError
+    from stages.probe.plan import plan_combos
+    from stages.probe.settings import ProbeSettings
+
+    combos = plan_combos(store, ProbeSettings(store=store.path, head="linear", blocks=(2,), pools=(2, 4, 16)))
+    assert [(c.key, c.shapes) for c in combos] == [("b2_t10_p2", ((3, 2),)), ("b2_t10_p4", ((3, 2),)),
+                                                   ("b2_t10_p16", ((3, 2),))]
+    settings = CkaSettings(stores=(("a", store.path),), out="unused", pools=(2, 4), split="val")
+    with pytest.raises(CkaInputError) as error:
+        resolve_features({"a": store}, settings)
+    assert "cannot give pool 4 for block(s) 2; it can give block 2: pools [1, 2]" in str(error.value)
+
+
 def test_a_pool_the_stored_grid_cannot_give_exactly_is_refused(store):
     with pytest.raises(SelectionError) as error:
         store.select(blocks=[1], pools=[3])
