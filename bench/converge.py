@@ -84,7 +84,7 @@ def main() -> None:
     pools = tuple(int(p) for p in args.pools.split(","))
     store = FeatureStore.open(args.store)
     test_split = "test" if "test" in store.splits else "val"
-    combos = [(b, t, p) for p in pools for b in store.blocks for t in store.timesteps if store.has(b, t)]
+    combos = [(i.block, i.timestep, i.pool) for i in store.select(pools=pools).inputs]
     cache = args.out / "ref.json"
     if cache.exists():
         ref = json.loads(cache.read_text())

@@ -85,18 +85,25 @@ def adaptive_avg_pool(features, out: int):
     return np.ascontiguousarray(cells / divisor)
 
 
+def read_grid(pool: int, resolution: int) -> int:
+    """The side of a block's features read at `pool`: the pool, or the block's full resolution for a pool
+    at or above it. This is the one place the rule is written; the writer, the reader and every
+    selection (`cache.selection`) ask here."""
+    return min(int(pool), int(resolution))
+
+
 def stored_grid(resolution: int, pools: list[int]) -> int:
     """The grid to store for a block so that every requested pool can be derived exactly.
 
     A pool at or above the block's resolution means the full resolution. When the pools' least
     common multiple divides the resolution it is stored; otherwise the full map is kept.
     """
-    effective = sorted({min(int(p), resolution) for p in pools})
+    effective = sorted({read_grid(p, resolution) for p in pools})
     grid = int(np.lcm.reduce(effective))
     return grid if resolution % grid == 0 else resolution
 
 
 def derivable(grid: int, resolution: int, pool: int) -> bool:
     """Whether `pool` can be derived exactly from a stored `grid` of a block at `resolution`."""
-    pool = min(pool, resolution)
+    pool = read_grid(pool, resolution)
     return grid == resolution or (grid % pool == 0 and resolution % grid == 0)

@@ -6,6 +6,7 @@
     y = store.labels("train")                                 # (N,) int64
     lazy = store.read_dask("train", 24, 90, pool=1)           # same values, chunked by samples
     store.views("train")                                      # 1, or K in a store extracted with K views
+    selection = store.select(blocks=[24], pools=[1, 2], split="train", view=1)   # what to read (cache.selection)
     x3 = store.read("train", 24, 90, pool=2, view=3)          # augmented view 3 of every train image
     with store.hold(): ...                                    # no writer may replace it meanwhile
 
@@ -57,7 +58,8 @@ from cache.integrity import (
     read_root_attrs,
 )
 from cache.manifest import Manifest
-from cache.pooling import adaptive_avg_pool, derivable
+from cache.pooling import adaptive_avg_pool, derivable, read_grid
+from cache.selection import Selection, base_splits, describe_holdings, readable_pools, select, stored_views
 from cache.storage import Location
 from cache.text import format_ranges
 
@@ -114,14 +116,13 @@ class FeatureStore:
     @property
     def splits(self) -> list[str]:
         """The data set's splits (augmented views of a split are not splits of their own: `views`)."""
-        return [s for s in self.manifest.splits if layout.parse_view_split(s)[1] == 0]
+        return base_splits(self.manifest)
 
     def views(self, split: str) -> int:
         """How many views of each image of `split` the store holds: 1 (the centre view), or K in a store
         extracted with K views (view 0 the centre view, 1..K-1 augmented; attrs["views"] says how)."""
         self._check_split(split)
-        stored = [layout.parse_view_split(name) for name in self.manifest.splits]
-        return 1 + sum(1 for base, view in stored if base == split and view > 0)
+        return stored_views(self.manifest, split)
 
     def view_split(self, split: str, view: int = 0) -> str:
         """The stored split that holds view `view` of `split` (`cache.layout.view_split`)."""
@@ -163,6 +164,18 @@ class FeatureStore:
         """sha256 of the recorded settings: two stores with equal fingerprints hold the same features."""
         return hashlib.sha256(json.dumps(self._attrs, sort_keys=True).encode()).hexdigest()
 
+    def select(self, *, blocks=None, timesteps=None, pools=None, split: str | None = None, view: int = 0,
+               full_above: bool = True, partial: bool = False) -> Selection:
+        """What a request reads: every (block, timestep) at every pool, of view `view` of `split`, resolved
+        against this store (`cache.selection.select`: None means all the store holds; a `SelectionError`
+        lists everything it lacks, or with `partial` the selection's `problems` do)."""
+        return select(self.manifest, self.path, blocks=blocks, timesteps=timesteps, pools=pools, split=split,
+                      view=view, full_above=full_above, partial=partial, store=self.location)
+
+    def describe(self) -> str:
+        """What the store holds, block by block (timesteps, readable pools, channels, resolution)."""
+        return describe_holdings(self.manifest, self.path)
+
     def has(self, block: int, timestep: int) -> bool:
         stored = self.manifest.features.get(int(block))
         return stored is not None and int(timestep) in stored.timesteps
@@ -179,8 +192,8 @@ class FeatureStore:
 
     def pools(self, block: int) -> list[int]:
         """Every pool size that can be read exactly for this block."""
-        info = self.block_info(block)
-        return [p for p in range(1, info["resolution"] + 1) if derivable(info["grid"], info["resolution"], p)]
+        self.block_info(block)  # an unknown block is a NotInStoreError naming what the store holds
+        return readable_pools(self.manifest, block)
 
     def num_samples(self, split: str) -> int:
         self._check_split(split)
@@ -459,7 +472,7 @@ class FeatureStore:
                 f"pool {pool} cannot be derived exactly from block {block}'s stored {info['grid']}x{info['grid']} "
                 f"grid; this store can give pools {self.pools(block)} for it"
             )
-        return min(int(pool), info["resolution"])
+        return read_grid(pool, info["resolution"])
 
     def _check_split(self, split: str) -> None:
         if split not in self.manifest.splits:

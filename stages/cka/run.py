@@ -7,10 +7,11 @@
 
 What one run does:
 
-1. Resolve the request against every store, before reading any feature: each store's blocks and
-   timesteps (all it holds unless `blocks` / `timesteps` name some, for every store or one by name),
-   each pool readable for each block, the split; the stores must list the same samples (paths, and
-   content hashes where both recorded them). One error lists every problem and what the store has.
+1. Resolve the request against every store (`FeatureStore.select`), before reading any feature: each
+   store's blocks and timesteps (all it holds unless `blocks` / `timesteps` name some, for every store
+   or one by name), each pool readable for each block, the split; the stores must list the same samples
+   (paths, and content hashes where both recorded them). One error lists every problem and what the
+   store has. `opened` does this step for `pipeline similarity` too.
 2. Select the samples (all, or a seeded random `samples` of them) and stream them through the
    estimator (`stages.cka.streaming`), one matrix of every pair of features per pool.
 3. Write `<out>/`: cka.csv (one row per unordered pair, the diagonal included), cka.json (settings,
@@ -28,6 +29,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -114,32 +116,17 @@ def run_cka(settings: CkaSettings) -> CkaResult:
     started = time.perf_counter()
     out = Path(settings.out)
     check_output_dir(out, made_by=is_cka_output, command="cka", needs_overwrite=False)
-    with contextlib.ExitStack() as stack:
-        # Held for the whole run: no writer may replace a store under it.
-        stores = {name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
-                  for name, path in settings.stores}
-        features = resolve_features(stores, settings)
-        num_samples = check_same_samples(stores, settings.split)
-        rows = select_samples(num_samples, settings.samples, settings.seed)
-        check_sample_count(settings, rows, num_samples)
+    with opened(settings) as run:
+        check_sample_count(settings, run.rows, run.num_samples)
         budget = settings.memory_budget or available_memory() // 2
-        reader = streaming.Reader(stores, settings.split, threads=settings.threads, progress=settings.progress)
+        reader = streaming.Reader(run.stores, settings.split, threads=settings.threads, progress=settings.progress)
         matrices = {}
         for pool in settings.pools:
-            chosen = [f for f in features if f.pool == pool]
-            matrices[pool] = (chosen, estimate(settings, reader, chosen, rows, num_samples, budget))
-        fingerprints = {name: store.fingerprint for name, store in stores.items()}
-        kinds = {name: store.attrs.get("kind") for name, store in stores.items()}
-    table = pair_rows(matrices, settings, len(rows))
+            chosen = [f for f in run.features if f.pool == pool]
+            matrices[pool] = (chosen, estimate(settings, reader, chosen, run.rows, run.num_samples, budget))
+    table = pair_rows(matrices, settings, len(run.rows))
     record = {
-        "command": "cka",
-        "settings": {**asdict(settings), "stores": dict(settings.stores),
-                     "storage_options": sorted(settings.storage_options or {})},  # names only: no secrets
-        "stores": {name: {"path": path, "fingerprint": fingerprints[name], "kind": kinds[name]}
-                   for name, path in settings.stores},
-        "split": settings.split,
-        "samples": {"count": len(rows), "of": num_samples, "seed": settings.seed,
-                    "indices_sha256": hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()},
+        **run.record("cka", settings),
         "features": [asdict(f) for pool in settings.pools for f in matrices[pool][0]],
         "memory_budget": budget,
         "seconds": round(time.perf_counter() - started, 3),
@@ -149,7 +136,7 @@ def run_cka(settings: CkaSettings) -> CkaResult:
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
             write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
-                           samples=len(rows))
+                           samples=len(run.rows))
         (staging / "cka.json").write_text(json.dumps(record, indent=2) + "\n")
     return CkaResult(out, table, record)
 
@@ -171,6 +158,47 @@ def estimate(settings: CkaSettings, reader, features: list[Feature], rows: np.nd
     return matrix
 
 
+# -- opening the stores (shared with `pipeline similarity`) --------------------------------------------
+@dataclass(frozen=True)
+class Opened:
+    """The stores of a CKA or similarity run, held open, with its request resolved against them."""
+
+    stores: dict[str, FeatureStore]
+    features: object  # what the command's resolver gives (`resolve_features`: a list of Feature)
+    num_samples: int  # of the split, the same in every store
+    rows: np.ndarray  # the selected samples: sorted split indices
+    described: dict  # name -> {"path", "fingerprint", "kind"}
+
+    def record(self, command: str, settings) -> dict:
+        """What every run's JSON record opens with: the command, its settings, the stores and the samples."""
+        return {
+            "command": command,
+            "settings": {**asdict(settings), "stores": dict(settings.stores),
+                         "storage_options": sorted(settings.storage_options or {})},  # names only: no secrets
+            "stores": self.described,
+            "split": settings.split,
+            "samples": {"count": len(self.rows), "of": self.num_samples, "seed": settings.seed,
+                        "indices_sha256": hashlib.sha256(self.rows.astype("<i8").tobytes()).hexdigest()},
+        }
+
+
+@contextlib.contextmanager
+def opened(settings, resolve=None) -> Iterator[Opened]:
+    """Open and hold every store of `settings` (CkaSettings or SimilaritySettings) for the run, resolve the
+    request (`resolve(stores, settings)`, by default `resolve_features`), check that the stores list the
+    same samples and select them; every store is released on leaving."""
+    with contextlib.ExitStack() as stack:
+        # Held for the whole run: no writer may replace a store under it.
+        stores = {name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
+                  for name, path in settings.stores}
+        features = (resolve or resolve_features)(stores, settings)
+        num_samples = check_same_samples(stores, settings.split)
+        rows = select_samples(num_samples, settings.samples, settings.seed)
+        described = {name: {"path": path, "fingerprint": stores[name].fingerprint, "kind": stores[name].attrs.get(
+            "kind")} for name, path in settings.stores}
+        yield Opened(stores, features, num_samples, rows, described)
+
+
 # -- resolving the request ----------------------------------------------------------------------------
 def _selection(entries, name: str):
     chosen = dict(entries)
@@ -179,44 +207,43 @@ def _selection(entries, name: str):
 
 def resolve_features(stores: dict[str, FeatureStore], settings: CkaSettings) -> list[Feature]:
     """Every requested (store, block, timestep, pool), ordered by store, pool, timestep, block; one error
-    lists every problem with what each store holds."""
-    features, problems = [], []
+    lists every problem with what each store holds. A pool above a block's resolution is refused, not
+    read at the full grid: features are labelled by pool, and are compared only at sizes the block has."""
+    features, problems, splits = [], [], []
     for name, store in stores.items():
-        blocks = _selection(settings.blocks, name)
         timesteps = _selection(settings.timesteps, name)
-        missing_blocks = [b for b in (blocks or ()) if b not in store.blocks]
-        if missing_blocks:
-            problems.append(f"{name} ({store.path}) has no block {', '.join(map(str, missing_blocks))}; it holds "
-                            f"blocks {', '.join(map(str, store.blocks))}")
-        held = [b for b in (blocks or store.blocks) if b in store.blocks]
-        wanted_timesteps = set(timesteps) if timesteps is not None else None
-        if wanted_timesteps is not None:
-            lacking = [(b, t) for b in held for t in sorted(wanted_timesteps) if not store.has(b, t)]
-            if lacking:
-                where = "; ".join(f"block {b}: timesteps {sorted(store.attrs['features'][str(b)]['timesteps'])}"
-                                  for b in sorted({b for b, _ in lacking}))
-                problems.append(f"{name} ({store.path}) has no timestep "
-                                f"{', '.join(map(str, sorted({t for _, t in lacking})))} for block(s) "
-                                f"{', '.join(map(str, sorted({b for b, _ in lacking})))}; it holds {where}")
-        for pool in settings.pools:
-            cannot = [b for b in held if pool not in store.pools(b)]
-            if cannot:
-                problems.append(f"{name} ({store.path}) cannot give pool {pool} for block(s) "
-                                f"{', '.join(map(str, cannot))}; it can give " +
-                                "; ".join(f"block {b}: pools {store.pools(b)}" for b in cannot))
-        for pool in settings.pools:
-            for t in sorted({t for b, t in store.arrays()}):
-                for b in held:
-                    if store.has(b, t) and (wanted_timesteps is None or t in wanted_timesteps):
-                        info = store.block_info(b)
-                        size = min(pool, info["resolution"])
-                        features.append(Feature(name, b, t, pool, int(info["channels"]) * size * size))
-    for name, store in stores.items():
-        if settings.split not in store.splits:
-            problems.append(f"{name} ({store.path}) has no split {settings.split!r}; it has {store.splits}")
-    if problems:
-        raise CkaInputError("; ".join(problems))
+        selection = store.select(blocks=_selection(settings.blocks, name) or None, pools=settings.pools,
+                                 timesteps=None if timesteps is None else sorted(set(timesteps)),
+                                 split=settings.split, full_above=False, partial=True)
+        problems += _problems(name, store, selection.problems, settings.pools)
+        splits += [f"{name} ({store.path}) has no split {p.asked[0]!r}; it has {list(p.held)}"
+                   for p in selection.problems if p.kind == "split"]
+        pools = list(settings.pools)
+        chosen = sorted(selection.inputs, key=lambda i: (pools.index(i.pool), i.timestep))  # stable: blocks as asked
+        features += [Feature(name, i.block, i.timestep, i.pool, i.width) for i in chosen]
+    if problems or splits:
+        raise CkaInputError("; ".join(problems + splits))
     return features
+
+
+def _problems(name: str, store: FeatureStore, problems, pools) -> list[str]:
+    """The selection's problems of one store, in the words of `pipeline cka`: one line per kind (per pool)."""
+    where = f"{name} ({store.path})"
+    lines = [f"{where} has no block {', '.join(map(str, p.asked))}; it holds blocks {', '.join(map(str, p.held))}"
+             for p in problems if p.kind == "block"]
+    lacking = sorted({p.block: p for p in problems if p.kind == "timestep"}.values(), key=lambda p: p.block)
+    if lacking:
+        asked = sorted({t for p in lacking for t in p.asked})
+        lines.append(f"{where} has no timestep {', '.join(map(str, asked))} for block(s) "
+                     f"{', '.join(str(p.block) for p in lacking)}; it holds "
+                     + "; ".join(f"block {p.block}: timesteps {list(p.held)}" for p in lacking))
+    for pool in pools:  # each pool's problems, one per block, in the order asked
+        cannot = list({p.block: p for p in problems if p.kind == "pool" and p.asked == (pool,)}.values())
+        if not cannot:
+            continue
+        lines.append(f"{where} cannot give pool {pool} for block(s) {', '.join(str(p.block) for p in cannot)}; it "
+                     "can give " + "; ".join(f"block {p.block}: pools {list(p.held)}" for p in cannot))
+    return lines
 
 
 def check_same_samples(stores: dict[str, FeatureStore], split: str) -> int:

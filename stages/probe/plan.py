@@ -1,7 +1,8 @@
 """Resolving a probe request against a store, once, before any training: `make_plan` -> `ProbePlan`.
 
-1. Input sets (`Combo`): every (block, timestep, pool) asked for must be stored (one error lists all
-   problems and what the store has).
+1. Input sets (`Combo`): every (block, timestep, pool) asked for must be stored (`FeatureStore.select`,
+   where a pool at or above a block's resolution reads its full grid; one error lists all problems and
+   what the store has).
 2. Rows per role (`Samples`): the train split's rows (minus a carved validation subset, unless an
    official validation split is named) train the heads and give the standardisation statistics;
    the validation rows choose hyper-parameters; the test split is scored once, for the chosen
@@ -75,30 +76,9 @@ class Combo:
 def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
     """Every input set the request names, checked against the store (one error lists all problems)."""
     spec = settings.spec
-    blocks = list(settings.blocks) if settings.blocks is not None else store.blocks
-    pools = list(settings.pools) if settings.pools is not None else (store.extracted_pools or [1])
-    problems = []
-    unknown = [b for b in blocks if b not in store.blocks]
-    if unknown:
-        problems.append(f"block(s) {', '.join(map(str, unknown))} not stored")
-    blocks = [b for b in blocks if b in store.blocks]
-    pairs = []
-    for b in blocks:
-        stored = [t for t in store.timesteps if store.has(b, t)]
-        wanted = list(settings.timesteps) if settings.timesteps is not None else stored
-        missing = [t for t in wanted if t not in stored]
-        if missing:
-            problems.append(f"block {b} has no timestep(s) {', '.join(map(str, missing))}")
-        pairs += [(b, t) for t in wanted if t in stored]
-    grids = {}
-    for b in blocks:
-        info, readable = store.block_info(b), store.pools(b)
-        for p in pools:
-            grid = min(int(p), info["resolution"])
-            if grid not in readable:
-                problems.append(f"block {b} cannot be read at pool {p} (stored {info['grid']}x{info['grid']}: "
-                                f"pools {readable})")
-            grids[(b, p)] = grid
+    selection = store.select(blocks=settings.blocks, timesteps=settings.timesteps, pools=settings.pools, partial=True)
+    problems = [p.describe() for p in selection.problems]
+    grids = dict(selection.grids)
     small = sorted({(b, p) for (b, p), g in grids.items() if g < spec.min_grid})
     if small and settings.pools is None and settings.blocks is None:
         log.warning("%s needs grids of %dx%d or more: skipping %s", spec.name, spec.min_grid, spec.min_grid,
@@ -109,29 +89,18 @@ def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
                         + ", ".join(f"block {b} at pool {p} is {grids[(b, p)]}x{grids[(b, p)]}" for b, p in small))
     if problems:
         raise ProbeInputError(f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n"
-                              + describe_store(store))
+                              + store.describe())
+    pairs = list(selection.arrays)
     if not pairs:
-        raise ProbeInputError(f"nothing to probe.\n{describe_store(store)}")
-    channels = {b: store.block_info(b)["channels"] for b in blocks}
+        raise ProbeInputError(f"nothing to probe.\n{store.describe()}")
+    channels = {i.block: i.channels for i in selection.inputs}
     if settings.fuse:
         if len({b for b, _ in pairs}) * len({t for _, t in pairs}) != len(pairs):
             raise ProbeInputError(f"--fuse needs every requested block at every requested "
-                                  f"timestep.\n{describe_store(store)}")
-        return [Combo(tuple(pairs), int(p), tuple((channels[b], grids[(b, p)]) for b, _ in pairs)) for p in pools
-                if all((b, p) in grids for b, _ in pairs)]
-    return [Combo(((b, t),), int(p), ((channels[b], grids[(b, p)]),)) for p in pools for b, t in pairs if (b,
-                                                                                                           p) in grids]
-
-
-def describe_store(store: FeatureStore) -> str:
-    """What the store holds, block by block (for error messages)."""
-    lines = [f"{store.path} holds:"]
-    for b in store.blocks:
-        info = store.block_info(b)
-        stored = [t for t in store.timesteps if store.has(b, t)]
-        lines.append(f"  block {b}: timesteps {stored}, pools {store.pools(b)} ({info['channels']} channels, "
-                     f"{info['resolution']}x{info['resolution']})")
-    return "\n".join(lines if store.blocks else [f"{store.path} holds no features yet"])
+                                  f"timestep.\n{store.describe()}")
+        return [Combo(tuple(pairs), p, tuple((channels[b], grids[(b, p)]) for b, _ in pairs))
+                for p in selection.pools if all((b, p) in grids for b, _ in pairs)]
+    return [Combo((i.array,), i.pool, ((i.channels, i.grid),)) for i in selection.inputs if (i.block, i.pool) in grids]
 
 
 # -- rows per role -----------------------------------------------------------------------------------------

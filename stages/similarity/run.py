@@ -24,8 +24,6 @@ What one run does:
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -40,7 +38,7 @@ from cache.reader import FeatureStore
 from cache.text import format_bytes
 from stages.cka import streaming
 from stages.cka.estimators import MIN_DEBIASED_SAMPLES
-from stages.cka.run import check_same_samples, resolve_features, select_samples
+from stages.cka.run import opened, resolve_features
 from stages.cka.streaming import CkaInputError, Feature
 from stages.devices import available_memory
 from stages.outputs import check_output_dir, is_analysis_output, staged_output, write_csv
@@ -146,12 +144,8 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
     started = time.perf_counter()
     out = Path(settings.out)
     check_output_dir(out, made_by=is_similarity_output, command="similarity", needs_overwrite=False)
-    with contextlib.ExitStack() as stack:
-        stores = {name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
-                  for name, path in settings.stores}
-        features = resolve(stores, settings)
-        num_samples = check_same_samples(stores, settings.split)
-        rows = select_samples(num_samples, settings.samples, settings.seed)
+    with opened(settings, resolve) as run:  # the stores held, the request resolved, the samples chosen
+        stores, features, num_samples, rows = run.stores, run.features, run.num_samples, run.rows
         check_samples(settings, rows, features)
         budget = settings.memory_budget or available_memory() // 2
         check_budget(settings, features, len(rows), budget)
@@ -166,19 +160,10 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         for pool, chosen in features.items():
             sides = [Side(preprocess(_read(reader, f, rows), settings.preprocess), params) for f in chosen]
             results[pool] = (chosen, compare(sides, settings, desc=f"similarity pool {pool}"))
-        fingerprints = {name: store.fingerprint for name, store in stores.items()}
-        kinds = {name: store.attrs.get("kind") for name, store in stores.items()}
     table = pair_rows(results, settings, len(rows))
     best = best_pairs(results, settings) if settings.best_pair else []
     record = {
-        "command": "similarity",
-        "settings": {**asdict(settings), "stores": dict(settings.stores),
-                     "storage_options": sorted(settings.storage_options or {})},
-        "stores": {name: {"path": path, "fingerprint": fingerprints[name], "kind": kinds[name]}
-                   for name, path in settings.stores},
-        "split": settings.split,
-        "samples": {"count": len(rows), "of": num_samples, "seed": settings.seed,
-                    "indices_sha256": hashlib.sha256(rows.astype("<i8").tobytes()).hexdigest()},
+        **run.record("similarity", settings),
         "features": {pool: [asdict(f) for f in results[pool][0]] for pool in settings.pools},
         "best_pairs": best,
         "memory_budget": budget,
