@@ -12,7 +12,12 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, SanaTransformer2DModel
+from diffusers import (
+    AutoencoderDC,
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    SanaTransformer2DModel,
+)
 
 from latent_models import LETTERS, _fill
 
@@ -53,14 +58,15 @@ def tiny_dcae(seed: int = 12) -> AutoencoderDC:
 
 
 def tiny_sana(seed: int = 13, **changes) -> SanaTransformer2DModel:
-    config = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
-                  num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=16,
-                  sample_size=8)
+    config = dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2,
+                  attention_head_dim=4, num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8,
+                  caption_channels=16, sample_size=8)
     return _fill(SanaTransformer2DModel(**{**config, **changes}), seed, std=0.2)
 
 
 def make_sana_dir(path: Path, skip: tuple[str, ...] = (), scheduler: str = "flow-match", **changes) -> Path:
-    schedulers = {"flow-match": FlowMatchEulerDiscreteScheduler(shift=3.0), "dpm": DPMSolverMultistepScheduler(**DPM_FLOW)}
+    schedulers = {"flow-match": FlowMatchEulerDiscreteScheduler(shift=3.0),
+                  "dpm": DPMSolverMultistepScheduler(**DPM_FLOW)}
     parts = {"transformer": tiny_sana(**changes), "vae": tiny_dcae(), "text_encoder": gemma_encoder(),
              "scheduler": schedulers[scheduler]}
     for name, part in parts.items():

@@ -124,11 +124,13 @@ def test_features_equal_the_pipelines_forward_pass(store, sana, images):
     assert model["noising"]["shift"] == 3.0 and model["noising"]["family"] == "rectified-flow"
 
 
-def test_a_prompt_template_is_encoded_with_the_pipelines_instruction(sana, images, tmp_path):
+def test_a_prompt_template_is_encoded_with_the_pipelines_instruction(store, sana, images, tmp_path):
+    empty = store
     store = extract(sana, images, tmp_path / "p.zarr", blocks=(1, 3), timesteps=(261,), prompt="a photo of a {}")
     assert_matches(store, sana, images, timesteps=(261,), prompts=["a photo of a class0", "a photo of a class1"])
     conditioning = store.attrs["model"]["conditioning"]
     assert conditioning["per_class"] is True and conditioning["complex_human_instruction"] == instruction()
+    assert not np.allclose(store.read("val", 3, 261), empty.read("val", 3, 261))  # the conditioning reaches block 3
 
 
 def test_batch_size_and_truncation_change_nothing(store, sana, images, tmp_path):
@@ -198,7 +200,7 @@ def test_the_block_table_matches_the_module_tree(sana):
     net = model.network
     assert [b.number for b in table] == [1, 2, 3]
     assert [b.module for b in table] == ["patch_embed", "transformer_blocks.0", "transformer_blocks.1"]
-    assert [b.original for b in table] == ["x_embedder", "blocks[0]", "blocks[1]"]
+    assert [b.adm_name for b in table] == ["x_embedder", "blocks[0]", "blocks[1]"]
     for block in table:
         net.get_submodule(block.module)
         assert block.channels == net.config.num_attention_heads * net.config.attention_head_dim
@@ -238,7 +240,7 @@ def test_offload_text_changes_nothing_stored(device, store, sana, images, tmp_pa
         model = load_feature_model(str(sana), offload=offload, device=device)
         assert model.offload_text is (offload == "text")
         seen = []
-        model.encoders[0][1].register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
+        model.encoders[0][1].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].device.type))
         stores[offload] = extract(sana, images, tmp_path / f"{offload}.zarr", blocks=(2, 3), timesteps=(261,),
                                   device=device, offload=offload)
         run_extract(ExtractConfig(model=str(sana), data=str(images), out=str(tmp_path / f"{offload}-m.zarr"),
@@ -264,7 +266,7 @@ def test_dry_run_counts_the_text_encoder_where_it_runs(sana, images, tmp_path):
         assert result.exit_code == 0, result.output
         outputs[bool(flags)] = result.output
     for fragment in ("memory (estimate; bf16):", "SanaTransformer2DModel", "per batch row (64 image + 0 text tokens "
-                     "x width 8 x 14)", "text encoders"):
+                     "x width 8 x 20)", "text encoders"):
         assert fragment in outputs[False] and fragment in outputs[True]
     assert "never on the GPU (--offload text)" in outputs[False]
     assert "on the device in float32" in outputs[True] and "never on the GPU" not in outputs[True]
@@ -285,7 +287,8 @@ def _scheduler(path, **changes):
 
 
 @pytest.mark.parametrize("setup, flags, fragment", [
-    (lambda d: make_sana_dir(d, skip=("text_encoder",)), [], "the Sana pipeline directory lacks text_encoder/ (Gemma-2)"),
+    (lambda d: make_sana_dir(d, skip=("text_encoder",)), [],
+     "the Sana pipeline directory lacks text_encoder/ (Gemma-2)"),
     (lambda d: make_sana_dir(d, skip=("tokenizer",)), [], "the Sana pipeline directory lacks tokenizer/"),
     (lambda d: _set_class(make_sana_dir(d), "transformer", "SanaVideoTransformer3DModel"), [],
      "its transformer/ class SanaVideoTransformer3DModel is not supported; supported: "),

@@ -33,18 +33,11 @@ from stages.models.blocks import Block, UnsupportedModelError, block_table
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
 from stages.models.loading import DEFAULT_SCHEDULE, ModelLoadError, _public, weights_hash
+from stages.models.memory import vae_widths
 
 
 class PromptError(UserError, ValueError):
     """A prompt template that cannot be used."""
-
-
-def vae_widths(vae) -> tuple[int, ...]:
-    """The channels of each level of a VAE's encoder: AutoencoderKL's block_out_channels, the DC-AE's
-    (Sana's AutoencoderDC) encoder_block_out_channels; a level halves the image side."""
-    config = vae.config
-    widths = config.get("block_out_channels") or config.get("encoder_block_out_channels")
-    return tuple(int(w) for w in widths)
 
 
 def _square(size) -> int:

@@ -11,6 +11,8 @@
                    tensors live at once inside one block at inference (residual, normed input, q, k, v,
                    attention output, 4x-wide MLP hidden and its activation); attention scores are not
                    counted (PyTorch's fused SDPA kernels on CUDA do not materialise them)
+                   Sana: 20 (its GLUMBConv MLP holds a 5x-wide inverted convolution, its depthwise
+                   convolution and the 2.5x-wide gated product; linear attention's key-value state is small)
                    U-Nets: 4 x the sum of the block outputs up to the deepest (the encoder's outputs are
                    held for the skip connections, plus a resnet's working copies)
     VAE encoding   per image, float32: 4 x the first level's channels x pixels; images are encoded in slices
@@ -82,13 +84,19 @@ def vae_slice(image_bytes: int, images: int) -> int:
 
 
 def vae_image_bytes(vae, image_size: int) -> int:
-    from stages.models.latent import vae_widths
-
     return VAE_COPIES * vae_widths(vae)[0] * image_size**2 * 4
 
 
-def transformer_row_bytes(tokens: int, width: int, precision: str) -> int:
-    return BLOCK_COPIES * tokens * width * PRECISION_BYTES[precision]
+def vae_widths(vae) -> tuple[int, ...]:
+    """The channels of each level of a VAE's encoder: AutoencoderKL's block_out_channels, the DC-AE's
+    (Sana's AutoencoderDC) encoder_block_out_channels; a level halves the image side."""
+    config = vae.config
+    widths = config.get("block_out_channels") or config.get("encoder_block_out_channels")
+    return tuple(int(w) for w in widths)
+
+
+def transformer_row_bytes(tokens: int, width: int, precision: str, copies: int = BLOCK_COPIES) -> int:
+    return copies * tokens * width * PRECISION_BYTES[precision]
 
 
 def unet_row_bytes(table, deepest: int, precision: str) -> int:

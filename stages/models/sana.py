@@ -35,6 +35,7 @@ from stages.models.loading import ModelLoadError
 from stages.models.transformers import FlowTransformer, _encoders
 
 MAX_SEQUENCE_LENGTH = 300  # SanaPipeline's default
+SANA_BLOCK_COPIES = 20  # token-sized tensors live in one block at inference (stages.models.memory)
 
 
 def complex_human_instruction() -> list[str]:
@@ -85,6 +86,12 @@ class SanaModel(FlowTransformer):
     def block_modules(self):
         return [("patch_embed", "x_embedder"),
                 *((f"transformer_blocks.{i}", f"blocks[{i}]") for i in range(len(self.network.transformer_blocks)))]
+
+    def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
+        from stages.models import memory
+
+        return (memory.transformer_row_bytes(self.grid**2, self.width, precision, SANA_BLOCK_COPIES),
+                f"{self.grid**2} image + 0 text tokens x width {self.width} x {SANA_BLOCK_COPIES}")
 
     def _encode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the DC-AE's latent x scaling factor, float32 (no posterior, no shift)."""
