@@ -14,7 +14,8 @@ Run as diffusers' SanaPipeline runs it:
     noise         rectified flow x_t = (1 - sigma_t) z0 + sigma_t eps, static shift (stages.models.flow):
                   FlowMatchEulerDiscreteScheduler's `shift`, or DPMSolverMultistepScheduler's `flow_shift`
                   with `use_flow_sigmas` (the published Sana pipelines' scheduler; the same shifted grid)
-    timestep      sigma x 1000 x the transformer's timestep_scale, as the pipeline passes it
+    timestep      sigma x 1000 x the transformer's timestep_scale, as the pipeline passes it with
+                  FlowMatchEuler (with DPM-Solver it passes the integer part of sigma x 1000)
 
 Blocks: 1 = `patch_embed` (`x_embedder` in the original code), 2.. = `transformer_blocks.i` (`blocks[i]`),
 each stored as the (D, g, g) map of its tokens (cross-attention: no text tokens in the stream).
@@ -156,7 +157,13 @@ def _sana_scheduler(path: Path, source: str):
 def load_sana(source: str, *, prompt=None, feature_norm=None) -> SanaModel:
     """A Sana pipeline directory: transformer/, vae/ (AutoencoderDC), text_encoder/ (Gemma-2), tokenizer/,
     scheduler/."""
-    from diffusers import AutoencoderDC, SanaTransformer2DModel
+    try:
+        from diffusers import AutoencoderDC, SanaTransformer2DModel
+    except ImportError:  # both arrived in diffusers 0.32; the project's floor is older
+        import diffusers
+
+        raise ModelLoadError(f"--model {source}: Sana needs diffusers >= 0.32 (AutoencoderDC, SanaTransformer2DModel); "
+                             f"this is {diffusers.__version__}: pip install -U 'diffusers>=0.32'") from None
 
     path = Path(source).expanduser()
     _need(path, {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma-2",
