@@ -1,10 +1,10 @@
 """Latent models conditioned on text computed once per store, and SDXL.
 
-`PromptedModel` holds what every text-conditioned kind shares (SDXL here; SD3, FLUX.1 and PixArt in
-stages.models.transformers): the prompts (the empty prompt, DIFT's choice, or `--prompt "a photo of a {}"`
-with one prompt per class), the conditioning tensors computed from them once by the pipeline's own
-encoders (stages.models.text), which are then dropped, and the rows of each batch (one per image).
-The conditioning is part of the store's identity (the prompt and the tensors' sha256), so another
+`PromptedModel` holds what every text-conditioned kind shares (SDXL here; SD3, FLUX.1, PixArt in
+stages.models.transformers; Sana in stages.models.sana): the prompts (the empty prompt, DIFT's choice,
+or `--prompt "a photo of a {}"` with one prompt per class), the conditioning tensors computed from them
+once by the pipeline's own encoders (stages.models.text), which are then dropped, and the rows of each
+batch (one per image). The conditioning is part of the store's identity (the prompt and the tensors' sha256), so another
 prompt is another store.
 
 SDXL (`UNet2DConditionModel` with `addition_embed_type="text_time"`) is run as its pipeline runs it:
