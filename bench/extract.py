@@ -5,7 +5,8 @@
     python bench/extract.py --nproc 2                # 1 process against 2 (torchrun), and the store's objects
     python bench/extract.py --model-kind sd|dit      # latent models (bench/extract_latent.py;
                                                      # --full: SD-2.1 / DiT-XL/2 sizes)
-    python bench/extract.py --model-kind sdxl|sd3|flux|pixart   # bench/extract_transformers.py (--full: real sizes)
+    python bench/extract.py --model-kind sdxl|sd3|flux|pixart|sana   # bench/extract_transformers.py (--full: real
+                                                                     # sizes)
 
 CPU mode prints wall time of (a) bare full forward passes, one per timestep, on tensors already in
 memory; (b) extraction of every block at those timesteps into a store (decoding, noise, hooks,
@@ -131,12 +132,13 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=None,
                         help="compare 1 process with N under torchrun, and count the store's objects "
                              "(bench/extract_scale.py)")
-    parser.add_argument("--model-kind", choices=("unet", "sd", "dit", "sdxl", "sd3", "flux", "pixart"), default="unet",
-                        help="sd, dit: a latent model (bench/extract_latent.py); sdxl, sd3, flux, pixart: "
+    parser.add_argument("--model-kind", choices=("unet", "sd", "dit", "sdxl", "sd3", "flux", "pixart", "sana"),
+                        default="unet",
+                        help="sd, dit: a latent model (bench/extract_latent.py); sdxl, sd3, flux, pixart, sana: "
                              "bench/extract_transformers.py; VAE encoding timed separately")
     parser.add_argument("--full", action="store_true",
-                        help="with --model-kind: SD-2.1-, DiT-XL/2-, SDXL-, SD3-medium-, FLUX.1-dev- or "
-                             "PixArt-Sigma-sized random weights")
+                        help="with --model-kind: SD-2.1-, DiT-XL/2-, SDXL-, SD3-medium-, FLUX.1-dev-, "
+                             "PixArt-Sigma- or Sana-1600M-sized random weights")
     parser.add_argument("--precision", default=None, help="with --model-kind [default: bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args()
     device = torch.device(args.device)

@@ -1,8 +1,9 @@
-"""SDXL, SD3, FLUX.1 and PixArt extraction overhead, side by side in one run (`bench/extract.py --model-kind ...`).
+"""SDXL, SD3, FLUX.1, PixArt and Sana extraction overhead, side by side in one run (`bench/extract.py --model-kind`).
 
     python bench/extract.py --model-kind flux                          # CPU: FLUX's structure, narrow, 256 px
     python bench/extract.py --model-kind flux --full --device cuda     # FLUX.1-dev-sized random weights, 1024 px, bf16
     python bench/extract.py --model-kind sd3 --full --device cuda      # SD3-medium-sized
+    python bench/extract.py --model-kind sana --full --device cuda     # Sana-1600M-sized (1.6B), 1024 px, bf16
 
 The networks and VAEs are built from the published configs (bench/model_memory.py) with random weights,
 in memory (a 12B FLUX is never written to disk); the text encoders have the real widths and one layer
@@ -30,14 +31,15 @@ from stages.extract import noise
 from stages.extract.plan import ExtractConfig, make_plan
 from stages.extract.run import COMPUTE_DTYPES, exact_fp32, run_extract
 
-KINDS = {"sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux.1-dev", "pixart": "pixart-sigma-1024"}
+KINDS = {"sdxl": "sdxl", "sd3": "sd3-medium", "flux": "flux.1-dev", "pixart": "pixart-sigma-1024", "sana": "sana-1600m"}
 
 
 def tokenizers(workdir: Path) -> dict:
-    """A CLIP tokenizer (letters) and a T5 tokenizer (Unigram over letters), written here: nothing downloaded."""
+    """A CLIP tokenizer (letters), a T5 tokenizer (Unigram over letters) and a Gemma tokenizer (BPE over letters),
+    written here: nothing downloaded."""
     import json
 
-    from transformers import AutoTokenizer, CLIPTokenizer, T5TokenizerFast
+    from transformers import AutoTokenizer, CLIPTokenizer, GemmaTokenizer, T5TokenizerFast
 
     letters = "abcdefghijklmnopqrstuvwxyz"
     clip = workdir / "clip"
@@ -50,7 +52,10 @@ def tokenizers(workdir: Path) -> dict:
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in letters)]
     T5TokenizerFast(vocab=pieces, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
                     model_max_length=512).save_pretrained(workdir / "t5")
-    return {"clip": AutoTokenizer.from_pretrained(clip), "t5": AutoTokenizer.from_pretrained(workdir / "t5")}
+    GemmaTokenizer(vocab={t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *letters])},
+                   add_bos_token=True).save_pretrained(workdir / "gemma")
+    return {"clip": AutoTokenizer.from_pretrained(clip), "t5": AutoTokenizer.from_pretrained(workdir / "t5"),
+            "gemma": AutoTokenizer.from_pretrained(workdir / "gemma")}
 
 
 def sync(device):

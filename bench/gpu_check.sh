@@ -13,8 +13,9 @@
 # 5. today's models (issue 22): their parity tests on the GPU, then bench/extract.py --model-kind flux --full and
 #    --model-kind sd3 --full: FLUX.1-dev-sized (11.9B) and SD3-medium-sized (2.0B) random weights at 1024 px in bf16,
 #    built on the GPU (never written to disk), with the peak GPU memory beside the --dry-run estimate.
-#    Prepared, not yet run on a GPU (about 6 more minutes, estimated). `bash bench/gpu_check.sh OUT transformers`
-#    runs section 5 alone.
+#    Then Sana's parity tests on the GPU and bench/extract.py --model-kind sana --full: Sana-1600M-sized (1.6B)
+#    random weights at 1024 px in bf16. Prepared, not yet run on a GPU (about 9 more minutes, estimated).
+#    `bash bench/gpu_check.sh OUT transformers` runs section 5 alone.
 # 6. bench/decode.py --device cuda: the CPU decode paths and torchvision's batched decode_jpeg on the GPU.
 # Where diffusers, zarr, numcodecs, dask or mlxtend are missing (the lent device machines), put their
 # wheels in .whl/ first; they are installed into /tmp/site.
@@ -36,6 +37,12 @@ transformers_check() {
         --batch-size 16 --repeats 1 2>&1 | grep -v Warn | tail -16 | tee "$out/extract_flux_dev.txt"
     timeout 240 python3 bench/extract.py --device cuda --model-kind sd3 --full --images 64 --timesteps 250,750 \
         --batch-size 32 --repeats 1 2>&1 | grep -v Warn | tail -16 | tee "$out/extract_sd3_medium.txt"
+    # Sana: parity on the GPU (and --offload none running Gemma-2 there: the same features within float32
+    # rounding), then Sana-1600M-sized random weights at 1024 px in bf16 beside the --dry-run estimate
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sana.py \
+        2>&1 | tail -15 | tee "$out/pytest_sana_gpu.txt"
+    timeout 240 python3 bench/extract.py --device cuda --model-kind sana --full --images 64 --timesteps 250,750 \
+        --batch-size 64 --repeats 1 2>&1 | grep -v Warn | tail -16 | tee "$out/extract_sana_1600m.txt"
 }
 if [ "${2:-}" = transformers ]; then
     transformers_check

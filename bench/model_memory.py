@@ -31,6 +31,27 @@ CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hi
               max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
               feed_forward_proj="gated-gelu")
+# google/gemma-2-2b-it, Sana's text encoder
+GEMMA2_2B = dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                 num_attention_heads=8, num_key_value_heads=4, head_dim=256)
+_DCAE_LEVELS = dict(encoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    decoder_block_types=("ResBlock",) * 3 + ("EfficientViTBlock",) * 3,
+                    encoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                    decoder_qkv_multiscales=((), (), (), (5,), (5,), (5,)),
+                    decoder_norm_types=("batch_norm",) * 3 + ("rms_norm",) * 3,
+                    decoder_act_fns=("relu",) * 3 + ("silu",) * 3)
+DCAE_WIDTHS = (128, 256, 512, 512, 1024, 1024)
+DCAE_F32C32 = dict(latent_channels=32, attention_head_dim=32, encoder_block_out_channels=DCAE_WIDTHS,
+                   decoder_block_out_channels=DCAE_WIDTHS, encoder_layers_per_block=(2, 2, 2, 3, 3, 3),
+                   decoder_layers_per_block=(3, 3, 3, 3, 3, 3), upsample_block_type="interpolate",
+                   downsample_block_type="conv", scaling_factor=0.41407, **_DCAE_LEVELS)  # dc-ae-f32c32-sana-1.0
+SMALL_DCAE = dict(encoder_block_out_channels=(16, 16, 32, 32, 64, 64),
+                  decoder_block_out_channels=(16, 16, 32, 32, 64, 64),
+                  encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6, attention_head_dim=16)
+SANA = {"sana-1600m": dict(num_layers=20, num_attention_heads=70, num_cross_attention_heads=20,
+                           cross_attention_head_dim=112, cross_attention_dim=2240),  # Sana_1600M_1024px
+        "sana-600m": dict(num_layers=28, num_attention_heads=36, num_cross_attention_heads=16,
+                          cross_attention_head_dim=72, cross_attention_dim=1152)}  # Sana_600M_1024px
 TOKENIZER = SimpleNamespace(model_max_length=77)
 # --small: the same structures, narrow (a CPU benchmark); the text encoders keep their widths, with --text-layers
 SMALL_VAE = dict(block_out_channels=(32, 32, 64, 64), sample_size=256, norm_num_groups=32)
@@ -100,14 +121,42 @@ def build(kind: str, *, device="meta", small: bool = False, text_layers: int | N
                 num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
                 activation_fn="gelu-approximate", use_additional_conditions=False, interpolation_scale=2, **size)
             return PixArtModel(net, diffusers.AutoencoderKL(**vae4), diffusers.DDPMScheduler(), [(t5_tok, t5)], kind)
+        if kind in SANA:
+            gemma_tok = (tokenizers or {}).get("gemma", TOKENIZER)
+            return _sana(kind, small=small, text_layers=text_layers, tokenizer=gemma_tok, device=device)
     raise ValueError(kind)
+
+
+def _sana(kind: str, *, small: bool, text_layers: int | None, tokenizer, device):
+    import diffusers
+    from transformers import Gemma2Config, Gemma2Model
+
+    from stages.models.sana import SanaModel
+
+    # a shallow benchmark encoder also gets a small vocabulary: Gemma's 256k-row embedding is 2.4 GB in float32
+    shallow = {} if text_layers is None else {"num_hidden_layers": text_layers, "vocab_size": 1024}
+    size = dict(num_layers=6, num_attention_heads=4, num_cross_attention_heads=4, cross_attention_head_dim=32,
+                cross_attention_dim=128) if small else SANA[kind]
+    with torch.device("meta" if device == "meta" else "cpu"):
+        gemma = Gemma2Model(Gemma2Config(**{**GEMMA2_2B, **shallow}))
+    with torch.device(device):
+        net = diffusers.SanaTransformer2DModel(in_channels=32, out_channels=32, attention_head_dim=32,
+                                               caption_channels=2304, mlp_ratio=2.5, patch_size=1,
+                                               sample_size=8 if small else 32, **size)
+        vae = diffusers.AutoencoderDC(**{**DCAE_F32C32, **(SMALL_DCAE if small else {})})
+    with torch.device("cpu"):  # the schedulers' tables are real numbers, also when the networks are on meta
+        # the published pipelines' scheduler: DPM-Solver on flow sigmas (the shift does not change the memory)
+        scheduler = diffusers.DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                          flow_shift=3.0)
+        return SanaModel(net, vae, scheduler, [(tokenizer, gemma)], kind)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--precision", default="bf16", choices=("bf16", "fp16", "fp32"))
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="the GPU to fit (GB, 10^9 bytes)")
-    parser.add_argument("--kinds", default="sdxl,sd3-medium,sd3.5-large,flux.1-dev,pixart-sigma-1024")
+    parser.add_argument("--kinds",
+                        default="sdxl,sd3-medium,sd3.5-large,flux.1-dev,pixart-sigma-1024,sana-1600m,sana-600m")
     args = parser.parse_args()
     budget = 0.9 * args.gpu_gb * 1e9  # 10% for the allocator's fragmentation and the CUDA context
     print(f"{'model':<18} {'network':>10} {'weights':>10} {'text enc.':>10} {'blocks':>7} {'deepest':>8} "

@@ -108,7 +108,7 @@ SETTINGS = {
 RESOLVED_LATER = {"timesteps", "pools", "splits", "workers", "chunk_samples", "shard_samples", "preprocess", "prompt",
                   "augment", "val_split", "test_split", "name", "lrs", "weight_decays", "memory_budget", "threads",
                   "views", "samples", "blocks", "stores", "size", "channels", "scale", "epochs", "recipe",
-                  "feature_norm", "guidance", "episodes", "image_column", "label_column"}
+                  "feature_norm", "guidance", "offload", "episodes", "image_column", "label_column"}
 # Options with no default of their own: flags of the command and required values.
 FLAGS_AND_REQUIRED = {"help"}
 

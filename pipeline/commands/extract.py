@@ -46,14 +46,19 @@ from pipeline import options
 @click.option("--ensemble", type=click.IntRange(min=1), default=1,
               help="Store the mean feature over this many noise draws per image and timestep (DIFT's ensemble).")
 @click.option("--prompt", default=None,
-              help="Text-conditioned pipelines (SD, SDXL, SD3, FLUX, PixArt): a prompt template with {} for the class "
-                   "name, e.g. \"a photo of a {}\" [default: the empty prompt].")
+              help="Text-conditioned pipelines (SD, SDXL, SD3, FLUX, PixArt, Sana): a prompt template with {} for the "
+                   "class name, e.g. \"a photo of a {}\" [default: the empty prompt].")
 @click.option("--feature-norm", type=click.Choice(["none", "layernorm"]), default=None,
-              help="Transformer kinds (DiT, SD3, FLUX, PixArt): layernorm normalises each image token over its "
+              help="Transformer kinds (DiT, SD3, FLUX, PixArt, Sana): layernorm normalises each image token over its "
                    "channels (no affine, eps 1e-6, the model's own output norm) before pooling, taming massive "
                    "activations [default: none, the raw residual stream].")
 @click.option("--guidance", type=float, default=None,
               help="FLUX.1-dev: the value of its guidance embedding [default: 3.5, FluxPipeline's].")
+@click.option("--offload", type=click.Choice(["none", "text"]), default=None,
+              help="Text-conditioned pipelines (SDXL, SD3, FLUX, PixArt, Sana), whose text encoders run once per "
+                   "store and are freed: text keeps them on the CPU (never on the GPU); none runs them on --device "
+                   "first, alone (faster for many --prompt classes; not recorded: the conditioning's sha256 is) "
+                   "[default: text].")
 @click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False), default=None,
               help="timm: models: the state dict to load (torchvision names work for ResNets), read with "
                    "weights_only=True.")
@@ -73,12 +78,12 @@ from pipeline import options
                    "1.4-2x faster for 128 and 64 px models from ImageNet-sized photos, not exact; recorded).")
 def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, splits, batch_size, dtype,
             precision, device, workers, noise_seed, chunk_samples, shard_samples, nproc, storage_options, overwrite,
-            verify, dry_run, ensemble, prompt, feature_norm, guidance, checkpoint, preprocess, views, augment,
-            view_splits, image_column, label_column, decode) -> None:
+            verify, dry_run, ensemble, prompt, feature_norm, guidance, offload, checkpoint, preprocess, views,
+            augment, view_splits, image_column, label_column, decode) -> None:
     """Run the model once per batch and timestep set, and store every requested block's pooled output.
 
-    --model is a UNet2DModel, a Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/3.5, FLUX.1 or PixArt pipeline directory,
-    hf:<dir or hub id> or timm:<name>.
+    --model is a UNet2DModel, a Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/3.5, FLUX.1, PixArt or Sana pipeline
+    directory, hf:<dir or hub id> or timm:<name>.
     Under torchrun (or with --nproc N) every process takes its share of the pending shards.
     """
     import os
@@ -99,7 +104,7 @@ def extract(model, data, classes, subset, out, blocks_spec, timesteps, pools, sp
         storage_options=storage_options, overwrite=overwrite, verify=verify,
         classes=classes, subset=subset, ensemble=ensemble, prompt=prompt, checkpoint=checkpoint,
         preprocess=preprocess, views=views, augment=augment, view_splits=view_splits, feature_norm=feature_norm,
-        guidance=guidance, image_column=image_column, label_column=label_column, decode=decode,
+        guidance=guidance, offload=offload, image_column=image_column, label_column=label_column, decode=decode,
     )
     if dry_run:
         click.echo(make_plan(config).describe(world_size=max(nproc, int(os.environ.get("WORLD_SIZE", "1")))))

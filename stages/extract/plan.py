@@ -71,6 +71,7 @@ class ExtractConfig:
     view_splits: tuple[str, ...] = ("train",)  # the splits that get augmented views (evaluation splits keep one)
     feature_norm: str | None = None  # transformer kinds: "layernorm" normalises each token (stages.models.tokens)
     guidance: float | None = None  # FLUX.1-dev: the guidance embedding's value (None: the pipeline's 3.5)
+    offload: str | None = None  # text-conditioned pipelines: "none" runs the text encoders on --device (None: "text")
     image_column: str | None = None  # wds: / hf: data: the image's extension or column (None: found from the data)
     label_column: str | None = None  # wds: the .json field of the label (None: .cls); hf: the label column
     decode: str = "exact"  # "draft": JPEGs decoded at a reduced scale where the model is small (recorded)
@@ -289,7 +290,8 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
         from stages.models.kinds import load_feature_model
 
         model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint,
-                                   feature_norm=config.feature_norm, guidance=config.guidance)
+                                   feature_norm=config.feature_norm, guidance=config.guidance,
+                                   offload=config.offload, device=config.device)
     if config.timesteps is None:
         config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)

@@ -11,10 +11,12 @@
     ... an SD3Transformer2DModel, a FluxTransformer2DModel or a PixArtTransformer2DModel, with the pipeline's
         text encoders and tokenizers, vae/, scheduler/
                                   SD3 / SD3.5, FLUX.1, PixArt-Alpha / Sigma (stages.models.transformers)
+    ... a SanaTransformer2DModel, with text_encoder/ (Gemma-2), tokenizer/, vae/ (AutoencoderDC), scheduler/
+                                  Sana 1.0 / 1.5 (stages.models.sana)
     anything else                 a pixel-space UNet2DModel (stages.models.loading)
 
 Anything else a diffusers pipeline directory can hold (video models, ControlNets, other transformers
-such as Sana's, SDXL refiners) is refused by name, with the list of what is supported.
+such as Sana-Sprint's or video transformers, SDXL refiners) is refused by name, with the list of what is supported.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ def _class_name(config: Path) -> str | None:
         return None
 
 
-SUPPORTED = ("pixel-space UNet2DModel directories, Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/SD3.5, FLUX.1-dev/schnell "
-             "and PixArt-Alpha/Sigma pipeline directories, hf: and timm: vision backbones")
+SUPPORTED = ("pixel-space UNet2DModel directories, Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/SD3.5, FLUX.1-dev/schnell, "
+             "PixArt-Alpha/Sigma and Sana pipeline directories, hf: and timm: vision backbones")
 TRANSFORMERS = {"DiTTransformer2DModel": "dit", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
-                "PixArtTransformer2DModel": "pixart"}
-TEXT_CONDITIONED = ("stable-diffusion", "sdxl", "sd3", "flux", "pixart")
-TOKEN_KINDS = ("dit", "sd3", "flux", "pixart")  # transformer kinds: --feature-norm applies
+                "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana"}
+TEXT_CONDITIONED = ("stable-diffusion", "sdxl", "sd3", "flux", "pixart", "sana")
+TOKEN_KINDS = ("dit", "sd3", "flux", "pixart", "sana")  # transformer kinds: --feature-norm applies
+PROMPTED = ("sdxl", "sd3", "flux", "pixart", "sana")  # text encoders run once per store: --offload applies
+OFFLOADS = ("none", "text")
 
 
 def refuse(source: str, what: str) -> UnsupportedModelError:
@@ -84,7 +88,7 @@ def _pipeline_kind(path: Path, source: str) -> str | None:
 
 
 def model_kind(source: str) -> str:
-    """"hf", "timm", "stable-diffusion", "sdxl", "dit", "sd3", "flux", "pixart" or "unet", from the name and
+    """"hf", "timm", "stable-diffusion", "sdxl", "dit", "sd3", "flux", "pixart", "sana" or "unet", from the name and
     (for a directory) its layout; a pipeline of another kind is refused (UnsupportedModelError)."""
     text = str(source)
     if text.startswith("hf:"):
@@ -99,11 +103,25 @@ def model_kind(source: str) -> str:
 
 def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: str | None = None,
                        weights: bool = True, feature_norm: str | None = None,
-                       guidance: float | None = None) -> FeatureModel:
+                       guidance: float | None = None, offload: str | None = None, device: str = "auto"
+                       ) -> FeatureModel:
     """Load what `--model` names (module docstring); options that do not apply to its kind are refused.
 
-    `weights=False` is enough for the block table: a timm model then needs no checkpoint."""
+    `weights=False` is enough for the block table: a timm model then needs no checkpoint. `offload` "none" runs
+    the text encoders on `device` (the extraction's --device), "text" or None keeps them on the CPU."""
     kind = model_kind(source)
+    if offload is not None and (offload not in OFFLOADS or kind not in PROMPTED):
+        raise ModelLoadError(f"--offload {offload}: it applies to the pipelines whose text encoders run once per store "
+                             f"({', '.join(PROMPTED)}) with one of {', '.join(OFFLOADS)}; --model {source} is a {kind} "
+                             "model: leave --offload out")
+    model = _load(kind, source, prompt=prompt, checkpoint=checkpoint, weights=weights, feature_norm=feature_norm,
+                  guidance=guidance)
+    if kind in PROMPTED:
+        model.offload_text, model.text_device = offload != "none", device
+    return model
+
+
+def _load(kind: str, source: str, *, prompt, checkpoint, weights, feature_norm, guidance) -> FeatureModel:
     if prompt is not None and kind not in TEXT_CONDITIONED:
         raise ModelLoadError(f"--prompt applies to text-conditioned pipelines ({', '.join(TEXT_CONDITIONED)}); "
                              f"--model {source} is a {kind} model")
@@ -142,4 +160,8 @@ def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: st
         loaders = {"sd3": transformers.load_sd3, "flux": transformers.load_flux, "pixart": transformers.load_pixart}
         loader = loaders[kind]
         return loader(source, prompt=prompt, feature_norm=feature_norm, **options)
+    if kind == "sana":
+        from stages.models.sana import load_sana
+
+        return load_sana(source, prompt=prompt, feature_norm=feature_norm)
     return load_model(source)

@@ -33,6 +33,7 @@ from stages.models.blocks import Block, UnsupportedModelError, block_table
 from stages.models.capture import BlockCapture, output_tensor
 from stages.models.feature_model import FeatureModel
 from stages.models.loading import DEFAULT_SCHEDULE, ModelLoadError, _public, weights_hash
+from stages.models.memory import vae_widths
 
 
 class PromptError(UserError, ValueError):
@@ -62,7 +63,7 @@ class LatentModel(FeatureModel):
         vae = vae if next(vae.parameters()).dtype == torch.float32 else vae.float()
         self.network, self.vae, self.scheduler, self.source = network, vae.eval(), scheduler, source
         self.network.eval()
-        self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_factor = 2 ** (len(vae_widths(vae)) - 1)
         self.latent_size = latent_size or _square(network.config.sample_size)
         self.image_size = self.latent_size * self.vae_factor
         self.latent_channels = latent_channels or int(network.config.in_channels)
@@ -130,7 +131,8 @@ class LatentModel(FeatureModel):
         return memory.MemoryEstimate(
             type(self.network).__name__, params, params * (memory.PRECISION_BYTES[precision] if self.at_scale else 4),
             memory.parameters(self.vae), int(getattr(self, "text_parameters", 0)), row_bytes,
-            memory.vae_image_bytes(self.vae, self.image_size), basis)
+            memory.vae_image_bytes(self.vae, self.image_size), basis,
+            text_offloaded=bool(getattr(self, "offload_text", True)))
 
     def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
         from stages.models import memory

@@ -1,10 +1,10 @@
 """Latent models conditioned on text computed once per store, and SDXL.
 
-`PromptedModel` holds what every text-conditioned kind shares (SDXL here; SD3, FLUX.1 and PixArt in
-stages.models.transformers): the prompts (the empty prompt, DIFT's choice, or `--prompt "a photo of a {}"`
-with one prompt per class), the conditioning tensors computed from them once by the pipeline's own
-encoders (stages.models.text), which are then dropped, and the rows of each batch (one per image).
-The conditioning is part of the store's identity (the prompt and the tensors' sha256), so another
+`PromptedModel` holds what every text-conditioned kind shares (SDXL here; SD3, FLUX.1, PixArt in
+stages.models.transformers; Sana in stages.models.sana): the prompts (the empty prompt, DIFT's choice,
+or `--prompt "a photo of a {}"` with one prompt per class), the conditioning tensors computed from them
+once by the pipeline's own encoders (stages.models.text), which are then dropped, and the rows of each
+batch (one per image). The conditioning is part of the store's identity (the prompt and the tensors' sha256), so another
 prompt is another store.
 
 SDXL (`UNet2DConditionModel` with `addition_embed_type="text_time"`) is run as its pipeline runs it:
@@ -51,6 +51,11 @@ class PromptedModel(LatentModel):
         self.text_parameters = 0  # of the text encoders, counted when loaded (for --dry-run)
         self._encoders: list | None = None
         self._encoders_dropped = False
+        # --offload: True (text, the default) keeps the text encoders on the CPU; False runs them on
+        # `text_device` (the extraction's --device). Not in the identity: it changes where, not what, is computed
+        # (on a GPU the float32 kernels round differently, and the conditioning's sha256 records that)
+        self.offload_text = True
+        self.text_device = "auto"
 
     @property
     def encoders(self) -> list | None:
@@ -92,11 +97,16 @@ class PromptedModel(LatentModel):
             if self._encoders_dropped:
                 raise PromptError(f"--model {self.source}: its text encoders were freed after encoding; load the "
                                   "model again to encode other prompts")
+            if not self.offload_text:
+                device = text.encoding_device(self.text_device)
+                self._encoders = [(t, e.to(device)) for t, e in self.encoders]
             self._conditioning = self.encode_text(self.prompts)
             # freed before any image is processed: T5-XXL alone is 19 GB in float32
             self.drop_text_encoders()
             self._encoders_dropped = True
             gc.collect()
+            if not self.offload_text and torch.cuda.is_available():
+                torch.cuda.empty_cache()  # the encoders' device memory, back before the network arrives
         return self._conditioning
 
     def rows(self, labels: torch.Tensor | None, batch: int) -> dict[str, torch.Tensor]:

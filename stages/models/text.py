@@ -1,8 +1,10 @@
 """Text conditioning of the latent pipelines, computed once per store as each pipeline's `encode_prompt` does.
 
-The text encoders are loaded from the pipeline directory, run once on the CPU in float32 over the
-prompts (the empty prompt, or one per class with `--prompt "a photo of a {}"`), and dropped: their
-memory (T5-XXL is 4.7B parameters) is never held while images are processed, and never on the GPU.
+The text encoders are loaded from the pipeline directory, run once in float32 over the prompts (the
+empty prompt, or one per class with `--prompt "a photo of a {}"`), and dropped: their memory (T5-XXL
+is 4.7B parameters) is never held while images are processed. With `--offload text` (the default)
+they run on the CPU and never reach the GPU; `--offload none` runs them on the extraction's device
+(encoding_device), before the network is moved there (faster for many per-class prompts).
 
     clip(...)   CLIPTextModel / CLIPTextModelWithProjection: (hidden (P, 77, D), pooled (P, Dp))
                 hidden is the last layer, or the penultimate one (SDXL, SD3: clip_skip None)
@@ -85,10 +87,10 @@ def clip(tokenizer, encoder, prompts: list[str], *, penultimate: bool) -> tuple[
     """(hidden (P, L, D), pooled (P, Dp)) float32, as the SDXL / SD3 / FLUX pipelines compute them."""
     ids = tokenizer(prompts, padding="max_length", max_length=max_length(tokenizer, encoder), truncation=True,
                     return_tensors="pt").input_ids
-    out = encoder(ids, output_hidden_states=True)
+    out = encoder(ids.to(encoder.device), output_hidden_states=True)
     hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
     pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
-    return hidden.float().clone(), pooled.float().clone()
+    return hidden.float().cpu().clone(), pooled.float().cpu().clone()
 
 
 @torch.inference_mode()
@@ -99,8 +101,22 @@ def t5(tokenizer, encoder, prompts: list[str], length: int, *, masked: bool = Fa
     `masked`: the encoder sees the attention mask (PixArt's pipeline); SD3 and FLUX run it without one."""
     tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
                        return_tensors="pt")
-    hidden = encoder(tokens.input_ids, attention_mask=tokens.attention_mask if masked else None)[0]
-    return hidden.float().clone(), tokens.attention_mask.long().clone()
+    mask = tokens.attention_mask.to(encoder.device) if masked else None
+    hidden = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
+    return hidden.float().cpu().clone(), tokens.attention_mask.long().clone()
+
+
+def encoding_device(requested: str) -> torch.device:
+    """Where `--offload none` runs the text encoders: the extraction's device (`--device`), one GPU per local
+    rank as stages.extract.distributed.Job.device_name places a torchrun process."""
+    import os
+
+    from stages.devices import resolve_device
+
+    device = resolve_device(requested)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+    return device
 
 
 def digest(tensors: dict[str, torch.Tensor]) -> str:
