@@ -20,7 +20,6 @@ credentials, a bucket that does not exist) are `StorageError`s that name the sto
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -47,32 +46,6 @@ BUCKETS = ("s3", "s3a", "gs", "gcs", "az", "abfs", "abfss")
 
 def is_url(text: str) -> bool:
     return "://" in str(text)
-
-
-def parse_storage_options(pairs) -> dict:
-    """`KEY=VALUE` strings (the CLI's --storage-option) into fsspec storage options.
-
-    Values are read as JSON where they parse (`anon=true`, `retries=3`) and kept as text otherwise;
-    dotted keys nest (`client_kwargs.region_name=eu-west-1`).
-    """
-    options: dict = {}
-    for pair in pairs or ():
-        key, sep, raw = str(pair).partition("=")
-        if not sep or not key:
-            raise StorageError(f"--storage-option {pair!r}: expected KEY=VALUE, e.g. anon=true or "
-                               "client_kwargs.region_name=eu-west-1")
-        try:
-            value = json.loads(raw)
-        except ValueError:
-            value = raw
-        target = options
-        *parents, leaf = key.split(".")
-        for parent in parents:
-            target = target.setdefault(parent, {})
-            if not isinstance(target, dict):
-                raise StorageError(f"--storage-option {pair!r}: {parent} was already given a value")
-        target[leaf] = value
-    return options
 
 
 _wrapper: Callable | None = None
@@ -128,8 +101,8 @@ class Location:
         if is_url(text):
             text = _checked_url(text)
         elif options:
-            raise StorageError(f"--storage-option applies to object stores (s3://, gs:// ...), not to the local "
-                               f"path {text}")
+            raise StorageError(f"storage options apply to object stores (s3://, gs:// ...), not to the local path "
+                               f"{text}")
         return cls(text, dict(options or {}))
 
     @property
