@@ -21,6 +21,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache import digests, layout, locks
 from cache.errors import ELSEWHERE, StoreError, StoreFullError
+from cache.manifest import Manifest, unfinished_attrs, write_manifest
 from cache.storage import Location
 from cache.text import format_bytes
 
@@ -126,7 +127,7 @@ def remove_partial_writes(location: Location) -> None:
             leftover.unlink()
 
 
-def _mark_root(location: Location, attrs: dict) -> None:
+def mark_root(location: Location, attrs: dict) -> None:
     """Write the root group's zarr.json directly, in one atomic write: also over a damaged one."""
     text = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=2)
     location.write_bytes("zarr.json", text.encode())
@@ -153,7 +154,7 @@ def _clear(location: Location, recipe: dict | None) -> None:
     claim = locks.claim_for_replacing(location)
     try:
         # from here on the store is unfinished
-        _mark_root(location, {"format": layout.FORMAT, **({"recipe": recipe} if recipe is not None else {})})
+        mark_root(location, unfinished_attrs(recipe))
         for child in location.children():
             if child in ("zarr.json", layout.LEASE):
                 continue
@@ -181,17 +182,10 @@ def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], b
         write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
         create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
     key = digests.binding(settings)
-    group.attrs.put({
-        "format": layout.FORMAT,
-        **settings,
-        "block_table": block_table,
-        "splits": {name: len(index.paths) for name, index in splits.items()},
-        "features": {},
-        "pools": [],
-        "index_digests": {name: digests.index_digests(key, name, index.labels, index.paths)
-                          for name, index in splits.items()},
-        **({"recipe": recipe} if recipe is not None else {}),
-    })
+    write_manifest(group, Manifest.create(
+        settings, block_table, {name: len(index.paths) for name, index in splits.items()},
+        {name: digests.index_digests(key, name, index.labels, index.paths) for name, index in splits.items()},
+        recipe, str(location)))
     return group
 
 
