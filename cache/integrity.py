@@ -237,8 +237,8 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
                 if array.shape != expected:
                     damage.append(Damage(array_path, None, f"is {array.shape}, the settings say {expected}"))
                     continue
-                # One listing per array rather than a request per finished shard (object stores)
-                present = None if location.local else location.files_under(f"{array_path}/c")
+                # One listing per array rather than a request per finished shard
+                present = location.files_under(f"{array_path}/c")
                 for k in np.flatnonzero(done_shards(sets, int(block), int(timestep), n_shards)):
                     problem = shard_problem(location, array_path, array, int(k), shard_samples, full=full,
                                             present=present, expected=expected_digests(

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from contextlib import contextmanager
 from dataclasses import replace as replaced
 
@@ -257,7 +256,7 @@ class FeatureStoreWriter:
 
     def _record(self, new: Manifest) -> None:
         """Store the settings `new` (`cache.manifest.write`), this writer's copy with them."""
-        if not self.location.local:
+        if self._lock is not None and self._lock.may_be_lost:
             self._check_attrs_unchanged()
         write_manifest(self._group, new)
         self._manifest = new
@@ -426,9 +425,9 @@ class FeatureStoreWriter:
         try:
             yield
         except OSError as error:
-            if error.errno not in FULL or not self.location.local:
+            free = self.location.free_bytes() if error.errno in FULL else None
+            if free is None:
                 raise
-            free = shutil.disk_usage(self.location.path).free
             raise StoreFullError(
                 f"{self.path}: no space left on the device while {what}; {format_bytes(free)} free, and the "
                 f"unfinished shards need up to {format_bytes(self.remaining_bytes(unlisted))} more (before "
@@ -492,17 +491,10 @@ class FeatureStoreWriter:
         write_set.flags[shard] = value
 
     def _discard(self, key: str) -> None:
-        if self.location.local:
-            (self.location.path / key).unlink(missing_ok=True)
-        else:
-            self.location.delete(key)
+        self.location.delete(key)
 
     def _forget_array(self, split: str, block: int, timestep: int) -> None:
         """Delete a feature array and mark all of its shards unfinished."""
-        path = layout.feature_path(split, block, timestep)
-        if self.location.local:
-            shutil.rmtree(self.location.path / path, ignore_errors=True)
-        else:
-            self.location.delete(path)
+        self.location.delete(layout.feature_path(split, block, timestep))
         for shard in range(self.num_shards(split)):
             self._mark_unfinished(split, block, timestep, shard)
