@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,6 +19,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec, ZstdCodec
 
 from cache import digests, layout, locks
 from cache.errors import ELSEWHERE, StoreError, StoreFullError
+from cache.manifest import Manifest, unfinished_attrs, write_manifest
 from cache.storage import Location
 from cache.text import format_bytes
 
@@ -78,20 +77,7 @@ def differences(existing: dict, settings: dict, grids: dict[int, int]) -> list[s
 
 def make_directory(location: Location) -> None:
     """Make sure the store's location can be written: a local directory made, an object store reachable."""
-    if not location.local:
-        location.check_reachable()
-        return
-    directory = location.path
-    if directory.exists() and not directory.is_dir():
-        raise StoreError(f"{directory} is a file, not a directory: it cannot hold a store", store=location,
-                         remedy=ELSEWHERE)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise StoreError(f"cannot make the store directory {directory}: {error.strerror}", store=location,
-                         remedy=ELSEWHERE) from None
-    if not os.access(directory, os.W_OK):
-        raise StoreError(f"cannot write to {directory} (permission denied)", store=location, remedy=ELSEWHERE)
+    location.prepare()
 
 
 def inspect_directory(location: Location) -> tuple[str, dict]:
@@ -119,14 +105,10 @@ def inspect_directory(location: Location) -> tuple[str, dict]:
 
 
 def remove_partial_writes(location: Location) -> None:
-    # An atomic local write killed before its rename leaves "<key>.<uuid>.partial"; the key itself is
-    # intact. (An object PUT that never completed leaves nothing.)
-    if location.local:
-        for leftover in location.path.rglob("*.partial"):
-            leftover.unlink()
+    location.remove_partial_writes()
 
 
-def _mark_root(location: Location, attrs: dict) -> None:
+def mark_root(location: Location, attrs: dict) -> None:
     """Write the root group's zarr.json directly, in one atomic write: also over a damaged one."""
     text = json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attrs}, indent=2)
     location.write_bytes("zarr.json", text.encode())
@@ -142,26 +124,22 @@ def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], b
         _clear(location, recipe)
         return _create(location, settings, splits, block_table, recipe)
     except OSError as error:
-        if error.errno in FULL and location.local:
-            raise StoreFullError(f"{location}: no space left on the device while creating the store "
-                                 f"({format_bytes(shutil.disk_usage(location.path).free)} free). Free some space and "
-                                 "run again", store=location) from None
-        raise
+        free = location.free_bytes() if error.errno in FULL else None
+        if free is None:
+            raise
+        raise StoreFullError(f"{location}: no space left on the device while creating the store ({format_bytes(free)} "
+                             "free). Free some space and run again", store=location) from None
 
 
 def _clear(location: Location, recipe: dict | None) -> None:
     claim = locks.claim_for_replacing(location)
     try:
         # from here on the store is unfinished
-        _mark_root(location, {"format": layout.FORMAT, **({"recipe": recipe} if recipe is not None else {})})
+        mark_root(location, unfinished_attrs(recipe))
         for child in location.children():
             if child in ("zarr.json", layout.LEASE):
                 continue
-            if location.local:
-                path = location.path / child
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-            else:
-                location.delete(child)
+            location.delete(child)
     finally:
         locks.unlock(claim)
 
@@ -181,17 +159,10 @@ def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], b
         write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
         create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
     key = digests.binding(settings)
-    group.attrs.put({
-        "format": layout.FORMAT,
-        **settings,
-        "block_table": block_table,
-        "splits": {name: len(index.paths) for name, index in splits.items()},
-        "features": {},
-        "pools": [],
-        "index_digests": {name: digests.index_digests(key, name, index.labels, index.paths)
-                          for name, index in splits.items()},
-        **({"recipe": recipe} if recipe is not None else {}),
-    })
+    write_manifest(group, Manifest.create(
+        settings, block_table, {name: len(index.paths) for name, index in splits.items()},
+        {name: digests.index_digests(key, name, index.labels, index.paths) for name, index in splits.items()},
+        recipe, str(location)))
     return group
 
 

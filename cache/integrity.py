@@ -20,8 +20,8 @@ import zarr
 
 from cache import digests as digests_
 from cache import layout
-from cache.errors import CREATE, ELSEWHERE, REPLACE, Damage, IncompleteStoreError, IntegrityError, StoreError
-from cache.manifest import Manifest
+from cache.errors import CREATE, ELSEWHERE, REPAIR, REPLACE, Damage, IncompleteStoreError, IntegrityError, StoreError
+from cache.manifest import Manifest, read_copy
 from cache.storage import Location
 
 DECODE_ERRORS = (ValueError, RuntimeError, TypeError)  # crc32c mismatch, blosc / zstd / json errors
@@ -59,12 +59,22 @@ def read_root_attrs(location: Location | str) -> dict:
     try:
         attrs = dict(zarr.open_group(location.zarr_store(read_only=True), mode="r").attrs)
     except (ValueError, TypeError, KeyError) as error:  # json that does not parse, or is not zarr's
-        raise IntegrityError(f"{path}/zarr.json, the store's settings, is damaged ({error}): the settings are lost",
-                             store=location, damage=[Damage("zarr.json", None, "is damaged")], remedy=REPLACE) from None
+        raise settings_damaged(location, f"({error})") from None
     if attrs.get("format") not in layout.FORMATS:
         raise StoreError(f"{path} is a Zarr group but not a feature store (no format {layout.FORMAT!r})",
                          store=location, remedy=ELSEWHERE)
     return attrs
+
+
+def settings_damaged(location: Location, detail: str = "") -> IntegrityError:
+    """The error of a root zarr.json that does not parse: repairable from the settings' copy where that is intact
+    (`cache.manifest.read_copy`), else the settings are lost."""
+    where = f"{location}/zarr.json, the store's settings, is damaged" + (f" {detail}" if detail else "")
+    damage = [Damage("zarr.json", None, "is damaged")]
+    if read_copy(location) is not None:
+        return IntegrityError(f"{where}; its copy ({layout.PROGRESS}/zarr.json) is intact", store=location,
+                              damage=damage, remedy=REPAIR)
+    return IntegrityError(f"{where}: the settings are lost", store=location, damage=damage, remedy=REPLACE)
 
 
 def finished_attrs(location: Location | str) -> dict:
@@ -227,8 +237,8 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
                 if array.shape != expected:
                     damage.append(Damage(array_path, None, f"is {array.shape}, the settings say {expected}"))
                     continue
-                # One listing per array rather than a request per finished shard (object stores)
-                present = None if location.local else location.files_under(f"{array_path}/c")
+                # One listing per array rather than a request per finished shard
+                present = location.files_under(f"{array_path}/c")
                 for k in np.flatnonzero(done_shards(sets, int(block), int(timestep), n_shards)):
                     problem = shard_problem(location, array_path, array, int(k), shard_samples, full=full,
                                             present=present, expected=expected_digests(

@@ -59,6 +59,8 @@ class _Held:
 class Lease:
     """Held by the one writer of an object store; `release` (or the context manager) gives it back."""
 
+    may_be_lost = True  # taken over by another writer once it expired in a stall (`check` proves it is held)
+
     def __init__(self, location: Location, *, ttl: float | None = None, clock=None):
         self.location = location
         self.ttl = float(TTL_SECONDS if ttl is None else ttl)

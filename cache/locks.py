@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-from pathlib import Path
 
 from cache.errors import StoreInUseError, StoreLockedError
 from cache.layout import PROGRESS
@@ -30,41 +29,34 @@ class WriterLock:
 
     def __init__(self, location: Location):
         self.location = location
-        self._fd: int | None = None
-        self._lease = None
-        if location.local:
-            self._fd = _flock_writer(location.path)
-        else:
+        try:
+            self._hold = location.hold_writer()  # a flock (`cache.storage`)
+        except BlockingIOError:
+            raise StoreLockedError(f"{location} is being written by another process", store=location) from None
+        if self._hold is None:  # none on an object store: a lease instead
             from cache.lease import Lease
 
-            self._lease = Lease(location).acquire()
+            self._hold = Lease(location).acquire()
+
+    @property
+    def may_be_lost(self) -> bool:
+        """Whether another writer can take the store over while this one holds it (a lease that expired in a
+        stall); a flock is held until its holder ends."""
+        return self._hold is not None and self._hold.may_be_lost
 
     def check(self) -> None:
         """Raise if the hold was lost (an object store's lease taken over after it expired)."""
-        if self._lease is not None:
-            self._lease.check()
+        if self._hold is not None:
+            self._hold.check()
 
     def release(self) -> None:
-        unlock(self._fd)
-        self._fd = None
-        if self._lease is not None:
-            self._lease.release()
-            self._lease = None
+        if self._hold is not None:
+            self._hold.release()
+            self._hold = None
 
 
 def lock_writer(location: Location) -> WriterLock:
     return WriterLock(location)
-
-
-def _flock_writer(directory: Path) -> int:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StoreLockedError(
-            f"{directory} is being written by another process", store=directory) from None
-    return fd
 
 
 def unlock(fd: int | None) -> None:
@@ -88,15 +80,7 @@ def claim_for_replacing(location: Location) -> int | None:
 
 
 def _lock_readers(location: Location, mode: int, refusal: str) -> int | None:
-    if not location.local:
-        return None
     try:
-        fd = os.open(location.path / PROGRESS, os.O_RDONLY)
-    except FileNotFoundError:
-        return None
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return location.flock(PROGRESS, mode)
     except BlockingIOError:
-        os.close(fd)
         raise StoreInUseError(refusal, store=location) from None
-    return fd

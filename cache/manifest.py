@@ -1,20 +1,31 @@
-"""The store's manifest: its root attributes parsed and validated once, typed, and the one upgrade of older layouts.
+"""The store's manifest: its root attributes parsed and validated once, typed, written from one place, and the
+one upgrade of older layouts.
 
     manifest = Manifest.parse(attrs, where="features.zarr")   # IntegrityError naming the key that is wrong
     manifest.block(24).channels, manifest.features[24].grid, manifest.arrays(), manifest.shape("train", 24)
+    manifest.to_attrs()                                      # the stored form; Manifest.parse(it) == manifest
 
 Everything that reads the settings (`reader`, `integrity`, `repair`, `writer`) asks the manifest rather
-than indexing the attribute dicts. The attributes stay the stored form (`docs/store-format.md`
-lists every key); `upgrade` is the one place that knows how earlier formats differ.
+than indexing the attribute dicts, and the writer builds a new manifest (`Manifest.create`,
+`dataclasses.replace`) and stores it with `write_manifest` (never a dict of the schema's keys of its own).
+The attributes stay the stored form (`docs/store-format.md` lists every key); `upgrade` is the one
+place that knows how earlier formats differ.
+
+`write_manifest` stores the manifest twice: first as a copy in the attributes of the `_progress` group
+(`COPY`), then as the root's attributes. The copy is therefore never older than the root; a root
+zarr.json that no longer parses is written again from it (`read_copy`, `cache.repair.restore_settings`).
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from cache import layout
 from cache.errors import REPLACE, Damage, IntegrityError
+
+COPY = f"{layout.PROGRESS}/zarr.json"  # the object whose attribute "manifest" holds the copy
 
 
 @dataclass(frozen=True)
@@ -48,6 +59,51 @@ class Manifest:
     pools: tuple[int, ...]
     index_digests: Mapping[str, Mapping[str, str]]
     recipe: Mapping | None
+    info: Mapping = field(default_factory=dict)  # descriptive attributes, not the identity (e.g. model_source)
+
+    @classmethod
+    def create(cls, settings: Mapping, block_table: list[Mapping], splits: Mapping[str, int],
+               index_digests: Mapping[str, Mapping[str, str]], recipe: Mapping | None = None,
+               where: str = "the store") -> Manifest:
+        """The manifest of a store just made: `settings` (layout.IDENTITY_KEYS, views where used), no features yet.
+        Checked as a stored one is (`parse`), so what is written always parses back."""
+        settings = layout.normalised(dict(settings))
+        identity = {key: settings.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
+        table = {int(row["number"]): BlockRow(int(row["number"]), int(row["channels"]), int(row["resolution"]),
+                                              dict(row)) for row in block_table}
+        info = {key: value for key, value in settings.items() if key not in identity}
+        draft = cls(layout.FORMAT, identity, int(settings["chunk_samples"]), int(settings["shard_samples"]), table,
+                    {name: int(n) for name, n in splits.items()}, {}, (), dict(index_digests), recipe, info)
+        return cls.parse(draft.to_attrs(), where)
+
+    def to_attrs(self) -> dict:
+        """The stored form (root attributes), keys in one order whatever the store's history; JSON only."""
+        attrs = {"format": self.format}
+        for key in layout.IDENTITY_KEYS:
+            attrs[key] = self.identity[key]
+        attrs["chunk_samples"], attrs["shard_samples"] = self.chunk_samples, self.shard_samples
+        for key in layout.OPTIONAL_IDENTITY_KEYS:  # absent where unused: such a store records them not at all
+            if self.identity.get(key) is not None:
+                attrs[key] = self.identity[key]
+        attrs["block_table"] = [dict(row.row) for row in self.block_table.values()]
+        attrs["splits"] = dict(self.splits)
+        attrs["features"] = {str(b): {"grid": s.grid, "timesteps": list(s.timesteps)}
+                             for b, s in sorted(self.features.items())}
+        attrs["pools"] = list(self.pools)
+        attrs["index_digests"] = {split: dict(d) for split, d in self.index_digests.items()}
+        if self.recipe is not None:
+            attrs["recipe"] = self.recipe
+        attrs.update(sorted(self.info.items()))  # in one order whatever order they were recorded in
+        return json.loads(json.dumps(attrs))  # plain JSON values: what reading it back gives
+
+    def with_arrays(self, grids: Mapping[int, int], timesteps, pools) -> Manifest:
+        """This manifest listing `grids` (block -> grid) at `timesteps` too, and `pools` among its pools."""
+        features = dict(self.features)
+        for block, grid in grids.items():
+            known = features.get(int(block))
+            stored = tuple(sorted({*(known.timesteps if known else ()), *(int(t) for t in timesteps)}))
+            features[int(block)] = StoredBlock(int(block), int(grid), stored)
+        return replace(self, features=features, pools=tuple(sorted({*self.pools, *(int(p) for p in pools)})))
 
     @classmethod
     def parse(cls, attrs: Mapping, where: str = "the store") -> Manifest:
@@ -89,9 +145,11 @@ class Manifest:
         if not all(isinstance(p, int) and p >= 1 for p in pools):
             raise bad("pools", f"is {pools!r}")
         identity = {key: attrs.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
+        identity["shard_samples"] = shard
+        info = {key: value for key, value in attrs.items() if key not in _SCHEMA_KEYS}
         return cls(attrs["format"], identity, chunk, shard, table,
                    dict(splits), features, tuple(pools),
-                   dict(attrs.get("index_digests") or {}), attrs.get("recipe"))
+                   dict(attrs.get("index_digests") or {}), attrs.get("recipe"), info)
 
     # -- what it says --------------------------------------------------------------------------------------
     def block(self, number: int) -> BlockRow:
@@ -114,6 +172,28 @@ class Manifest:
         return self.shard_samples // self.chunk_samples
 
 
+def unfinished_attrs(recipe: Mapping | None) -> dict:
+    """The root attributes of a store being made (or cleared): the format marker, and the recipe that finishes it.
+    A store stays unfinished until `write_manifest` gives it a whole manifest."""
+    return {"format": layout.FORMAT, **({"recipe": recipe} if recipe is not None else {})}
+
+
+def write_manifest(group, manifest: Manifest) -> None:
+    """Store `manifest` in the open root `group`: the copy first, then the root's attributes (module docstring)."""
+    attrs = manifest.to_attrs()
+    group.require_group(layout.PROGRESS).attrs.put({"manifest": attrs})
+    group.attrs.put(attrs)
+
+
+def read_copy(location) -> Manifest | None:
+    """The copy `write_manifest` keeps (of a `cache.storage.Location`), or None: there is none, or it is damaged."""
+    try:
+        attrs = json.loads(location.read_text(COPY))["attributes"]["manifest"]
+        return Manifest.parse(attrs, str(location))
+    except (OSError, ValueError, KeyError, TypeError, IntegrityError):
+        return None
+
+
 def upgrade(attrs: Mapping) -> dict:
     """Root attributes of any earlier layout as format 2 reads them (in memory; the writer records the
     upgrade when it next writes the store, `cache.repair.reopen`).
@@ -127,6 +207,11 @@ def upgrade(attrs: Mapping) -> dict:
         attrs.setdefault("index_digests", {})
         attrs.setdefault("recipe", None)
     return attrs
+
+
+# Keys the manifest types; any other root attribute is descriptive (`Manifest.info`).
+_SCHEMA_KEYS = frozenset({"format", *layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS, "block_table", "splits",
+                          "features", "pools", "index_digests", "recipe"})
 
 
 def _damage(key: str, why: str) -> Damage:

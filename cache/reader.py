@@ -92,8 +92,8 @@ class FeatureStore:
 
         Use as a context manager (`with store.hold(): ...`). Only local stores have the lock; on any
         store every read still checks that the store was not replaced."""
-        if self._hold is None and self.location.local:
-            self._hold = locks.hold_for_reading(self.location)
+        if self._hold is None:
+            self._hold = locks.hold_for_reading(self.location)  # None on an object store: it has no such lock
             self._check_current()
         return self
 
@@ -428,13 +428,7 @@ class FeatureStore:
 
     def _root_stamp(self):
         """(inode, mtime) of the root zarr.json: every rewrite of the settings changes it (local stores)."""
-        if not self.location.local:
-            return None
-        try:
-            info = (self.location.path / "zarr.json").stat()
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns
+        return self.location.stamp("zarr.json")
 
     def _check_current(self) -> None:
         stamp = self._root_stamp()

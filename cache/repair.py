@@ -1,6 +1,9 @@
 """Repairs: making a store what its settings say it is, as far as that needs no model and no data.
 
-Two entry points:
+Three entry points:
+
+- `restore_settings(location)`: a root zarr.json that does not parse, written again from the copy of
+  the settings that `cache.manifest.write_manifest` keeps.
 
 - `reopen(writer, splits, ...)`, when a writer opens an existing store: partial writes removed,
   split sizes, labels, paths and file records checked against the data set and written again where
@@ -18,11 +21,13 @@ paths cannot be recomputed without the data set: `repair_alone` reports them, `r
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
+import zarr
 
 from cache import digests, layout
-from cache.creation import SplitIndex, create_files_array, remove_partial_writes, write_index_array
+from cache.creation import SplitIndex, create_files_array, mark_root, remove_partial_writes, write_index_array
 from cache.integrity import (
     DECODE_ERRORS,
     Damage,
@@ -31,8 +36,10 @@ from cache.integrity import (
     expected_digests,
     find_damage,
     index_problem,
+    settings_damaged,
     shard_problem,
 )
+from cache.manifest import read_copy, unfinished_attrs, write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +54,23 @@ def repair_alone(writer) -> list[Damage]:
     return found
 
 
+def restore_settings(location) -> list[Damage]:
+    """The root zarr.json written again from the settings' copy, the writer's lock held (`cache.manifest`: the copy
+    is never older than the root); the IntegrityError of lost settings where the copy is damaged too."""
+    manifest = read_copy(location)
+    if manifest is None:
+        raise settings_damaged(location)
+    mark_root(location, unfinished_attrs(None))  # a group zarr can open again, then its settings in zarr's own form
+    write_manifest(zarr.open_group(location.zarr_store(read_only=False), mode="r+"), manifest)
+    log.warning("%s/zarr.json was damaged: written again from its copy", location)
+    return [Damage("zarr.json", None, "was damaged: written again from its copy")]
+
+
 def _sizes_from_arrays(writer) -> list[Damage]:
     """Split sizes in the settings that disagree with the split's labels and paths (which agree with each
     other) were edited: the arrays say what they are."""
-    found, sizes = [], dict(writer._attrs["splits"])
-    for split, n in writer._attrs["splits"].items():
+    found, sizes = [], dict(writer.manifest.splits)
+    for split, n in writer.manifest.splits.items():
         try:
             shapes = {writer._group[layout.labels_path(split)].shape, writer._group[layout.paths_path(split)].shape}
         except (KeyError, *DECODE_ERRORS):
@@ -62,7 +81,7 @@ def _sizes_from_arrays(writer) -> list[Damage]:
                                                    f"{sizes[split]}: corrected"))
     if found:
         log.warning("%s: %s", writer.path, "; ".join(d.problem for d in found))
-        writer._update_attrs(splits=sizes)
+        writer._record(replace(writer.manifest, splits=sizes))
     return found
 
 
@@ -70,19 +89,19 @@ def reopen(writer, splits: dict[str, SplitIndex], *, verify: bool, recipe: dict 
     """What a writer does to an existing store it opens (module docstring)."""
     remove_partial_writes(writer.location)
     sizes = {split: len(index.paths) for split, index in splits.items()}
-    stored = writer._attrs["splits"]
+    stored = dict(writer.manifest.splits)
     if {**stored, **sizes} != stored:  # edited: the data set says what they are
         log.warning("%s/zarr.json listed split sizes %s; the data set has %s: corrected", writer.path, stored, sizes)
-        writer._update_attrs(splits={**stored, **sizes})
+        writer._record(replace(writer.manifest, splits={**stored, **sizes}))
     for split, index in splits.items():
         repair_index(writer, split, index)
-    changes = {}
-    if writer._attrs.get("format") != layout.FORMAT:  # format 1: from now on every new shard gets digests
-        changes["format"] = layout.FORMAT
-    if recipe is not None and "recipe" not in writer._attrs:  # kept as made: a repair runs it as it was
-        changes["recipe"] = recipe
-    if changes:
-        writer._update_attrs(**changes)
+    manifest = writer.manifest
+    if manifest.format != layout.FORMAT:  # format 1: from now on every new shard gets digests
+        manifest = replace(manifest, format=layout.FORMAT)
+    if recipe is not None and manifest.recipe is None:  # kept as made: a repair runs it as it was
+        manifest = replace(manifest, recipe=recipe)
+    if manifest != writer.manifest or read_copy(writer.location) != manifest:  # stores made before the copy get it
+        writer._record(manifest)
     repair_in_place(writer, verify=verify)
 
 
@@ -99,7 +118,7 @@ def repair_index(writer, split: str, index: SplitIndex) -> None:
         try:
             array = group[path]
             current = array[:]
-            unchecked = {**writer._attrs, "index_digests": {}}  # objects present and decodable; values just compared
+            unchecked = replace(writer.manifest, index_digests={}).to_attrs()  # present, decodable; values compared
             if (array.shape == (n,) and np.array_equal(current, values)
                     and index_problem(writer.location, unchecked, split, path, array) is None):
                 continue
@@ -108,8 +127,8 @@ def repair_index(writer, split: str, index: SplitIndex) -> None:
         log.warning("%s/%s was missing or damaged: written again from the data set", writer.path, path)
         write_index_array(group, path, values)
     recorded = digests.index_digests(digests.binding(writer._attrs), split, *expected.values())
-    if writer._attrs.get("index_digests", {}).get(split) != recorded:
-        writer._update_attrs(index_digests={**writer._attrs.get("index_digests", {}), split: recorded})
+    if writer.manifest.index_digests.get(split) != recorded:
+        writer._record(replace(writer.manifest, index_digests={**writer.manifest.index_digests, split: recorded}))
     try:
         files = group[layout.files_path(split)]
         if files.shape != (n, 2):
@@ -143,7 +162,7 @@ def repair_in_place(writer, *, verify: bool) -> None:
     for split in manifest.splits:
         for block, timestep in manifest.arrays():
             writer._ensure_array(split, block, timestep, manifest.block(block).channels,
-                                 manifest.features[block].grid, writer._attrs["dtype"])
+                                 manifest.features[block].grid, manifest.identity["dtype"])
     for item in find_damage(writer.location, full=verify):
         if item.shard is None:
             continue  # metadata (made again above), labels and paths (`reopen` rewrites them from the data set)

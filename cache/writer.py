@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from contextlib import contextmanager
+from dataclasses import replace as replaced
 
 import numpy as np
 import zarr
@@ -64,8 +64,9 @@ from cache.integrity import (
     done_shards,
     load_write_sets,
     read_root_attrs,
+    settings_damaged,
 )
-from cache.manifest import Manifest
+from cache.manifest import Manifest, write_manifest
 from cache.storage import Location
 from cache.text import format_bytes, format_ranges
 
@@ -80,7 +81,7 @@ class FeatureStoreWriter:
         self.path = str(location)
         self._group = group
         self._lock = lock
-        self._attrs = layout.normalised(dict(group.attrs))
+        self._manifest = Manifest.parse(dict(group.attrs), self.path)  # typed once; every change is a new one
         self._sets: dict[str, list[WriteSet]] = {}
 
     # -- opening -------------------------------------------------------------------------------------
@@ -131,9 +132,7 @@ class FeatureStoreWriter:
                 raise StoreMismatchError(f"{directory} was made with other settings:\n  " + "\n  ".join(changed),
                                          store=directory)
             if state == "damaged" and not overwrite:
-                raise StoreError(f"{directory}/zarr.json, the store's settings, is damaged: its features cannot be "
-                                 "trusted", store=directory, remedy=REPLACE,
-                                 damage=[Damage("zarr.json", None, "is damaged")])
+                raise settings_damaged(directory)
             if state == "unfinished":
                 log.warning("%s was left unfinished by a run that stopped while making it: building it again",
                             directory)
@@ -168,18 +167,23 @@ class FeatureStoreWriter:
     @property
     def manifest(self) -> Manifest:
         """The settings as they are now, typed (`cache.manifest`)."""
-        return Manifest.parse(self._attrs, self.path)
+        return self._manifest
+
+    @property
+    def _attrs(self) -> dict:
+        """The settings in their stored form (what digests are bound to, `cache.digests.binding`)."""
+        return self._manifest.to_attrs()
 
     @property
     def chunk_samples(self) -> int:
-        return int(self._attrs["chunk_samples"])
+        return self._manifest.chunk_samples
 
     def num_samples(self, split: str) -> int:
-        return int(self._attrs["splits"][split])
+        return int(self._manifest.splits[split])
 
     @property
     def shard_samples(self) -> int:
-        return layout.shard_samples(self._attrs)
+        return self._manifest.shard_samples
 
     def num_shards(self, split: str) -> int:
         return layout.num_chunks(self.num_samples(split), self.shard_samples)
@@ -197,31 +201,24 @@ class FeatureStoreWriter:
         An existing block must have been stored at the same grid (a finer one cannot be derived).
         """
         manifest = self.manifest
-        contents = {key: dict(value) for key, value in self._attrs["features"].items()}
         for block, grid in features.items():
-            entry = contents.get(str(block))
-            if entry is not None and entry["grid"] != grid:
+            stored = manifest.features.get(int(block))
+            if stored is not None and stored.grid != grid:
                 raise StoreMismatchError(
-                    f"{self.path}: block {block} is stored pooled to {entry['grid']}x{entry['grid']}, "
+                    f"{self.path}: block {block} is stored pooled to {stored.grid}x{stored.grid}, "
                     f"this run needs {grid}x{grid} for pools {sorted(pools)}. Ask only for pools that divide "
-                    f"{entry['grid']}, or extract again", store=self.location)
-        dtype = self._attrs["dtype"]
+                    f"{stored.grid}, or extract again", store=self.location)
+        dtype = manifest.identity["dtype"]
         wanted = {(int(block), int(t)): int(grid) for block, grid in features.items() for t in timesteps}
         with self._writing("creating arrays", unlisted=wanted):
             for block, grid in features.items():
                 channels = manifest.block(block).channels
-                entry = contents.setdefault(str(block), {"grid": grid, "timesteps": []})
                 for timestep in timesteps:
-                    for split in self._attrs["splits"]:
+                    for split in manifest.splits:
                         self._ensure_array(split, block, timestep, channels, grid, dtype)
-                    if timestep not in entry["timesteps"]:
-                        entry["timesteps"] = sorted([*entry["timesteps"], timestep])
             # Arrays first, then the attributes that list them: a crash in between leaves unlisted
             # (and unfinished) arrays that the next run adopts.
-            self._update_attrs(
-                features=contents,
-                pools=sorted(set(self._attrs.get("pools", [])) | {int(p) for p in pools}),
-            )
+            self._record(manifest.with_arrays(features, timesteps, pools))
 
     def _ensure_array(self, split: str, block: int, timestep: int, channels: int, grid: int, dtype: str) -> None:
         n = self.num_samples(split)
@@ -255,19 +252,20 @@ class FeatureStoreWriter:
     def update_info(self, **info) -> None:
         """Record descriptive attributes (not part of the identity), e.g. where the model came from."""
         with self._writing("recording the settings"):
-            self._update_attrs(**info)
+            self._record(replaced(self._manifest, info={**self._manifest.info, **info}))
 
-    def _update_attrs(self, **changes) -> None:
-        if not self.location.local:
+    def _record(self, new: Manifest) -> None:
+        """Store the settings `new` (`cache.manifest.write`), this writer's copy with them."""
+        if self._lock is not None and self._lock.may_be_lost:
             self._check_attrs_unchanged()
-        self._attrs.update(changes)
-        self._group.attrs.update(changes)
+        write_manifest(self._group, new)
+        self._manifest = new
 
     def _check_attrs_unchanged(self) -> None:
-        # zarr writes the whole settings file from this writer's copy: never from a copy that another writer
+        # the whole settings file is written from this writer's copy: never from a copy that another writer
         # has since changed (a lease lost in a stall between its check and this write)
-        stored = layout.normalised(json.loads(self.location.read_text("zarr.json")).get("attributes", {}))
-        if _as_json(stored) != _as_json(self._attrs):
+        stored = json.loads(self.location.read_text("zarr.json")).get("attributes", {})
+        if Manifest.parse(stored, self.path) != self._manifest:
             raise StoreReplacedError(f"{self.path}: its settings were changed by another writer while this one ran; "
                                      "this run stops without writing them (finished shards are kept). Run the same "
                                      "command again to finish the store")
@@ -408,11 +406,11 @@ class FeatureStoreWriter:
     def remaining_bytes(self, unlisted: dict[tuple[int, int], int] | None = None) -> int:
         """Uncompressed bytes of every shard not yet finished: what a run still writes, at most; `unlisted`
         ((block, timestep) -> grid) adds arrays about to be created."""
-        itemsize = np.dtype(self._attrs["dtype"]).itemsize
         manifest = self.manifest
+        itemsize = np.dtype(manifest.identity["dtype"]).itemsize
         arrays = {(b, t): manifest.features[b].grid for b, t in manifest.arrays()}
         total = 0
-        for split in self._attrs["splits"]:
+        for split in manifest.splits:
             for (block, timestep), grid in {**(unlisted or {}), **arrays}.items():
                 per_sample = manifest.block(block).channels * grid ** 2 * itemsize
                 listed = (block, timestep) in arrays
@@ -427,9 +425,9 @@ class FeatureStoreWriter:
         try:
             yield
         except OSError as error:
-            if error.errno not in FULL or not self.location.local:
+            free = self.location.free_bytes() if error.errno in FULL else None
+            if free is None:
                 raise
-            free = shutil.disk_usage(self.location.path).free
             raise StoreFullError(
                 f"{self.path}: no space left on the device while {what}; {format_bytes(free)} free, and the "
                 f"unfinished shards need up to {format_bytes(self.remaining_bytes(unlisted))} more (before "
@@ -440,11 +438,27 @@ class FeatureStoreWriter:
     # -- reopening and repairs (cache.repair) ---------------------------------------------------------
     def _load_sets(self) -> list[Damage]:
         damage = []
-        for split in self._attrs["splits"]:
+        for split in self._manifest.splits:
             self._sets[split], found = load_write_sets(self._group, split, self.num_shards(split),
                                                        self.shard_samples // self.chunk_samples)
             damage += found
         return damage
+
+    @classmethod
+    def restore_settings(cls, path: str | Location) -> list[Damage]:
+        """A root zarr.json that does not parse, written again from the settings' copy (`cache.manifest`); [] where
+        it parses. Without an intact copy the settings are lost: the IntegrityError says so."""
+        directory = Location.parse(path)
+        try:
+            if inspect_directory(directory)[0] != "damaged":
+                return []
+        except StoreError:  # not a feature store at all: what reads it next says so, as it always did
+            return []
+        lock = locks.lock_writer(directory)
+        try:
+            return repair.restore_settings(directory)
+        finally:
+            lock.release()
 
     @classmethod
     def repair(cls, path: str | Location) -> list[Damage]:
@@ -477,21 +491,10 @@ class FeatureStoreWriter:
         write_set.flags[shard] = value
 
     def _discard(self, key: str) -> None:
-        if self.location.local:
-            (self.location.path / key).unlink(missing_ok=True)
-        else:
-            self.location.delete(key)
+        self.location.delete(key)
 
     def _forget_array(self, split: str, block: int, timestep: int) -> None:
         """Delete a feature array and mark all of its shards unfinished."""
-        path = layout.feature_path(split, block, timestep)
-        if self.location.local:
-            shutil.rmtree(self.location.path / path, ignore_errors=True)
-        else:
-            self.location.delete(path)
+        self.location.delete(layout.feature_path(split, block, timestep))
         for shard in range(self.num_shards(split)):
             self._mark_unfinished(split, block, timestep, shard)
-
-
-def _as_json(attrs: dict) -> str:
-    return json.dumps(attrs, sort_keys=True, default=str)

@@ -1,10 +1,14 @@
 """Helpers the test modules share (test modules never import each other): tiny models and image folders
-on disk, feature stores written from known features, digests of what must stay unchanged, and the
-documented preprocessing written out again."""
+on disk, feature stores written from known features, digests of what must stay unchanged, the
+documented preprocessing written out again, ranks of an extraction job started as torchrun starts them,
+and the command line run with some packages missing."""
 
 from __future__ import annotations
 
 import hashlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +16,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from PIL import Image
 
-from cache import FeatureStoreWriter, layout
+from cache import FeatureStore, FeatureStoreWriter, layout
 from cache.writer import SplitIndex
 from stages.models.unet_configs import tiny_adm_config
+
+from s3_server import closed_port
 
 
 # -- models and image folders -----------------------------------------------------------------------------
@@ -127,3 +133,91 @@ def digest(path: Path) -> str:
         if p.is_file():
             h.update(p.read_bytes())
     return h.hexdigest()
+
+
+# -- processes: ranks of a job, a command line without some packages ----------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+DIST_ARGS = ["--blocks", "2,5,9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "4", "--chunk-samples", "4",
+        "--shard-samples", "8"]
+
+# Each rank records the shards it writes; rank `KILL_RANK` kills itself before its `KILL_AT`-th shard.
+RECORDING = (
+    "import json, os, signal, sys\n"
+    "import cache.writer as w\n"
+    "original = w.FeatureStoreWriter.write_shard\n"
+    "count = [0]\n"
+    "def write_shard(self, split, shard, *args, **kwargs):\n"
+    "    count[0] += 1\n"
+    "    if os.environ.get('KILL_RANK') == os.environ.get('RANK', '0') and count[0] == int(os.environ['KILL_AT']):\n"
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+    "    result = original(self, split, shard, *args, **kwargs)\n"
+    "    with open(os.environ['RECORD'] + '.' + os.environ.get('RANK', '0'), 'a') as f:\n"
+    "        f.write(json.dumps([split, shard]) + '\\n')\n"
+    "    return result\n"
+    "w.FeatureStoreWriter.write_shard = write_shard\n"
+    "from pipeline.cli import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
+def launch(tiny_model, data, out, world_size: int, record: Path, *extra, env: dict | None = None):
+    """`world_size` processes of `pipeline extract`, started the way torchrun starts them."""
+    port = closed_port()
+    processes = []
+    for rank in range(world_size):
+        rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORD": str(record), **(env or {})}
+        if world_size > 1:
+            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                            PIPELINE_DIST_TIMEOUT="120")
+        command = [sys.executable, "-c", RECORDING, "extract", "--model", str(tiny_model), "--data", str(data),
+                   "--out", str(out), *DIST_ARGS, *extra]
+        processes.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+    return processes
+
+
+def finish(processes, timeout=240):
+    """Every rank's (exit status, stdout, stderr); ranks still running after `timeout` are killed (a test
+    never leaves a process behind)."""
+    results = []
+    try:
+        for process in processes:
+            out, err = process.communicate(timeout=timeout)
+            results.append((process.returncode, out, err))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    return results
+
+
+def decoded(path) -> dict:
+    store = FeatureStore.open(path)
+    values = {(split, "labels"): store.labels(split) for split in store.splits}
+    for split in store.splits:
+        for block, timestep in store.arrays():
+            values[(split, block, timestep)] = store.read(split, block, timestep)
+    return values
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+
+
+# Runs the command line with some top-level packages made unimportable, as in a base install.
+BLOCKED = """
+import sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None  # what `import` and `importlib.util.find_spec` make of a package not installed
+from pipeline.cli import main
+main(sys.argv[2:], prog_name="pipeline")
+"""
+
+
+def run_without(modules: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", BLOCKED, ",".join(modules), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

@@ -17,32 +17,10 @@ import pytest
 
 from cache import FeatureStore
 
-from helpers import make_image_folder
-from s3_server import closed_port
+from helpers import DIST_ARGS as ARGS
+from helpers import assert_same, decoded, finish, launch, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--blocks", "2,5,9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "4", "--chunk-samples", "4",
-        "--shard-samples", "8"]
-
-# Each rank records the shards it writes; rank `KILL_RANK` kills itself before its `KILL_AT`-th shard.
-RECORDING = (
-    "import json, os, signal, sys\n"
-    "import cache.writer as w\n"
-    "original = w.FeatureStoreWriter.write_shard\n"
-    "count = [0]\n"
-    "def write_shard(self, split, shard, *args, **kwargs):\n"
-    "    count[0] += 1\n"
-    "    if os.environ.get('KILL_RANK') == os.environ.get('RANK', '0') and count[0] == int(os.environ['KILL_AT']):\n"
-    "        os.kill(os.getpid(), signal.SIGKILL)\n"
-    "    result = original(self, split, shard, *args, **kwargs)\n"
-    "    with open(os.environ['RECORD'] + '.' + os.environ.get('RANK', '0'), 'a') as f:\n"
-    "        f.write(json.dumps([split, shard]) + '\\n')\n"
-    "    return result\n"
-    "w.FeatureStoreWriter.write_shard = write_shard\n"
-    "from pipeline.cli import main\n"
-    "main(sys.argv[1:])\n"
-)
-
 pytestmark = pytest.mark.slow  # torchrun process groups
 
 
@@ -53,60 +31,12 @@ def data(tmp_path_factory) -> Path:
                              seed=6)
 
 
-def launch(tiny_model, data, out, world_size: int, record: Path, *extra, env: dict | None = None):
-    """`world_size` processes of `pipeline extract`, started the way torchrun starts them."""
-    port = closed_port()
-    processes = []
-    for rank in range(world_size):
-        rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORD": str(record), **(env or {})}
-        if world_size > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                            PIPELINE_DIST_TIMEOUT="120")
-        command = [sys.executable, "-c", RECORDING, "extract", "--model", str(tiny_model), "--data", str(data),
-                   "--out", str(out), *ARGS, *extra]
-        processes.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
-    return processes
-
-
-def finish(processes, timeout=240):
-    """Every rank's (exit status, stdout, stderr); ranks still running after `timeout` are killed (a test
-    never leaves a process behind)."""
-    results = []
-    try:
-        for process in processes:
-            out, err = process.communicate(timeout=timeout)
-            results.append((process.returncode, out, err))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
-    return results
-
-
 def written(record: Path) -> dict[int, list]:
     shards = {}
     for path in sorted(record.parent.glob(record.name + ".*")):
         rank = int(path.suffix[1:])
         shards[rank] = [tuple(json.loads(line)) for line in path.read_text().splitlines()]
     return shards
-
-
-def decoded(path) -> dict:
-    store = FeatureStore.open(path)
-    values = {(split, "labels"): store.labels(split) for split in store.splits}
-    for split in store.splits:
-        for block, timestep in store.arrays():
-            values[(split, block, timestep)] = store.read(split, block, timestep)
-    return values
-
-
-def assert_same(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
 
 
 @pytest.fixture(scope="module")

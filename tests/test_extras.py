@@ -3,7 +3,6 @@ naming the extra and a pip command for it; pyproject.toml's extras and `cache.ex
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,24 +10,9 @@ import pytest
 
 from cache.extras import EXTRAS, MissingExtraError, install_command, require
 
-from helpers import digits_features, write_store
+from helpers import digits_features, run_without, write_store
 
 REPO = Path(__file__).resolve().parents[1]
-
-# Runs the command line with some top-level packages made unimportable, as in a base install.
-BLOCKED = """
-import sys
-for name in sys.argv[1].split(","):
-    sys.modules[name] = None  # what `import` and `importlib.util.find_spec` make of a package not installed
-from pipeline.cli import main
-main(sys.argv[2:], prog_name="pipeline")
-"""
-
-
-def run_without(modules: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKED, ",".join(modules), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
-
 
 def test_pyproject_extras_are_the_ones_the_code_names():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+

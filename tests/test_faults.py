@@ -42,6 +42,7 @@ from cache.errors import (
     StoreInUseError,
     StoreReplacedError,
 )
+from cache.manifest import COPY
 from cache.storage import wrapped_stores
 from pipeline.advice import render
 from pipeline.cli import main
@@ -233,7 +234,8 @@ def test_a_full_disk_is_one_line_and_a_later_run_finishes_the_store(model, data,
 
 def test_the_full_disk_error_names_the_space_needed(model, data, tmp_path, monkeypatch):
     out = tmp_path / "full.zarr"
-    with writes_fail(monkeypatch, after_bytes=20_000), pytest.raises(StoreFullError, match=r"need up to [\d.]+ [KM]B"):
+    # past what making the store writes (its settings twice: `cache.manifest`), within its first shards
+    with writes_fail(monkeypatch, after_bytes=30_000), pytest.raises(StoreFullError, match=r"need up to [\d.]+ [KM]B"):
         extract(model, data, out)
 
 
@@ -353,8 +355,24 @@ def test_a_shard_copied_from_another_store_is_foreign(model, data, reference, st
     assert_same_store(store, reference)
 
 
-def test_a_lost_settings_file_is_named_and_replaced_with_overwrite(model, data, reference, store):
+def test_a_damaged_settings_file_is_repaired_from_its_copy_as_advised(model, data, reference, store):
     truncate(store / "zarr.json")
+    with pytest.raises(StoreError) as error:
+        read_everything(store)
+    message = render(error.value)
+    assert "zarr.json, the store's settings, is damaged" in message and "its copy" in message
+    with pytest.raises(StoreError) as refused:  # an extraction into it is refused the same way, nothing written
+        extract(model, data, store)
+    assert advised_command(render(refused.value)) == advised_command(message)
+    checked = CliRunner().invoke(main, ["verify", "--store", str(store)])
+    assert checked.exit_code == 1 and advised_command(checked.output) == advised_command(message), checked.output
+    run_advice(message, model)
+    assert_same_store(store, reference)
+
+
+def test_lost_settings_without_a_copy_are_named_and_replaced_with_overwrite(model, data, reference, store):
+    truncate(store / "zarr.json")
+    truncate(store / "_progress/zarr.json")  # the copy of the settings is gone too (or a store made before it)
     with pytest.raises(StoreError) as error:
         read_everything(store)
     assert "zarr.json, the store's settings, is damaged" in render(error.value)
@@ -429,8 +447,9 @@ def test_a_held_store_is_not_replaced(model, data, store):
         with pytest.raises(StoreInUseError, match="open for reading in another process"):
             extract(model, data, store, noise_seed=1, overwrite=True)
         extract(model, data, store, timesteps=(10, 90, 150))  # adding to it is fine meanwhile
-    assert {k: v for k, v in store_files(store).items() if k in before and "t150" not in k and k != "zarr.json"} == \
-        {k: v for k, v in before.items() if k != "zarr.json"}
+    settings = ("zarr.json", COPY)  # the settings and their copy list t150 now
+    assert {k: v for k, v in store_files(store).items() if k in before and "t150" not in k and k not in settings} == \
+        {k: v for k, v in before.items() if k not in settings}
 
 
 def test_overwrite_during_a_streaming_probe_is_refused_and_the_probe_is_unchanged(model, data, store, tmp_path,
@@ -604,10 +623,38 @@ def test_a_damaged_pixel_store_is_repaired_as_advised(model, data, tmp_path):
     assert_same_store(out, store_files(reference))
 
 
-def test_a_store_made_before_recipes_is_marked_and_rerun_as_advised(model, data, reference, store):
+def as_made_before_recipes(store: Path, *drop: str) -> None:
+    """A store written before stores recorded their recipe (and kept a copy of their settings); `drop`: more
+    root attributes it lacks."""
     meta = json.loads((store / "zarr.json").read_text())
-    del meta["attributes"]["recipe"]
+    for key in ("recipe", *drop):
+        del meta["attributes"][key]
     (store / "zarr.json").write_text(json.dumps(meta, indent=2))
+    copy = json.loads((store / "_progress/zarr.json").read_text())
+    copy["attributes"] = {}
+    (store / "_progress/zarr.json").write_text(json.dumps(copy, indent=2))
+
+
+def test_a_store_made_before_recipes_is_repaired_from_its_settings_as_advised(model, data, reference, store):
+    as_made_before_recipes(store)
+    flip_a_bit(feature_shard(store))
+    with pytest.raises(StoreError) as error:
+        read_everything(store)
+    run_advice(render(error.value), model)  # verify --repair: the recipe read from the settings, checked, then run
+    files, expected = store_files(store), dict(reference)
+    settings = [json.loads(files.pop(k))["attributes"] for k in ("zarr.json", "_progress/zarr.json")]
+    recorded = [json.loads(expected.pop(k))["attributes"] for k in ("zarr.json", "_progress/zarr.json")]
+    assert files == expected  # every feature, flag and digest as the uninterrupted run wrote them
+    assert settings[1]["manifest"] == settings[0]  # the copy is back
+    assert {k: v for k, v in settings[0].items() if k != "recipe"} == \
+        {k: v for k, v in recorded[0].items() if k != "recipe"}
+    assert settings[0]["recipe"]["model"] == recorded[0]["recipe"]["model"]  # the one it ran is recorded now
+    read_everything(store)
+
+
+def test_a_store_made_before_recipes_that_does_not_name_its_model_is_rerun_as_advised(model, data, reference,
+                                                                                     store):
+    as_made_before_recipes(store, "model_source")
     flip_a_bit(feature_shard(store))
     result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])
     assert result.exit_code == 1 and "does not record how it was made" in result.output
@@ -615,6 +662,4 @@ def test_a_store_made_before_recipes_is_marked_and_rerun_as_advised(model, data,
     with pytest.raises(StoreError, match="unfinished"):
         read_everything(store)  # marked unfinished: never read as if it were sound
     extract(model, data, store)  # the rerun the advice names (it records the recipe from now on)
-    files = store_files(store)
-    assert json.loads(files.pop("zarr.json")) == json.loads(reference["zarr.json"])  # the recipe is last now
-    assert files == {key: value for key, value in reference.items() if key != "zarr.json"}
+    assert_same_store(store, reference)

@@ -251,7 +251,7 @@ def test_bad_object_store_addresses_are_one_line_and_write_nothing(tiny_model, d
     else:
         url = str(tmp_path / "local.zarr")
         extra = ["--storage-option", "anon=true"]
-        expected = "--storage-option applies to object stores"
+        expected = "storage options apply to object stores"
     S3FileSystem.clear_instance_cache()  # as in a new process: the environment is read again
     result = extract(tiny_model, data, url, *extra)
     assert result.exit_code == 1, result.output

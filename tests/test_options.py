@@ -100,7 +100,7 @@ def test_every_storage_option_is_one_syntax(command, tmp_path):
 def test_storage_options_reach_the_store_as_one_dict(tmp_path):
     result = CliRunner().invoke(main, ["verify", "--store", str(tmp_path / "local.zarr"),
                                        "--storage-option", "anon=true"])
-    assert result.exit_code == 1 and "--storage-option applies to object stores" in result.output
+    assert result.exit_code == 1 and "storage options apply to object stores" in result.output
 
 
 @pytest.mark.parametrize("command", ["probe", "sweep"])

@@ -17,7 +17,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 from packed_fixtures import add_member, save_to_disk, write_parquet, write_shards
-from test_distributed import assert_same, decoded, finish, launch
 
 from cache import FeatureStore, StoreError
 from cache.errors import DataChangedError
@@ -27,7 +26,7 @@ from stages.data.registry import open_dataset
 from stages.extract.plan import ExtractConfig
 from stages.extract.run import run_extract
 
-from conftest import make_image_folder
+from helpers import assert_same, decoded, finish, launch, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,7 +302,7 @@ def test_a_split_the_data_lacks_names_the_splits_it_has(shards, parquet):
     (["datasets"], "hf", "hf:{parquet}")])
 def test_packed_data_without_its_extra_names_the_install_command(blocked, extra, data, shards, parquet, tiny_model,
                                                                  tmp_path):
-    from test_extras import run_without
+    from helpers import run_without
 
     done = run_without(blocked, "extract", "--model", str(tiny_model), "--data",
                        data.format(shards=shards, parquet=parquet), "--out", str(tmp_path / "store.zarr"),

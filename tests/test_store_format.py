@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cache import errors, layout
+from cache import FeatureStore, FeatureStoreWriter, errors, layout
 from cache.errors import IntegrityError
-from cache.manifest import Manifest, upgrade
+from cache.manifest import COPY, Manifest, read_copy, upgrade
 from cache.storage import Location
 from pipeline.advice import render, repair_command
 from stages.extract.plan import ExtractConfig
@@ -75,6 +75,26 @@ def test_damaged_settings_are_named_by_key(changes, named):
     assert error.value.remedy == errors.REPLACE and "--overwrite" in render(error.value)
 
 
+def test_the_writer_stores_the_manifest_it_built_and_reading_gives_it_back(store):
+    stored = json.loads((store / "zarr.json").read_text())["attributes"]
+    written = FeatureStoreWriter.attach(store).manifest
+    assert stored == written.to_attrs()  # the writer's typed manifest is what is on disk, key for key
+    assert FeatureStore.open(store).manifest == written == Manifest.parse(written.to_attrs())
+    assert list(stored) == list(written.to_attrs())  # in the manifest's one order
+    assert written.info["model_source"] and written.recipe["blocks"] == [3]  # descriptive settings kept too
+    assert json.loads((store / COPY).read_text())["attributes"]["manifest"] == stored
+    assert read_copy(Location.parse(store)) == written
+
+
+def test_no_dict_of_the_stores_schema_is_written_outside_the_manifest():
+    keys = "|".join(("format", "block_table", "splits", "features", "pools", "index_digests", "recipe"))
+    pattern = re.compile(rf"[\"']({keys})[\"']\s*:")
+    found = [f"{path.name}:{number}: {line.strip()}" for path in sorted((REPO / "cache").glob("*.py"))
+             if path.name != "manifest.py"
+             for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert found == []
+
+
 def test_earlier_layouts_are_upgraded_in_one_place():
     before_sharding = settings(format="diffusion-feature-cache/1")
     del before_sharding["shard_samples"]
@@ -84,13 +104,10 @@ def test_earlier_layouts_are_upgraded_in_one_place():
 
 
 def test_cache_speaks_no_command_line_language():
-    """Errors in `cache` carry typed fields; `pipeline.advice` turns them into commands and flags. (The
-    parser of `--storage-option` text still lives in cache/storage.py: it is command-line syntax.)"""
+    """Errors in `cache` carry typed fields; `pipeline.advice` turns them into commands and flags."""
     found = []
     for path in sorted((REPO / "cache").glob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if "--storage-option" in line and path.name == "storage.py":
-                continue
             if path.name == "extras.py" and "--constraint" in line:  # pip's flag, in the pip command it prints
                 continue
             if re.search(r"`pipeline |(?<![\w-])--[a-z]", line):

@@ -26,7 +26,7 @@ from stages.models.kinds import load_feature_model
 from tests.test_extract import reference_image
 from tests.test_latent_models import POOLS, extract
 
-from conftest import make_image_folder
+from helpers import make_image_folder
 
 TIMESTEPS = (0, 261, 999)
 MAKERS = {"sdxl": make_sdxl_dir, "sd3": make_sd3_dir, "flux": make_flux_dir, "pixart": make_pixart_dir}

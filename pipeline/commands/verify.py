@@ -28,7 +28,7 @@ def verify(store: str, storage_options, repair: bool) -> None:
         outcome = repair_store(location)
         for item in outcome.found:
             click.echo(item.describe(store))
-        click.echo(f"{store}: repaired; every finished shard verifies" if outcome.recomputed
+        click.echo(f"{store}: repaired; every finished shard verifies" if outcome.recomputed or outcome.found
                    else f"{store}: every finished shard verifies, nothing to repair")
         return
     damage = find_damage(location, full=True)

@@ -6,14 +6,21 @@ with local paths made absolute; the pixel baseline records its own), from the fi
 store left unfinished by a killed run (even one killed while replacing a store) still says how to
 finish it. `repair_store`:
 
-1. verifies every finished shard and marks what is damaged, missing or foreign unfinished
-   (`FeatureStoreWriter.repair`; a store never finished being made is rebuilt from its recipe instead);
+1. writes a damaged root zarr.json again from the copy of the settings the store keeps
+   (`FeatureStoreWriter.restore_settings`), verifies every finished shard and marks what is damaged,
+   missing or foreign unfinished (`FeatureStoreWriter.repair`; a store never finished being made is
+   rebuilt from its recipe instead);
 2. recomputes every unfinished shard, labels and paths included, by running the extraction again
    with the recipe, once per group of arrays extracted together (the same write sets, so the same
    batches and bytes as the uninterrupted run);
 3. verifies the store again: it is whole, or the error says what is still wrong.
 
 Nothing is recomputed, and no model or data set needed, when nothing is damaged or unfinished.
+
+A store made before stores recorded their recipe is repaired from what its settings record instead
+(`recipe_from_settings`: the model and data it names, its noise seed, dtype, chunking ...). That is
+checked before anything is written: the extraction refuses a store whose identity differs from what
+it would make, and the repair then says the store cannot be remade from its settings alone.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ import logging
 from dataclasses import dataclass, fields
 
 from cache import FeatureStore
-from cache.errors import REPLACE, RERUN, IncompleteStoreError, IntegrityError, StoreError
+from cache.errors import REPLACE, RERUN, IncompleteStoreError, IntegrityError, StoreError, StoreMismatchError
 from cache.integrity import Damage, find_damage, finished_attrs, read_root_attrs
+from cache.layout import parse_view_split
+from cache.manifest import Manifest
 from cache.pooling import derivable, stored_grid
 from cache.storage import Location
 from cache.writer import FeatureStoreWriter
@@ -53,6 +62,7 @@ def repair_store(location: Location | str, *, progress: bool = True) -> RepairOu
         run_extract(config, progress=progress)
 
     location = Location.parse(location)
+    restored = FeatureStoreWriter.restore_settings(location)
     try:
         attrs = finished_attrs(location)
     except IncompleteStoreError:
@@ -66,16 +76,27 @@ def repair_store(location: Location | str, *, progress: bool = True) -> RepairOu
     found = FeatureStoreWriter.repair(location)
     store = FeatureStore.open(location)
     if not found and not store.missing():
-        return RepairOutcome([], False)
-    record = attrs.get("recipe")
+        return RepairOutcome(restored, False)
+    record = attrs.get("recipe") or recipe_from_settings(attrs)
     if record is None:
-        raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe), "
-                         "so its damaged or unfinished parts, now marked unfinished, cannot be recomputed from it "
-                         "alone", store=location, remedy=RERUN, damage=found)
+        raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe, and "
+                         "its settings do not name its model and data), so its damaged or unfinished parts, now "
+                         "marked unfinished, cannot be recomputed from it alone", store=location, remedy=RERUN,
+                         damage=found)
+    if attrs.get("recipe") is None:
+        log.warning("%s was made before stores recorded their recipe: recomputing with what its settings record, %s",
+                    location, record)
     if record.get("maker") == "pixels":
         _remake(record, location, run)
-    for blocks, timesteps, pools in [] if record.get("maker") else _groups(store):
-        run(config_from_recipe(record, location, blocks=blocks, timesteps=timesteps, pools=pools))
+    try:
+        for blocks, timesteps, pools in [] if record.get("maker") else _groups(store):
+            run(config_from_recipe(record, location, blocks=blocks, timesteps=timesteps, pools=pools))
+    except StoreMismatchError as error:  # only a recipe read from the settings can differ: nothing was written
+        raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe), "
+                         f"and what its settings record makes another store ({error}); its damaged or unfinished "
+                         "parts, now marked unfinished, cannot be recomputed from it alone", store=location,
+                         remedy=RERUN, damage=found) from None
+    found = restored + found
     left = find_damage(location, full=True)
     unfinished = FeatureStore.open(location).missing()
     if left or unfinished:
@@ -83,6 +104,26 @@ def repair_store(location: Location | str, *, progress: bool = True) -> RepairOu
         raise IntegrityError(f"{location} is still damaged after its repair: " + "; ".join(names), store=location,
                              damage=left, remedy=REPLACE)
     return RepairOutcome(found, True)
+
+
+def recipe_from_settings(attrs: dict) -> dict | None:
+    """The recipe of a store made before stores recorded theirs, as far as its settings say (module docstring):
+    None where they do not name the model and the image folder it was made from (the descriptive settings
+    `model_source` and `data_root`), or where its data were a selection or a packed kind (not recorded by name)."""
+    model, data, identity = attrs.get("model_source"), attrs.get("data_root"), attrs.get("data") or {}
+    if not model or not data or any(key in identity for key in ("kind", "class_list", "subset")):
+        return None
+    manifest = Manifest.parse(attrs, str(data))
+    views = attrs.get("views") or {}
+    return {
+        "model": model, "data": data, "noise_seed": attrs.get("noise_seed") or 0, "dtype": attrs["dtype"],
+        "precision": attrs["precision"], "chunk_samples": manifest.chunk_samples,
+        "shard_samples": manifest.shard_samples, "ensemble": int((attrs.get("model") or {}).get("ensemble", 1)),
+        "views": int(views.get("count", 1)), "view_splits": list(views.get("splits", ["train"])),
+        "splits": [s for s in manifest.splits if parse_view_split(s)[1] == 0],
+        "blocks": sorted(manifest.features), "timesteps": sorted({t for _, t in manifest.arrays()}),
+        "pools": list(manifest.pools),
+    }
 
 
 def _remake(record: dict, location: Location, run) -> None:

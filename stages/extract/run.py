@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import os
-import shutil
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -130,11 +129,7 @@ def _remove_new_store(location) -> None:
     # the same command starts afresh once the data is fixed.
     log.warning("%s: removed the store this run had begun; it starts afresh once the data set is fixed", location)
     for child in location.children():  # the location itself (a directory the user made) stays
-        if location.local:
-            path = location.path / child
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
-        else:
-            location.delete(child)
+        location.delete(child)
 
 
 def _open_store(plan: Plan, job) -> tuple[FeatureStoreWriter, dict]:
