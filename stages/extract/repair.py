@@ -31,9 +31,9 @@ from dataclasses import dataclass, fields
 from cache import FeatureStore
 from cache.errors import REPLACE, RERUN, IncompleteStoreError, IntegrityError, StoreError, StoreMismatchError
 from cache.integrity import Damage, find_damage, finished_attrs, read_root_attrs
-from cache.layout import parse_view_split
 from cache.manifest import Manifest
 from cache.pooling import derivable, stored_grid
+from cache.selection import base_splits
 from cache.storage import Location
 from cache.writer import FeatureStoreWriter
 from stages.extract.plan import ExtractConfig
@@ -120,7 +120,7 @@ def recipe_from_settings(attrs: dict) -> dict | None:
         "precision": attrs["precision"], "chunk_samples": manifest.chunk_samples,
         "shard_samples": manifest.shard_samples, "ensemble": int((attrs.get("model") or {}).get("ensemble", 1)),
         "views": int(views.get("count", 1)), "view_splits": list(views.get("splits", ["train"])),
-        "splits": [s for s in manifest.splits if parse_view_split(s)[1] == 0],
+        "splits": base_splits(manifest),
         "blocks": sorted(manifest.features), "timesteps": sorted({t for _, t in manifest.arrays()}),
         "pools": list(manifest.pools),
     }
