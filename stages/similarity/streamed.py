@@ -34,7 +34,8 @@ from stages.similarity.preprocess import CLAMP_QUANTILE, L2_EPS, PREPROCESS
 
 Windows = Callable[[np.ndarray], Iterator[np.ndarray]]  # positions (sorted) -> their rows, window by window
 
-BYTES_PER_CANDIDATE = 8 + 8 + 8 + 8  # a block's similarity to a column or kept candidate: value, index, sort keys
+BYTES_PER_CANDIDATE = 8 + 8 + 8 + 8  # a block's similarity to a column: the value, a partitioned copy, its
+# argpartition (int64) and the comparison masks, rounded up
 BYTES_PER_FEATURE = 8 + 8 + 4  # a block row's prepared value, its product's operand copy, the float32 read
 
 
@@ -121,10 +122,11 @@ def streamed_neighbours(windows: Windows, n: int, k: int, *, how: str, budget: i
         for x in windows(everything):
             columns = prepare(x, how, limit)
             s = block @ columns.T
-            position = np.arange(start, start + len(columns))
-            s[(lo + np.arange(hi - lo))[:, None] == position[None, :]] = -np.inf  # a sample is not its own
-            best_v, best_i = _keep(np.concatenate([best_v, s], axis=1),
-                                   np.concatenate([best_i, np.broadcast_to(position, s.shape)], axis=1), k)
+            own = np.arange(max(lo, start), min(hi, start + len(columns)))  # a sample is not its own neighbour
+            s[own - lo, own - start] = -np.inf
+            # the window's k best first (the k best of everything are among the windows' k best), then the merge
+            top_v, top_i = _keep(s, np.arange(start, start + len(columns)), k)
+            best_v, best_i = _keep(np.concatenate([best_v, top_v], axis=1), np.concatenate([best_i, top_i], axis=1), k)
             start += len(columns)
         indices[lo:hi], similarities[lo:hi] = best_i, best_v
         if progress is not None:
@@ -133,8 +135,11 @@ def streamed_neighbours(windows: Windows, n: int, k: int, *, how: str, budget: i
 
 
 def _keep(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the (up to) k best candidates: similarity largest first, then the smaller index."""
+    """Per row, the (up to) k best candidates: similarity largest first, then the smaller index. `index`: (rows,
+    candidates), or (candidates,) the same for every row. Memory: about three copies of `values` (a partition,
+    its argpartition, the comparison), 17 bytes per candidate beyond the values."""
     keep = min(k, values.shape[1])
+    index = np.broadcast_to(index, values.shape)
     if values.shape[1] > keep:
         kth = np.partition(values, values.shape[1] - keep, axis=1)[:, values.shape[1] - keep]
         if np.all(np.count_nonzero(values >= kth[:, None], axis=1) == keep):  # no tie at the k-th: any k best do
