@@ -150,16 +150,22 @@ class Side:
         return gram.ravel(), diagonal, rows, float(rows.sum())
 
     @functools.cached_property
-    def batch_grams(self) -> list[tuple[np.ndarray, float, np.ndarray]]:
+    def _batch_grams(self) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        return list(self._batch_terms())
+
+    def batch_grams(self):
         """Per minibatch (minibatch CKA): the flattened Gram matrix with a zero diagonal, its sum, its row sums
-        (the terms of HSIC_1 that depend on this side alone, so that a pair costs one dot product per batch)."""
-        out = []
+        (the terms of HSIC_1 that depend on this side alone). Kept with `Parameters.grams` (small N: a pair then
+        costs one dot product per batch), else made again for each pair (N / batch size of them would take
+        8 N batch-size bytes per side)."""
+        return self._batch_grams if self.params.grams else self._batch_terms()
+
+    def _batch_terms(self):
         for batch in self.params.batches:
             x = self.x[batch]
             gram = x @ x.T
             np.fill_diagonal(gram, 0.0)
-            out.append((gram.ravel(), float(gram.sum()), gram.sum(axis=1)))
-        return out
+            yield gram.ravel(), float(gram.sum()), gram.sum(axis=1)
 
     @functools.cached_property
     def gram(self) -> np.ndarray:
@@ -312,7 +318,7 @@ def score(name: str, a: Side, b: Side, *, cross: tuple[float, float] | None = No
         return _ratio(debiased, da, db, PLATONIC_EPS)
     if name == "minibatch":  # unbiased_hsic_matrix of each minibatch's two Gram matrices, from the cached terms
         total = np.zeros(3)
-        for batch, (ka, sa, ra), (kb, sb, rb) in zip(a.params.batches, a.batch_grams, b.batch_grams):
+        for batch, (ka, sa, ra), (kb, sb, rb) in zip(a.params.batches, a.batch_grams(), b.batch_grams()):
             n = len(batch)
             terms = [(ka, sa, ra, kb, sb, rb), (ka, sa, ra, ka, sa, ra), (kb, sb, rb, kb, sb, rb)]
             total += [(k1 @ k2 + s1 * s2 / ((n - 1) * (n - 2)) - 2 * (r1 @ r2) / (n - 2)) / (n * (n - 3))
