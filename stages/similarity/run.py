@@ -346,12 +346,13 @@ def use_grams(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n
     """Whether the CKA metrics take each feature's N x N Gram matrix (fast for small N, and what the
     permutation nulls reuse) rather than each pair's cross moments, and minibatch keeps its minibatches' Gram
     matrices: N at most `GRAM_SAMPLES`, and every feature's Grams (twice with permutations: a round's
-    reordered copy) within a quarter of the budget."""
+    reordered copy) within the 3/4 of the budget that `check_budget` gives what is kept, beside the rest."""
     if not any(m in (*CROSS_METRICS, "minibatch") for m in settings.metrics) or n > GRAM_SAMPLES:
         return False
     copies = 2 if settings.permutations else 1
     each = 8 * n * n + (8 * n * min(n, settings.batch_size) if "minibatch" in settings.metrics else 0)
-    return all(copies * each * len(chosen) <= budget // 4 for chosen in by_pool.values())
+    return all(copies * each * len(chosen) + sum(kept_bytes(settings, f, n) for f in chosen)
+               + BYTES_PER_SIMILARITY * n <= budget * 3 // 4 for chosen in by_pool.values())
 
 
 def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
