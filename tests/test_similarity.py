@@ -20,10 +20,11 @@ from scipy.linalg import orthogonal_procrustes, sqrtm
 from cache import FeatureStore
 from stages.cka.streaming import minibatches
 from stages.similarity import calibration
-from stages.similarity.metrics import METRICS, Parameters, Side, score
+from stages.similarity.metrics import KNN_METRICS, METRICS, Parameters, Side, score
 from stages.similarity.neighbours import nearest_neighbours
 from stages.similarity.preprocess import clamp_value, preprocess
 from stages.similarity.run import COLUMNS, SimilaritySettings, run_similarity
+from stages.similarity.streamed import clamp_value_streamed, streamed_neighbours
 from tests.test_cka import read, related_features
 from tests.test_cka import reference as cka_reference
 
@@ -158,8 +159,9 @@ def pair(seed=0, n=47, p=12, q=8):
     return x, y
 
 
-def params(k=5, d=4, n=47, budget=1 << 26):
-    return Parameters(topk=k, cca_dim=d, batches=(np.arange(0, n, 2), np.arange(1, n, 2)), budget=budget)
+def params(k=5, d=4, n=47, budget=1 << 26, grams=False):
+    return Parameters(topk=k, cca_dim=d, batches=(np.arange(0, n, 2), np.arange(1, n, 2)), budget=budget,
+                      grams=grams)
 
 
 def sides(x, y, how="clamp-l2", **kw):
@@ -170,9 +172,10 @@ def sides(x, y, how="clamp-l2", **kw):
 # -- every metric against its definition ------------------------------------------------------------------
 @pytest.mark.parametrize("metric", list(METRICS))
 @pytest.mark.parametrize("how", ["clamp-l2", "none"])
-def test_every_metric_matches_its_definition(metric, how):
+@pytest.mark.parametrize("grams", [False, True], ids=["moments", "grams"])
+def test_every_metric_matches_its_definition(metric, how, grams):
     x, y = pair()
-    a, b = sides(x, y, how)
+    a, b = sides(x, y, how, grams=grams)  # grams: the CKA metrics from N x N Gram matrices, not cross moments
     # rbf: `pipeline cka`'s Gram (kept bit for bit) takes squared distances as |x|^2 + |y|^2 - 2 x.y, which
     # loses digits on close L2-normalised rows against scipy's pdist: agreement to 1e-9, as in test_cka
     rel = 1e-9 if metric == "rbf" else 1e-10
@@ -339,9 +342,10 @@ def test_bootstrap_copies_are_not_neighbours():
     assert all(rows[j] != rows[i] for i in range(10) for j in nb.indices[i])
 
 
-def test_permuted_side_equals_recomputed():
+@pytest.mark.parametrize("grams", [False, True], ids=["moments", "grams"])
+def test_permuted_side_equals_recomputed(grams):
     x, y = pair()
-    a, b = sides(x, y)
+    a, b = sides(x, y, grams=grams)
     for m in METRICS:  # derive everything first, so permuted() reorders the cached quantities
         score(m, a, b)
     perm = np.random.default_rng(9).permutation(len(x))
@@ -404,6 +408,81 @@ def test_small_budget_gives_the_same_numbers(tmp_path, stores):
     whole = run(tmp_path, stores, metrics=metrics)
     small = run(tmp_path, stores, metrics=metrics, memory_budget=200_000)  # neighbour search a few rows at a time
     assert [r["score"] for r in small.rows] == pytest.approx([r["score"] for r in whole.rows], rel=1e-12)
+
+
+# -- streamed from the store: features that do not fit the budget ------------------------------------------
+def _windows(x, size):
+    """`streamed_neighbours`' reader over an in-memory array: the rows at `positions`, `size` at a time."""
+    def windows(positions):
+        for lo in range(0, len(positions), size):
+            yield x[positions[lo:lo + size]]
+    return windows
+
+
+def test_streamed_clamp_is_the_exact_quantile():
+    rng = np.random.default_rng(3)
+    for dtype in (np.float32, np.float16):
+        x = rng.standard_t(2, size=(301, 13)).astype(dtype)  # heavy tails, many equal float16 values
+        for size in (1, 17, 1000):
+            assert clamp_value_streamed(_windows(x, size), len(x)) == clamp_value(x.astype(np.float64))
+
+
+@pytest.mark.parametrize("how", ["clamp-l2", "l2", "none"])
+def test_streamed_neighbours_equal_the_in_memory_search(how):
+    rng = np.random.default_rng(4)
+    x = rng.standard_t(3, size=(211, 9)).astype(np.float32)
+    x[50] = x[7]  # a tie: the smaller index first, whatever the blocks
+    whole = nearest_neighbours(preprocess(x, how), 6, budget=1 << 30)
+    for budget, size in ((1, 5), (30_000, 64), (1 << 30, 211)):  # one row per block; a few; everything at once
+        found, plan = streamed_neighbours(_windows(x, size), len(x), 6, how=how, budget=budget, width=9, window=size)
+        assert np.array_equal(found.indices, whole.indices), budget
+        assert found.similarities == pytest.approx(whole.similarities, rel=1e-12, abs=1e-15)
+        assert plan.passes == -(-len(x) // plan.rows) and (plan.passes > 1) == (budget < 1 << 30)
+
+
+def test_streamed_search_memory_is_bounded_by_the_budget_not_by_n():
+    import tracemalloc
+
+    rng = np.random.default_rng(5)
+    n, width, k, window = 1500, 200, 5, 100
+    x = rng.normal(size=(n, width)).astype(np.float32)
+    budget = 600_000  # the prepared array alone would take 8 n width = 2.4 MB
+    tracemalloc.start()
+    try:
+        found, plan = streamed_neighbours(_windows(x, window), n, k, how="clamp-l2", budget=budget, width=width,
+                                          window=window)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert plan.passes > 1 and plan.peak <= budget
+    assert peak < 1.5 * budget < 8 * n * width  # what it holds, besides the lists (120 KB) it returns
+    assert np.array_equal(found.indices, nearest_neighbours(preprocess(x, "clamp-l2"), k, budget=1 << 30).indices)
+
+
+def test_a_run_beyond_the_budget_streams_the_knn_metrics_and_gives_the_same_numbers(tmp_path, stores):
+    kw = {"metrics": KNN_METRICS, "permutations": 5, "topk": 4, "pools": (2,)}
+    whole = run(tmp_path, stores, **kw)
+    assert whole.record["streamed"] == {}
+    small = run(tmp_path, stores, memory_budget=80_000, **kw)  # the 9 features' arrays do not fit; their lists do
+    plans = small.record["streamed"][2]
+    assert len(plans) == 9 and all(p["passes"] > 1 for p in plans.values())
+    for mine, theirs in zip(small.rows, whole.rows, strict=True):
+        for column in ("score", "null_mean", "null_q95", "p_value"):
+            assert mine[column] == pytest.approx(theirs[column], rel=1e-10, abs=1e-13), (column, mine)
+
+
+def test_metrics_that_need_the_features_are_refused_beyond_the_budget(tmp_path, stores):
+    from stages.similarity.run import SimilarityInputError
+
+    for extra, why in (({"metrics": ("mutual_knn", "svcca")}, "svcca needs every compared array in memory"),
+                       ({"metrics": ("mutual_knn",), "bootstrap": 5}, "--bootstrap repeats the neighbour search")):
+        with pytest.raises(SimilarityInputError, match=why) as error:
+            run(tmp_path, stores, memory_budget=80_000, topk=4, pools=(2,), **extra)
+        assert "\n" not in str(error.value) and "choose --memory-budget" in str(error.value)
+        advised = str(error.value).split("choose --memory-budget ")[1].split(" ")[0]
+        from pipeline.options import parse_byte_size
+
+        run(tmp_path, stores, memory_budget=parse_byte_size(advised), topk=4, pools=(2,), **extra)  # the advice fits
 
 
 def test_permutations_and_bootstrap_are_seeded_and_reproducible(tmp_path, stores):

@@ -42,7 +42,8 @@ _METRIC_HELP = ("all, or a comma list of: linear, debiased, minibatch, rbf (as `
 @click.option("--seed", type=click.IntRange(min=0), default=0,
               help="Seed of --samples, the minibatch order, the permutations and the resamples.")
 @click.option("--memory-budget", type=options.BYTES, default=None,
-              help="e.g. 8GB [default: half the available memory].")
+              help="e.g. 8GB [default: half the available memory]. Features beyond it: the kNN metrics and CKNNA "
+                   "read them from the store in passes; the other metrics are refused.")
 @click.option("--threads", type=click.IntRange(min=1), default=4, help="Chunk reads in parallel.")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory for similarity.csv, similarity.json, best_pairs.csv and heatmaps/ (new, empty, or an "

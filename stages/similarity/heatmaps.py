@@ -1,9 +1,9 @@
 """Heatmaps of a similarity run, drawn as `pipeline cka` draws them (`stages.cka.heatmaps.plot_matrix`).
 
-Per metric and pool: `<metric>_<store>_pool<p>.png` within each store and `<metric>_<a>_vs_<b>_pool<p>.png`
-per pair of stores. With permutations, also `<metric>_calibrated_...png`: the score's gain over
-chance (score - null mean; null mean - score for the Procrustes distance), grey where the score is
-not above chance at 5% (p-value > 0.05).
+Per metric and pool: `<metric>_<store>_pool<p>.png` within each store of two or more features and
+`<metric>_<a>_vs_<b>_pool<p>.png` per pair of stores. With permutations, also
+`<metric>_calibrated_...png`: the score's gain over chance (score - null mean; null mean - score for
+the Procrustes distance), grey where the score is not above chance at 5% (p-value > 0.05).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ def write_heatmaps(results: dict, out_dir: Path, *, settings, samples: int) -> l
             for prefix, matrix, label, cmap in views:
                 for name in stores:
                     rows = index[name]
+                    if len(rows) < 2:  # one feature against itself: a single cell at the metric's top, nothing to see
+                        continue
                     path = out_dir / f"{m}_{prefix}{name}_pool{pool}.png"
                     plot_matrix(matrix[np.ix_(rows, rows)], [features[i] for i in rows], [features[i] for i in rows],
                                 path, title=f"{name}\n{what}", label=label, vmax=top, cmap=cmap)

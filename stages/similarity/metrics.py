@@ -38,10 +38,10 @@ import numpy as np
 import scipy.sparse
 
 from stages.cka.estimators import (
+    MIN_DEBIASED_SAMPLES,
     CrossMoments,
     centre_gram,
     rbf_gram,
-    unbiased_hsic_matrix,
 )
 from stages.similarity.neighbours import (
     Neighbours,
@@ -101,18 +101,26 @@ class Parameters:
     rbf_sigma: float = 1.0
     batches: tuple[np.ndarray, ...] | None = None
     budget: int = 1 << 30  # bytes for one block of neighbour search
+    grams: bool = False  # the CKA metrics from each side's N x N Gram matrix (small N: a pair costs N^2, not N p q)
 
 
 class Side:
     """One feature set (N, D), prepared, with what the metrics derive from it computed once, when first asked."""
 
-    def __init__(self, x: np.ndarray, params: Parameters, *, origin: np.ndarray | None = None):
-        self.x = np.asarray(x, dtype=np.float64)
+    def __init__(self, x: np.ndarray | None, params: Parameters, *, origin: np.ndarray | None = None):
+        self.x = None if x is None else np.asarray(x, dtype=np.float64)
         self.params, self.origin = params, origin
+
+    @classmethod
+    def from_neighbours(cls, neighbours: Neighbours, params: Parameters) -> Side:
+        """A side of which only the neighbour lists are kept (a streamed search): the kNN metrics and CKNNA only."""
+        side = cls(None, params)
+        side.neighbours = neighbours
+        return side
 
     @property
     def n(self) -> int:
-        return len(self.x)
+        return len(self.neighbours.indices) if self.x is None else len(self.x)
 
     @functools.cached_property
     def neighbours(self) -> Neighbours:
@@ -125,10 +133,39 @@ class Side:
     @functools.cached_property
     def self_hsic(self) -> tuple[float, float]:
         """(tr(K H K H), HSIC_1(K, K))."""
+        if self.params.grams:
+            return _cross(self, self)
         moments = CrossMoments([self.x.shape[1]], [self.x.shape[1]], same=True)
         moments.update([self.centred])
         linear, debiased = moments.finish()
         return float(linear[0, 0]), float(debiased[0, 0])
+
+    @functools.cached_property
+    def gram_terms(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(Kc flattened, diag(Kc), row sums of Kc with a zero diagonal, their total) of Kc = Xc Xc^T: what
+        ||Xc^T Yc||_F^2 = <Kc, Lc> and HSIC_1(Kc, Lc) need of this side (`Parameters.grams`)."""
+        gram = self.centred @ self.centred.T
+        diagonal = np.diag(gram).copy()
+        rows = gram.sum(axis=1) - diagonal
+        return gram.ravel(), diagonal, rows, float(rows.sum())
+
+    @functools.cached_property
+    def _batch_grams(self) -> list[tuple[np.ndarray, float, np.ndarray]]:
+        return list(self._batch_terms())
+
+    def batch_grams(self):
+        """Per minibatch (minibatch CKA): the flattened Gram matrix with a zero diagonal, its sum, its row sums
+        (the terms of HSIC_1 that depend on this side alone). Kept with `Parameters.grams` (small N: a pair then
+        costs one dot product per batch), else made again for each pair (N / batch size of them would take
+        8 N batch-size bytes per side)."""
+        return self._batch_grams if self.params.grams else self._batch_terms()
+
+    def _batch_terms(self):
+        for batch in self.params.batches:
+            x = self.x[batch]
+            gram = x @ x.T
+            np.fill_diagonal(gram, 0.0)
+            yield gram.ravel(), float(gram.sum()), gram.sum(axis=1)
 
     @functools.cached_property
     def gram(self) -> np.ndarray:
@@ -158,7 +195,8 @@ class Side:
     def permuted(self, perm: np.ndarray) -> Side:
         """The same features with the samples reordered as x[perm]; what is already derived is reordered, not
         recomputed (every quantity a metric uses of one side alone is unchanged by reordering)."""
-        other = Side(self.x[perm], self.params, origin=None if self.origin is None else self.origin[perm])
+        other = Side(None if self.x is None else self.x[perm], self.params,
+                     origin=None if self.origin is None else self.origin[perm])
         cached = vars(self)
         if "neighbours" in cached:
             other.neighbours = self.neighbours.permuted(perm)
@@ -167,6 +205,10 @@ class Side:
                 setattr(other, name, cached[name][perm])
         if "gram" in cached:
             other.gram = self.gram[np.ix_(perm, perm)]
+        if "gram_terms" in cached:
+            flat, diagonal, rows, total = self.gram_terms
+            other.gram_terms = (flat.reshape(self.n, self.n)[np.ix_(perm, perm)].ravel(), diagonal[perm], rows[perm],
+                                total)
         for name in ("self_hsic", "self_cknna"):
             if name in cached:
                 setattr(other, name, cached[name])
@@ -197,6 +239,16 @@ def _ratio(numerator: float, a: float, b: float, eps: float = 0.0) -> float:
 
 
 def _cross(a: Side, b: Side) -> tuple[float, float]:
+    """(||Xc^T Yc||_F^2, HSIC_1(Xc Xc^T, Yc Yc^T)): from the Gram matrices where both sides keep them, else
+    from the features' cross moments."""
+    if a.params.grams and b.params.grams:
+        (ka, da, ra, sa), (kb, db, rb, sb) = a.gram_terms, b.gram_terms
+        n = a.n
+        linear = float(ka @ kb)
+        if n < MIN_DEBIASED_SAMPLES:
+            return linear, float("nan")
+        trace = linear - float(da @ db)  # tr(K~ L~), the diagonals zeroed
+        return linear, (trace + sa * sb / ((n - 1) * (n - 2)) - 2 * float(ra @ rb) / (n - 2)) / (n * (n - 3))
     moments = CrossMoments([a.x.shape[1]], [b.x.shape[1]])
     moments.update([a.centred], [b.centred])
     linear, debiased = moments.finish()
@@ -237,14 +289,25 @@ def cknna(a: Side, b: Side) -> float:
     return _ratio(kl, a.self_cknna, b.self_cknna, PLATONIC_EPS)
 
 
-def score(name: str, a: Side, b: Side) -> float:
-    """The metric `name` of the pair (a: X, b: Y), a float (NaN where undefined: a side without variance)."""
+CROSS_METRICS = ("linear", "debiased", "cka", "unbiased_cka")  # one pass of cross moments gives all four
+
+
+def scores(names, a: Side, b: Side) -> dict[str, float]:
+    """{name: score(name, a, b)} for several metrics of one pair; the cross moments that the four CKA
+    metrics share are computed once (they were 4/5 of a default round's time, computed per metric)."""
+    cross = _cross(a, b) if any(n in CROSS_METRICS for n in names) else None
+    return {n: score(n, a, b, cross=cross) for n in names}
+
+
+def score(name: str, a: Side, b: Side, *, cross: tuple[float, float] | None = None) -> float:
+    """The metric `name` of the pair (a: X, b: Y), a float (NaN where undefined: a side without variance).
+    `cross`: `_cross(a, b)` where already computed."""
     if name in ("mutual_knn", "cycle_knn", "lcs_knn", "edit_distance_knn"):
         return float(per_sample(name, a, b).mean())
     if name == "cknna":
         return cknna(a, b)
-    if name in ("linear", "debiased", "cka", "unbiased_cka"):
-        linear, debiased = _cross(a, b)
+    if name in CROSS_METRICS:
+        linear, debiased = cross if cross is not None else _cross(a, b)
         (la, da), (lb, db) = a.self_hsic, b.self_hsic
         if name == "linear":
             return _ratio(linear, la, lb)
@@ -253,12 +316,14 @@ def score(name: str, a: Side, b: Side) -> float:
         if name == "cka":
             return _ratio(linear, la, lb, PLATONIC_EPS)
         return _ratio(debiased, da, db, PLATONIC_EPS)
-    if name == "minibatch":
-        total = np.zeros((2, 2))
-        for batch in a.params.batches:
-            xa, xb = a.x[batch], b.x[batch]
-            total += unbiased_hsic_matrix(np.stack([xa @ xa.T, xb @ xb.T]))
-        return _ratio(total[0, 1], total[0, 0], total[1, 1])
+    if name == "minibatch":  # unbiased_hsic_matrix of each minibatch's two Gram matrices, from the cached terms
+        total = np.zeros(3)
+        for batch, (ka, sa, ra), (kb, sb, rb) in zip(a.params.batches, a.batch_grams(), b.batch_grams()):
+            n = len(batch)
+            terms = [(ka, sa, ra, kb, sb, rb), (ka, sa, ra, ka, sa, ra), (kb, sb, rb, kb, sb, rb)]
+            total += [(k1 @ k2 + s1 * s2 / ((n - 1) * (n - 2)) - 2 * (r1 @ r2) / (n - 2)) / (n * (n - 3))
+                      for k1, s1, r1, k2, s2, r2 in terms]
+        return _ratio(total[0], total[1], total[2])
     if name == "rbf":
         ka, kb = a.gram.ravel(), b.gram.ravel()
         return _ratio(float(ka @ kb), float(ka @ ka), float(kb @ kb))

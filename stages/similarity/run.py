@@ -43,8 +43,9 @@ from stages.cka.streaming import CkaInputError, Feature
 from stages.devices import available_memory
 from stages.outputs import check_output_dir, is_analysis_output, staged_output, write_csv
 from stages.progress import progress_bar
-from stages.similarity import calibration
-from stages.similarity.metrics import METRICS, Parameters, Side, score
+from stages.similarity import calibration, streamed
+from stages.similarity import metrics as _metrics
+from stages.similarity.metrics import CROSS_METRICS, KNN_METRICS, METRICS, Parameters, Side
 from stages.similarity.neighbours import BYTES_PER_SIMILARITY
 from stages.similarity.preprocess import PREPROCESS, preprocess
 
@@ -148,17 +149,23 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         stores, features, num_samples, rows = run.stores, run.features, run.num_samples, run.rows
         check_samples(settings, rows, features)
         budget = settings.memory_budget or available_memory() // 2
-        check_budget(settings, features, len(rows), budget)
+        window = max(store.chunk_samples for store in stores.values())  # the rows `Reader` reads at a time
+        from_store = check_budget(settings, features, len(rows), budget, window=window)
         reader = streaming.Reader(stores, settings.split, threads=settings.threads, progress=settings.progress)
         batches = None
         if "minibatch" in settings.metrics:
             batches = tuple(np.searchsorted(rows, b) for b in
                             streaming.minibatches(rows, num_samples, settings.batch_size, settings.seed))
         params = Parameters(topk=settings.topk, cca_dim=settings.cca_dim, rbf_sigma=settings.rbf_sigma,
-                            batches=batches, budget=max(1, budget // 4))
-        results = {}
+                            batches=batches, budget=max(1, budget // 4),
+                            grams=use_grams(settings, features, len(rows), budget))
+        results, plans = {}, {}
         for pool, chosen in features.items():
-            sides = [Side(preprocess(_read(reader, f, rows), settings.preprocess), params) for f in chosen]
+            if pool in from_store:
+                quiet = streaming.Reader(stores, settings.split, threads=settings.threads, progress=False)
+                sides, plans[pool] = _streamed_sides(quiet, chosen, rows, settings, params, budget)
+            else:
+                sides = [Side(preprocess(_read(reader, f, rows), settings.preprocess), params) for f in chosen]
             results[pool] = (chosen, compare(sides, settings, desc=f"similarity pool {pool}"))
     table = pair_rows(results, settings, len(rows))
     best = best_pairs(results, settings) if settings.best_pair else []
@@ -167,6 +174,7 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         "features": {pool: [asdict(f) for f in results[pool][0]] for pool in settings.pools},
         "best_pairs": best,
         "memory_budget": budget,
+        "streamed": plans,  # {pool: {feature: rows per block, passes}} where the features did not fit the budget
         "seconds": round(time.perf_counter() - started, 3),
     }
     with staged_output(out) as staging:
@@ -197,6 +205,27 @@ def resolve(stores: dict[str, FeatureStore], settings: SimilaritySettings) -> di
 
 def _read(reader: streaming.Reader, feature: Feature, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([w[0] for w in reader.stream([feature], rows, desc=f"read {feature.label}")])
+
+
+def _streamed_sides(reader: streaming.Reader, chosen: list[Feature], rows: np.ndarray, settings: SimilaritySettings,
+                    params: Parameters, budget: int) -> tuple[list[Side], dict]:
+    """Each feature's neighbour lists searched from the store (`streamed.streamed_neighbours`), within what the
+    budget leaves after every feature's lists; the features themselves are never held whole."""
+    n = len(rows)
+    search = max(1, budget * 3 // 4 - 16 * n * settings.topk * len(chosen))
+    sides, plans = [], {}
+    for f in chosen:
+        def windows(positions, f=f):
+            return (w[0] for w in reader.stream([f], rows[positions], desc=f.label))
+
+        bar = progress_bar(total=n, desc=f"neighbours {f.label} (streamed)", unit="sample", enabled=settings.progress)
+        with bar:
+            found, plan = streamed.streamed_neighbours(windows, n, settings.topk, how=settings.preprocess,
+                                                        budget=search, width=f.width, window=reader.window,
+                                                        progress=bar.update)
+        plans[f.label] = {"rows_per_block": plan.rows, "passes": plan.passes}
+        sides.append(Side.from_neighbours(found, params))
+    return sides, plans
 
 
 # -- the numbers -----------------------------------------------------------------------------------------
@@ -256,11 +285,13 @@ def _all_pairs(rows: list[Side], columns: list[Side], metrics, target, *, symmet
         for side in (*rows, *columns):
             side.neighbours  # noqa: B018 (computed and cached here)
     with threadpool_limits(limits=1):
-        for m in metrics:
-            symmetric = METRICS[m].symmetric and symmetric_ok
-            matrix = target(m)
+        for symmetric in (True, False):
+            chosen = [m for m in metrics if (METRICS[m].symmetric and symmetric_ok) == symmetric]
+            if not chosen:
+                continue
             for i, j in _pairs(len(rows), symmetric):
-                _fill(matrix, i, j, score(m, rows[i], columns[j]), symmetric)
+                for m, value in _metrics.scores(chosen, rows[i], columns[j]).items():
+                    _fill(target(m), i, j, value, symmetric)
 
 
 # -- checks before reading -------------------------------------------------------------------------------
@@ -293,6 +324,22 @@ def check_samples(settings: SimilaritySettings, rows: np.ndarray, by_pool: dict[
                                        f"--batch-size {n} (one minibatch) or at most {n // 2}")
 
 
+GRAM_SAMPLES = 4096  # the CKA metrics from N x N Gram matrices up to this N (a pair then costs N^2, not N p q)
+
+
+def use_grams(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int) -> bool:
+    """Whether the CKA metrics take each feature's N x N Gram matrix (fast for small N, and what the
+    permutation nulls reuse) rather than each pair's cross moments, and minibatch keeps its minibatches' Gram
+    matrices: N at most `GRAM_SAMPLES`, and every feature's Grams (twice with permutations: a round's
+    reordered copy) within the 3/4 of the budget that `check_budget` gives what is kept, beside the rest."""
+    if not any(m in (*CROSS_METRICS, "minibatch") for m in settings.metrics) or n > GRAM_SAMPLES:
+        return False
+    copies = 2 if settings.permutations else 1
+    each = 8 * n * n + (8 * n * min(n, settings.batch_size) if "minibatch" in settings.metrics else 0)
+    return all(copies * each * len(chosen) + sum(kept_bytes(settings, f, n) for f in chosen)
+               + BYTES_PER_SIMILARITY * n <= budget * 3 // 4 for chosen in by_pool.values())
+
+
 def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
     """Bytes kept per feature while its pool is compared: the prepared features (float64), its neighbour
     lists, an N x N Gram matrix for rbf."""
@@ -308,18 +355,35 @@ def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
     return need
 
 
-def check_budget(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int) -> None:
-    """Refuse, before reading, a request whose kept features do not fit 3/4 of the budget (the rest is for
-    one block of neighbour search, at least one row of N similarities)."""
+def check_budget(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int, *,
+                 window: int) -> set[int]:
+    """The pools whose features are searched from the store (`_streamed_sides`): those whose kept features do not
+    fit 3/4 of the budget (the rest is for one block of neighbour search, at least one row of N similarities),
+    where every metric is a kNN metric and there is no bootstrap. Refuse, before reading, any other request
+    whose kept features do not fit."""
+    from_store = set()
     for pool, chosen in by_pool.items():
         need = sum(kept_bytes(settings, f, n) for f in chosen) + BYTES_PER_SIMILARITY * n
-        if need > budget * 3 // 4:
-            rbf = (" (rbf keeps an N x N Gram matrix per feature: leave it out for large N)"
-                   if "rbf" in settings.metrics else "")
-            raise SimilarityInputError(
-                f"the {len(chosen)} features of pool {pool} keep {format_bytes(need)} for {n} samples{rbf}, more than "
-                f"3/4 of the memory budget ({format_bytes(budget)}); choose --memory-budget {_size(need * 4 / 3)}, "
-                "or fewer --samples, fewer --blocks/--timesteps, a coarser --pool")
+        if need <= budget * 3 // 4:
+            continue
+        in_memory = [m for m in settings.metrics if METRICS[m].uses != "knn"]
+        lists = 16 * n * settings.topk * len(chosen)
+        least = max(streamed.plan(n, f.width, settings.topk, window, 0).peak for f in chosen)  # one row per block
+        fits = lists + least <= budget * 3 // 4
+        if not in_memory and not settings.bootstrap and fits:
+            from_store.add(pool)
+            continue
+        why = (f"{', '.join(in_memory)} need{'s' if len(in_memory) == 1 else ''} every compared array in memory"
+               if in_memory else "--bootstrap repeats the neighbour search in memory" if settings.bootstrap
+               else "even their neighbour lists do not fit")
+        rbf = " (rbf keeps an N x N Gram matrix per feature)" if "rbf" in settings.metrics else ""
+        raise SimilarityInputError(
+            f"the {len(chosen)} features of pool {pool} keep {format_bytes(need)} for {n} samples{rbf}, more than "
+            f"3/4 of the memory budget ({format_bytes(budget)}); choose --memory-budget {_size(need * 4 / 3)} "
+            f"({why}), or only the kNN metrics ({', '.join(KNN_METRICS)}), which read from the store within any "
+            "budget, or fewer --samples, a coarser --pool")
+    return from_store
+
 
 
 def _size(n: float) -> str:
