@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.helpers import write_store
+from helpers import write_store
 
 REPO = Path(__file__).resolve().parents[1]
 MB = 1 << 20
