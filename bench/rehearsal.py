@@ -2,12 +2,13 @@
 
     nice -n 10 python bench/rehearsal.py                       # 10% of ImageNet's train rows, all 50k val
     python bench/rehearsal.py --fraction 0.02 --listing-fraction 0.1   # a quick look
+    python bench/rehearsal.py --listing-only --listing-fraction 0.1    # the listings alone
 
 (a) Planning and listing: `pipeline extract --dry-run` (listing, the data set's identity, the plan)
     over an ImageNet-sized image folder (1,281,167 train and 50,000 val files, 1,000 classes; empty
     files, since the dry run reads no pixel) and over the same samples as WebDataset shards
     (imagenet-1k-wds's layout: 1,282 train and 50 val shards; key.jpg + key.cls, tiny images, since
-    the index reads the tar headers only).
+    the index reads the tar headers only), listed twice: reading every header, then the saved index.
 (b) A synthetic store in the store's own format (`cache.FeatureStoreWriter`, no model) at the real
     shapes of ADM-256: block 24 (1,024 channels) and block 30 (512), stored at 2x2 for pools 1 and
     2, float16, one timestep; `--fraction` of ImageNet's train rows (class-sorted, as an image folder
@@ -223,6 +224,7 @@ def main() -> None:
     parser.add_argument("--memory-budget", default="2GB", help="the probes' and CKA's --memory-budget")
     parser.add_argument("--workdir", type=Path, default=None, help="[default: a temporary directory, removed]")
     parser.add_argument("--skip-listing", action="store_true")
+    parser.add_argument("--listing-only", action="store_true", help="(a) and (d) only")
     parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="rehearsal-"))
@@ -252,18 +254,26 @@ def main() -> None:
             made_shards = time.perf_counter() - started
             print(f"\n(a) listings of {train:,} train + {val:,} val samples, {CLASSES} classes "
                   f"(made in {made_folder:.0f} s as empty files, {made_shards:.0f} s as {sum(shards.values())} shards)")
+            # the shards' saved index (stages.data.wds.index_cache) in the workdir: the first wds listing reads
+            # every header, the second (a resumed run's) the saved index
+            os.environ["WDS_INDEX_CACHE"] = str(workdir / "wds-index")
             for label, data in (("image folder", str(workdir / "imagenet")),
-                                ("wds shards", f"wds:{workdir / 'imagenet-wds'}")):
+                                ("wds shards", f"wds:{workdir / 'imagenet-wds'}"),
+                                ("wds again", f"wds:{workdir / 'imagenet-wds'}")):
                 evict(workdir / ("imagenet" if label == "image folder" else "imagenet-wds"))
                 run = measured([*pipeline, "-q", "extract", "--model", str(model), "--data", data,
                                 "--out", str(workdir / "never.zarr"), "--blocks", "3", "--dry-run"], label,
                                workdir / f"listing-{label.split()[0]}.log")
                 results[f"listing {label}"] = run
-                print(f"  {label:<13} extract --dry-run: {run['wall_s']:6.1f} s, peak {format_bytes(run['peak_rss'])}, "
+                print(f"  {label:<13} extract --dry-run: {run['wall_s']:6.1f} s ({run['cpu_s']:.1f} CPU s), read "
+                      f"{format_bytes(run['read_bytes'])}, peak {format_bytes(run['peak_rss'])}, "
                       f"{(train + val) / run['wall_s']:,.0f} samples/s; at 1.28M: "
                       f"{run['wall_s'] / args.listing_fraction:.0f} s")
             shutil.rmtree(workdir / "imagenet")
             shutil.rmtree(workdir / "imagenet-wds")
+            shutil.rmtree(workdir / "wds-index", ignore_errors=True)
+        if args.listing_only:
+            return
 
         train = math.ceil(IMAGENET_TRAIN * args.fraction)
         store = workdir / "rehearsal.zarr"
