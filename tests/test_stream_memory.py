@@ -57,7 +57,7 @@ CHILD = textwrap.dedent("""
 
 def test_a_streamed_probe_of_a_store_larger_than_its_budget_stays_within_it(tmp_path):
     store, small = _store(tmp_path / "s.zarr"), _store(tmp_path / "small.zarr", per_class=64)
-    settings = {"store": str(store), "out": str(tmp_path / "out"), "head": "linear", "pools": [2], "epochs": 2,
+    settings = {"store": str(store), "out": str(tmp_path / "out"), "head": "linear", "pools": [2], "epochs": 1,
                 "lrs": [1e-3], "weight_decays": [0.0], "memory_budget": BUDGET, "shuffle_window": WINDOW,
                 "read_threads": 1, "threads": 1, "device": "cpu", "test_split": "val"}
     warm = {**settings, "store": str(small), "out": str(tmp_path / "warm")}
