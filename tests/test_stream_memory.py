@@ -4,12 +4,14 @@ window at a time, and the process grows by no more than the budget while it trai
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from helpers import write_store
 
@@ -55,6 +57,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
 def test_a_streamed_probe_of_a_store_larger_than_its_budget_stays_within_it(tmp_path):
     store, small = _store(tmp_path / "s.zarr"), _store(tmp_path / "small.zarr", per_class=64)
     settings = {"store": str(store), "out": str(tmp_path / "out"), "head": "linear", "pools": [2], "epochs": 1,
