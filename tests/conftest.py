@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,19 @@ def one_thread():
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def wds_index_cache(tmp_path_factory):
+    """Shard indexes (stages.data.wds.index_cache) are saved in a temporary folder, not the user's cache;
+    commands the tests start inherit it."""
+    before = os.environ.get("WDS_INDEX_CACHE")
+    os.environ["WDS_INDEX_CACHE"] = str(tmp_path_factory.mktemp("wds-index"))
+    yield
+    if before is None:
+        os.environ.pop("WDS_INDEX_CACHE", None)
+    else:
+        os.environ["WDS_INDEX_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -214,11 +214,56 @@ def test_a_killed_run_resumes_reading_only_the_unfinished_samples(tiny_model, sh
         return original(self, index)
 
     monkeypatch.setattr(TarSource, "fetch", fetch)
+    headers = _count_header_reads(monkeypatch)
     run_extract(settings(tiny_model, spec, killed, batch_size=1, workers=0), progress=False)
+    assert headers == []  # the listing came from the index saved by the first run: no shard opened for it
     listing = open_dataset(spec)
     expected = sorted(listing[split].source.where(row) for split, row in unfinished)
     assert sorted(fetched) == expected  # each unfinished sample once, no finished one
     assert_same(decoded(killed), decoded(reference))
+
+
+def _count_header_reads(monkeypatch) -> list[str]:
+    """The names of the shards whose headers are read from now on (each time one is indexed)."""
+    from stages.data import wds
+
+    read, original = [], wds.tar_members
+
+    def counting(file, total, where, small=frozenset()):
+        read.append(Path(where).name)
+        return original(file, total, where, small)
+
+    monkeypatch.setattr(wds, "tar_members", counting)
+    return read
+
+
+def test_a_shards_index_is_saved_at_its_first_listing_and_read_until_it_changes(folder, tmp_path, monkeypatch):
+    from stages.data.wds import open_wds
+
+    files = write_shards(folder, tmp_path / "wds", per_shard=5)
+    names = sorted(f.name for shards in files.values() for f in shards)
+    monkeypatch.setenv("WDS_INDEX_CACHE", str(tmp_path / "index"))
+    read = _count_header_reads(monkeypatch)
+
+    def listing():
+        read.clear()
+        opened = open_wds(str(tmp_path / "wds"), progress=False)
+        return {s: (split.paths, split.labels.tolist(), split.source.shard.tolist(), split.source.offset.tolist(),
+                    split.source.size.tolist(), split.source.names, split.identity_lines)
+                for s, split in opened.items()}
+
+    first = listing()
+    assert sorted(read) == names
+    assert listing() == first and read == []  # every shard's index read back: not one shard opened
+    shard = files["train"][1]
+    os.utime(shard, ns=(time.time_ns(), shard.stat().st_mtime_ns + 10**9))  # another time: indexed again
+    assert listing() == first and read == [shard.name]
+    for saved in (tmp_path / "index").rglob("*.json"):
+        saved.write_text('{"samples": [')  # damaged: indexed again, and saved whole
+    assert listing() == first and sorted(read) == names
+    assert listing() == first and read == []
+    monkeypatch.setenv("WDS_INDEX_CACHE", "off")
+    assert listing() == first and sorted(read) == names
 
 
 def test_a_changed_tar_is_refused_and_a_touched_one_is_not(tiny_model, folder, tmp_path):

@@ -15,13 +15,19 @@ order, so the same shards always make the same store. The store records the keys
 per sample the content hash of its image bytes and the tar's modification time. Listing reads the
 tar headers only (`stages.data.tarindex`); extraction then reads each sample by its byte range, so
 ranks and a resumed run read only the samples of their own chunks.
+
+A shard's index is saved at its first listing (`index_cache`), under the shard's location, size and
+modification time: a later listing (a resumed run, another rank, the next extraction) reads it instead of
+the shard's headers, and a shard that changed (another size or time) is indexed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -37,6 +43,8 @@ IMAGE_EXTENSIONS = tuple(sorted(s.lstrip(".") for s in IMAGE_SUFFIXES))
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 _SHARD = re.compile(r"(?:.*[-_])?([A-Za-z][A-Za-z0-9]*)[-_]\d+\.tar$")
 CLASS_FILE = "classes.txt"
+INDEX_CACHE = "WDS_INDEX_CACHE"  # the variable naming where shard indexes are saved; "off" saves none
+INDEX_FORMAT = 1  # of a saved index: another number makes every saved index stale
 
 
 def parse_spec(text: str) -> dict[str, str]:
@@ -197,9 +205,50 @@ def _split_key(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower() if dot else ""
 
 
+def index_cache() -> Path | None:
+    """Where shard indexes are saved: $WDS_INDEX_CACHE, else $XDG_CACHE_HOME (~/.cache)/diffusion-feature-cache/
+    wds-index; None when the variable is "off"."""
+    chosen = os.environ.get(INDEX_CACHE)
+    if chosen is not None:
+        return None if chosen.strip().lower() in ("", "off") else Path(chosen)
+    home = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(home) / "diffusion-feature-cache" / "wds-index"
+
+
+def _saved_index_path(url: str, total: int, mtime: int, image_ext: str | None, label_field: str | None):
+    folder = index_cache()
+    if folder is None or mtime == 0:  # without a modification time a rewritten tar of the same size looks unchanged
+        return None
+    where = url if _URL.match(url) else os.path.abspath(url)
+    key = hashlib.sha256(json.dumps([INDEX_FORMAT, where, total, mtime, image_ext, label_field]).encode()).hexdigest()
+    return folder / key[:2] / f"{key}.json"
+
+
 def index_shard(url: str, storage_options: dict, *, image_ext: str | None, label_field: str | None):
-    """[(key, image member name, offset, size, label)] of one shard, in member order; and its size and mtime."""
+    """[(key, image member name, offset, size, label)] of one shard, in member order; and its size and mtime.
+    Read from the saved index when the shard is the one it was saved for, else from the headers (and saved)."""
     total, mtime = stat(url, storage_options)
+    saved = _saved_index_path(url, total, mtime, image_ext, label_field)
+    if saved is not None:
+        try:
+            samples = [tuple(sample) for sample in json.loads(saved.read_text())["samples"]]
+            if all(len(sample) == 5 for sample in samples):
+                return samples, total, mtime
+        except (OSError, ValueError, KeyError, TypeError):  # not saved yet, or damaged: indexed again
+            pass
+    samples = _read_index(url, storage_options, total, image_ext=image_ext, label_field=label_field)
+    if saved is not None:
+        partial = saved.with_name(f".{saved.name}.{uuid.uuid4().hex[:8]}")
+        try:  # written beside and renamed: a reader never sees half an index
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"shard": url, "size": total, "mtime_ns": mtime, "samples": samples}))
+            os.replace(partial, saved)
+        except OSError:  # a read-only or full cache costs the next listing its headers, nothing else
+            partial.unlink(missing_ok=True)
+    return samples, total, mtime
+
+
+def _read_index(url: str, storage_options: dict, total: int, *, image_ext: str | None, label_field: str | None):
     fs, path = _filesystem(url, storage_options)
     with fs.open(path, "rb", **({"block_size": 1 << 16} if _URL.match(url) else {})) as file:
         members, small = tar_members(file, total, url, {"json"} if label_field else {"cls"})
@@ -211,7 +260,7 @@ def index_shard(url: str, storage_options: dict, *, image_ext: str | None, label
         image = _image_member(parts, image_ext, url, key)
         label = _label(parts, small, label_field, url, key)
         samples.append((key, image.name, image.offset, image.size, label))
-    return samples, total, mtime
+    return samples
 
 
 def _image_member(parts: dict, image_ext: str | None, url: str, key: str):

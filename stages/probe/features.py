@@ -124,6 +124,12 @@ class Layout:
             return [torch.empty(len(g), n, self.combos[g[0]].dim, device=device) for g in self.groups]
         return [[torch.empty(n, c, g, g, device=device) for c, g in combo.shapes] for combo in self.combos]
 
+    def head(self, packed: list, n: int) -> list:
+        """Views of the first `n` rows of every tensor of `packed`."""
+        if self.flat:
+            return [t[:, :n] for t in packed]
+        return [[t[:n] for t in inputs] for inputs in packed]
+
     def nbytes(self, n: int) -> int:
         return 4 * n * sum(c.dim for c in self.combos)
 
@@ -243,22 +249,28 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
 
 class StreamSource:
     """Reads the chunks of each window of `split` from the store, standardised with the given statistics;
-    in a training epoch with several `views`, the window's chunks of every view."""
+    in a training epoch with several `views`, the window's chunks of every view.
+
+    Memory: one window of packed features, in a buffer allocated once and refilled for every window (a
+    window is done with when the next is asked for), plus the few chunks `Reader.chunks` reads at a time.
+    A new buffer per window would hold two windows at once (the caller's last one is still referenced
+    while the next is filled), and reading a whole window before packing it a third copy."""
 
     def __init__(self, reader: Reader, layout: Layout, split: str, stats: dict, *, views: Views | None = None):
         self.reader, self.layout, self.split, self.stats = reader, layout, split, stats
         self.views = views or Views()
+        self.buffer, self.capacity = None, 0
 
     def window(self, chunks: Sequence[int], epoch: int | None = None) -> tuple[list, callable]:
         store = self.reader.store
         count = self.views.count if epoch is not None else 1
         spans = [store.chunk_rows(self.split, k) for k in chunks]
         size = sum(s.stop - s.start for s in spans)
-        packed = self.layout.allocate(size * count)
+        packed = self.rows(size * count)
         shift, offset = np.zeros(store.num_chunks(self.split), np.int64), 0
         for view in range(count):
             name = store.view_split(self.split, view)
-            for k, span, pieces in zip(chunks, spans, self.reader.read(name, list(chunks))):
+            for (k, pieces), span in zip(self.reader.chunks(name, list(chunks)), spans):
                 for key, (mean, std) in self.stats.items():
                     standardise(pieces[key], mean, std)
                 self.layout.fill(packed, slice(offset, offset + span.stop - span.start), pieces)
@@ -269,6 +281,13 @@ class StreamSource:
         if count == 1:
             return packed, lambda rows: rows + shift[rows // cs]
         return packed, lambda rows: rows + shift[rows // cs] + size * self.views.of(rows, epoch)
+
+    def rows(self, n: int) -> list:
+        """The first `n` rows of the window buffer, grown (never shrunk) to hold them."""
+        if n > self.capacity:
+            self.buffer = None  # dropped before the larger one is allocated
+            self.buffer, self.capacity = self.layout.allocate(n), n
+        return self.layout.head(self.buffer, n)
 
 
 def packed_rows(reader: Reader, layout: Layout, rows: Rows, stats: dict) -> list:

@@ -321,9 +321,10 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
     def memory_cost(c: Combo) -> int:  # train rows kept, test rows while scoring
         return 4 * (n_train * spec.train_copies + n_test) * c.dim + per_param * params(c)
 
-    def stream_cost(c: Combo) -> int:
+    def stream_cost(c: Combo) -> int:  # one window of packed rows, and the chunks read at a time, stored and pooled
         raw = sum(store.block_info(b)["channels"] * store.block_info(b)["grid"] ** 2 for b, _ in c.inputs)
-        return 4 * window_samples * (raw + 2 * c.dim) + per_param * params(c)
+        read_rows = 4 * settings.read_threads * store.chunk_samples  # stages.probe.features.Reader.chunks
+        return 4 * window_samples * c.dim + 4 * read_rows * (raw + c.dim) + per_param * params(c)
 
     mode = settings.data_mode
     if mode == "auto":
