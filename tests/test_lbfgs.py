@@ -72,11 +72,11 @@ def test_the_logistic_gradient_is_autograds(digits):
     index = torch.tensor([0, 2, 3, 5])  # members (set 0, decay 0), (0, 2), (1, 0), (1, 2)
     values, grad = objective(index, x[index])
     for j, m in enumerate(index.tolist()):
-        i, l = divmod(m, 3)
+        i, k = divmod(m, 3)
         p = x[m].clone().requires_grad_(True)
         W, bias = p[:640].view(10, 64), p[640:]
         logits = features[i] @ W.T + bias
-        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y)) + 0.5 * decays[l] * (W * W).sum()
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y)) + 0.5 * decays[k] * (W * W).sum()
         loss.backward()
         torch.testing.assert_close(values[j], loss.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad[j], p.grad, rtol=1e-10, atol=1e-12)
@@ -92,12 +92,12 @@ def test_fit_logistic_is_scikit_learns_logistic_regression(digits):
     objective = LogisticObjective(features, torch.tensor(y), 10, decays)
     assert counts["converged"] == counts["members"] == 6
     for i in range(2):
-        for l, C in enumerate(Cs):
+        for j, C in enumerate(Cs):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 reference = LogisticRegression(C=C, tol=1e-10, max_iter=20000).fit(features[i].numpy(), y)
             theirs = torch.tensor(np.concatenate([reference.coef_.ravel(), reference.intercept_]))[None]
-            member = torch.tensor([i * len(Cs) + l])
+            member = torch.tensor([i * len(Cs) + j])
             ours_value, ours_grad = objective(member, params[member])
             their_value, _ = objective(member, theirs)
             # the same optimum: ours is stationary (to where float64 stops improving the value) and no worse than

@@ -58,13 +58,13 @@ def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
 
 @pytest.mark.parametrize("head", ["linear", "logreg"])
 def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(digits_store, tmp_path, head):
-    """Every input set within 0.3 points of (or above) the converged reference with the same C grid: logreg
-    by default, linear with --solver lbfgs (the minibatch default is faster and falls short: docs/probes.md)."""
+    """Every input set within 0.3 points of (or above) the converged reference with the same C grid, both heads
+    by default (the linear head's default solver is the batched L-BFGS; the minibatch solver falls short:
+    docs/probes.md)."""
     store = FeatureStore.open(digits_store)
     # the noisier timestep (hardest features; every input set: bench/converge.py)
-    solver = {"solver": "lbfgs"} if head == "linear" else {}
     result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,),
-                                     threads=1, **solver))
+                                     threads=1))
     if head == "linear":
         assert result.record["settings"]["solver"] == "lbfgs" and result.record["halving"] == []
     chosen = [r for r in result.rows if r["selected"]]
@@ -74,14 +74,17 @@ def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(d
 
 
 def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
-    assert ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0)).solver == "minibatch"  # the default
-    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0), solver="lbfgs")
+    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))  # the default solver
     assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
     assert settings.hypers(n_fit=50) == [{"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
                                          {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)}]
     # minibatch settings keep the minibatch solver and the registry's learning-rate grid
     assert ProbeSettings(store="s.zarr", head="linear", epochs=5).solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", data_mode="stream").solver == "minibatch"
+    for given in ({"lrs": (0.01,)}, {"optimizer": "sgd"}, {"batch_size": 64}, {"warmup": 0.0}, {"halving": False},
+                  {"batchnorm": True}, {"recipe": "diffssl"}):
+        assert ProbeSettings(store="s.zarr", head="linear", **given).solver == "minibatch", given
+    assert ProbeSettings(store="s.zarr", head="mlp").solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", solver="minibatch").lrs is None
 
 

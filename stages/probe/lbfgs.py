@@ -41,26 +41,33 @@ class Result:
     converged: torch.Tensor
     value: torch.Tensor
     evaluations: int  # objective calls (each one batched evaluation of the members it was given)
+    state: dict  # the members' histories, to continue from (`minimize(..., state=)`), e.g. in another precision
 
 
 def minimize(objective: Objective, x0: torch.Tensor, *, tol: float = 1e-6, ftol: float = 1e-12,
-             max_iter: int = 500, history: int = 10) -> Result:
-    """Minimise M independent functions from x0 (M, P); see the module docstring."""
+             max_iter: int = 500, history: int = 10, state: dict | None = None) -> Result:
+    """Minimise M independent functions from x0 (M, P); see the module docstring. `state` (a previous
+    Result's, at x0) continues with the members' curvature histories instead of a gradient step."""
     x = x0.clone()
     M, P = x.shape
     device, dtype = x.device, x.dtype
     every = torch.arange(M, device=device)
     f, g = objective(every, x)
-    S = torch.zeros(M, history, P, device=device, dtype=dtype)
-    Y = torch.zeros_like(S)
-    rho = torch.zeros(M, history, device=device, dtype=dtype)  # 1 / s'y, 0 for an empty or skipped slot
-    gamma = torch.ones(M, device=device, dtype=dtype)
-    fresh = torch.ones(M, dtype=torch.bool, device=device)  # no pair stored yet: a scaled gradient step
+    if state is not None:
+        S, Y, rho, gamma = (state[k].to(dtype) for k in ("S", "Y", "rho", "gamma"))
+        fresh, offset, history = state["fresh"].clone(), state["offset"], S.shape[1]
+    else:
+        S = torch.zeros(M, history, P, device=device, dtype=dtype)
+        Y = torch.zeros_like(S)
+        rho = torch.zeros(M, history, device=device, dtype=dtype)  # 1 / s'y, 0 for an empty or skipped slot
+        gamma = torch.ones(M, device=device, dtype=dtype)
+        fresh = torch.ones(M, dtype=torch.bool, device=device)  # no pair stored yet: a scaled gradient step
+        offset = 0
     iterations = torch.zeros(M, dtype=torch.long, device=device)
     converged = g.abs().amax(1) <= tol
     stopped = converged.clone()
     evaluations = 1
-    for step in range(max_iter):
+    for step in range(offset, offset + max_iter):
         active = (~stopped).nonzero().squeeze(1)
         if active.numel() == 0:
             break
@@ -109,7 +116,8 @@ def minimize(objective: Objective, x0: torch.Tensor, *, tol: float = 1e-6, ftol:
         met = (g_new.abs().amax(1) <= tol) | (small & ~failed)
         converged[active] = met
         stopped[active] = met | failed
-    return Result(x, iterations, converged, f, evaluations)
+    state = {"S": S, "Y": Y, "rho": rho, "gamma": gamma, "fresh": fresh, "offset": step + 1 if max_iter else offset}
+    return Result(x, iterations, converged, f, evaluations, state)
 
 
 def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor,

@@ -40,41 +40,59 @@ class LogisticObjective:
 
     def __call__(self, index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """index (m,) ascending member numbers, x (m, K*D+K) -> values (m,), gradients (m, K*D+K)."""
-        K, D, n = self.K, self.D, self.n
         sets = torch.div(index, self.L, rounding_mode="floor")
-        present, counts = torch.unique_consecutive(sets, return_counts=True)
-        width = int(counts.max())  # members computed per present input set (shorter ones padded with zeros)
-        row = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
-        pos = torch.arange(len(index), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                  counts)
-        packed = x.new_zeros(len(present), width, self.size)
-        packed[row, pos] = x
-        X = self.X if len(present) == self.G else self.X[present]  # (G', n, D)
-        W = packed[..., : K * D].reshape(len(present), width * K, D)
-        b = packed[..., K * D:].reshape(len(present), width * K, 1)
-        logits = torch.baddbmm(b, W, X.transpose(1, 2)).view(len(present), width, K, n)
-        lse = torch.logsumexp(logits, dim=2, keepdim=True)  # (G', w, 1, n)
-        loss = (lse.squeeze(2) - (logits * self.onehot).sum(2)).mean(-1)  # (G', w)
-        residual = (torch.exp(logits - lse) - self.onehot) / n  # dloss / dlogits
-        grad_w = torch.bmm(residual.view(len(present), width * K, n), X).view(len(present), width, K * D)
-        grad = torch.cat([grad_w, residual.sum(-1)], dim=2)[row, pos]  # (m, K*D+K)
+        if len(index) == self.G * self.L:  # every member: no packing
+            values, grad = self._evaluate(x.view(self.G, self.L, self.size), self.X)
+            values, grad = values.reshape(-1), grad.reshape(len(index), -1)
+        else:  # the members of each input set side by side, padded with zeros to the most any set has
+            present, counts = torch.unique_consecutive(sets, return_counts=True)
+            row = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
+            pos = torch.arange(len(index), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                      counts)
+            packed = x.new_zeros(len(present), int(counts.max()), self.size)
+            packed[row, pos] = x
+            values, grad = self._evaluate(packed, self.X if len(present) == self.G else self.X[present])
+            values, grad = values[row, pos], grad[row, pos]
         decay = self.decay[index - sets * self.L]
-        weights = x[:, : K * D]
-        values = loss[row, pos] + 0.5 * decay * (weights * weights).sum(1)
-        grad[:, : K * D] += decay[:, None] * weights
-        return values, grad
+        weights = x[:, : self.K * self.D]
+        grad[:, : self.K * self.D] += decay[:, None] * weights
+        return values + 0.5 * decay * (weights * weights).sum(1), grad
+
+    def _evaluate(self, packed: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """packed (G', w, P): w members' parameters per input set of X (G', n, D) -> their mean cross-entropy
+        (G', w) and its gradient (G', w, P), without the penalty."""
+        K, D, n = self.K, self.D, self.n
+        sets, width = packed.shape[0], packed.shape[1]
+        W = packed[..., : K * D].reshape(sets, width * K, D)
+        b = packed[..., K * D:].reshape(sets, width * K, 1)
+        logits = torch.baddbmm(b, W, X.transpose(1, 2)).view(sets, width, K, n)
+        lse = torch.logsumexp(logits, dim=2, keepdim=True)  # (G', w, 1, n)
+        loss = (lse.squeeze(2) - (logits * self.onehot).sum(2)).mean(-1)
+        residual = (torch.exp(logits - lse) - self.onehot) / n  # d loss / d logits
+        grad_w = torch.bmm(residual.view(sets, width * K, n), X).view(sets, width, K * D)
+        return loss, torch.cat([grad_w, residual.sum(-1)], dim=2)
 
 
 def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, decays: Sequence[float], *,
-                 tol: float = 1e-6, max_iter: int = 1000, history: int = 10,
-                 start: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
-    """Every (input set, decay) member of one group at its optimum; (M, K*D+K) parameters and counts.
+                 tol: float = 1e-6, max_iter: int = 1000, history: int = 10, start: torch.Tensor | None = None,
+                 rough: float | None = 100.0) -> tuple[torch.Tensor, dict]:
+    """Every (input set, decay) member of one group at its optimum: (G * L, K*D+K) parameters (float64), counts.
 
-    features (G, n, D) standardised, float64 advised for the last digits (see `fit_group`)."""
-    objective = LogisticObjective(features, labels, num_classes, decays)
-    M = objective.G * objective.L
-    x0 = start if start is not None else features.new_zeros(M, objective.size)
-    result = minimize(objective, x0.to(features.dtype), tol=tol, max_iter=max_iter, history=history,
-                      ftol=64 * torch.finfo(features.dtype).eps)  # scikit-learn's lbfgs ftol, per precision
-    return result.x, {"iterations": int(result.iterations.max()), "member_iterations": int(result.iterations.sum()),
-                      "evaluations": result.evaluations, "converged": int(result.converged.sum()), "members": M}
+    features (G, n, D), standardised. With `rough`, the iterations run in float32 until max |gradient| <=
+    rough * tol (or float32 stops improving the value), then go on in float64 with the same curvature
+    histories to `tol`: float32 matmuls cost half, but in float32 the value stops improving before the
+    least-regularised members converge. `max_iter` bounds each precision's iterations."""
+    phases = [(torch.float32, rough * tol), (torch.float64, tol)] if rough else [(torch.float64, tol)]
+    x = start if start is not None else features.new_zeros(features.shape[0] * len(decays),
+                                                           num_classes * (features.shape[2] + 1))
+    state, counts = None, {"iterations": 0, "member_iterations": 0, "evaluations": 0}
+    for dtype, phase_tol in phases:
+        objective = LogisticObjective(features.to(dtype), labels, num_classes, decays)
+        result = minimize(objective, x.to(dtype), tol=phase_tol, max_iter=max_iter, history=history, state=state,
+                          ftol=64 * torch.finfo(dtype).eps)  # scikit-learn's lbfgs ftol, in this precision
+        x, state = result.x, result.state
+        counts["iterations"] += int(result.iterations.max())
+        counts["member_iterations"] += int(result.iterations.sum())
+        counts["evaluations"] += result.evaluations
+    counts.update(converged=int(result.converged.sum()), members=len(x))
+    return x.double(), counts
