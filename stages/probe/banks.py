@@ -212,9 +212,11 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
     (every input set of a group x its decays) are solved at once, each starting from its input set's optimum
     at the previous block's weakest decay (as scikit-learn's `_logistic_regression_path` warm-starts along C;
     the first block starts from zero, as scikit-learn does). With `validation` ((G, m, D) groups, labels), an
-    input set whose best validation top-1 (ties: lower loss; the rule `select` applies) lies `patience` or
-    more decays behind the weakest one solved stops there: weaker decays cost the most iterations and,
-    past a peak, rarely win. Returns the members trained (bank numbering) and the iteration counts.
+    input set stops when it overfits: its validation loss rose over the last `patience` decays and its best
+    validation top-1 (ties: lower loss, the rule `select` applies) lies `patience` or more decays behind.
+    Weaker decays cost the most iterations and, past that point, do not win. (Top-1 alone on a small
+    validation set is noisy: an input set of 4 features on digits peaked again 2 decades later.)
+    Returns the members trained (bank numbering) and the iteration counts.
     """
     if bank.hidden or bank.batchnorm:
         raise ConfigError("L-BFGS trains plain linear heads only (no hidden layers, no batch norm)")
@@ -226,6 +228,7 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
         G, K, D = x.shape[0], bank.K, x.shape[2]
         going = torch.ones(G, dtype=torch.bool)  # input sets still on the path
         best = [(-1.0, 0.0, -1)] * G  # per input set: (val top-1, -val loss, path position) of its best decay
+        losses = [[] for _ in range(G)]  # per input set: validation loss along the path
         start = None  # (G, P) each input set's optimum at the previous block's weakest decay
         for b, ls in enumerate(blocks):
             sets = going.nonzero().squeeze(1)
@@ -254,9 +257,12 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
                 for row, i in enumerate(sets.tolist()):
                     for j in range(len(ls)):
                         candidate = (float(top1[row, j]), -float(loss[row, j]), b * block + j)
+                        losses[i].append(float(loss[row, j]))
                         if candidate[:2] > best[i][:2]:
                             best[i] = candidate
-                    if b * block + len(ls) - 1 - best[i][2] >= patience:
+                    tail = losses[i][-patience - 1:]
+                    overfitting = len(tail) == patience + 1 and all(u < v for u, v in zip(tail, tail[1:]))
+                    if overfitting and b * block + len(ls) - 1 - best[i][2] >= patience:
                         going[i] = False
             if not going.any():
                 break

@@ -107,6 +107,7 @@ class ProbeSettings:
     vote: str = "softmax"  # knn: each neighbour votes exp(sim / temperature) (DINOv2), 1 / distance, or 1
     temperature: float = 0.07  # knn: T of the softmax vote (DINOv2's)
     alphas: tuple[float, ...] | None = None
+    refit: bool | None = None  # logreg: refit the chosen C on fit + validation rows before testing (DINOv2); None: no
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -144,7 +145,8 @@ class ProbeSettings:
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
         defaults = {**DEFAULTS_OF_NONE, "standardise": self.recipe is None, "solver": self._solver(),
-                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge")}
+                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge"),
+                    "refit": False}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
