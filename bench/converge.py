@@ -98,15 +98,15 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(ref))
     for head in args.heads.split(","):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = run_probe(ProbeSettings(store=args.store, head=head, out=str(args.out), name=head + args.tag,
                                          pools=pools, blocks=None if args.blocks is None else tuple(blocks), threads=1,
                                          **extra))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         chosen = {r["key"]: r for r in result.rows if r["selected"]}
         diffs = {k: 100 * (chosen[k]["test_top1"] - ref[k]["test"]) for k in ref}
         worst = min(diffs, key=diffs.get)
-        print(f"{head}{args.tag}: {seconds:.1f} s, mean {np.mean(list(diffs.values())):+.2f}, "
+        print(f"{head}{args.tag}: {seconds:.1f} s ({cpu:.1f} s CPU), mean {np.mean(list(diffs.values())):+.2f}, "
               f"lowest {diffs[worst]:+.2f} "
               f"({worst}: {chosen[worst]['test_top1']:.4f} vs {ref[worst]['test']:.4f} at C {ref[worst]['C']:g}); "
               f"below -0.3: {sum(d < -0.3 for d in diffs.values())}/{len(diffs)}, "

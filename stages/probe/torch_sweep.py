@@ -65,8 +65,13 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
         if samples.carved:  # the validation rows are train rows in memory: the path may stop past each set's peak
             validation = (layout.take(train.packed, samples.selection.index, device),
                           torch.from_numpy(samples.selection.labels[samples.selection.index]).to(device))
-        trained, counts = fit_lbfgs(bank, layout.take(train.packed, samples.fit.index, device),
-                                    labels[samples.fit.index].to(device), [h["weight_decay"] for h in hypers],
+        # every stored view of a fit row is a row of the objective (MemorySource: view v at rows v * n); the decay
+        # is divided by the views so that C keeps scikit-learn's meaning on all of those rows
+        views_count = train.views.count
+        rows = np.concatenate([samples.fit.index + v * train.n for v in range(views_count)])
+        trained, counts = fit_lbfgs(bank, layout.take(train.packed, rows, device),
+                                    labels[samples.fit.index].repeat(views_count).to(device),
+                                    [h["weight_decay"] / views_count for h in hypers],
                                     validation=validation, max_iter=settings.lbfgs_iterations)
         log.info("L-BFGS: %d of %d heads trained along the C path: %s", len(trained), bank.num_members, counts)
         measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
