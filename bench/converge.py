@@ -3,6 +3,7 @@
     python bench/converge.py STORE OUT linear,logreg                     # the defaults
     python bench/converge.py STORE OUT linear --pools 1,2 --set solver=minibatch --tag -old   # the old default
     python bench/converge.py STORE OUT linear --set 'Cs=[0.1,1]'
+    python bench/converge.py STORE OUT linear,logreg --pools 1 --blocks 1,7,13   # a subset of the input sets
 
 The reference, per (block, timestep, pool): the probe's fit rows standardised with their statistics,
 LogisticRegression(lbfgs, tol 1e-8, max_iter 5000) along C = 1e-4 .. 1e3 in half-decades with warm
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("heads", help="Comma list, e.g. linear,logreg.")
     parser.add_argument("--pools", default="1,2")
+    parser.add_argument("--blocks", default=None, help="Comma list of blocks [default: every block in the store].")
     parser.add_argument("--set", action="append", default=[], help="A ProbeSettings field as NAME=JSON; repeatable.")
     parser.add_argument("--tag", default="", help="Appended to each run's name.")
     args = parser.parse_args()
@@ -84,7 +86,8 @@ def main() -> None:
     pools = tuple(int(p) for p in args.pools.split(","))
     store = FeatureStore.open(args.store)
     test_split = "test" if "test" in store.splits else "val"
-    combos = [(i.block, i.timestep, i.pool) for i in store.select(pools=pools).inputs]
+    blocks = None if args.blocks is None else [int(b) for b in args.blocks.split(",")]
+    combos = [(i.block, i.timestep, i.pool) for i in store.select(blocks=blocks, pools=pools).inputs]
     cache = args.out / "ref.json"
     if cache.exists():
         ref = json.loads(cache.read_text())
@@ -95,14 +98,15 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(ref))
     for head in args.heads.split(","):
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         result = run_probe(ProbeSettings(store=args.store, head=head, out=str(args.out), name=head + args.tag,
-                                         pools=pools, threads=1, **extra))
-        seconds = time.perf_counter() - started
+                                         pools=pools, blocks=None if args.blocks is None else tuple(blocks), threads=1,
+                                         **extra))
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         chosen = {r["key"]: r for r in result.rows if r["selected"]}
         diffs = {k: 100 * (chosen[k]["test_top1"] - ref[k]["test"]) for k in ref}
         worst = min(diffs, key=diffs.get)
-        print(f"{head}{args.tag}: {seconds:.1f} s, mean {np.mean(list(diffs.values())):+.2f}, "
+        print(f"{head}{args.tag}: {seconds:.1f} s ({cpu:.1f} s CPU), mean {np.mean(list(diffs.values())):+.2f}, "
               f"lowest {diffs[worst]:+.2f} "
               f"({worst}: {chosen[worst]['test_top1']:.4f} vs {ref[worst]['test']:.4f} at C {ref[worst]['C']:g}); "
               f"below -0.3: {sum(d < -0.3 for d in diffs.values())}/{len(diffs)}, "

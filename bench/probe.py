@@ -246,7 +246,7 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]
     new = ProbeSettings(store=str(store_path), head="linear", out=str(out), pools=(1, 2), threads=args.threads,
-                        device=args.device, name="linear-new")
+                        device=args.device, name="linear-new", solver="lbfgs")
     # the default before L-BFGS: AdamW, 4 learning rates, cosine, 10 epochs or 200 steps, successive halving
     old = replace(new, solver="minibatch", lrs=None, epochs=args.epochs, halving=not args.no_halving, name="linear-old")
     labels = store.labels("train")

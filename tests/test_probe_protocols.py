@@ -58,13 +58,13 @@ def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
 
 @pytest.mark.parametrize("head", ["linear", "logreg"])
 def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(digits_store, tmp_path, head):
-    """Every input set within 0.3 points of (or above) the converged reference with the same C grid: logreg
-    by default, linear with --solver lbfgs (the minibatch default is faster and falls short: docs/probes.md)."""
+    """Every input set within 0.3 points of (or above) the converged reference with the same C grid, both heads
+    by default (the linear head's default solver is the batched L-BFGS; the minibatch solver falls short:
+    docs/probes.md)."""
     store = FeatureStore.open(digits_store)
     # the noisier timestep (hardest features; every input set: bench/converge.py)
-    solver = {"solver": "lbfgs"} if head == "linear" else {}
     result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,),
-                                     threads=1, **solver))
+                                     threads=1))
     if head == "linear":
         assert result.record["settings"]["solver"] == "lbfgs" and result.record["halving"] == []
     chosen = [r for r in result.rows if r["selected"]]
@@ -74,14 +74,17 @@ def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(d
 
 
 def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
-    assert ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0)).solver == "minibatch"  # the default
-    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0), solver="lbfgs")
+    settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))  # the default solver
     assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
     assert settings.hypers(n_fit=50) == [{"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
                                          {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)}]
     # minibatch settings keep the minibatch solver and the registry's learning-rate grid
     assert ProbeSettings(store="s.zarr", head="linear", epochs=5).solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", data_mode="stream").solver == "minibatch"
+    for given in ({"lrs": (0.01,)}, {"optimizer": "sgd"}, {"batch_size": 64}, {"warmup": 0.0}, {"halving": False},
+                  {"batchnorm": True}, {"recipe": "diffssl"}):
+        assert ProbeSettings(store="s.zarr", head="linear", **given).solver == "minibatch", given
+    assert ProbeSettings(store="s.zarr", head="mlp").solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", solver="minibatch").lrs is None
 
 
@@ -96,7 +99,7 @@ def test_dinov2_rows_are_dinov2s_published_settings():
                                                   "temperature": 0.07}
     assert len(DINOV2_CS) == 45 and DINOV2_CS[0] == pytest.approx(1e-6) and DINOV2_CS[-1] == pytest.approx(1e5)
     np.testing.assert_allclose(np.diff(np.log10(DINOV2_CS)), 11 / 44)
-    assert protocol_settings("dinov2", "logreg") == {"standardise": False, "Cs": DINOV2_CS}
+    assert protocol_settings("dinov2", "logreg") == {"standardise": False, "Cs": DINOV2_CS, "refit": True}
     assert set(SUMMARY) == set(PROTOCOLS)
 
 
@@ -149,3 +152,42 @@ def test_lbfgs_with_settings_it_cannot_serve_is_an_error():
         ProbeSettings(store="s.zarr", head="mlp", solver="lbfgs")
     with pytest.raises(ConfigError, match="'solver'"):
         ProbeSettings(store="s.zarr", head="linear", solver="lbfgs", data_mode="stream")
+
+
+def test_the_c_path_stops_past_each_input_sets_validation_peak(digits_store, tmp_path):
+    """Along the default C grid (strongest first, blocks of 5) an input set stops 3 C values past its validation
+    peak: the C values it trained are a prefix of the path, the rest are recorded untrained and never chosen."""
+    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(2,),
+                                     threads=1))
+    assert result.record["settings"]["solver"] == "lbfgs"
+    for key in {r["key"] for r in result.rows}:
+        path = sorted((r for r in result.rows if r["key"] == key), key=lambda r: -r["weight_decay"])
+        trained = [r["epochs"] == 1 for r in path]
+        count = sum(trained)
+        assert trained == [True] * count + [False] * (len(path) - count) and count % 5 == 0, key
+        assert all(np.isnan(r["val_top1"]) and not r["selected"] for r in path[count:])
+        chosen = next(i for i, r in enumerate(path) if r["selected"])
+        assert count == len(path) or count - 1 - chosen >= 3, (key, chosen, count)
+
+
+def test_dinov2_logreg_refits_the_chosen_C_on_fit_and_validation_rows():
+    """DINOv2's log_regression.py: the C chosen on validation is fitted again on train + val before the test."""
+    from sklearn.datasets import load_digits
+
+    from stages.probe.sklearn_probes import LogRegProbe
+
+    X, y = load_digits(return_X_y=True)
+    X = (X - X.mean(0)) / np.where(X.std(0) > 1e-6, X.std(0), 1)
+    fit, val, test = slice(0, 900), slice(900, 1200), slice(1200, None)
+    plain = LogRegProbe(Cs=(0.01, 0.1, 1.0)).fit(X[fit], y[fit], X[val], y[val])
+    refit = LogRegProbe(Cs=(0.01, 0.1, 1.0), refit=True).fit(X[fit], y[fit], X[val], y[val])
+    assert refit.best_C_ == plain.best_C_  # the choice is made on the fit rows' path, as without refit
+    np.testing.assert_array_equal(refit.decision_grid(X[val]), plain.decision_grid(X[val]))
+    both = np.concatenate([np.arange(900), np.arange(900, 1200)])
+    reference = LogisticRegression(C=refit.best_C_, tol=1e-10, max_iter=10000).fit(X[both], y[both])
+    np.testing.assert_allclose(refit.coef_, reference.coef_, atol=1e-3 * np.abs(reference.coef_).max())
+    assert np.mean(refit.predict(X[test]) == reference.predict(X[test])) >= 0.995
+    assert not np.allclose(refit.coef_, plain.coef_)
+    settings = ProbeSettings(store="s.zarr", head="logreg", protocol="dinov2")
+    assert settings.refit and settings.head_options() == {"refit": True}
+    assert not ProbeSettings(store="s.zarr", head="logreg").refit

@@ -120,8 +120,9 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
                "diffssl; default = this project's. Options given explicitly still override it.")
 @click.option("--solver", type=click.Choice(["lbfgs", "minibatch"]), default=None,
               help="linear: lbfgs solves each head's L2-regularised objective on the in-memory fit rows over logreg's "
-                   "C grid (converged, slower: docs/probes.md); minibatch trains with --optimizer over the --lr grid "
-                   "(and streams) [default: minibatch].")
+                   "C grid, every input set and C at once, to convergence (docs/probes.md); minibatch trains with "
+                   "--optimizer over the --lr grid (and streams; implied by --epochs, --lr, --optimizer, "
+                   "--batch-size, --batchnorm, --recipe, --data-mode stream) [default: lbfgs].")
 @click.option("--views", type=click.IntRange(min=1), default=None,
               help="Augmented views of the train split to train on, one per sample per epoch [default: all the store "
                    "holds; 1: the centre view only].")

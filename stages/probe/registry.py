@@ -123,7 +123,7 @@ HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
     HeadSpec("logreg", SKLEARN, "stages.probe.sklearn_probes:LogRegProbe",
              (GridAxis("C", "Cs", tuple(round(10.0 ** (e / 2), 12) for e in range(-8, 7))),),
              "scikit-learn's multinomial logistic regression",
-             saved_as="linear"),
+             options=(("refit", "refit"),), saved_as="linear"),
     HeadSpec("knn", SKLEARN, "stages.probe.sklearn_probes:KNNProbe",
              (GridAxis("k", "ks", (1, 5, 10, 20, 50, 100)),), "k nearest neighbours by cosine similarity",
              options=(("vote", "vote"), ("temperature", "temperature")), train_copies=2),

@@ -91,7 +91,7 @@ class ProbeSettings:
     warmup: float | None = None  # share of steps with a linear warm-up, then cosine decay to 0; None: 0.05
     halving: bool | None = None  # successive halving over each input set's hyper-parameter sets; None: on
     solver: str | None = None  # linear: "lbfgs" (full batch, in memory) or "minibatch"; None: see `_solver`
-    lbfgs_iterations: int = 500  # the most L-BFGS iterations (each one pass over the fit rows, or a few)
+    lbfgs_iterations: int = 1000  # the most L-BFGS iterations per precision (each one pass over the fit rows, or a few)
     standardise: bool | None = None  # None: standardise per feature / channel (a recipe or protocol may say raw)
     protocol: str | None = None  # "default", "diffssl", "dinov2": stages.probe.protocols
     batchnorm: bool = False  # linear / mlp: BatchNorm1d without affine before the head (MAE)
@@ -107,6 +107,7 @@ class ProbeSettings:
     vote: str = "softmax"  # knn: each neighbour votes exp(sim / temperature) (DINOv2), 1 / distance, or 1
     temperature: float = 0.07  # knn: T of the softmax vote (DINOv2's)
     alphas: tuple[float, ...] | None = None
+    refit: bool | None = None  # logreg: refit the chosen C on fit + validation rows before testing (DINOv2); None: no
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
@@ -144,7 +145,8 @@ class ProbeSettings:
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
         defaults = {**DEFAULTS_OF_NONE, "standardise": self.recipe is None, "solver": self._solver(),
-                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge")}
+                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge"),
+                    "refit": False}
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -230,11 +232,14 @@ class ProbeSettings:
             fail("dim", f"divisible by attention_heads ({self.attention_heads})", self.dim)
 
     def _solver(self) -> str:
-        """The default solver: minibatches. L-BFGS (`--solver lbfgs`) converges to the optimum of the
-        L2-regularised objective (bench/converge.py), but in float64 one C at a time it costs about 9x the
-        minibatch sweep on digits, more than scikit-learn's tuned fit: too slow to be the default of every
-        sweep until it is batched over heads (docs/probes.md)."""
-        return "minibatch"
+        """The default solver: L-BFGS for the linear head (batched over input sets and C values, converged:
+        docs/probes.md), unless a setting only minibatches have is given (epochs, learning rates, optimizer,
+        warm-up, batch size, halving, batch norm, a recipe, streaming) or the head is another."""
+        minibatch_only = ("epochs", "lrs", "optimizer", "warmup", "batch_size", "halving", "recipe")
+        if self.head != "linear" or self.batchnorm or self.data_mode == "stream" \
+                or any(getattr(self, name) is not None for name in minibatch_only):
+            return "minibatch"
+        return "lbfgs"
 
     @property
     def spec(self):

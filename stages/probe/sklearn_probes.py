@@ -86,21 +86,32 @@ class _LinearGridProbe(_GridProbe):
         self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
 
     def decision_grid(self, X) -> np.ndarray:
-        """(n_grid, N, K) logits of every grid value."""
+        """(n_grid, N, K) logits of every grid value (fitted on the fit rows only)."""
         X = check_array(X, dtype=np.float32)
         return np.einsum("nd,gkd->gnk", X, self.coefs_) + self.intercepts_[:, None, :]
+
+    def decision_function(self, X) -> np.ndarray:
+        """(N, n_classes) logits of the chosen model (`coef_`, `intercept_`: refitted where the probe refits)."""
+        check_is_fitted(self)
+        X = check_array(X, dtype=np.float32)
+        return X @ self.coef_.T + self.intercept_
 
 
 class LogRegProbe(_LinearGridProbe):
     """Multinomial L2 logistic regression (lbfgs) for every C, warm-started along increasing C, as scikit-learn's
     `_logistic_regression_path` does. `tol` is tighter than scikit-learn's default 1e-4, which stops lbfgs
-    after a few dozen iterations at large C, short of the optimum (bench/converge.py)."""
+    after a few dozen iterations at large C, short of the optimum (bench/converge.py).
+
+    `refit`: after choosing C on the validation rows, fit that C once more on fit + validation rows, as DINOv2's
+    `eval/log_regression.py` does before its test; `coef_` / `intercept_` (and
+    `decision_function`, `predict`) are then the refitted model's, `decision_grid` stays the fit rows' path."""
 
     def __init__(self, Cs: Sequence[float] = tuple(10.0 ** (e / 2) for e in range(-8, 7)), *, max_iter: int = 2000,
-                 tol: float = 1e-6):
+                 tol: float = 1e-6, refit: bool = False):
         self.Cs = Cs
         self.max_iter = max_iter
         self.tol = tol
+        self.refit = refit
 
     def fit(self, X, y, X_val=None, y_val=None) -> LogRegProbe:
         X, y, self.Cs_ = self._check_fit(X, y, "Cs", self.Cs, np.float32)
@@ -112,11 +123,9 @@ class LogRegProbe(_LinearGridProbe):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.fit(X, y)
-            coef, intercept = model.coef_, model.intercept_
-            if coef.shape[0] == 1:  # binary: scikit-learn keeps one row; two symmetric rows give the same argmax
-                coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
-            coefs.append(coef.astype(np.float32))
-            intercepts.append(intercept.astype(np.float32))
+            coef, intercept = _class_rows(model)
+            coefs.append(coef)
+            intercepts.append(intercept)
             self.n_iter_.append(int(np.max(model.n_iter_)))
         self.coefs_, self.intercepts_ = np.stack(coefs), np.stack(intercepts)  # (n_C, K, D), (n_C, K)
         self._choose(X_val, y_val)
@@ -126,7 +135,26 @@ class LogRegProbe(_LinearGridProbe):
             self.best_index_ = int(tied[np.argmin(losses[tied])])
             self.coef_, self.intercept_ = self.coefs_[self.best_index_], self.intercepts_[self.best_index_]
         self.best_C_ = float(self.Cs_[self.best_index_])
+        if self.refit and X_val is not None:
+            X_all = np.concatenate([X, check_array(X_val, dtype=np.float32)])
+            y_all = np.concatenate([y, np.asarray(y_val)])
+            model = LogisticRegression(C=self.best_C_, max_iter=self.max_iter, tol=self.tol)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                model.fit(X_all, y_all)
+            if not np.array_equal(model.classes_, self.classes_):
+                raise ConfigError("the validation rows hold classes the fit rows do not; refit needs the same classes")
+            self.coef_, self.intercept_ = _class_rows(model)
         return self
+
+
+def _class_rows(model: LogisticRegression) -> tuple[np.ndarray, np.ndarray]:
+    """(K, D) coefficients and (K,) intercepts in float32, one row per class (binary: two symmetric rows, the
+    same argmax as scikit-learn's one)."""
+    coef, intercept = model.coef_, model.intercept_
+    if coef.shape[0] == 1:
+        coef, intercept = np.vstack([-coef / 2, coef / 2]), np.array([-intercept[0] / 2, intercept[0] / 2])
+    return coef.astype(np.float32), intercept.astype(np.float32)
 
 
 class RidgeProbe(_LinearGridProbe):

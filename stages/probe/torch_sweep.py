@@ -61,13 +61,24 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
     if settings.solver == "lbfgs":  # in memory: every member solved to its optimum on the full fit rows
-        iterations = fit_lbfgs(bank, layout.take(train.packed, samples.fit.index, device),
-                               labels[samples.fit.index].to(device), [h["weight_decay"] for h in hypers],
-                               max_iter=settings.lbfgs_iterations)
-        log.info("L-BFGS: %d iterations for %d heads", iterations, len(bank.active))
+        validation = None
+        if samples.carved:  # the validation rows are train rows in memory: the path may stop past each set's peak
+            validation = (layout.take(train.packed, samples.selection.index, device),
+                          torch.from_numpy(samples.selection.labels[samples.selection.index]).to(device))
+        # every stored view of a fit row is a row of the objective (MemorySource: view v at rows v * n); the decay
+        # is divided by the views so that C keeps scikit-learn's meaning on all of those rows
+        views_count = train.views.count
+        rows = np.concatenate([samples.fit.index + v * train.n for v in range(views_count)])
+        trained, counts = fit_lbfgs(bank, layout.take(train.packed, rows, device),
+                                    labels[samples.fit.index].repeat(views_count).to(device),
+                                    [h["weight_decay"] / views_count for h in hypers],
+                                    validation=validation, max_iter=settings.lbfgs_iterations)
+        log.info("L-BFGS: %d of %d heads trained along the C path: %s", len(trained), bank.num_members, counts)
         measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
                              plan.num_classes)
-        scores = {m: (1, *v) for m, v in measured.items()}
+        # a C the path stopped before was not trained: no validation score, epochs 0, never chosen
+        scores = {m: (1, *v) if m in trained else (0, float("nan"), None, float("nan")) for m, v in measured.items()}
+        finished = trained
         lr_per_epoch = {l: [float(h["lr"])] for l, h in enumerate(hypers)}
     else:
         epochs = plan.epochs
@@ -123,7 +134,7 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                 log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch,
                          rungs[epoch], len(bank.active) // len(combos))
                 bank.keep(keep)
-    finished = set(bank.active)
+        finished = set(bank.active)
     rows_out, chosen = [], {}
     for ci, combo in enumerate(combos):
         combo_rows = []

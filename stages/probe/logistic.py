@@ -1,0 +1,98 @@
+"""Many L2-regularised multinomial logistic regressions fitted at once by batched L-BFGS (`stages.probe.lbfgs`).
+
+Each member (input set i, regularisation l) minimises
+
+    f(W, b) = mean_r CE(W x_ir + b, y_r) + decay_l / 2 * ||W||^2          (b not decayed)
+
+which is scikit-learn's LogisticRegression(C) at decay = 1 / (C n) on n rows. Its gradient is
+(P - Y) X / n + decay W for W and the row sum of (P - Y) / n for b, with P the softmax probabilities
+and Y the one-hot labels: computed here by hand, so one evaluation of all members of a group of input
+sets of equal width is two batched matmuls (`LogisticObjective`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from stages.probe.lbfgs import minimize
+
+
+class LogisticObjective:
+    """Values and gradients of the members (input set i, regularisation l), member = i * L + l.
+
+    features (G, n, D): the input sets of one group (equal D), labels (n,) in [0, K), decays (L,).
+    A member's parameters are flat, (K * D + K,): W (K, D) row-major, then b (K,).
+    """
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, num_classes: int, decays: Sequence[float]):
+        self.X = features
+        self.G, self.n, self.D = features.shape
+        self.K, self.L = int(num_classes), len(decays)
+        self.decay = torch.as_tensor(list(decays), dtype=features.dtype, device=features.device)
+        self.labels = labels.to(features.device).long()
+        self.onehot = torch.nn.functional.one_hot(self.labels, self.K).T.to(features.dtype)  # (K, n)
+
+    @property
+    def size(self) -> int:
+        return self.K * self.D + self.K
+
+    def __call__(self, index: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """index (m,) ascending member numbers, x (m, K*D+K) -> values (m,), gradients (m, K*D+K)."""
+        sets = torch.div(index, self.L, rounding_mode="floor")
+        if len(index) == self.G * self.L:  # every member: no packing
+            values, grad = self._evaluate(x.view(self.G, self.L, self.size), self.X)
+            values, grad = values.reshape(-1), grad.reshape(len(index), -1)
+        else:  # the members of each input set side by side, padded with zeros to the most any set has
+            present, counts = torch.unique_consecutive(sets, return_counts=True)
+            row = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
+            pos = torch.arange(len(index), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
+                                                                                      counts)
+            packed = x.new_zeros(len(present), int(counts.max()), self.size)
+            packed[row, pos] = x
+            values, grad = self._evaluate(packed, self.X if len(present) == self.G else self.X[present])
+            values, grad = values[row, pos], grad[row, pos]
+        decay = self.decay[index - sets * self.L]
+        weights = x[:, : self.K * self.D]
+        grad[:, : self.K * self.D] += decay[:, None] * weights
+        return values + 0.5 * decay * (weights * weights).sum(1), grad
+
+    def _evaluate(self, packed: torch.Tensor, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """packed (G', w, P): w members' parameters per input set of X (G', n, D) -> their mean cross-entropy
+        (G', w) and its gradient (G', w, P), without the penalty."""
+        K, D, n = self.K, self.D, self.n
+        sets, width = packed.shape[0], packed.shape[1]
+        W = packed[..., : K * D].reshape(sets, width * K, D)
+        b = packed[..., K * D:].reshape(sets, width * K, 1)
+        logits = torch.baddbmm(b, W, X.transpose(1, 2)).view(sets, width, K, n)
+        lse = torch.logsumexp(logits, dim=2, keepdim=True)  # (G', w, 1, n)
+        loss = (lse.squeeze(2) - (logits * self.onehot).sum(2)).mean(-1)
+        residual = (torch.exp(logits - lse) - self.onehot) / n  # d loss / d logits
+        grad_w = torch.bmm(residual.view(sets, width * K, n), X).view(sets, width, K * D)
+        return loss, torch.cat([grad_w, residual.sum(-1)], dim=2)
+
+
+def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, decays: Sequence[float], *,
+                 tol: float = 1e-6, max_iter: int = 1000, history: int = 10, start: torch.Tensor | None = None,
+                 rough: float | None = 100.0) -> tuple[torch.Tensor, dict]:
+    """Every (input set, decay) member of one group at its optimum: (G * L, K*D+K) parameters (float64), counts.
+
+    features (G, n, D), standardised. With `rough`, the iterations run in float32 until max |gradient| <=
+    rough * tol (or float32 stops improving the value), then go on in float64 with the same curvature
+    histories to `tol`: float32 matmuls cost half, but in float32 the value stops improving before the
+    least-regularised members converge. `max_iter` bounds each precision's iterations."""
+    phases = [(torch.float32, rough * tol), (torch.float64, tol)] if rough else [(torch.float64, tol)]
+    x = start if start is not None else features.new_zeros(features.shape[0] * len(decays),
+                                                           num_classes * (features.shape[2] + 1))
+    state, counts = None, {"iterations": 0, "member_iterations": 0, "evaluations": 0}
+    for dtype, phase_tol in phases:
+        objective = LogisticObjective(features.to(dtype), labels, num_classes, decays)
+        result = minimize(objective, x.to(dtype), tol=phase_tol, max_iter=max_iter, history=history, state=state,
+                          ftol=64 * torch.finfo(dtype).eps)  # scikit-learn's lbfgs ftol, in this precision
+        x, state = result.x, result.state
+        counts["iterations"] += int(result.iterations.max())
+        counts["member_iterations"] += int(result.iterations.sum())
+        counts["evaluations"] += result.evaluations
+    counts.update(converged=int(result.converged.sum()), members=len(x))
+    return x.double(), counts

@@ -1,0 +1,114 @@
+"""Batched L-BFGS (stages.probe.lbfgs) and the many-logistic-regressions objective (stages.probe.logistic)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import minimize as scipy_minimize
+from sklearn.datasets import load_digits
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from stages.probe.lbfgs import minimize
+from stages.probe.logistic import LogisticObjective, fit_logistic
+
+
+def rosenbrock(a: torch.Tensor, b: torch.Tensor):
+    """Member m: (a_m - u)^2 + b_m (v - u^2)^2, minimum at (a_m, a_m^2); batched values and gradients."""
+    def objective(index, x):
+        u, v, am, bm = x[:, 0], x[:, 1], a[index], b[index]
+        values = (am - u) ** 2 + bm * (v - u**2) ** 2
+        grad = torch.stack([-2 * (am - u) - 4 * bm * u * (v - u**2), 2 * bm * (v - u**2)], dim=1)
+        return values, grad
+    return objective
+
+
+def test_minimize_reaches_scipys_optimum_for_every_member():
+    a = torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=torch.float64)
+    b = torch.tensor([100.0, 10.0, 5.0, 1.0], dtype=torch.float64)
+    x0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [3.0, -2.0], [1.0, 1.0]], dtype=torch.float64)
+    result = minimize(rosenbrock(a, b), x0, tol=1e-10, max_iter=2000)
+    assert bool(result.converged.all())
+    for m in range(len(a)):
+        def f(z, m=m):
+            values, grad = rosenbrock(a, b)(torch.tensor([m]), torch.tensor(z[None]))
+            return float(values[0]), grad[0].numpy()
+        reference = scipy_minimize(f, x0[m].numpy(), jac=True, method="L-BFGS-B",
+                                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000})
+        np.testing.assert_allclose(result.x[m].numpy(), reference.x, atol=1e-7)
+        np.testing.assert_allclose(result.x[m].numpy(), [a[m], a[m] ** 2], atol=1e-7)
+
+
+def test_a_members_result_does_not_depend_on_the_others():
+    a = torch.tensor([1.0, -0.5, 2.0, 0.3], dtype=torch.float64)
+    b = torch.tensor([100.0, 10.0, 5.0, 1.0], dtype=torch.float64)
+    x0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [3.0, -2.0], [1.0, 1.0]], dtype=torch.float64)
+    together = minimize(rosenbrock(a, b), x0, tol=1e-9)
+    for m in range(len(a)):
+        alone = minimize(rosenbrock(a[m:m + 1], b[m:m + 1]), x0[m:m + 1], tol=1e-9)
+        # the same arithmetic member by member: the same iterates, not merely the same optimum
+        assert int(alone.iterations[0]) == int(together.iterations[m])
+        torch.testing.assert_close(alone.x[0], together.x[m], rtol=0, atol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    X, y = X[:600], y[:600]
+    std = X.std(0)
+    std[std < 1e-6] = 1
+    return (X - X.mean(0)) / std, y
+
+
+def test_the_logistic_gradient_is_autograds(digits):
+    X, y = digits
+    features = torch.tensor(np.stack([X, X[:, ::-1] * 0.5]))  # two input sets of 64 features
+    decays = [1e-2, 1e-4, 0.0]
+    objective = LogisticObjective(features, torch.tensor(y), 10, decays)
+    x = torch.randn(6, objective.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.1
+    index = torch.tensor([0, 2, 3, 5])  # members (set 0, decay 0), (0, 2), (1, 0), (1, 2)
+    values, grad = objective(index, x[index])
+    for j, m in enumerate(index.tolist()):
+        i, k = divmod(m, 3)
+        p = x[m].clone().requires_grad_(True)
+        W, bias = p[:640].view(10, 64), p[640:]
+        logits = features[i] @ W.T + bias
+        loss = torch.nn.functional.cross_entropy(logits, torch.tensor(y)) + 0.5 * decays[k] * (W * W).sum()
+        loss.backward()
+        torch.testing.assert_close(values[j], loss.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad[j], p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_fit_logistic_is_scikit_learns_logistic_regression(digits):
+    X, y = digits
+    n = len(y)
+    Cs = [0.01, 1.0, 100.0]
+    features = torch.tensor(np.stack([X, np.tanh(X)]))
+    decays = [1 / (C * n) for C in Cs]
+    params, counts = fit_logistic(features, torch.tensor(y), 10, decays, tol=1e-9, max_iter=5000)
+    objective = LogisticObjective(features, torch.tensor(y), 10, decays)
+    assert counts["converged"] == counts["members"] == 6
+    for i in range(2):
+        for j, C in enumerate(Cs):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                reference = LogisticRegression(C=C, tol=1e-10, max_iter=20000).fit(features[i].numpy(), y)
+            theirs = torch.tensor(np.concatenate([reference.coef_.ravel(), reference.intercept_]))[None]
+            member = torch.tensor([i * len(Cs) + j])
+            ours_value, ours_grad = objective(member, params[member])
+            their_value, _ = objective(member, theirs)
+            # the same optimum: ours is stationary (to where float64 stops improving the value) and no worse than
+            # scikit-learn's
+            assert float(ours_grad.abs().max()) <= 1e-7 and float(ours_value) <= float(their_value) + 1e-12
+            # and the same point, as closely as the conditioning allows (weak regularisation is flat)
+            p = params[member][0].numpy()
+            W, bias = p[:640].reshape(10, 64), p[640:]
+            tight = 1e-5 if C <= 1 else 1e-3
+            scale = np.abs(reference.coef_).max()
+            np.testing.assert_allclose(W, reference.coef_, atol=tight * scale)
+            # the multinomial intercept is defined up to a constant (no penalty on it): compare centred
+            np.testing.assert_allclose(bias - bias.mean(), reference.intercept_ - reference.intercept_.mean(),
+                                       atol=tight * max(scale, 1.0))
