@@ -1,7 +1,7 @@
 """What the cache costs in accuracy, and what it saves in time: recompute vs. the cache, side by side in one run.
 
     python bench/fidelity.py                                   # the bundled default: MNIST, the default DDPM
-    python bench/fidelity.py --model models/pretrained --data data/mnist   # reuse `dvc repro`'s outputs
+    python bench/fidelity.py --model models/ddpm-mnist16 --data data/mnist   # the bundled checkpoint
 
 One (block, timestep, pool) and the linear head trained with the paper's recipe (nn.Linear's init,
 SGD without momentum, StepLR(7, 0.1) per epoch, batch 128 with the last partial batch dropped;

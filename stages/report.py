@@ -289,6 +289,23 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
     return metrics
 
 
+def headline(metrics: dict, names: list[str]) -> list[str]:
+    """The headline table of `build_report`'s return value, as aligned text lines: per head and result set,
+    the test top-1 of the configuration chosen on validation, its 95% interval and that configuration."""
+    header = ("head", "features", "test top-1 [95% interval]", "chosen on validation")
+    rows = []
+    for head, per_set in sorted(metrics.items()):
+        for name in names:
+            best = per_set.get(name)
+            if best is None:
+                rows.append((head, name, "–", "no result"))
+            else:
+                rows.append((head, name, _pct(best["test_top1"]) + _interval(best, "top1"), _describe(best)))
+    widths = [max(len(row[i]) for row in (header, *rows)) for i in range(3)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]
+            for row in (header, *rows)]
+
+
 def _write_rows(path: Path, rows: list[dict]) -> None:
     columns = list(dict.fromkeys(k for r in rows for k in r))
     with open(path, "w", newline="") as f:

@@ -108,3 +108,15 @@ def test_editing_one_command_makes_only_its_stages_stale(project):
     assert after - before == {"probe@pretrained-linear", "probe@random_init-linear", "probe_pixels@linear"}
     assert not any(name.split("@")[0] in ("data", "pretrain", "random_init", "extract", "pixels", "report")
                    for name in after)
+
+
+def test_the_default_trains_nothing_and_the_retraining_stage_trains_on_request(project):
+    """The default reads the bundled checkpoint (tests/test_model_records.py checks it); models/dvc.yaml's
+    `pretrain` stage trains the same recipe (here one epoch) into models/pretrained when asked."""
+    assert not (project / "models" / "pretrained").exists()
+    done = run(["dvc", "repro", "models/dvc.yaml"], project)
+    assert "Running stage 'models/dvc.yaml:pretrain'" in done
+    log = json.loads((project / "models" / "pretrained" / "train_log.json").read_text())
+    assert log["epochs"] == 1 and log["seed"] == 0 and log["config"]["block_out_channels"] == [32, 32, 64]
+    again = run(["dvc", "repro"], project)  # the default still reads the bundle: nothing to do
+    assert "Running stage" not in again

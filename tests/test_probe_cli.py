@@ -145,6 +145,11 @@ def test_report_combines_named_result_sets(store, noise_store, tmp_path):
         assert set(metrics[head]) == {"pretrained", "random_init"}
         assert metrics[head]["pretrained"] > 0.8 > 0.2 > metrics[head]["random_init"]
         assert {name: best[head][name]["test_top1"] for name in metrics[head]} == metrics[head]
+        for name, chosen in best[head].items():  # the headline table it prints: accuracy, interval, configuration
+            line = next(line for line in result.output.splitlines() if line.split()[:2] == [head, name])
+            assert f"{100 * chosen['test_top1']:.1f}% [{100 * chosen['test_top1_low']:.1f}, " in line
+            assert f"block {chosen['blocks']}, t={chosen['timesteps']}, pool {chosen['pool']}" in line
+    assert f"the picture: {out / 'comparison.png'}" in result.output
     summary = (out / "summary.md").read_text()
     assert "| head | pretrained | random_init |" in summary
     assert (out / "comparison.png").stat().st_size > 0

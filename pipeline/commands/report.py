@@ -28,10 +28,9 @@ def report(results, out, transfer) -> None:
             click.echo(f"{dataset}: {shown}")
         click.echo(f"wrote {out}/transfer.md")
         return
-    from stages.report import build_report
+    from stages.report import build_report, headline
 
     metrics = build_report(dict(results), out)
-    for run, per_set in sorted(metrics.items()):
-        cells = ", ".join(f"{name} {100 * best['test_top1']:.1f}%" for name, best in per_set.items() if best)
-        click.echo(f"{run}: {cells}")
-    click.echo(f"wrote {out}/summary.md")
+    for line in headline(metrics, names):
+        click.echo(line)
+    click.echo(f"wrote {out}/summary.md; the picture: {out}/comparison.png")

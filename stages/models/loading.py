@@ -14,6 +14,7 @@ from safetensors import SafetensorError
 
 from cache.errors import UserError
 from stages.models.feature_model import FeatureModel
+from stages.models.records import check_recorded_weights
 
 # What a model directory without a scheduler config is assumed to have been trained with.
 DEFAULT_SCHEDULE = dict(num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear")
@@ -119,6 +120,8 @@ def load_model(source: str | Path) -> LoadedModel:
 
     The scheduler comes from `scheduler_config.json` beside the weights (or `scheduler/` in a
     pipeline directory); without one the model is assumed to use DDPM's linear 1000-step schedule.
+    A directory whose own record holds its weights' sha256 (`pipeline pretrain`, `pipeline random-init`)
+    is verified against it (`stages.models.records`).
     """
     text = str(source)
     path = Path(text).expanduser()
@@ -141,7 +144,9 @@ def load_model(source: str | Path) -> LoadedModel:
             raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a "
                                  f"directory "
                                  "saved by UNet2DModel.save_pretrained (config.json and its weights)") from None
-        return LoadedModel(unet.eval(), scheduler, text, _recorded_preprocess(path, unet_dir))
+        loaded = LoadedModel(unet.eval(), scheduler, text, _recorded_preprocess(path, unet_dir))
+        check_recorded_weights(unet_dir, loaded.weights_sha256)  # nothing a result depends on is read unverified
+        return loaded
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelLoadError(f"--model {text}: no such directory")
     return _load_from_hub(text)
