@@ -395,18 +395,19 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
 def _over_budget(too_big: list[Combo], stream_cost, settings: ProbeSettings, store: FeatureStore, budget: int,
                  floor: int, left: int, views: int) -> MemoryBudgetError:
     """The refusal: what each streamed input set needs, what the budget leaves, the largest --shuffle-window
-    (whole store chunks) that fits every one of them in 7/8 of it, and the --memory-budget that fits the asked
-    window."""
+    (whole store chunks) that fits every one of them in 7/8 of it, and the --memory-budget whose 7/8 fits the
+    asked window."""
     cs = store.chunk_samples
     room = left - left // 8  # an eighth spare: the process's resident set varies a little from run to run
     chunks = min((room - stream_cost(c, 0)) // (4 * cs * views * c.dim) for c in too_big)
     need = max(stream_cost(c) for c in too_big)
     window = f"--shuffle-window {chunks * cs} or " if chunks >= 1 else ""
+    keys = ", ".join(c.key for c in too_big) + (" needs" if len(too_big) == 1 else " need up to")
     return MemoryBudgetError(
-        f"{', '.join(c.key for c in too_big)} needs {format_bytes(need)} streamed (a {settings.shuffle_window}-sample "
+        f"{keys} {format_bytes(need)} streamed (a {settings.shuffle_window}-sample "
         f"shuffle window), more than the {format_bytes(max(left, 0))} that --memory-budget {format_bytes(budget)} "
         f"leaves after the process's {format_bytes(floor)}; pass {window}--memory-budget "
-        f"{_budget_text(floor + need)}")
+        f"{_budget_text(floor + need + need // 7)}")
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
