@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -63,14 +64,23 @@ def environment() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
 
 
+# A probe or sweep whose --shuffle-window the process's --memory-budget cannot hold refuses, naming the one it can.
+ADVISED = re.compile(r"pass --shuffle-window (\d+) or --memory-budget")
+
+
 def measured(command: list[str], label: str, log: Path) -> dict:
-    """Run `command` under /usr/bin/time: wall s, peak RSS bytes, bytes read from the file system, CPU s."""
+    """Run `command` under /usr/bin/time: wall s, peak RSS bytes, bytes read from the file system, CPU s; a probe
+    refused for its shuffle window runs again at the largest window its memory budget holds."""
     stats = log.with_suffix(".time")
     started = time.perf_counter()
     with open(log, "w") as out:
         done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M %I %U %S", *command], cwd=REPO,
                               env=environment(), stdout=out, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - started
+    advised = ADVISED.search(log.read_text()) if done.returncode != 0 else None
+    if advised and "--shuffle-window" not in command:  # refused before training: run at the window that fits
+        print(f"  {label}: --memory-budget holds a --shuffle-window of {int(advised[1]):,} samples: run at it")
+        return {**measured([*command, "--shuffle-window", advised[1]], label, log), "shuffle_window": int(advised[1])}
     if done.returncode != 0:
         raise SystemExit(f"{label} failed ({done.returncode}); its output: {log}\n" + log.read_text()[-3000:])
     elapsed, rss, inputs, user, system = stats.read_text().split()[-5:]

@@ -1,4 +1,5 @@
-"""The machine: the torch device from a user's `--device` (auto, cpu, cuda, cuda:N), and its free memory."""
+"""The machine: the torch device from a user's `--device` (auto, cpu, cuda, cuda:N), its free memory and this
+process's resident set."""
 
 from __future__ import annotations
 
@@ -20,6 +21,15 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} requested but CUDA is not available; use --device cpu")
     return device
+
+
+def resident_memory() -> int:
+    """Bytes of this process's resident set now (/proc/self/statm); 0 where the system does not report it."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def available_memory() -> int:

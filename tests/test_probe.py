@@ -14,9 +14,11 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
+import stages.probe.plan as probe_plan
 from cache import FeatureStore, IncompleteStoreError
+from pipeline.options import parse_byte_size
 from stages.probe.heads import load_probe
-from stages.probe.plan import ProbeInputError, carve_validation
+from stages.probe.plan import MemoryBudgetError, ProbeInputError, carve_validation, make_plan
 from stages.probe.registry import HEADS
 from stages.probe.run import run_probe
 from stages.probe.settings import ProbeSettings, halving_rungs
@@ -173,10 +175,49 @@ def test_streamed_training_equals_in_memory_training(digits_store, tmp_path, hea
             assert_same_probe(memory.run_dir, other.run_dir, key, rtol=1e-5, atol=1e-6)
 
 
-def test_automatic_mode_streams_when_the_budget_is_small(digits_store, tmp_path):
+def test_automatic_mode_streams_when_the_budget_is_small(digits_store, tmp_path, monkeypatch):
+    # this budget is the features' alone: 1,200 x 64 features do not fit it, a window of 128 rows does
+    monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: 0)
     result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,),
-                                     timesteps=(10,), pools=(8,), memory_budget=100_000, shuffle_window=128, **FAST))
+                                     timesteps=(10,), pools=(8,), memory_budget=300_000, shuffle_window=128,
+                                     read_threads=1, **FAST))
     assert result.record["data_mode"] == "stream"
+
+
+def test_an_explicit_budget_is_the_processs_and_refuses_a_window_that_does_not_fit(digits_store, tmp_path,
+                                                                                     monkeypatch, caplog):
+    floor = 700 << 20  # what the process holds before any feature
+    monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: floor)
+    store = FeatureStore.open(digits_store)
+    common = dict(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,), timesteps=(10,),
+                  pools=(1,), data_mode="stream", read_threads=1, **FAST)
+    # the plan's stream cost, recomputed: a window of float32 rows, 4 x read_threads chunks read at a time (stored
+    # and pooled), 16 bytes per trained parameter (weight, gradient, two AdamW moments) of every member
+    dim, chunk, info = store.block_info(1)["channels"], store.chunk_samples, store.block_info(1)
+    settings = ProbeSettings(**common)
+    fixed = 4 * 4 * chunk * (info["channels"] * info["grid"] ** 2 + dim) + 16 * len(settings.hypers()) * \
+        HEADS["linear"].parameters(dim, len(store.classes), settings.head_options())
+    left = fixed + 4 * dim * 5 * chunk + 100
+    budget = floor + left + left // 7  # 7/8 of what it leaves (the advice's margin) holds five store chunks, not six
+    with pytest.raises(MemoryBudgetError) as refused:
+        make_plan(store, ProbeSettings(memory_budget=budget, shuffle_window=64 * chunk, **common))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("b1_t10_p1 needs ")
+    assert f"pass --shuffle-window {5 * chunk} or --memory-budget " in message
+    advised = int(message.split("--shuffle-window ")[1].split()[0])
+    plan = make_plan(store, ProbeSettings(memory_budget=budget, shuffle_window=advised, **common))
+    assert plan.mode == "stream" and plan.window_chunks == 5
+    # the advised budget fits the window asked for
+    bigger = parse_byte_size(message.rsplit("--memory-budget ", 1)[1])
+    assert make_plan(store, ProbeSettings(memory_budget=bigger, shuffle_window=64 * chunk, **common)).mode == "stream"
+    # a budget under the process's floor leaves no window: only a budget is advised
+    with pytest.raises(MemoryBudgetError, match=r"leaves after the process's 700\.0 MB; pass --memory-budget 701MB$"):
+        make_plan(store, ProbeSettings(memory_budget=floor // 2, shuffle_window=chunk, **common))
+    # without an explicit budget it is only a warning
+    monkeypatch.setattr(probe_plan, "available_memory", lambda: 2 * fixed)  # half of it: no room for a window
+    with caplog.at_level("WARNING", logger="stages.probe.plan"):
+        assert make_plan(store, ProbeSettings(shuffle_window=64 * chunk, **common)).mode == "stream"
+    assert "trying anyway" in caplog.text
 
 
 # -- honest selection --------------------------------------------------------------------------------

@@ -180,3 +180,24 @@ def test_report_rebuilds_from_result_files_alone(store, tmp_path):
         assert build_report({"only": tmp_path / "ridge"}, tmp_path / "r")["ridge"]["only"] == original["best"]
     finally:
         store.with_name("moved.zarr").rename(store)
+
+
+def test_probe_command_refuses_a_window_its_memory_budget_cannot_hold_and_runs_at_the_advised_one(store, tmp_path,
+                                                                                                 monkeypatch):
+    import stages.probe.plan as probe_plan
+
+    monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: 500 << 20)  # the process, before features
+    args = ["probe", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--pool", "1",
+            "--data-mode", "stream", "--memory-budget", f"{(500 << 20) + 400_000}",
+            "--out", str(tmp_path), *FAST]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    message = refused.output.strip()
+    assert len(message.splitlines()) == 1 and "b1_t10_p1 needs " in message and "(a 65536-sample shuffle window)" \
+        in message
+    window = message.split("pass --shuffle-window ")[1].split()[0]
+    budget = message.rsplit("--memory-budget ", 1)[1]
+    assert parse_byte_size(budget) > (500 << 20) + 400_000
+    for advice in (["--shuffle-window", window], ["--memory-budget", budget]):  # either one, run verbatim, fits
+        done = CliRunner().invoke(main, [*args, *advice])
+        assert done.exit_code == 0, done.output

@@ -31,12 +31,15 @@ def _store(path: Path, per_class: int = 2048) -> Path:
     return write_store(path, features, labels, chunk_samples=64, pools=(2,))
 
 
-# Run in a child, so that the growth measured is the probe's alone: its peak resident set (VmHWM, reset to the
-# current resident set by writing 5 to /proc/self/clear_refs) over the resident set just before it starts,
-# after a probe of a small store has imported everything a probe uses (torch loads some modules only on a
-# first optimizer step: 150 MB that are no feature's).
+# Run in a child, so that what is measured is the probe's process alone: its peak resident set (VmHWM, reset to the
+# current resident set by writing 5 to /proc/self/clear_refs) against a --memory-budget of the resident set just
+# before it starts plus HEADROOM, after a probe of a small store has imported everything a probe uses (torch loads
+# some modules only on a first optimizer step: 150 MB that are no feature's). The budget is the process's: the plan
+# leaves the features what the process does not already hold. A window that does not fit is refused before
+# training, naming the largest --shuffle-window that does; the child then runs the probe at that window.
 CHILD = textwrap.dedent("""
-    import json, sys
+    import dataclasses, json, sys
+    from stages.probe.plan import MemoryBudgetError
     from stages.probe.run import run_probe
     from stages.probe.settings import ProbeSettings
 
@@ -50,25 +53,48 @@ CHILD = textwrap.dedent("""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     before = status("VmRSS")
-    result = run_probe(settings)
+    settings = dataclasses.replace(settings, memory_budget=before + int(sys.argv[2]))
+    refused = None
+    try:
+        result = run_probe(settings)
+    except MemoryBudgetError as error:
+        refused = str(error)
+        window = int(refused.split("--shuffle-window ")[1].split()[0])
+        result = run_probe(dataclasses.replace(settings, shuffle_window=window))
     peak = status("VmHWM")
-    print(json.dumps({"before": before, "peak": peak, "mode": result.record["data_mode"],
+    print(json.dumps({"before": before, "peak": peak, "budget": settings.memory_budget, "refused": refused,
+                      "mode": result.record["data_mode"], "window": result.record["shuffle_window"],
                       "top1": result.metrics["best"]["test_top1"]}))
 """)
+HEADROOM = BUDGET
 
 
-@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
-def test_a_streamed_probe_of_a_store_larger_than_its_budget_stays_within_it(tmp_path):
+def _measure(tmp_path: Path, window: int) -> dict:
     store, small = _store(tmp_path / "s.zarr"), _store(tmp_path / "small.zarr", per_class=64)
     settings = {"store": str(store), "out": str(tmp_path / "out"), "head": "linear", "pools": [2], "epochs": 1,
-                "lrs": [1e-3], "weight_decays": [0.0], "memory_budget": BUDGET, "shuffle_window": WINDOW,
+                "lrs": [1e-3], "weight_decays": [0.0], "shuffle_window": window,
                 "read_threads": 1, "threads": 1, "device": "cpu", "test_split": "val"}
-    warm = {**settings, "store": str(small), "out": str(tmp_path / "warm")}
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([warm, settings])], cwd=REPO, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    warm = {**settings, "store": str(small), "out": str(tmp_path / "warm"), "shuffle_window": WINDOW}
+    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([warm, settings]), str(HEADROOM)], cwd=REPO,
+                          capture_output=True, text=True,
+                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["mode"] == "stream"  # chosen by the budget: the train rows' features are 64 MB
     assert measured["top1"] > 0.5  # it trained on what it read
-    grown = measured["peak"] - measured["before"]
-    assert grown <= BUDGET, f"the streamed probe grew by {grown / MB:.1f} MB, over its {BUDGET / MB:.0f} MB budget"
+    over = (measured["peak"] - measured["budget"]) / MB
+    assert measured["peak"] <= measured["budget"], f"the streamed probe peaked {over:.1f} MB over its budget"
+    return measured
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_streamed_probe_of_a_store_larger_than_its_budget_stays_within_it(tmp_path):
+    measured = _measure(tmp_path, WINDOW)
+    assert measured["refused"] is None and measured["window"] == WINDOW
+
+
+@pytest.mark.skipif(not os.access("/proc/self/clear_refs", os.W_OK), reason="needs Linux's /proc/self/clear_refs")
+def test_a_window_over_the_budget_is_refused_and_the_advised_one_stays_within_it(tmp_path):
+    measured = _measure(tmp_path, 65536)  # 256 MB of rows: the whole store, eight times over the budget
+    assert measured["refused"].startswith("b1_t10_p2 needs ") and "--memory-budget" in measured["refused"]
+    assert WINDOW <= measured["window"] < 65536

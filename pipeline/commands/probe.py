@@ -102,7 +102,7 @@ _setting = functools.partial(click.option, cls=options.SettingsHelpOption, defau
 @_setting("--seed", type=click.IntRange(min=0), default=None, help="[default: {seed}]")
 @_setting("--device", default=None, help="auto, cpu, cuda or cuda:N [default: {device}].")
 @click.option("--memory-budget", type=options.BYTES, default=None,
-              help="e.g. 8GB [default: half the available memory].")
+              help="The whole process's, e.g. 8GB [default: half the available memory].")
 @_setting("--data-mode", type=click.Choice(["auto", "memory", "stream"]), default=None,
           help="Keep features in memory or stream them each epoch [default: {data_mode}, by the budget].")
 @_setting("--shuffle-window", type=click.IntRange(min=1), default=None,

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +28,7 @@ import numpy as np
 from cache.errors import IncompleteStoreError, UserError
 from cache.reader import FeatureStore
 from cache.text import format_bytes, format_ranges
-from stages.devices import available_memory
+from stages.devices import available_memory, resident_memory
 from stages.probe.fewshot import RULE, few_shot_rows, rows_digest, smallest_class
 from stages.probe.registry import HeadSpec
 from stages.probe.settings import ProbeSettings
@@ -304,13 +306,51 @@ def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: 
 
 
 # -- memory ------------------------------------------------------------------------------------------------
+class MemoryBudgetError(ProbeInputError):
+    """An input set alone does not fit what an explicit --memory-budget leaves once the process is counted."""
+
+
+# What a torch optimizer's first step loads into a process that has not taken one yet (torch._dynamo and what it
+# imports): 160 MB resident measured with torch 2.14 (CUDA build, on the CPU), rounded up.
+FIRST_STEP_ALLOWANCE = 192 << 20
+
+
+def first_step_allowance(torch_head: bool) -> int:
+    """FIRST_STEP_ALLOWANCE for a torch head in a process that has not yet taken an optimizer step, else 0."""
+    return FIRST_STEP_ALLOWANCE if torch_head and "torch._dynamo" not in sys.modules else 0
+
+
+def process_floor(torch_head: bool) -> int:
+    """Bytes the process holds before it holds any feature: its resident set now (0 where the system does not
+    report it) and what its first training step will load."""
+    return resident_memory() + first_step_allowance(torch_head)
+
+
+def _budget_text(n: float) -> str:
+    """Bytes rounded up to a tenth of a GB, or a whole MB, as `--memory-budget` reads them."""
+    if n >= 1 << 30:
+        return f"{math.ceil(n / (1 << 30) * 10) / 10:g}GB"
+    return f"{max(1, math.ceil(n / (1 << 20)))}MB"
+
+
 def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int, n_test: int,
-                window_samples: int, num_classes: int) -> tuple[str, list[list[int]], int]:
+                window_samples: int, num_classes: int, *, views: int = 1,
+                floor: int | None = None) -> tuple[str, list[list[int]], int]:
     """(mode, passes of combo indices, budget). Memory mode needs n_train rows of a pass's input sets,
     stream mode a window of rows (plus the stored grids it is pooled from); passes split the input
-    sets so that each fits the budget. Results do not depend on the split."""
+    sets so that each fits the budget. Results do not depend on the split.
+
+    The budget is the whole process's: an explicit `settings.memory_budget` less the process's floor
+    (`process_floor`, or `floor`) is what the features may use. The default budget, half the available
+    memory, already leaves out what the process holds, so only the first step's allowance is taken from it.
+    A streamed input set that alone needs more than an explicit budget leaves is refused
+    (`MemoryBudgetError`, naming the largest --shuffle-window that fits); without one it is tried anyway."""
     spec = settings.spec
+    explicit = settings.memory_budget is not None
+    if floor is None:
+        floor = process_floor(spec.is_torch)
     budget = settings.memory_budget or available_memory() // 2
+    left = budget - (floor if explicit else first_step_allowance(spec.is_torch))
     per_param = 16  # weight, gradient and two optimizer moments, float32
     hypers = len(settings.hypers())
     options = settings.head_options()
@@ -321,14 +361,15 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
     def memory_cost(c: Combo) -> int:  # train rows kept, test rows while scoring
         return 4 * (n_train * spec.train_copies + n_test) * c.dim + per_param * params(c)
 
-    def stream_cost(c: Combo) -> int:  # one window of packed rows, and the chunks read at a time, stored and pooled
+    def stream_cost(c: Combo, window: int = window_samples) -> int:  # one window of packed rows, and the chunks
+        # read at a time, stored and pooled
         raw = sum(store.block_info(b)["channels"] * store.block_info(b)["grid"] ** 2 for b, _ in c.inputs)
         read_rows = 4 * settings.read_threads * store.chunk_samples  # stages.probe.features.Reader.chunks
-        return 4 * window_samples * c.dim + 4 * read_rows * (raw + c.dim) + per_param * params(c)
+        return 4 * window * c.dim + 4 * read_rows * (raw + c.dim) + per_param * params(c)
 
     mode = settings.data_mode
     if mode == "auto":
-        fits = sum(memory_cost(c) for c in combos) <= budget or all(memory_cost(c) <= budget for c in combos)
+        fits = sum(memory_cost(c) for c in combos) <= left or all(memory_cost(c) <= left for c in combos)
         mode = "memory" if fits or not spec.is_torch else "stream"
     if mode == "stream" and not spec.is_torch:
         raise ProbeInputError("the scikit-learn probes need their features in memory; use a torch head "
@@ -336,17 +377,37 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
     cost = memory_cost if mode == "memory" else stream_cost
     passes, current, used = [], [], 0
     for i, c in enumerate(combos):
-        if current and used + cost(c) > budget:
+        if current and used + cost(c) > left:
             passes.append(current)
             current, used = [], 0
         current.append(i)
         used += cost(c)
     passes.append(current)
-    too_big = [c.key for c in combos if cost(c) > budget]
+    too_big = [c for c in combos if cost(c) > left]
+    if too_big and mode == "stream" and explicit:
+        raise _over_budget(too_big, stream_cost, settings, store, budget, floor, left, views)
     if too_big:
-        log.warning("%s need more than the memory budget (%s) in %s mode; trying anyway", ", ".join(too_big),
-                    format_bytes(budget), mode)
+        log.warning("%s need more than the memory budget (%s, %s of it for features) in %s mode; trying anyway",
+                    ", ".join(c.key for c in too_big), format_bytes(budget), format_bytes(max(left, 0)), mode)
     return mode, passes, budget
+
+
+def _over_budget(too_big: list[Combo], stream_cost, settings: ProbeSettings, store: FeatureStore, budget: int,
+                 floor: int, left: int, views: int) -> MemoryBudgetError:
+    """The refusal: what each streamed input set needs, what the budget leaves, the largest --shuffle-window
+    (whole store chunks) that fits every one of them in 7/8 of it, and the --memory-budget whose 7/8 fits the
+    asked window."""
+    cs = store.chunk_samples
+    room = left - left // 8  # an eighth spare: the process's resident set varies a little from run to run
+    chunks = min((room - stream_cost(c, 0)) // (4 * cs * views * c.dim) for c in too_big)
+    need = max(stream_cost(c) for c in too_big)
+    window = f"--shuffle-window {chunks * cs} or " if chunks >= 1 else ""
+    keys = ", ".join(c.key for c in too_big) + (" needs" if len(too_big) == 1 else " need up to")
+    return MemoryBudgetError(
+        f"{keys} {format_bytes(need)} streamed (a {settings.shuffle_window}-sample "
+        f"shuffle window), more than the {format_bytes(max(left, 0))} that --memory-budget {format_bytes(budget)} "
+        f"leaves after the process's {format_bytes(floor)}; pass {window}--memory-budget "
+        f"{_budget_text(floor + need + need // 7)}")
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -422,7 +483,7 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
     window_chunks = max(1, settings.shuffle_window // samples.chunk_samples)
     mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels) * views,
                                        len(samples.test.labels), window_chunks * samples.chunk_samples * views,
-                                       num_classes)
+                                       num_classes, views=views)
     if mode == "stream" and settings.solver == "lbfgs":
         raise ProbeInputError(f"the features of this probe do not fit the memory budget ({format_bytes(budget)}) that "
                               "--solver lbfgs needs; train with minibatches: add --solver minibatch")

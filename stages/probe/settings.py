@@ -111,7 +111,7 @@ class ProbeSettings:
     val_fraction: float = 0.1
     seed: int = 0
     device: str = "auto"
-    memory_budget: int | None = None  # bytes for cached features; None: half the available memory
+    memory_budget: int | None = None  # bytes for the process (features get what it does not hold); None: half free
     data_mode: str = "auto"  # auto | memory | stream
     shuffle_window: int = 65536  # samples shuffled together (rounded to whole store chunks)
     allow_incomplete: bool = False
