@@ -50,7 +50,8 @@ test: install
 test-fast: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -m "not slow" -n 2
 
-# ruff's rules and import-linter's architecture contracts (pyproject.toml)
+# ruff's rules and format, and import-linter's architecture contracts (pyproject.toml)
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports

@@ -41,11 +41,19 @@ from stages.cka import streaming  # noqa: E402
 
 def write(path: Path, samples: int, blocks: int, channels: list[int], chunk_samples: int) -> None:
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="bench", data={"classes": ["a"]}, noise_seed=0, dtype="float16", precision="fp32",
-                    chunk_samples=chunk_samples)
+    settings.update(
+        kind="bench",
+        data={"classes": ["a"]},
+        noise_seed=0,
+        dtype="float16",
+        precision="fp32",
+        chunk_samples=chunk_samples,
+    )
     widths = [channels[b % len(channels)] for b in range(blocks)]
-    table = [{"number": b + 1, "module": f"m{b}", "adm_name": f"a{b}", "channels": c, "resolution": 1}
-             for b, c in enumerate(widths)]
+    table = [
+        {"number": b + 1, "module": f"m{b}", "adm_name": f"a{b}", "channels": c, "resolution": 1}
+        for b, c in enumerate(widths)
+    ]
     splits = {"val": SplitIndex(np.zeros(samples, np.int64), [f"{i}.png" for i in range(samples)])}
     rng = np.random.default_rng(0)
     maps = [rng.normal(size=(widths[b - 1], widths[b])) / np.sqrt(widths[b - 1]) for b in range(1, blocks)]
@@ -88,8 +96,9 @@ def measured(function):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--store", default=None,
-                        help="An existing store (every array at pool 1) instead of a synthetic one.")
+    parser.add_argument(
+        "--store", default=None, help="An existing store (every array at pool 1) instead of a synthetic one."
+    )
     parser.add_argument("--split", default="val")
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--blocks", type=int, default=24)
@@ -112,20 +121,29 @@ def main() -> None:
         rows = np.arange(store.num_samples(args.split))
         reader = streaming.Reader({"s": store}, args.split, threads=1, progress=False)
         width = sum(f.width for f in features)
-        print(f"store: {len(rows)} {args.split} samples, {len(features)} arrays, {width} features in all, "
-              f"{len(features) * (len(features) + 1) // 2} pairs; {args.threads} BLAS thread(s)")
+        print(
+            f"store: {len(rows)} {args.split} samples, {len(features)} arrays, {width} features in all, "
+            f"{len(features) * (len(features) + 1) // 2} pairs; {args.threads} BLAS thread(s)"
+        )
         memory, (t_memory, c_memory), p_memory = measured(lambda: in_memory(store, args.split, features))
-        print(f"in memory (NumPy, float64)  : {t_memory:7.2f} s wall {c_memory:7.2f} s CPU  peak "
-              f"{format_bytes(p_memory):>10}")
-        for label, budget in (("streamed, one pass", 1 << 40), (f"streamed, budget {args.budget}",
-                                                               parse_byte_size(args.budget))):
+        print(
+            f"in memory (NumPy, float64)  : {t_memory:7.2f} s wall {c_memory:7.2f} s CPU  peak "
+            f"{format_bytes(p_memory):>10}"
+        )
+        for label, budget in (
+            ("streamed, one pass", 1 << 40),
+            (f"streamed, budget {args.budget}", parse_byte_size(args.budget)),
+        ):
             (linear, _), (seconds, cpu), peak = measured(
-                lambda budget=budget: streaming.linear_and_debiased(reader, features, rows, budget=budget))
+                lambda budget=budget: streaming.linear_and_debiased(reader, features, rows, budget=budget)
+            )
             groups = len(streaming.plan_groups(features, budget, reader.window))
-            print(f"{label:<28}: {seconds:7.2f} s wall {cpu:7.2f} s CPU  peak {format_bytes(peak):>10}  "
-                  f"({groups * (groups + 1) // 2} pass(es)); ratios: wall {seconds / t_memory:.2f}, CPU "
-                  f"{cpu / c_memory:.2f}, memory {peak / p_memory:.2f}; largest |difference| "
-                  f"{np.abs(linear - memory).max():.2e}")
+            print(
+                f"{label:<28}: {seconds:7.2f} s wall {cpu:7.2f} s CPU  peak {format_bytes(peak):>10}  "
+                f"({groups * (groups + 1) // 2} pass(es)); ratios: wall {seconds / t_memory:.2f}, CPU "
+                f"{cpu / c_memory:.2f}, memory {peak / p_memory:.2f}; largest |difference| "
+                f"{np.abs(linear - memory).max():.2e}"
+            )
 
 
 if __name__ == "__main__":

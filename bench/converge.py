@@ -25,8 +25,14 @@ from pathlib import Path
 import numpy as np
 
 
-def reference(store_path: str, combos: list[tuple[int, int, int]], Cs: list[float], test_split: str,
-              val_fraction: float = 0.1, seed: int = 0) -> dict:
+def reference(
+    store_path: str,
+    combos: list[tuple[int, int, int]],
+    Cs: list[float],
+    test_split: str,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> dict:
     """{key: {val, test, C, oracle}} of the converged, C-tuned LogisticRegression (see the module docstring)."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
@@ -56,8 +62,12 @@ def reference(store_path: str, combos: list[tuple[int, int, int]], Cs: list[floa
                 loss = -np.mean(np.log(proba[np.arange(len(val)), np.searchsorted(model.classes_, y[val])] + 1e-300))
                 rows.append((model.score(x_val, y[val]), loss, model.score(x_test, y_test), C))
             best = min(range(len(rows)), key=lambda i: (-rows[i][0], rows[i][1], i))
-            out[f"b{b}_t{t}_p{p}"] = {"val": rows[best][0], "test": rows[best][2], "C": rows[best][3],
-                                      "oracle": max(r[2] for r in rows)}
+            out[f"b{b}_t{t}_p{p}"] = {
+                "val": rows[best][0],
+                "test": rows[best][2],
+                "C": rows[best][3],
+                "oracle": max(r[2] for r in rows),
+            }
     return out
 
 
@@ -99,18 +109,29 @@ def main() -> None:
         cache.write_text(json.dumps(ref))
     for head in args.heads.split(","):
         started, cpu = time.perf_counter(), time.process_time()
-        result = run_probe(ProbeSettings(store=args.store, head=head, out=str(args.out), name=head + args.tag,
-                                         pools=pools, blocks=None if args.blocks is None else tuple(blocks), threads=1,
-                                         **extra))
+        result = run_probe(
+            ProbeSettings(
+                store=args.store,
+                head=head,
+                out=str(args.out),
+                name=head + args.tag,
+                pools=pools,
+                blocks=None if args.blocks is None else tuple(blocks),
+                threads=1,
+                **extra,
+            )
+        )
         seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
         chosen = {r["key"]: r for r in result.rows if r["selected"]}
         diffs = {k: 100 * (chosen[k]["test_top1"] - ref[k]["test"]) for k in ref}
         worst = min(diffs, key=diffs.get)
-        print(f"{head}{args.tag}: {seconds:.1f} s ({cpu:.1f} s CPU), mean {np.mean(list(diffs.values())):+.2f}, "
-              f"lowest {diffs[worst]:+.2f} "
-              f"({worst}: {chosen[worst]['test_top1']:.4f} vs {ref[worst]['test']:.4f} at C {ref[worst]['C']:g}); "
-              f"below -0.3: {sum(d < -0.3 for d in diffs.values())}/{len(diffs)}, "
-              f"below -0.5: {sum(d < -0.5 for d in diffs.values())}")
+        print(
+            f"{head}{args.tag}: {seconds:.1f} s ({cpu:.1f} s CPU), mean {np.mean(list(diffs.values())):+.2f}, "
+            f"lowest {diffs[worst]:+.2f} "
+            f"({worst}: {chosen[worst]['test_top1']:.4f} vs {ref[worst]['test']:.4f} at C {ref[worst]['C']:g}); "
+            f"below -0.3: {sum(d < -0.3 for d in diffs.values())}/{len(diffs)}, "
+            f"below -0.5: {sum(d < -0.5 for d in diffs.values())}"
+        )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,15 @@ from stages.data.images import load_image  # noqa: E402
 
 H200_BF16_DENSE = 989e12  # FLOP/s, NVIDIA's H200 SXM datasheet (dense, without sparsity)
 UTILISATION = 0.5
-ADM256 = {"image_size": 256, "num_channels": 256, "channel_mult": (1, 1, 2, 2, 4, 4), "num_res_blocks": 2,
-          "attention_resolutions": (8, 16, 32), "num_head_channels": 64, "out_channels": 6}
+ADM256 = {
+    "image_size": 256,
+    "num_channels": 256,
+    "channel_mult": (1, 1, 2, 2, 4, 4),
+    "num_res_blocks": 2,
+    "attention_resolutions": (8, 16, 32),
+    "num_head_channels": 64,
+    "out_channels": 6,
+}
 
 
 def photographs(count: int, width: int, height: int, quality: int, seed: int = 0) -> list[bytes]:
@@ -110,8 +117,10 @@ def kinds_of_input(images: list[bytes], workdir: Path) -> dict:
     (workdir / "wds").mkdir()
     with tarfile.open(workdir / "wds" / "set-train-000000.tar", "w", format=tarfile.USTAR_FORMAT) as tar:
         for path, label in zip(order.paths, order.labels):
-            for name, data in ((f"{Path(path).stem}.jpg", (folder / path).read_bytes()),
-                               (f"{Path(path).stem}.cls", str(int(label)).encode())):
+            for name, data in (
+                (f"{Path(path).stem}.jpg", (folder / path).read_bytes()),
+                (f"{Path(path).stem}.cls", str(int(label)).encode()),
+            ):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -128,8 +137,13 @@ def kinds_of_input(images: list[bytes], workdir: Path) -> dict:
         return splits
     datasets.config.HF_DATASETS_CACHE = workdir / "hf-cache"
     features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=order.classes)})
-    table = pa.table({"image": [{"bytes": (folder / p).read_bytes(), "path": None} for p in order.paths],
-                      "label": [int(x) for x in order.labels]}, schema=features.arrow_schema)
+    table = pa.table(
+        {
+            "image": [{"bytes": (folder / p).read_bytes(), "path": None} for p in order.paths],
+            "label": [int(x) for x in order.labels],
+        },
+        schema=features.arrow_schema,
+    )
     (workdir / "hf" / "data").mkdir(parents=True)
     pq.write_table(table, workdir / "hf" / "data" / "train-00000-of-00001.parquet")
     splits["hf"] = open_dataset(f"hf:{workdir / 'hf'}", splits=("train",))["train"]
@@ -151,9 +165,11 @@ def main() -> None:
     from torchvision.io import decode_jpeg
 
     images = photographs(args.images, args.width, args.height, args.quality)
-    print(f"{platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, PIL {Image.__version__}; "
-          f"{len(images)} JPEGs of {args.width}x{args.height}, q{args.quality}, "
-          f"mean {np.mean([len(i) for i in images]) / 1e3:.0f} kB; one thread")
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, torch {torch.__version__}, PIL {Image.__version__}; "
+        f"{len(images)} JPEGs of {args.width}x{args.height}, q{args.quality}, "
+        f"mean {np.mean([len(i) for i in images]) / 1e3:.0f} kB; one thread"
+    )
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in images]
 
     def pil_decode(data):
@@ -163,24 +179,35 @@ def main() -> None:
     same = all(np.array_equal(pil_decode(d), decode_jpeg(t).permute(1, 2, 0).numpy()) for d, t in zip(images, tensors))
     pil = rate(pil_decode, images, args.seconds)
     tv = rate(decode_jpeg, tensors, args.seconds)
-    print(f"\ndecode only, images/s per core: PIL {pil:.0f}, torchvision decode_jpeg {tv:.0f} ({tv / pil:.2f}x); "
-          f"identical pixels: {same}")
+    print(
+        f"\ndecode only, images/s per core: PIL {pil:.0f}, torchvision decode_jpeg {tv:.0f} ({tv / pil:.2f}x); "
+        f"identical pixels: {same}"
+    )
 
     per_core = {}
     print(f"\n{'size':>5} {'path':<28} {'img/s/core':>10} {'vs exact':>9} {'max |diff|':>11} {'mean |diff|':>12}")
     for size in [int(s) for s in args.sizes.split(",")]:
         exact = [load_image("bench", size, 3, data=d) for d in images]
-        for name, options in (("exact (bicubic)", {}), ("adm resize", {"method": "adm"}),
-                              ("draft + bicubic", {"draft": True}), ("draft + adm", {"method": "adm", "draft": True})):
+        for name, options in (
+            ("exact (bicubic)", {}),
+            ("adm resize", {"method": "adm"}),
+            ("draft + bicubic", {"draft": True}),
+            ("draft + adm", {"method": "adm", "draft": True}),
+        ):
             speed = rate(lambda d, o=options, s=size: load_image("bench", s, 3, data=d, **o), images, args.seconds)
-            reference = exact if options.get("method") != "adm" else [
-                load_image("bench", size, 3, data=d, method="adm") for d in images]
-            diffs = torch.stack([(load_image("bench", size, 3, data=d, **options) - r).abs()
-                                 for d, r in zip(images, reference)])
+            reference = (
+                exact
+                if options.get("method") != "adm"
+                else [load_image("bench", size, 3, data=d, method="adm") for d in images]
+            )
+            diffs = torch.stack(
+                [(load_image("bench", size, 3, data=d, **options) - r).abs() for d, r in zip(images, reference)]
+            )
             base = per_core.setdefault((size, "exact"), speed)
             per_core[(size, name)] = speed
-            print(f"{size:>5} {name:<28} {speed:>10.0f} {speed / base:>8.2f}x {diffs.max():>11.4f} "
-                  f"{diffs.mean():>12.5f}")
+            print(
+                f"{size:>5} {name:<28} {speed:>10.0f} {speed / base:>8.2f}x {diffs.max():>11.4f} {diffs.mean():>12.5f}"
+            )
 
     with tempfile.TemporaryDirectory() as workdir:
         splits = kinds_of_input(images, Path(workdir))
@@ -196,11 +223,19 @@ def main() -> None:
         worker = {}
         for steps in [int(s) for s in args.timesteps.split(",")]:
             for kind, split in splits.items():
-                sample = _NoisedImages(split, {"size": 256, "channels": 3, "method": "bicubic"},
-                                       list(range(10, 10 + 10 * steps, 10)), 0, (3, 256, 256))
+                sample = _NoisedImages(
+                    split,
+                    {"size": 256, "channels": 3, "method": "bicubic"},
+                    list(range(10, 10 + 10 * steps, 10)),
+                    0,
+                    (3, 256, 256),
+                )
                 worker[(kind, steps)] = rate(sample.__getitem__, list(range(len(split.paths))), args.seconds)
-            print(f"  a worker's whole sample (image + {steps} noise draw(s) of 3x256x256): " + ", ".join(
-                f"{kind} {worker[(kind, steps)]:.0f}" for kind in splits) + " samples/s/core")
+            print(
+                f"  a worker's whole sample (image + {steps} noise draw(s) of 3x256x256): "
+                + ", ".join(f"{kind} {worker[(kind, steps)]:.0f}" for kind in splits)
+                + " samples/s/core"
+            )
 
     if args.device.startswith("cuda") and torch.cuda.is_available():
         device = torch.device(args.device)
@@ -214,12 +249,16 @@ def main() -> None:
 
     flops = forward_flops(30)
     forwards = H200_BF16_DENSE * UTILISATION / flops
-    print(f"\nADM-256 to block 30: {flops / 1e9:.0f} GFLOP per image and timestep; one H200 at {UTILISATION:.0%} of "
-          f"{H200_BF16_DENSE / 1e12:.0f} TFLOP/s bf16: {forwards:.0f} forwards/s")
+    print(
+        f"\nADM-256 to block 30: {flops / 1e9:.0f} GFLOP per image and timestep; one H200 at {UTILISATION:.0%} of "
+        f"{H200_BF16_DENSE / 1e12:.0f} TFLOP/s bf16: {forwards:.0f} forwards/s"
+    )
     for steps in [int(s) for s in args.timesteps.split(",")]:
         need = forwards / steps
-        print(f"  {steps} timestep(s) per image: {need:.0f} images/s to feed; DataLoader cores per GPU "
-              "(an 8-GPU node's in brackets), from a worker's whole sample:")
+        print(
+            f"  {steps} timestep(s) per image: {need:.0f} images/s to feed; DataLoader cores per GPU "
+            "(an 8-GPU node's in brackets), from a worker's whole sample:"
+        )
         for kind in kinds:
             cores = need / worker[(kind, steps)]
             print(f"    {kind:<8} {cores:5.2f} -> {math.ceil(cores)} ({8 * math.ceil(cores)})")

@@ -29,8 +29,19 @@ from tests.test_probe_support import digits_features, write_store  # noqa: E402
 
 
 def probe(store: Path, out: Path, *flags: str) -> None:
-    command = ["pipeline", "-q", "probe", "--store", str(store), "--threads", "1", "--no-render", "--out", str(out),
-               *flags]
+    command = [
+        "pipeline",
+        "-q",
+        "probe",
+        "--store",
+        str(store),
+        "--threads",
+        "1",
+        "--no-render",
+        "--out",
+        str(out),
+        *flags,
+    ]
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     print(f"$ pipeline probe --store digits.zarr {' '.join(flags)}   ({time.perf_counter() - started:.1f} s)")
@@ -53,8 +64,21 @@ def main() -> None:
     for vote in ("softmax", "distance", "uniform"):
         probe(store, work / vote, "--head", "knn", *grid, "--vote", vote)
     one = ["--blocks", "1", "--timesteps", "10", "--pool", "8"]
-    probe(store, work / "knn", "--head", "knn", *one, "--knn-k", "10,20,100,200", "--seeds", "0,1,2",
-          "--shots", "1,2,5,10,20", "--episodes", "5")
+    probe(
+        store,
+        work / "knn",
+        "--head",
+        "knn",
+        *one,
+        "--knn-k",
+        "10,20,100,200",
+        "--seeds",
+        "0,1,2",
+        "--shots",
+        "1,2,5,10,20",
+        "--episodes",
+        "5",
+    )
     probe(store, work / "linear", "--head", "linear", *one, "--seeds", "0,1,2")
 
     torch.set_num_threads(1)
@@ -65,14 +89,18 @@ def main() -> None:
     matmul = timed(lambda: queries @ train.T)
     topk = timed(lambda: torch.topk(sims, 200, dim=1))
     stable = timed(lambda: _stable_top(sims, 200))
-    print(f"1024 queries x 20000 rows x 256 dims, k = 200, 1 thread: similarities {1000 * matmul:.0f} ms, "
-          f"torch.topk {1000 * topk:.0f} ms, stable order {1000 * stable:.0f} ms ({stable / topk:.2f}x topk)")
+    print(
+        f"1024 queries x 20000 rows x 256 dims, k = 200, 1 thread: similarities {1000 * matmul:.0f} ms, "
+        f"torch.topk {1000 * topk:.0f} ms, stable order {1000 * stable:.0f} ms ({stable / topk:.2f}x topk)"
+    )
     labels = rng.integers(0, 1000, 50000)
     correct = rng.random((50000, 20)) < 0.7
     plain = timed(lambda: bootstrap_intervals(correct, labels, 0), repeats=1)
     balanced = timed(lambda: bootstrap_intervals(correct, labels, 0, balanced=True), repeats=1)
-    print(f"bootstrap, 1000 resamples of 50000 test samples, 20 configurations, 1000 classes: top-1 {plain:.1f} s, "
-          f"balanced {balanced:.1f} s")
+    print(
+        f"bootstrap, 1000 resamples of 50000 test samples, 20 configurations, 1000 classes: top-1 {plain:.1f} s, "
+        f"balanced {balanced:.1f} s"
+    )
 
 
 if __name__ == "__main__":

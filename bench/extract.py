@@ -41,10 +41,24 @@ from stages.models.capture import BlockCapture  # noqa: E402
 from stages.models.loading import load_model  # noqa: E402
 from stages.models.unet_configs import adm_unet_config  # noqa: E402
 
-ADM256 = dict(image_size=256, num_channels=256, channel_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2,
-              attention_resolutions=(8, 16, 32), num_head_channels=64, out_channels=6)
-SMALL = dict(image_size=32, num_channels=64, channel_mult=(1, 2, 2, 2), num_res_blocks=2,
-             attention_resolutions=(2, 4), num_head_channels=32, out_channels=6)
+ADM256 = dict(
+    image_size=256,
+    num_channels=256,
+    channel_mult=(1, 1, 2, 2, 4, 4),
+    num_res_blocks=2,
+    attention_resolutions=(8, 16, 32),
+    num_head_channels=64,
+    out_channels=6,
+)
+SMALL = dict(
+    image_size=32,
+    num_channels=64,
+    channel_mult=(1, 2, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(2, 4),
+    num_head_channels=32,
+    out_channels=6,
+)
 
 
 def build(workdir: Path, images: int, adm256: bool) -> tuple[Path, Path]:
@@ -69,9 +83,11 @@ def inputs(model_dir: Path, data: Path, timesteps: list[int]):
     split = scan(data, ["train"])["train"]
     x0 = torch.stack([load_image(data / p, unet.config.sample_size, 3) for p in split.paths])
     abar = DDPMScheduler.from_pretrained(model_dir).alphas_cumprod
-    xts = {t: abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t,
-                                                                              x0.shape[1:]) for i in range(len(x0))])
-           for t in timesteps}
+    xts = {
+        t: abar[t].sqrt() * x0
+        + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t, x0.shape[1:]) for i in range(len(x0))])
+        for t in timesteps
+    }
     return unet, xts
 
 
@@ -112,9 +128,19 @@ def bare(unet, xts, batch: int, device, precision="fp32", stop_block=None) -> fl
 def extraction(model, data, out, blocks, timesteps, batch, device, precision="fp32", workers=None) -> float:
     """Seconds for `pipeline extract` on an already loaded model (loading and hashing it once is not per image)."""
     shutil.rmtree(out, ignore_errors=True)
-    config = ExtractConfig(model=model.source, data=str(data), out=str(out), blocks=blocks, timesteps=tuple(timesteps),
-                           pools=(1, 2, 4), splits=("train",), batch_size=batch, device=str(device),
-                           precision=precision, workers=workers)
+    config = ExtractConfig(
+        model=model.source,
+        data=str(data),
+        out=str(out),
+        blocks=blocks,
+        timesteps=tuple(timesteps),
+        pools=(1, 2, 4),
+        splits=("train",),
+        batch_size=batch,
+        device=str(device),
+        precision=precision,
+        workers=workers,
+    )
     start = time.perf_counter()
     run_extract(config, progress=False, model=model)
     sync(device)
@@ -129,16 +155,25 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--timesteps", default="10,90,150")
     parser.add_argument("--repeats", type=int, default=2, help="best of N for each measurement")
-    parser.add_argument("--nproc", type=int, default=None,
-                        help="compare 1 process with N under torchrun, and count the store's objects "
-                             "(bench/extract_scale.py)")
-    parser.add_argument("--model-kind", choices=("unet", "sd", "dit", "sdxl", "sd3", "flux", "pixart", "sana"),
-                        default="unet",
-                        help="sd, dit: a latent model (bench/extract_latent.py); sdxl, sd3, flux, pixart, sana: "
-                             "bench/extract_transformers.py; VAE encoding timed separately")
-    parser.add_argument("--full", action="store_true",
-                        help="with --model-kind: SD-2.1-, DiT-XL/2-, SDXL-, SD3-medium-, FLUX.1-dev-, "
-                             "PixArt-Sigma- or Sana-1600M-sized random weights")
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="compare 1 process with N under torchrun, and count the store's objects (bench/extract_scale.py)",
+    )
+    parser.add_argument(
+        "--model-kind",
+        choices=("unet", "sd", "dit", "sdxl", "sd3", "flux", "pixart", "sana"),
+        default="unet",
+        help="sd, dit: a latent model (bench/extract_latent.py); sdxl, sd3, flux, pixart, sana: "
+        "bench/extract_transformers.py; VAE encoding timed separately",
+    )
+    parser.add_argument(
+        "--full",
+        action="store_true",
+        help="with --model-kind: SD-2.1-, DiT-XL/2-, SDXL-, SD3-medium-, FLUX.1-dev-, "
+        "PixArt-Sigma- or Sana-1600M-sized random weights",
+    )
     parser.add_argument("--precision", default=None, help="with --model-kind [default: bf16 on cuda, fp32 on cpu]")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -149,10 +184,16 @@ def main() -> None:
         else:
             from bench.extract_transformers import run
 
-        run(args.model_kind, full=args.full, device=device,
+        run(
+            args.model_kind,
+            full=args.full,
+            device=device,
             images=args.images or (128 if device.type == "cuda" else 32),
-            batch=args.batch_size or (32 if device.type == "cuda" else 8), timesteps=timesteps,
-            precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"), repeats=args.repeats)
+            batch=args.batch_size or (32 if device.type == "cuda" else 8),
+            timesteps=timesteps,
+            precision=args.precision or ("bf16" if device.type == "cuda" else "fp32"),
+            repeats=args.repeats,
+        )
         return
     images = args.images or (256 if device.type == "cuda" else 384)
     batch = args.batch_size or 32
@@ -166,23 +207,39 @@ def main() -> None:
         if args.nproc:
             from extract_scale import compare
 
-            print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks; "
-                  f"{images} images x {len(timesteps)} timesteps; {device}")
-            compare(model_dir, data, workdir, nproc=args.nproc, images=images, timesteps=timesteps, batch=batch,
-                    device=str(device))
+            print(
+                f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks; "
+                f"{images} images x {len(timesteps)} timesteps; {device}"
+            )
+            compare(
+                model_dir,
+                data,
+                workdir,
+                nproc=args.nproc,
+                images=images,
+                timesteps=timesteps,
+                batch=batch,
+                device=str(device),
+            )
             return
         middle = next(b.number for b in table if b.module == "mid_block")
-        print(f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks, "
-              f"{unet.config.sample_size}px; {images} images x {len(timesteps)} timesteps; batch {batch}; {device}"
-              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+        print(
+            f"model: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f}M parameters, {len(table)} blocks, "
+            f"{unet.config.sample_size}px; {images} images x {len(timesteps)} timesteps; batch {batch}; {device}"
+            + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+        )
         store = workdir / "features.zarr"
         if device.type == "cpu":
             bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device)  # warm-up
             # Interleaved repeats, best of each: drift in machine load hits all three alike.
-            runs = [(bare(unet, xts, batch, device),
-                     extraction(loaded, data, store, None, timesteps, batch, device),
-                     extraction(loaded, data, store, tuple(range(1, middle + 1)), timesteps, batch, device))
-                    for _ in range(args.repeats)]
+            runs = [
+                (
+                    bare(unet, xts, batch, device),
+                    extraction(loaded, data, store, None, timesteps, batch, device),
+                    extraction(loaded, data, store, tuple(range(1, middle + 1)), timesteps, batch, device),
+                )
+                for _ in range(args.repeats)
+            ]
             a, b, c = (min(column) for column in zip(*runs))
             n = images * len(timesteps)
             print(f"(a) bare full forward, one pass per timestep : {a:7.2f} s  {n / a:8.1f} img*t/s")
@@ -195,16 +252,23 @@ def main() -> None:
             first = max(1, last - 12)
             for precision in ("bf16", "fp32"):  # the fast setting first, in case a time limit cuts the run
                 bare(unet, {timesteps[0]: xts[timesteps[0]][:batch]}, batch, device, precision, last)
-                runs = [(bare(unet, xts, batch, device, precision, last),
-                         extraction(loaded, data, store, tuple(range(first, last + 1)), timesteps, batch, device,
-                                    precision))
-                        for _ in range(args.repeats)]
+                runs = [
+                    (
+                        bare(unet, xts, batch, device, precision, last),
+                        extraction(
+                            loaded, data, store, tuple(range(first, last + 1)), timesteps, batch, device, precision
+                        ),
+                    )
+                    for _ in range(args.repeats)
+                ]
                 a, b = (min(column) for column in zip(*runs))
                 n = images * len(timesteps)
                 label = precision + (" (no TF32)" if precision == "fp32" else "")
-                print(f"{label}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
-                      f"x {len(timesteps)} timesteps into a store: {n / b:8.1f} img*t/s | ratio {b / a:.3f} "
-                      "(target <= 1.10)")
+                print(
+                    f"{label}: bare forward to block {last}: {n / a:8.1f} img*t/s | extract blocks {first}-{last} "
+                    f"x {len(timesteps)} timesteps into a store: {n / b:8.1f} img*t/s | ratio {b / a:.3f} "
+                    "(target <= 1.10)"
+                )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 

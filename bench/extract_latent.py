@@ -34,20 +34,46 @@ SD_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 SIZES = {
     # SD 2.1 (stabilityai/stable-diffusion-2-1, 768 px) and its VAE; the text encoder has SD 2.1's width, one layer
-    ("sd", True): dict(unet=dict(sample_size=96, block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10,
-                                                                                                                20, 20),
-                                 cross_attention_dim=1024, use_linear_projection=True, layers_per_block=2,
-                                 down_block_types=SD_DOWN, up_block_types=SD_UP),
-                       vae=(128, 256, 512, 512), text=1024, blocks="13-19"),
-    ("sd", False): dict(unet=dict(sample_size=16, block_out_channels=(32, 64, 64, 64), attention_head_dim=8,
-                                  cross_attention_dim=64, layers_per_block=2, down_block_types=SD_DOWN,
-                                  up_block_types=SD_UP),
-                        vae=(32, 32, 64, 64), text=64, blocks="13-19"),
+    ("sd", True): dict(
+        unet=dict(
+            sample_size=96,
+            block_out_channels=(320, 640, 1280, 1280),
+            attention_head_dim=(5, 10, 20, 20),
+            cross_attention_dim=1024,
+            use_linear_projection=True,
+            layers_per_block=2,
+            down_block_types=SD_DOWN,
+            up_block_types=SD_UP,
+        ),
+        vae=(128, 256, 512, 512),
+        text=1024,
+        blocks="13-19",
+    ),
+    ("sd", False): dict(
+        unet=dict(
+            sample_size=16,
+            block_out_channels=(32, 64, 64, 64),
+            attention_head_dim=8,
+            cross_attention_dim=64,
+            layers_per_block=2,
+            down_block_types=SD_DOWN,
+            up_block_types=SD_UP,
+        ),
+        vae=(32, 32, 64, 64),
+        text=64,
+        blocks="13-19",
+    ),
     # DiT-XL/2-256
-    ("dit", True): dict(dit=dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),
-                        vae=(128, 256, 512, 512), blocks="1-15"),
-    ("dit", False): dict(dit=dict(num_attention_heads=4, attention_head_dim=16, num_layers=8, sample_size=16),
-                         vae=(32, 32, 64, 64), blocks="1-5"),
+    ("dit", True): dict(
+        dit=dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, sample_size=32),
+        vae=(128, 256, 512, 512),
+        blocks="1-15",
+    ),
+    ("dit", False): dict(
+        dit=dict(num_attention_heads=4, attention_head_dim=16, num_layers=8, sample_size=16),
+        vae=(32, 32, 64, 64),
+        blocks="1-5",
+    ),
 }
 
 
@@ -55,9 +81,15 @@ def build(workdir: Path, kind: str, full: bool, images: int) -> tuple[Path, Path
     sizes = SIZES[(kind, full)]
     torch.manual_seed(0)
     pipe = workdir / "pipe"
-    vae = AutoencoderKL(block_out_channels=sizes["vae"], layers_per_block=2, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        norm_num_groups=32, scaling_factor=0.18215)
+    vae = AutoencoderKL(
+        block_out_channels=sizes["vae"],
+        layers_per_block=2,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
     vae.save_pretrained(pipe / "vae")
     DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(pipe / "scheduler")
     if kind == "sd":
@@ -69,14 +101,28 @@ def build(workdir: Path, kind: str, full: bool, images: int) -> tuple[Path, Path
         (pipe / "tokenizer").mkdir(parents=True)
         (pipe / "tokenizer" / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))
         (pipe / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
-        CLIPTokenizer(str(pipe / "tokenizer" / "vocab.json"), str(pipe / "tokenizer" / "merges.txt"),
-                      pad_token="<|endoftext|>", model_max_length=77).save_pretrained(pipe / "tokenizer")
-        CLIPTextModel(CLIPTextConfig(vocab_size=len(tokens), hidden_size=sizes["text"], num_hidden_layers=1,
-                                     num_attention_heads=8, intermediate_size=4 * sizes["text"], bos_token_id=0,
-                                     eos_token_id=1, pad_token_id=1)).save_pretrained(pipe / "text_encoder")
+        CLIPTokenizer(
+            str(pipe / "tokenizer" / "vocab.json"),
+            str(pipe / "tokenizer" / "merges.txt"),
+            pad_token="<|endoftext|>",
+            model_max_length=77,
+        ).save_pretrained(pipe / "tokenizer")
+        CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokens),
+                hidden_size=sizes["text"],
+                num_hidden_layers=1,
+                num_attention_heads=8,
+                intermediate_size=4 * sizes["text"],
+                bos_token_id=0,
+                eos_token_id=1,
+                pad_token_id=1,
+            )
+        ).save_pretrained(pipe / "text_encoder")
         latent = sizes["unet"]["sample_size"]
-        (pipe / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                           "text_encoder": []}))
+        (pipe / "model_index.json").write_text(
+            json.dumps({"_class_name": "StableDiffusionPipeline", "text_encoder": []})
+        )
     else:
         dit = DiTTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **sizes["dit"])
         dit.save_pretrained(pipe / "transformer")
@@ -96,8 +142,17 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int, timesteps: list[int],
-        precision: str, repeats: int) -> None:
+def run(
+    kind: str,
+    *,
+    full: bool,
+    device: torch.device,
+    images: int,
+    batch: int,
+    timesteps: list[int],
+    precision: str,
+    repeats: int,
+) -> None:
     from pipeline.options import parse_block_spec
 
     workdir = Path(tempfile.mkdtemp(prefix="bench-latent-"))
@@ -114,22 +169,29 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
         abar = model.alphas_cumprod()
         autocast = torch.autocast(device.type, dtype=COMPUTE_DTYPES[precision], enabled=precision != "fp32")
         params = sum(p.numel() for p in model.network.parameters()) / 1e6
-        print(f"{kind}: {params:.0f}M parameters, {len(table)} blocks, {model.image_size} px -> {model.latent_size}^2 "
-              f"latents; blocks {spec}; {images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} "
-              f"{precision}")
+        print(
+            f"{kind}: {params:.0f}M parameters, {len(table)} blocks, {model.image_size} px -> {model.latent_size}^2 "
+            f"latents; blocks {spec}; {images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} "
+            f"{precision}"
+        )
 
         def vae() -> tuple[float, torch.Tensor]:
             sync(device)
             start = time.perf_counter()
             with torch.inference_mode():
-                z = torch.cat([model.encode(x0[s:s + batch].to(device)) for s in range(0, images, batch)])
+                z = torch.cat([model.encode(x0[s : s + batch].to(device)) for s in range(0, images, batch)])
             sync(device)
             return time.perf_counter() - start, z
 
         _, z0 = vae()  # warm-up
         z0 = z0.cpu()
-        zts = {t: (abar[t].sqrt() * z0 + (1 - abar[t]).sqrt()
-                   * torch.stack([noise(0, i, t, z0.shape[1:]) for i in range(images)])).float() for t in timesteps}
+        zts = {
+            t: (
+                abar[t].sqrt() * z0
+                + (1 - abar[t]).sqrt() * torch.stack([noise(0, i, t, z0.shape[1:]) for i in range(images)])
+            ).float()
+            for t in timesteps
+        }
 
         def bare() -> float:
             per_pass = max(1, batch // len(timesteps))
@@ -139,7 +201,7 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
                 with torch.inference_mode(), autocast, exact_fp32(device, precision):
                     for t, zt in zts.items():
                         for s in range(0, images, per_pass):
-                            z = zt[s:s + per_pass].to(device)
+                            z = zt[s : s + per_pass].to(device)
                             labels = torch.zeros(len(z), dtype=torch.long, device=device)
                             capture(z, torch.full((len(z),), t, device=device), {deepest.number: 1}, labels=labels)
                 sync(device)
@@ -148,10 +210,18 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
         def extraction() -> float:
             out = workdir / "features.zarr"
             shutil.rmtree(out, ignore_errors=True)
-            config = ExtractConfig(model=str(pipe), data=str(data), out=str(out), blocks=blocks,
-                                   timesteps=tuple(timesteps),
-                                   pools=(1, 2), splits=("train",), batch_size=batch, device=str(device),
-                                   precision=precision)
+            config = ExtractConfig(
+                model=str(pipe),
+                data=str(data),
+                out=str(out),
+                blocks=blocks,
+                timesteps=tuple(timesteps),
+                pools=(1, 2),
+                splits=("train",),
+                batch_size=batch,
+                device=str(device),
+                precision=precision,
+            )
             sync(device)
             start = time.perf_counter()
             run_extract(config, progress=False, model=model)

@@ -22,8 +22,24 @@ REPO = Path(__file__).resolve().parents[1]
 def run(model_dir: Path, data: Path, out: Path, nproc: int, device: str, extra: list[str]) -> float:
     threads = max(1, (os.cpu_count() or 1) // nproc)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "pipeline", "-q", "extract", "--model", str(model_dir), "--data", str(data),
-               "--out", str(out), "--splits", "train", "--device", device, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "-q",
+        "extract",
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--splits",
+        "train",
+        "--device",
+        device,
+        *extra,
+    ]
     if nproc > 1:
         command += ["--nproc", str(nproc)]
     start = time.perf_counter()
@@ -38,10 +54,29 @@ def objects(store: Path) -> tuple[int, int]:
     return len(files), sum(p.stat().st_size for p in files)
 
 
-def compare(model_dir: Path, data: Path, workdir: Path, *, nproc: int, images: int, timesteps: list[int],
-            batch: int, device: str) -> None:
-    common = ["--blocks", "all", "--timesteps", ",".join(map(str, timesteps)), "--pool", "1,2",
-              "--batch-size", str(batch), "--chunk-samples", "16"]
+def compare(
+    model_dir: Path,
+    data: Path,
+    workdir: Path,
+    *,
+    nproc: int,
+    images: int,
+    timesteps: list[int],
+    batch: int,
+    device: str,
+) -> None:
+    common = [
+        "--blocks",
+        "all",
+        "--timesteps",
+        ",".join(map(str, timesteps)),
+        "--pool",
+        "1,2",
+        "--batch-size",
+        str(batch),
+        "--chunk-samples",
+        "16",
+    ]
     single = run(model_dir, data, workdir / "one.zarr", 1, device, common)
     many = run(model_dir, data, workdir / "many.zarr", nproc, device, common)
     n = images * len(timesteps)

@@ -44,18 +44,26 @@ def tokenizers(workdir: Path) -> dict:
     letters = "abcdefghijklmnopqrstuvwxyz"
     clip = workdir / "clip"
     clip.mkdir(parents=True)
-    (clip / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>",
-                                                                             *letters])}))
+    (clip / "vocab.json").write_text(
+        json.dumps({t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>", *letters])})
+    )
     (clip / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(clip / "vocab.json"), str(clip / "merges.txt"), pad_token="<|endoftext|>",
-                  model_max_length=77).save_pretrained(clip)
+    CLIPTokenizer(
+        str(clip / "vocab.json"), str(clip / "merges.txt"), pad_token="<|endoftext|>", model_max_length=77
+    ).save_pretrained(clip)
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0), *((c, -2.0) for c in letters)]
-    T5TokenizerFast(vocab=pieces, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0,
-                    model_max_length=512).save_pretrained(workdir / "t5")
-    GemmaTokenizer(vocab={t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *letters])},
-                   add_bos_token=True).save_pretrained(workdir / "gemma")
-    return {"clip": AutoTokenizer.from_pretrained(clip), "t5": AutoTokenizer.from_pretrained(workdir / "t5"),
-            "gemma": AutoTokenizer.from_pretrained(workdir / "gemma")}
+    T5TokenizerFast(
+        vocab=pieces, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0, model_max_length=512
+    ).save_pretrained(workdir / "t5")
+    GemmaTokenizer(
+        vocab={t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *letters])},
+        add_bos_token=True,
+    ).save_pretrained(workdir / "gemma")
+    return {
+        "clip": AutoTokenizer.from_pretrained(clip),
+        "t5": AutoTokenizer.from_pretrained(workdir / "t5"),
+        "gemma": AutoTokenizer.from_pretrained(workdir / "gemma"),
+    }
 
 
 def sync(device):
@@ -63,14 +71,28 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int, timesteps: list[int],
-        precision: str, repeats: int) -> None:
+def run(
+    kind: str,
+    *,
+    full: bool,
+    device: torch.device,
+    images: int,
+    batch: int,
+    timesteps: list[int],
+    precision: str,
+    repeats: int,
+) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-transformer-"))
     try:
         torch.manual_seed(0)
         start = time.perf_counter()
-        model = build(KINDS[kind], device=str(device) if full else "cpu", small=not full, text_layers=1,
-                      tokenizers=tokenizers(workdir))
+        model = build(
+            KINDS[kind],
+            device=str(device) if full else "cpu",
+            small=not full,
+            text_layers=1,
+            tokenizers=tokenizers(workdir),
+        )
         if full:  # hashing 48 GB of random weights on the CPU would dominate; the store only needs a name
             model.__dict__["weights_sha256"] = f"random-init {KINDS[kind]} seed 0"
         built = time.perf_counter() - start
@@ -85,15 +107,26 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
         data = workdir / "data"
-        config = ExtractConfig(model=f"random-init {KINDS[kind]}", data=str(data), out=str(workdir / "f.zarr"),
-                               blocks=blocks, timesteps=tuple(timesteps), pools=(1, 2), splits=("train",),
-                               batch_size=batch, device=str(device), precision=precision)
+        config = ExtractConfig(
+            model=f"random-init {KINDS[kind]}",
+            data=str(data),
+            out=str(workdir / "f.zarr"),
+            blocks=blocks,
+            timesteps=tuple(timesteps),
+            pools=(1, 2),
+            splits=("train",),
+            batch_size=batch,
+            device=str(device),
+            precision=precision,
+        )
         plan = make_plan(config, model)  # encodes the prompt once and frees the text encoders
         params = sum(p.numel() for p in model.network.parameters()) / 1e9
-        print(f"{kind} ({KINDS[kind]}{'' if full else ', narrow'}): {params:.2f}B parameters, {len(table)} blocks, "
-              f"{size} px -> {model.latent_size}^2 x {model.latent_channels} latents; blocks {lo}-{hi}; "
-              f"{images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} {precision}; "
-              f"built in {built:.0f} s")
+        print(
+            f"{kind} ({KINDS[kind]}{'' if full else ', narrow'}): {params:.2f}B parameters, {len(table)} blocks, "
+            f"{size} px -> {model.latent_size}^2 x {model.latent_channels} latents; blocks {lo}-{hi}; "
+            f"{images} images x {len(timesteps)} timesteps; batch {batch} rows; {device} {precision}; "
+            f"built in {built:.0f} s"
+        )
         estimate = model.memory_estimate(max(blocks), precision)
         print("\n".join(estimate.lines(batch, max(1, batch // len(timesteps)), precision)))
         model.prepare(device)
@@ -108,7 +141,7 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
             sync(device)
             begin = time.perf_counter()
             with torch.inference_mode():
-                z = torch.cat([model.encode(x0[s:s + per_pass].to(device)) for s in range(0, images, per_pass)])
+                z = torch.cat([model.encode(x0[s : s + per_pass].to(device)) for s in range(0, images, per_pass)])
             sync(device)
             return time.perf_counter() - begin, z.cpu()
 
@@ -125,7 +158,7 @@ def run(kind: str, *, full: bool, device: torch.device, images: int, batch: int,
                 with torch.inference_mode(), autocast, exact_fp32(device, precision):
                     for t, zt in zts.items():
                         for s in range(0, images, per_pass):
-                            z = zt[s:s + per_pass].to(device)
+                            z = zt[s : s + per_pass].to(device)
                             capture(z, torch.full((len(z),), t, device=device), {deepest.number: 1})
                 sync(device)
             return time.perf_counter() - begin

@@ -62,8 +62,18 @@ def batches(n: int, batch: int, seed: int, epoch: int) -> list[np.ndarray]:
     return [order[i * batch : (i + 1) * batch] for i in range(n // batch)]  # the last partial batch dropped
 
 
-def train_linear(features_of, n: int, dim: int, classes: int, labels: np.ndarray, epochs: int, seed: int,
-                 lr: float, mean: torch.Tensor, std: torch.Tensor) -> nn.Module:
+def train_linear(
+    features_of,
+    n: int,
+    dim: int,
+    classes: int,
+    labels: np.ndarray,
+    epochs: int,
+    seed: int,
+    lr: float,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+) -> nn.Module:
     """The paper's linear recipe at learning rate `lr`, on (x - mean) / std (0 and 1: raw features, the
     paper's); `features_of(epoch, rows)` gives the (len(rows), dim) float32 features."""
     torch.manual_seed(seed)
@@ -100,13 +110,23 @@ class Recompute:
 
     def __call__(self, epoch: int, rows: np.ndarray) -> torch.Tensor:
         view = epoch + 1  # a fresh draw every epoch, never one of the stored views (seed + 1)
-        x0 = torch.stack([load_image(self.split.root / self.split.paths[i], self.size, self.channels,
-                                     augment=self.augment, rng=view_generator(self.seed + 1, int(i),
-                                                                              view)) for i in rows])
+        x0 = torch.stack(
+            [
+                load_image(
+                    self.split.root / self.split.paths[i],
+                    self.size,
+                    self.channels,
+                    augment=self.augment,
+                    rng=view_generator(self.seed + 1, int(i), view),
+                )
+                for i in rows
+            ]
+        )
         eps = torch.stack([noise(self.seed + 1, int(i), self.timestep, x0.shape[1:], view) for i in rows])
         with torch.inference_mode(), BlockCapture(self.unet, [self.block]) as capture:
-            out = capture(self.a * x0 + self.s * eps, torch.full((len(rows),), self.timestep),
-                          {self.block.number: self.pool})
+            out = capture(
+                self.a * x0 + self.s * eps, torch.full((len(rows),), self.timestep), {self.block.number: self.pool}
+            )
         return out[self.block.number].flatten(1).clone()
 
 
@@ -114,8 +134,12 @@ def extract(model: str, data: Path, out: Path, **options) -> float:
     """Seconds to extract a new store (one left by an earlier run is removed first: it would only be resumed)."""
     shutil.rmtree(out, ignore_errors=True)
     started = time.perf_counter()
-    run_extract(ExtractConfig(model=model, data=str(data), out=str(out), dtype="float32", batch_size=128,
-                              overwrite=True, **options), progress=False)
+    run_extract(
+        ExtractConfig(
+            model=model, data=str(data), out=str(out), dtype="float32", batch_size=128, overwrite=True, **options
+        ),
+        progress=False,
+    )
     return time.perf_counter() - started
 
 
@@ -134,13 +158,21 @@ def main() -> None:
     parser.add_argument("--augment", default="resized-crop", help="For digits: crops, no flips.")
     parser.add_argument("--sweep-timesteps", default="100,200", help="The sweep line: every block at these.")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--lr", type=float, default=1.0,
-                        help="SGD learning rate (the recipe's is 1e-2: with --no-standardise, on this small DDPM every "
-                             "arm stays at "
-                             "chance).")
-    parser.add_argument("--standardise", action=argparse.BooleanOptionalAction, default=True,
-                        help="Standardise features with the centre view's train statistics (--no-standardise: raw "
-                             "features, as the paper's recipe).")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=1.0,
+        help="SGD learning rate (the recipe's is 1e-2: with --no-standardise, on this small DDPM every "
+        "arm stays at "
+        "chance).",
+    )
+    parser.add_argument(
+        "--standardise",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Standardise features with the centre view's train statistics (--no-standardise: raw "
+        "features, as the paper's recipe).",
+    )
     args = parser.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="fidelity-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -154,8 +186,18 @@ def main() -> None:
         from stages.pretrain.ddpm import pretrain_ddpm
 
         started = time.perf_counter()
-        pretrain_ddpm(data, model_dir, epochs=args.pretrain_epochs, image_size=16, channels=(32, 32, 64),
-                      attention_levels=(), batch_size=128, lr=2e-3, seed=0, progress=False)
+        pretrain_ddpm(
+            data,
+            model_dir,
+            epochs=args.pretrain_epochs,
+            image_size=16,
+            channels=(32, 32, 64),
+            attention_levels=(),
+            batch_size=128,
+            lr=2e-3,
+            seed=0,
+            progress=False,
+        )
         print(f"trained the default DDPM ({args.pretrain_epochs} epochs) in {time.perf_counter() - started:.0f} s")
     views = sorted(int(v) for v in args.views.split(","))
     augment = parse_augment(args.augment)
@@ -166,8 +208,9 @@ def main() -> None:
     store = FeatureStore.open(work / "views.zarr")
     y_train, y_test = store.labels("train"), store.labels("val")
     n, classes = len(y_train), int(max(y_train.max(), y_test.max())) + 1
-    stored = np.stack([store.read("train", args.block, args.timestep, args.pool, view=v).reshape(n, -1)
-                       for v in range(max(views))])
+    stored = np.stack(
+        [store.read("train", args.block, args.timestep, args.pool, view=v).reshape(n, -1) for v in range(max(views))]
+    )
     test = torch.from_numpy(store.read("val", args.block, args.timestep, args.pool).reshape(len(y_test), -1))
     dim = stored.shape[-1]
     if args.standardise:
@@ -179,11 +222,22 @@ def main() -> None:
     def cache_arm(k: int) -> None:
         feats = torch.from_numpy(stored[:k])
         started = time.perf_counter()
-        head = train_linear(lambda e, r: feats[view_choice(args.seed, e, r, k), r], n, dim, classes, y_train,
-                            args.epochs, args.seed, args.lr, mean, std)
+        head = train_linear(
+            lambda e, r: feats[view_choice(args.seed, e, r, k), r],
+            n,
+            dim,
+            classes,
+            y_train,
+            args.epochs,
+            args.seed,
+            args.lr,
+            mean,
+            std,
+        )
         seconds = time.perf_counter() - started
-        rows.append((f"cache, {k} view{'s' if k > 1 else ''}", top1(head, test, y_test), t_one + (k - 1) * per_view,
-                     seconds))
+        rows.append(
+            (f"cache, {k} view{'s' if k > 1 else ''}", top1(head, test, y_test), t_one + (k - 1) * per_view, seconds)
+        )
 
     cache_arm(1)
     for k in views:
@@ -195,25 +249,30 @@ def main() -> None:
     rows.insert(0, ("recompute (fresh noise + augmentation)", top1(head, test, y_test), 0.0, t_rec))
 
     torch_threads = torch.get_num_threads()
-    print(f"\nblock {args.block}, t={args.timestep}, pool {args.pool}, {dim} features; linear head, the paper's recipe "
-          f"at lr {args.lr:g} on {'standardised' if args.standardise else 'raw'} features, {args.epochs} epochs; {n} "
-          f"train / {len(y_test)} test images; augmentation {augment.record(16)}; "
-          f"torch threads {torch_threads}")
+    print(
+        f"\nblock {args.block}, t={args.timestep}, pool {args.pool}, {dim} features; linear head, the paper's recipe "
+        f"at lr {args.lr:g} on {'standardised' if args.standardise else 'raw'} features, {args.epochs} epochs; {n} "
+        f"train / {len(y_test)} test images; augmentation {augment.record(16)}; "
+        f"torch threads {torch_threads}"
+    )
     print(f"{'arm':<40} {'test top-1':>10} {'extract s':>10} {'train s':>9} {'total s':>9} {'speed-up':>9}")
     for name, acc, ext, train in rows:
         total = ext + train
         print(f"{name:<40} {100 * acc:>9.1f}% {ext:>10.1f} {train:>9.1f} {total:>9.1f} {t_rec / total:>8.1f}x")
     # the sweep: every block x timestep, one configuration each
     timesteps = tuple(int(t) for t in args.sweep_timesteps.split(","))
-    t_sweep = extract(model_dir, data, work / "sweep.zarr", timesteps=timesteps, pools=(args.pool,),
-                      noise_seed=args.seed)
+    t_sweep = extract(
+        model_dir, data, work / "sweep.zarr", timesteps=timesteps, pools=(args.pool,), noise_seed=args.seed
+    )
     sweep = FeatureStore.open(work / "sweep.zarr")
     configs = len(sweep.arrays())
     train_one = rows[1][3]
-    print(f"sweep of {configs} (block, timestep) configurations: recompute ~{configs * t_rec:.0f} s "
-          f"({configs} loops of {t_rec:.0f} s; deeper blocks cost more, shallower less), cache {t_sweep:.0f} s "
-          f"extraction + ~{configs * train_one:.0f} s training = ~{t_sweep + configs * train_one:.0f} s: "
-          f"{configs * t_rec / (t_sweep + configs * train_one):.0f}x")
+    print(
+        f"sweep of {configs} (block, timestep) configurations: recompute ~{configs * t_rec:.0f} s "
+        f"({configs} loops of {t_rec:.0f} s; deeper blocks cost more, shallower less), cache {t_sweep:.0f} s "
+        f"extraction + ~{configs * train_one:.0f} s training = ~{t_sweep + configs * train_one:.0f} s: "
+        f"{configs * t_rec / (t_sweep + configs * train_one):.0f}x"
+    )
     print(f"(one view of the train split costs {per_view:.1f} s of extraction; stores in {work})")
 
 

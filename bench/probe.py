@@ -59,16 +59,24 @@ def make_store(path: Path, *, blocks: int, timesteps: list[int], channels: int, 
     pixels, labels = mnist_data()
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(labels))
-    images = (np.asarray(pixels, np.float32)[order].reshape(-1, 28, 28) / 127.5 - 1.0)
+    images = np.asarray(pixels, np.float32)[order].reshape(-1, 28, 28) / 127.5 - 1.0
     labels = np.asarray(labels, np.int64)[order]
     splits = {"train": slice(0, 4000), "val": slice(4000, None)}
     # class-sorted within a split, as an image folder lists files
     split_rows = {s: np.arange(len(labels))[r][np.argsort(labels[r], kind="stable")] for s, r in splits.items()}
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="bench", data={"classes": [str(c) for c in range(10)]}, noise_seed=seed, dtype="float16",
-                    precision="fp32", chunk_samples=512)
-    table = [{"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": channels, "resolution": 4}
-             for b in range(1, blocks + 1)]
+    settings.update(
+        kind="bench",
+        data={"classes": [str(c) for c in range(10)]},
+        noise_seed=seed,
+        dtype="float16",
+        precision="fp32",
+        chunk_samples=512,
+    )
+    table = [
+        {"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": channels, "resolution": 4}
+        for b in range(1, blocks + 1)
+    ]
     index = {s: SplitIndex(labels[rows], [f"{s}/{i}.png" for i in rows]) for s, rows in split_rows.items()}
     projections = [rng.normal(size=(49 * (1 + b % 2), channels)).astype(np.float32) / 7 for b in range(blocks)]
     abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
@@ -92,9 +100,17 @@ def make_store(path: Path, *, blocks: int, timesteps: list[int], channels: int, 
     return path
 
 
-def make_realistic_store(path: Path, *, n_train: int = 10000, n_test: int = 2500, classes: int = 50,
-                         channels: tuple[int, ...] = (256, 1024), timesteps: tuple[int, ...] = (50, 250),
-                         latent: int = 64, seed: int = 0) -> Path:
+def make_realistic_store(
+    path: Path,
+    *,
+    n_train: int = 10000,
+    n_test: int = 2500,
+    classes: int = 50,
+    channels: tuple[int, ...] = (256, 1024),
+    timesteps: tuple[int, ...] = (50, 250),
+    latent: int = 64,
+    seed: int = 0,
+) -> Path:
     """ImageNet-50-like scale: `classes` classes, blocks of 256-1024 channels on a 2x2 grid (pool 1 -> C
     features, pool 2 -> 4C), class-conditional Gaussians with overlap seen through a random projection.
 
@@ -110,10 +126,18 @@ def make_realistic_store(path: Path, *, n_train: int = 10000, n_test: int = 2500
     sizes = {"train": n_train, "val": n_test}
     labels = {s: np.sort(rng.integers(0, classes, n)) for s, n in sizes.items()}  # class-sorted, as a folder lists
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="bench-realistic", data={"classes": [str(c) for c in range(classes)]}, noise_seed=seed,
-                    dtype="float16", precision="fp32", chunk_samples=512)
-    table = [{"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": c, "resolution": 2}
-             for b, c in enumerate(channels, 1)]
+    settings.update(
+        kind="bench-realistic",
+        data={"classes": [str(c) for c in range(classes)]},
+        noise_seed=seed,
+        dtype="float16",
+        precision="fp32",
+        chunk_samples=512,
+    )
+    table = [
+        {"number": b, "module": f"bench.{b}", "adm_name": f"bench[{b}]", "channels": c, "resolution": 2}
+        for b, c in enumerate(channels, 1)
+    ]
     index = {s: SplitIndex(y, [f"{s}/{i}.png" for i in range(len(y))]) for s, y in labels.items()}
     projections = [rng.normal(size=(latent, 4 * c)).astype(np.float32) / np.sqrt(latent) for c in channels]
     with FeatureStoreWriter.open(path, settings=settings, splits=index, block_table=table, overwrite=True) as writer:
@@ -149,17 +173,36 @@ def make_unet_store(workdir: Path, timesteps: list[int]) -> Path:
         return store
     write_mnist_folder(workdir / "mnist")
     torch.manual_seed(0)
-    unet = UNet2DModel(**ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
-                                          attention_levels=(1,), head_channels=32))
+    unet = UNet2DModel(
+        **ddpm_unet_config(
+            image_size=16,
+            in_channels=1,
+            channels=(32, 64, 64),
+            layers_per_block=1,
+            attention_levels=(1,),
+            head_channels=32,
+        )
+    )
     unet.save_pretrained(workdir / "unet")
     DDPMScheduler(num_train_timesteps=1000).save_pretrained(workdir / "unet")
-    run_extract(ExtractConfig(model=str(workdir / "unet"), data=str(workdir / "mnist"), out=str(store),
-                              timesteps=tuple(timesteps), pools=(1, 2), device="cpu", batch_size=128), progress=False)
+    run_extract(
+        ExtractConfig(
+            model=str(workdir / "unet"),
+            data=str(workdir / "mnist"),
+            out=str(store),
+            timesteps=tuple(timesteps),
+            pools=(1, 2),
+            device="cpu",
+            batch_size=128,
+        ),
+        progress=False,
+    )
     return store
 
 
-def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray, val: np.ndarray,
-                       Cs: list[float]) -> dict:
+def sklearn_one_by_one(
+    store_path: Path, combos: list[tuple[int, int, int]], fit: np.ndarray, val: np.ndarray, Cs: list[float]
+) -> dict:
     """{key: (wall seconds, cpu seconds, test top-1, features, chosen C)}, one combination after the other: for
     each, LogisticRegression (lbfgs, tol 1e-6) along `Cs` with warm starts, C chosen on the validation rows
     (ties: lower validation loss), the chosen fit scored on test."""
@@ -188,15 +231,22 @@ def sklearn_one_by_one(store_path: Path, combos: list[tuple[int, int, int]], fit
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 model.set_params(C=C).fit(x_fit, y_train[fit])
-            score = (model.score(x_val, y_train[val]), -log_loss(y_train[val], model.predict_proba(x_val),
-                                                                 labels=model.classes_))
+            score = (
+                model.score(x_val, y_train[val]),
+                -log_loss(y_train[val], model.predict_proba(x_val), labels=model.classes_),
+            )
             if best is None or score > best[0]:
                 best = (score, C, model.coef_.copy(), model.intercept_.copy())
         _, C, coef, intercept = best
         logits = ((test.reshape(len(test), -1) - mean) / std) @ coef.T + intercept
         accuracy = float(np.mean(model.classes_[logits.argmax(1)] == y_test))
-        out[f"b{block}_t{timestep}_p{pool}"] = (time.perf_counter() - started, time.process_time() - cpu, accuracy,
-                                                x_fit.shape[1], C)
+        out[f"b{block}_t{timestep}_p{pool}"] = (
+            time.perf_counter() - started,
+            time.process_time() - cpu,
+            accuracy,
+            x_fit.shape[1],
+            C,
+        )
     return out
 
 
@@ -245,8 +295,16 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
 
     store = FeatureStore.open(store_path)
     combos = [(b, t, p) for p in (1, 2) for b in store.blocks for t in store.timesteps]
-    new = ProbeSettings(store=str(store_path), head="linear", out=str(out), pools=(1, 2), threads=args.threads,
-                        device=args.device, name="linear-new", solver="lbfgs")
+    new = ProbeSettings(
+        store=str(store_path),
+        head="linear",
+        out=str(out),
+        pools=(1, 2),
+        threads=args.threads,
+        device=args.device,
+        name="linear-new",
+        solver="lbfgs",
+    )
     # the default before L-BFGS: AdamW, 4 learning rates, cosine, 10 epochs or 200 steps, successive halving
     old = replace(new, solver="minibatch", lrs=None, epochs=args.epochs, halving=not args.no_halving, name="linear-old")
     labels = store.labels("train")
@@ -270,40 +328,69 @@ def compare(store_path: Path, title: str, out: Path, args) -> dict:
             runs[name] = (settings, result, seconds, cpu, flops)
     sk_mean = np.mean([v[0] for v in sk.values()])
     sk_cpu = np.mean([v[1] for v in sk.values()])
-    print(f"\n== {title}: {len(fit)} fit rows, {len(val)} validation rows, {len(store.labels('val'))} test rows, "
-          f"{len(store.classes)} classes")
-    print(f"threads {args.threads}; scikit-learn: LogisticRegression(lbfgs, tol 1e-6) along {len(Cs)} C values with "
-          f"warm starts, C chosen on the validation rows, per combination on the CPU; float32 matmul peak of this "
-          f"machine: {peak / 1e9:.1f} GFLOP/s")
-    report = {"threads": args.threads, "combinations": len(combos), "Cs": Cs, "matmul_flops_per_s": peak,
-              "sklearn_seconds_per_combination": sk_mean, "sklearn_cpu_seconds_per_combination": sk_cpu,
-              "sklearn_top1": {k: v[2] for k, v in sk.items()}}
+    print(
+        f"\n== {title}: {len(fit)} fit rows, {len(val)} validation rows, {len(store.labels('val'))} test rows, "
+        f"{len(store.classes)} classes"
+    )
+    print(
+        f"threads {args.threads}; scikit-learn: LogisticRegression(lbfgs, tol 1e-6) along {len(Cs)} C values with "
+        f"warm starts, C chosen on the validation rows, per combination on the CPU; float32 matmul peak of this "
+        f"machine: {peak / 1e9:.1f} GFLOP/s"
+    )
+    report = {
+        "threads": args.threads,
+        "combinations": len(combos),
+        "Cs": Cs,
+        "matmul_flops_per_s": peak,
+        "sklearn_seconds_per_combination": sk_mean,
+        "sklearn_cpu_seconds_per_combination": sk_cpu,
+        "sklearn_top1": {k: v[2] for k, v in sk.items()},
+    }
     for name, (settings, result, seconds, cpu, flops) in runs.items():
         chosen = {r["key"]: r for r in result.rows if r["selected"]}
         per_combo = seconds / len(combos)
         differences = [100 * (chosen[key]["test_top1"] - v[2]) for key, v in sk.items()]
-        solver = settings.solver if settings.solver == "lbfgs" else \
-            f"minibatch {settings.optimizer}, {result.record['epochs']} epochs"
-        print(f"\n-- {name} default ({solver}, {len({(r['lr'], r['weight_decay']) for r in result.rows})}"
-              f" hyper-parameter sets) on {result.record['device']}{_device_name(result.record['device'])}: "
-              f"{seconds:.2f} s in all")
-        print(f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
-              f"{'sweep top-1':>13}{'diff':>7}  sklearn C")
+        solver = (
+            settings.solver
+            if settings.solver == "lbfgs"
+            else f"minibatch {settings.optimizer}, {result.record['epochs']} epochs"
+        )
+        print(
+            f"\n-- {name} default ({solver}, {len({(r['lr'], r['weight_decay']) for r in result.rows})}"
+            f" hyper-parameter sets) on {result.record['device']}{_device_name(result.record['device'])}: "
+            f"{seconds:.2f} s in all"
+        )
+        print(
+            f"{'combination':<14}{'features':>9}{'sklearn s':>11}{'sweep s':>9}{'ratio':>7}{'sklearn top-1':>15}"
+            f"{'sweep top-1':>13}{'diff':>7}  sklearn C"
+        )
         for (key, (sk_seconds, _, accuracy, features, C)), diff in zip(sk.items(), differences):
-            print(f"{key:<14}{features:>9}{sk_seconds:>11.3f}{per_combo:>9.3f}{sk_seconds / per_combo:>7.1f}"
-                  f"{100 * accuracy:>14.1f}%{100 * chosen[key]['test_top1']:>12.1f}%{diff:>+7.1f}  {C:g}")
-        print(f"per combination, wall: scikit-learn tuned {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
-              f"{sk_mean / per_combo:.2f}; CPU: {sk_cpu:.3f} s vs {cpu / len(combos):.3f} s -> ratio "
-              f"{sk_cpu / (cpu / len(combos)):.2f}")
-        print(f"test top-1 minus scikit-learn tuned: mean {np.mean(differences):+.2f}, lowest "
-              f"{np.min(differences):+.2f} points; sweep matmuls {flops / 1e9:.2f} GFLOP = "
-              f"{flops / seconds / 1e9:.2f} GFLOP/s, "
-              f"{100 * flops / seconds / peak:.1f}% of this machine's float32 matmul peak")
-        report[name] = {"solver": settings.solver, "seconds_per_combination": per_combo, "ratio": sk_mean / per_combo,
-                        "cpu_seconds_per_combination": cpu / len(combos), "flops": flops,
-                        "matmul_fraction": flops / seconds / peak, "mean_difference": float(np.mean(differences)),
-                        "lowest_difference": float(np.min(differences)),
-                        "top1": {k: r["test_top1"] for k, r in chosen.items()}}
+            print(
+                f"{key:<14}{features:>9}{sk_seconds:>11.3f}{per_combo:>9.3f}{sk_seconds / per_combo:>7.1f}"
+                f"{100 * accuracy:>14.1f}%{100 * chosen[key]['test_top1']:>12.1f}%{diff:>+7.1f}  {C:g}"
+            )
+        print(
+            f"per combination, wall: scikit-learn tuned {sk_mean:.3f} s, sweep {per_combo:.3f} s -> ratio "
+            f"{sk_mean / per_combo:.2f}; CPU: {sk_cpu:.3f} s vs {cpu / len(combos):.3f} s -> ratio "
+            f"{sk_cpu / (cpu / len(combos)):.2f}"
+        )
+        print(
+            f"test top-1 minus scikit-learn tuned: mean {np.mean(differences):+.2f}, lowest "
+            f"{np.min(differences):+.2f} points; sweep matmuls {flops / 1e9:.2f} GFLOP = "
+            f"{flops / seconds / 1e9:.2f} GFLOP/s, "
+            f"{100 * flops / seconds / peak:.1f}% of this machine's float32 matmul peak"
+        )
+        report[name] = {
+            "solver": settings.solver,
+            "seconds_per_combination": per_combo,
+            "ratio": sk_mean / per_combo,
+            "cpu_seconds_per_combination": cpu / len(combos),
+            "flops": flops,
+            "matmul_fraction": flops / seconds / peak,
+            "mean_difference": float(np.mean(differences)),
+            "lowest_difference": float(np.min(differences)),
+            "top1": {k: r["test_top1"] for k, r in chosen.items()},
+        }
     return report
 
 
@@ -315,23 +402,33 @@ def _device_name(device: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="Where the store and results go [default: a temp dir].")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir]."
+    )
     parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
     parser.add_argument("--unet", action="store_true", help="Extract real (random-init) U-Net features instead.")
-    parser.add_argument("--configs", default="small,realistic",
-                        help="Written stores to compare on: small (MNIST-5k, 4000 train) and/or realistic "
-                             "(10000 train, 50 classes, 256-4096 features) [default: both].")
+    parser.add_argument(
+        "--configs",
+        default="small,realistic",
+        help="Written stores to compare on: small (MNIST-5k, 4000 train) and/or realistic "
+        "(10000 train, 50 classes, 256-4096 features) [default: both].",
+    )
     parser.add_argument("--blocks", type=int, default=4)
     parser.add_argument("--timesteps", default="10,150,400")
-    parser.add_argument("--channels", type=int, default=96,
-                        help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument(
+        "--channels", type=int, default=96, help="Channels per block: pool 1 -> C features, pool 2 -> 4C."
+    )
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for both sides.")
     parser.add_argument("--epochs", type=int, default=None, help="Epochs of the old default [default: its default]")
     parser.add_argument("--device", default="cpu", help="Where the sweep runs: cpu, cuda [default: cpu].")
     parser.add_argument("--no-halving", action="store_true", help="Train every learning rate for all epochs.")
-    parser.add_argument("--sklearn-C", dest="sklearn_C", type=float, default=None,
-                        help="One C for scikit-learn instead of tuning over logreg's C grid [default: tuned].")
+    parser.add_argument(
+        "--sklearn-C",
+        dest="sklearn_C",
+        type=float,
+        default=None,
+        help="One C for scikit-learn instead of tuning over logreg's C grid [default: tuned].",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -349,14 +446,19 @@ def main() -> None:
         for config in args.configs.split(","):
             started = time.perf_counter()
             if config == "small":
-                store_path = make_store(workdir / "store.zarr", blocks=args.blocks, timesteps=timesteps,
-                                        channels=args.channels)
-                title = (f"small: MNIST-5k, {args.blocks} blocks x {len(timesteps)} timesteps x pools 1,2, "
-                         f"{args.channels} channels")
+                store_path = make_store(
+                    workdir / "store.zarr", blocks=args.blocks, timesteps=timesteps, channels=args.channels
+                )
+                title = (
+                    f"small: MNIST-5k, {args.blocks} blocks x {len(timesteps)} timesteps x pools 1,2, "
+                    f"{args.channels} channels"
+                )
             elif config == "realistic":
                 store_path = make_realistic_store(workdir / "realistic.zarr")
-                title = ("realistic: synthetic ImageNet-50-like, 50 classes, blocks of 256 and 1024 channels on 2x2 "
-                         "x 2 timesteps x pools 1,2 (256-4096 features)")
+                title = (
+                    "realistic: synthetic ImageNet-50-like, 50 classes, blocks of 256 and 1024 channels on 2x2 "
+                    "x 2 timesteps x pools 1,2 (256-4096 features)"
+                )
             else:
                 parser.error(f"unknown config {config!r}")
             print(f"store: {store_path} ({time.perf_counter() - started:.1f} s to write)")

@@ -74,8 +74,13 @@ def measured(command: list[str], label: str, log: Path) -> dict:
     stats = log.with_suffix(".time")
     started = time.perf_counter()
     with open(log, "w") as out:
-        done = subprocess.run(["/usr/bin/time", "-o", str(stats), "-f", "%e %M %I %U %S", *command], cwd=REPO,
-                              env=environment(), stdout=out, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            ["/usr/bin/time", "-o", str(stats), "-f", "%e %M %I %U %S", *command],
+            cwd=REPO,
+            env=environment(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     wall = time.perf_counter() - started
     advised = ADVISED.search(log.read_text()) if done.returncode != 0 else None
     if advised and "--shuffle-window" not in command:  # refused before training: run at the window that fits
@@ -84,8 +89,13 @@ def measured(command: list[str], label: str, log: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{label} failed ({done.returncode}); its output: {log}\n" + log.read_text()[-3000:])
     elapsed, rss, inputs, user, system = stats.read_text().split()[-5:]
-    return {"label": label, "wall_s": float(elapsed) or wall, "peak_rss": int(rss) * 1024,
-            "read_bytes": int(inputs) * 512, "cpu_s": float(user) + float(system)}
+    return {
+        "label": label,
+        "wall_s": float(elapsed) or wall,
+        "peak_rss": int(rss) * 1024,
+        "read_bytes": int(inputs) * 512,
+        "cpu_s": float(user) + float(system),
+    }
 
 
 def evict(path: Path) -> None:
@@ -190,21 +200,36 @@ def write_store(path: Path, train: int, val: int, seed: int = 0) -> dict:
     from stages.models.unet_configs import adm_unet_config
 
     with torch.device("meta"):
-        unet = UNet2DModel(**adm_unet_config(image_size=256, num_channels=256, channel_mult=(1, 1, 2, 2, 4, 4),
-                                             num_res_blocks=2, attention_resolutions=(8, 16, 32),
-                                             num_head_channels=64, out_channels=6))
+        unet = UNet2DModel(
+            **adm_unet_config(
+                image_size=256,
+                num_channels=256,
+                channel_mult=(1, 1, 2, 2, 4, 4),
+                num_res_blocks=2,
+                attention_resolutions=(8, 16, 32),
+                num_head_channels=64,
+                out_channels=6,
+            )
+        )
     table = [block.as_dict() for block in block_table(unet)]
     assert all(table[b - 1]["channels"] == c for b, c in BLOCKS.items()), "ADM-256's block table changed"
     widest = max(BLOCKS.values()) * GRID * GRID * 2
     chunk = int(np.clip(CHUNK_BYTES // widest, 16, 4096))  # what extraction would choose (stages.extract.plan)
     shard = default_shard_samples(chunk, widest, sum(BLOCKS.values()) * GRID * GRID * 2)
-    labels = {split: np.repeat(np.arange(CLASSES), class_counts(n, CLASSES)) for split, n in
-              (("train", train), ("val", val))}
+    labels = {
+        split: np.repeat(np.arange(CLASSES), class_counts(n, CLASSES)) for split, n in (("train", train), ("val", val))
+    }
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="rehearsal", model={"name": "ADM-256 shapes, synthetic features"},
-                    data={"classes": [f"n{c:08d}" for c in range(CLASSES)],
-                          "synthetic": f"class mean + N(0, 1), signal {SIGNAL}"},
-                    noise_seed=seed, dtype="float16", precision="bf16", chunk_samples=chunk, shard_samples=shard)
+    settings.update(
+        kind="rehearsal",
+        model={"name": "ADM-256 shapes, synthetic features"},
+        data={"classes": [f"n{c:08d}" for c in range(CLASSES)], "synthetic": f"class mean + N(0, 1), signal {SIGNAL}"},
+        noise_seed=seed,
+        dtype="float16",
+        precision="bf16",
+        chunk_samples=chunk,
+        shard_samples=shard,
+    )
     splits = {s: SplitIndex(y, [f"{s}/{i}" for i in range(len(y))]) for s, y in labels.items()}
     rng = np.random.default_rng(seed)
     means = {b: class_means(rng, c * GRID * GRID, SIGNAL[b]) for b, c in BLOCKS.items()}
@@ -223,8 +248,15 @@ def write_store(path: Path, train: int, val: int, seed: int = 0) -> dict:
                 writer.write_shard(split, s, arrays)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    return {"rows": train + val, "bytes": size, "seconds": seconds, "cpu_s": cpu, "chunk": chunk, "shard": shard,
-            "feature_bytes": (train + val) * sum(BLOCKS.values()) * GRID * GRID * 2}
+    return {
+        "rows": train + val,
+        "bytes": size,
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "chunk": chunk,
+        "shard": shard,
+        "feature_bytes": (train + val) * sum(BLOCKS.values()) * GRID * GRID * 2,
+    }
 
 
 def main() -> None:
@@ -242,14 +274,18 @@ def main() -> None:
     pipeline = [sys.executable, "-m", "pipeline"]
     free = shutil.disk_usage(workdir).free
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    print(f"{platform.node()}: {os.cpu_count()} cores, {format_bytes(memory)} "
-          f"memory, {format_bytes(free)} free on {workdir}'s disk")
+    print(
+        f"{platform.node()}: {os.cpu_count()} cores, {format_bytes(memory)} "
+        f"memory, {format_bytes(free)} free on {workdir}'s disk"
+    )
     results = {"machine": {"cores": os.cpu_count(), "node": platform.node()}}
     try:
         bandwidth = disk_bandwidth(workdir, args.bandwidth_bytes)
         results["disk_read_bytes_per_s"] = bandwidth
-        print(f"(d) disk sequential read: {format_bytes(bandwidth)}/s ({format_bytes(args.bandwidth_bytes)} of random "
-              "bytes, evicted from the page cache first)")
+        print(
+            f"(d) disk sequential read: {format_bytes(bandwidth)}/s ({format_bytes(args.bandwidth_bytes)} of random "
+            "bytes, evicted from the page cache first)"
+        )
 
         if not args.skip_listing:
             train, val = round(IMAGENET_TRAIN * args.listing_fraction), round(IMAGENET_VAL * args.listing_fraction)
@@ -257,28 +293,51 @@ def main() -> None:
             started = time.perf_counter()
             make_folder(workdir / "imagenet", train, val)
             made_folder = time.perf_counter() - started
-            shards = {"train": max(1, round(TRAIN_SHARDS * args.listing_fraction)),
-                      "validation": max(1, round(VAL_SHARDS * args.listing_fraction))}
+            shards = {
+                "train": max(1, round(TRAIN_SHARDS * args.listing_fraction)),
+                "validation": max(1, round(VAL_SHARDS * args.listing_fraction)),
+            }
             started = time.perf_counter()
             make_shards(workdir / "imagenet-wds", train, val, shards)
             made_shards = time.perf_counter() - started
-            print(f"\n(a) listings of {train:,} train + {val:,} val samples, {CLASSES} classes "
-                  f"(made in {made_folder:.0f} s as empty files, {made_shards:.0f} s as {sum(shards.values())} shards)")
+            print(
+                f"\n(a) listings of {train:,} train + {val:,} val samples, {CLASSES} classes "
+                f"(made in {made_folder:.0f} s as empty files, {made_shards:.0f} s as {sum(shards.values())} shards)"
+            )
             # the shards' saved index (stages.data.wds.index_cache) in the workdir: the first wds listing reads
             # every header, the second (a resumed run's) the saved index
             os.environ["WDS_INDEX_CACHE"] = str(workdir / "wds-index")
-            for label, data in (("image folder", str(workdir / "imagenet")),
-                                ("wds shards", f"wds:{workdir / 'imagenet-wds'}"),
-                                ("wds again", f"wds:{workdir / 'imagenet-wds'}")):
+            for label, data in (
+                ("image folder", str(workdir / "imagenet")),
+                ("wds shards", f"wds:{workdir / 'imagenet-wds'}"),
+                ("wds again", f"wds:{workdir / 'imagenet-wds'}"),
+            ):
                 evict(workdir / ("imagenet" if label == "image folder" else "imagenet-wds"))
-                run = measured([*pipeline, "-q", "extract", "--model", str(model), "--data", data,
-                                "--out", str(workdir / "never.zarr"), "--blocks", "3", "--dry-run"], label,
-                               workdir / f"listing-{label.split()[0]}.log")
+                run = measured(
+                    [
+                        *pipeline,
+                        "-q",
+                        "extract",
+                        "--model",
+                        str(model),
+                        "--data",
+                        data,
+                        "--out",
+                        str(workdir / "never.zarr"),
+                        "--blocks",
+                        "3",
+                        "--dry-run",
+                    ],
+                    label,
+                    workdir / f"listing-{label.split()[0]}.log",
+                )
                 results[f"listing {label}"] = run
-                print(f"  {label:<13} extract --dry-run: {run['wall_s']:6.1f} s ({run['cpu_s']:.1f} CPU s), read "
-                      f"{format_bytes(run['read_bytes'])}, peak {format_bytes(run['peak_rss'])}, "
-                      f"{(train + val) / run['wall_s']:,.0f} samples/s; at 1.28M: "
-                      f"{run['wall_s'] / args.listing_fraction:.0f} s")
+                print(
+                    f"  {label:<13} extract --dry-run: {run['wall_s']:6.1f} s ({run['cpu_s']:.1f} CPU s), read "
+                    f"{format_bytes(run['read_bytes'])}, peak {format_bytes(run['peak_rss'])}, "
+                    f"{(train + val) / run['wall_s']:,.0f} samples/s; at 1.28M: "
+                    f"{run['wall_s'] / args.listing_fraction:.0f} s"
+                )
             shutil.rmtree(workdir / "imagenet")
             shutil.rmtree(workdir / "imagenet-wds")
             shutil.rmtree(workdir / "wds-index", ignore_errors=True)
@@ -289,26 +348,90 @@ def main() -> None:
         store = workdir / "rehearsal.zarr"
         written = write_store(store, train, IMAGENET_VAL)
         results["store"] = written
-        print(f"\n(b) store: {train:,} train + {IMAGENET_VAL:,} val rows, blocks 24 (1,024 ch) and 30 (512 ch) at "
-              f"2x2, float16: {format_bytes(written['feature_bytes'])} of features, "
-              f"{format_bytes(written['bytes'])} on "
-              f"disk (chunks of {written['chunk']}, shards of {written['shard']} rows); written in "
-              f"{written['seconds']:.0f} s ({written['rows'] / written['seconds']:,.0f} rows/s, "
-              f"{written['cpu_s'] / written['seconds']:.1f} cores)")
+        print(
+            f"\n(b) store: {train:,} train + {IMAGENET_VAL:,} val rows, blocks 24 (1,024 ch) and 30 (512 ch) at "
+            f"2x2, float16: {format_bytes(written['feature_bytes'])} of features, "
+            f"{format_bytes(written['bytes'])} on "
+            f"disk (chunks of {written['chunk']}, shards of {written['shard']} rows); written in "
+            f"{written['seconds']:.0f} s ({written['rows'] / written['seconds']:,.0f} rows/s, "
+            f"{written['cpu_s'] / written['seconds']:.1f} cores)"
+        )
 
         budget = ["--memory-budget", args.memory_budget]
-        common = ["--epochs", "1", "--lr", "1e-3", "--weight-decay", "0", "--data-mode", "stream", "--threads", "2",
-                  "--device", "cpu", "--test-split", "val", *budget]
+        common = [
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--weight-decay",
+            "0",
+            "--data-mode",
+            "stream",
+            "--threads",
+            "2",
+            "--device",
+            "cpu",
+            "--test-split",
+            "val",
+            *budget,
+        ]
         stages = [
-            ("probe linear, block 24 pool 2 (4,096 features), 1 epoch",
-             [*pipeline, "probe", "--store", str(store), "--head", "linear", "--blocks", "24", "--pool", "2",
-              "--out", str(workdir / "probe"), "--no-render", *common], train + IMAGENET_VAL),
-            ("sweep linear, block 30 x pools 1,2 (512 and 2,048 features), 1 epoch",
-             [*pipeline, "sweep", "--store", str(store), "--head", "linear", "--blocks", "30",
-              "--out", str(workdir / "sweep"), *common], train + IMAGENET_VAL),
-            ("cka linear, 4 arrays, 50,000 val samples",
-             [*pipeline, "cka", "--store", str(store), "--split", "val", "--samples", "50000", "--pool", "1,2",
-              "--out", str(workdir / "cka"), *budget], IMAGENET_VAL),
+            (
+                "probe linear, block 24 pool 2 (4,096 features), 1 epoch",
+                [
+                    *pipeline,
+                    "probe",
+                    "--store",
+                    str(store),
+                    "--head",
+                    "linear",
+                    "--blocks",
+                    "24",
+                    "--pool",
+                    "2",
+                    "--out",
+                    str(workdir / "probe"),
+                    "--no-render",
+                    *common,
+                ],
+                train + IMAGENET_VAL,
+            ),
+            (
+                "sweep linear, block 30 x pools 1,2 (512 and 2,048 features), 1 epoch",
+                [
+                    *pipeline,
+                    "sweep",
+                    "--store",
+                    str(store),
+                    "--head",
+                    "linear",
+                    "--blocks",
+                    "30",
+                    "--out",
+                    str(workdir / "sweep"),
+                    *common,
+                ],
+                train + IMAGENET_VAL,
+            ),
+            (
+                "cka linear, 4 arrays, 50,000 val samples",
+                [
+                    *pipeline,
+                    "cka",
+                    "--store",
+                    str(store),
+                    "--split",
+                    "val",
+                    "--samples",
+                    "50000",
+                    "--pool",
+                    "1,2",
+                    "--out",
+                    str(workdir / "cka"),
+                    *budget,
+                ],
+                IMAGENET_VAL,
+            ),
         ]
         print(f"\n(c) the stages, the store read from the disk (evicted first), --memory-budget {args.memory_budget}:")
         for label, command, rows in stages:
@@ -317,29 +440,39 @@ def main() -> None:
             run["rows"] = rows
             results[label] = run
             rate = run["read_bytes"] / run["wall_s"]
-            print(f"  {label}\n    {run['wall_s']:.0f} s wall ({run['cpu_s']:.0f} CPU s), peak "
-                  f"{format_bytes(run['peak_rss'])}; {rows / run['wall_s']:,.0f} samples/s; read "
-                  f"{format_bytes(run['read_bytes'])} from the file system, {format_bytes(rate)}/s = "
-                  f"{rate / bandwidth:.3f} of the disk's sequential bandwidth")
+            print(
+                f"  {label}\n    {run['wall_s']:.0f} s wall ({run['cpu_s']:.0f} CPU s), peak "
+                f"{format_bytes(run['peak_rss'])}; {rows / run['wall_s']:,.0f} samples/s; read "
+                f"{format_bytes(run['read_bytes'])} from the file system, {format_bytes(rate)}/s = "
+                f"{rate / bandwidth:.3f} of the disk's sequential bandwidth"
+            )
         for name in ("probe", "sweep"):
             chosen = [line for line in (workdir / f"{name}.log").read_text().splitlines() if "chosen on" in line]
             print(f"  {name}: {chosen[-1] if chosen else '(no result line)'}")
 
         scale = IMAGENET_TRAIN / train
-        print(f"\nextrapolated to {IMAGENET_TRAIN:,} train rows (x{scale:.1f}; linear in rows, memory held by the "
-              "budget):")
+        print(
+            f"\nextrapolated to {IMAGENET_TRAIN:,} train rows (x{scale:.1f}; linear in rows, memory held by the "
+            "budget):"
+        )
         for label, _, _ in stages[:2]:
             run = results[label]
-            print(f"  {label.split(',')[0]}: {run['wall_s'] * scale / 60:.0f} min on this machine; its reads at the "
-                  f"disk's bandwidth alone: {run['read_bytes'] * scale / bandwidth / 60:.1f} min")
+            print(
+                f"  {label.split(',')[0]}: {run['wall_s'] * scale / 60:.0f} min on this machine; its reads at the "
+                f"disk's bandwidth alone: {run['read_bytes'] * scale / bandwidth / 60:.1f} min"
+            )
         per_row = written["bytes"] / written["rows"]
-        print(f"  the store: {format_bytes(per_row * (IMAGENET_TRAIN + IMAGENET_VAL))} on disk for these 2 arrays, "
-              f"written at this machine's {written['rows'] / written['seconds']:,.0f} rows/s in "
-              f"{(IMAGENET_TRAIN + IMAGENET_VAL) / (written['rows'] / written['seconds']) / 60:.0f} min")
+        print(
+            f"  the store: {format_bytes(per_row * (IMAGENET_TRAIN + IMAGENET_VAL))} on disk for these 2 arrays, "
+            f"written at this machine's {written['rows'] / written['seconds']:,.0f} rows/s in "
+            f"{(IMAGENET_TRAIN + IMAGENET_VAL) / (written['rows'] / written['seconds']) / 60:.0f} min"
+        )
         node = 8 * 537  # images/s: 8 H200s at 537 forwards/s each (bench/decode.py), one timestep
-        print(f"  an 8-GPU node extracting at {node:,} images/s (bench/decode.py) writes "
-              f"{format_bytes(node * per_row)}/s of these arrays' store; 1.28M images in "
-              f"{IMAGENET_TRAIN / node / 60:.1f} min per timestep")
+        print(
+            f"  an 8-GPU node extracting at {node:,} images/s (bench/decode.py) writes "
+            f"{format_bytes(node * per_row)}/s of these arrays' store; 1.28M images in "
+            f"{IMAGENET_TRAIN / node / 60:.1f} min per timestep"
+        )
         (workdir / "rehearsal.json").write_text(json.dumps(results, indent=1, default=str))
     finally:
         if args.workdir is None:

@@ -64,17 +64,19 @@ def line(label: str, seconds: float, cpu: float, peak: int, extra: str = "") -> 
     print(f"  {label:<34} {seconds:8.2f} s wall {cpu:8.2f} s CPU  peak {format_bytes(peak):>10}{extra}", flush=True)
 
 
-def bench(n: int, width: int, k: int, budget: int, in_memory_limit: int, metrics: list[str], *,
-          search_only: bool = False) -> None:
+def bench(
+    n: int, width: int, k: int, budget: int, in_memory_limit: int, metrics: list[str], *, search_only: bool = False
+) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, width)).astype(np.float32).astype(np.float64)  # values a float32 store holds
     y = np.tanh(x @ rng.normal(size=(width, width)) / np.sqrt(width)) + 0.5 * rng.normal(size=(n, width))
     y = y.astype(np.float32).astype(np.float64)
-    params = Parameters(topk=k, cca_dim=10, budget=budget,
-                        batches=tuple(np.array_split(rng.permutation(n), -(-n // 256))))
+    params = Parameters(
+        topk=k, cca_dim=10, budget=budget, batches=tuple(np.array_split(rng.permutation(n), -(-n // 256)))
+    )
     a, b = Side(preprocess(x, "clamp-l2"), params), Side(preprocess(y, "clamp-l2"), params)
     print(f"N = {n}, {width} features per side, k = {k}, neighbour-search budget {format_bytes(budget)}", flush=True)
-    for name, side in (("X", a), ("Y", b))[1 if search_only else 0:]:
+    for name, side in (("X", a), ("Y", b))[1 if search_only else 0 :]:
         _, seconds, cpu, peak = measured(lambda side=side: side.neighbours)
         line(f"neighbour search of {name} (chunked)", seconds, cpu, peak)
         chunked = (seconds, cpu, peak)
@@ -82,22 +84,33 @@ def bench(n: int, width: int, k: int, budget: int, in_memory_limit: int, metrics
 
     def windows(positions, size=4096):
         for lo in range(0, len(positions), size):
-            yield stored[positions[lo:lo + size]]
+            yield stored[positions[lo : lo + size]]
 
-    (found, plan), seconds, cpu, peak = measured(lambda: streamed_neighbours(
-        windows, n, k, how="clamp-l2", budget=budget, width=width, window=4096))
-    line("neighbour search of Y (streamed)", seconds, cpu, peak,
-         f"; {plan.rows} rows per block, {plan.passes} passes (+3 for the clamp); streamed / chunked in memory: "
-         f"wall {seconds / chunked[0]:.2f}, CPU {cpu / chunked[1]:.2f}, memory {peak / chunked[2]:.3f}; "
-         f"same neighbours: {np.array_equal(found.indices, b.neighbours.indices)}")
+    (found, plan), seconds, cpu, peak = measured(
+        lambda: streamed_neighbours(windows, n, k, how="clamp-l2", budget=budget, width=width, window=4096)
+    )
+    line(
+        "neighbour search of Y (streamed)",
+        seconds,
+        cpu,
+        peak,
+        f"; {plan.rows} rows per block, {plan.passes} passes (+3 for the clamp); streamed / chunked in memory: "
+        f"wall {seconds / chunked[0]:.2f}, CPU {cpu / chunked[1]:.2f}, memory {peak / chunked[2]:.3f}; "
+        f"same neighbours: {np.array_equal(found.indices, b.neighbours.indices)}",
+    )
     if search_only:
         return
     if 8 * n * n <= in_memory_limit:
         whole, seconds, cpu, peak = measured(lambda: in_memory_neighbours(b.x, k))
         same = np.array_equal(whole, b.neighbours.indices)
-        line("neighbour search of Y (N x N)", seconds, cpu, peak,
-             f"; chunked / in-memory: wall {chunked[0] / seconds:.2f}, CPU {chunked[1] / cpu:.2f}, memory "
-             f"{chunked[2] / peak:.3f}; same neighbours: {same}")
+        line(
+            "neighbour search of Y (N x N)",
+            seconds,
+            cpu,
+            peak,
+            f"; chunked / in-memory: wall {chunked[0] / seconds:.2f}, CPU {chunked[1] / cpu:.2f}, memory "
+            f"{chunked[2] / peak:.3f}; same neighbours: {same}",
+        )
     else:
         print(f"  neighbour search of Y (N x N)      not run: {format_bytes(8 * n * n)} for the similarities alone")
     for metric in metrics:
@@ -113,8 +126,11 @@ def main() -> None:
     parser.add_argument("--budget", default="256MB", help="Memory for one block of the neighbour search.")
     parser.add_argument("--in-memory-limit", default="2GB", help="Run the N x N form only where it needs at most this.")
     parser.add_argument("--threads", type=int, default=2, help="BLAS threads.")
-    parser.add_argument("--search-only", action="store_true",
-                        help="Only Y's neighbour search, chunked in memory and streamed (the long part at 100k).")
+    parser.add_argument(
+        "--search-only",
+        action="store_true",
+        help="Only Y's neighbour search, chunked in memory and streamed (the long part at 100k).",
+    )
     args = parser.parse_args()
     from threadpoolctl import threadpool_limits
 
@@ -123,8 +139,15 @@ def main() -> None:
     metrics = [m for m in METRICS if m != "rbf"]
     with threadpool_limits(limits=args.threads):
         for n in (int(s) for s in args.samples.split(",")):
-            bench(n, args.width, args.topk, parse_byte_size(args.budget), parse_byte_size(args.in_memory_limit),
-                  metrics, search_only=args.search_only)
+            bench(
+                n,
+                args.width,
+                args.topk,
+                parse_byte_size(args.budget),
+                parse_byte_size(args.in_memory_limit),
+                metrics,
+                search_only=args.search_only,
+            )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,14 @@ from cache.writer import SplitIndex  # noqa: E402
 
 def write(path: Path, samples: int, channels: int, chunk_samples: int) -> None:
     settings = {key: {} for key in layout.IDENTITY_KEYS}
-    settings.update(kind="bench", data={"classes": ["a", "b"]}, noise_seed=0, dtype="float16", precision="fp32",
-                    chunk_samples=chunk_samples)
+    settings.update(
+        kind="bench",
+        data={"classes": ["a", "b"]},
+        noise_seed=0,
+        dtype="float16",
+        precision="fp32",
+        chunk_samples=chunk_samples,
+    )
     table = [{"number": 1, "module": "m", "adm_name": "a", "channels": channels, "resolution": 2}]
     splits = {"train": SplitIndex(np.zeros(samples, np.int64), [f"{i}.png" for i in range(samples)])}
     rng = np.random.default_rng(0)
@@ -64,8 +70,9 @@ def main() -> None:
         store = FeatureStore.open(path)
         array = zarr.open_group(path, mode="r")["train/block1/t10"]
         chunks = store.num_chunks("train")
-        plain = best(lambda: [array[store.chunk_rows("train", k)].astype(np.float32) for k in range(chunks)],
-                     args.repeats)
+        plain = best(
+            lambda: [array[store.chunk_rows("train", k)].astype(np.float32) for k in range(chunks)], args.repeats
+        )
         checked = best(lambda: [store.read_chunk("train", 1, 10, k) for k in range(chunks)], args.repeats)
         whole = best(lambda: store.read("train", 1, 10), args.repeats)
     size = args.samples * args.channels * 4 * 2 / 1e6

@@ -34,17 +34,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="Where the store and results go [default: a temp dir].")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Where the store and results go [default: a temp dir]."
+    )
     parser.add_argument("--store", type=Path, default=None, help="Use this existing store instead of writing one.")
     parser.add_argument("--blocks", type=int, default=6)
     parser.add_argument("--timesteps", default="10,150")
-    parser.add_argument("--channels", type=int, default=32,
-                        help="Channels per block: pool 1 -> C features, pool 2 -> 4C.")
+    parser.add_argument(
+        "--channels", type=int, default=32, help="Channels per block: pool 1 -> C features, pool 2 -> 4C."
+    )
     parser.add_argument("--heads", default="linear,ridge")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--group-size", type=int, default=None,
-                        help="[default: the sweep's: whole passes for linear/mlp, one input set per task otherwise]")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="[default: the sweep's: whole passes for linear/mlp, one input set per task otherwise]",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="[default: each head's default]")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -57,8 +63,12 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
-    store = args.store or make_store(work / "store.zarr", blocks=args.blocks,
-                                     timesteps=[int(t) for t in args.timesteps.split(",")], channels=args.channels)
+    store = args.store or make_store(
+        work / "store.zarr",
+        blocks=args.blocks,
+        timesteps=[int(t) for t in args.timesteps.split(",")],
+        channels=args.channels,
+    )
     heads = args.heads.split(",")
     options = {"pools": (1, 2)} if args.store is None else {}
     if args.epochs:
@@ -71,24 +81,37 @@ def main() -> None:
     startup = time.perf_counter() - started
 
     timings, digests, tasks = {}, {}, 0
-    for name, engine in (("in-process", EngineOptions()), (f"--workers {args.workers}",
-                                                           EngineOptions(workers=args.workers))):
+    for name, engine in (
+        ("in-process", EngineOptions()),
+        (f"--workers {args.workers}", EngineOptions(workers=args.workers)),
+    ):
         started = time.perf_counter()
-        result = run_sweep(ref, heads, options, out=work / name.strip("-").replace(" ", ""), group_size=args.group_size,
-                           engine=engine, progress=False)
+        result = run_sweep(
+            ref,
+            heads,
+            options,
+            out=work / name.strip("-").replace(" ", ""),
+            group_size=args.group_size,
+            engine=engine,
+            progress=False,
+        )
         timings[name] = time.perf_counter() - started
         digests[name] = sweep_digest(result)
         tasks = len(result.plan.tasks)
         combos = sum(len(r.plan.combos) for r in result.plan.runs)
     first, second = timings
     per_run = ", ".join(f"{r.settings.head} {len(r.tasks)}" for r in result.plan.runs)
-    print(f"store {store}: heads {', '.join(heads)}, {combos} (input set, head) pairs in {tasks} tasks ({per_run}); "
-          f"{os.cpu_count()} CPUs")
+    print(
+        f"store {store}: heads {', '.join(heads)}, {combos} (input set, head) pairs in {tasks} tasks ({per_run}); "
+        f"{os.cpu_count()} CPUs"
+    )
     print(f"{'engine':<14} {'wall s':>8}")
     for name, seconds in timings.items():
         print(f"{name:<14} {seconds:>8.2f}")
-    print(f"ratio in-process / {second}: {timings[first] / timings[second]:.2f}x "
-          f"(cluster start-up alone: {startup:.2f} s)")
+    print(
+        f"ratio in-process / {second}: {timings[first] / timings[second]:.2f}x "
+        f"(cluster start-up alone: {startup:.2f} s)"
+    )
     print(f"results identical (configs.csv and saved heads, sha256): {digests[first] == digests[second]}")
 
 

@@ -51,6 +51,7 @@ def describe_difference(key: str, stored, wanted, prefix: str = "") -> list[str]
         return lines
     if stored == wanted:
         return []
+
     def short(value) -> str:
         text = json.dumps(value, default=str)
         return text if len(text) <= 80 else text[:77] + "..."
@@ -87,16 +88,18 @@ def inspect_directory(location: Location) -> tuple[str, dict]:
     if not children:
         return "empty", {}
     if "zarr.json" not in children:
-        raise StoreError(f"{location} exists and is not a feature store (no zarr.json)", store=location,
-                         remedy=ELSEWHERE)
+        raise StoreError(
+            f"{location} exists and is not a feature store (no zarr.json)", store=location, remedy=ELSEWHERE
+        )
     try:
         metadata = json.loads(location.read_text("zarr.json"))
         attrs = dict(metadata.get("attributes", {}))
     except (OSError, ValueError, AttributeError):
         if layout.PROGRESS in children:
             return "damaged", {}
-        raise StoreError(f"{location} holds a damaged zarr.json and is not a feature store", store=location,
-                         remedy=ELSEWHERE) from None
+        raise StoreError(
+            f"{location} holds a damaged zarr.json and is not a feature store", store=location, remedy=ELSEWHERE
+        ) from None
     if attrs.get("format") not in layout.FORMATS:
         raise StoreError(f"{location} is a Zarr group but not a feature store", store=location, remedy=ELSEWHERE)
     if any(key not in attrs for key in layout.REQUIRED_KEYS):
@@ -114,8 +117,13 @@ def mark_root(location: Location, attrs: dict) -> None:
     location.write_bytes("zarr.json", text.encode())
 
 
-def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict],
-            recipe: dict | None = None) -> zarr.Group:
+def replace(
+    location: Location,
+    settings: dict,
+    splits: dict[str, SplitIndex],
+    block_table: list[dict],
+    recipe: dict | None = None,
+) -> zarr.Group:
     """Clear the store (never while a reader holds it) and create it again, settings last.
 
     `recipe` (opaque here: what its maker needs to make the store again) is written first, with the
@@ -127,8 +135,11 @@ def replace(location: Location, settings: dict, splits: dict[str, SplitIndex], b
         free = location.free_bytes() if error.errno in FULL else None
         if free is None:
             raise
-        raise StoreFullError(f"{location}: no space left on the device while creating the store ({format_bytes(free)} "
-                             "free). Free some space and run again", store=location) from None
+        raise StoreFullError(
+            f"{location}: no space left on the device while creating the store ({format_bytes(free)} "
+            "free). Free some space and run again",
+            store=location,
+        ) from None
 
 
 def _clear(location: Location, recipe: dict | None) -> None:
@@ -144,8 +155,9 @@ def _clear(location: Location, recipe: dict | None) -> None:
         locks.unlock(claim)
 
 
-def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict],
-            recipe: dict | None) -> zarr.Group:
+def _create(
+    location: Location, settings: dict, splits: dict[str, SplitIndex], block_table: list[dict], recipe: dict | None
+) -> zarr.Group:
     group = zarr.open_group(location.zarr_store(read_only=False), mode="r+")
     chunk_samples = int(settings["chunk_samples"])
     shard_samples = layout.shard_samples(settings)
@@ -159,10 +171,17 @@ def _create(location: Location, settings: dict, splits: dict[str, SplitIndex], b
         write_index_array(group, layout.paths_path(name), np.asarray(index.paths, dtype=str))
         create_files_array(group, name, len(index.paths), chunk_samples, shard_samples)
     key = digests.binding(settings)
-    write_manifest(group, Manifest.create(
-        settings, block_table, {name: len(index.paths) for name, index in splits.items()},
-        {name: digests.index_digests(key, name, index.labels, index.paths) for name, index in splits.items()},
-        recipe, str(location)))
+    write_manifest(
+        group,
+        Manifest.create(
+            settings,
+            block_table,
+            {name: len(index.paths) for name, index in splits.items()},
+            {name: digests.index_digests(key, name, index.labels, index.paths) for name, index in splits.items()},
+            recipe,
+            str(location),
+        ),
+    )
     return group
 
 
@@ -178,12 +197,27 @@ def sample_chunking(n: int, chunk_samples: int, shard_samples: int, row_shape: t
 def write_index_array(group: zarr.Group, path: str, values: np.ndarray) -> None:
     n = len(values)
     dtype = str if values.dtype.kind in "UO" else values.dtype  # zarr's variable-length strings
-    array = group.create_array(path, shape=(n,), chunks=(max(1, min(n, 65536)),), dtype=dtype,
-                               compressors=SMALL_CODECS, dimension_names=("sample",), overwrite=True)
+    array = group.create_array(
+        path,
+        shape=(n,),
+        chunks=(max(1, min(n, 65536)),),
+        dtype=dtype,
+        compressors=SMALL_CODECS,
+        dimension_names=("sample",),
+        overwrite=True,
+    )
     array[:] = values
 
 
 def create_files_array(group: zarr.Group, split: str, n: int, chunk_samples: int, shard_samples: int) -> None:
-    group.create_array(layout.files_path(split), shape=(n, 2), **sample_chunking(n, chunk_samples, shard_samples, (2,)),
-                       dtype="uint64", fill_value=0, compressors=SMALL_CODECS, dimension_names=("sample", "field"),
-                       attributes={"fields": list(layout.FILE_FIELDS)}, overwrite=True)
+    group.create_array(
+        layout.files_path(split),
+        shape=(n, 2),
+        **sample_chunking(n, chunk_samples, shard_samples, (2,)),
+        dtype="uint64",
+        fill_value=0,
+        compressors=SMALL_CODECS,
+        dimension_names=("sample", "field"),
+        attributes={"fields": list(layout.FILE_FIELDS)},
+        overwrite=True,
+    )

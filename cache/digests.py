@@ -50,8 +50,10 @@ def digest(key: bytes, where: str, values) -> int:
 
 def index_digests(key: bytes, split: str, labels, paths) -> dict[str, str]:
     """The root attribute "index_digests"[split]: labels' and paths' digests as hex text (JSON has no uint64)."""
-    return {"labels": f"{digest(key, layout.labels_path(split), np.asarray(labels, np.int64)):016x}",
-            "paths": f"{digest(key, layout.paths_path(split), [str(p) for p in paths]):016x}"}
+    return {
+        "labels": f"{digest(key, layout.labels_path(split), np.asarray(labels, np.int64)):016x}",
+        "paths": f"{digest(key, layout.paths_path(split), [str(p) for p in paths]):016x}",
+    }
 
 
 def file_digest(key: bytes, split: str, chunk: int, records: np.ndarray) -> int:

@@ -54,5 +54,6 @@ def require(module: str, extra: str, purpose: str) -> ModuleType:
     except ImportError as error:
         if error.name is not None and not module.startswith(error.name.split(".")[0]):
             raise  # the module is there but one of its own imports is broken: a bug to see whole
-        raise MissingExtraError(f"{purpose} needs the [{extra}] extra ({module} is not installed): "
-                                f"{install_command(extra)}") from None
+        raise MissingExtraError(
+            f"{purpose} needs the [{extra}] extra ({module} is not installed): {install_command(extra)}"
+        ) from None

@@ -61,8 +61,11 @@ def read_root_attrs(location: Location | str) -> dict:
     except (ValueError, TypeError, KeyError) as error:  # json that does not parse, or is not zarr's
         raise settings_damaged(location, f"({error})") from None
     if attrs.get("format") not in layout.FORMATS:
-        raise StoreError(f"{path} is a Zarr group but not a feature store (no format {layout.FORMAT!r})",
-                         store=location, remedy=ELSEWHERE)
+        raise StoreError(
+            f"{path} is a Zarr group but not a feature store (no format {layout.FORMAT!r})",
+            store=location,
+            remedy=ELSEWHERE,
+        )
     return attrs
 
 
@@ -72,8 +75,9 @@ def settings_damaged(location: Location, detail: str = "") -> IntegrityError:
     where = f"{location}/zarr.json, the store's settings, is damaged" + (f" {detail}" if detail else "")
     damage = [Damage("zarr.json", None, "is damaged")]
     if read_copy(location) is not None:
-        return IntegrityError(f"{where}; its copy ({layout.PROGRESS}/zarr.json) is intact", store=location,
-                              damage=damage, remedy=REPAIR)
+        return IntegrityError(
+            f"{where}; its copy ({layout.PROGRESS}/zarr.json) is intact", store=location, damage=damage, remedy=REPAIR
+        )
     return IntegrityError(f"{where}: the settings are lost", store=location, damage=damage, remedy=REPLACE)
 
 
@@ -83,8 +87,11 @@ def finished_attrs(location: Location | str) -> dict:
     attrs = read_root_attrs(location)
     missing = [key for key in layout.REQUIRED_KEYS if key not in attrs]
     if missing:
-        raise IncompleteStoreError(f"{location} was never finished being made: a run stopped while making or "
-                                   f"replacing it (its settings lack {', '.join(missing)})", store=location)
+        raise IncompleteStoreError(
+            f"{location} was never finished being made: a run stopped while making or "
+            f"replacing it (its settings lack {', '.join(missing)})",
+            store=location,
+        )
     return attrs
 
 
@@ -108,8 +115,9 @@ def index_problem(location: Location, attrs: dict, split: str, path: str, array:
     recorded = attrs.get("index_digests", {}).get(split)
     if recorded is not None:
         kind = "labels" if path == layout.labels_path(split) else "paths"
-        now = digests_.index_digests(digests_.binding(attrs), split, values if kind == "labels" else [],
-                                     values if kind == "paths" else [])
+        now = digests_.index_digests(
+            digests_.binding(attrs), split, values if kind == "labels" else [], values if kind == "paths" else []
+        )
         if now[kind] != recorded.get(kind):
             return "does not match its digest (replaced, edited, or copied from another store)"
     return None
@@ -143,8 +151,9 @@ def shard_rows(array: zarr.Array, shard: int, shard_samples: int) -> slice:
     return slice(shard * shard_samples, min((shard + 1) * shard_samples, array.shape[0]))
 
 
-def load_write_sets(group: zarr.Group, split: str, n_shards: int,
-                    chunks_per_shard: int = 1) -> tuple[list[WriteSet], list[Damage]]:
+def load_write_sets(
+    group: zarr.Group, split: str, n_shards: int, chunks_per_shard: int = 1
+) -> tuple[list[WriteSet], list[Damage]]:
     """Every write set of a split, damaged flags reading as 0, with its digests, and the damage found
     (a flag that says digests were recorded where they are gone or damaged is damage of the digests)."""
     root = layout.progress_group(split)
@@ -240,16 +249,25 @@ def find_damage(location: Location | str, *, full: bool) -> list[Damage]:
                 # One listing per array rather than a request per finished shard
                 present = location.files_under(f"{array_path}/c")
                 for k in np.flatnonzero(done_shards(sets, int(block), int(timestep), n_shards)):
-                    problem = shard_problem(location, array_path, array, int(k), shard_samples, full=full,
-                                            present=present, expected=expected_digests(
-                                                sets, (int(block), int(timestep)), int(k), per_shard, key), key=key)
+                    problem = shard_problem(
+                        location,
+                        array_path,
+                        array,
+                        int(k),
+                        shard_samples,
+                        full=full,
+                        present=present,
+                        expected=expected_digests(sets, (int(block), int(timestep)), int(k), per_shard, key),
+                        key=key,
+                    )
                     if problem:
                         damage.append(Damage(array_path, int(k), problem))
     return damage
 
 
-def files_damage(files: zarr.Array, split: str, sets: list[WriteSet], key: bytes, n_shards: int, per_shard: int,
-                 chunk_samples: int) -> list[Damage]:
+def files_damage(
+    files: zarr.Array, split: str, sets: list[WriteSet], key: bytes, n_shards: int, per_shard: int, chunk_samples: int
+) -> list[Damage]:
     """File records of finished shards: decodable, and matching the digests recorded with the shard."""
     path = layout.files_path(split)
     try:
@@ -265,15 +283,16 @@ def files_damage(files: zarr.Array, split: str, sets: list[WriteSet], key: bytes
         shard = values[rows] if values is not None else files[rows]
         for c in range(k * per_shard, min((k + 1) * per_shard, -(-files.shape[0] // chunk_samples))):
             wanted = [d for s in sets if (d := s.recorded("files", c, k))]
-            chunk = shard[(c - k * per_shard) * chunk_samples:(c - k * per_shard + 1) * chunk_samples]
+            chunk = shard[(c - k * per_shard) * chunk_samples : (c - k * per_shard + 1) * chunk_samples]
             if wanted and any(d != digests_.file_digest(key, split, c, chunk) for d in wanted):
                 found.append(Damage(path, k, "does not match its digests (missing, replaced or edited)"))
                 break
     return found
 
 
-def expected_digests(sets: list[WriteSet], array: tuple[int, int], shard: int, per_shard: int,
-                     key: bytes | None = None) -> dict[int, set[int]]:
+def expected_digests(
+    sets: list[WriteSet], array: tuple[int, int], shard: int, per_shard: int, key: bytes | None = None
+) -> dict[int, set[int]]:
     """chunk -> the digests recorded for it by the sets that finished `shard` of `array` ({} in format 1)."""
     column = layout.array_key(*array)
     found: dict[int, set[int]] = {}
@@ -287,22 +306,32 @@ def expected_digests(sets: list[WriteSet], array: tuple[int, int], shard: int, p
     return found
 
 
-def digest_mismatch(key: bytes, array_path: str, values: np.ndarray, first_chunk: int, chunk_samples: int,
-                    expected: dict[int, set[int]]) -> int | None:
+def digest_mismatch(
+    key: bytes, array_path: str, values: np.ndarray, first_chunk: int, chunk_samples: int, expected: dict[int, set[int]]
+) -> int | None:
     """The first chunk of `values` (rows from chunk `first_chunk` on) whose digest differs from a recorded one."""
     for i in range(-(-len(values) // chunk_samples)):
         wanted = expected.get(first_chunk + i)
         if wanted:
-            part = values[i * chunk_samples:(i + 1) * chunk_samples]
+            part = values[i * chunk_samples : (i + 1) * chunk_samples]
             got = digests_.chunk_digest(key, array_path, first_chunk + i, part)
             if wanted != {got}:
                 return first_chunk + i
     return None
 
 
-def shard_problem(location: Location, array_path: str, array: zarr.Array, shard: int, shard_samples: int, *,
-                  full: bool, present: set[str] | None = None, expected: dict[int, set[int]] | None = None,
-                  key: bytes | None = None) -> str | None:
+def shard_problem(
+    location: Location,
+    array_path: str,
+    array: zarr.Array,
+    shard: int,
+    shard_samples: int,
+    *,
+    full: bool,
+    present: set[str] | None = None,
+    expected: dict[int, set[int]] | None = None,
+    key: bytes | None = None,
+) -> str | None:
     """What is wrong with finished shard `shard` of a feature array, or None (`present`: the array's objects,
     listed once, where checking each one is a request; `expected`: `expected_digests`, with the store's `key`)."""
     file = layout.shard_file(array_path, shard, array.ndim)
@@ -318,11 +347,14 @@ def shard_problem(location: Location, array_path: str, array: zarr.Array, shard:
     if not np.isfinite(values).all():
         return f"is marked finished but holds non-finite values ({file})"
     if expected and key is not None:
-        chunk = digest_mismatch(key, array_path, values, shard * shard_samples // array.chunks[0], array.chunks[0],
-                                expected)
+        chunk = digest_mismatch(
+            key, array_path, values, shard * shard_samples // array.chunks[0], array.chunks[0], expected
+        )
         if chunk is not None:
-            return (f"does not match its digests at chunk {chunk}: its values were written for another store or "
-                    f"place, or edited ({file})")
+            return (
+                f"does not match its digests at chunk {chunk}: its values were written for another store or "
+                f"place, or edited ({file})"
+            )
     return None
 
 

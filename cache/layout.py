@@ -50,14 +50,29 @@ DIMENSIONS = ("sample", "channel", "y", "x")
 FILE_FIELDS = ("blake2b64", "mtime_ns")
 
 # Settings that decide what every stored number is; a store only accepts writes that agree on all.
-IDENTITY_KEYS = ("kind", "model", "data", "preprocessing", "noise_seed", "dtype", "precision", "chunk_samples",
-                 "shard_samples")
+IDENTITY_KEYS = (
+    "kind",
+    "model",
+    "data",
+    "preprocessing",
+    "noise_seed",
+    "dtype",
+    "precision",
+    "chunk_samples",
+    "shard_samples",
+)
 # Identity settings that only stores using them record (absent: the store has no augmented views).
 OPTIONAL_IDENTITY_KEYS = ("views",)
 # A store is valid once its root attributes hold all of these: they are written last, in one write.
 # (`shard_samples` is not among them: stores made before sharding have none, and read as unsharded.)
-REQUIRED_KEYS = ("format", *(k for k in IDENTITY_KEYS if k != "shard_samples"), "block_table", "splits", "features",
-                 "pools")
+REQUIRED_KEYS = (
+    "format",
+    *(k for k in IDENTITY_KEYS if k != "shard_samples"),
+    "block_table",
+    "splits",
+    "features",
+    "pools",
+)
 
 _ARRAY_KEY = re.compile(r"block(\d+)/t(\d+)")
 VIEW_MARK = "@view"  # never in a split folder's name (extraction allows letters, digits, '.', '-', '_')
@@ -113,7 +128,7 @@ def progress_group(split: str) -> str:
 
 def digests_path(flags_path: str) -> str:
     """The digest record of a write set: "_progress/<split>/<set>" -> "_digests/<split>/<set>"."""
-    return DIGESTS + flags_path[len(PROGRESS):]
+    return DIGESTS + flags_path[len(PROGRESS) :]
 
 
 def write_set_name(arrays) -> str:

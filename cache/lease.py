@@ -79,14 +79,17 @@ class Lease:
         if etag is None:  # someone holds, or held, the lease
             current, current_etag = self._read()
             if current is not None and current.get("expires", 0) > self._now():
-                raise StoreLockedError(f"{self.location} is being written by another process ({describe(current)})",
-                                       store=self.location)
+                raise StoreLockedError(
+                    f"{self.location} is being written by another process ({describe(current)})", store=self.location
+                )
             holder = describe(current) if current else "a lease that could not be read"
             log.warning("%s: taking over the expired lease of %s", self.location, holder)
             etag = self._replace(body, current_etag)
             if etag is None:
-                raise StoreLockedError(f"{self.location}: another process took over its expired writer lease at the "
-                                       "same moment", store=self.location)
+                raise StoreLockedError(
+                    f"{self.location}: another process took over its expired writer lease at the same moment",
+                    store=self.location,
+                )
         self._held = _Held(etag, body)
         self._thread = threading.Thread(target=self._renew_loop, name="store-lease", daemon=True)
         self._thread.start()
@@ -101,8 +104,9 @@ class Lease:
             try:
                 self._delete(self._held.etag)
             except Exception as error:  # noqa: BLE001 - an unreleased lease only expires later
-                log.warning("%s: could not release the writer lease (%s); it expires in %.0f s", self.location,
-                            error, self.ttl)
+                log.warning(
+                    "%s: could not release the writer lease (%s); it expires in %.0f s", self.location, error, self.ttl
+                )
         self._held = None
 
     def check(self) -> None:
@@ -140,11 +144,16 @@ class Lease:
                 etag = None
             if etag is None:
                 current, _ = self._read()
-                taker = (f"is held by another process ({describe(current)})" if current else
-                         "was taken over by another process, which has finished and released it")
-                self._lost = (f"{self.location}: this writer stalled past its lease's expiry and the lease {taker}; "
-                              "this run stops before writing again (finished shards are kept). Run the same "
-                              "command again to finish the store")
+                taker = (
+                    f"is held by another process ({describe(current)})"
+                    if current
+                    else "was taken over by another process, which has finished and released it"
+                )
+                self._lost = (
+                    f"{self.location}: this writer stalled past its lease's expiry and the lease {taker}; "
+                    "this run stops before writing again (finished shards are kept). Run the same "
+                    "command again to finish the store"
+                )
                 raise LeaseLostError(self._lost)
             self._held = _Held(etag, body)
 
@@ -153,8 +162,11 @@ class Lease:
 
     # -- the object store's conditional writes ----------------------------------------------------------
     def _body(self, *, since: float) -> dict:
-        return {"holder": {"host": socket.gethostname(), "pid": os.getpid(), "since": since},
-                "expires": self._now() + self.ttl, "ttl": self.ttl}
+        return {
+            "holder": {"host": socket.gethostname(), "pid": os.getpid(), "since": since},
+            "expires": self._now() + self.ttl,
+            "ttl": self.ttl,
+        }
 
     def _key(self) -> str:
         return self.location.key(LEASE)

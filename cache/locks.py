@@ -68,15 +68,19 @@ def unlock(fd: int | None) -> None:
 def hold_for_reading(location: Location) -> int | None:
     """A shared lock on the store's readers' directory, or None where the store has none (half-built,
     or on an object store)."""
-    return _lock_readers(location, fcntl.LOCK_SH,
-                         f"{location} is being replaced by another process (an extraction over it)")
+    return _lock_readers(
+        location, fcntl.LOCK_SH, f"{location} is being replaced by another process (an extraction over it)"
+    )
 
 
 def claim_for_replacing(location: Location) -> int | None:
     """The readers' lock taken exclusively before a writer replaces the store; refused while a reader holds it."""
-    return _lock_readers(location, fcntl.LOCK_EX,
-                         f"{location} is open for reading in another process (a probe?); replacing it now would "
-                         "change the features under that reader")
+    return _lock_readers(
+        location,
+        fcntl.LOCK_EX,
+        f"{location} is open for reading in another process (a probe?); replacing it now would "
+        "change the features under that reader",
+    )
 
 
 def _lock_readers(location: Location, mode: int, refusal: str) -> int | None:

@@ -62,18 +62,37 @@ class Manifest:
     info: Mapping = field(default_factory=dict)  # descriptive attributes, not the identity (e.g. model_source)
 
     @classmethod
-    def create(cls, settings: Mapping, block_table: list[Mapping], splits: Mapping[str, int],
-               index_digests: Mapping[str, Mapping[str, str]], recipe: Mapping | None = None,
-               where: str = "the store") -> Manifest:
+    def create(
+        cls,
+        settings: Mapping,
+        block_table: list[Mapping],
+        splits: Mapping[str, int],
+        index_digests: Mapping[str, Mapping[str, str]],
+        recipe: Mapping | None = None,
+        where: str = "the store",
+    ) -> Manifest:
         """The manifest of a store just made: `settings` (layout.IDENTITY_KEYS, views where used), no features yet.
         Checked as a stored one is (`parse`), so what is written always parses back."""
         settings = layout.normalised(dict(settings))
         identity = {key: settings.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
-        table = {int(row["number"]): BlockRow(int(row["number"]), int(row["channels"]), int(row["resolution"]),
-                                              dict(row)) for row in block_table}
+        table = {
+            int(row["number"]): BlockRow(int(row["number"]), int(row["channels"]), int(row["resolution"]), dict(row))
+            for row in block_table
+        }
         info = {key: value for key, value in settings.items() if key not in identity}
-        draft = cls(layout.FORMAT, identity, int(settings["chunk_samples"]), int(settings["shard_samples"]), table,
-                    {name: int(n) for name, n in splits.items()}, {}, (), dict(index_digests), recipe, info)
+        draft = cls(
+            layout.FORMAT,
+            identity,
+            int(settings["chunk_samples"]),
+            int(settings["shard_samples"]),
+            table,
+            {name: int(n) for name, n in splits.items()},
+            {},
+            (),
+            dict(index_digests),
+            recipe,
+            info,
+        )
         return cls.parse(draft.to_attrs(), where)
 
     def to_attrs(self) -> dict:
@@ -87,8 +106,9 @@ class Manifest:
                 attrs[key] = self.identity[key]
         attrs["block_table"] = [dict(row.row) for row in self.block_table.values()]
         attrs["splits"] = dict(self.splits)
-        attrs["features"] = {str(b): {"grid": s.grid, "timesteps": list(s.timesteps)}
-                             for b, s in sorted(self.features.items())}
+        attrs["features"] = {
+            str(b): {"grid": s.grid, "timesteps": list(s.timesteps)} for b, s in sorted(self.features.items())
+        }
         attrs["pools"] = list(self.pools)
         attrs["index_digests"] = {split: dict(d) for split, d in self.index_digests.items()}
         if self.recipe is not None:
@@ -111,8 +131,12 @@ class Manifest:
         attrs = upgrade(attrs)
 
         def bad(key: str, why: str) -> IntegrityError:
-            return IntegrityError(f"{where}/zarr.json, the store's settings, is damaged: {key} {why}",
-                                  store=where, remedy=REPLACE, damage=[_damage(key, why)])
+            return IntegrityError(
+                f"{where}/zarr.json, the store's settings, is damaged: {key} {why}",
+                store=where,
+                remedy=REPLACE,
+                damage=[_damage(key, why)],
+            )
 
         missing = [key for key in layout.REQUIRED_KEYS if key not in attrs]
         if missing:
@@ -125,8 +149,12 @@ class Manifest:
             if not isinstance(row, Mapping):
                 raise bad("block_table", f"holds {row!r}, not a row")
             number = _int(row, "number", bad, 0, "block_table row ")
-            table[number] = BlockRow(number, _int(row, "channels", bad, 1, f"block {number} "),
-                                     _int(row, "resolution", bad, 1, f"block {number} "), dict(row))
+            table[number] = BlockRow(
+                number,
+                _int(row, "channels", bad, 1, f"block {number} "),
+                _int(row, "resolution", bad, 1, f"block {number} "),
+                dict(row),
+            )
         splits = attrs["splits"]
         if not isinstance(splits, Mapping) or not all(isinstance(n, int) and n >= 0 for n in splits.values()):
             raise bad("splits", f"is {splits!r}, not split -> sample count")
@@ -147,9 +175,19 @@ class Manifest:
         identity = {key: attrs.get(key) for key in (*layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS)}
         identity["shard_samples"] = shard
         info = {key: value for key, value in attrs.items() if key not in _SCHEMA_KEYS}
-        return cls(attrs["format"], identity, chunk, shard, table,
-                   dict(splits), features, tuple(pools),
-                   dict(attrs.get("index_digests") or {}), attrs.get("recipe"), info)
+        return cls(
+            attrs["format"],
+            identity,
+            chunk,
+            shard,
+            table,
+            dict(splits),
+            features,
+            tuple(pools),
+            dict(attrs.get("index_digests") or {}),
+            attrs.get("recipe"),
+            info,
+        )
 
     # -- what it says --------------------------------------------------------------------------------------
     def block(self, number: int) -> BlockRow:
@@ -210,8 +248,19 @@ def upgrade(attrs: Mapping) -> dict:
 
 
 # Keys the manifest types; any other root attribute is descriptive (`Manifest.info`).
-_SCHEMA_KEYS = frozenset({"format", *layout.IDENTITY_KEYS, *layout.OPTIONAL_IDENTITY_KEYS, "block_table", "splits",
-                          "features", "pools", "index_digests", "recipe"})
+_SCHEMA_KEYS = frozenset(
+    {
+        "format",
+        *layout.IDENTITY_KEYS,
+        *layout.OPTIONAL_IDENTITY_KEYS,
+        "block_table",
+        "splits",
+        "features",
+        "pools",
+        "index_digests",
+        "recipe",
+    }
+)
 
 
 def _damage(key: str, why: str) -> Damage:

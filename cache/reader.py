@@ -128,8 +128,9 @@ class FeatureStore:
         """The stored split that holds view `view` of `split` (`cache.layout.view_split`)."""
         views = self.views(split)
         if not isinstance(view, (int, np.integer)) or not 0 <= view < views:
-            raise NotInStoreError(f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view "
-                                  f"{view!r}")
+            raise NotInStoreError(
+                f"{self.path} holds {views} view(s) of {split!r} (0 to {views - 1}), not view {view!r}"
+            )
         return layout.view_split(split, int(view))
 
     @property
@@ -164,13 +165,32 @@ class FeatureStore:
         """sha256 of the recorded settings: two stores with equal fingerprints hold the same features."""
         return hashlib.sha256(json.dumps(self._attrs, sort_keys=True).encode()).hexdigest()
 
-    def select(self, *, blocks=None, timesteps=None, pools=None, split: str | None = None, view: int = 0,
-               full_above: bool = True, partial: bool = False) -> Selection:
+    def select(
+        self,
+        *,
+        blocks=None,
+        timesteps=None,
+        pools=None,
+        split: str | None = None,
+        view: int = 0,
+        full_above: bool = True,
+        partial: bool = False,
+    ) -> Selection:
         """What a request reads: every (block, timestep) at every pool, of view `view` of `split`, resolved
         against this store (`cache.selection.select`: None means all the store holds; a `SelectionError`
         lists everything it lacks, or with `partial` the selection's `problems` do)."""
-        return select(self.manifest, self.path, blocks=blocks, timesteps=timesteps, pools=pools, split=split,
-                      view=view, full_above=full_above, partial=partial, store=self.location)
+        return select(
+            self.manifest,
+            self.path,
+            blocks=blocks,
+            timesteps=timesteps,
+            pools=pools,
+            split=split,
+            view=view,
+            full_above=full_above,
+            partial=partial,
+            store=self.location,
+        )
 
     def describe(self) -> str:
         """What the store holds, block by block (timesteps, readable pools, channels, resolution)."""
@@ -226,8 +246,15 @@ class FeatureStore:
             return None
         values = np.asarray(self._read_whole(path), dtype=np.uint64)
         per_shard = self.shard_samples // self.chunk_samples
-        damage = files_damage(self._metadata(path), split, self._sets[split], self._key, self.num_shards(split),
-                              per_shard, self.chunk_samples)
+        damage = files_damage(
+            self._metadata(path),
+            split,
+            self._sets[split],
+            self._key,
+            self.num_shards(split),
+            per_shard,
+            self.chunk_samples,
+        )
         if damage:
             self._fail(damage)
         return values
@@ -263,8 +290,14 @@ class FeatureStore:
 
     # -- features --------------------------------------------------------------------------------------
     def read(
-        self, split: str, block: int, timestep: int, pool: int | None = None, view: int = 0, *,
-        allow_incomplete: bool = False
+        self,
+        split: str,
+        block: int,
+        timestep: int,
+        pool: int | None = None,
+        view: int = 0,
+        *,
+        allow_incomplete: bool = False,
     ) -> np.ndarray:
         """(N, C, p, p) float32 features (p = pool, or the stored grid when pool is None) of view `view`.
 
@@ -289,8 +322,15 @@ class FeatureStore:
         return adaptive_avg_pool(values, size)
 
     def read_chunk(
-        self, split: str, block: int, timestep: int, chunk: int, pool: int | None = None, *,
-        allow_incomplete: bool = False, view: int = 0,
+        self,
+        split: str,
+        block: int,
+        timestep: int,
+        chunk: int,
+        pool: int | None = None,
+        *,
+        allow_incomplete: bool = False,
+        view: int = 0,
     ) -> np.ndarray:
         """The rows of one sample chunk (`chunk_rows`), as `read` gives them: (n, C, p, p) float32."""
         split = self.view_split(split, view) if view else split
@@ -314,9 +354,14 @@ class FeatureStore:
         chunks = self.num_chunks(split)
         sizes = [self.chunk_rows(split, k).stop - self.chunk_rows(split, k).start for k in range(chunks)]
         info = self.block_info(block)
-        parts = [da.from_delayed(_delayed_chunk(self, split, block, timestep, k, pool, allow_incomplete),
-                                 shape=(sizes[k], info["channels"], size, size), dtype=np.float32)
-                 for k in range(chunks)]
+        parts = [
+            da.from_delayed(
+                _delayed_chunk(self, split, block, timestep, k, pool, allow_incomplete),
+                shape=(sizes[k], info["channels"], size, size),
+                dtype=np.float32,
+            )
+            for k in range(chunks)
+        ]
         return da.concatenate(parts, axis=0)
 
     # -- verification ----------------------------------------------------------------------------------
@@ -338,12 +383,14 @@ class FeatureStore:
         return layout.shard_file(path, int(self._shard_of(chunk)), ndim)
 
     def _load_sets(self, split: str) -> list[WriteSet]:
-        sets, damage = load_write_sets(self._group, split, self.num_shards(split),
-                                       self.shard_samples // self.chunk_samples)
+        sets, damage = load_write_sets(
+            self._group, split, self.num_shards(split), self.shard_samples // self.chunk_samples
+        )
         if damage:
             lines = [d.describe(self.path) for d in damage[:5]]
-            raise IntegrityError("completion flags or digests are damaged:\n  " + "\n  ".join(lines),
-                                 store=self.location, damage=damage)
+            raise IntegrityError(
+                "completion flags or digests are damaged:\n  " + "\n  ".join(lines), store=self.location, damage=damage
+            )
         return sets
 
     def _fail(self, damage: list[Damage]) -> None:
@@ -356,17 +403,24 @@ class FeatureStore:
             for path in (layout.labels_path(split), layout.paths_path(split)):
                 shape = self._metadata(path).shape
                 if shape != (int(n),):
-                    raise IntegrityError(f"{settings} says split {split!r} has {n} samples, but {path} holds "
-                                         f"{shape[0]}: the settings were edited or damaged", store=self.location,
-                                         damage=[Damage("zarr.json", None, f"lists {n} samples of {split}")])
+                    raise IntegrityError(
+                        f"{settings} says split {split!r} has {n} samples, but {path} holds "
+                        f"{shape[0]}: the settings were edited or damaged",
+                        store=self.location,
+                        damage=[Damage("zarr.json", None, f"lists {n} samples of {split}")],
+                    )
             for block, timestep in self.arrays():
                 path = layout.feature_path(split, block, timestep)
                 expected = self.manifest.shape(split, block)
                 shape = self._metadata(path).shape
                 if shape != expected:
-                    raise IntegrityError(f"{settings} describes {path} as {expected}, but it is {shape}: the settings "
-                                         "were edited or damaged", store=self.location, remedy=REPLACE,
-                                         damage=[Damage(path, None, f"is {shape}, the settings say {expected}")])
+                    raise IntegrityError(
+                        f"{settings} describes {path} as {expected}, but it is {shape}: the settings "
+                        "were edited or damaged",
+                        store=self.location,
+                        remedy=REPLACE,
+                        damage=[Damage(path, None, f"is {shape}, the settings say {expected}")],
+                    )
 
     def _metadata(self, path: str) -> zarr.Array:
         if path in self._arrays:
@@ -386,8 +440,11 @@ class FeatureStore:
         except DECODE_ERRORS:
             chunks = -(-array.shape[0] // array.chunks[0])
             bad = [k for k in range(chunks) if decode_error(array, chunk_rows(array, k))]
-            raise IntegrityError(f"{self.path}/{path} chunk(s) {format_ranges(bad)} are damaged", store=self.location,
-                                 damage=[Damage(path, None, f"chunk(s) {format_ranges(bad)} are damaged")]) from None
+            raise IntegrityError(
+                f"{self.path}/{path} chunk(s) {format_ranges(bad)} are damaged",
+                store=self.location,
+                damage=[Damage(path, None, f"chunk(s) {format_ranges(bad)} are damaged")],
+            ) from None
         self._check_current()
         return values
 
@@ -404,9 +461,11 @@ class FeatureStore:
             return array[chunk_rows(array, chunk)]
         except DECODE_ERRORS:
             problem = decode_error(array, chunk_rows(array, chunk))
-            raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} {problem} "
-                                 f"({self._chunk_file(path, chunk, array.ndim)})", store=self.location,
-                                 damage=[Damage(path, int(self._shard_of(chunk)), problem)]) from None
+            raise IntegrityError(
+                f"{self.path}/{path} {self._where(chunk)} {problem} ({self._chunk_file(path, chunk, array.ndim)})",
+                store=self.location,
+                damage=[Damage(path, int(self._shard_of(chunk)), problem)],
+            ) from None
 
     def _check_chunk(self, values: np.ndarray, split: str, block: int, timestep: int, chunk: int) -> None:
         """A finished chunk: finite, there, and holding the values written for this place of this store."""
@@ -417,14 +476,18 @@ class FeatureStore:
         if not np.isfinite(values).all():
             problem = "holds non-finite values" if self.location.exists(file) else "is missing"
         else:
-            expected = expected_digests(self._sets[split], (block, timestep), shard,
-                                        self.shard_samples // self.chunk_samples)
+            expected = expected_digests(
+                self._sets[split], (block, timestep), shard, self.shard_samples // self.chunk_samples
+            )
             if digest_mismatch(self._key, path, values, chunk, self.chunk_samples, expected) is not None:
                 problem = "does not match its digest: written for another store or place, or edited"
         if problem:
             self._check_current()  # a store replaced under the reader is that, not damage
-            raise IntegrityError(f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file})",
-                                 store=self.location, damage=[Damage(path, shard, problem)])
+            raise IntegrityError(
+                f"{self.path}/{path} {self._where(chunk)} is marked finished but {problem} ({file})",
+                store=self.location,
+                damage=[Damage(path, shard, problem)],
+            )
 
     def _root_stamp(self):
         """(inode, mtime) of the root zarr.json: every rewrite of the settings changes it (local stores)."""
@@ -440,8 +503,10 @@ class FeatureStore:
             raise StoreReplacedError(f"{self.path} changed after it was opened ({error})") from None
         if now != self._identity:
             changed = sorted(key for key in now if now[key] != self._identity[key])
-            raise StoreReplacedError(f"{self.path} was replaced after it was opened (its {', '.join(changed)} "
-                                     "changed): what was read so far is from the old store. Run again on the new one")
+            raise StoreReplacedError(
+                f"{self.path} was replaced after it was opened (its {', '.join(changed)} "
+                "changed): what was read so far is from the old store. Run again on the new one"
+            )
         self._root_seen = stamp
 
     def _array(self, split: str, block: int, timestep: int, allow_incomplete: bool) -> zarr.Array:
@@ -452,7 +517,9 @@ class FeatureStore:
                 raise IncompleteStoreError(
                     f"{self.path}: {split} block {block} timestep {timestep} is unfinished: "
                     f"{len(missing)} of {self.num_chunks(split)} sample chunks "
-                    f"missing ({format_ranges(missing)})", store=self.location)
+                    f"missing ({format_ranges(missing)})",
+                    store=self.location,
+                )
         return self._metadata(layout.feature_path(split, block, timestep))
 
     def _output_size(self, block: int, pool: int | None) -> int:
@@ -478,9 +545,7 @@ class FeatureStore:
             raise NotInStoreError(self._missing_message(block, timestep))
 
     def _missing_message(self, block: int, timestep: int | None) -> str:
-        held = "; ".join(
-            f"block {b}: timesteps {list(self.manifest.features[b].timesteps)}" for b in self.blocks
-        )
+        held = "; ".join(f"block {b}: timesteps {list(self.manifest.features[b].timesteps)}" for b in self.blocks)
         what = f"block {block}" if timestep is None else f"block {block} at timestep {timestep}"
         return f"{self.path} has no {what}; it holds {held or 'nothing yet'}"
 
@@ -488,5 +553,6 @@ class FeatureStore:
 def _delayed_chunk(store: FeatureStore, split, block, timestep, chunk, pool, allow_incomplete):
     import dask
 
-    return dask.delayed(store.read_chunk, pure=True)(split, block, timestep, chunk, pool,
-                                                    allow_incomplete=allow_incomplete)
+    return dask.delayed(store.read_chunk, pure=True)(
+        split, block, timestep, chunk, pool, allow_incomplete=allow_incomplete
+    )

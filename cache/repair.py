@@ -77,8 +77,13 @@ def _sizes_from_arrays(writer) -> list[Damage]:
             continue
         if len(shapes) == 1 and shapes != {(int(n),)}:
             sizes[split] = shapes.pop()[0]
-            found.append(Damage("zarr.json", None, f"listed {n} samples of {split}, its labels and paths hold "
-                                                   f"{sizes[split]}: corrected"))
+            found.append(
+                Damage(
+                    "zarr.json",
+                    None,
+                    f"listed {n} samples of {split}, its labels and paths hold {sizes[split]}: corrected",
+                )
+            )
     if found:
         log.warning("%s: %s", writer.path, "; ".join(d.problem for d in found))
         writer._record(replace(writer.manifest, splits=sizes))
@@ -112,15 +117,20 @@ def repair_index(writer, split: str, index: SplitIndex) -> None:
     group.require_group(split)
     group.require_group(layout.progress_group(split))
     group.require_group(layout.DIGESTS).require_group(split)  # format 1 stores have none
-    expected = {layout.labels_path(split): np.asarray(index.labels, dtype=np.int64),
-                layout.paths_path(split): np.asarray(index.paths, dtype=str)}
+    expected = {
+        layout.labels_path(split): np.asarray(index.labels, dtype=np.int64),
+        layout.paths_path(split): np.asarray(index.paths, dtype=str),
+    }
     for path, values in expected.items():
         try:
             array = group[path]
             current = array[:]
             unchecked = replace(writer.manifest, index_digests={}).to_attrs()  # present, decodable; values compared
-            if (array.shape == (n,) and np.array_equal(current, values)
-                    and index_problem(writer.location, unchecked, split, path, array) is None):
+            if (
+                array.shape == (n,)
+                and np.array_equal(current, values)
+                and index_problem(writer.location, unchecked, split, path, array) is None
+            ):
                 continue
         except (KeyError, *DECODE_ERRORS):
             pass
@@ -155,14 +165,20 @@ def repair_in_place(writer, *, verify: bool) -> None:
     for item in damage:
         if item.path.startswith(layout.DIGESTS):  # the shard's digests are gone: its features are unproven
             log.warning("%s: its shard marked unfinished, to be recomputed", item.describe(writer.path))
-            _set_flag(writer, layout.PROGRESS + item.path[len(layout.DIGESTS):], item.shard, 0)
+            _set_flag(writer, layout.PROGRESS + item.path[len(layout.DIGESTS) :], item.shard, 0)
         else:
             rebuild_flag(writer, item)
     manifest = writer.manifest
     for split in manifest.splits:
         for block, timestep in manifest.arrays():
-            writer._ensure_array(split, block, timestep, manifest.block(block).channels,
-                                 manifest.features[block].grid, manifest.identity["dtype"])
+            writer._ensure_array(
+                split,
+                block,
+                timestep,
+                manifest.block(block).channels,
+                manifest.features[block].grid,
+                manifest.identity["dtype"],
+            )
     for item in find_damage(writer.location, full=verify):
         if item.shard is None:
             continue  # metadata (made again above), labels and paths (`reopen` rewrites them from the data set)
@@ -176,7 +192,7 @@ def repair_in_place(writer, *, verify: bool) -> None:
                 if write_set.flags[item.shard]:
                     writer._set_flag(write_set, item.shard, 0)
         elif item.path.startswith(layout.DIGESTS):
-            _set_flag(writer, layout.PROGRESS + item.path[len(layout.DIGESTS):], item.shard, 0)
+            _set_flag(writer, layout.PROGRESS + item.path[len(layout.DIGESTS) :], item.shard, 0)
 
 
 def _set_flag(writer, flags_path: str, shard: int, value: int) -> None:
@@ -204,9 +220,20 @@ def rebuild_flag(writer, item: Damage) -> None:
                     found.setdefault(chunk, set()).add(int(write_set.digests[chunk, column]))
         return found
 
-    ok = all(shard_problem(writer.location, layout.feature_path(split, b, t),
-                           writer._group[layout.feature_path(split, b, t)], k, writer.shard_samples,
-                           full=True, expected=expected(b, t), key=key) is None
-             for b, t in write_set.arrays if layout.feature_path(split, b, t) in writer._group)
+    ok = all(
+        shard_problem(
+            writer.location,
+            layout.feature_path(split, b, t),
+            writer._group[layout.feature_path(split, b, t)],
+            k,
+            writer.shard_samples,
+            full=True,
+            expected=expected(b, t),
+            key=key,
+        )
+        is None
+        for b, t in write_set.arrays
+        if layout.feature_path(split, b, t) in writer._group
+    )
     log.warning("%s: rebuilt as %s", item.describe(writer.path), "finished" if ok else "unfinished")
     writer._set_flag(write_set, k, (layout.FLAG_DIGESTS if own else layout.FLAG_DONE) if ok else 0)

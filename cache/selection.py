@@ -74,14 +74,18 @@ class Unavailable:
         if self.kind == "split":
             return f"it has no split {self.asked[0]!r} (its splits: {', '.join(self.held)})"
         if self.kind == "view":
-            return (f"it holds {len(self.held)} view(s) of {self.split!r} (0 to {len(self.held) - 1}), not view "
-                    f"{self.asked[0]!r}")
+            return (
+                f"it holds {len(self.held)} view(s) of {self.split!r} (0 to {len(self.held) - 1}), not view "
+                f"{self.asked[0]!r}"
+            )
         if self.kind == "block":
             return f"block(s) {asked} not stored"
         if self.kind == "timestep":
             return f"block {self.block} has no timestep(s) {asked}"
-        return (f"block {self.block} cannot be read at pool {asked} (stored {self.grid}x{self.grid}: pools "
-                f"{list(self.held)})")
+        return (
+            f"block {self.block} cannot be read at pool {asked} (stored {self.grid}x{self.grid}: pools "
+            f"{list(self.held)})"
+        )
 
 
 class SelectionError(NotInStoreError):
@@ -137,8 +141,19 @@ def base_splits(manifest: Manifest) -> list[str]:
     return [name for name in manifest.splits if layout.parse_view_split(name)[1] == 0]
 
 
-def select(manifest: Manifest, where: str, *, blocks=None, timesteps=None, pools=None, split: str | None = None,
-           view: int = 0, full_above: bool = True, partial: bool = False, store=None) -> Selection:
+def select(
+    manifest: Manifest,
+    where: str,
+    *,
+    blocks=None,
+    timesteps=None,
+    pools=None,
+    split: str | None = None,
+    view: int = 0,
+    full_above: bool = True,
+    partial: bool = False,
+    store=None,
+) -> Selection:
     """The request resolved against `manifest` (module docstring); `where` names the store in messages,
     `store` is what a `SelectionError` carries (its `Location`)."""
     problems = []
@@ -182,13 +197,32 @@ def select(manifest: Manifest, where: str, *, blocks=None, timesteps=None, pools
                 readable.add((b, p))
             else:
                 problems.append(Unavailable("pool", (p,), tuple(readable_pools(manifest, b)), block=b, grid=stored))
-    inputs = [InputSet(b, t, p, grids[(b, p)], manifest.block(b).channels, manifest.features[b].grid,
-                       manifest.block(b).resolution) for p in pools for b, t in arrays if (b, p) in readable]
-    selection = Selection(where, split, int(view) if stored_split is not None else 0, stored_split, views,
-                          tuple(pools), tuple(arrays), tuple(inputs), grids, tuple(problems) if partial else ())
+    inputs = [
+        InputSet(
+            b, t, p, grids[(b, p)], manifest.block(b).channels, manifest.features[b].grid, manifest.block(b).resolution
+        )
+        for p in pools
+        for b, t in arrays
+        if (b, p) in readable
+    ]
+    selection = Selection(
+        where,
+        split,
+        int(view) if stored_split is not None else 0,
+        stored_split,
+        views,
+        tuple(pools),
+        tuple(arrays),
+        tuple(inputs),
+        grids,
+        tuple(problems) if partial else (),
+    )
     if problems and not partial:
-        raise SelectionError(f"{where} cannot serve this request: " + "; ".join(p.describe() for p in problems),
-                             problems=tuple(problems), store=store if store is not None else where)
+        raise SelectionError(
+            f"{where} cannot serve this request: " + "; ".join(p.describe() for p in problems),
+            problems=tuple(problems),
+            store=store if store is not None else where,
+        )
     return selection
 
 
@@ -197,7 +231,8 @@ def describe_holdings(manifest: Manifest, where: str) -> str:
     lines = [f"{where} holds:"]
     for b in sorted(manifest.features):
         row = manifest.block(b)
-        lines.append(f"  block {b}: timesteps {sorted(manifest.features[b].timesteps)}, pools "
-                     f"{readable_pools(manifest, b)} ({row.channels} channels, {row.resolution}x{row.resolution})")
+        lines.append(
+            f"  block {b}: timesteps {sorted(manifest.features[b].timesteps)}, pools "
+            f"{readable_pools(manifest, b)} ({row.channels} channels, {row.resolution}x{row.resolution})"
+        )
     return "\n".join(lines if manifest.features else [f"{where} holds no features yet"])
-

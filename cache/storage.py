@@ -46,8 +46,9 @@ class StorageError(StoreError):
 
 # Defaults for S3 clients that keep a store that does not answer from hanging a run for minutes;
 # a user's own storage options win.
-S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120,
-                                 "retries": {"max_attempts": 3, "mode": "standard"}}}
+S3_DEFAULTS = {
+    "config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3, "mode": "standard"}}
+}
 
 
 # Object stores whose first path element is a bucket (or container) that must exist already.
@@ -76,8 +77,9 @@ def wrapped_stores(wrap: Callable) -> Iterator[None]:
 def _merged(defaults: dict, options: dict) -> dict:
     merged = dict(defaults)
     for key, value in options.items():
-        merged[key] = _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key),
-                                                                                            dict) else value
+        merged[key] = (
+            _merged(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        )
     return merged
 
 
@@ -87,12 +89,16 @@ def _checked_url(text: str) -> str:
     scheme, _, rest = text.partition("://")
     rest = rest.rstrip("/")
     if not scheme:
-        raise StorageError(f"{text}: no scheme before :// ; write a local path, or a URL such as s3://BUCKET/store.zarr")
+        raise StorageError(
+            f"{text}: no scheme before :// ; write a local path, or a URL such as s3://BUCKET/store.zarr"
+        )
     if scheme in BUCKETS:
         bucket = rest.split("/", 1)[0]
         if not bucket or bucket != bucket.strip():
-            raise StorageError(f"{text} names no bucket: write {scheme}://BUCKET/path/store.zarr, e.g. "
-                               f"{scheme}://lab/features/store.zarr")
+            raise StorageError(
+                f"{text} names no bucket: write {scheme}://BUCKET/path/store.zarr, e.g. "
+                f"{scheme}://lab/features/store.zarr"
+            )
     return f"{scheme}://{rest}"
 
 
@@ -118,8 +124,9 @@ class Location:
         if is_url(text):
             text = _checked_url(text)
         elif options:
-            raise StorageError(f"storage options apply to object stores (s3://, gs:// ...), not to the local path "
-                               f"{text}")
+            raise StorageError(
+                f"storage options apply to object stores (s3://, gs:// ...), not to the local path {text}"
+            )
         return Location(text, dict(options or {}))
 
     def __str__(self) -> str:
@@ -128,7 +135,7 @@ class Location:
     # -- the interface: keys are relative to the store -------------------------------------------------------
     @property
     def protocol(self) -> str:
-        """"file" for a directory, else the URL's scheme."""
+        """ "file" for a directory, else the URL's scheme."""
         raise NotImplementedError
 
     def zarr_store(self, *, read_only: bool):
@@ -263,13 +270,15 @@ class LocalLocation(Location):
     def prepare(self) -> None:
         directory = self.path
         if directory.exists() and not directory.is_dir():
-            raise StoreError(f"{directory} is a file, not a directory: it cannot hold a store", store=self,
-                             remedy=ELSEWHERE)
+            raise StoreError(
+                f"{directory} is a file, not a directory: it cannot hold a store", store=self, remedy=ELSEWHERE
+            )
         try:
             directory.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise StoreError(f"cannot make the store directory {directory}: {error.strerror}", store=self,
-                             remedy=ELSEWHERE) from None
+            raise StoreError(
+                f"cannot make the store directory {directory}: {error.strerror}", store=self, remedy=ELSEWHERE
+            ) from None
         if not os.access(directory, os.W_OK):
             raise StoreError(f"cannot write to {directory} (permission denied)", store=self, remedy=ELSEWHERE)
 
@@ -329,13 +338,16 @@ class ObjectLocation(Location):
             cls = fsspec.get_filesystem_class(self.protocol)
         except (ValueError, ImportError) as error:
             known = ", ".join(sorted(p for p in fsspec.available_protocols() if len(p) > 1)[:20])
-            raise StorageError(f"{self.url}: no file system for {self.protocol}:// ({error}). Use a local path or "
-                               f"a URL fsspec knows ({known}, ...)") from None
+            raise StorageError(
+                f"{self.url}: no file system for {self.protocol}:// ({error}). Use a local path or "
+                f"a URL fsspec knows ({known}, ...)"
+            ) from None
         try:
             fs, root = fsspec.core.url_to_fs(self.url, **self._options)
         except TypeError as error:
-            raise StorageError(f"{self.url}: the storage options {sorted(self.options)} are not accepted by "
-                               f"{cls.__name__} ({error})") from None
+            raise StorageError(
+                f"{self.url}: the storage options {sorted(self.options)} are not accepted by {cls.__name__} ({error})"
+            ) from None
         return fs, root.rstrip("/")
 
     @property
@@ -369,7 +381,7 @@ class ObjectLocation(Location):
         except FileNotFoundError:
             return set()
         root = self.root + "/"
-        return {str(key)[len(root):] for key in found if str(key).startswith(root)}
+        return {str(key)[len(root) :] for key in found if str(key).startswith(root)}
 
     def read_text(self, relative: str) -> str:
         return self._call("read", self.fs.cat_file, self.key(relative)).decode()
@@ -413,8 +425,9 @@ class ObjectLocation(Location):
                 raise StorageError(f"{self.url}: {error}") from None
             raise
         except PermissionError as error:
-            raise StorageError(f"{self.url}: access denied ({error}). Check the credentials "
-                               f"({self._credential_hint()})") from None
+            raise StorageError(
+                f"{self.url}: access denied ({error}). Check the credentials ({self._credential_hint()})"
+            ) from None
         except Exception as error:  # the object store clients raise many types; name the usual causes
             raise StorageError(self._explain(error)) from None
 
@@ -428,8 +441,10 @@ class ObjectLocation(Location):
 
     def _no_bucket(self) -> str:
         bucket = self._bucket_root()
-        return (f"{self.url}: the bucket {bucket!r} does not exist{self._at_endpoint()}. Create it first "
-                f"(e.g. `aws s3 mb {self.protocol}://{bucket}`) or check the URL")
+        return (
+            f"{self.url}: the bucket {bucket!r} does not exist{self._at_endpoint()}. Create it first "
+            f"(e.g. `aws s3 mb {self.protocol}://{bucket}`) or check the URL"
+        )
 
     def _at_endpoint(self) -> str:
         import os
@@ -442,8 +457,10 @@ class ObjectLocation(Location):
 
     def _credential_hint(self) -> str:
         if self.protocol.startswith("s3"):
-            return ("AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the storage options key and secret, or the "
-                    "storage option anon=true for a public bucket")
+            return (
+                "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the storage options key and secret, or the "
+                "storage option anon=true for a public bucket"
+            )
         return f"the environment or storage options that {self.protocol}:// reads"
 
     def _explain(self, error: Exception) -> str:
@@ -451,10 +468,20 @@ class ObjectLocation(Location):
         text = str(error).splitlines()[0] if str(error) else name
         if name in ("NoCredentialsError", "PartialCredentialsError") or "credentials" in text.lower():
             return f"{self.url}: no credentials for it ({text}). Set {self._credential_hint()}"
-        if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
-                    "ServerDisconnectedError", "ConnectionRefusedError", "ReadTimeoutError", "TimeoutError"):
-            return (f"{self.url}: cannot reach the object store{self._at_endpoint()} ({text}). Check the endpoint "
-                    "(AWS_ENDPOINT_URL or the storage option endpoint_url) and the network")
+        if name in (
+            "EndpointConnectionError",
+            "ConnectTimeoutError",
+            "ConnectionError",
+            "ClientConnectorError",
+            "ServerDisconnectedError",
+            "ConnectionRefusedError",
+            "ReadTimeoutError",
+            "TimeoutError",
+        ):
+            return (
+                f"{self.url}: cannot reach the object store{self._at_endpoint()} ({text}). Check the endpoint "
+                "(AWS_ENDPOINT_URL or the storage option endpoint_url) and the network"
+            )
         if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
             return self._no_bucket()
         return f"{self.url}: the object store refused the request ({name}: {text})"

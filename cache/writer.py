@@ -115,8 +115,10 @@ class FeatureStoreWriter:
         if not splits:
             raise ValueError("a store needs at least one split")
         if layout.shard_samples(settings) % int(settings["chunk_samples"]):
-            raise ValueError(f"shard_samples {settings['shard_samples']} is not a multiple of chunk_samples "
-                             f"{settings['chunk_samples']}")
+            raise ValueError(
+                f"shard_samples {settings['shard_samples']} is not a multiple of chunk_samples "
+                f"{settings['chunk_samples']}"
+            )
         directory = Location.parse(path)
         make_directory(directory)
         lock = locks.lock_writer(directory)
@@ -129,13 +131,15 @@ class FeatureStoreWriter:
                     repair.reopen(writer, splits, verify=verify, recipe=recipe)
                 return writer
             if state == "valid" and not overwrite:
-                raise StoreMismatchError(f"{directory} was made with other settings:\n  " + "\n  ".join(changed),
-                                         store=directory)
+                raise StoreMismatchError(
+                    f"{directory} was made with other settings:\n  " + "\n  ".join(changed), store=directory
+                )
             if state == "damaged" and not overwrite:
                 raise settings_damaged(directory)
             if state == "unfinished":
-                log.warning("%s was left unfinished by a run that stopped while making it: building it again",
-                            directory)
+                log.warning(
+                    "%s was left unfinished by a run that stopped while making it: building it again", directory
+                )
             writer = cls(directory, replace(directory, settings, splits, block_table, recipe), lock)
             writer._load_sets()
             return writer
@@ -207,7 +211,9 @@ class FeatureStoreWriter:
                 raise StoreMismatchError(
                     f"{self.path}: block {block} is stored pooled to {stored.grid}x{stored.grid}, "
                     f"this run needs {grid}x{grid} for pools {sorted(pools)}. Ask only for pools that divide "
-                    f"{stored.grid}, or extract again", store=self.location)
+                    f"{stored.grid}, or extract again",
+                    store=self.location,
+                )
         dtype = manifest.identity["dtype"]
         wanted = {(int(block), int(t)): int(grid) for block, grid in features.items() for t in timesteps}
         with self._writing("creating arrays", unlisted=wanted):
@@ -234,19 +240,29 @@ class FeatureStoreWriter:
             self._forget_array(split, block, timestep)
             existing = None
         if existing is not None:
-            if (existing.shape == shape and existing.chunks == chunking["chunks"]
-                    and existing.shards == chunking.get("shards") and str(existing.dtype) == dtype):
+            if (
+                existing.shape == shape
+                and existing.chunks == chunking["chunks"]
+                and existing.shards == chunking.get("shards")
+                and str(existing.dtype) == dtype
+            ):
                 return  # (stores made before sharding keep their unsharded arrays: a shard is a chunk there)
             if self.done(split, block, timestep).any():
-                raise StoreMismatchError(f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
-                                         f"({existing.dtype}), this run needs {shape} in chunks of "
-                                         f"{chunking['chunks']} ({dtype}) and it holds finished shards",
-                                         store=self.location)
+                raise StoreMismatchError(
+                    f"{self.path}/{name} is {existing.shape} in chunks of {existing.chunks} "
+                    f"({existing.dtype}), this run needs {shape} in chunks of "
+                    f"{chunking['chunks']} ({dtype}) and it holds finished shards",
+                    store=self.location,
+                )
             self._forget_array(split, block, timestep)
         self._group.create_array(
-            name, shape=shape, **chunking, dtype=dtype,
+            name,
+            shape=shape,
+            **chunking,
+            dtype=dtype,
             fill_value=np.nan,  # unfinished samples read as NaN, never as plausible zeros
-            compressors=FEATURE_CODECS, dimension_names=layout.DIMENSIONS,
+            compressors=FEATURE_CODECS,
+            dimension_names=layout.DIMENSIONS,
         )
 
     def update_info(self, **info) -> None:
@@ -266,9 +282,11 @@ class FeatureStoreWriter:
         # has since changed (a lease lost in a stall between its check and this write)
         stored = json.loads(self.location.read_text("zarr.json")).get("attributes", {})
         if Manifest.parse(stored, self.path) != self._manifest:
-            raise StoreReplacedError(f"{self.path}: its settings were changed by another writer while this one ran; "
-                                     "this run stops without writing them (finished shards are kept). Run the same "
-                                     "command again to finish the store")
+            raise StoreReplacedError(
+                f"{self.path}: its settings were changed by another writer while this one ran; "
+                "this run stops without writing them (finished shards are kept). Run the same "
+                "command again to finish the store"
+            )
 
     # -- completion ----------------------------------------------------------------------------------
     def done(self, split: str, block: int, timestep: int) -> np.ndarray:
@@ -292,13 +310,25 @@ class FeatureStoreWriter:
                 digests_table = self._digest_array(split, path, keys)  # before the flags that point to it
                 # one object per flag: shards are written by different processes, never one object by two
                 array = self._group.create_array(
-                    path, shape=(self.num_shards(split),), chunks=(1,), dtype="uint8", fill_value=0,
-                    compressors=SMALL_CODECS, dimension_names=("shard",),
+                    path,
+                    shape=(self.num_shards(split),),
+                    chunks=(1,),
+                    dtype="uint8",
+                    fill_value=0,
+                    compressors=SMALL_CODECS,
+                    dimension_names=("shard",),
                     attributes={"arrays": [layout.array_key(b, t) for b, t in keys]},
                 )
                 del array
-            self._sets[split].append(WriteSet(path, frozenset(keys), np.zeros(self.num_shards(split), np.uint8),
-                                              digest_columns(keys), digests_table))
+            self._sets[split].append(
+                WriteSet(
+                    path,
+                    frozenset(keys),
+                    np.zeros(self.num_shards(split), np.uint8),
+                    digest_columns(keys),
+                    digests_table,
+                )
+            )
         return path
 
     def _digest_array(self, split: str, flags_path: str, keys) -> np.ndarray:
@@ -312,10 +342,17 @@ class FeatureStoreWriter:
                 return np.asarray(existing[:], dtype=np.uint64)
         except (KeyError, *DECODE_ERRORS):
             pass
-        self._group.create_array(path, shape=shape, chunks=(self.shard_samples // self.chunk_samples, len(columns)),
-                                 dtype="uint64", fill_value=0, compressors=SMALL_CODECS,
-                                 dimension_names=("chunk", "column"), attributes={"columns": list(columns)},
-                                 overwrite=True)
+        self._group.create_array(
+            path,
+            shape=shape,
+            chunks=(self.shard_samples // self.chunk_samples, len(columns)),
+            dtype="uint64",
+            fill_value=0,
+            compressors=SMALL_CODECS,
+            dimension_names=("chunk", "column"),
+            attributes={"columns": list(columns)},
+            overwrite=True,
+        )
         return np.zeros(shape, np.uint64)
 
     def reload_write_sets(self) -> None:
@@ -323,8 +360,15 @@ class FeatureStoreWriter:
         self._load_sets()
 
     # -- writing -------------------------------------------------------------------------------------
-    def write_shard(self, split: str, shard: int, features: dict[tuple[int, int], np.ndarray], *,
-                    write_set: str | None = None, files: np.ndarray | None = None) -> None:
+    def write_shard(
+        self,
+        split: str,
+        shard: int,
+        features: dict[tuple[int, int], np.ndarray],
+        *,
+        write_set: str | None = None,
+        files: np.ndarray | None = None,
+    ) -> None:
         """Write shard `shard` (`shard_rows`) of several arrays, keyed (block, timestep), whole, then mark it
         done in one write.
 
@@ -335,14 +379,17 @@ class FeatureStoreWriter:
         rows = self.shard_rows(split, shard)
         for (block, timestep), values in features.items():
             if values.shape[0] != rows.stop - rows.start:
-                raise ValueError(f"shard {shard} of {split} holds {rows.stop - rows.start} samples, got "
-                                 f"{values.shape[0]}")
+                raise ValueError(
+                    f"shard {shard} of {split} holds {rows.stop - rows.start} samples, got {values.shape[0]}"
+                )
             if not np.isfinite(values).all():
                 bad = rows.start + np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))
                 raise NonFiniteFeaturesError(
                     f"block {block} at timestep {timestep} gave NaN or infinite features for {split} samples "
                     f"{format_ranges(bad.tolist())}; they are not stored. Features beyond float16's range "
-                    "(65504) overflow", store=self.location)
+                    "(65504) overflow",
+                    store=self.location,
+                )
         if files is not None:
             self._check_files(split, rows, files)
         path = write_set or self.write_set(split, features)
@@ -362,7 +409,7 @@ class FeatureStoreWriter:
                 stored = values.astype(array.dtype, copy=False)
                 column = target.columns.index(layout.array_key(block, timestep))
                 for i, chunk in enumerate(chunks):
-                    part = stored[i * self.chunk_samples:(i + 1) * self.chunk_samples]
+                    part = stored[i * self.chunk_samples : (i + 1) * self.chunk_samples]
                     table[i, column] = digests.chunk_digest(key, name, chunk, part)
                 # An unfinished shard's old object holds nothing of value, and zarr would read it (a damaged
                 # one fails) to merge the new rows into it: start from nothing.
@@ -370,14 +417,14 @@ class FeatureStoreWriter:
                 array[rows] = stored
             if files is not None and layout.files_path(split) in self._group:
                 for i, chunk in enumerate(chunks):
-                    part = files[i * self.chunk_samples:(i + 1) * self.chunk_samples]
+                    part = files[i * self.chunk_samples : (i + 1) * self.chunk_samples]
                     table[i, -1] = digests.file_digest(key, split, chunk, part)
                 self._discard(layout.shard_file(layout.files_path(split), shard, 2))
                 self._group[layout.files_path(split)][rows] = files
             # the digests, then the flag that says they are there: a kill in between leaves the shard unfinished
-            self._group[layout.digests_path(path)][chunks.start:chunks.stop] = table
+            self._group[layout.digests_path(path)][chunks.start : chunks.stop] = table
             self._group[path][shard] = layout.FLAG_DIGESTS
-        target.digests[chunks.start:chunks.stop] = table
+        target.digests[chunks.start : chunks.stop] = table
         target.flags[shard] = layout.FLAG_DIGESTS
 
     def file_records(self, split: str) -> np.ndarray:
@@ -401,7 +448,8 @@ class FeatureStoreWriter:
             raise DataChangedError(
                 f"{len(names)} image(s) of {split} changed since the store's features were computed from them "
                 f"(content hash differs): {', '.join(map(str, names[:5]))}{' ...' if len(names) > 5 else ''}",
-                store=self.location)
+                store=self.location,
+            )
 
     def remaining_bytes(self, unlisted: dict[tuple[int, int], int] | None = None) -> int:
         """Uncompressed bytes of every shard not yet finished: what a run still writes, at most; `unlisted`
@@ -412,7 +460,7 @@ class FeatureStoreWriter:
         total = 0
         for split in manifest.splits:
             for (block, timestep), grid in {**(unlisted or {}), **arrays}.items():
-                per_sample = manifest.block(block).channels * grid ** 2 * itemsize
+                per_sample = manifest.block(block).channels * grid**2 * itemsize
                 listed = (block, timestep) in arrays
                 pending = len(self.pending_shards(split, block, timestep)) if listed else self.num_shards(split)
                 total += min(pending * self.shard_samples, self.num_samples(split)) * per_sample
@@ -439,8 +487,9 @@ class FeatureStoreWriter:
     def _load_sets(self) -> list[Damage]:
         damage = []
         for split in self._manifest.splits:
-            self._sets[split], found = load_write_sets(self._group, split, self.num_shards(split),
-                                                       self.shard_samples // self.chunk_samples)
+            self._sets[split], found = load_write_sets(
+                self._group, split, self.num_shards(split), self.shard_samples // self.chunk_samples
+            )
             damage += found
         return damage
 
@@ -471,8 +520,10 @@ class FeatureStoreWriter:
         try:
             state, _ = inspect_directory(directory)
             if state == "unfinished":
-                raise IncompleteStoreError(f"{directory} was never finished being made: a run stopped while making "
-                                           "or replacing it", store=directory)
+                raise IncompleteStoreError(
+                    f"{directory} was never finished being made: a run stopped while making or replacing it",
+                    store=directory,
+                )
             if state != "valid":
                 raise StoreError(f"{directory} is {state}", store=directory, remedy=REPLACE)
             writer = cls(directory, zarr.open_group(directory.zarr_store(read_only=False), mode="r+"), lock)

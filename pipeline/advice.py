@@ -48,7 +48,7 @@ def render(error: Exception) -> str:
         errors.RESTORE_DATA: "Restore them, or re-extract everything with --overwrite.",
         errors.CREATE: f"Make it first: `pipeline extract --out {shlex.quote(str(store))} ...`.",
         errors.RERUN: "Run the `pipeline extract` that made it again, with the same settings: it recomputes what "
-                      "is now marked unfinished.",
+        "is now marked unfinished.",
     }.get(remedy)
     return f"{text}. {advice}" if advice else str(error)
 

@@ -29,8 +29,22 @@ _ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, er
 
 
 # Every command: its name and the module of pipeline/commands/ that defines it (under its own name, '-' as '_').
-COMMANDS = ("blocks", "cka", "convert-adm", "data", "datasets", "extract", "pixels", "pretrain", "probe",
-            "random-init", "report", "similarity", "sweep", "verify")
+COMMANDS = (
+    "blocks",
+    "cka",
+    "convert-adm",
+    "data",
+    "datasets",
+    "extract",
+    "pixels",
+    "pretrain",
+    "probe",
+    "random-init",
+    "report",
+    "similarity",
+    "sweep",
+    "verify",
+)
 
 
 class _LazyCommands(MutableMapping):

@@ -147,6 +147,7 @@ BLOCKS = BlockSpecType()
 NAMES = NameListType()
 HEAD = HeadType()
 
+
 def shown(value) -> str:
     """A default as the help shows it: lists as comma lists, floats short, booleans as on/off."""
     if isinstance(value, bool):
@@ -174,13 +175,19 @@ class SettingsHelpOption(click.Option):
 
 
 # Help of the options that read a data set (`pipeline extract`, `pipeline pixels`).
-DATA_HELP = ("The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
-             "layout (an image folder <split>/<class>/<image> if none); wds:PATTERN (WebDataset shards) or "
-             "hf:PATH_OR_ID[:CONFIG] (Hugging Face datasets); `pipeline datasets` lists the kinds.")
-CLASSES_HELP = ("Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
-                "shipped list: imagenet50, imagenet100, imagenet200.")
-SUBSET_HELP = ("Keep only these images (in the splits the list names): a file with one image path or file name "
-               "per line, or a shipped list: imagenet1pct, imagenet10pct.")
+DATA_HELP = (
+    "The data set: KIND:PATH (e.g. cub:/data/CUB_200_2011), or PATH, whose kind is recognised from its "
+    "layout (an image folder <split>/<class>/<image> if none); wds:PATTERN (WebDataset shards) or "
+    "hf:PATH_OR_ID[:CONFIG] (Hugging Face datasets); `pipeline datasets` lists the kinds."
+)
+CLASSES_HELP = (
+    "Keep only these classes: a file with one class per line (name or first word, e.g. a wnid), or a "
+    "shipped list: imagenet50, imagenet100, imagenet200."
+)
+SUBSET_HELP = (
+    "Keep only these images (in the splits the list names): a file with one image path or file name "
+    "per line, or a shipped list: imagenet1pct, imagenet10pct."
+)
 
 model_option = click.option(
     "--model",
@@ -201,8 +208,18 @@ def parse_float_list(text: str) -> tuple[float, ...]:
         raise ValueError(f"{text!r} is not a comma list of numbers such as 1e-3,0.01,0.1") from None
 
 
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3, "gb": 1024**3,
-               "t": 1024**4, "tb": 1024**4}
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1024,
+    "m": 1024**2,
+    "mb": 1024**2,
+    "g": 1024**3,
+    "gb": 1024**3,
+    "t": 1024**4,
+    "tb": 1024**4,
+}
 
 
 def parse_byte_size(text: str) -> int | None:
@@ -211,7 +228,7 @@ def parse_byte_size(text: str) -> int | None:
     if value == "auto":
         return None
     number = value.rstrip("kmgtb")
-    unit = value[len(number):]
+    unit = value[len(number) :]
     try:
         size = float(number) * _SIZE_UNITS[unit]
     except (ValueError, KeyError):
@@ -300,7 +317,7 @@ def merge_storage_options(pairs) -> dict:
         for depth, part in enumerate(parts[:-1]):
             target = target.setdefault(part, {})
             if not isinstance(target, dict):
-                raise ValueError(f"{'.'.join(parts[:depth + 1])} is given a value and also keys below it")
+                raise ValueError(f"{'.'.join(parts[: depth + 1])} is given a value and also keys below it")
         if parts[-1] in target:
             raise ValueError(f"{'.'.join(parts)} is given twice")
         target[parts[-1]] = value
@@ -321,10 +338,15 @@ def storage_option(command):
     """`--storage-option KEY=VALUE`, repeatable: fsspec options of an object store (`cache.storage`), handed
     to the command as one nested dict ({} when none is given)."""
     return click.option(
-        "--storage-option", "storage_options", type=STORAGE_OPTION, multiple=True, callback=_storage_options,
+        "--storage-option",
+        "storage_options",
+        type=STORAGE_OPTION,
+        multiple=True,
+        callback=_storage_options,
         help="An fsspec option of an object-store URL (s3://, gs:// ...), e.g. anon=true or "
-             "client_kwargs.region_name=eu-west-1; repeat for more. Credentials and endpoints come from the "
-             "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).")(command)
+        "client_kwargs.region_name=eu-west-1; repeat for more. Credentials and endpoints come from the "
+        "standard environment (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...).",
+    )(command)
 
 
 # -- pipeline cka ----------------------------------------------------------------------------------------
@@ -371,8 +393,11 @@ class HeadListType(click.ParamType):
         names = tuple(part.strip() for part in str(value).split(",") if part.strip())
         unknown = [n for n in names if n not in HEADS]
         if not names or unknown:
-            self.fail(f"{value!r}: unknown head(s) {', '.join(unknown) or '(none given)'}; choose from "
-                      f"{', '.join(HEADS)}", param, ctx)
+            self.fail(
+                f"{value!r}: unknown head(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(HEADS)}",
+                param,
+                ctx,
+            )
         if len(set(names)) != len(names):
             self.fail(f"{value!r} names a head twice", param, ctx)
         return names
@@ -384,25 +409,43 @@ HEADS = HeadListType()
 def engine_options(command):
     """Where a sweep's tasks run (`stages.sweep.engine`): in this process unless one of these is given."""
     decorators = [
-        click.option("--workers", type=click.IntRange(min=1), default=None,
-                     help="Run the tasks on a local dask cluster of this many worker processes (127.0.0.1) "
-                          "[default: in this process]."),
-        click.option("--scheduler", default=None,
-                     help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."),
-        click.option("--cluster", default=None,
-                     help="Start a dask-jobqueue cluster of this kind (slurm, pbs, sge, lsf, moab, oar, htcondor), "
-                          "configured by dask's configuration (jobqueue.yaml)."),
-        click.option("--scale", type=click.IntRange(min=1), default=None,
-                     help="Workers of the --cluster [default: 1]."),
-        click.option("--threads-per-worker", type=click.IntRange(min=1), default=1,
-                     help="Threads of each --workers process."),
+        click.option(
+            "--workers",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Run the tasks on a local dask cluster of this many worker processes (127.0.0.1) "
+            "[default: in this process].",
+        ),
+        click.option(
+            "--scheduler", default=None, help="Address of a running dask scheduler, e.g. tcp://10.0.0.5:8786."
+        ),
+        click.option(
+            "--cluster",
+            default=None,
+            help="Start a dask-jobqueue cluster of this kind (slurm, pbs, sge, lsf, moab, oar, htcondor), "
+            "configured by dask's configuration (jobqueue.yaml).",
+        ),
+        click.option(
+            "--scale", type=click.IntRange(min=1), default=None, help="Workers of the --cluster [default: 1]."
+        ),
+        click.option(
+            "--threads-per-worker", type=click.IntRange(min=1), default=1, help="Threads of each --workers process."
+        ),
         click.option("--dashboard", is_flag=True, help="Start dask's dashboard (its address is logged)."),
-        click.option("--connect-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
-                     help="Seconds to wait for --scheduler."),
-        click.option("--group-size", type=click.IntRange(min=0), default=None,
-                     help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
-                          "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "
-                          "to a serial run), 1 for the other heads]."),
+        click.option(
+            "--connect-timeout",
+            type=click.FloatRange(min=0, min_open=True),
+            default=30.0,
+            help="Seconds to wait for --scheduler.",
+        ),
+        click.option(
+            "--group-size",
+            type=click.IntRange(min=0),
+            default=None,
+            help="Input sets per task (a task trains its group's whole grid together); 0: whole passes "
+            "[default: whole passes for linear and mlp, whose banks batch input sets (bit-identical "
+            "to a serial run), 1 for the other heads].",
+        ),
     ]
     for decorator in reversed(decorators):
         command = decorator(command)
@@ -414,9 +457,15 @@ ENGINE_FLAGS = ("workers", "scheduler", "cluster", "scale", "threads_per_worker"
 
 def data_column_options(command):
     """--image-column and --label-column: where wds: and hf: data keep the image and the label."""
-    command = click.option("--label-column", default=None,
-                           help="wds: the field of key.json holding the label [default: key.cls]; hf: the label "
-                                "column [default: the ClassLabel column].")(command)
-    return click.option("--image-column", default=None,
-                        help="wds: the image's extension, e.g. png [default: the first image member]; hf: the image "
-                             "column [default: the Image column].")(command)
+    command = click.option(
+        "--label-column",
+        default=None,
+        help="wds: the field of key.json holding the label [default: key.cls]; hf: the label "
+        "column [default: the ClassLabel column].",
+    )(command)
+    return click.option(
+        "--image-column",
+        default=None,
+        help="wds: the image's extension, e.g. png [default: the first image member]; hf: the image "
+        "column [default: the Image column].",
+    )(command)

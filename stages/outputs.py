@@ -58,8 +58,10 @@ def full_disk_is_one_line(out: Path, what: str) -> Iterator[None]:
         if not is_disk_full(error):
             raise
         free = _free_bytes(Path(out))
-        raise OutputFullError(f"{out}: no space left on the device while {what}; {format_bytes(free)} free. Free some "
-                              "space and run the same command again: nothing half-written was kept") from None
+        raise OutputFullError(
+            f"{out}: no space left on the device while {what}; {format_bytes(free)} free. Free some "
+            "space and run the same command again: nothing half-written was kept"
+        ) from None
 
 
 def _free_bytes(path: Path) -> int:
@@ -69,8 +71,9 @@ def _free_bytes(path: Path) -> int:
     return 0
 
 
-def check_output_dir(out: Path, *, made_by: Callable[[Path], bool], command: str, overwrite: bool = False,
-                     needs_overwrite: bool = True) -> None:
+def check_output_dir(
+    out: Path, *, made_by: Callable[[Path], bool], command: str, overwrite: bool = False, needs_overwrite: bool = True
+) -> None:
     """Refuse `out` unless it is new, empty, or an earlier output of `command` (with `overwrite` where
     `needs_overwrite`). Nothing is changed either way."""
     out = Path(out)
@@ -79,11 +82,15 @@ def check_output_dir(out: Path, *, made_by: Callable[[Path], bool], command: str
     if not out.exists() or not any(out.iterdir()):
         return
     if not made_by(out):
-        raise OutputExistsError(f"{out} is not empty and was not written by `pipeline {command}` (it holds "
-                                f"{_sample(out)}); choose another --out, or empty it yourself")
+        raise OutputExistsError(
+            f"{out} is not empty and was not written by `pipeline {command}` (it holds "
+            f"{_sample(out)}); choose another --out, or empty it yourself"
+        )
     if needs_overwrite and not overwrite:
-        raise OutputExistsError(f"{out} holds an earlier output of `pipeline {command}`; pass --overwrite to replace "
-                                "it, or choose another --out")
+        raise OutputExistsError(
+            f"{out} holds an earlier output of `pipeline {command}`; pass --overwrite to replace "
+            "it, or choose another --out"
+        )
 
 
 def holds_only(out: Path, names: set[str], *, folders: dict[str, str] | None = None) -> bool:
@@ -94,8 +101,9 @@ def holds_only(out: Path, names: set[str], *, folders: dict[str, str] | None = N
         if entry.is_symlink():
             return False
         if entry.name in folders and entry.is_dir():
-            if any(not f.is_file() or f.is_symlink() or not f.name.endswith(folders[entry.name])
-                   for f in entry.iterdir()):
+            if any(
+                not f.is_file() or f.is_symlink() or not f.name.endswith(folders[entry.name]) for f in entry.iterdir()
+            ):
                 return False
         elif entry.name not in names or not entry.is_file():
             return False
@@ -171,8 +179,10 @@ def output_lock(target: Path, command: str) -> Iterator[None]:
         except BlockingIOError:
             holder = _read_holder(fd)
             os.close(fd)
-            raise OutputLockedError(f"{target} is being written by another process ({holder}); wait for it to "
-                                    "finish, or write to another --out") from None
+            raise OutputLockedError(
+                f"{target} is being written by another process ({holder}); wait for it to "
+                "finish, or write to another --out"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:  # its last holder removed it between our open and our lock: take a fresh one
@@ -181,8 +191,12 @@ def output_lock(target: Path, command: str) -> Iterator[None]:
             break
         os.close(fd)
     try:
-        record = {"command": f"pipeline {command}", "host": socket.gethostname(), "pid": os.getpid(),
-                  "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+        record = {
+            "command": f"pipeline {command}",
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(record).encode(), 0)
         yield
@@ -195,7 +209,6 @@ def output_lock(target: Path, command: str) -> Iterator[None]:
 def _read_holder(fd: int) -> str:
     try:
         record = json.loads(os.pread(fd, 4096, 0) or b"{}")
-        return (f"`{record['command']}`, host {record['host']}, pid {record['pid']}, writing since "
-                f"{record['since']}")
+        return f"`{record['command']}`, host {record['host']}, pid {record['pid']}, writing since {record['since']}"
     except (OSError, ValueError, KeyError, TypeError):
         return "its holder is starting"

@@ -49,8 +49,9 @@ def render_run(run_dir: str | Path, out_dir: str | Path | None = None, *, title:
     metrics = run_metrics(record, rows, read_repeats(run_dir))
     images = heatmaps(rows, out_dir, prefix="", title=title or record["name"])
     confusion = confusion_png(run_dir, record, best_row(rows), out_dir / "confusion.png")
-    (out_dir / "summary.md").write_text(run_markdown(record, rows, images + ([confusion] if confusion else []),
-                                                     out_dir) + "\n")
+    (out_dir / "summary.md").write_text(
+        run_markdown(record, rows, images + ([confusion] if confusion else []), out_dir) + "\n"
+    )
     return metrics
 
 
@@ -66,8 +67,12 @@ def confusion_png(run_dir: Path, record: dict, best: dict | None, path: Path) ->
         top, labels = saved[best["key"]], saved["labels"]
     num_classes = int(record["num_classes"])
     names = [str(c) for c in (record.get("classes") or range(num_classes))]
-    plot_confusion(confusion_matrix(top, labels, num_classes), names, path,
-                   title=f"{record['name']} · {best['key']}: test top-1 {100 * best['test_top1']:.1f}%")
+    plot_confusion(
+        confusion_matrix(top, labels, num_classes),
+        names,
+        path,
+        title=f"{record['name']} · {best['key']}: test top-1 {100 * best['test_top1']:.1f}%",
+    )
     return path
 
 
@@ -88,8 +93,15 @@ def plot_confusion(counts: np.ndarray, names: list[str], path: Path, *, title: s
         for i in range(k):
             for j in range(k):
                 if np.isfinite(share[i, j]) and counts[i, j]:
-                    axes.text(j, i, f"{share[i, j]:.0f}", ha="center", va="center", fontsize=7,
-                              color="white" if share[i, j] > 50 else "black")
+                    axes.text(
+                        j,
+                        i,
+                        f"{share[i, j]:.0f}",
+                        ha="center",
+                        va="center",
+                        fontsize=7,
+                        color="white" if share[i, j] > 50 else "black",
+                    )
     step = max(1, int(math.ceil(k / 30)))
     shown = list(range(0, k, step))
     short = [n if len(n) <= 18 else n[:17] + "…" for n in names]
@@ -134,14 +146,23 @@ def plot_heatmap(cells: list[dict], path: Path, *, title: str) -> None:
     for i in range(len(timesteps)):
         for j in range(len(blocks)):
             if np.isfinite(values[i, j]):
-                axes.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=8,
-                          color="black" if values[i, j] > middle else "white")
+                axes.text(
+                    j,
+                    i,
+                    f"{values[i, j]:.1f}",
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="black" if values[i, j] > middle else "white",
+                )
     if best is not None:
         i, j = timesteps.index(int(best["timesteps"])), blocks.index(int(best["blocks"]))
         axes.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2.5))
-        axes.set_xlabel(f"U-Net block (ADM numbering)\nred box: chosen on validation (block {best['blocks']}, "
-                        f"t={best['timesteps']}: val {100 * best['val_top1']:.1f}%, "
-                        f"test {100 * best['test_top1']:.1f}%)")
+        axes.set_xlabel(
+            f"U-Net block (ADM numbering)\nred box: chosen on validation (block {best['blocks']}, "
+            f"t={best['timesteps']}: val {100 * best['val_top1']:.1f}%, "
+            f"test {100 * best['test_top1']:.1f}%)"
+        )
     else:
         axes.set_xlabel("U-Net block (ADM numbering)")
     axes.set_xticks(range(len(blocks)), [str(b) for b in blocks])
@@ -159,34 +180,55 @@ def run_markdown(record: dict, rows: list[dict], images: list[Path], relative_to
     lines = [f"{h} {record['name']} ({record['head']} head)", ""]
     samples = record.get("samples", {})
     roles = record.get("splits", {"train": "train", "validation": "carved from train", "test": "val"})
-    lines.append(f"Store `{record.get('store')}` (fingerprint `{str(record.get('store_fingerprint', ''))[:12]}`), seed "
-                 f"{record.get('seed')}, {samples.get('fit')} fit ({roles['train']}) / {samples.get('val')} validation "
-                 f"({roles['validation']}) / {samples.get('test')} test ({roles['test']}) samples, "
-                 f"{len(record.get('hypers', []))} hyper-parameter sets per input set.")
+    lines.append(
+        f"Store `{record.get('store')}` (fingerprint `{str(record.get('store_fingerprint', ''))[:12]}`), seed "
+        f"{record.get('seed')}, {samples.get('fit')} fit ({roles['train']}) / {samples.get('val')} validation "
+        f"({roles['validation']}) / {samples.get('test')} test ({roles['test']}) samples, "
+        f"{len(record.get('hypers', []))} hyper-parameter sets per input set."
+    )
     lines.append("")
     if best is not None:
-        lines.append(f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
-                     f"test top-1 **{_pct(best['test_top1'])}**{_interval(best, 'top1')}"
-                     + (f", test top-5 {_pct(best['test_top5'])}{_interval(best, 'top5')}"
-                        if best.get("test_top5") is not None else "")
-                     + (f", balanced accuracy {_pct(best['test_balanced'])}{_interval(best, 'balanced')}"
-                        if best.get("test_balanced") is not None else "")
-                     + " (95% bootstrap intervals over test samples).")
+        lines.append(
+            f"Chosen on validation: **{_describe(best)}**: val top-1 {_pct(best['val_top1'])}, "
+            f"test top-1 **{_pct(best['test_top1'])}**{_interval(best, 'top1')}"
+            + (
+                f", test top-5 {_pct(best['test_top5'])}{_interval(best, 'top5')}"
+                if best.get("test_top5") is not None
+                else ""
+            )
+            + (
+                f", balanced accuracy {_pct(best['test_balanced'])}{_interval(best, 'balanced')}"
+                if best.get("test_balanced") is not None
+                else ""
+            )
+            + " (95% bootstrap intervals over test samples)."
+        )
         lines.append("")
     chosen = sorted((r for r in rows if r["selected"] == 1), key=lambda r: -r["val_top1"])
-    lines += [f"{h}# Chosen configuration per input set (sorted by validation top-1)", "",
-              "| input set | hyper-parameters | val top-1 | test top-1 | test top-5 |", "|---|---|---:|---:|---:|"]
+    lines += [
+        f"{h}# Chosen configuration per input set (sorted by validation top-1)",
+        "",
+        "| input set | hyper-parameters | val top-1 | test top-1 | test top-5 |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in chosen:
-        lines.append(f"| {r['key']} | {_hypers(r)} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
-                     f"{_pct(r.get('test_top5'))} |")
+        lines.append(
+            f"| {r['key']} | {_hypers(r)} | {_pct(r['val_top1'])} | {_pct(r['test_top1'])} | "
+            f"{_pct(r.get('test_top5'))} |"
+        )
     single = [r for r in chosen if not r["fused"]]
     for pool in sorted({r["pool"] for r in single}):
         cells = [r for r in single if r["pool"] == pool]
         blocks = sorted({int(r["blocks"]) for r in cells})
         timesteps = sorted({int(r["timesteps"]) for r in cells})
         table = {(int(r["timesteps"]), int(r["blocks"])): r["test_top1"] for r in cells}
-        lines += ["", f"{h}# Test top-1 (%), pool {pool}×{pool}: timestep × block", "",
-                  "| t \\ block | " + " | ".join(map(str, blocks)) + " |", "|---" * (len(blocks) + 1) + "|"]
+        lines += [
+            "",
+            f"{h}# Test top-1 (%), pool {pool}×{pool}: timestep × block",
+            "",
+            "| t \\ block | " + " | ".join(map(str, blocks)) + " |",
+            "|---" * (len(blocks) + 1) + "|",
+        ]
         for t in timesteps:
             lines.append(f"| {t} | " + " | ".join(_pct(table.get((t, b)), sign=False) for b in blocks) + " |")
     for image in images:
@@ -258,26 +300,45 @@ def _write_report(runs: dict, out_dir: Path) -> dict:
             run_name = run_dir.name
             metrics.setdefault(run_name, {})[set_name] = summary_of(best_row(rows))
             all_rows += [{"result_set": set_name, "run": run_name, **r} for r in rows]
-            images = heatmaps(rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__",
-                              title=f"{set_name} / {run_name}")
-            confusion = confusion_png(run_dir, {**record, "name": f"{set_name} / {run_name}"}, best_row(rows),
-                                      out_dir / "confusion" / f"{set_name}__{run_name}.png")
+            images = heatmaps(
+                rows, out_dir / "heatmaps", prefix=f"{set_name}__{run_name}__", title=f"{set_name} / {run_name}"
+            )
+            confusion = confusion_png(
+                run_dir,
+                {**record, "name": f"{set_name} / {run_name}"},
+                best_row(rows),
+                out_dir / "confusion" / f"{set_name}__{run_name}.png",
+            )
             images += [confusion] if confusion else []
-            sections.append(run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir,
-                                         level=2))
-    headline = {run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
-                for run, per_set in metrics.items()}
+            sections.append(
+                run_markdown({**record, "name": f"{set_name} / {run_name}"}, rows, images, out_dir, level=2)
+            )
+    headline = {
+        run: {name: None if best is None else best["test_top1"] for name, best in per_set.items()}
+        for run, per_set in metrics.items()
+    }
     (out_dir / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
-    evaluation = {run: {name: None if best is None else {k: best[k] for k in EVALUATION_KEYS if best.get(k) is not None}
-                        for name, best in per_set.items()} for run, per_set in metrics.items()}
+    evaluation = {
+        run: {
+            name: None if best is None else {k: best[k] for k in EVALUATION_KEYS if best.get(k) is not None}
+            for name, best in per_set.items()
+        }
+        for run, per_set in metrics.items()
+    }
     (out_dir / "evaluation.json").write_text(json.dumps(evaluation, indent=2) + "\n")
     (out_dir / "best.json").write_text(json.dumps(metrics, indent=2) + "\n")
     _write_rows(out_dir / "configs.csv", all_rows)
     names = list(runs)
     comparison = out_dir / "comparison.png"
     plot_comparison(metrics, names, comparison)
-    lines = ["# Probe report", "", "Test top-1 of the configuration chosen on validation, per head and result set.", "",
-             "| head | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        "# Probe report",
+        "",
+        "Test top-1 of the configuration chosen on validation, per head and result set.",
+        "",
+        "| head | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for run_name, per_set in sorted(metrics.items()):
         cells = []
         for name in names:
@@ -302,8 +363,7 @@ def headline(metrics: dict, names: list[str]) -> list[str]:
             else:
                 rows.append((head, name, _pct(best["test_top1"]) + _interval(best, "top1"), _describe(best)))
     widths = [max(len(row[i]) for row in (header, *rows)) for i in range(3)]
-    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3]
-            for row in (header, *rows)]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[3] for row in (header, *rows)]
 
 
 def _write_rows(path: Path, rows: list[dict]) -> None:
@@ -327,8 +387,9 @@ def plot_comparison(metrics: dict, names: list[str], path: Path) -> None:
         bars = axes.bar(np.arange(len(heads)) + (i - (len(names) - 1) / 2) * width, values, width, label=name)
         for bar, value in zip(bars, values):
             if np.isfinite(value):
-                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom",
-                          fontsize=7)
+                axes.text(
+                    bar.get_x() + bar.get_width() / 2, value, f"{value:.1f}", ha="center", va="bottom", fontsize=7
+                )
     axes.set_xticks(range(len(heads)), heads)
     axes.set_ylabel("test top-1 (%)")
     axes.set_ylim(0, 105)

@@ -58,19 +58,32 @@ def collect(result_dirs: Mapping[str, str | Path]) -> list[dict]:
     for dataset, directory in result_dirs.items():
         directory = Path(directory)
         models = sorted(p for p in directory.iterdir() if p.is_dir()) if directory.is_dir() else []
-        models = [m for m in models if (m / "run.json").exists() or any((c / "run.json").exists() for c in m.iterdir()
-                                                                            if c.is_dir())]
+        models = [
+            m
+            for m in models
+            if (m / "run.json").exists() or any((c / "run.json").exists() for c in m.iterdir() if c.is_dir())
+        ]
         if not models:
-            raise ResultsError(f"{directory} holds no <model>/<head>/ probe results for data set {dataset!r}; "
-                               f"probe with --out {directory}/<model>")
+            raise ResultsError(
+                f"{directory} holds no <model>/<head>/ probe results for data set {dataset!r}; "
+                f"probe with --out {directory}/<model>"
+            )
         for model in models:
             for run in find_runs(model):
                 record, rows = read_run(run)
                 best = summary_of(best_row(rows))
                 kind = record.get("data_kind", "folder")
-                entries.append({"dataset": dataset, "kind": kind,
-                                "overlaps": KINDS[kind].overlaps if kind in KINDS else None,
-                                "model": model.name, "head": record["head"], "run": run.name, "best": best})
+                entries.append(
+                    {
+                        "dataset": dataset,
+                        "kind": kind,
+                        "overlaps": KINDS[kind].overlaps if kind in KINDS else None,
+                        "model": model.name,
+                        "head": record["head"],
+                        "run": run.name,
+                        "best": best,
+                    }
+                )
     return entries
 
 
@@ -102,8 +115,13 @@ def build_transfer(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -
     table = {(e["dataset"], e["model"], e["head"]): e for e in entries}
     datasets = list(result_dirs)
     overlaps = {e["dataset"]: e["overlaps"] for e in entries if e["overlaps"]}
-    metrics = {d: {f"{m}/{h}": (table[(d, m, h)]["best"] or {}).get("test_top1") if (d, m, h) in table else None
-                   for m, h in columns} for d in datasets}
+    metrics = {
+        d: {
+            f"{m}/{h}": (table[(d, m, h)]["best"] or {}).get("test_top1") if (d, m, h) in table else None
+            for m, h in columns
+        }
+        for d in datasets
+    }
     with staged_output(out) as staging:
         (staging / "transfer.json").write_text(json.dumps(metrics, indent=2) + "\n")
         _write_csv(staging / "transfer.csv", entries)
@@ -113,34 +131,63 @@ def build_transfer(result_dirs: Mapping[str, str | Path], out_dir: str | Path) -
 
 
 def _markdown(datasets, columns, table, overlaps) -> str:
-    lines = ["# Transfer: test top-1 (%) of the configuration chosen on validation", "",
-             "Each cell: test top-1, and the block (b) and timestep (t) chosen on the validation split.", "",
-             "| data set | " + " | ".join(f"{m} · {h}" for m, h in columns) + " |",
-             "|---" + "|---:" * len(columns) + "|"]
+    lines = [
+        "# Transfer: test top-1 (%) of the configuration chosen on validation",
+        "",
+        "Each cell: test top-1, and the block (b) and timestep (t) chosen on the validation split.",
+        "",
+        "| data set | " + " | ".join(f"{m} · {h}" for m, h in columns) + " |",
+        "|---" + "|---:" * len(columns) + "|",
+    ]
     for d in datasets:
         name = f"{d} {MARK}" if d in overlaps else d
-        lines.append(f"| {name} | " + " | ".join(_cell(table[(d, m, h)]["best"]) if (d, m, h) in table else "–"
-                                                 for m, h in columns) + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_cell(table[(d, m, h)]["best"]) if (d, m, h) in table else "–" for m, h in columns)
+            + " |"
+        )
     for d, what in overlaps.items():
         lines += ["", f"{MARK} {d}: its images overlap {what}; features of a model pre-trained on it have seen them."]
     return "\n".join(lines)
 
 
 def _write_csv(path: Path, entries: list[dict]) -> None:
-    columns = ["dataset", "kind", "overlaps", "model", "head", "run", "test_top1", "test_top5", "val_top1", "blocks",
-               "timesteps", "pool", "key"]
+    columns = [
+        "dataset",
+        "kind",
+        "overlaps",
+        "model",
+        "head",
+        "run",
+        "test_top1",
+        "test_top5",
+        "val_top1",
+        "blocks",
+        "timesteps",
+        "pool",
+        "key",
+    ]
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for e in entries:
             best = e["best"] or {}
-            writer.writerow({"dataset": e["dataset"], "kind": e["kind"], "overlaps": e["overlaps"] or "",
-                             "model": e["model"], "head": e["head"], "run": e["run"],
-                             **{k: "" if best.get(k) is None else best[k] for k in columns[6:]}})
+            writer.writerow(
+                {
+                    "dataset": e["dataset"],
+                    "kind": e["kind"],
+                    "overlaps": e["overlaps"] or "",
+                    "model": e["model"],
+                    "head": e["head"],
+                    "run": e["run"],
+                    **{k: "" if best.get(k) is None else best[k] for k in columns[6:]},
+                }
+            )
 
 
-def plot_transfer(metrics: dict, datasets: list[str], columns: list[tuple[str, str]], overlaps: dict,
-                  path: Path) -> None:
+def plot_transfer(
+    metrics: dict, datasets: list[str], columns: list[tuple[str, str]], overlaps: dict, path: Path
+) -> None:
     """Grouped bars: per data set, one bar per (model, head); overlapping data sets are marked."""
     figure = Figure(figsize=(max(5.0, 0.35 * len(datasets) * max(1, len(columns)) + 2.5), 3.8), dpi=120)
     FigureCanvasAgg(figure)
@@ -148,12 +195,14 @@ def plot_transfer(metrics: dict, datasets: list[str], columns: list[tuple[str, s
     width = 0.8 / max(1, len(columns))
     for i, (model, head) in enumerate(columns):
         values = [100 * v if (v := metrics[d][f"{model}/{head}"]) is not None else np.nan for d in datasets]
-        bars = axes.bar(np.arange(len(datasets)) + (i - (len(columns) - 1) / 2) * width, values, width,
-                        label=f"{model} · {head}")
+        bars = axes.bar(
+            np.arange(len(datasets)) + (i - (len(columns) - 1) / 2) * width, values, width, label=f"{model} · {head}"
+        )
         for bar, value in zip(bars, values):
             if np.isfinite(value):
-                axes.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom",
-                          fontsize=6)
+                axes.text(
+                    bar.get_x() + bar.get_width() / 2, value, f"{value:.0f}", ha="center", va="bottom", fontsize=6
+                )
     axes.set_xticks(range(len(datasets)), [f"{d} {MARK}" if d in overlaps else d for d in datasets])
     axes.set_ylabel("test top-1 (%)")
     axes.set_ylim(0, 105)

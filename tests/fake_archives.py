@@ -73,8 +73,13 @@ def make_cub(parent: Path, *, per_class=(3, 2)) -> tuple[Path, dict]:
 
 
 # -- NABirds --------------------------------------------------------------------------------------
-NABIRDS_CLASSES = {0: "Birds", 1: "Perching Birds", 295: "Oak Titmouse", 817: "Cedar Waxwing (Adult)",
-                   1000: "Red-tailed Hawk (Dark morph)"}
+NABIRDS_CLASSES = {
+    0: "Birds",
+    1: "Perching Birds",
+    295: "Oak Titmouse",
+    817: "Cedar Waxwing (Adult)",
+    1000: "Red-tailed Hawk (Dark morph)",
+}
 NABIRDS_PARENTS = {1: 0, 295: 1, 817: 1, 1000: 0}
 
 
@@ -99,14 +104,17 @@ def make_nabirds(parent: Path) -> tuple[Path, dict]:
 
 
 # -- FGVC-Aircraft 2013b --------------------------------------------------------------------------
-AIRCRAFT = [("Cessna 172", "Cessna 172", "Cessna"), ("F/A-18", "F/A-18", "McDonnell Douglas"),
-            ("707-320", "Boeing 707", "Boeing")]
+AIRCRAFT = [
+    ("Cessna 172", "Cessna 172", "Cessna"),
+    ("F/A-18", "F/A-18", "McDonnell Douglas"),
+    ("707-320", "Boeing 707", "Boeing"),
+]
 
 
 def banner_jpeg(path: Path, *, width=24, height=44, banner=20) -> None:
     """Black above, a white banner of `banner` rows at the bottom (as FGVC-Aircraft's images carry)."""
     pixels = np.zeros((height, width, 3), dtype=np.uint8)
-    pixels[height - banner:] = 255
+    pixels[height - banner :] = 255
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels, "RGB").save(path, format="PNG")  # .jpg name, lossless bytes: exact pixels
 
@@ -144,8 +152,10 @@ def make_cars(root: Path, *, test_count=1) -> tuple[Path, dict]:
     (root / "devkit").mkdir(parents=True)
     scipy.io.savemat(root / "devkit" / "cars_meta.mat", {"class_names": cell(CARS, (1, len(CARS)))})
     expected = {}
-    for split, count, annotation_file in (("train", 4, root / "devkit" / "cars_train_annos.mat"),
-                                      ("test", test_count, root / "cars_test_annos_withlabels.mat")):
+    for split, count, annotation_file in (
+        ("train", 4, root / "devkit" / "cars_train_annos.mat"),
+        ("test", test_count, root / "cars_test_annos_withlabels.mat"),
+    ):
         rows, expected[split] = [], []
         for i in range(count):
             name = f"{i + 1:05d}.jpg"
@@ -172,10 +182,14 @@ def make_dogs(root: Path) -> tuple[Path, dict]:
                 files.append(relative)
                 labels.append(label + 1)
                 expected[split].append((f"Images/{relative}", label))
-        scipy.io.savemat(root / f"{split}_list.mat", {
-            "file_list": cell(files, (len(files), 1)), "annotation_list": cell([f[:-4] for f in files], (len(files),
-                                                                                                         1)),
-            "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1)})
+        scipy.io.savemat(
+            root / f"{split}_list.mat",
+            {
+                "file_list": cell(files, (len(files), 1)),
+                "annotation_list": cell([f[:-4] for f in files], (len(files), 1)),
+                "labels": np.asarray(labels, dtype=np.float64).reshape(-1, 1),
+            },
+        )
     return root, expected
 
 
@@ -188,15 +202,20 @@ def make_flowers(root: Path) -> tuple[Path, dict]:
     sets = {"trnid": [5, 2, 1], "valid": [3, 4, 6], "tstid": [12, 7, 8, 9, 10, 11]}
     scipy.io.savemat(root / "imagelabels.mat", {"labels": labels.reshape(1, -1)})
     scipy.io.savemat(root / "setid.mat", {k: np.asarray(v, dtype=np.uint16).reshape(1, -1) for k, v in sets.items()})
-    expected = {split: [(f"jpg/image_{i:05d}.jpg", int(labels[i - 1]) - 1) for i in sets[key]]
-                for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))}
+    expected = {
+        split: [(f"jpg/image_{i:05d}.jpg", int(labels[i - 1]) - 1) for i in sets[key]]
+        for split, key in (("train", "trnid"), ("val", "valid"), ("test", "tstid"))
+    }
     return root, expected
 
 
 # -- ImageNet -------------------------------------------------------------------------------------
 # (ILSVRC2012 id, wnid, words): the devkit's ids are not in wnid order
-IMAGENET = [(1, "n02119789", "kit fox, Vulpes macrotis"), (2, "n01601694", "water ouzel, dipper"),
-            (3, "n01440764", "tench, Tinca tinca")]
+IMAGENET = [
+    (1, "n02119789", "kit fox, Vulpes macrotis"),
+    (2, "n01601694", "water ouzel, dipper"),
+    (3, "n01440764", "tench, Tinca tinca"),
+]
 
 
 def make_imagenet(root: Path, *, flat_val=True, devkit=True, train_names=None) -> tuple[Path, dict]:

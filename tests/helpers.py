@@ -36,8 +36,16 @@ def make_model_dir(path: Path, *, image_size: int = 16, in_channels: int = 3, se
     return path
 
 
-def make_image_folder(root: Path, *, counts: dict[str, int], classes: int = 3, size=(20, 24), seed: int = 0,
-                      mode: str = "RGB", suffix: str = ".png") -> Path:
+def make_image_folder(
+    root: Path,
+    *,
+    counts: dict[str, int],
+    classes: int = 3,
+    size=(20, 24),
+    seed: int = 0,
+    mode: str = "RGB",
+    suffix: str = ".png",
+) -> Path:
     """`counts` images per split, spread over `classes` folders; odd sizes exercise resize and crop."""
     rng = np.random.default_rng(seed)
     for split, count in counts.items():
@@ -62,10 +70,18 @@ def reference_image(path, size: int) -> torch.Tensor:
 
 
 # -- feature stores from known features ------------------------------------------------------------------
-def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] | None = None,
-                resolution: dict | None = None,
-                chunk_samples: int = 64, pools=(1,), skip_chunks: dict | None = None,
-                data_kind: str | None = None) -> Path:
+def write_store(
+    path: Path,
+    features: dict,
+    labels: dict,
+    *,
+    classes: list[str] | None = None,
+    resolution: dict | None = None,
+    chunk_samples: int = 64,
+    pools=(1,),
+    skip_chunks: dict | None = None,
+    data_kind: str | None = None,
+) -> Path:
     """features[(block, timestep)][split] = (N, C, g, g); labels[split] = (N,).
 
     `resolution[block]` defaults to the stored grid; `skip_chunks[(split, block, timestep)]` lists
@@ -75,17 +91,26 @@ def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] 
     num_classes = int(max(int(v.max()) for v in labels.values())) + 1
     settings = {key: {} for key in layout.IDENTITY_KEYS}
     data = {"classes": classes or [str(i) for i in range(num_classes)], **({"kind": data_kind} if data_kind else {})}
-    settings.update(kind="test", data=data, noise_seed=0, dtype="float32", precision="fp32",
-                    chunk_samples=int(chunk_samples))
+    settings.update(
+        kind="test", data=data, noise_seed=0, dtype="float32", precision="fp32", chunk_samples=int(chunk_samples)
+    )
     blocks = sorted({b for b, _ in features})
     table = []
     for b in blocks:
         sample = next(v for (bb, _), v in features.items() if bb == b)["train"]
         res = (resolution or {}).get(b, sample.shape[-1])
-        table.append({"number": b, "module": f"block{b}", "adm_name": f"blocks[{b}]", "channels": int(sample.shape[1]),
-                      "resolution": int(res)})
-    splits = {s: SplitIndex(np.asarray(y, np.int64), [f"{s}/{i}.png" for i in range(len(y))]) for s,
-              y in labels.items()}
+        table.append(
+            {
+                "number": b,
+                "module": f"block{b}",
+                "adm_name": f"blocks[{b}]",
+                "channels": int(sample.shape[1]),
+                "resolution": int(res),
+            }
+        )
+    splits = {
+        s: SplitIndex(np.asarray(y, np.int64), [f"{s}/{i}.png" for i in range(len(y))]) for s, y in labels.items()
+    }
     skip = skip_chunks or {}
     with FeatureStoreWriter.open(path, settings=settings, splits=splits, block_table=table) as writer:
         for b in blocks:
@@ -94,8 +119,11 @@ def write_store(path: Path, features: dict, labels: dict, *, classes: list[str] 
         for split, y in labels.items():
             for chunk in range(layout.num_chunks(len(y), chunk_samples)):
                 rows = layout.chunk_slice(chunk, len(y), chunk_samples)
-                arrays = {key: value[split][rows] for key, value in features.items()
-                          if chunk not in skip.get((split, *key), [])}
+                arrays = {
+                    key: value[split][rows]
+                    for key, value in features.items()
+                    if chunk not in skip.get((split, *key), [])
+                }
                 if arrays:
                     writer.write_shard(split, chunk, arrays)
     return Path(path)
@@ -137,8 +165,20 @@ def digest(path: Path) -> str:
 
 # -- processes: ranks of a job, a command line without some packages ----------------------------------------
 REPO = Path(__file__).resolve().parents[1]
-DIST_ARGS = ["--blocks", "2,5,9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "4", "--chunk-samples", "4",
-        "--shard-samples", "8"]
+DIST_ARGS = [
+    "--blocks",
+    "2,5,9",
+    "--timesteps",
+    "10,90",
+    "--pool",
+    "1,2",
+    "--batch-size",
+    "4",
+    "--chunk-samples",
+    "4",
+    "--shard-samples",
+    "8",
+]
 
 # Each rank records the shards it writes; rank `KILL_RANK` kills itself before its `KILL_AT`-th shard.
 RECORDING = (
@@ -167,13 +207,32 @@ def launch(tiny_model, data, out, world_size: int, record: Path, *extra, env: di
     for rank in range(world_size):
         rank_env = {**os.environ, "OMP_NUM_THREADS": "1", "RECORD": str(record), **(env or {})}
         if world_size > 1:
-            rank_env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                            LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                            PIPELINE_DIST_TIMEOUT="120")
-        command = [sys.executable, "-c", RECORDING, "extract", "--model", str(tiny_model), "--data", str(data),
-                   "--out", str(out), *DIST_ARGS, *extra]
-        processes.append(subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, text=True))
+            rank_env.update(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world_size),
+                LOCAL_WORLD_SIZE=str(world_size),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                PIPELINE_DIST_TIMEOUT="120",
+            )
+        command = [
+            sys.executable,
+            "-c",
+            RECORDING,
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *DIST_ARGS,
+            *extra,
+        ]
+        processes.append(
+            subprocess.Popen(command, cwd=REPO, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        )
     return processes
 
 
@@ -219,5 +278,11 @@ main(sys.argv[2:], prog_name="pipeline")
 
 
 def run_without(modules: list[str], *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", BLOCKED, ",".join(modules), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKED, ",".join(modules), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+    )

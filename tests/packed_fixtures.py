@@ -20,8 +20,9 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_shards(folder: Path, out: Path, *, per_shard: int, label: str = "cls", prefix: str = "set",
-                 class_file: bool = True) -> dict[str, list[Path]]:
+def write_shards(
+    folder: Path, out: Path, *, per_shard: int, label: str = "cls", prefix: str = "set", class_file: bool = True
+) -> dict[str, list[Path]]:
     """{split: shard files} `out/<prefix>-<split>-<number>.tar`: key.png/.jpg + key.cls (or key.json
     {"label": ...} when `label` is "json", or nothing when "none")."""
     out.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,6 @@ ADM_256_FLAGS = (
 )
 
 
-
 @pytest.fixture(scope="module")
 def golden() -> dict[str, np.ndarray]:
     with np.load(FIXTURE / "golden.npz") as data:
@@ -115,8 +114,12 @@ def test_fixture_noising_matches_q_sample(converted, golden):
 
 def test_converted_directory_layout(converted):
     names = sorted(path.name for path in converted.iterdir())
-    assert names == ["config.json", "diffusion_pytorch_model.safetensors", "preprocessing.json",
-                     "scheduler_config.json"]
+    assert names == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+        "preprocessing.json",
+        "scheduler_config.json",
+    ]
     assert load_model(converted).preprocess == "adm"  # guided-diffusion's center_crop_arr, the paper's loader
 
 
@@ -124,8 +127,9 @@ def test_reference_is_guided_diffusion(golden):
     """The test-only re-implementation has guided-diffusion's keys and shapes and reproduces its outputs."""
     state = torch.load(FIXTURE / "model.pt", map_location="cpu", weights_only=True)
     reference = reference_from_flags(parse_adm_flags(FIXTURE_FLAGS))
-    assert {k: tuple(v.shape) for k, v in reference.state_dict().items()} == {k: tuple(v.shape) for k,
-                                                                              v in state.items()}
+    assert {k: tuple(v.shape) for k, v in reference.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in state.items()
+    }
     reference.load_state_dict(state, strict=True)
     out, blocks = reference_blocks(reference, torch.from_numpy(golden["x_t"]), torch.from_numpy(golden["t"]))
     assert_blocks_close(blocks, [golden[f"block_{k}"] for k in range(1, 20)])
@@ -157,8 +161,9 @@ def test_adm256_block_table_and_mapping_on_meta():
 
 def test_wrong_qkv_order_is_caught(tmp_path, golden):
     """Read the legacy fused qkv as the new order: attention blocks go wrong, so the exactness test would fail."""
-    wrong = convert_adm_checkpoint(FIXTURE / "model.pt", tmp_path / "wrong",
-                                   FIXTURE_FLAGS + " --use_new_attention_order True")
+    wrong = convert_adm_checkpoint(
+        FIXTURE / "model.pt", tmp_path / "wrong", FIXTURE_FLAGS + " --use_new_attention_order True"
+    )
     _, blocks = diffusers_blocks(load_model(wrong).unet, torch.from_numpy(golden["x_t"]), torch.from_numpy(golden["t"]))
     errors = [np.abs(ours - golden[f"block_{k}"]).max() for k, ours in enumerate(blocks, start=1)]
     assert max(errors[:4]) <= ATOL  # blocks 1-4 have no attention
@@ -289,17 +294,23 @@ def test_default_channel_mult_follows_create_model():
     [
         (FIXTURE_FLAGS.replace("--class_cond False", "--class_cond True"), "class-conditional"),
         # num_heads 4 splits the 64-wide attention into 16-channel heads and the 96-wide one into 24
-        ("--image_size 32 --num_channels 32 --channel_mult 1,2,3 --attention_resolutions 16 --num_heads 4",
-         "different head sizes"),
-        (FIXTURE_FLAGS.replace("--num_head_channels 16", "--num_heads 4 --num_heads_upsample 2"),
-         "different head sizes"),
+        (
+            "--image_size 32 --num_channels 32 --channel_mult 1,2,3 --attention_resolutions 16 --num_heads 4",
+            "different head sizes",
+        ),
+        (
+            FIXTURE_FLAGS.replace("--num_head_channels 16", "--num_heads 4 --num_heads_upsample 2"),
+            "different head sizes",
+        ),
         ("--image_size 512 --num_head_channels 64", "starts at 0.5"),
         ("--image_size 32 --num_head_channels 32", "no default channel_mult for --image_size 32"),
         ("--image_size 32 --channel_mult 1,2,2 --num_head_channels 48", "does not divide"),
         (FIXTURE_FLAGS.replace("--noise_schedule linear", "--noise_schedule quadratic"), "not one of guided-diffusion"),
         (FIXTURE_FLAGS.replace("--diffusion_steps 1000", "--diffusion_steps 10"), "beta="),
-        (FIXTURE_FLAGS.replace("--diffusion_steps 1000", "--rescale_timesteps True --diffusion_steps 4000"),
-         "rescale_timesteps"),
+        (
+            FIXTURE_FLAGS.replace("--diffusion_steps 1000", "--rescale_timesteps True --diffusion_steps 4000"),
+            "rescale_timesteps",
+        ),
         (FIXTURE_FLAGS.replace("1,2,2", "1,2.5,2"), "comma-separated integers"),
     ],
 )
@@ -311,11 +322,13 @@ def test_unsupported_flags_are_refused(tmp_path, flags, message):
 
 def test_checkpoint_that_does_not_match_flags_names_keys(tmp_path):
     with pytest.raises(AdmConversionError, match=r"no place in this model.*input_blocks\.\d+"):
-        convert_adm_checkpoint(FIXTURE / "model.pt", tmp_path / "a", FIXTURE_FLAGS.replace("--num_res_blocks 2",
-                                                                                           "--num_res_blocks 1"))
+        convert_adm_checkpoint(
+            FIXTURE / "model.pt", tmp_path / "a", FIXTURE_FLAGS.replace("--num_res_blocks 2", "--num_res_blocks 1")
+        )
     with pytest.raises(AdmConversionError, match=r"shapes differ.*out\.2\.weight"):
-        convert_adm_checkpoint(FIXTURE / "model.pt", tmp_path / "b", FIXTURE_FLAGS.replace("--learn_sigma True",
-                                                                                           "--learn_sigma False"))
+        convert_adm_checkpoint(
+            FIXTURE / "model.pt", tmp_path / "b", FIXTURE_FLAGS.replace("--learn_sigma True", "--learn_sigma False")
+        )
     state = torch.load(FIXTURE / "model.pt", weights_only=True)
     state["label_emb.weight"] = torch.zeros(1000, 128)
     torch.save(state, tmp_path / "classes.pt")
@@ -368,8 +381,10 @@ def test_cli_convert_adm(tmp_path, golden):
 
 @pytest.mark.parametrize(
     "flags, message",
-    [("--image_size 32 --num_chanels 32", "unknown guided-diffusion flag --num_chanels"), ("--class_cond True",
-                                                                                           "class-conditional")],
+    [
+        ("--image_size 32 --num_chanels 32", "unknown guided-diffusion flag --num_chanels"),
+        ("--class_cond True", "class-conditional"),
+    ],
 )
 def test_cli_convert_adm_errors_without_traceback(tmp_path, flags, message):
     result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"), "--flags", flags])

@@ -56,12 +56,15 @@ def test_the_papers_checkpoint_converts_and_class_conditional_ones_say_why_not()
         adm_architecture(preset_flags("64x64_diffusion"))
 
 
-@pytest.mark.parametrize("path, preset", [
-    ("/models/256x256_diffusion_uncond.pt", "256x256_diffusion_uncond"),
-    ("lsun_cat.pt", "lsun_cat"),
-    ("my_finetune.pt", None),
-    ("256x256_diffusion_uncond (1).pt", None),
-])
+@pytest.mark.parametrize(
+    "path, preset",
+    [
+        ("/models/256x256_diffusion_uncond.pt", "256x256_diffusion_uncond"),
+        ("lsun_cat.pt", "lsun_cat"),
+        ("my_finetune.pt", None),
+        ("256x256_diffusion_uncond (1).pt", None),
+    ],
+)
 def test_presets_are_recognised_from_the_file_name(path, preset):
     assert preset_for_file(path) == preset
 
@@ -81,8 +84,9 @@ def test_convert_adm_takes_the_preset_from_the_file_name(tmp_path, monkeypatch):
     shutil.copyfile(FIXTURE / "model.pt", named)
     by_name = CliRunner().invoke(main, ["convert-adm", str(named), str(tmp_path / "a")])
     assert by_name.exit_code == 0 and "adm_tiny preset" in by_name.output, by_name.output
-    by_flags = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "b"),
-                                         "--flags", PRESETS["adm_tiny"]])
+    by_flags = CliRunner().invoke(
+        main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "b"), "--flags", PRESETS["adm_tiny"]]
+    )
     assert by_flags.exit_code == 0, by_flags.output
     for name in ("config.json", "scheduler_config.json", "diffusion_pytorch_model.safetensors"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
@@ -91,10 +95,21 @@ def test_convert_adm_takes_the_preset_from_the_file_name(tmp_path, monkeypatch):
 def test_convert_adm_without_flags_or_a_preset_name(tmp_path):
     result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o")])
     assert result.exit_code == 2 and "give its MODEL_FLAGS with --flags, or --preset NAME" in result.output
-    result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"),
-                                       "--preset", "lsun_cat", "--flags", "--image_size 32"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "convert-adm",
+            str(FIXTURE / "model.pt"),
+            str(tmp_path / "o"),
+            "--preset",
+            "lsun_cat",
+            "--flags",
+            "--image_size 32",
+        ],
+    )
     assert result.exit_code == 2 and "not both" in result.output
-    result = CliRunner().invoke(main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"),
-                                       "--preset", "256_uncond"])
+    result = CliRunner().invoke(
+        main, ["convert-adm", str(FIXTURE / "model.pt"), str(tmp_path / "o"), "--preset", "256_uncond"]
+    )
     assert result.exit_code == 2 and "256x256_diffusion_uncond" in result.output
     assert not (tmp_path / "o").exists()

@@ -30,8 +30,20 @@ class Env:
     store: Path
 
     def extract(self, *extra, data=None, model=None, out=None):
-        return ["extract", "--model", model or self.model, "--data", data or self.data,
-                "--out", out or self.tmp / "new.zarr", "--blocks", "3", "--timesteps", "10", *extra]
+        return [
+            "extract",
+            "--model",
+            model or self.model,
+            "--data",
+            data or self.data,
+            "--out",
+            out or self.tmp / "new.zarr",
+            "--blocks",
+            "3",
+            "--timesteps",
+            "10",
+            *extra,
+        ]
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +84,7 @@ def broken_model(part):
             for weights in model.glob("*.safetensors"):
                 weights.unlink()
         return env.extract(model=model), [model]
+
     return setup
 
 
@@ -93,6 +106,7 @@ def a_bad_png(kind):
         png = data / "train" / "class1" / "img0003.png"
         png.write_bytes({"empty": b"", "truncated": png.read_bytes()[:60], "fake": b"not a png at all"}[kind])
         return env.extract(data=data), [data]
+
     return setup
 
 
@@ -101,6 +115,7 @@ def a_garbage_mat(name, content):
         root, _ = fa.make_flowers(env.tmp / "flowers")
         (root / name).write_bytes(content)
         return env.extract(data=f"flowers:{root}"), [root]
+
     return setup
 
 
@@ -127,6 +142,7 @@ def pretrain_into(kind):
         else:
             out = model_like(env, "mine", ("train_log.json", {"init_weights_sha256": "0" * 64}))
         return ["pretrain", "--data", env.data, "--out", out, "--epochs", "1", "--image-size", "8"], [out]
+
     return setup
 
 
@@ -136,8 +152,9 @@ def random_init_into_a_trained_model(env):
 
 
 def run_dir(env):
-    result = CliRunner().invoke(main, ["probe", "--store", env.store, "--head", "ridge", "--out", env.tmp / "r",
-                                       "--no-render"])
+    result = CliRunner().invoke(
+        main, ["probe", "--store", env.store, "--head", "ridge", "--out", env.tmp / "r", "--no-render"]
+    )
     assert result.exit_code == 0, result.output
     return env.tmp / "r" / "ridge"
 
@@ -160,6 +177,7 @@ def report_on(damage):
         csv = run / "configs.csv"
         csv.write_text("" if damage == "empty" else csv.read_text()[:150])
         return ["report", "--results", run, "--out", env.tmp / "rep"], [run]
+
     return setup
 
 
@@ -192,6 +210,7 @@ def a_cub_without(name):
         root, _ = fa.make_cub(env.tmp / "download")
         (root / name).unlink()
         return env.extract(data=f"cub:{root}"), [env.tmp / "download"]
+
     return setup
 
 
@@ -235,8 +254,21 @@ def broken_preprocessing(env):
 
 
 def knn_probe(env, *extra):
-    return ["probe", "--store", env.store, "--head", "knn", "--knn-k", "1", "--threads", "1", "--out", env.tmp / "r",
-            "--no-render", *extra]
+    return [
+        "probe",
+        "--store",
+        env.store,
+        "--head",
+        "knn",
+        "--knn-k",
+        "1",
+        "--threads",
+        "1",
+        "--out",
+        env.tmp / "r",
+        "--no-render",
+        *extra,
+    ]
 
 
 def shots_over_the_smallest_class(env):
@@ -246,25 +278,43 @@ def shots_over_the_smallest_class(env):
 
 
 CASES = {
-    "extract --data an unknown kind": (lambda e: (e.extract(data=f"birds:{e.data}"), []), 1,
-                                       "unknown data-set kind 'birds'"),
-    "extract --data a CUB without its class list": (a_cub_without("classes.txt"), 1,
-                                                    "classes.txt is missing: CUB-200-2011 (cub:) expects"),
-    "extract --data a layout of no kind": (lambda e: (e.extract(data=e.tmp), []), 1,
-                                           "matches none of the data-set layouts"),
+    "extract --data an unknown kind": (
+        lambda e: (e.extract(data=f"birds:{e.data}"), []),
+        1,
+        "unknown data-set kind 'birds'",
+    ),
+    "extract --data a CUB without its class list": (
+        a_cub_without("classes.txt"),
+        1,
+        "classes.txt is missing: CUB-200-2011 (cub:) expects",
+    ),
+    "extract --data a layout of no kind": (
+        lambda e: (e.extract(data=e.tmp), []),
+        1,
+        "matches none of the data-set layouts",
+    ),
     "extract --classes naming no class": (a_class_list_naming_no_class, 1, "name no class of the data set"),
-    "extract --subset a file that is not there": (lambda e: (e.extract("--subset", e.tmp / "none.txt"), []), 1,
-                                                  "no such file, and not a shipped list"),
+    "extract --subset a file that is not there": (
+        lambda e: (e.extract("--subset", e.tmp / "none.txt"), []),
+        1,
+        "no such file, and not a shipped list",
+    ),
     "extract --classes other than the store's": (another_class_list_for_a_store, 1, "was made with other settings"),
     "extract --splits ''": (lambda e: (e.extract("--splits", ""), []), 2, "names nothing"),
     "extract --splits train,train": (lambda e: (e.extract("--splits", "train,train"), []), 2, "names something twice"),
     "extract --splits _progress": (lambda e: (e.extract("--splits", "_progress"), []), 1, "is not usable"),
     "extract --timesteps 10,10": (lambda e: (e.extract("--timesteps", "10,10"), []), 2, "more than once"),
     "extract --shard-samples not a multiple of --chunk-samples": (
-        lambda e: (e.extract("--chunk-samples", "4", "--shard-samples", "6"), []), 1, "is not a multiple of"),
+        lambda e: (e.extract("--chunk-samples", "4", "--shard-samples", "6"), []),
+        1,
+        "is not a multiple of",
+    ),
     "extract --nproc under torchrun": (torchrun_and_nproc, 2, "leave it out under torchrun"),
-    "extract --storage-option without =": (lambda e: (e.extract("--storage-option", "anon", out="memory://bad/s.zarr"),
-                                                      []), 2, "expected KEY=VALUE"),
+    "extract --storage-option without =": (
+        lambda e: (e.extract("--storage-option", "anon", out="memory://bad/s.zarr"), []),
+        2,
+        "expected KEY=VALUE",
+    ),
     "extract --out an existing file": (a_file, 1, "is a file, not a directory"),
     "extract --out under a file": (under_a_file, 1, "cannot make the store directory"),
     "extract --out a foreign directory": (a_foreign_directory, 1, "is not a feature store"),
@@ -277,24 +327,46 @@ CASES = {
     "an empty PNG": (a_bad_png("empty"), 1, "img0003.png: the file is empty. Replace it with a readable copy"),
     "a truncated PNG": (a_bad_png("truncated"), 1, "img0003.png: the file is truncated or damaged. Replace it"),
     "a fake PNG": (a_bad_png("fake"), 1, "img0003.png: it is not an image file"),
-    "flowers: a garbage imagelabels.mat": (a_garbage_mat("imagelabels.mat", b"hello, not a mat file\n" * 20), 1,
-                                           "imagelabels.mat: it is not a readable MATLAB file"),
+    "flowers: a garbage imagelabels.mat": (
+        a_garbage_mat("imagelabels.mat", b"hello, not a mat file\n" * 20),
+        1,
+        "imagelabels.mat: it is not a readable MATLAB file",
+    ),
     "flowers: an empty setid.mat": (a_garbage_mat("setid.mat", b""), 1, "setid.mat: it is not a readable MATLAB file"),
-    "probe --memory-budget inf": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget",
-                                              "inf"],
-                                             []), 2, "not a finite size"),
-    "probe a store that is not there": (lambda e: (["probe", "--store", e.tmp / "none.zarr", "--head", "linear"], []),
-                                        1, "no feature store"),
-    "probe --val-split that the store lacks": (lambda e: (["probe", "--store", e.store, "--head", "ridge",
-                                                           "--val-split",
-                                                           "dev", "--out", e.tmp], []), 1, "has no split 'dev'"),
-    "pixels --pool 0": (lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "8", "--channels", "3",
-                                    "--pool", "0"], []), 2, "at least 1"),
-    "pixels --size 100000": (lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "100000",
-                                         "--channels", "3"], []), 1, "choose --size"),
+    "probe --memory-budget inf": (
+        lambda e: (["probe", "--store", e.store, "--head", "linear", "--memory-budget", "inf"], []),
+        2,
+        "not a finite size",
+    ),
+    "probe a store that is not there": (
+        lambda e: (["probe", "--store", e.tmp / "none.zarr", "--head", "linear"], []),
+        1,
+        "no feature store",
+    ),
+    "probe --val-split that the store lacks": (
+        lambda e: (["probe", "--store", e.store, "--head", "ridge", "--val-split", "dev", "--out", e.tmp], []),
+        1,
+        "has no split 'dev'",
+    ),
+    "pixels --pool 0": (
+        lambda e: (
+            ["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "8", "--channels", "3", "--pool", "0"],
+            [],
+        ),
+        2,
+        "at least 1",
+    ),
+    "pixels --size 100000": (
+        lambda e: (["pixels", "--data", e.data, "--out", e.tmp / "p", "--size", "100000", "--channels", "3"], []),
+        1,
+        "choose --size",
+    ),
     "convert-adm a text file": (convert_a_text_file, 1, "not a readable torch checkpoint"),
-    "convert-adm --flags ''": (lambda e: (["convert-adm", SHARED / "fixtures" / "adm_tiny" / "model.pt", e.tmp / "o",
-                                           "--flags", ""], []), 1, "no flags given"),
+    "convert-adm --flags ''": (
+        lambda e: (["convert-adm", SHARED / "fixtures" / "adm_tiny" / "model.pt", e.tmp / "o", "--flags", ""], []),
+        1,
+        "no flags given",
+    ),
     "report on an empty configs.csv": (report_on("empty"), 1, "configs.csv is damaged"),
     "report on a truncated configs.csv": (report_on("truncated"), 1, "configs.csv is damaged"),
     "report --out a probe run": (report_into_a_probe_run, 1, "was not written by `pipeline report`"),
@@ -303,48 +375,90 @@ CASES = {
     "pretrain --out its own model, no --overwrite": (pretrain_into("its own"), 1, "pass --overwrite"),
     "random-init --out a trained model": (random_init_into_a_trained_model, 1, "not written by `pipeline random-init`"),
     "pretrain with a truncated image": (truncated_image_in_pretrain, 1, "cannot read image"),
-    "data --per-class 3": (lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []), 1,
-                           "--per-class 3 with --val-fraction 0.2"),
+    "data --per-class 3": (
+        lambda e: (["data", "--out", e.tmp / "d", "--per-class", "3"], []),
+        1,
+        "--per-class 3 with --val-fraction 0.2",
+    ),
     "sweep --workers 0": (lambda e: (sweep(e, "--workers", "0"), []), 2, "'--workers': 0 is not in the range x>=1"),
-    "probe --workers 0": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--out", e.tmp / "r",
-                                      "--workers", "0"], []), 2, "'--workers': 0 is not in the range x>=1"),
-    "sweep --cluster of an unknown kind": (lambda e: (sweep(e, "--cluster", "slurmm"), []), 1,
-                                           "unknown --cluster 'slurmm'; dask-jobqueue kinds are slurm, pbs"),
+    "probe --workers 0": (
+        lambda e: (["probe", "--store", e.store, "--head", "linear", "--out", e.tmp / "r", "--workers", "0"], []),
+        2,
+        "'--workers': 0 is not in the range x>=1",
+    ),
+    "sweep --cluster of an unknown kind": (
+        lambda e: (sweep(e, "--cluster", "slurmm"), []),
+        1,
+        "unknown --cluster 'slurmm'; dask-jobqueue kinds are slurm, pbs",
+    ),
     "sweep --scheduler that does not answer": (sweep_unreachable, 1, "no dask scheduler answered at tcp://127.0.0.1:"),
-    "sweep two stores of one name": (lambda e: (sweep(e, "--store", f"store={e.store}"), []), 1,
-                                     "stores need distinct names"),
+    "sweep two stores of one name": (
+        lambda e: (sweep(e, "--store", f"store={e.store}"), []),
+        1,
+        "stores need distinct names",
+    ),
     "sweep --out over a foreign directory": (sweep_into_a_foreign_directory, 1, "is not a probe result directory"),
     "verify a damaged store": (verify_a_damaged_store, 1, "fails its checksum"),
-    "cka on a block the store lacks": (lambda e: (["cka", "--store", e.store, "--blocks", "7", "--out", e.tmp / "c"],
-                                                  [e.store]), 1, "has no block 7; it holds blocks 1, 2"),
-    "verify --repair a store that is not there": (lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"],
-                                                             []),
-                                                  1, "no feature store"),
+    "cka on a block the store lacks": (
+        lambda e: (["cka", "--store", e.store, "--blocks", "7", "--out", e.tmp / "c"], [e.store]),
+        1,
+        "has no block 7; it holds blocks 1, 2",
+    ),
+    "verify --repair a store that is not there": (
+        lambda e: (["verify", "--store", e.tmp / "none.zarr", "--repair"], []),
+        1,
+        "no feature store",
+    ),
     # issue 14: views, recipes, preprocessing
-    "extract --augment rotate": (lambda e: (e.extract("--views", "2", "--augment", "rotate"), []), 1,
-                                 "unknown augmentation 'rotate'"),
+    "extract --augment rotate": (
+        lambda e: (e.extract("--views", "2", "--augment", "rotate"), []),
+        1,
+        "unknown augmentation 'rotate'",
+    ),
     "extract --augment without --views": (lambda e: (e.extract("--augment", "flip"), []), 1, "has no effect"),
-    "extract --views 2 --view-splits test": (lambda e: (e.extract("--views", "2", "--view-splits", "test"), []), 1,
-                                             "which --splits does not"),
+    "extract --views 2 --view-splits test": (
+        lambda e: (e.extract("--views", "2", "--view-splits", "test"), []),
+        1,
+        "which --splits does not",
+    ),
     "a model whose preprocessing.json is broken": (broken_preprocessing, 1, "preprocessing.json cannot be read"),
-    "probe --recipe diffssl --head knn": (lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe",
-                                                      "diffssl",
-                                                      "--out", e.tmp], []), 1, "with recipe 'diffssl'"),
-    "probe --views 3 on a store with one": (lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3",
-                                                        "--out", e.tmp], []), 1, "holds 1 view(s)"),
+    "probe --recipe diffssl --head knn": (
+        lambda e: (["probe", "--store", e.store, "--head", "knn", "--recipe", "diffssl", "--out", e.tmp], []),
+        1,
+        "with recipe 'diffssl'",
+    ),
+    "probe --views 3 on a store with one": (
+        lambda e: (["probe", "--store", e.store, "--head", "linear", "--views", "3", "--out", e.tmp], []),
+        1,
+        "holds 1 view(s)",
+    ),
     # issue 20: the field's kNN, few-shot, seeds
-    "probe --shots over the smallest class": (shots_over_the_smallest_class, 1,
-                                              "--shots 100 is more than the 19 fit rows of class '0', the smallest"),
-    "probe --episodes 0": (lambda e: (knn_probe(e, "--shots", "1", "--episodes", "0"), [e.store]), 1,
-                           "The 'episodes' setting of the probe must be a positive integer"),
-    "probe --episodes without --shots": (lambda e: (knn_probe(e, "--episodes", "3"), [e.store]), 1,
-                                         "--episodes 3 has no effect without --shots; add --shots"),
-    "probe --temperature 0": (lambda e: (knn_probe(e, "--temperature", "0"), [e.store]), 1,
-                              "The 'temperature' parameter of the probe must be a float in the range (0.0, inf). "
-                              "Got 0.0"),
+    "probe --shots over the smallest class": (
+        shots_over_the_smallest_class,
+        1,
+        "--shots 100 is more than the 19 fit rows of class '0', the smallest",
+    ),
+    "probe --episodes 0": (
+        lambda e: (knn_probe(e, "--shots", "1", "--episodes", "0"), [e.store]),
+        1,
+        "The 'episodes' setting of the probe must be a positive integer",
+    ),
+    "probe --episodes without --shots": (
+        lambda e: (knn_probe(e, "--episodes", "3"), [e.store]),
+        1,
+        "--episodes 3 has no effect without --shots; add --shots",
+    ),
+    "probe --temperature 0": (
+        lambda e: (knn_probe(e, "--temperature", "0"), [e.store]),
+        1,
+        "The 'temperature' parameter of the probe must be a float in the range (0.0, inf). Got 0.0",
+    ),
     "probe --seeds empty": (lambda e: (knn_probe(e, "--seeds", ","), [e.store]), 2, "the list is empty"),
-    "probe --seeds repeated": (lambda e: (knn_probe(e, "--seeds", "0,1,0"), [e.store]), 2,
-                               "0 appear(s) more than once in '0,1,0'"),
+    "probe --seeds repeated": (
+        lambda e: (knn_probe(e, "--seeds", "0,1,0"), [e.store]),
+        2,
+        "0 appear(s) more than once in '0,1,0'",
+    ),
 }
 
 
@@ -362,8 +476,15 @@ def test_bad_input_gets_one_clear_line_and_changes_nothing(env, case, monkeypatc
     assert {path: digest(path) for path in protected} == before
 
 
-@pytest.mark.parametrize("command", [["extract", "--out", "s3://"], ["extract", "--out", "s3:///x"],
-                                     ["verify", "--store", "s3://"], ["probe", "--store", "gs://", "--head", "knn"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["extract", "--out", "s3://"],
+        ["extract", "--out", "s3:///x"],
+        ["verify", "--store", "s3://"],
+        ["probe", "--store", "gs://", "--head", "knn"],
+    ],
+)
 def test_an_object_store_url_without_a_bucket_is_refused_and_writes_nothing(env, command, monkeypatch):
     # issue 24: `s3://` was stripped to `s3:`, a local directory of that name, and `s3:///x` was a traceback
     monkeypatch.chdir(env.tmp)

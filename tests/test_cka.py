@@ -42,8 +42,14 @@ def hsic_unbiased(K: np.ndarray, L: np.ndarray) -> float:
     n = len(K)
     Kt, Lt = K - np.diag(np.diag(K)), L - np.diag(np.diag(L))
     one = np.ones(n)
-    return float((np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-                  - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3)))
+    return float(
+        (
+            np.trace(Kt @ Lt)
+            + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)
+        )
+        / (n * (n - 3))
+    )
 
 
 def linear_gram(x: np.ndarray) -> np.ndarray:
@@ -54,7 +60,7 @@ def linear_gram(x: np.ndarray) -> np.ndarray:
 def gaussian_gram(x: np.ndarray, sigma: float) -> np.ndarray:
     distances = pdist(np.asarray(x, np.float64).reshape(len(x), -1))  # every distinct pair once
     bandwidth = sigma * np.median(distances)
-    return np.exp(-squareform(distances) ** 2 / (2 * bandwidth**2))
+    return np.exp(-(squareform(distances) ** 2) / (2 * bandwidth**2))
 
 
 def reference(x: np.ndarray, y: np.ndarray, estimator: str, *, sigma: float = 1.0, batches=None) -> float:
@@ -87,7 +93,8 @@ def related_features(seed=0, n=(40, 43), channels=5, grid=2, timesteps=(10, 90),
             mixed = np.tanh(np.einsum("oc,nchw->nohw", mix, x - mean) / 2) + 0.3 * rng.normal(size=x.shape)
             features.setdefault((2, t), {})[split] = mixed.astype(np.float32)
             features.setdefault((3, t), {})[split] = (rng.normal(size=(count, 3, grid, grid)) + x[:, :3]).astype(
-                np.float32)
+                np.float32
+            )
     return features, labels
 
 
@@ -114,8 +121,15 @@ def read(path: Path, block: int, timestep: int, pool: int, split: str = "val") -
 
 def run(tmp_path: Path, stores: dict, **settings):
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-    return run_cka(CkaSettings(stores=tuple((name, str(path)) for name, path in stores.items()), out=str(out),
-                               progress=False, heatmaps=False, **settings))
+    return run_cka(
+        CkaSettings(
+            stores=tuple((name, str(path)) for name, path in stores.items()),
+            out=str(out),
+            progress=False,
+            heatmaps=False,
+            **settings,
+        )
+    )
 
 
 # -- the estimators against the reference -----------------------------------------------------------------
@@ -193,9 +207,12 @@ def test_symmetric_and_independent_of_store_order(tmp_path, stores):
     backward = run(tmp_path, dict(reversed(list(stores.items()))), estimator="debiased")
 
     def pairs(result):
-        return {frozenset([(r["store_a"], r["block_a"], r["timestep_a"]), (r["store_b"], r["block_b"],
-                                                                           r["timestep_b"])]):
-                r["cka"] for r in result.rows}
+        return {
+            frozenset(
+                [(r["store_a"], r["block_a"], r["timestep_a"]), (r["store_b"], r["block_b"], r["timestep_b"])]
+            ): r["cka"]
+            for r in result.rows
+        }
 
     a, b = pairs(forward), pairs(backward)
     assert set(a) == set(b)
@@ -270,11 +287,17 @@ def test_command_writes_the_long_table_settings_and_heatmaps(tmp_path, stores):
     assert record["stores"]["other"]["fingerprint"] == FeatureStore.open(stores["b"]).fingerprint
     assert record["settings"]["estimator"] == "linear" and record["samples"]["indices_sha256"]
     assert sorted(p.name for p in (out / "heatmaps").iterdir()) == [
-        "a_pool1.png", "a_pool2.png", "a_vs_other_pool1.png", "a_vs_other_pool2.png", "other_pool1.png",
-        "other_pool2.png"]
+        "a_pool1.png",
+        "a_pool2.png",
+        "a_vs_other_pool1.png",
+        "a_vs_other_pool2.png",
+        "other_pool1.png",
+        "other_pool2.png",
+    ]
     assert (out / "heatmaps" / "a_pool1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    again = CliRunner().invoke(main, ["cka", "--store", str(stores["b"]), "--out",
-                                      str(out)])  # its own output: replaced
+    again = CliRunner().invoke(
+        main, ["cka", "--store", str(stores["b"]), "--out", str(out)]
+    )  # its own output: replaced
     assert again.exit_code == 0, again.output
     assert [p.name for p in (out / "heatmaps").iterdir()] == ["b_pool1.png"]
     (out / "notes.txt").write_text("mine")
@@ -282,17 +305,21 @@ def test_command_writes_the_long_table_settings_and_heatmaps(tmp_path, stores):
     assert refused.exit_code == 1 and "was not written by `pipeline cka`" in refused.output
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("features/adm256.zarr", ("adm256", "features/adm256.zarr")),
-    ("adm=features/adm256.zarr", ("adm", "features/adm256.zarr")),
-    ("features/r50/", ("r50", "features/r50/")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("features/adm256.zarr", ("adm256", "features/adm256.zarr")),
+        ("adm=features/adm256.zarr", ("adm", "features/adm256.zarr")),
+        ("features/r50/", ("r50", "features/r50/")),
+    ],
+)
 def test_store_names(text, expected):
     assert parse_named(text, suffix=".zarr") == expected
 
 
-@pytest.mark.parametrize("text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")),
-                                            (" r50 =all", ("r50", "all"))])
+@pytest.mark.parametrize(
+    "text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")), (" r50 =all", ("r50", "all"))]
+)
 def test_scoped_selections(text, expected):
     assert parse_scoped(text, str) == expected
 
@@ -304,30 +331,59 @@ def different_samples(tmp_path, stores):
 
 
 BAD = {
-    "a block the store lacks": (lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"], 1,
-                                "a ({}) has no block 9; it holds blocks 1, 2, 3"),
-    "a timestep the store lacks": (lambda t, s: ["--store", str(s["a"]), "--store", str(s["b"]), "--timesteps", "b=10"],
-                                   1, "b ({}) has no timestep 10 for block(s) 1, 2, 3; it holds block 1: timesteps "
-                                      "[0]"),
-    "a pool the store lacks": (lambda t, s: ["--store", str(s["a"]), "--pool", "3"], 1,
-                               "cannot give pool 3 for block(s) 1, 2, 3; it can give block 1: pools [1, 2]"),
+    "a block the store lacks": (
+        lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"],
+        1,
+        "a ({}) has no block 9; it holds blocks 1, 2, 3",
+    ),
+    "a timestep the store lacks": (
+        lambda t, s: ["--store", str(s["a"]), "--store", str(s["b"]), "--timesteps", "b=10"],
+        1,
+        "b ({}) has no timestep 10 for block(s) 1, 2, 3; it holds block 1: timesteps [0]",
+    ),
+    "a pool the store lacks": (
+        lambda t, s: ["--store", str(s["a"]), "--pool", "3"],
+        1,
+        "cannot give pool 3 for block(s) 1, 2, 3; it can give block 1: pools [1, 2]",
+    ),
     "a split the store lacks": (lambda t, s: ["--store", str(s["a"]), "--split", "test"], 1, "has no split 'test'"),
-    "stores with different samples": (different_samples, 1, "the stores hold different samples in split 'val' "
-                                                            "(a has 43 samples, c 42)"),
-    "debiased on 3 samples": (lambda t, s: ["--store", str(s["a"]), "--estimator", "debiased", "--samples", "3"], 1,
-                              "needs at least 4 samples"),
-    "minibatches under 4 samples": (lambda t, s: ["--store", str(s["a"]), "--estimator", "minibatch", "--samples", "6",
-                                                  "--batch-size", "4"], 1, "minibatches of as few as 3"),
-    "more samples than the split": (lambda t, s: ["--store", str(s["a"]), "--samples", "50"], 1,
-                                    "more than the split's 43 samples"),
-    "a selection naming no store": (lambda t, s: ["--store", str(s["a"]), "--blocks", "z=1"], 1,
-                                    "selections of the stores given (a)"),
+    "stores with different samples": (
+        different_samples,
+        1,
+        "the stores hold different samples in split 'val' (a has 43 samples, c 42)",
+    ),
+    "debiased on 3 samples": (
+        lambda t, s: ["--store", str(s["a"]), "--estimator", "debiased", "--samples", "3"],
+        1,
+        "needs at least 4 samples",
+    ),
+    "minibatches under 4 samples": (
+        lambda t, s: ["--store", str(s["a"]), "--estimator", "minibatch", "--samples", "6", "--batch-size", "4"],
+        1,
+        "minibatches of as few as 3",
+    ),
+    "more samples than the split": (
+        lambda t, s: ["--store", str(s["a"]), "--samples", "50"],
+        1,
+        "more than the split's 43 samples",
+    ),
+    "a selection naming no store": (
+        lambda t, s: ["--store", str(s["a"]), "--blocks", "z=1"],
+        1,
+        "selections of the stores given (a)",
+    ),
     "one store twice": (lambda t, s: ["--store", str(s["a"]), "--store", str(s["a"])], 1, "distinct names"),
     "a store that is not there": (lambda t, s: ["--store", str(t / "none.zarr")], 1, "no feature store"),
-    "rbf over the budget": (lambda t, s: ["--store", str(s["a"]), "--estimator", "rbf", "--memory-budget", "100KB"], 1,
-                            "choose --samples"),
-    "linear over the budget": (lambda t, s: ["--store", str(s["a"]), "--pool", "2", "--memory-budget", "2KB"], 1,
-                               "Use --estimator minibatch"),
+    "rbf over the budget": (
+        lambda t, s: ["--store", str(s["a"]), "--estimator", "rbf", "--memory-budget", "100KB"],
+        1,
+        "choose --samples",
+    ),
+    "linear over the budget": (
+        lambda t, s: ["--store", str(s["a"]), "--pool", "2", "--memory-budget", "2KB"],
+        1,
+        "Use --estimator minibatch",
+    ),
 }
 
 

@@ -21,18 +21,23 @@ from pipeline.cli import main
 
 
 def _fields(cls) -> dict:
-    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            for f in fields_of(cls)}
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in fields_of(cls)}
 
 
 def fields_of(cls):
-    return [f for f in dataclasses.fields(cls)
-            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING]
+    return [
+        f
+        for f in dataclasses.fields(cls)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
 
 
 def _keywords(function) -> dict:
-    return {name: p.default for name, p in inspect.signature(function).parameters.items()
-            if p.default is not inspect.Parameter.empty}
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
 
 
 def _probe() -> dict:
@@ -40,8 +45,12 @@ def _probe() -> dict:
     from stages.probe.settings import DEFAULTS_OF_NONE, ProbeSettings
     from stages.sweep.engine import EngineOptions
 
-    grids = {"Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge"),  # None: these
-             "solver": ProbeSettings(store="s.zarr", head="linear").solver}
+    grids = {
+        "Cs": default_grid("logreg"),
+        "ks": default_grid("knn"),
+        "alphas": default_grid("ridge"),  # None: these
+        "solver": ProbeSettings(store="s.zarr", head="linear").solver,
+    }
     return {**_fields(ProbeSettings), **DEFAULTS_OF_NONE, **grids, **_fields(EngineOptions)}
 
 
@@ -105,10 +114,39 @@ SETTINGS = {
     "datasets": (dict, {}, set()),
 }
 # Help that states a default the settings leave to the stage or the data (a None resolved at run time).
-RESOLVED_LATER = {"timesteps", "pools", "splits", "workers", "chunk_samples", "shard_samples", "preprocess", "prompt",
-                  "augment", "val_split", "test_split", "name", "lrs", "weight_decays", "memory_budget", "threads",
-                  "views", "samples", "blocks", "stores", "size", "channels", "scale", "epochs", "recipe",
-                  "feature_norm", "guidance", "offload", "episodes", "image_column", "label_column"}
+RESOLVED_LATER = {
+    "timesteps",
+    "pools",
+    "splits",
+    "workers",
+    "chunk_samples",
+    "shard_samples",
+    "preprocess",
+    "prompt",
+    "augment",
+    "val_split",
+    "test_split",
+    "name",
+    "lrs",
+    "weight_decays",
+    "memory_budget",
+    "threads",
+    "views",
+    "samples",
+    "blocks",
+    "stores",
+    "size",
+    "channels",
+    "scale",
+    "epochs",
+    "recipe",
+    "feature_norm",
+    "guidance",
+    "offload",
+    "episodes",
+    "image_column",
+    "label_column",
+}
 # Options with no default of their own: flags of the command and required values.
 FLAGS_AND_REQUIRED = {"help"}
 
@@ -161,8 +199,9 @@ _BRACKET = re.compile(r"\[default: ([^\]]*)\]")
 def test_help_defaults_show_the_settings(command):
     defaults_of, renamed, own = SETTINGS[command]
     defaults = defaults_of()
-    ctx = click.Context(main.commands[command], info_name=command, parent=click.Context(main, info_name="pipeline"),
-                        show_default=True)
+    ctx = click.Context(
+        main.commands[command], info_name=command, parent=click.Context(main, info_name="pipeline"), show_default=True
+    )
     wrong = []
     for param in main.commands[command].params:
         if not isinstance(param, click.Option):
@@ -186,5 +225,6 @@ def test_probe_epochs_help_names_every_torch_heads_rule():
     text = " ".join(record.get_help_record(click.Context(main.commands["probe"]))[1].split())
     for spec in HEADS.values():
         if spec.epochs is not None:
-            assert re.search(rf"{spec.epochs} for [^;]*\b{re.escape(spec.name)}\b[^;]*at least {spec.min_steps} steps",
-                             text), (spec.name, text)
+            assert re.search(
+                rf"{spec.epochs} for [^;]*\b{re.escape(spec.name)}\b[^;]*at least {spec.min_steps} steps", text
+            ), (spec.name, text)

@@ -22,13 +22,23 @@ import fake_archives as fa
 from helpers import make_image_folder
 
 MAKERS = {
-    "cub": (fa.make_cub, "CUB_200_2011"), "nabirds": (fa.make_nabirds, "nabirds"),
-    "aircraft": (fa.make_aircraft, "fgvc-aircraft-2013b"), "cars": (fa.make_cars, None),
-    "dogs": (fa.make_dogs, None), "flowers": (fa.make_flowers, None), "imagenet": (fa.make_imagenet, None),
+    "cub": (fa.make_cub, "CUB_200_2011"),
+    "nabirds": (fa.make_nabirds, "nabirds"),
+    "aircraft": (fa.make_aircraft, "fgvc-aircraft-2013b"),
+    "cars": (fa.make_cars, None),
+    "dogs": (fa.make_dogs, None),
+    "flowers": (fa.make_flowers, None),
+    "imagenet": (fa.make_imagenet, None),
 }
-CLASSES = {"cub": fa.CUB_CLASSES, "nabirds": ["Oak Titmouse", "Cedar Waxwing (Adult)", "Red-tailed Hawk (Dark morph)"],
-           "aircraft": [v for v, _, _ in fa.AIRCRAFT], "cars": fa.CARS, "dogs": fa.DOGS, "flowers": ["1", "2", "3"],
-           "imagenet": ["n01440764", "n01601694", "n02119789"]}
+CLASSES = {
+    "cub": fa.CUB_CLASSES,
+    "nabirds": ["Oak Titmouse", "Cedar Waxwing (Adult)", "Red-tailed Hawk (Dark morph)"],
+    "aircraft": [v for v, _, _ in fa.AIRCRAFT],
+    "cars": fa.CARS,
+    "dogs": fa.DOGS,
+    "flowers": ["1", "2", "3"],
+    "imagenet": ["n01440764", "n01601694", "n02119789"],
+}
 
 
 def listing(splits) -> dict:
@@ -142,14 +152,25 @@ def test_a_plain_image_folder_keeps_its_identity(tmp_path):
     assert list(open_dataset(str(root), splits=("val",))) == ["val"]
 
 
-@pytest.mark.parametrize("name, removed", [
-    ("cub", "image_class_labels.txt"), ("cub", "classes.txt"), ("nabirds", "hierarchy.txt"),
-    ("aircraft", "data/variants.txt"), ("aircraft", "data/images_variant_val.txt"),
-    ("cars", "devkit/cars_meta.mat"), ("cars", "cars_test_annos_withlabels.mat"), ("cars", "cars_test"),
-    ("dogs", "test_list.mat"), ("dogs", "Images"), ("flowers", "setid.mat"), ("flowers", "imagelabels.mat"),
-    ("imagenet", "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"),
-    ("imagenet", "ILSVRC2012_devkit_t12/data/meta.mat"),
-])
+@pytest.mark.parametrize(
+    "name, removed",
+    [
+        ("cub", "image_class_labels.txt"),
+        ("cub", "classes.txt"),
+        ("nabirds", "hierarchy.txt"),
+        ("aircraft", "data/variants.txt"),
+        ("aircraft", "data/images_variant_val.txt"),
+        ("cars", "devkit/cars_meta.mat"),
+        ("cars", "cars_test_annos_withlabels.mat"),
+        ("cars", "cars_test"),
+        ("dogs", "test_list.mat"),
+        ("dogs", "Images"),
+        ("flowers", "setid.mat"),
+        ("flowers", "imagelabels.mat"),
+        ("imagenet", "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt"),
+        ("imagenet", "ILSVRC2012_devkit_t12/data/meta.mat"),
+    ],
+)
 def test_a_missing_file_of_a_named_kind_is_named_with_the_layout(tmp_path, name, removed):
     make, _ = MAKERS[name]
     root, _ = make(tmp_path)
@@ -228,14 +249,19 @@ def test_shipped_imagenet50_selects_by_wnid_and_keeps_the_devkit_names(tmp_path)
 
 
 def test_subset_by_file_name_keeps_the_other_splits_whole(tmp_path):
-    names = {"n01440764": ["n01440764_10026.JPEG", "n01440764_10027.JPEG"],
-             "n01601694": ["n01601694_1.JPEG"], "n02119789": ["n02119789_5.JPEG", "n02119789_6.JPEG"]}
+    names = {
+        "n01440764": ["n01440764_10026.JPEG", "n01440764_10027.JPEG"],
+        "n01601694": ["n01601694_1.JPEG"],
+        "n02119789": ["n02119789_5.JPEG", "n02119789_6.JPEG"],
+    }
     _, expected = fa.make_imagenet(tmp_path, train_names=names)
     subset = tmp_path / "subset.txt"
     subset.write_text("n02119789_6.JPEG\nn01440764/n01440764_10026.JPEG\n")
     splits = open_dataset(str(tmp_path), subset=str(subset))
-    assert listing(splits)["train"] == [("train/n01440764/n01440764_10026.JPEG", 0),
-                                        ("train/n02119789/n02119789_6.JPEG", 2)]
+    assert listing(splits)["train"] == [
+        ("train/n01440764/n01440764_10026.JPEG", 0),
+        ("train/n02119789/n02119789_6.JPEG", 2),
+    ]
     assert listing(splits)["val"] == expected["val"]
     record = dataset_identity(splits)["subset"]
     assert record["lines"] == 2 and record["splits"] == {"train": 2} and record["dropped"] == 0
@@ -273,11 +299,15 @@ def test_shipped_lists_are_the_upstream_files_verbatim():
     counts = {"imagenet50": 50, "imagenet100": 100, "imagenet200": 200, "imagenet1pct": 12811, "imagenet10pct": 128116}
     for name, entry in named_lists().items():
         path = LISTS / entry["file"]
-        blob = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        blob = subprocess.run(
+            ["git", "hash-object", str(path)], capture_output=True, text=True, check=True
+        ).stdout.strip()
         assert blob == entry["git_blob"], name  # the blob id upstream's tree records for entry["path"]
-        assert len(path.read_text().split("\n" if entry["selects"] == "classes" else None)) - \
-            (entry["selects"] == "classes") == counts[name], name
+        assert (
+            len(path.read_text().split("\n" if entry["selects"] == "classes" else None))
+            - (entry["selects"] == "classes")
+            == counts[name]
+        ), name
     assert set(named_lists()) == set(counts)
 
 

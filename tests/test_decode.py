@@ -44,8 +44,15 @@ def test_torchvision_decode_jpeg_gives_pils_pixels(jpegs):
 @pytest.mark.parametrize("size", [128, 64])
 @pytest.mark.parametrize("method", ["bicubic", "adm"])
 def test_draft_stays_within_the_documented_tolerance_of_exact(jpegs, size, method):
-    differences = torch.stack([(load_image("x", size, 3, data=d, method=method, draft=True)
-                                - load_image("x", size, 3, data=d, method=method)).abs() for d in jpegs])
+    differences = torch.stack(
+        [
+            (
+                load_image("x", size, 3, data=d, method=method, draft=True)
+                - load_image("x", size, 3, data=d, method=method)
+            ).abs()
+            for d in jpegs
+        ]
+    )
     assert 0 < differences.max() <= DRAFT_MAX_DIFFERENCE
     assert differences.mean() <= DRAFT_MEAN_DIFFERENCE
 
@@ -53,17 +60,27 @@ def test_draft_stays_within_the_documented_tolerance_of_exact(jpegs, size, metho
 def test_draft_is_exact_where_it_cannot_reduce(jpegs, tmp_path):
     # 500x375 for a 256-pixel model: half would be 188 pixels high, below 256
     for data in jpegs[:2]:
-        torch.testing.assert_close(load_image("x", 256, 3, data=data, draft=True), load_image("x", 256, 3, data=data),
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            load_image("x", 256, 3, data=data, draft=True), load_image("x", 256, 3, data=data), rtol=0, atol=0
+        )
     png = io.BytesIO()
     Image.open(io.BytesIO(jpegs[0])).save(png, "PNG")  # draft applies to JPEG only
-    torch.testing.assert_close(load_image("x", 64, 3, data=png.getvalue(), draft=True),
-                               load_image("x", 64, 3, data=png.getvalue()), rtol=0, atol=0)
+    torch.testing.assert_close(
+        load_image("x", 64, 3, data=png.getvalue(), draft=True),
+        load_image("x", 64, 3, data=png.getvalue()),
+        rtol=0,
+        atol=0,
+    )
 
 
 def test_the_decode_is_recorded_only_when_it_is_draft():
-    assert preprocessing(256, 3) == {"resize": "short side, bicubic", "size": 256, "crop": "centre", "channels": 3,
-                                     "range": [-1, 1]}
+    assert preprocessing(256, 3) == {
+        "resize": "short side, bicubic",
+        "size": 256,
+        "crop": "centre",
+        "channels": 3,
+        "range": [-1, 1],
+    }
     assert decode_of(preprocessing(256, 3)) == "exact"
     assert decode_of(preprocessing(256, 3, "adm", "draft")) == "draft"
     assert preprocessing(256, 3, "adm", "draft")["method"] == "adm"
@@ -78,8 +95,14 @@ def test_an_extraction_with_draft_records_it_and_decodes_so(tiny_model, tmp_path
     for i, data in enumerate(photographs(4, 64, 48, 90, seed=2)):  # 64x48 for a 16-pixel model: draft halves it
         (folder / "train" / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
         (folder / "train" / f"c{i % 2}" / f"{i}.jpg").write_bytes(data)
-    common = {"model": str(tiny_model), "data": str(folder), "blocks": (2,), "timesteps": (10,), "pools": (1,),
-              "splits": ("train",)}
+    common = {
+        "model": str(tiny_model),
+        "data": str(folder),
+        "blocks": (2,),
+        "timesteps": (10,),
+        "pools": (1,),
+        "splits": ("train",),
+    }
     plan = make_plan(ExtractConfig(out=str(tmp_path / "draft.zarr"), decode="draft", **common))
     assert plan.image_options("train")["draft"] is True
     run_extract(ExtractConfig(out=str(tmp_path / "draft.zarr"), decode="draft", **common), progress=False)
@@ -90,8 +113,9 @@ def test_an_extraction_with_draft_records_it_and_decodes_so(tiny_model, tmp_path
     assert not np.array_equal(draft.read("train", 2, 10), exact.read("train", 2, 10))
 
 
-@pytest.mark.parametrize(("cores", "local_ranks", "expected"), [(64, 8, 4), (16, 8, 1), (16, 4, 3), (2, 1, 1),
-                                                                 (32, 1, 4)])
+@pytest.mark.parametrize(
+    ("cores", "local_ranks", "expected"), [(64, 8, 4), (16, 8, 1), (16, 4, 3), (2, 1, 1), (32, 1, 4)]
+)
 def test_default_workers_follow_a_ranks_share_of_the_cores(monkeypatch, cores, local_ranks, expected):
     from stages.extract.run import WORKERS_PER_GPU, default_workers
 

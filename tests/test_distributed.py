@@ -27,8 +27,9 @@ pytestmark = pytest.mark.slow  # torchrun process groups
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     # 37 train images: shards of 8 (the last one short), so ranks get unequal shares
-    return make_image_folder(tmp_path_factory.mktemp("dist") / "images", counts={"train": 37, "val": 11}, classes=3,
-                             seed=6)
+    return make_image_folder(
+        tmp_path_factory.mktemp("dist") / "images", counts={"train": 37, "val": 11}, classes=3, seed=6
+    )
 
 
 def written(record: Path) -> dict[int, list]:
@@ -75,8 +76,11 @@ def test_a_killed_job_resumes_with_another_world_size(tiny_model, data, referenc
         processes[0].kill()  # what torchrun does to the other ranks when one dies
         finish(processes)
     before = FeatureStore.open(out)
-    done = {(split, int(k)) for split in before.splits
-            for k in np.flatnonzero(before.done_chunks(split, 9, 90)[:: before.shard_samples // before.chunk_samples])}
+    done = {
+        (split, int(k))
+        for split in before.splits
+        for k in np.flatnonzero(before.done_chunks(split, 9, 90)[:: before.shard_samples // before.chunk_samples])
+    }
     assert done and before.missing(), "the kill should leave some shards done and some not"
     results = finish(launch(tiny_model, data, out, 3, tmp_path / "second"))
     for code, _, err in results:
@@ -99,15 +103,35 @@ def test_rank_zeros_error_stops_every_rank_with_its_message(tiny_model, data, re
 def test_nproc_runs_the_job_under_torchrun(tiny_model, data, reference, tmp_path):
     out = tmp_path / "store.zarr"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(data),
-                           "--out", str(out), *ARGS, "--nproc", "2"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *ARGS,
+            "--nproc",
+            "2",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert_same(decoded(out), reference)
 
 
-def test_nproc_with_a_rank_killed_ends_with_one_line_naming_it_and_the_same_command_resumes(tiny_model, data,
-                                                                                              reference, tmp_path):
+def test_nproc_with_a_rank_killed_ends_with_one_line_naming_it_and_the_same_command_resumes(
+    tiny_model, data, reference, tmp_path
+):
     # issue 24: torchrun's agent ended the job with its ChildFailedError traceback
     hook = tmp_path / "hook"
     hook.mkdir()
@@ -122,13 +146,28 @@ def test_nproc_with_a_rank_killed_ends_with_one_line_naming_it_and_the_same_comm
         "        if count[0] == 2:\n"
         "            os.kill(os.getpid(), signal.SIGKILL)\n"
         "        return original(self, *args, **kwargs)\n"
-        "    w.FeatureStoreWriter.write_shard = write_shard\n")
+        "    w.FeatureStoreWriter.write_shard = write_shard\n"
+    )
     out = tmp_path / "store.zarr"
-    command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(data), "--out",
-               str(out), *ARGS, "--nproc", "2"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        *ARGS,
+        "--nproc",
+        "2",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
-    killed = subprocess.run(command, cwd=REPO, env={**env, "KILL_RANK": "1"}, capture_output=True, text=True,
-                            timeout=300)
+    killed = subprocess.run(
+        command, cwd=REPO, env={**env, "KILL_RANK": "1"}, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == 1, killed.stderr[-3000:]
     assert "Traceback" not in killed.stderr + killed.stdout, killed.stderr[-3000:]
     (line,) = [line for line in killed.stderr.splitlines() if line.startswith("Error:")]

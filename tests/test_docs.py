@@ -24,9 +24,14 @@ README_MAX_LINES = 200
 def mkdocs_build(config: Path, site: Path) -> subprocess.CompletedProcess:
     # PYTHONPATH: mkdocs-click and mkdocstrings read this checkout's code, not an installed copy
     env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin", "NO_MKDOCS_2_WARNING": "1", "HOME": str(site.parent)}
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config),
-                           "--site-dir", str(site)], cwd=config.parent, capture_output=True, text=True,
-                          timeout=600, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file", str(config), "--site-dir", str(site)],
+        cwd=config.parent,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +64,26 @@ def test_every_command_is_in_the_cli_reference(site):
 @pytest.mark.slow
 def test_api_page_documents_the_store(site):
     html = (site / "reference" / "api" / "index.html").read_text()
-    for name in ("cache.FeatureStore", "cache.FeatureStore.read", "cache.FeatureStore.read_dask",
-                 "cache.FeatureStore.labels", "stages.extract.noise", "cache.errors.UserError"):
+    for name in (
+        "cache.FeatureStore",
+        "cache.FeatureStore.read",
+        "cache.FeatureStore.read_dask",
+        "cache.FeatureStore.labels",
+        "stages.extract.noise",
+        "cache.errors.UserError",
+    ):
         assert f'id="{name}"' in html, name
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("page, problem", [
-    ("See [the missing page](missing.md).", "missing.md"),      # a link to a page that does not exist
-    ("See [a heading](other.md#no-such-heading).", "no-such-heading"),  # an anchor that does not exist
-    (None, "orphan.md"),                                          # a page that no nav entry reaches
-])
+@pytest.mark.parametrize(
+    "page, problem",
+    [
+        ("See [the missing page](missing.md).", "missing.md"),  # a link to a page that does not exist
+        ("See [a heading](other.md#no-such-heading).", "no-such-heading"),  # an anchor that does not exist
+        (None, "orphan.md"),  # a page that no nav entry reaches
+    ],
+)
 def test_strict_build_fails_on_a_broken_link_or_an_unreachable_page(tmp_path, page, problem):
     """The project's own validation settings, on a two-page site: each defect alone fails the build."""
     config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
@@ -108,6 +122,7 @@ def test_readme_links_point_at_files_that_exist():
 
 def test_every_docs_page_is_in_the_nav():
     """Said without building the site (fast tier): a page under docs/ that no nav entry names is unreachable."""
+
     def entries(nav):
         for item in nav:
             value = next(iter(item.values())) if isinstance(item, dict) else item

@@ -106,8 +106,9 @@ def test_editing_one_command_makes_only_its_stages_stale(project):
     finally:
         module.write_text(original)
     assert after - before == {"probe@pretrained-linear", "probe@random_init-linear", "probe_pixels@linear"}
-    assert not any(name.split("@")[0] in ("data", "pretrain", "random_init", "extract", "pixels", "report")
-                   for name in after)
+    assert not any(
+        name.split("@")[0] in ("data", "pretrain", "random_init", "extract", "pixels", "report") for name in after
+    )
 
 
 def test_the_default_trains_nothing_and_the_retraining_stage_trains_on_request(project):

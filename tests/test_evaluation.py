@@ -33,15 +33,31 @@ KNN = dict(threads=1, blocks=(1,), timesteps=(10,), ks=(1, 5))
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     features, labels = digits_features(n_train=600)
-    return write_store(tmp_path_factory.mktemp("evaluation") / "dogs.zarr", features, labels, pools=(1, 2),
-                       resolution={1: 8, 2: 8}, data_kind="dogs",
-                       classes=[f"digit {i}" for i in range(10)])
+    return write_store(
+        tmp_path_factory.mktemp("evaluation") / "dogs.zarr",
+        features,
+        labels,
+        pools=(1, 2),
+        resolution={1: 8, 2: 8},
+        data_kind="dogs",
+        classes=[f"digit {i}" for i in range(10)],
+    )
 
 
 @pytest.fixture(scope="module")
 def knn_run(store, tmp_path_factory):
-    return run_probe(ProbeSettings(store=str(store), head="knn", out=str(tmp_path_factory.mktemp("knn")),
-                                   blocks=(1, 2), pools=(1, 2), timesteps=(10, 90), threads=1, ks=(1, 5, 20)))
+    return run_probe(
+        ProbeSettings(
+            store=str(store),
+            head="knn",
+            out=str(tmp_path_factory.mktemp("knn")),
+            blocks=(1, 2),
+            pools=(1, 2),
+            timesteps=(10, 90),
+            threads=1,
+            ks=(1, 5, 20),
+        )
+    )
 
 
 # -- metrics against scikit-learn -----------------------------------------------------------------------
@@ -56,10 +72,12 @@ def test_top5_balanced_and_per_class_accuracy_are_scikit_learns_on_the_saved_pre
             # a score per class from the ranked top-5: 5 for the first, 1 for the fifth, 0 for the rest
             scores = np.zeros((len(top), 10))
             np.put_along_axis(scores, top, np.arange(5, 0, -1, dtype=float)[None, :], axis=1)
-            assert row["test_top1"] == pytest.approx(top_k_accuracy_score(labels, scores, k=1, labels=range(10)),
-                                                     abs=1e-6)
-            assert row["test_top5"] == pytest.approx(top_k_accuracy_score(labels, scores, k=5, labels=range(10)),
-                                                     abs=1e-6)
+            assert row["test_top1"] == pytest.approx(
+                top_k_accuracy_score(labels, scores, k=1, labels=range(10)), abs=1e-6
+            )
+            assert row["test_top5"] == pytest.approx(
+                top_k_accuracy_score(labels, scores, k=5, labels=range(10)), abs=1e-6
+            )
             assert row["test_balanced"] == pytest.approx(balanced_accuracy_score(labels, top[:, 0]), abs=1e-6)
             assert row["test_top1_low"] <= row["test_top1"] <= row["test_top1_high"]
             assert row["test_top5_low"] <= row["test_top5"] <= row["test_top5_high"]
@@ -86,9 +104,25 @@ def test_the_chosen_configuration_gets_a_confusion_matrix_and_the_report_its_eva
     build_report({"pretrained": knn_run.run_dir}, tmp_path / "report")
     evaluation = json.loads((tmp_path / "report" / "evaluation.json").read_text())
     best = knn_run.metrics["best"]
-    assert evaluation == {"knn": {"pretrained": {k: best[k] for k in (
-        "val_top1", "test_top1", "test_top5", "test_top1_low", "test_top1_high", "test_top5_low", "test_top5_high",
-        "test_balanced", "test_balanced_low", "test_balanced_high")}}}
+    assert evaluation == {
+        "knn": {
+            "pretrained": {
+                k: best[k]
+                for k in (
+                    "val_top1",
+                    "test_top1",
+                    "test_top5",
+                    "test_top1_low",
+                    "test_top1_high",
+                    "test_top5_low",
+                    "test_top5_high",
+                    "test_balanced",
+                    "test_balanced_low",
+                    "test_balanced_high",
+                )
+            }
+        }
+    }
 
 
 def test_top5_is_left_out_with_five_classes_or_fewer(tmp_path):
@@ -128,8 +162,12 @@ def test_bootstrap_intervals_are_the_definitions_reproducible_and_cover_the_esti
 
 
 def test_mean_and_standard_deviation_over_repeats():
-    assert mean_std([0.5, 0.7]) == {"mean": pytest.approx(0.6), "std": pytest.approx(np.std([0.5, 0.7], ddof=1)),
-                                    "n": 2, "values": [0.5, 0.7]}
+    assert mean_std([0.5, 0.7]) == {
+        "mean": pytest.approx(0.6),
+        "std": pytest.approx(np.std([0.5, 0.7], ddof=1)),
+        "n": 2,
+        "values": [0.5, 0.7],
+    }
     assert mean_std([0.5])["std"] == 0.0
 
 
@@ -177,8 +215,14 @@ def test_more_shots_than_the_smallest_class_is_refused_before_anything_is_writte
 
 # -- seeds ------------------------------------------------------------------------------------------------
 def test_seeds_retrain_the_chosen_configuration_and_report_mean_and_std(store, tmp_path):
-    settings = ProbeSettings(store=str(store), head="logreg", out=str(tmp_path), Cs=(0.1, 1.0), seeds=(0, 1, 2),
-                             **{k: v for k, v in KNN.items() if k != "ks"})
+    settings = ProbeSettings(
+        store=str(store),
+        head="logreg",
+        out=str(tmp_path),
+        Cs=(0.1, 1.0),
+        seeds=(0, 1, 2),
+        **{k: v for k, v in KNN.items() if k != "ks"},
+    )
     result = run_probe(settings)
     seeds = result.metrics["seeds"]
     best = result.metrics["best"]
@@ -187,8 +231,12 @@ def test_seeds_retrain_the_chosen_configuration_and_report_mean_and_std(store, t
     assert seeds["runs"][0]["test_top1"] == pytest.approx(best["test_top1"])  # seed 0 is the main run's seed
     assert len({r["test_top1"] for r in seeds["runs"]}) > 1  # other carved validation rows, other fits
     values = [r["test_top1"] for r in seeds["runs"]]
-    assert seeds["test_top1"] == {"mean": pytest.approx(np.mean(values)), "std": pytest.approx(np.std(values, ddof=1)),
-                                  "n": 3, "values": values}
+    assert seeds["test_top1"] == {
+        "mean": pytest.approx(np.mean(values)),
+        "std": pytest.approx(np.std(values, ddof=1)),
+        "n": 3,
+        "values": values,
+    }
     # metrics.json is rebuilt from the result files alone (repeats.json holds the repeats)
     rendered = render_run(result.run_dir, tmp_path / "rendered")
     assert rendered == json.loads((result.run_dir / "metrics.json").read_text())
@@ -198,16 +246,24 @@ def test_seeds_retrain_the_chosen_configuration_and_report_mean_and_std(store, t
 def test_the_record_is_the_same_from_probe_and_sweep_and_keeps_the_transfer_mark(store, tmp_path):
     options = dict(pools=(1, 2), ks=(1, 5), threads=1, memory_budget=2**30)  # auto: what memory is free just then
     serial = run_probe(ProbeSettings(store=str(store), head="knn", out=str(tmp_path / "probe"), **options))
-    swept = run_sweep([StoreRef("knn", str(store))], ["knn"], {**options, "out": str(tmp_path / "probe")},
-                      out=tmp_path / "sweep", nested=False, progress=False).runs["knn"]
+    swept = run_sweep(
+        [StoreRef("knn", str(store))],
+        ["knn"],
+        {**options, "out": str(tmp_path / "probe")},
+        out=tmp_path / "sweep",
+        nested=False,
+        progress=False,
+    ).runs["knn"]
     assert swept.run_dir == tmp_path / "sweep" / "knn"
     for name in ("configs.csv", "metrics.json", "validation_subset.json"):
         assert (swept.run_dir / name).read_bytes() == (serial.run_dir / name).read_bytes(), name
     mine, theirs = (json.loads((r.run_dir / "run.json").read_text()) for r in (swept, serial))
     assert mine["data_kind"] == theirs["data_kind"] == "dogs"
     assert set(mine) - set(theirs) == {"sweep"}
+
     def strip(record):
         return {k: v for k, v in record.items() if k not in ENGINE_FIELDS}
+
     mine["settings"]["out"] = theirs["settings"]["out"]  # where each was asked to write
     assert json.dumps(strip(mine), indent=2) == json.dumps(strip(theirs), indent=2)
     # the transfer table marks Stanford Dogs whichever engine made the results
@@ -219,8 +275,30 @@ def test_the_record_is_the_same_from_probe_and_sweep_and_keeps_the_transfer_mark
 
 # -- the command line -----------------------------------------------------------------------------------------
 def test_probe_and_sweep_take_the_vote_seeds_and_shots(store, tmp_path):
-    common = ["--head", "knn", "--blocks", "1", "--timesteps", "10", "--pool", "2", "--knn-k", "5,10", "--vote",
-              "uniform", "--temperature", "0.5", "--seeds", "0,1", "--shots", "2", "--episodes", "2", "--threads", "1"]
+    common = [
+        "--head",
+        "knn",
+        "--blocks",
+        "1",
+        "--timesteps",
+        "10",
+        "--pool",
+        "2",
+        "--knn-k",
+        "5,10",
+        "--vote",
+        "uniform",
+        "--temperature",
+        "0.5",
+        "--seeds",
+        "0,1",
+        "--shots",
+        "2",
+        "--episodes",
+        "2",
+        "--threads",
+        "1",
+    ]
     result = CliRunner().invoke(main, ["probe", "--store", str(store), "--out", str(tmp_path / "p"), *common])
     assert result.exit_code == 0, result.output
     assert "(95% bootstrap intervals)" in result.output and "balanced" in result.output

@@ -45,9 +45,15 @@ def reference_features(model_dir, data_dir, split, paths, timestep, seed=0):
 def store_f32(tiny_model, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("store") / "f.zarr"
     config = ExtractConfig(
-        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("all"), timesteps=TIMESTEPS,
+        model=str(tiny_model),
+        data=str(tiny_data),
+        out=str(out),
+        blocks=parse_block_spec("all"),
+        timesteps=TIMESTEPS,
         pools=POOLS,
-        batch_size=7, dtype="float32", chunk_samples=8,
+        batch_size=7,
+        dtype="float32",
+        chunk_samples=8,
     )
     run_extract(config, progress=False)
     return FeatureStore.open(out)
@@ -73,8 +79,13 @@ def test_every_stored_feature_equals_a_plain_forward_pass(store_f32, tiny_model,
             for pool in POOLS:
                 expected = F.adaptive_avg_pool2d(full, min(pool, row["resolution"])).numpy()
                 stored = store_f32.read(split, row["number"], timestep, pool=pool)
-                np.testing.assert_allclose(stored, expected, rtol=1e-5, atol=1e-5,
-                                           err_msg=f"{split} block {row['number']} t={timestep} pool={pool}")
+                np.testing.assert_allclose(
+                    stored,
+                    expected,
+                    rtol=1e-5,
+                    atol=1e-5,
+                    err_msg=f"{split} block {row['number']} t={timestep} pool={pool}",
+                )
 
 
 def test_store_records_labels_paths_and_settings(store_f32, tiny_data):
@@ -93,9 +104,15 @@ def test_batch_size_and_truncation_do_not_change_features(store_f32, tiny_model,
     # batch size 1 and only blocks up to the middle: the pass stops early, the numbers must not move
     out = tmp_path / "b1.zarr"
     config = ExtractConfig(
-        model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("2,5-7"), timesteps=(90,),
+        model=str(tiny_model),
+        data=str(tiny_data),
+        out=str(out),
+        blocks=parse_block_spec("2,5-7"),
+        timesteps=(90,),
         pools=POOLS,
-        batch_size=1, dtype="float32", chunk_samples=8,
+        batch_size=1,
+        dtype="float32",
+        chunk_samples=8,
     )
     run_extract(config, progress=False)
     small = FeatureStore.open(out)
@@ -113,21 +130,39 @@ def test_truncated_pass_stops_after_deepest_block(tiny_model, tiny_data, tmp_pat
         return original(self, x)
 
     monkeypatch.setattr(torch.nn.Conv2d, "forward", spy)
-    config = ExtractConfig(model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "s.zarr"),
-                           blocks=parse_block_spec("1"),
-                           timesteps=(10,), batch_size=32, splits=("val",))
+    config = ExtractConfig(
+        model=str(tiny_model),
+        data=str(tiny_data),
+        out=str(tmp_path / "s.zarr"),
+        blocks=parse_block_spec("1"),
+        timesteps=(10,),
+        batch_size=32,
+        splits=("val",),
+    )
     run_extract(config, progress=False)
     assert len(ran) == 1  # conv_in only, not one convolution more
 
 
 def test_float16_store_matches_float32_store(store_f32, tiny_model, tiny_data, tmp_path):
     out = tmp_path / "h.zarr"
-    run_extract(ExtractConfig(model=str(tiny_model), data=str(tiny_data), out=str(out), blocks=parse_block_spec("4,9"),
-                              timesteps=(90,), pools=POOLS, batch_size=5, chunk_samples=8), progress=False)
+    run_extract(
+        ExtractConfig(
+            model=str(tiny_model),
+            data=str(tiny_data),
+            out=str(out),
+            blocks=parse_block_spec("4,9"),
+            timesteps=(90,),
+            pools=POOLS,
+            batch_size=5,
+            chunk_samples=8,
+        ),
+        progress=False,
+    )
     half = FeatureStore.open(out)
     for block in (4, 9):
-        np.testing.assert_allclose(half.read("train", block, 90, pool=1), store_f32.read("train", block, 90, pool=1),
-                                   rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(
+            half.read("train", block, 90, pool=1), store_f32.read("train", block, 90, pool=1), rtol=2e-3, atol=2e-3
+        )
 
 
 def test_dask_reader_matches_numpy_reader(store_f32):

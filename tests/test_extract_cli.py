@@ -21,8 +21,15 @@ def invoke(*args):
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [("24", [24]), ("18-20", [18, 19, 20]), ("6,12,18-20", [6, 12, 18, 19, 20]), (" 3 , 1-2 ", [1, 2, 3]),
-     ("all", None), ("ALL", None), ("5,5", [5])],
+    [
+        ("24", [24]),
+        ("18-20", [18, 19, 20]),
+        ("6,12,18-20", [6, 12, 18, 19, 20]),
+        (" 3 , 1-2 ", [1, 2, 3]),
+        ("all", None),
+        ("ALL", None),
+        ("5,5", [5]),
+    ],
 )
 def test_block_spec_parser(spec, expected):
     assert parse_block_spec(spec) == expected
@@ -108,14 +115,14 @@ def test_unreadable_image_is_named_and_finished_chunks_survive(tiny_model, tmp_p
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tiny_data, tmp_path):
     out = tmp_path / "s.zarr"
-    result = invoke(*extract_args(tiny_model, tiny_data, out, "--blocks", "5-8", "--timesteps", "10,90,150",
-                                  "--dry-run"))
+    result = invoke(
+        *extract_args(tiny_model, tiny_data, out, "--blocks", "5-8", "--timesteps", "10,90,150", "--dry-run")
+    )
     assert result.exit_code == 0, result.output
     assert "train: 23 images" in result.output and "total" in result.output and "MB" in result.output
     assert not out.exists()
 
 
 def test_fp16_on_cpu_is_refused(tiny_model, tiny_data, tmp_path):
-    result = invoke(*extract_args(tiny_model, tiny_data, tmp_path / "s.zarr", "--precision", "fp16",
-                                  "--device", "cpu"))
+    result = invoke(*extract_args(tiny_model, tiny_data, tmp_path / "s.zarr", "--precision", "fp16", "--device", "cpu"))
     assert result.exit_code == 1 and "fp16 needs a CUDA device" in result.output

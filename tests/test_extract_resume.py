@@ -31,9 +31,17 @@ def chunk_files(store: Path) -> dict[str, bytes]:
 
 
 def config(model, data, out, **changes) -> ExtractConfig:
-    base = dict(model=str(model), data=str(data), out=str(out), blocks=parse_block_spec("2-9"), timesteps=(10, 90),
-                pools=(1, 2),
-                batch_size=3, chunk_samples=4, shard_samples=8)
+    base = dict(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        blocks=parse_block_spec("2-9"),
+        timesteps=(10, 90),
+        pools=(1, 2),
+        batch_size=3,
+        chunk_samples=4,
+        shard_samples=8,
+    )
     return ExtractConfig(**{**base, **changes})
 
 
@@ -63,15 +71,37 @@ def done_chunks(store: Path) -> int:
         return 0
 
 
-def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(tiny_model, many_images, tmp_path,
-                                                                         monkeypatch):
+def test_killed_run_resumes_to_a_bit_identical_store_without_recomputing(
+    tiny_model, many_images, tmp_path, monkeypatch
+):
     reference = tmp_path / "reference.zarr"
     run_extract(config(tiny_model, many_images, reference, batch_size=1), progress=False)
 
     killed = tmp_path / "killed.zarr"
-    command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", str(many_images),
-               "--out", str(killed), "--blocks", "2-9", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "1",
-               "--chunk-samples", "4", "--shard-samples", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(many_images),
+        "--out",
+        str(killed),
+        "--blocks",
+        "2-9",
+        "--timesteps",
+        "10,90",
+        "--pool",
+        "1,2",
+        "--batch-size",
+        "1",
+        "--chunk-samples",
+        "4",
+        "--shard-samples",
+        "8",
+    ]
     # The same intra-op thread count as this process (see conftest): CPU kernels sum in a
     # thread-dependent order, and bit-identity is promised for the same machine and settings.
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
@@ -114,8 +144,9 @@ def test_mismatched_store_is_refused_with_the_difference_named(tiny_model, tiny_
     with pytest.raises(StoreMismatchError, match="dtype"):
         run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), dtype="float32"), progress=False)
     assert chunk_files(out) == before
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5, overwrite=True),
-                progress=False)
+    run_extract(
+        config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), noise_seed=5, overwrite=True), progress=False
+    )
     assert FeatureStore.open(out).attrs["noise_seed"] == 5
 
 
@@ -132,8 +163,20 @@ def test_a_second_writer_gets_a_clear_error(tiny_model, tiny_data, tmp_path):
     run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     store = FeatureStore.open(out)
     attrs = store.attrs
-    settings = {key: attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
-                                            "precision", "chunk_samples", "shard_samples")}
+    settings = {
+        key: attrs[key]
+        for key in (
+            "kind",
+            "model",
+            "data",
+            "preprocessing",
+            "noise_seed",
+            "dtype",
+            "precision",
+            "chunk_samples",
+            "shard_samples",
+        )
+    }
     splits = {s: SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
     before = chunk_files(out)
     with FeatureStoreWriter.open(out, settings=settings, splits=splits, block_table=attrs["block_table"]):
@@ -148,8 +191,9 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
     run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5"), timesteps=(10,)), progress=False)
     first = chunk_files(out)
     writes = record_writes(monkeypatch)
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5,8"), timesteps=(10, 90)),
-                progress=False)
+    run_extract(
+        config(tiny_model, tiny_data, out, blocks=parse_block_spec("3,5,8"), timesteps=(10, 90)), progress=False
+    )
     assert {key for _, _, key in writes} == {(3, 90), (5, 90), (8, 10), (8, 90)}
     after = chunk_files(out)
     unchanged = [k for k in first if "block3/t10/" in k or "block5/t10/" in k]
@@ -162,19 +206,20 @@ def test_adding_blocks_and_timesteps_computes_only_what_is_missing(tiny_model, t
         run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,)), progress=False)
 
 
-def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_model, tiny_data, tmp_path,
-                                                                        monkeypatch):
+def test_overwrite_keeps_a_matching_store_and_replaces_a_different_one(tiny_model, tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "s.zarr"
     run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3")), progress=False)
     writes = record_writes(monkeypatch)
     # What `dvc repro` runs after a timestep is added: the matching store is extended, not redone.
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), timesteps=(10, 90, 150),
-                       overwrite=True),
-                progress=False)
+    run_extract(
+        config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), timesteps=(10, 90, 150), overwrite=True),
+        progress=False,
+    )
     assert {key for _, _, key in writes} == {(3, 150)}
     # A finer pool than block 3 was stored at, with --overwrite: the store is rebuilt at the new grid.
-    run_extract(config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,), overwrite=True),
-                progress=False)
+    run_extract(
+        config(tiny_model, tiny_data, out, blocks=parse_block_spec("3"), pools=(4,), overwrite=True), progress=False
+    )
     store = FeatureStore.open(out)
     assert store.block_info(3)["grid"] == 4 and store.timesteps == [10, 90] and not store.missing()
 
@@ -215,8 +260,10 @@ def test_a_format_1_store_reads_verifies_and_is_upgraded_when_next_written(tiny_
     for out in (old, new):  # the next write upgrades it: format 2, index digests, digests for every new shard
         run_extract(config(tiny_model, tiny_data, out, blocks=(3,), timesteps=(10, 90)), progress=False)
     attrs = json.loads((old / "zarr.json").read_text())["attributes"]
-    assert attrs["format"] == "diffusion-feature-cache/2" and attrs["index_digests"] == FeatureStore.open(new).attrs[
-        "index_digests"]
+    assert (
+        attrs["format"] == "diffusion-feature-cache/2"
+        and attrs["index_digests"] == FeatureStore.open(new).attrs["index_digests"]
+    )
     assert (FeatureStore.open(old).read("val", 3, 90) == FeatureStore.open(new).read("val", 3, 90)).all()
     assert FeatureStore.open(old).verify() == []
     labels = old / "train/labels/c/0"

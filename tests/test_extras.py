@@ -14,6 +14,7 @@ from helpers import digits_features, run_without, write_store
 
 REPO = Path(__file__).resolve().parents[1]
 
+
 def test_pyproject_extras_are_the_ones_the_code_names():
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
@@ -47,8 +48,19 @@ def test_s3_without_the_s3_extra(tmp_path):
 def test_sweep_on_workers_without_the_cluster_extra(tmp_path):
     features, labels = digits_features(n_train=200)
     store = write_store(tmp_path / "digits.zarr", features, labels)
-    done = run_without(["distributed", "dask_jobqueue"], "sweep", "--store", str(store), "--head", "linear",
-                       "--workers", "2", "--out", str(tmp_path / "results"), cwd=tmp_path)
+    done = run_without(
+        ["distributed", "dask_jobqueue"],
+        "sweep",
+        "--store",
+        str(store),
+        "--head",
+        "linear",
+        "--workers",
+        "2",
+        "--out",
+        str(tmp_path / "results"),
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert "[cluster]" in last and "pip install 'diffusion-feature-cache[cluster]'" in last, done.stderr

@@ -72,8 +72,9 @@ def assert_same_store(store: Path, reference: dict[str, bytes]) -> None:
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("faults") / "images", counts={"train": 20, "val": 8}, classes=2,
-                             seed=3)
+    return make_image_folder(
+        tmp_path_factory.mktemp("faults") / "images", counts={"train": 20, "val": 8}, classes=2, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +153,7 @@ class FailingStore(WrapperStore):
 
 
 @contextmanager
-def writes_fail(monkeypatch=None, *, from_write: int | None = None, after_bytes: int | None = None,
-                torn: bool = False):
+def writes_fail(monkeypatch=None, *, from_write: int | None = None, after_bytes: int | None = None, torn: bool = False):
     """Every store opened meanwhile fails as `Faults` says (through `cache.storage.wrapped_stores`)."""
     faults = Faults(from_write, after_bytes, torn)
     with wrapped_stores(lambda store: FailingStore(store, faults)):
@@ -182,8 +182,13 @@ def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference,
         extract(model, data, out)
         files = store_files(out)
         if files != reference:
-            failures.append((step, sorted(set(files) ^ set(reference))[:3],
-                             [k for k in reference if files.get(k) != reference[k]][:3]))
+            failures.append(
+                (
+                    step,
+                    sorted(set(files) ^ set(reference))[:3],
+                    [k for k in reference if files.get(k) != reference[k]][:3],
+                )
+            )
         shutil.rmtree(out)
     assert failures == [], failures
 
@@ -191,19 +196,41 @@ def test_a_kill_at_every_write_resumes_to_the_same_store(model, data, reference,
 @pytest.mark.slow  # a real extraction process, killed
 def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, reference, tmp_path):
     out = tmp_path / "killed.zarr"
-    command = [sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "import cache.writer as w\n"
-        "original = w.FeatureStoreWriter.write_shard\n"
-        "def write_shard(self, split, chunk, *args, **kwargs):\n"
-        "    if (split, chunk) == ('train', 1):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return original(self, split, chunk, *args, **kwargs)\n"
-        "w.FeatureStoreWriter.write_shard = write_shard\n"
-        "from pipeline.cli import main\n"
-        "main(sys.argv[1:])\n"),
-        "extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out), "--blocks", "3,5",
-        "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8", "--shard-samples", "16"]
+    command = [
+        sys.executable,
+        "-c",
+        (
+            "import os, signal, sys\n"
+            "import cache.writer as w\n"
+            "original = w.FeatureStoreWriter.write_shard\n"
+            "def write_shard(self, split, chunk, *args, **kwargs):\n"
+            "    if (split, chunk) == ('train', 1):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return original(self, split, chunk, *args, **kwargs)\n"
+            "w.FeatureStoreWriter.write_shard = write_shard\n"
+            "from pipeline.cli import main\n"
+            "main(sys.argv[1:])\n"
+        ),
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--blocks",
+        "3,5",
+        "--timesteps",
+        "10,90",
+        "--pool",
+        "1",
+        "--batch-size",
+        "4",
+        "--chunk-samples",
+        "8",
+        "--shard-samples",
+        "16",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL
@@ -215,12 +242,32 @@ def test_a_killed_process_resumes_like_a_simulated_kill(tiny_model, data, refere
 
 # -- a full disk ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("share", [0.02, 0.3, 0.7, 0.95])
-def test_a_full_disk_is_one_line_and_a_later_run_finishes_the_store(model, data, reference, tmp_path, monkeypatch,
-                                                                     share):
+def test_a_full_disk_is_one_line_and_a_later_run_finishes_the_store(
+    model, data, reference, tmp_path, monkeypatch, share
+):
     total = sum(len(v) for v in reference.values())
     out = tmp_path / "full.zarr"
-    args = ["extract", "--model", model.source, "--data", str(data), "--out", str(out), "--blocks", "3,5",
-            "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "8", "--shard-samples", "16"]
+    args = [
+        "extract",
+        "--model",
+        model.source,
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--blocks",
+        "3,5",
+        "--timesteps",
+        "10,90",
+        "--pool",
+        "1",
+        "--batch-size",
+        "4",
+        "--chunk-samples",
+        "8",
+        "--shard-samples",
+        "16",
+    ]
     monkeypatch.setattr("stages.extract.run.load_model", lambda *_: model, raising=False)
     with writes_fail(monkeypatch, after_bytes=int(share * total)):
         result = CliRunner().invoke(main, args)
@@ -274,8 +321,10 @@ def truncate(path: Path) -> None:
 
 def copy_from_another_store(other: Path):
     """A shard copied in from a store of the same layout made with another noise seed."""
+
     def damage(store: Path) -> None:
         shutil.copyfile(feature_shard(other), feature_shard(store))
+
     return damage
 
 
@@ -288,21 +337,27 @@ def delete_digests(store: Path) -> None:
 DAMAGE = {
     "flipped bit in a feature chunk": (lambda s: flip_a_bit(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
     "truncated feature chunk": (lambda s: truncate(feature_shard(s)), "shard 1 (chunk 2) fails its checksum"),
-    "deleted feature chunk": (lambda s: feature_shard(s).unlink(),
-                              "shard 1 (chunk 2) is marked finished but is missing"),
+    "deleted feature chunk": (
+        lambda s: feature_shard(s).unlink(),
+        "shard 1 (chunk 2) is marked finished but is missing",
+    ),
     "finished chunk with a NaN": (write_nan, "shard 1 (chunk 2) is marked finished but holds non-finite values"),
     "garbage completion flag": (lambda s: flag_chunk(s).write_bytes(b"garbage!"), "(its completion flag) fails"),
     "empty completion flag": (lambda s: flag_chunk(s).write_bytes(b""), "(its completion flag) fails"),
     "deleted digest record": (delete_digests, "(the digests of a finished shard) is missing"),
     "edited split size": (edit_settings, "says split 'train' has 12 samples"),
-    "truncated array metadata": (lambda s: truncate(s / "train/block5/t90/zarr.json"),
-                                 "train/block5/t90 has a damaged"),
+    "truncated array metadata": (
+        lambda s: truncate(s / "train/block5/t90/zarr.json"),
+        "train/block5/t90 has a damaged",
+    ),
     "flipped bit in the labels": (lambda s: flip_a_bit(s / "train/labels/c/0"), "train/labels chunk(s) 0 are damaged"),
     "deleted labels chunk": (lambda s: (s / "train/labels/c/0").unlink(), "train/labels chunk(s) 0 are missing"),
     "deleted val labels chunk": (lambda s: (s / "val/labels/c/0").unlink(), "val/labels chunk(s) 0 are missing"),
     "deleted paths chunk": (lambda s: (s / "val/paths/c/0").unlink(), "val/paths chunk(s) 0 are missing"),
-    "deleted file records shard": (lambda s: (s / "train/files/c/1/0").unlink(),
-                                   "train/files shard 1 does not match its digests"),
+    "deleted file records shard": (
+        lambda s: (s / "train/files/c/1/0").unlink(),
+        "train/files shard 1 does not match its digests",
+    ),
 }
 
 
@@ -385,8 +440,9 @@ def test_lost_settings_without_a_copy_are_named_and_replaced_with_overwrite(mode
 
 
 @pytest.mark.parametrize("step", [0, 1, 3, 10, 30])
-def test_an_overwrite_killed_part_way_is_verified_and_repaired_as_advised(model, data, reference, store, tmp_path,
-                                                                          monkeypatch, step):
+def test_an_overwrite_killed_part_way_is_verified_and_repaired_as_advised(
+    model, data, reference, store, tmp_path, monkeypatch, step
+):
     other = tmp_path / "other.zarr"  # the store is replaced by one of other settings; the kill stops that
     extract(model, data, other, noise_seed=1)
     shutil.rmtree(store)
@@ -418,9 +474,11 @@ def test_rebuilt_flags_recompute_nothing_that_verifies(model, data, reference, s
     flag_chunk(store).write_bytes(b"garbage!")
     written = []
     original = FeatureStoreWriter.write_shard
-    monkeypatch.setattr(FeatureStoreWriter, "write_shard",
-                        lambda self, split, chunk, *a, **k: written.append((split, chunk))
-                        or original(self, split, chunk, *a, **k))
+    monkeypatch.setattr(
+        FeatureStoreWriter,
+        "write_shard",
+        lambda self, split, chunk, *a, **k: written.append((split, chunk)) or original(self, split, chunk, *a, **k),
+    )
     extract(model, data, store)
     assert written == []
     assert_same_store(store, reference)
@@ -448,18 +506,21 @@ def test_a_held_store_is_not_replaced(model, data, store):
             extract(model, data, store, noise_seed=1, overwrite=True)
         extract(model, data, store, timesteps=(10, 90, 150))  # adding to it is fine meanwhile
     settings = ("zarr.json", COPY)  # the settings and their copy list t150 now
-    assert {k: v for k, v in store_files(store).items() if k in before and "t150" not in k and k not in settings} == \
-        {k: v for k, v in before.items() if k not in settings}
+    assert {k: v for k, v in store_files(store).items() if k in before and "t150" not in k and k not in settings} == {
+        k: v for k, v in before.items() if k not in settings
+    }
 
 
-def test_overwrite_during_a_streaming_probe_is_refused_and_the_probe_is_unchanged(model, data, store, tmp_path,
-                                                                                 monkeypatch):
+def test_overwrite_during_a_streaming_probe_is_refused_and_the_probe_is_unchanged(
+    model, data, store, tmp_path, monkeypatch
+):
     from stages.probe import features
     from stages.probe.run import run_probe
     from stages.probe.settings import ProbeSettings
 
-    settings = dict(store=str(store), head="linear", epochs=2, batch_size=8, data_mode="stream", shuffle_window=8,
-                    threads=1)
+    settings = dict(
+        store=str(store), head="linear", epochs=2, batch_size=8, data_mode="stream", shuffle_window=8, threads=1
+    )
     quiet = run_probe(ProbeSettings(out=str(tmp_path / "quiet"), **settings))
     refused, original = [], features.Reader.read
 
@@ -530,11 +591,24 @@ def test_non_finite_features_are_never_marked_finished(model, data, tmp_path):
     out = tmp_path / "s.zarr"
     extract(model, data, out)
     store = FeatureStore.open(out)
-    settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
-                                                  "precision", "chunk_samples", "shard_samples")}
+    settings = {
+        key: store.attrs[key]
+        for key in (
+            "kind",
+            "model",
+            "data",
+            "preprocessing",
+            "noise_seed",
+            "dtype",
+            "precision",
+            "chunk_samples",
+            "shard_samples",
+        )
+    }
     splits = {s: store_writer.SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
-    with FeatureStoreWriter.open(out, settings=settings, splits=splits,
-                                 block_table=store.attrs["block_table"]) as writer:
+    with FeatureStoreWriter.open(
+        out, settings=settings, splits=splits, block_table=store.attrs["block_table"]
+    ) as writer:
         writer.add_arrays({3: 1}, [150], [1])
         values = np.ones((16, store.block_info(3)["channels"], 1, 1), np.float16)  # shard 0: 16 samples
         values[2] = np.inf  # what float16 makes of a feature above 65504
@@ -549,8 +623,25 @@ def test_a_deleted_labels_chunk_fails_the_probe_with_the_repair_command(model, d
     """The case that once scored 37.5% with exit 0: labels read as all zeros. (CKA reads no labels: its
     numbers do not depend on them.)"""
     (store / "train/labels/c/0").unlink()
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "knn", "--knn-k", "1", "--blocks", "5",
-                                       "--timesteps", "90", "--out", str(tmp_path / "probe"), "--no-render"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "knn",
+            "--knn-k",
+            "1",
+            "--blocks",
+            "5",
+            "--timesteps",
+            "90",
+            "--out",
+            str(tmp_path / "probe"),
+            "--no-render",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert "train/labels chunk(s) 0 are missing" in result.output
     assert advised_command(result.output) == ["verify", "--store", str(store), "--repair"]
@@ -612,8 +703,9 @@ def test_a_damaged_pixel_store_is_repaired_as_advised(model, data, tmp_path):
     """The raw-pixel baseline's store records its own recipe: the same one command repairs it."""
     out, reference = tmp_path / "pixels.zarr", tmp_path / "reference.zarr"
     for path in (out, reference):
-        result = CliRunner().invoke(main, ["pixels", "--data", str(data), "--out", str(path), "--size", "8",
-                                           "--channels", "3"])
+        result = CliRunner().invoke(
+            main, ["pixels", "--data", str(data), "--out", str(path), "--size", "8", "--channels", "3"]
+        )
         assert result.exit_code == 0, result.output
     flip_a_bit(max(p for p in (out / "train/block0/t0/c").rglob("*") if p.is_file()))
     (out / "val/paths/c/0").unlink()
@@ -646,14 +738,14 @@ def test_a_store_made_before_recipes_is_repaired_from_its_settings_as_advised(mo
     recorded = [json.loads(expected.pop(k))["attributes"] for k in ("zarr.json", "_progress/zarr.json")]
     assert files == expected  # every feature, flag and digest as the uninterrupted run wrote them
     assert settings[1]["manifest"] == settings[0]  # the copy is back
-    assert {k: v for k, v in settings[0].items() if k != "recipe"} == \
-        {k: v for k, v in recorded[0].items() if k != "recipe"}
+    assert {k: v for k, v in settings[0].items() if k != "recipe"} == {
+        k: v for k, v in recorded[0].items() if k != "recipe"
+    }
     assert settings[0]["recipe"]["model"] == recorded[0]["recipe"]["model"]  # the one it ran is recorded now
     read_everything(store)
 
 
-def test_a_store_made_before_recipes_that_does_not_name_its_model_is_rerun_as_advised(model, data, reference,
-                                                                                     store):
+def test_a_store_made_before_recipes_that_does_not_name_its_model_is_rerun_as_advised(model, data, reference, store):
     as_made_before_recipes(store, "model_source")
     flip_a_bit(feature_shard(store))
     result = CliRunner().invoke(main, ["verify", "--store", str(store), "--repair"])

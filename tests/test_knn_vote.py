@@ -21,6 +21,7 @@ from stages.probe.sklearn_probes import KNNProbe
 def reference_votes(X, y, Q, k, *, vote="softmax", T=0.07):
     """(N, classes) votes: neighbours in order of similarity, the lower training row first among equals."""
     classes = sorted(set(y.tolist()))
+
     def unit(v):
         v = np.asarray(v, np.float64)
         return v / max(math.sqrt(sum(a * a for a in v)), 1e-12)
@@ -68,8 +69,9 @@ def test_hand_worked_softmax_vote():
     probe = KNNProbe(ks=(1, 3)).fit(X, y)
     e1, e6, e0 = math.exp(1 / 0.07), math.exp(0.6 / 0.07), 1.0
     np.testing.assert_allclose(votes_of(probe, [[1, 0]], 1), [[1.0, 0.0, 0.0]])
-    np.testing.assert_allclose(votes_of(probe, [[1, 0]], 3), [[e1 / (e1 + e6 + e0), (e6 + e0) / (e1 + e6 + e0), 0.0]],
-                               rtol=1e-5)  # 0.6 and 0.8 are not exact in float32
+    np.testing.assert_allclose(
+        votes_of(probe, [[1, 0]], 3), [[e1 / (e1 + e6 + e0), (e6 + e0) / (e1 + e6 + e0), 0.0]], rtol=1e-5
+    )  # 0.6 and 0.8 are not exact in float32
     # a large temperature makes every neighbour's vote equal: the majority of the 3 wins
     hot = KNNProbe(ks=(3,), temperature=1e9).fit(X, y)
     np.testing.assert_allclose(votes_of(hot, [[1, 0]], 3), [[1 / 3, 2 / 3, 0.0]], rtol=1e-6)
@@ -83,8 +85,9 @@ def test_equally_similar_rows_at_the_k_boundary_the_lower_row_is_the_neighbour()
     for vote in ("softmax", "uniform", "distance"):
         probe = KNNProbe(ks=(2, 3), vote=vote).fit(X, y)
         for k in (2, 3):
-            np.testing.assert_allclose(votes_of(probe, [[1, 0]], k), reference_votes(X, y, [[1, 0]], k, vote=vote),
-                                       rtol=1e-5)  # float32 similarities
+            np.testing.assert_allclose(
+                votes_of(probe, [[1, 0]], k), reference_votes(X, y, [[1, 0]], k, vote=vote), rtol=1e-5
+            )  # float32 similarities
         assert votes_of(probe, [[1, 0]], 2)[0, 2] == 0.0
     # equal votes of two classes: the lower class wins
     uniform = KNNProbe(ks=(2,), vote="uniform").fit(X[:2], y[:2])
@@ -114,8 +117,9 @@ def test_every_vote_equals_the_definition_on_random_data(vote):
     y = rng.integers(0, 4, 60)
     probe = KNNProbe(ks=(1, 4, 10, 200), vote=vote, temperature=0.1).fit(X, y)
     for k in (1, 4, 10, 200):
-        np.testing.assert_allclose(votes_of(probe, Q, k), reference_votes(X, y, Q, k, vote=vote, T=0.1),
-                                   rtol=1e-5, atol=1e-12)
+        np.testing.assert_allclose(
+            votes_of(probe, Q, k), reference_votes(X, y, Q, k, vote=vote, T=0.1), rtol=1e-5, atol=1e-12
+        )
 
 
 def test_softmax_chooses_what_dinov2s_normalisation_chooses():
@@ -142,11 +146,20 @@ def test_distance_vote_is_scikit_learns():
     np.testing.assert_array_equal(probe.predict(Q), reference.predict(Q))
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"vote": "majority"}, "The 'vote' parameter of KNNProbe must be a str among {'softmax', 'distance', 'uniform'}"),
-    ({"temperature": 0.0}, "The 'temperature' parameter of KNNProbe must be a float in the range (0.0, inf). Got 0.0"),
-    ({"temperature": -1}, "Got -1 instead"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (
+            {"vote": "majority"},
+            "The 'vote' parameter of KNNProbe must be a str among {'softmax', 'distance', 'uniform'}",
+        ),
+        (
+            {"temperature": 0.0},
+            "The 'temperature' parameter of KNNProbe must be a float in the range (0.0, inf). Got 0.0",
+        ),
+        ({"temperature": -1}, "Got -1 instead"),
+    ],
+)
 def test_bad_votes_are_refused(kwargs, fragment):
     with pytest.raises(ConfigError) as error:
         KNNProbe(**kwargs).fit(np.eye(3, dtype=np.float32), [0, 1, 2])

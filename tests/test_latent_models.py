@@ -44,8 +44,17 @@ def images(tmp_path_factory):
 
 
 def extract(model_dir, data, out, **changes):
-    config = dict(model=str(model_dir), data=str(data), out=str(out), blocks=None, timesteps=TIMESTEPS, pools=POOLS,
-                  batch_size=4, dtype="float32", chunk_samples=4)
+    config = dict(
+        model=str(model_dir),
+        data=str(data),
+        out=str(out),
+        blocks=None,
+        timesteps=TIMESTEPS,
+        pools=POOLS,
+        batch_size=4,
+        dtype="float32",
+        chunk_samples=4,
+    )
     run_extract(ExtractConfig(**{**config, **changes}), progress=False)
     return FeatureStore.open(out)
 
@@ -67,8 +76,12 @@ def noised(z0, abar, timestep, seed=0, draw=0):
 
 def hooked(network, names):
     outputs = {}
-    handles = [network.get_submodule(name).register_forward_hook(
-        lambda m, i, o, name=name: outputs.__setitem__(name, first(o))) for name in names]
+    handles = [
+        network.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: outputs.__setitem__(name, first(o))
+        )
+        for name in names
+    ]
     return outputs, handles
 
 
@@ -79,8 +92,13 @@ def sd_reference(model_dir, data, paths, timestep, *, prompts=None, labels=None,
     encoder = CLIPTextModel.from_pretrained(model_dir / "text_encoder").eval()
     abar = PNDMScheduler.from_pretrained(model_dir / "scheduler").alphas_cumprod.double()
     with torch.no_grad():
-        ids = tokenizer(prompts or [""], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
+        ids = tokenizer(
+            prompts or [""],
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         text = encoder(ids).last_hidden_state
         text = text[torch.as_tensor(labels)] if prompts else text.expand(len(paths), -1, -1)
         zt = noised(latents(model_dir, data, paths), abar, timestep, draw=draw)
@@ -118,8 +136,13 @@ def assert_store_matches(store, reference_for, timesteps=TIMESTEPS):
                 assert full.shape[1:] == (row["channels"], row["resolution"], row["resolution"]), row
                 for pool in POOLS:
                     expected = F.adaptive_avg_pool2d(full, min(pool, row["resolution"])).numpy()
-                    np.testing.assert_allclose(store.read(split, row["number"], t, pool=pool), expected, rtol=1e-5,
-                                               atol=2e-5, err_msg=f"{split} block {row['number']} t={t} pool={pool}")
+                    np.testing.assert_allclose(
+                        store.read(split, row["number"], t, pool=pool),
+                        expected,
+                        rtol=1e-5,
+                        atol=2e-5,
+                        err_msg=f"{split} block {row['number']} t={t} pool={pool}",
+                    )
 
 
 @pytest.fixture(scope="module")
@@ -137,19 +160,25 @@ def test_stable_diffusion_features_equal_a_plain_forward_pass(sd_store, sd_dir, 
 
 
 def test_stable_diffusion_batching_and_truncation_change_nothing(sd_store, sd_dir, images, tmp_path):
-    small = extract(sd_dir, images, tmp_path / "b1.zarr", blocks=parse_block_spec("2,5"), timesteps=(261,),
-                    batch_size=1)
+    small = extract(
+        sd_dir, images, tmp_path / "b1.zarr", blocks=parse_block_spec("2,5"), timesteps=(261,), batch_size=1
+    )
     for block in (2, 5):
-        np.testing.assert_allclose(small.read("train", block, 261), sd_store.read("train", block, 261),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            small.read("train", block, 261), sd_store.read("train", block, 261), rtol=1e-5, atol=1e-6
+        )
 
 
 def test_a_prompt_template_conditions_each_image_on_its_class(sd_store, sd_dir, images, tmp_path):
-    store = extract(sd_dir, images, tmp_path / "p.zarr", blocks=parse_block_spec("2,8"), timesteps=(261,),
-                    prompt="a photo of a {}")
+    store = extract(
+        sd_dir, images, tmp_path / "p.zarr", blocks=parse_block_spec("2,8"), timesteps=(261,), prompt="a photo of a {}"
+    )
     prompts = ["a photo of a class0", "a photo of a class1"]
-    assert_store_matches(store, lambda paths, t, labels: sd_reference(sd_dir, images, paths, t, prompts=prompts,
-                                                                      labels=labels), timesteps=(261,))
+    assert_store_matches(
+        store,
+        lambda paths, t, labels: sd_reference(sd_dir, images, paths, t, prompts=prompts, labels=labels),
+        timesteps=(261,),
+    )
     assert store.attrs["model"]["conditioning"]["prompt"] == "a photo of a {}"
     assert store.attrs["model"] != sd_store.attrs["model"]  # another identity: never mixed into the empty-prompt store
     assert not np.allclose(store.read("val", 8, 261), sd_store.read("val", 8, 261))
@@ -185,10 +214,16 @@ def test_dift_up_ft_index_is_the_last_row_of_each_up_block():
     """SD 2.1's structure (channels shrunk): DIFT's up_ft_index 1 (its default) is block 19."""
     from stages.models.blocks import block_table
 
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(8, 8, 8, 8), layers_per_block=2, norm_num_groups=8,
-                                cross_attention_dim=8, attention_head_dim=2,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=2,
+        norm_num_groups=8,
+        cross_attention_dim=8,
+        attention_head_dim=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
     table = block_table(unet)
     assert len(table) == 25 and table[12].module == "mid_block"
     last = {i: max(b.number for b in table if b.module.startswith(f"up_blocks.{i}.")) for i in range(4)}
@@ -197,16 +232,35 @@ def test_dift_up_ft_index_is_the_last_row_of_each_up_block():
     assert table[18].resolution == 8 // 2  # SD 2.1 at 768 px: a 96x96 latent, block 19 at 48x48 (DIFT's grid)
 
 
-@pytest.mark.parametrize("setup, fragment", [
-    (lambda d: make_sd_dir(d, skip=("vae",)), "lacks vae/ (AutoencoderKL)"),
-    (lambda d: make_sd_dir(d, skip=("text_encoder", "tokenizer")),
-     "lacks text_encoder/ (the text encoder), tokenizer/"),
-    (lambda d: _sdxl(make_sd_dir(d)), "the SDXL pipeline directory lacks text_encoder_2/"),
-])
+@pytest.mark.parametrize(
+    "setup, fragment",
+    [
+        (lambda d: make_sd_dir(d, skip=("vae",)), "lacks vae/ (AutoencoderKL)"),
+        (
+            lambda d: make_sd_dir(d, skip=("text_encoder", "tokenizer")),
+            "lacks text_encoder/ (the text encoder), tokenizer/",
+        ),
+        (lambda d: _sdxl(make_sd_dir(d)), "the SDXL pipeline directory lacks text_encoder_2/"),
+    ],
+)
 def test_bad_pipeline_directories_are_one_line_errors(setup, fragment, images, tmp_path):
     model = setup(tmp_path / "pipe")
-    result = CliRunner().invoke(main, ["extract", "--model", str(model), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--blocks", "2", "--timesteps", "10"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(model),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--blocks",
+            "2",
+            "--timesteps",
+            "10",
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert fragment in result.output and not (tmp_path / "x.zarr").exists()
 
@@ -219,8 +273,20 @@ def _sdxl(path):
 
 
 def test_a_prompt_template_without_a_slot_is_refused(sd_dir, images, tmp_path):
-    result = CliRunner().invoke(main, ["extract", "--model", str(sd_dir), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--prompt", "a photo"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(sd_dir),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--prompt",
+            "a photo",
+        ],
+    )
     assert result.exit_code == 1 and "has no {} where the class name goes" in result.output, result.output
 
 
@@ -239,8 +305,19 @@ def test_the_dit_pass_stops_after_the_deepest_block(dit_dir, images, tmp_path):
     ran = []
     for i, block in enumerate(model.network.transformer_blocks):
         block.register_forward_pre_hook(lambda m, args, i=i: ran.append(i))
-    run_extract(ExtractConfig(model=str(dit_dir), data=str(images), out=str(tmp_path / "u.zarr"), blocks=(2,),
-                              timesteps=(10,), splits=("val",), batch_size=8), progress=False, model=model)
+    run_extract(
+        ExtractConfig(
+            model=str(dit_dir),
+            data=str(images),
+            out=str(tmp_path / "u.zarr"),
+            blocks=(2,),
+            timesteps=(10,),
+            splits=("val",),
+            batch_size=8,
+        ),
+        progress=False,
+        model=model,
+    )
     assert ran == [0]  # block 2 is transformer_blocks.0: one pass of 3 images, nothing after it
 
 
@@ -259,8 +336,9 @@ def test_hooks_read_tuples_and_output_dataclasses():
 def test_an_ensemble_of_the_pixel_unet_is_the_mean_of_its_draws(tiny_model, tiny_data, tmp_path):
     from diffusers import UNet2DModel
 
-    store = extract(tiny_model, tiny_data, tmp_path / "e.zarr", blocks=(7,), timesteps=(90,), ensemble=2,
-                    splits=("val",))
+    store = extract(
+        tiny_model, tiny_data, tmp_path / "e.zarr", blocks=(7,), timesteps=(90,), ensemble=2, splits=("val",)
+    )
     unet = UNet2DModel.from_pretrained(tiny_model, low_cpu_mem_usage=False).eval()
     abar = DDPMScheduler.from_pretrained(tiny_model).alphas_cumprod.double()
     paths = store.paths("val")
@@ -273,6 +351,7 @@ def test_an_ensemble_of_the_pixel_unet_is_the_mean_of_its_draws(tiny_model, tiny
             draws.append(F.adaptive_avg_pool2d(outputs["mid_block"], 2))
     for handle in handles:
         handle.remove()
-    np.testing.assert_allclose(store.read("val", 7, 90, pool=2), ((draws[0] + draws[1]) / 2).numpy(), rtol=1e-5,
-                               atol=2e-5)
+    np.testing.assert_allclose(
+        store.read("val", 7, 90, pool=2), ((draws[0] + draws[1]) / 2).numpy(), rtol=1e-5, atol=2e-5
+    )
     assert store.attrs["model"]["ensemble"] == 2

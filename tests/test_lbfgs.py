@@ -18,11 +18,13 @@ from stages.probe.logistic import LogisticObjective, fit_logistic
 
 def rosenbrock(a: torch.Tensor, b: torch.Tensor):
     """Member m: (a_m - u)^2 + b_m (v - u^2)^2, minimum at (a_m, a_m^2); batched values and gradients."""
+
     def objective(index, x):
         u, v, am, bm = x[:, 0], x[:, 1], a[index], b[index]
         values = (am - u) ** 2 + bm * (v - u**2) ** 2
         grad = torch.stack([-2 * (am - u) - 4 * bm * u * (v - u**2), 2 * bm * (v - u**2)], dim=1)
         return values, grad
+
     return objective
 
 
@@ -33,11 +35,14 @@ def test_minimize_reaches_scipys_optimum_for_every_member():
     result = minimize(rosenbrock(a, b), x0, tol=1e-10, max_iter=2000)
     assert bool(result.converged.all())
     for m in range(len(a)):
+
         def f(z, m=m):
             values, grad = rosenbrock(a, b)(torch.tensor([m]), torch.tensor(z[None]))
             return float(values[0]), grad[0].numpy()
-        reference = scipy_minimize(f, x0[m].numpy(), jac=True, method="L-BFGS-B",
-                                   options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000})
+
+        reference = scipy_minimize(
+            f, x0[m].numpy(), jac=True, method="L-BFGS-B", options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000}
+        )
         np.testing.assert_allclose(result.x[m].numpy(), reference.x, atol=1e-7)
         np.testing.assert_allclose(result.x[m].numpy(), [a[m], a[m] ** 2], atol=1e-7)
 
@@ -48,7 +53,7 @@ def test_a_members_result_does_not_depend_on_the_others():
     x0 = torch.tensor([[-1.2, 1.0], [0.0, 0.0], [3.0, -2.0], [1.0, 1.0]], dtype=torch.float64)
     together = minimize(rosenbrock(a, b), x0, tol=1e-9)
     for m in range(len(a)):
-        alone = minimize(rosenbrock(a[m:m + 1], b[m:m + 1]), x0[m:m + 1], tol=1e-9)
+        alone = minimize(rosenbrock(a[m : m + 1], b[m : m + 1]), x0[m : m + 1], tol=1e-9)
         # the same arithmetic member by member: the same iterates, not merely the same optimum
         assert int(alone.iterations[0]) == int(together.iterations[m])
         torch.testing.assert_close(alone.x[0], together.x[m], rtol=0, atol=1e-12)
@@ -110,5 +115,6 @@ def test_fit_logistic_is_scikit_learns_logistic_regression(digits):
             scale = np.abs(reference.coef_).max()
             np.testing.assert_allclose(W, reference.coef_, atol=tight * scale)
             # the multinomial intercept is defined up to a constant (no penalty on it): compare centred
-            np.testing.assert_allclose(bias - bias.mean(), reference.intercept_ - reference.intercept_.mean(),
-                                       atol=tight * max(scale, 1.0))
+            np.testing.assert_allclose(
+                bias - bias.mean(), reference.intercept_ - reference.intercept_.mean(), atol=tight * max(scale, 1.0)
+            )

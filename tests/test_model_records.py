@@ -45,12 +45,32 @@ def made(data_dir, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("made")
     runner = CliRunner()
-    done = runner.invoke(main, ["pretrain", "--data", str(data_dir), "--out", str(root / "ddpm"), "--epochs", "1",
-                                "--image-size", "8", "--channels", "32,32", "--attention-levels", "none",
-                                "--batch-size", "8", "--seed", "3"])
+    done = runner.invoke(
+        main,
+        [
+            "pretrain",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(root / "ddpm"),
+            "--epochs",
+            "1",
+            "--image-size",
+            "8",
+            "--channels",
+            "32,32",
+            "--attention-levels",
+            "none",
+            "--batch-size",
+            "8",
+            "--seed",
+            "3",
+        ],
+    )
     assert done.exit_code == 0, done.output
-    done = runner.invoke(main, ["random-init", "--model", str(root / "ddpm"), "--out", str(root / "twin"),
-                                "--seed", "3"])
+    done = runner.invoke(
+        main, ["random-init", "--model", str(root / "ddpm"), "--out", str(root / "twin"), "--seed", "3"]
+    )
     assert done.exit_code == 0, done.output
     return root
 
@@ -82,9 +102,11 @@ def test_an_intact_directory_loads_and_matches_its_record(made):
 
 def test_the_recorded_command_is_the_one_that_trained_it(made, data_dir):
     log = json.loads((made / "ddpm" / "train_log.json").read_text())
-    assert pretrain_command(log, "OUT") == (f"pipeline pretrain --data {data_dir} --out OUT --epochs 1 --image-size 8 "
-                                            f"--batch-size 8 --lr 0.002 --channels 32,32 --attention-levels none "
-                                            f"--seed 3")
+    assert pretrain_command(log, "OUT") == (
+        f"pipeline pretrain --data {data_dir} --out OUT --epochs 1 --image-size 8 "
+        f"--batch-size 8 --lr 0.002 --channels 32,32 --attention-levels none "
+        f"--seed 3"
+    )
 
 
 @pytest.mark.parametrize("name", ["ddpm", "twin"])
@@ -148,10 +170,12 @@ def test_the_bundled_checkpoint_is_the_defaults_model_and_what_its_record_says()
     # the retraining stage's parameters (models/dvc.yaml) are the bundle's recipe
     recipe = params["pretrain"]
     command = pretrain_command(log, "models/ddpm-mnist16")
-    assert command == (f"pipeline pretrain --data data/mnist --out models/ddpm-mnist16 --epochs {recipe['epochs']} "
-                       f"--image-size {recipe['image_size']} --batch-size {recipe['batch_size']} --lr {recipe['lr']:g} "
-                       f"--channels {recipe['channels']} --attention-levels {recipe['attention_levels']} "
-                       f"--seed {recipe['seed']}")
+    assert command == (
+        f"pipeline pretrain --data data/mnist --out models/ddpm-mnist16 --epochs {recipe['epochs']} "
+        f"--image-size {recipe['image_size']} --batch-size {recipe['batch_size']} --lr {recipe['lr']:g} "
+        f"--channels {recipe['channels']} --attention-levels {recipe['attention_levels']} "
+        f"--seed {recipe['seed']}"
+    )
     readme = (REPO / "models" / "README.md").read_text()
     assert " ".join(readme.replace("\\\n", " ").split()).count(command) == 1
     assert log["weights_sha256"] in readme and log["init_weights_sha256"] in readme

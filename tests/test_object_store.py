@@ -31,8 +31,20 @@ from s3_server import closed_port, list_keys, s3_environment
 pytestmark = pytest.mark.slow  # an S3 server (moto) and killed processes
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--blocks", "3,5", "--timesteps", "10,90", "--pool", "1", "--batch-size", "4", "--chunk-samples", "4",
-        "--shard-samples", "8"]
+ARGS = [
+    "--blocks",
+    "3,5",
+    "--timesteps",
+    "10,90",
+    "--pool",
+    "1",
+    "--batch-size",
+    "4",
+    "--chunk-samples",
+    "4",
+    "--shard-samples",
+    "8",
+]
 
 
 @pytest.fixture(scope="module")
@@ -43,22 +55,25 @@ def endpoint():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("s3data") / "images", counts={"train": 20, "val": 6}, classes=2,
-                             seed=4)
+    return make_image_folder(
+        tmp_path_factory.mktemp("s3data") / "images", counts={"train": 20, "val": 6}, classes=2, seed=4
+    )
 
 
 @pytest.fixture(scope="module")
 def local_store(tiny_model, data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("local") / "store.zarr"
-    result = CliRunner().invoke(main, ["extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-                                       *ARGS])
+    result = CliRunner().invoke(
+        main, ["extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out), *ARGS]
+    )
     assert result.exit_code == 0, result.output
     return out
 
 
 def extract(tiny_model, data, out, *extra):
-    return CliRunner().invoke(main, ["extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-                                     *ARGS, *extra])
+    return CliRunner().invoke(
+        main, ["extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out), *ARGS, *extra]
+    )
 
 
 def decoded(store: FeatureStore) -> dict:
@@ -95,8 +110,25 @@ def test_a_store_on_s3_equals_the_local_one_and_reads_with_zarr_and_dask(tiny_mo
     lazy = da.from_zarr(url, component="val/block3/t10", storage_options={"endpoint_url": endpoint})
     np.testing.assert_array_equal(lazy.compute().astype(np.float32), reference[("val", 3, 10)])
     # A probe reads it as it reads a local store.
-    probe = CliRunner().invoke(main, ["probe", "--store", url, "--head", "knn", "--blocks", "5", "--timesteps", "90",
-                                      "--knn-k", "1", "--out", str(local_store.parent / "results"), "--no-render"])
+    probe = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            url,
+            "--head",
+            "knn",
+            "--blocks",
+            "5",
+            "--timesteps",
+            "90",
+            "--knn-k",
+            "1",
+            "--out",
+            str(local_store.parent / "results"),
+            "--no-render",
+        ],
+    )
     assert probe.exit_code == 0, probe.output
     verify = CliRunner().invoke(main, ["verify", "--store", url])
     assert verify.exit_code == 0 and "every finished shard verifies" in verify.output
@@ -105,18 +137,30 @@ def test_a_store_on_s3_equals_the_local_one_and_reads_with_zarr_and_dask(tiny_mo
 def test_a_killed_extraction_on_s3_resumes_to_the_same_store(tiny_model, data, local_store, endpoint, monkeypatch):
     url = "s3://lab/features/killed.zarr"
     monkeypatch.setattr("cache.lease.TTL_SECONDS", 2.0)
-    command = [sys.executable, "-c", (
-        "import os, signal, sys\n"
-        "import cache.writer as w\n"
-        "original = w.FeatureStoreWriter.write_shard\n"
-        "def write_shard(self, split, shard, *args, **kwargs):\n"
-        "    if (split, shard) == ('train', 1):\n"
-        "        os.kill(os.getpid(), signal.SIGKILL)\n"
-        "    return original(self, split, shard, *args, **kwargs)\n"
-        "w.FeatureStoreWriter.write_shard = write_shard\n"
-        "from pipeline.cli import main\n"
-        "main(sys.argv[1:])\n"),
-        "extract", "--model", str(tiny_model), "--data", str(data), "--out", url, *ARGS]
+    command = [
+        sys.executable,
+        "-c",
+        (
+            "import os, signal, sys\n"
+            "import cache.writer as w\n"
+            "original = w.FeatureStoreWriter.write_shard\n"
+            "def write_shard(self, split, shard, *args, **kwargs):\n"
+            "    if (split, shard) == ('train', 1):\n"
+            "        os.kill(os.getpid(), signal.SIGKILL)\n"
+            "    return original(self, split, shard, *args, **kwargs)\n"
+            "w.FeatureStoreWriter.write_shard = write_shard\n"
+            "from pipeline.cli import main\n"
+            "main(sys.argv[1:])\n"
+        ),
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        str(data),
+        "--out",
+        url,
+        *ARGS,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FEATURE_STORE_LEASE_TTL": "6"}
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, timeout=300)
     assert done.returncode == -signal.SIGKILL, done.stderr.decode()[-2000:]
@@ -142,7 +186,8 @@ STALLING_WRITER = (
     "    return original(self, split, shard, features, *args, **kwargs)\n"
     "w.FeatureStoreWriter.write_shard = write_shard\n"
     "from pipeline.cli import main\n"
-    "main(sys.argv[1:])\n")
+    "main(sys.argv[1:])\n"
+)
 
 
 def counting_writes(monkeypatch) -> list[tuple[str, int, int]]:
@@ -160,8 +205,9 @@ def counting_writes(monkeypatch) -> list[tuple[str, int, int]]:
 
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("taker", ["finished and released the lease", "still holds the lease"])
-def test_a_stalled_writer_whose_lease_was_taken_over_stops_and_loses_nothing(tiny_model, data, endpoint, monkeypatch,
-                                                                           taker, tmp_path):
+def test_a_stalled_writer_whose_lease_was_taken_over_stops_and_loses_nothing(
+    tiny_model, data, endpoint, monkeypatch, taker, tmp_path
+):
     # issue 24: writer A, stalled while extending a store, came back after B had taken its expired lease
     # over, added a block and released the lease; A finished and wrote its stale settings over B's block.
     url = f"s3://lab/features/stalled-{len(taker)}.zarr"
@@ -170,9 +216,27 @@ def test_a_stalled_writer_whose_lease_was_taken_over_stops_and_loses_nothing(tin
     assert extract(tiny_model, data, url, "--blocks", "3").exit_code == 0
     log = tmp_path / "a.log"
     with open(log, "wb") as output:
-        a = subprocess.Popen([sys.executable, "-c", STALLING_WRITER, "extract", "--model", str(tiny_model), "--data",
-                              str(data), "--out", url, *ARGS, "--blocks", "3,5"], cwd=REPO, stdout=output,
-                             stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        a = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                STALLING_WRITER,
+                "extract",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(data),
+                "--out",
+                url,
+                *ARGS,
+                "--blocks",
+                "3,5",
+            ],
+            cwd=REPO,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
     try:
         _, status = os.waitpid(a.pid, os.WUNTRACED)  # until A stops itself, train shard 0 of block 5 written
         assert os.WIFSTOPPED(status), log.read_text()[-3000:]
@@ -208,15 +272,27 @@ def test_a_stalled_writer_whose_lease_was_taken_over_stops_and_loses_nothing(tin
     written = counting_writes(monkeypatch)
     assert extract(tiny_model, data, url, "--blocks", "3,5,7").exit_code == 0
     assert written == []  # nothing lost: every shard is finished
-    assert "features/stalled" not in " ".join(list_keys(endpoint, "lab", url[len("s3://lab/"):] + "/_writer"))
+    assert "features/stalled" not in " ".join(list_keys(endpoint, "lab", url[len("s3://lab/") :] + "/_writer"))
 
 
 def test_a_second_writer_on_s3_is_refused_naming_the_first(tiny_model, data, endpoint):
     url = "s3://lab/features/busy.zarr"
     assert extract(tiny_model, data, url).exit_code == 0
     store = FeatureStore.open(url)
-    settings = {key: store.attrs[key] for key in ("kind", "model", "data", "preprocessing", "noise_seed", "dtype",
-                                                  "precision", "chunk_samples", "shard_samples")}
+    settings = {
+        key: store.attrs[key]
+        for key in (
+            "kind",
+            "model",
+            "data",
+            "preprocessing",
+            "noise_seed",
+            "dtype",
+            "precision",
+            "chunk_samples",
+            "shard_samples",
+        )
+    }
     splits = {s: SplitIndex(store.labels(s), store.paths(s)) for s in store.splits}
     with FeatureStoreWriter.open(url, settings=settings, splits=splits, block_table=store.attrs["block_table"]):
         result = extract(tiny_model, data, url)
@@ -229,10 +305,19 @@ def test_a_second_writer_on_s3_is_refused_naming_the_first(tiny_model, data, end
 
 
 @pytest.mark.timeout(120)  # bounded: no endless retries
-@pytest.mark.parametrize("case", ["unreachable endpoint", "missing credentials", "no such bucket", "unknown scheme",
-                                  "storage option on a local path"])
-def test_bad_object_store_addresses_are_one_line_and_write_nothing(tiny_model, data, endpoint, monkeypatch, case,
-                                                                   tmp_path):
+@pytest.mark.parametrize(
+    "case",
+    [
+        "unreachable endpoint",
+        "missing credentials",
+        "no such bucket",
+        "unknown scheme",
+        "storage option on a local path",
+    ],
+)
+def test_bad_object_store_addresses_are_one_line_and_write_nothing(
+    tiny_model, data, endpoint, monkeypatch, case, tmp_path
+):
     url = "s3://lab/features/bad.zarr"
     extra = []
     if case == "unreachable endpoint":
@@ -271,7 +356,8 @@ def test_a_store_in_memory_reads_back(tiny_model, data, local_store, monkeypatch
     assert_same_features(decoded(FeatureStore.open(url)), decoded(FeatureStore.open(local_store)))
     written = []
     original = FeatureStoreWriter.write_shard
-    monkeypatch.setattr(FeatureStoreWriter, "write_shard",
-                        lambda self, *a, **k: written.append(a[:2]) or original(self, *a, **k))
+    monkeypatch.setattr(
+        FeatureStoreWriter, "write_shard", lambda self, *a, **k: written.append(a[:2]) or original(self, *a, **k)
+    )
     assert extract(tiny_model, data, url).exit_code == 0  # reopened: every shard is done
     assert written == []

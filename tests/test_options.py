@@ -10,13 +10,16 @@ from pipeline.cli import main
 from pipeline.options import merge_storage_options, parse_int_list, parse_named, parse_scoped, parse_storage_option
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("anon=true", (("anon",), True)),
-    ("retries=3", (("retries",), 3)),
-    ("client_kwargs.region_name=eu-west-1", (("client_kwargs", "region_name"), "eu-west-1")),
-    ("endpoint_url=http://127.0.0.1:9000/a=b", (("endpoint_url",), "http://127.0.0.1:9000/a=b")),
-    ("token=", (("token",), "")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("anon=true", (("anon",), True)),
+        ("retries=3", (("retries",), 3)),
+        ("client_kwargs.region_name=eu-west-1", (("client_kwargs", "region_name"), "eu-west-1")),
+        ("endpoint_url=http://127.0.0.1:9000/a=b", (("endpoint_url",), "http://127.0.0.1:9000/a=b")),
+        ("token=", (("token",), "")),
+    ],
+)
 def test_parse_storage_option(text, expected):
     assert parse_storage_option(text) == expected
 
@@ -35,17 +38,20 @@ def test_storage_options_nest_and_refuse_a_key_given_twice():
             merge_storage_options([parse_storage_option(t) for t in texts])
 
 
-@pytest.mark.parametrize("text, suffix, expected", [
-    ("results/", "", ("results", "results/")),
-    ("pixels=runs/raw", "", ("pixels", "runs/raw")),
-    (" pre = results/a ", "", ("pre", "results/a")),
-    ("features/adm256.zarr", ".zarr", ("adm256", "features/adm256.zarr")),
-    ("features/adm256.zarr/", ".zarr", ("adm256", "features/adm256.zarr/")),
-    ("pre=features/a.zarr", ".zarr", ("pre", "features/a.zarr")),
-    ("s3://bucket/run=3/f.zarr", ".zarr", ("f", "s3://bucket/run=3/f.zarr")),
-    ("C:\\data\\f.zarr", ".zarr", ("f", "C:\\data\\f.zarr")),
-    ("x/.zarr/", ".zarr", None),  # a hidden name: refused
-])
+@pytest.mark.parametrize(
+    "text, suffix, expected",
+    [
+        ("results/", "", ("results", "results/")),
+        ("pixels=runs/raw", "", ("pixels", "runs/raw")),
+        (" pre = results/a ", "", ("pre", "results/a")),
+        ("features/adm256.zarr", ".zarr", ("adm256", "features/adm256.zarr")),
+        ("features/adm256.zarr/", ".zarr", ("adm256", "features/adm256.zarr/")),
+        ("pre=features/a.zarr", ".zarr", ("pre", "features/a.zarr")),
+        ("s3://bucket/run=3/f.zarr", ".zarr", ("f", "s3://bucket/run=3/f.zarr")),
+        ("C:\\data\\f.zarr", ".zarr", ("f", "C:\\data\\f.zarr")),
+        ("x/.zarr/", ".zarr", None),  # a hidden name: refused
+    ],
+)
 def test_parse_named(text, suffix, expected):
     if expected is None:
         with pytest.raises(ValueError):
@@ -60,21 +66,25 @@ def test_parse_named_rejects(text):
         parse_named(text)
 
 
-@pytest.mark.parametrize("text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")),
-                                            (" r50 =all", ("r50", "all"))])
+@pytest.mark.parametrize(
+    "text, expected", [("18-30", (None, "18-30")), ("adm=1,2", ("adm", "1,2")), (" r50 =all", ("r50", "all"))]
+)
 def test_parse_scoped(text, expected):
     assert parse_scoped(text, str) == expected
 
 
-@pytest.mark.parametrize("text, minimum, distinct, expected", [
-    ("10,90,150", None, True, (10, 90, 150)),
-    ("0", 0, True, (0,)),
-    ("32,64,64", 1, False, (32, 64, 64)),
-    ("32,64,64", 1, True, "more than once"),
-    ("1,x", None, True, "comma list of integers"),
-    ("", None, True, "empty"),
-    ("-1,2", 0, True, "at least 0"),
-])
+@pytest.mark.parametrize(
+    "text, minimum, distinct, expected",
+    [
+        ("10,90,150", None, True, (10, 90, 150)),
+        ("0", 0, True, (0,)),
+        ("32,64,64", 1, False, (32, 64, 64)),
+        ("32,64,64", 1, True, "more than once"),
+        ("1,x", None, True, "comma list of integers"),
+        ("", None, True, "empty"),
+        ("-1,2", 0, True, "at least 0"),
+    ],
+)
 def test_parse_int_list(text, minimum, distinct, expected):
     if isinstance(expected, str):
         with pytest.raises(ValueError, match=expected):
@@ -87,9 +97,13 @@ def test_parse_int_list(text, minimum, distinct, expected):
 @pytest.mark.parametrize("command", ["extract", "verify", "probe", "sweep", "cka"])
 def test_every_storage_option_is_one_syntax(command, tmp_path):
     """Bad KEY=VALUE syntax is a usage error (exit 2) before any work, the same for every command."""
-    base = {"extract": ["--model", "m", "--data", "d", "--out", "memory://x/s.zarr"], "verify": ["--store", "s"],
-            "probe": ["--store", "s", "--head", "linear"], "sweep": ["--store", "s", "--head", "linear"],
-            "cka": ["--store", "s", "--out", str(tmp_path / "o")]}[command]
+    base = {
+        "extract": ["--model", "m", "--data", "d", "--out", "memory://x/s.zarr"],
+        "verify": ["--store", "s"],
+        "probe": ["--store", "s", "--head", "linear"],
+        "sweep": ["--store", "s", "--head", "linear"],
+        "cka": ["--store", "s", "--out", str(tmp_path / "o")],
+    }[command]
     for bad, fragment in ((["anon"], "expected KEY=VALUE"), (["a=1", "a=2"], "is given twice")):
         extra = [arg for value in bad for arg in ("--storage-option", value)]
         result = CliRunner().invoke(main, [command, *base, *extra])
@@ -98,14 +112,23 @@ def test_every_storage_option_is_one_syntax(command, tmp_path):
 
 
 def test_storage_options_reach_the_store_as_one_dict(tmp_path):
-    result = CliRunner().invoke(main, ["verify", "--store", str(tmp_path / "local.zarr"),
-                                       "--storage-option", "anon=true"])
+    result = CliRunner().invoke(
+        main, ["verify", "--store", str(tmp_path / "local.zarr"), "--storage-option", "anon=true"]
+    )
     assert result.exit_code == 1 and "storage options apply to object stores" in result.output
 
 
 @pytest.mark.parametrize("command", ["probe", "sweep"])
-@pytest.mark.parametrize("flag, value", [("--workers", "0"), ("--workers", "-2"), ("--scale", "0"),
-                                         ("--threads-per-worker", "0"), ("--connect-timeout", "0")])
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--workers", "0"),
+        ("--workers", "-2"),
+        ("--scale", "0"),
+        ("--threads-per-worker", "0"),
+        ("--connect-timeout", "0"),
+    ],
+)
 def test_engine_counts_are_range_checked_like_nproc(command, flag, value):
     result = CliRunner().invoke(main, [command, "--store", "s", "--head", "linear", flag, value])
     assert result.exit_code == 2, result.output

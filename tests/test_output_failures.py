@@ -21,10 +21,39 @@ def store(tmp_path_factory) -> Path:
 
 def command(kind: str, store: Path, out: Path, *extra) -> list[str]:
     if kind == "probe":
-        return ["probe", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--epochs",
-                "5", "--out", str(out), "--no-render", *extra]
-    return ["sweep", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--epochs", "5",
-            "--out", str(out), *extra]
+        return [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "linear",
+            "--blocks",
+            "1",
+            "--timesteps",
+            "10",
+            "--epochs",
+            "5",
+            "--out",
+            str(out),
+            "--no-render",
+            *extra,
+        ]
+    return [
+        "sweep",
+        "--store",
+        str(store),
+        "--head",
+        "linear",
+        "--blocks",
+        "1",
+        "--timesteps",
+        "10",
+        "--epochs",
+        "5",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def leftovers(out: Path) -> list[str]:
@@ -40,8 +69,9 @@ def one_error_line(result) -> str:
 
 
 @pytest.mark.parametrize("kind", ["probe", "sweep"])
-def test_a_full_disk_while_heads_are_saved_is_one_line_and_leaves_nothing_half_written(store, tmp_path, monkeypatch,
-                                                                                        kind):
+def test_a_full_disk_while_heads_are_saved_is_one_line_and_leaves_nothing_half_written(
+    store, tmp_path, monkeypatch, kind
+):
     from safetensors import SafetensorError
 
     from stages.probe import heads
@@ -50,14 +80,17 @@ def test_a_full_disk_while_heads_are_saved_is_one_line_and_leaves_nothing_half_w
         # The disk fills as safetensors writes a head: it reports the ENOSPC as its own error, not an OSError
         # (the text is what safetensors 0.8 prints on a full disk).
         Path(path).write_bytes(b"\0" * 16)  # what a write cut short leaves
-        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No '
-                              'space left on device" })')
+        raise SafetensorError(
+            'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+        )
 
     monkeypatch.setattr(heads, "save_file", full)
     out = tmp_path / "results"
     line = one_error_line(CliRunner().invoke(main, command(kind, store, out)))
-    assert f"{out}: no space left on the device while saving" in line and " free. Free some space and run the " \
-        "same command again" in line, line
+    assert (
+        f"{out}: no space left on the device while saving" in line
+        and " free. Free some space and run the same command again" in line
+    ), line
     assert leftovers(out) == []
     monkeypatch.undo()
     result = CliRunner().invoke(main, command(kind, store, out))  # the same command, once there is space
@@ -74,7 +107,8 @@ PAUSED_RUN = (
     "    return original(*args, **kwargs)\n"
     "m.{function} = paused\n"
     "from pipeline.cli import main\n"
-    "main(sys.argv[1:])\n")
+    "main(sys.argv[1:])\n"
+)
 
 
 @pytest.mark.slow  # a paused probe or sweep process
@@ -90,9 +124,13 @@ def test_a_second_run_into_an_output_being_written_is_refused_naming_the_first(s
     out = tmp_path / "results"
     where = ("stages.probe.run", "_train_and_write") if kind == "probe" else ("stages.sweep.task", "run_task")
     code = PAUSED_RUN.format(module=where[0], function=where[1])
-    first = subprocess.Popen([sys.executable, "-c", code, *command(kind, store, out)], cwd=Path(__file__).parents[1],
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    first = subprocess.Popen(
+        [sys.executable, "-c", code, *command(kind, store, out)],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         _, status = os.waitpid(first.pid, os.WUNTRACED)
         assert os.WIFSTOPPED(status), first.stdout.read().decode()[-3000:]
@@ -128,8 +166,10 @@ def damage_task(task: Path, how: str) -> None:
         (task / "task.json").write_text("{")
 
 
-@pytest.mark.parametrize("how", ["heads folder deleted", "predictions deleted", "rows truncated",
-                                 "predictions truncated", "task.json truncated"])
+@pytest.mark.parametrize(
+    "how",
+    ["heads folder deleted", "predictions deleted", "rows truncated", "predictions truncated", "task.json truncated"],
+)
 def test_a_task_result_damaged_on_disk_is_noticed_and_computed_again(store, tmp_path, how):
     # issue 24: a damaged task result was read (a traceback) instead of being computed again
     out = tmp_path / "results"
@@ -155,7 +195,8 @@ WORKER_DIES_AT_START = (
     "    except FileExistsError:\n"
     "        first = False\n"
     "    if first or os.environ.get('KILL_EVERY_WORKER'):\n"
-    "        os.kill(os.getpid(), signal.SIGKILL)\n")
+    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+)
 
 
 @pytest.mark.slow  # local dask clusters whose workers die
@@ -171,13 +212,23 @@ def test_a_worker_killed_while_the_local_cluster_starts_is_replaced_or_one_line(
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(WORKER_DIES_AT_START)  # imported by every process, workers included
     repo = Path(__file__).parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(repo)]),
-           "KILL_WORKER_TOKEN": str(tmp_path / "token")}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(hook), str(repo)]),
+        "KILL_WORKER_TOKEN": str(tmp_path / "token"),
+    }
     if which == "every worker":
         env["KILL_EVERY_WORKER"] = "1"
     out = tmp_path / "results"
-    done = subprocess.run([sys.executable, "-m", "pipeline", *command("sweep", store, out, "--workers", "2")], cwd=repo,
-                          env=env, capture_output=True, text=True, timeout=540)
+    done = subprocess.run(
+        [sys.executable, "-m", "pipeline", *command("sweep", store, out, "--workers", "2")],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert "Traceback" not in done.stderr + done.stdout, done.stderr[-3000:]
     assert "the local dask cluster did not start (a worker died while starting" in done.stderr, done.stderr[-3000:]
     if which == "every worker":

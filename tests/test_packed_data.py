@@ -60,8 +60,17 @@ def parquet(folder) -> Path:
 
 
 def settings(model, data, out, **changes) -> ExtractConfig:
-    base = {"model": str(model), "data": str(data), "out": str(out), "blocks": (2, 5), "timesteps": (10, 90),
-            "pools": (1, 2), "batch_size": 4, "chunk_samples": 4, "shard_samples": 8}
+    base = {
+        "model": str(model),
+        "data": str(data),
+        "out": str(out),
+        "blocks": (2, 5),
+        "timesteps": (10, 90),
+        "pools": (1, 2),
+        "batch_size": 4,
+        "chunk_samples": 4,
+        "shard_samples": 8,
+    }
     return ExtractConfig(**{**base, **changes})
 
 
@@ -87,13 +96,17 @@ def test_wds_listing_is_the_folders_keys_labels_and_classes(folder, shards):
 
 def test_wds_order_keys_and_labels_are_those_webdataset_reads(shards):
     webdataset = pytest.importorskip("webdataset")
-    patterns = {"train": str(shards / "set-train-{000000..000004}.tar"),
-                "val": str(shards / "set-val-{000000..000001}.tar")}
+    patterns = {
+        "train": str(shards / "set-train-{000000..000004}.tar"),
+        "val": str(shards / "set-val-{000000..000001}.tar"),
+    }
     spec = "wds:" + ",".join(f"{split}={pattern}" for split, pattern in patterns.items())
     packed = open_dataset(spec)
     for split, pattern in patterns.items():
-        reference = [(sample["__key__"], int(sample["cls"])) for sample in
-                     webdataset.WebDataset(pattern, shardshuffle=False, empty_check=False)]
+        reference = [
+            (sample["__key__"], int(sample["cls"]))
+            for sample in webdataset.WebDataset(pattern, shardshuffle=False, empty_check=False)
+        ]
         assert list(zip(packed[split].paths, packed[split].labels.tolist())) == reference
 
 
@@ -139,11 +152,14 @@ def test_classes_and_subset_select_rows_of_packed_data(shards, tmp_path):
 def test_extraction_from_shards_and_tables_equals_the_folders(tiny_model, folder, shards, parquet, tmp_path):
     run_extract(settings(tiny_model, folder, tmp_path / "folder.zarr"), progress=False)
     reference = FeatureStore.open(tmp_path / "folder.zarr")
+
     def rows(split):
         return [f"{split}/{row}" for row in range(len(reference.labels(split)))]
 
-    for spec, paths in ((f"wds:{shards}", lambda split: stems(open_dataset(str(folder))[split])),
-                        (f"hf:{parquet}", rows)):
+    for spec, paths in (
+        (f"wds:{shards}", lambda split: stems(open_dataset(str(folder))[split])),
+        (f"hf:{parquet}", rows),
+    ):
         out = tmp_path / f"{spec[:2]}.zarr"
         run_extract(settings(tiny_model, spec, out), progress=False)
         store = FeatureStore.open(out)
@@ -154,8 +170,9 @@ def test_extraction_from_shards_and_tables_equals_the_folders(tiny_model, folder
             np.testing.assert_array_equal(store.file_records(split)[:, 0], reference.file_records(split)[:, 0])
             for block, timestep in reference.arrays():
                 for pool in (1, 2):
-                    np.testing.assert_array_equal(store.read(split, block, timestep, pool=pool),
-                                                  reference.read(split, block, timestep, pool=pool))
+                    np.testing.assert_array_equal(
+                        store.read(split, block, timestep, pool=pool), reference.read(split, block, timestep, pool=pool)
+                    )
 
 
 @pytest.mark.slow
@@ -176,9 +193,30 @@ def test_a_killed_run_resumes_reading_only_the_unfinished_samples(tiny_model, sh
     reference = tmp_path / "reference.zarr"
     run_extract(settings(tiny_model, spec, reference, batch_size=1), progress=False)
     killed = tmp_path / "killed.zarr"
-    command = [sys.executable, "-m", "pipeline", "extract", "--model", str(tiny_model), "--data", spec,
-               "--out", str(killed), "--blocks", "2,5", "--timesteps", "10,90", "--pool", "1,2", "--batch-size", "1",
-               "--chunk-samples", "4", "--shard-samples", "8"]
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        spec,
+        "--out",
+        str(killed),
+        "--blocks",
+        "2,5",
+        "--timesteps",
+        "10,90",
+        "--pool",
+        "1,2",
+        "--batch-size",
+        "1",
+        "--chunk-samples",
+        "4",
+        "--shard-samples",
+        "8",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONPATH": str(REPO)}
     process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -248,9 +286,18 @@ def test_a_shards_index_is_saved_at_its_first_listing_and_read_until_it_changes(
     def listing():
         read.clear()
         opened = open_wds(str(tmp_path / "wds"), progress=False)
-        return {s: (split.paths, split.labels.tolist(), split.source.shard.tolist(), split.source.offset.tolist(),
-                    split.source.size.tolist(), split.source.names, split.identity_lines)
-                for s, split in opened.items()}
+        return {
+            s: (
+                split.paths,
+                split.labels.tolist(),
+                split.source.shard.tolist(),
+                split.source.offset.tolist(),
+                split.source.size.tolist(),
+                split.source.names,
+                split.identity_lines,
+            )
+            for s, split in opened.items()
+        }
 
     first = listing()
     assert sorted(read) == names
@@ -317,13 +364,26 @@ def not_a_pattern(folder, tmp):
     return f"wds:train={tmp}/none-{{0..3}}.tar", "no such shard"
 
 
-@pytest.mark.parametrize("case", [truncated_member, missing_cls, parquet_without_labels, hub_id_offline,
-                                  not_a_pattern])
+@pytest.mark.parametrize("case", [truncated_member, missing_cls, parquet_without_labels, hub_id_offline, not_a_pattern])
 def test_bad_packed_data_is_a_one_line_error(case, tiny_model, folder, tmp_path, monkeypatch):
     arguments = (folder, tmp_path, monkeypatch) if case is hub_id_offline else (folder, tmp_path)
     data, fragment = case(*arguments)
-    result = CliRunner().invoke(main, ["extract", "--model", str(tiny_model), "--data", data,
-                                       "--out", str(tmp_path / "store.zarr"), "--blocks", "2", "--timesteps", "10"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--data",
+            data,
+            "--out",
+            str(tmp_path / "store.zarr"),
+            "--blocks",
+            "2",
+            "--timesteps",
+            "10",
+        ],
+    )
     assert result.exit_code == 1, result.output
     # above it, only the progress `datasets` shows while it converts parquet
     errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
@@ -342,16 +402,30 @@ def test_a_split_the_data_lacks_names_the_splits_it_has(shards, parquet):
 
 
 @pytest.mark.slow  # a subprocess per case, with the extra made unimportable
-@pytest.mark.parametrize(("blocked", "extra", "data"), [
-    (["braceexpand"], "wds", "wds:train={shards}/set-train-{{000000..000004}}.tar"),  # a folder needs no expansion
-    (["datasets"], "hf", "hf:{parquet}")])
-def test_packed_data_without_its_extra_names_the_install_command(blocked, extra, data, shards, parquet, tiny_model,
-                                                                 tmp_path):
+@pytest.mark.parametrize(
+    ("blocked", "extra", "data"),
+    [
+        (["braceexpand"], "wds", "wds:train={shards}/set-train-{{000000..000004}}.tar"),  # a folder needs no expansion
+        (["datasets"], "hf", "hf:{parquet}"),
+    ],
+)
+def test_packed_data_without_its_extra_names_the_install_command(
+    blocked, extra, data, shards, parquet, tiny_model, tmp_path
+):
     from helpers import run_without
 
-    done = run_without(blocked, "extract", "--model", str(tiny_model), "--data",
-                       data.format(shards=shards, parquet=parquet), "--out", str(tmp_path / "store.zarr"),
-                       "--dry-run", cwd=tmp_path)
+    done = run_without(
+        blocked,
+        "extract",
+        "--model",
+        str(tiny_model),
+        "--data",
+        data.format(shards=shards, parquet=parquet),
+        "--out",
+        str(tmp_path / "store.zarr"),
+        "--dry-run",
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr
     last = done.stderr.strip().splitlines()[-1]
     assert f"[{extra}]" in last and f"pip install 'diffusion-feature-cache[{extra}]'" in last, done.stderr
@@ -361,14 +435,45 @@ def test_packed_data_without_its_extra_names_the_install_command(blocked, extra,
 def test_the_command_line_names_columns_and_lists_the_packed_kinds(tiny_model, folder, parquet, tmp_path):
     write_shards(folder, tmp_path / "wds", per_shard=8, label="json")
     runner = CliRunner()
-    for data, extra in ((f"wds:{tmp_path / 'wds'}", ["--image-column", "png", "--label-column", "label"]),
-                        (f"hf:{parquet}", ["--image-column", "image", "--label-column", "label"])):
-        result = runner.invoke(main, ["extract", "--model", str(tiny_model), "--data", data, "--out",
-                                      str(tmp_path / "store.zarr"), "--blocks", "2", "--dry-run", *extra])
+    for data, extra in (
+        (f"wds:{tmp_path / 'wds'}", ["--image-column", "png", "--label-column", "label"]),
+        (f"hf:{parquet}", ["--image-column", "image", "--label-column", "label"]),
+    ):
+        result = runner.invoke(
+            main,
+            [
+                "extract",
+                "--model",
+                str(tiny_model),
+                "--data",
+                data,
+                "--out",
+                str(tmp_path / "store.zarr"),
+                "--blocks",
+                "2",
+                "--dry-run",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         assert "21" in result.output  # the train split's samples
-    result = runner.invoke(main, ["extract", "--model", str(tiny_model), "--data", f"hf:{parquet}", "--out",
-                                  str(tmp_path / "store.zarr"), "--blocks", "2", "--dry-run", "--label-column", "no"])
+    result = runner.invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--data",
+            f"hf:{parquet}",
+            "--out",
+            str(tmp_path / "store.zarr"),
+            "--blocks",
+            "2",
+            "--dry-run",
+            "--label-column",
+            "no",
+        ],
+    )
     assert result.exit_code == 1 and "has no column 'no' (--label-column)" in result.output
     listed = runner.invoke(main, ["datasets"])
     assert listed.exit_code == 0 and "wds:PATTERN" in listed.output and "hf:FOLDER" in listed.output
@@ -380,8 +485,14 @@ def test_the_header_index_finds_what_tarfile_finds(form, tmp_path):
 
     path = tmp_path / "shard.tar"
     long = "d" * 70 + "/" + "k" * 60  # over ustar's 100-byte name field unless split into its prefix
-    names = ["a.jpg", "a.cls", f"{long}.png", f"{long}.cls", "x" * 120 + ".jpg" if form != tarfile.USTAR_FORMAT
-             else "y.jpg", "ü-ß.jpg"]
+    names = [
+        "a.jpg",
+        "a.cls",
+        f"{long}.png",
+        f"{long}.cls",
+        "x" * 120 + ".jpg" if form != tarfile.USTAR_FORMAT else "y.jpg",
+        "ü-ß.jpg",
+    ]
     with tarfile.open(path, "w", format=form) as tar:
         tar.addfile(tarfile.TarInfo("folder"))  # a member that is not a file: not indexed
         for i, name in enumerate(names):

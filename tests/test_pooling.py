@@ -10,8 +10,18 @@ import torch.nn.functional as F
 from cache.pooling import adaptive_avg_pool, derivable, stored_grid
 
 
-@pytest.mark.parametrize("shape, out", [((5, 3, 8, 8), 2), ((5, 3, 8, 8), 1), ((4, 2, 16, 16), 4), ((5, 3, 7, 7), 2),
-                                        ((5, 3, 7, 7), 3), ((3, 2, 6, 6), 4), ((2, 2, 5, 5), 5)])
+@pytest.mark.parametrize(
+    "shape, out",
+    [
+        ((5, 3, 8, 8), 2),
+        ((5, 3, 8, 8), 1),
+        ((4, 2, 16, 16), 4),
+        ((5, 3, 7, 7), 2),
+        ((5, 3, 7, 7), 3),
+        ((3, 2, 6, 6), 4),
+        ((2, 2, 5, 5), 5),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_numpy_and_torch_give_identical_numbers_and_torch_bins(shape, out, dtype):
     x = np.random.default_rng(0).normal(size=shape).astype(dtype)

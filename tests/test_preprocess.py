@@ -68,8 +68,13 @@ def test_adm_differs_from_one_bicubic_resize_on_large_images(tmp_path):
 def test_default_preprocessing_record_is_unchanged(tiny_model, tiny_data, tmp_path):
     """Stores made before --preprocess existed keep their identity: the default records what they recorded."""
     plan = make_plan(ExtractConfig(model=str(tiny_model), data=str(tiny_data), out=str(tmp_path / "s.zarr")))
-    assert plan.settings["preprocessing"] == {"resize": "short side, bicubic", "size": 16, "crop": "centre",
-                                              "channels": 3, "range": [-1, 1]}
+    assert plan.settings["preprocessing"] == {
+        "resize": "short side, bicubic",
+        "size": 16,
+        "crop": "centre",
+        "channels": 3,
+        "range": [-1, 1],
+    }
     assert "views" not in plan.settings
 
 

@@ -17,7 +17,6 @@ from stages.pretrain.random_init import random_init_copy
 TINY = dict(image_size=8, channels=(32, 32), layers_per_block=1, attention_levels=(1,), head_channels=32, batch_size=8)
 
 
-
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     """5 real MNIST images per class: 40 train, 10 val."""
@@ -130,8 +129,24 @@ def test_cli_pretrain_and_random_init(data_dir, tmp_path):
     runner = CliRunner()
     model = tmp_path / "ddpm"
     result = runner.invoke(
-        main, ["pretrain", "--data", str(data_dir), "--out", str(model), "--epochs", "1", "--image-size", "8",
-               "--seed", "2", "--batch-size", "20", "--lr", "1e-3"],
+        main,
+        [
+            "pretrain",
+            "--data",
+            str(data_dir),
+            "--out",
+            str(model),
+            "--epochs",
+            "1",
+            "--image-size",
+            "8",
+            "--seed",
+            "2",
+            "--batch-size",
+            "20",
+            "--lr",
+            "1e-3",
+        ],
     )
     assert result.exit_code == 0, result.output
     log = json.loads((model / "train_log.json").read_text())
@@ -165,18 +180,33 @@ def test_default_architecture_is_adm_shaped():
 
     from stages.pretrain.ddpm import ddpm_unet_config
 
-    config = ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
-                              attention_levels=(1,), head_channels=32)
+    config = ddpm_unet_config(
+        image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1, attention_levels=(1,), head_channels=32
+    )
     assert config["down_block_types"] == ("ResnetDownsampleBlock2D", "AttnDownBlock2D", "ResnetDownsampleBlock2D")
     assert config["resnet_time_scale_shift"] == "scale_shift"
     unet = UNet2DModel(**config)
     assert len(block_table(unet)) == 13
-    conv = ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
-                            attention_levels=(1,), head_channels=32, resblock_updown=False)
+    conv = ddpm_unet_config(
+        image_size=16,
+        in_channels=1,
+        channels=(32, 64, 64),
+        layers_per_block=1,
+        attention_levels=(1,),
+        head_channels=32,
+        resblock_updown=False,
+    )
     assert conv["downsample_type"] == "conv" and conv["down_block_types"][0] == "DownBlock2D"
     with pytest.raises(ValueError):
-        ddpm_unet_config(image_size=10, in_channels=1, channels=(32, 64, 64), layers_per_block=1,
-                         attention_levels=(1,), head_channels=32)
+        ddpm_unet_config(
+            image_size=10,
+            in_channels=1,
+            channels=(32, 64, 64),
+            layers_per_block=1,
+            attention_levels=(1,),
+            head_channels=32,
+        )
     with pytest.raises(ValueError):
-        ddpm_unet_config(image_size=16, in_channels=1, channels=(32, 64), layers_per_block=1,
-                         attention_levels=(2,), head_channels=32)
+        ddpm_unet_config(
+            image_size=16, in_channels=1, channels=(32, 64), layers_per_block=1, attention_levels=(2,), head_channels=32
+        )

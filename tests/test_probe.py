@@ -33,8 +33,13 @@ FAST = dict(threads=1, epochs=10, batch_size=64)
 def digits_store(tmp_path_factory) -> Path:
     features, labels = digits_features()
     # stored at 8x8 of a 16x16 block: pools 1, 2, 4 and 8 are readable, 3 is not
-    return write_store(tmp_path_factory.mktemp("digits") / "store.zarr", features, labels, pools=(1, 2, 4, 8),
-                       resolution={1: 16, 2: 16})
+    return write_store(
+        tmp_path_factory.mktemp("digits") / "store.zarr",
+        features,
+        labels,
+        pools=(1, 2, 4, 8),
+        resolution={1: 16, 2: 16},
+    )
 
 
 def separable_features(seed=0, n=(240, 120), classes=6, channels=8, grid=4):
@@ -84,16 +89,20 @@ def tree_digest(path: Path) -> str:
 
 
 # -- accuracy ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head,extra", [
-    ("linear", {}),
-    ("mlp", {"hidden": (32,), "lrs": (1e-3, 1e-2)}),
-    ("cnn", {"width": 16, "pools": (4,)}),
-    pytest.param("attention", {"dim": 32, "depth": 1, "attention_heads": 2, "pools": (4,)},
-                 marks=pytest.mark.slow),  # the slowest head to train
-    ("logreg", {"Cs": (0.1, 1.0)}),
-    ("knn", {"ks": (1, 5)}),
-    ("ridge", {"alphas": (1.0, 10.0)}),
-])
+@pytest.mark.parametrize(
+    "head,extra",
+    [
+        ("linear", {}),
+        ("mlp", {"hidden": (32,), "lrs": (1e-3, 1e-2)}),
+        ("cnn", {"width": 16, "pools": (4,)}),
+        pytest.param(
+            "attention", {"dim": 32, "depth": 1, "attention_heads": 2, "pools": (4,)}, marks=pytest.mark.slow
+        ),  # the slowest head to train
+        ("logreg", {"Cs": (0.1, 1.0)}),
+        ("knn", {"ks": (1, 5)}),
+        ("ridge", {"alphas": (1.0, 10.0)}),
+    ],
+)
 def test_a_linearly_separable_store_reaches_100_percent(separable_store, tmp_path, head, extra):
     settings = {**FAST, "epochs": 30, "pools": (1,), **extra}
     result = run_probe(ProbeSettings(store=str(separable_store), head=head, out=str(tmp_path), **settings))
@@ -118,8 +127,18 @@ def _sklearn_on_fit_rows(store: FeatureStore, run_dir: Path, block: int, timeste
 
 def test_logreg_probe_agrees_with_scikit_learn_on_digits(digits_store, tmp_path):
     store = FeatureStore.open(digits_store)
-    result = run_probe(ProbeSettings(store=str(digits_store), head="logreg", out=str(tmp_path), blocks=(1,),
-                                     timesteps=(10,), pools=(8,), Cs=(1.0,), threads=1))
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="logreg",
+            out=str(tmp_path),
+            blocks=(1,),
+            timesteps=(10,),
+            pools=(8,),
+            Cs=(1.0,),
+            threads=1,
+        )
+    )
     predicted, accuracy = _sklearn_on_fit_rows(store, result.run_dir, 1, 10, 8, 1.0)
     ours = np.load(result.run_dir / "predictions.npz")["b1_t10_p8"][:, 0]
     assert abs(result.metrics["best"]["test_top1"] - accuracy) <= 0.01
@@ -130,12 +149,26 @@ def test_linear_head_agrees_with_scikit_learn_on_digits(digits_store, tmp_path):
     """With SGD on the same objective (L2 weight decay 1/(C n), bias not decayed, full batch) the torch
     linear head lands where LogisticRegression(C) does."""
     store = FeatureStore.open(digits_store)
-    n_fit = len(FeatureStore.open(digits_store).labels("train")) - len(carve_validation(
-        store.labels("train"), np.arange(1200), 0.1, 0)[1])
-    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1, 2),
-                                     timesteps=(10,), pools=(8,), optimizer="sgd", lrs=(0.3,),
-                                     weight_decays=(1 / n_fit,),
-                                     batch_size=n_fit, epochs=300, warmup=0.0, threads=1))
+    n_fit = len(FeatureStore.open(digits_store).labels("train")) - len(
+        carve_validation(store.labels("train"), np.arange(1200), 0.1, 0)[1]
+    )
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="linear",
+            out=str(tmp_path),
+            blocks=(1, 2),
+            timesteps=(10,),
+            pools=(8,),
+            optimizer="sgd",
+            lrs=(0.3,),
+            weight_decays=(1 / n_fit,),
+            batch_size=n_fit,
+            epochs=300,
+            warmup=0.0,
+            threads=1,
+        )
+    )
     predictions = np.load(result.run_dir / "predictions.npz")
     for row in (r for r in result.rows if r["selected"]):
         block = int(row["blocks"])
@@ -147,22 +180,45 @@ def test_linear_head_agrees_with_scikit_learn_on_digits(digits_store, tmp_path):
 def test_default_linear_sweep_is_close_to_scikit_learn_on_digits(digits_store, tmp_path):
     """The default recipe (AdamW lr grid, cosine), selection on 20% of train, against LogisticRegression(C=1)."""
     store = FeatureStore.open(digits_store)
-    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,),
-                                     timesteps=(10,), pools=(8,), batch_size=64, val_fraction=0.2, threads=1))
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="linear",
+            out=str(tmp_path),
+            blocks=(1,),
+            timesteps=(10,),
+            pools=(8,),
+            batch_size=64,
+            val_fraction=0.2,
+            threads=1,
+        )
+    )
     _, accuracy = _sklearn_on_fit_rows(store, result.run_dir, 1, 10, 8, 1.0)
     assert abs(result.metrics["best"]["test_top1"] - accuracy) <= 0.01, (result.metrics["best"], accuracy)
 
 
 # -- streaming ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("head,extra", [
-    ("linear", {"batchnorm": True, "pools": (1, 2)}),
-    ("mlp", {"hidden": (16,), "pools": (2,)}),
-    pytest.param("attention", {"dim": 16, "depth": 1, "attention_heads": 2, "pools": (2,), "epochs": 3},
-                 marks=pytest.mark.slow),  # the slowest head to train
-])
+@pytest.mark.parametrize(
+    "head,extra",
+    [
+        ("linear", {"batchnorm": True, "pools": (1, 2)}),
+        ("mlp", {"hidden": (16,), "pools": (2,)}),
+        pytest.param(
+            "attention",
+            {"dim": 16, "depth": 1, "attention_heads": 2, "pools": (2,), "epochs": 3},
+            marks=pytest.mark.slow,
+        ),  # the slowest head to train
+    ],
+)
 def test_streamed_training_equals_in_memory_training(digits_store, tmp_path, head, extra):
-    common = dict(store=str(digits_store), head=head, timesteps=(90,), shuffle_window=256, lrs=(1e-3, 1e-2),
-                  **{**FAST, "epochs": 4, **extra})
+    common = dict(
+        store=str(digits_store),
+        head=head,
+        timesteps=(90,),
+        shuffle_window=256,
+        lrs=(1e-3, 1e-2),
+        **{**FAST, "epochs": 4, **extra},
+    )
     memory = run_probe(ProbeSettings(out=str(tmp_path / "memory"), data_mode="memory", **common))
     stream = run_probe(ProbeSettings(out=str(tmp_path / "stream"), data_mode="stream", **common))
     # a budget too small for everything at once: one pass per input set, same results
@@ -178,25 +234,47 @@ def test_streamed_training_equals_in_memory_training(digits_store, tmp_path, hea
 def test_automatic_mode_streams_when_the_budget_is_small(digits_store, tmp_path, monkeypatch):
     # this budget is the features' alone: 1,200 x 64 features do not fit it, a window of 128 rows does
     monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: 0)
-    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,),
-                                     timesteps=(10,), pools=(8,), memory_budget=300_000, shuffle_window=128,
-                                     read_threads=1, **FAST))
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="linear",
+            out=str(tmp_path),
+            blocks=(1,),
+            timesteps=(10,),
+            pools=(8,),
+            memory_budget=300_000,
+            shuffle_window=128,
+            read_threads=1,
+            **FAST,
+        )
+    )
     assert result.record["data_mode"] == "stream"
 
 
-def test_an_explicit_budget_is_the_processs_and_refuses_a_window_that_does_not_fit(digits_store, tmp_path,
-                                                                                     monkeypatch, caplog):
+def test_an_explicit_budget_is_the_processs_and_refuses_a_window_that_does_not_fit(
+    digits_store, tmp_path, monkeypatch, caplog
+):
     floor = 700 << 20  # what the process holds before any feature
     monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: floor)
     store = FeatureStore.open(digits_store)
-    common = dict(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,), timesteps=(10,),
-                  pools=(1,), data_mode="stream", read_threads=1, **FAST)
+    common = dict(
+        store=str(digits_store),
+        head="linear",
+        out=str(tmp_path),
+        blocks=(1,),
+        timesteps=(10,),
+        pools=(1,),
+        data_mode="stream",
+        read_threads=1,
+        **FAST,
+    )
     # the plan's stream cost, recomputed: a window of float32 rows, 4 x read_threads chunks read at a time (stored
     # and pooled), 16 bytes per trained parameter (weight, gradient, two AdamW moments) of every member
     dim, chunk, info = store.block_info(1)["channels"], store.chunk_samples, store.block_info(1)
     settings = ProbeSettings(**common)
-    fixed = 4 * 4 * chunk * (info["channels"] * info["grid"] ** 2 + dim) + 16 * len(settings.hypers()) * \
-        HEADS["linear"].parameters(dim, len(store.classes), settings.head_options())
+    fixed = 4 * 4 * chunk * (info["channels"] * info["grid"] ** 2 + dim) + 16 * len(settings.hypers()) * HEADS[
+        "linear"
+    ].parameters(dim, len(store.classes), settings.head_options())
     left = fixed + 4 * dim * 5 * chunk + 100
     budget = floor + left + left // 7  # 7/8 of what it leaves (the advice's margin) holds five store chunks, not six
     with pytest.raises(MemoryBudgetError) as refused:
@@ -227,14 +305,17 @@ def test_selection_never_sees_the_test_split(tmp_path):
     clean = write_store(tmp_path / "clean.zarr", features, labels, pools=(2,))
     rng = np.random.default_rng(1)
     corrupted_labels = {"train": labels["train"], "val": rng.permutation(labels["val"])}
-    corrupted_features = {key: {"train": v["train"], "val": rng.normal(size=v["val"].shape).astype(np.float32)}
-                          for key, v in features.items()}
+    corrupted_features = {
+        key: {"train": v["train"], "val": rng.normal(size=v["val"].shape).astype(np.float32)}
+        for key, v in features.items()
+    }
     corrupted = write_store(tmp_path / "corrupted.zarr", corrupted_features, corrupted_labels, pools=(2,))
     runs = {}
     for name, store in (("clean", clean), ("corrupted", corrupted)):
         for head, extra in (("linear", {"lrs": (1e-4, 1e-3, 1e-2)}), ("logreg", {"Cs": (0.01, 0.1, 1.0)})):
-            runs[name, head] = run_probe(ProbeSettings(store=str(store), head=head, out=str(tmp_path / name),
-                                                       pools=(2,), **FAST, **extra))
+            runs[name, head] = run_probe(
+                ProbeSettings(store=str(store), head=head, out=str(tmp_path / name), pools=(2,), **FAST, **extra)
+            )
     for head in ("linear", "logreg"):
         clean_rows, corrupted_rows = runs["clean", head].rows, runs["corrupted", head].rows
         strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("test")} for r in rows]  # noqa: E731
@@ -252,8 +333,9 @@ def test_validation_subset_is_seeded_stratified_and_recorded(digits_store, tmp_p
     np.testing.assert_array_equal(val, again)
     assert not set(fit) & set(val) and len(fit) + len(val) == len(labels)
     assert np.all(np.abs(np.bincount(labels[val]) - 0.1 * np.bincount(labels)) <= 1)
-    result = run_probe(ProbeSettings(store=str(digits_store), head="ridge", out=str(tmp_path), pools=(1,), seed=3,
-                                     threads=1))
+    result = run_probe(
+        ProbeSettings(store=str(digits_store), head="ridge", out=str(tmp_path), pools=(1,), seed=3, threads=1)
+    )
     recorded = json.loads((result.run_dir / "validation_subset.json").read_text())
     assert recorded["indices"] == val.tolist() and recorded["seed"] == 3
     record = json.loads((result.run_dir / "run.json").read_text())
@@ -264,15 +346,29 @@ def test_validation_subset_is_seeded_stratified_and_recorded(digits_store, tmp_p
 # -- saved results ---------------------------------------------------------------------------------------
 def test_saved_probes_reproduce_the_test_predictions_from_raw_store_features(digits_store, tmp_path):
     store = FeatureStore.open(digits_store)
-    for head, extra in (("linear", {}), ("attention", {"dim": 16, "depth": 1, "attention_heads": 2, "epochs": 2}),
-                        ("logreg", {"Cs": (1.0,)})):
-        result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), blocks=(2,),
-                                         timesteps=(10, 90), pools=(4,), fuse=head == "attention", **{**FAST, **extra}))
+    for head, extra in (
+        ("linear", {}),
+        ("attention", {"dim": 16, "depth": 1, "attention_heads": 2, "epochs": 2}),
+        ("logreg", {"Cs": (1.0,)}),
+    ):
+        result = run_probe(
+            ProbeSettings(
+                store=str(digits_store),
+                head=head,
+                out=str(tmp_path),
+                blocks=(2,),
+                timesteps=(10, 90),
+                pools=(4,),
+                fuse=head == "attention",
+                **{**FAST, **extra},
+            )
+        )
         predictions = np.load(result.run_dir / "predictions.npz")
         for key in (r["key"] for r in result.rows if r["selected"]):
             probe, config = load_probe(result.run_dir / "heads" / key)
-            inputs = [torch.from_numpy(store.read("val", r["block"], r["timestep"],
-                                                  r["pool"])) for r in config["reads"]]
+            inputs = [
+                torch.from_numpy(store.read("val", r["block"], r["timestep"], r["pool"])) for r in config["reads"]
+            ]
             with torch.no_grad():
                 top1 = probe(*inputs).argmax(dim=1).numpy()
             np.testing.assert_array_equal(top1, predictions[key][:, 0])
@@ -284,8 +380,17 @@ def test_results_layout_and_metrics(separable_store, tmp_path):
     run_dir = tmp_path / "linear"
     render_run(run_dir)  # what `pipeline probe` does after the run: the report module draws from the results
     names = {p.name for p in run_dir.iterdir()}
-    assert {"configs.csv", "run.json", "metrics.json", "predictions.npz", "validation_subset.json", "summary.md",
-            "heatmap_pool1.png", "heatmap_pool4.png", "heads"} <= names
+    assert {
+        "configs.csv",
+        "run.json",
+        "metrics.json",
+        "predictions.npz",
+        "validation_subset.json",
+        "summary.md",
+        "heatmap_pool1.png",
+        "heatmap_pool4.png",
+        "heads",
+    } <= names
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert set(metrics["best"]) >= {"key", "blocks", "timesteps", "pool", "lr", "val_top1", "test_top1", "test_top5"}
     assert set(metrics["by_pool"]) == {"1", "4"}
@@ -296,11 +401,14 @@ def test_results_layout_and_metrics(separable_store, tmp_path):
 
 
 # -- bad inputs --------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("request_, fragment", [
-    ({"blocks": (7,)}, "block(s) 7 not stored"),
-    ({"timesteps": (10, 11)}, "block 1 has no timestep(s) 11"),
-    ({"pools": (3,)}, "cannot be read at pool 3"),
-])
+@pytest.mark.parametrize(
+    "request_, fragment",
+    [
+        ({"blocks": (7,)}, "block(s) 7 not stored"),
+        ({"timesteps": (10, 11)}, "block 1 has no timestep(s) 11"),
+        ({"pools": (3,)}, "cannot be read at pool 3"),
+    ],
+)
 def test_what_the_store_lacks_is_an_error_listing_what_it_has(digits_store, tmp_path, request_, fragment):
     with pytest.raises(ProbeInputError) as error:
         run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), **request_))
@@ -312,17 +420,24 @@ def test_what_the_store_lacks_is_an_error_listing_what_it_has(digits_store, tmp_
 
 def test_an_unfinished_store_is_refused_unless_allowed(tmp_path):
     features, labels = digits_features()
-    store = write_store(tmp_path / "partial.zarr", features, labels, pools=(1,),
-                        skip_chunks={("train", 1, 90): [2, 3, 4], ("val", 2, 10): [0]})
+    store = write_store(
+        tmp_path / "partial.zarr",
+        features,
+        labels,
+        pools=(1,),
+        skip_chunks={("train", 1, 90): [2, 3, 4], ("val", 2, 10): [0]},
+    )
     with pytest.raises(IncompleteStoreError) as error:
         run_probe(ProbeSettings(store=str(store), head="logreg", out=str(tmp_path / "r"), threads=1))
     assert "train block 1 timestep 90: chunks 2-4" in str(error.value)
     assert "val block 2 timestep 10: chunks 0" in str(error.value) and "--allow-incomplete" in str(error.value)
     # only the arrays a probe reads matter
-    run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), blocks=(2,), timesteps=(90,),
-                            threads=1))
-    result = run_probe(ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), allow_incomplete=True,
-                                     threads=1))
+    run_probe(
+        ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), blocks=(2,), timesteps=(90,), threads=1)
+    )
+    result = run_probe(
+        ProbeSettings(store=str(store), head="ridge", out=str(tmp_path / "r"), allow_incomplete=True, threads=1)
+    )
     assert result.record["samples"]["train"] == 1200
     assert result.record["samples"]["fit"] + result.record["samples"]["val"] == 1200 - 3 * 64
     assert result.record["samples"]["test"] == 597 - 64
@@ -378,8 +493,14 @@ def test_halving_retires_members_and_the_survivor_trains_as_it_would_alone(digit
         (chosen,) = [r for r in rows if r["selected"]]
         assert chosen["epochs"] == 10
         # the same member trained without the others, with the same seed, schedule and batches
-        alone = run_probe(ProbeSettings(out=str(tmp_path / key), lrs=(chosen["lr"],), halving=False,
-                                        **{**common, "blocks": (int(chosen["blocks"]),)}))
+        alone = run_probe(
+            ProbeSettings(
+                out=str(tmp_path / key),
+                lrs=(chosen["lr"],),
+                halving=False,
+                **{**common, "blocks": (int(chosen["blocks"]),)},
+            )
+        )
         (row,) = alone.rows
         assert row["val_top1"] == pytest.approx(chosen["val_top1"])
         assert row["test_top1"] == pytest.approx(chosen["test_top1"])
@@ -387,6 +508,16 @@ def test_halving_retires_members_and_the_survivor_trains_as_it_would_alone(digit
 
 
 def test_without_halving_every_member_trains_every_epoch(digits_store, tmp_path):
-    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(1,),
-                                     timesteps=(10,), pools=(2,), halving=False, **FAST))
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="linear",
+            out=str(tmp_path),
+            blocks=(1,),
+            timesteps=(10,),
+            pools=(2,),
+            halving=False,
+            **FAST,
+        )
+    )
     assert result.record["halving"] == [] and {r["epochs"] for r in result.rows} == {10}

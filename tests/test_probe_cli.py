@@ -19,8 +19,9 @@ from helpers import digits_features, write_store
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     features, labels = digits_features(n_train=600)
-    return write_store(tmp_path_factory.mktemp("cli") / "store.zarr", features, labels, pools=(1, 2),
-                       resolution={1: 8, 2: 8})
+    return write_store(
+        tmp_path_factory.mktemp("cli") / "store.zarr", features, labels, pools=(1, 2), resolution={1: 8, 2: 8}
+    )
 
 
 @pytest.fixture(scope="module")
@@ -28,19 +29,24 @@ def noise_store(tmp_path_factory):
     """The same layout with features that carry no class information (a "random" baseline)."""
     features, labels = digits_features(n_train=600)
     rng = np.random.default_rng(0)
-    noise = {key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()} for key,
-             value in features.items()}
+    noise = {
+        key: {s: rng.normal(size=v.shape).astype(np.float32) for s, v in value.items()}
+        for key, value in features.items()
+    }
     return write_store(tmp_path_factory.mktemp("cli") / "noise.zarr", noise, labels, pools=(1, 2))
 
 
 FAST = ["--epochs", "3", "--batch-size", "64", "--threads", "1"]
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("1e-3,0.01,0.1", (0.001, 0.01, 0.1)),
-    (" 1 , 2 ", (1.0, 2.0)),
-    ("0.5", (0.5,)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1e-3,0.01,0.1", (0.001, 0.01, 0.1)),
+        (" 1 , 2 ", (1.0, 2.0)),
+        ("0.5", (0.5,)),
+    ],
+)
 def test_parse_float_list(text, expected):
     assert parse_float_list(text) == expected
 
@@ -51,10 +57,18 @@ def test_parse_float_list_rejects(text):
         parse_float_list(text)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("auto", None), ("1024", 1024), ("2KB", 2048), ("512MB", 512 * 1024**2), ("8G", 8 * 1024**3),
-    ("1.5gb", int(1.5 * 1024**3)), ("4 GiB", 4 * 1024**3),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("auto", None),
+        ("1024", 1024),
+        ("2KB", 2048),
+        ("512MB", 512 * 1024**2),
+        ("8G", 8 * 1024**3),
+        ("1.5gb", int(1.5 * 1024**3)),
+        ("4 GiB", 4 * 1024**3),
+    ],
+)
 def test_parse_byte_size(text, expected):
     assert parse_byte_size(text) == expected
 
@@ -65,20 +79,41 @@ def test_parse_byte_size_rejects(text):
         parse_byte_size(text)
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("results/", ("results", "results/")),
-    ("results/pretrained", ("pretrained", "results/pretrained")),
-    ("pixels=runs/raw", ("pixels", "runs/raw")),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("results/", ("results", "results/")),
+        ("results/pretrained", ("pretrained", "results/pretrained")),
+        ("pixels=runs/raw", ("pixels", "runs/raw")),
+    ],
+)
 def test_parse_named_path(text, expected):
     assert parse_named(text) == expected
 
 
 def test_probe_command_runs_a_sweep_and_reports_the_choice(store, tmp_path):
     out = tmp_path / "results"
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--blocks", "1-2",
-                                       "--timesteps", "10,90", "--pool", "1,2", "--lr", "1e-3,1e-2", "--out", str(out),
-                                       *FAST])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "linear",
+            "--blocks",
+            "1-2",
+            "--timesteps",
+            "10,90",
+            "--pool",
+            "1,2",
+            "--lr",
+            "1e-3,1e-2",
+            "--out",
+            str(out),
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "chosen on validation" in result.output
     record = json.loads((out / "linear" / "run.json").read_text())
@@ -88,18 +123,60 @@ def test_probe_command_runs_a_sweep_and_reports_the_choice(store, tmp_path):
 
 
 def test_probe_command_without_halving_trains_every_learning_rate_to_the_end(store, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--blocks", "1",
-                                       "--timesteps", "10", "--pool", "1", "--lr", "1e-3,1e-2", "--no-halving",
-                                       "--out", str(tmp_path), *FAST])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "linear",
+            "--blocks",
+            "1",
+            "--timesteps",
+            "10",
+            "--pool",
+            "1",
+            "--lr",
+            "1e-3,1e-2",
+            "--no-halving",
+            "--out",
+            str(tmp_path),
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "linear" / "run.json").read_text())
     assert record["settings"]["halving"] is False and record["halving"] == []
 
 
 def test_probe_command_fuses_blocks_and_timesteps_into_one_attention_head(store, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "attention", "--blocks", "1,2",
-                                       "--timesteps", "10,90", "--pool", "2", "--fuse", "--dim", "16", "--depth", "1",
-                                       "--attention-heads", "2", "--out", str(tmp_path), *FAST])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "attention",
+            "--blocks",
+            "1,2",
+            "--timesteps",
+            "10,90",
+            "--pool",
+            "2",
+            "--fuse",
+            "--dim",
+            "16",
+            "--depth",
+            "1",
+            "--attention-heads",
+            "2",
+            "--out",
+            str(tmp_path),
+            *FAST,
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "attention_fused" / "metrics.json").read_text())
     assert metrics["best"]["key"] == "b1+2_t10+90_p2" and metrics["num_input_sets"] == 1
@@ -108,22 +185,27 @@ def test_probe_command_fuses_blocks_and_timesteps_into_one_attention_head(store,
 
 
 def test_probe_command_explains_what_the_store_lacks(store, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "logreg", "--blocks", "5",
-                                       "--out", str(tmp_path)])
+    result = CliRunner().invoke(
+        main, ["probe", "--store", str(store), "--head", "logreg", "--blocks", "5", "--out", str(tmp_path)]
+    )
     assert result.exit_code == 1
     assert "block(s) 5 not stored" in result.output and "block 2: timesteps [10, 90], pools [1, 2, " in result.output
     assert "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--pool", "1,x"], "comma list of integers"),
-    (["--lr", "fast"], "comma list of numbers"),
-    (["--memory-budget", "lots"], "is not a size"),
-    (["--blocks", "9-3"], "runs backwards"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--pool", "1,x"], "comma list of integers"),
+        (["--lr", "fast"], "comma list of numbers"),
+        (["--memory-budget", "lots"], "is not a size"),
+        (["--blocks", "9-3"], "runs backwards"),
+    ],
+)
 def test_probe_command_rejects_malformed_values(store, tmp_path, args, fragment):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
-                                       *args])
+    result = CliRunner().invoke(
+        main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path), *args]
+    )
     assert result.exit_code == 2 and fragment in result.output
 
 
@@ -131,12 +213,39 @@ def test_report_combines_named_result_sets(store, noise_store, tmp_path):
     runner = CliRunner()
     for name, source in (("pretrained", store), ("random_init", noise_store)):
         for head in ("linear", "knn"):
-            result = runner.invoke(main, ["probe", "--store", str(source), "--head", head, "--pool", "8",
-                                          "--lr", "1e-2", "--knn-k", "5,10", "--out", str(tmp_path / name), *FAST])
+            result = runner.invoke(
+                main,
+                [
+                    "probe",
+                    "--store",
+                    str(source),
+                    "--head",
+                    head,
+                    "--pool",
+                    "8",
+                    "--lr",
+                    "1e-2",
+                    "--knn-k",
+                    "5,10",
+                    "--out",
+                    str(tmp_path / name),
+                    *FAST,
+                ],
+            )
             assert result.exit_code == 0, result.output
     out = tmp_path / "report"
-    result = runner.invoke(main, ["report", "--results", str(tmp_path / "pretrained"),
-                                  "--results", f"random_init={tmp_path / 'random_init'}", "--out", str(out)])
+    result = runner.invoke(
+        main,
+        [
+            "report",
+            "--results",
+            str(tmp_path / "pretrained"),
+            "--results",
+            f"random_init={tmp_path / 'random_init'}",
+            "--out",
+            str(out),
+        ],
+    )
     assert result.exit_code == 0, result.output
     metrics = json.loads((out / "metrics.json").read_text())
     best = json.loads((out / "best.json").read_text())
@@ -156,8 +265,18 @@ def test_report_combines_named_result_sets(store, noise_store, tmp_path):
     assert len(list((out / "heatmaps").glob("*.png"))) == 4
     header = (out / "configs.csv").read_text().splitlines()[0]
     assert header.startswith("result_set,run,head,key")
-    duplicate = runner.invoke(main, ["report", "--results", f"a={tmp_path / 'pretrained'}",
-                                     "--results", f"a={tmp_path / 'random_init'}", "--out", str(out)])
+    duplicate = runner.invoke(
+        main,
+        [
+            "report",
+            "--results",
+            f"a={tmp_path / 'pretrained'}",
+            "--results",
+            f"a={tmp_path / 'random_init'}",
+            "--out",
+            str(out),
+        ],
+    )
     assert duplicate.exit_code == 2 and "distinct names" in duplicate.output
     missing = runner.invoke(main, ["report", "--results", str(tmp_path / "nothing"), "--out", str(out)])
     assert missing.exit_code == 1 and "no probe results" in missing.output
@@ -182,19 +301,40 @@ def test_report_rebuilds_from_result_files_alone(store, tmp_path):
         store.with_name("moved.zarr").rename(store)
 
 
-def test_probe_command_refuses_a_window_its_memory_budget_cannot_hold_and_runs_at_the_advised_one(store, tmp_path,
-                                                                                                 monkeypatch):
+def test_probe_command_refuses_a_window_its_memory_budget_cannot_hold_and_runs_at_the_advised_one(
+    store, tmp_path, monkeypatch
+):
     import stages.probe.plan as probe_plan
 
     monkeypatch.setattr(probe_plan, "process_floor", lambda torch_head: 500 << 20)  # the process, before features
-    args = ["probe", "--store", str(store), "--head", "linear", "--blocks", "1", "--timesteps", "10", "--pool", "1",
-            "--data-mode", "stream", "--memory-budget", f"{(500 << 20) + 400_000}",
-            "--out", str(tmp_path), *FAST]
+    args = [
+        "probe",
+        "--store",
+        str(store),
+        "--head",
+        "linear",
+        "--blocks",
+        "1",
+        "--timesteps",
+        "10",
+        "--pool",
+        "1",
+        "--data-mode",
+        "stream",
+        "--memory-budget",
+        f"{(500 << 20) + 400_000}",
+        "--out",
+        str(tmp_path),
+        *FAST,
+    ]
     refused = CliRunner().invoke(main, args)
     assert refused.exit_code == 1 and "Traceback" not in refused.output
     message = refused.output.strip()
-    assert len(message.splitlines()) == 1 and "b1_t10_p1 needs " in message and "(a 65536-sample shuffle window)" \
-        in message
+    assert (
+        len(message.splitlines()) == 1
+        and "b1_t10_p1 needs " in message
+        and "(a 65536-sample shuffle window)" in message
+    )
     window = message.split("pass --shuffle-window ")[1].split()[0]
     budget = message.rsplit("--memory-budget ", 1)[1]
     assert parse_byte_size(budget) > (500 << 20) + 400_000

@@ -66,8 +66,9 @@ def test_bank_members_train_independently():
         optimizer = torch.optim.AdamW(bank.param_groups(hypers))
         for _ in range(5):
             logits = bank([inputs])
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 4),
-                                                     y.repeat(bank.num_members)) * bank.num_members
+            loss = (
+                torch.nn.functional.cross_entropy(logits.reshape(-1, 4), y.repeat(bank.num_members)) * bank.num_members
+            )
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -89,11 +90,14 @@ def test_param_groups_carry_each_hyper_set():
     assert len(seen) == len(set(seen)) == len(list(bank.parameters()))
 
 
-@pytest.mark.parametrize("kind,inputs,options", [
-    ("cnn", [(3, 4), (2, 4)], {"width": 8}),
-    ("attention", [(3, 2), (5, 1), (2, 4)], {"dim": 8, "depth": 2, "heads": 2}),
-    ("mlp", [(3, 2)], {"hidden": [7]}),
-])
+@pytest.mark.parametrize(
+    "kind,inputs,options",
+    [
+        ("cnn", [(3, 4), (2, 4)], {"width": 8}),
+        ("attention", [(3, 2), (5, 1), (2, 4)], {"dim": 8, "depth": 2, "heads": 2}),
+        ("mlp", [(3, 2)], {"hidden": [7]}),
+    ],
+)
 def test_heads_take_pooled_grids_and_round_trip_through_safetensors(tmp_path, kind, inputs, options):
     torch.manual_seed(0)
     head = H.build_head(kind, inputs, 6, options).eval()
@@ -169,9 +173,11 @@ def test_knn_probe_answers_every_k_from_one_search_like_scikit_learn(digits):
 
 
 def test_grids_are_validated():
-    with pytest.raises(ValueError,
-                       match=r"The 'Cs' parameter of LogRegProbe must be a non-empty sequence of floats in the range "
-                             r"\(0.0, inf\). Got \(-1.0,\) instead."):
+    with pytest.raises(
+        ValueError,
+        match=r"The 'Cs' parameter of LogRegProbe must be a non-empty sequence of floats in the range "
+        r"\(0.0, inf\). Got \(-1.0,\) instead.",
+    ):
         LogRegProbe(Cs=(-1.0,)).fit(np.zeros((4, 2)), [0, 1, 0, 1])
     with pytest.raises(ValueError, match="integers"):
         check_grid("KNNProbe", "ks", (1.5,), integer=True)

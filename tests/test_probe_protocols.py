@@ -28,8 +28,9 @@ CS = (0.01, 0.1, 1.0, 10.0, 100.0)
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory) -> Path:
     features, labels = digits_features()
-    return write_store(tmp_path_factory.mktemp("digits") / "store.zarr", features, labels, pools=(4,),
-                       resolution={1: 16, 2: 16})
+    return write_store(
+        tmp_path_factory.mktemp("digits") / "store.zarr", features, labels, pools=(4,), resolution={1: 16, 2: 16}
+    )
 
 
 def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
@@ -49,8 +50,10 @@ def tuned_reference(store: FeatureStore, run_dir: Path, key: str) -> float:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             model = LogisticRegression(C=C, tol=1e-10, max_iter=10000).fit(standard[fit], y[fit])
-        score = (model.score(standard[val], y[val]), -log_loss(y[val], model.predict_proba(standard[val]),
-                                                               labels=model.classes_))
+        score = (
+            model.score(standard[val], y[val]),
+            -log_loss(y[val], model.predict_proba(standard[val]), labels=model.classes_),
+        )
         if best is None or score > best[0]:
             best = (score, model)
     return best[1].score((test.reshape(len(test), -1) - mean) / std, y_test)
@@ -63,8 +66,9 @@ def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(d
     docs/probes.md)."""
     store = FeatureStore.open(digits_store)
     # the noisier timestep (hardest features; every input set: bench/converge.py)
-    result = run_probe(ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,),
-                                     threads=1))
+    result = run_probe(
+        ProbeSettings(store=str(digits_store), head=head, out=str(tmp_path), Cs=CS, timesteps=(90,), threads=1)
+    )
     if head == "linear":
         assert result.record["settings"]["solver"] == "lbfgs" and result.record["halving"] == []
     chosen = [r for r in result.rows if r["selected"]]
@@ -76,13 +80,22 @@ def test_converged_heads_reach_a_converged_tuned_logistic_regression_on_digits(d
 def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
     settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))  # the default solver
     assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
-    assert settings.hypers(n_fit=50) == [{"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
-                                         {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)}]
+    assert settings.hypers(n_fit=50) == [
+        {"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
+        {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)},
+    ]
     # minibatch settings keep the minibatch solver and the registry's learning-rate grid
     assert ProbeSettings(store="s.zarr", head="linear", epochs=5).solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", data_mode="stream").solver == "minibatch"
-    for given in ({"lrs": (0.01,)}, {"optimizer": "sgd"}, {"batch_size": 64}, {"warmup": 0.0}, {"halving": False},
-                  {"batchnorm": True}, {"recipe": "diffssl"}):
+    for given in (
+        {"lrs": (0.01,)},
+        {"optimizer": "sgd"},
+        {"batch_size": 64},
+        {"warmup": 0.0},
+        {"halving": False},
+        {"batchnorm": True},
+        {"recipe": "diffssl"},
+    ):
         assert ProbeSettings(store="s.zarr", head="linear", **given).solver == "minibatch", given
     assert ProbeSettings(store="s.zarr", head="mlp").solver == "minibatch"
     assert ProbeSettings(store="s.zarr", head="linear", solver="minibatch").lrs is None
@@ -93,10 +106,21 @@ def test_dinov2_rows_are_dinov2s_published_settings():
     linear = protocol_settings("dinov2", "linear")
     assert DINOV2_LEARNING_RATES == (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
     assert linear["lrs"] == pytest.approx([lr * 128 / 256 for lr in DINOV2_LEARNING_RATES])  # scale_lr at batch 128
-    assert (linear["optimizer"], linear["weight_decays"], linear["warmup"], linear["epochs"], linear["batch_size"],
-            linear["halving"], linear["standardise"]) == ("sgd", (0.0,), 0.0, 10, 128, False, False)
-    assert protocol_settings("dinov2", "knn") == {"standardise": False, "ks": (10, 20, 100, 200), "vote": "softmax",
-                                                  "temperature": 0.07}
+    assert (
+        linear["optimizer"],
+        linear["weight_decays"],
+        linear["warmup"],
+        linear["epochs"],
+        linear["batch_size"],
+        linear["halving"],
+        linear["standardise"],
+    ) == ("sgd", (0.0,), 0.0, 10, 128, False, False)
+    assert protocol_settings("dinov2", "knn") == {
+        "standardise": False,
+        "ks": (10, 20, 100, 200),
+        "vote": "softmax",
+        "temperature": 0.07,
+    }
     assert len(DINOV2_CS) == 45 and DINOV2_CS[0] == pytest.approx(1e-6) and DINOV2_CS[-1] == pytest.approx(1e5)
     np.testing.assert_allclose(np.diff(np.log10(DINOV2_CS)), 11 / 44)
     assert protocol_settings("dinov2", "logreg") == {"standardise": False, "Cs": DINOV2_CS, "refit": True}
@@ -115,12 +139,16 @@ def test_a_protocol_fills_what_was_not_given():
 def test_protocol_diffssl_is_the_recipe():
     by_protocol = ProbeSettings(store="s.zarr", head="attention", protocol="diffssl")
     by_recipe = ProbeSettings(store="s.zarr", head="attention", recipe="diffssl")
-    assert {f.name: getattr(by_protocol, f.name) for f in fields(ProbeSettings) if f.name != "protocol"} == \
-        {f.name: getattr(by_recipe, f.name) for f in fields(ProbeSettings) if f.name != "protocol"}
+    assert {f.name: getattr(by_protocol, f.name) for f in fields(ProbeSettings) if f.name != "protocol"} == {
+        f.name: getattr(by_recipe, f.name) for f in fields(ProbeSettings) if f.name != "protocol"
+    }
     default = ProbeSettings(store="s.zarr", head="linear", protocol="default")
     assert default == ProbeSettings(store="s.zarr", head="linear", protocol=None).__class__(
-        **{**{f.name: getattr(ProbeSettings(store="s.zarr", head="linear"), f.name) for f in fields(ProbeSettings)},
-           "protocol": "default"})
+        **{
+            **{f.name: getattr(ProbeSettings(store="s.zarr", head="linear"), f.name) for f in fields(ProbeSettings)},
+            "protocol": "default",
+        }
+    )
 
 
 def test_every_protocol_setting_is_a_probe_setting():
@@ -129,16 +157,38 @@ def test_every_protocol_setting_is_a_probe_setting():
 
 
 def test_dinov2_protocol_runs_knn_and_logreg_on_raw_features(digits_store, tmp_path):
-    result = run_probe(ProbeSettings(store=str(digits_store), head="logreg", protocol="dinov2", out=str(tmp_path),
-                                     blocks=(1,), timesteps=(10,), threads=1, Cs=DINOV2_CS[20:24]))
+    result = run_probe(
+        ProbeSettings(
+            store=str(digits_store),
+            head="logreg",
+            protocol="dinov2",
+            out=str(tmp_path),
+            blocks=(1,),
+            timesteps=(10,),
+            threads=1,
+            Cs=DINOV2_CS[20:24],
+        )
+    )
     assert result.record["settings"]["protocol"] == "dinov2" and result.record["settings"]["standardise"] is False
     assert 0.5 < result.metrics["best"]["test_top1"] <= 1.0
 
 
 # -- bad input --------------------------------------------------------------------------------------------
 def test_an_unknown_protocol_is_a_one_line_error_listing_them(digits_store, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--store", str(digits_store), "--head", "knn", "--protocol", "dino",
-                                       "--out", str(tmp_path / "results")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(digits_store),
+            "--head",
+            "knn",
+            "--protocol",
+            "dino",
+            "--out",
+            str(tmp_path / "results"),
+        ],
+    )
     assert result.exit_code == 1
     message = result.output.strip()
     assert "\n" not in message and "'protocol'" in message and "default, diffssl, dinov2" in message, message
@@ -157,8 +207,7 @@ def test_lbfgs_with_settings_it_cannot_serve_is_an_error():
 def test_the_c_path_stops_past_each_input_sets_validation_peak(digits_store, tmp_path):
     """Along the default C grid (strongest first, blocks of 5) an input set stops 3 C values past its validation
     peak: the C values it trained are a prefix of the path, the rest are recorded untrained and never chosen."""
-    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(2,),
-                                     threads=1))
+    result = run_probe(ProbeSettings(store=str(digits_store), head="linear", out=str(tmp_path), blocks=(2,), threads=1))
     assert result.record["settings"]["solver"] == "lbfgs"
     for key in {r["key"] for r in result.rows}:
         path = sorted((r for r in result.rows if r["key"] == key), key=lambda r: -r["weight_decay"])

@@ -69,8 +69,9 @@ class PaperFusion(nn.Module):
         pre = {}
         for b in blocks:
             size = min(sizes[b], pre_pool_size)
-            pre[str(b)] = nn.Sequential(nn.AdaptiveAvgPool2d(size), nn.LayerNorm([dims[b], size, size]),
-                                        nn.Conv2d(dims[b], dim, 1))
+            pre[str(b)] = nn.Sequential(
+                nn.AdaptiveAvgPool2d(size), nn.LayerNorm([dims[b], size, size]), nn.Conv2d(dims[b], dim, 1)
+            )
         self.pre_layer = nn.ModuleDict(pre)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.Sequential(*[PaperBlock(dim, heads, 4.0) for _ in range(depth)])
@@ -80,8 +81,10 @@ class PaperFusion(nn.Module):
     def forward(self, feats):  # feats[t_idx][b_idx]: (B, C, H, W)
         out = []
         for t_idx in range(len(self.t_list)):
-            tokens = [self.pre_layer[str(b)](feats[t_idx][i]).flatten(2).transpose(1, 2)
-                      for i, b in enumerate(self.block_list)]
+            tokens = [
+                self.pre_layer[str(b)](feats[t_idx][i]).flatten(2).transpose(1, 2)
+                for i, b in enumerate(self.block_list)
+            ]
             x = torch.cat(tokens, dim=1)
             x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
             out.append(self.blocks(x)[:, 0])
@@ -132,8 +135,14 @@ def test_attention_head_and_fusion_compute_the_papers_function(blocks, t_list):
 
 def test_recipe_settings_and_explicit_overrides():
     s = ProbeSettings(store="x", head="linear", recipe="diffssl")
-    assert (s.epochs, s.batch_size, s.lrs, s.weight_decays, s.optimizer, s.halving) == (28, 128, (1e-2,), (0.0,), "sgd",
-                                                                                      False)
+    assert (s.epochs, s.batch_size, s.lrs, s.weight_decays, s.optimizer, s.halving) == (
+        28,
+        128,
+        (1e-2,),
+        (0.0,),
+        "sgd",
+        False,
+    )
     assert ProbeSettings(store="x", head="linear", recipe="diffssl", epochs=5, lrs=(0.1,)).epochs == 5
     a = ProbeSettings(store="x", head="attention", recipe="diffssl")
     assert a.spec.name == "diffssl-attention" and (a.lrs, a.dim, a.attention_heads, a.depth) == ((5e-2,), 1024, 8, 2)
@@ -145,8 +154,12 @@ def test_recipe_settings_and_explicit_overrides():
 
 def test_recipe_batches_drop_the_last_partial_batch():
     labels = np.zeros(300, np.int64)
-    samples = Samples(Rows("train", labels, np.arange(300)), Rows("train", labels, np.arange(0)),
-                      Rows("val", labels, np.arange(3)), 64)
+    samples = Samples(
+        Rows("train", labels, np.arange(300)),
+        Rows("train", labels, np.arange(0)),
+        Rows("val", labels, np.arange(3)),
+        64,
+    )
     windows = epoch_schedule(samples, 100, 128, 0, 0, drop_last=True)
     sizes = [len(b) for w in windows for b in w.batches]
     assert sizes == [128, 128]
@@ -166,14 +179,25 @@ def store(tiny_model, tmp_path_factory):
     root = tmp_path_factory.mktemp("recipe")
     data = make_image_folder(root / "data", counts={"train": 40, "val": 12})
     out = root / "s.zarr"
-    run_extract(ExtractConfig(model=str(tiny_model), data=str(data), out=str(out), blocks=(3,), timesteps=(10,),
-                              pools=(1, 4), chunk_samples=16), progress=False)
+    run_extract(
+        ExtractConfig(
+            model=str(tiny_model),
+            data=str(data),
+            out=str(out),
+            blocks=(3,),
+            timesteps=(10,),
+            pools=(1, 4),
+            chunk_samples=16,
+        ),
+        progress=False,
+    )
     return out
 
 
 def test_linear_recipe_schedule_and_raw_features(store, tmp_path):
-    result = run_probe(ProbeSettings(store=str(store), head="linear", recipe="diffssl", pools=(1,), batch_size=8,
-                                     out=str(tmp_path)))
+    result = run_probe(
+        ProbeSettings(store=str(store), head="linear", recipe="diffssl", pools=(1,), batch_size=8, out=str(tmp_path))
+    )
     assert len(result.rows) == 1 and result.record["recipe"] == "diffssl" and result.record["epochs"] == 28
     config = json.loads((result.run_dir / "heads" / "b3_t10_p1.json").read_text())
     expected = [recipe_lr(1e-2, e) for e in range(28)]
@@ -181,14 +205,26 @@ def test_linear_recipe_schedule_and_raw_features(store, tmp_path):
     assert config["lr_per_epoch"][6] == pytest.approx(1e-2) and config["lr_per_epoch"][7] == pytest.approx(1e-3)
     assert config["lr_per_epoch"][27] == pytest.approx(1e-5)
     probe, _ = load_probe(result.run_dir / "heads" / "b3_t10_p1")
-    assert torch.equal(probe.mean0, torch.zeros_like(probe.mean0)) and torch.equal(probe.std0,
-                                                                                   torch.ones_like(probe.std0))
+    assert torch.equal(probe.mean0, torch.zeros_like(probe.mean0)) and torch.equal(
+        probe.std0, torch.ones_like(probe.std0)
+    )
     assert result.record["settings"]["optimizer"] == "sgd" and result.record["settings"]["weight_decays"] == (0.0,)
 
 
 def test_attention_recipe_trains_the_papers_head(store, tmp_path):
-    result = run_probe(ProbeSettings(store=str(store), head="attention", recipe="diffssl", pools=(4,), batch_size=8,
-                                     epochs=2, dim=16, attention_heads=2, out=str(tmp_path)))
+    result = run_probe(
+        ProbeSettings(
+            store=str(store),
+            head="attention",
+            recipe="diffssl",
+            pools=(4,),
+            batch_size=8,
+            epochs=2,
+            dim=16,
+            attention_heads=2,
+            out=str(tmp_path),
+        )
+    )
     probe, config = load_probe(result.run_dir / "heads" / "b3_t10_p4")
     assert config["kind"] == "diffssl-attention" and isinstance(probe.head, DiffSSLAttention)
     assert config["lr_per_epoch"] == pytest.approx([5e-2, 5e-2])

@@ -79,8 +79,9 @@ def reference(directory, data, paths, t, *, prompts=None, labels=None):
     z0 = pipe.vae.encode(x0).latent * pipe.vae.config.scaling_factor
     eps = eps_for(z0, t)
     if prompts:  # a prompt, as the pipeline encodes one: its default complex human instruction first
-        embeds, mask, _, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
-                                                complex_human_instruction=instruction())
+        embeds, mask, _, _ = pipe.encode_prompt(
+            prompts, do_classifier_free_guidance=False, complex_human_instruction=instruction()
+        )
         embeds, mask = embeds[torch.as_tensor(labels)], mask[torch.as_tensor(labels)]
     else:  # the empty prompt: the unconditional (classifier-free guidance) branch
         _, _, embeds, mask = pipe.encode_prompt("", do_classifier_free_guidance=True, negative_prompt="")
@@ -109,8 +110,13 @@ def assert_matches(store, directory, data, timesteps=TIMESTEPS, **options):
                 assert features.shape[1:] == (row["channels"], row["resolution"], row["resolution"]), row
                 for pool in POOLS:
                     expected = F.adaptive_avg_pool2d(features, min(pool, row["resolution"])).numpy()
-                    np.testing.assert_allclose(store.read(split, row["number"], t, pool=pool), expected, rtol=1e-5,
-                                               atol=1e-5, err_msg=f"{split} block {row['number']} t={t}")
+                    np.testing.assert_allclose(
+                        store.read(split, row["number"], t, pool=pool),
+                        expected,
+                        rtol=1e-5,
+                        atol=1e-5,
+                        err_msg=f"{split} block {row['number']} t={t}",
+                    )
 
 
 # -- parity -----------------------------------------------------------------------------------------------------
@@ -144,8 +150,19 @@ def test_the_pass_stops_after_the_deepest_block(sana, images, tmp_path):
     ran = []
     for i, block in enumerate(model.network.transformer_blocks):
         block.register_forward_pre_hook(lambda m, args, i=i: ran.append(i))
-    run_extract(ExtractConfig(model=str(sana), data=str(images), out=str(tmp_path / "u.zarr"), blocks=(2,),
-                              timesteps=(10,), splits=("val",), batch_size=8), progress=False, model=model)
+    run_extract(
+        ExtractConfig(
+            model=str(sana),
+            data=str(images),
+            out=str(tmp_path / "u.zarr"),
+            blocks=(2,),
+            timesteps=(10,),
+            splits=("val",),
+            batch_size=8,
+        ),
+        progress=False,
+        model=model,
+    )
     assert ran == [0]  # block 2 is transformer_blocks.0: transformer_blocks.1 never runs
 
 
@@ -180,7 +197,7 @@ def test_a_dpm_solver_flow_scheduler_noises_as_its_add_noise(tmp_path):
         sigma = float(dpm.sigmas[k])
         s = 1 - np.linspace(1, 1 / 1000, 1001)[::-1][k]  # the unshifted sigma of that step
         assert sigma == pytest.approx(3.0 * s / (1 + 2.0 * s), rel=1e-5)
-        torch.testing.assert_close(dpm.add_noise(z0, eps, dpm.timesteps[k:k + 1]), (1 - sigma) * z0 + sigma * eps)
+        torch.testing.assert_close(dpm.add_noise(z0, eps, dpm.timesteps[k : k + 1]), (1 - sigma) * z0 + sigma * eps)
     for t in (0, 261, 999):  # and ours: the same formula on the training grid s = (t + 1) / N
         s = (t + 1) / 1000
         assert model.noise_scales(t)[1] == pytest.approx(3.0 * s / (1 + 2.0 * s), rel=1e-6)
@@ -218,8 +235,9 @@ def test_feature_norm_layernorm_normalises_each_token(store, sana, images, tmp_p
     full = reference(sana, images, normed_store.paths("val"), 261)["transformer_blocks.1"]
     tokens = full.flatten(2).transpose(1, 2)
     normed = F.layer_norm(tokens, (tokens.shape[-1],), eps=1e-6).transpose(1, 2).reshape(full.shape)
-    np.testing.assert_allclose(normed_store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        normed_store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(), rtol=1e-5, atol=1e-5
+    )
     assert "feature_norm" not in store.attrs["model"]
 
 
@@ -241,10 +259,21 @@ def test_offload_text_changes_nothing_stored(device, store, sana, images, tmp_pa
         assert model.offload_text is (offload == "text")
         seen = []
         model.encoders[0][1].register_forward_pre_hook(lambda m, args, seen=seen: seen.append(args[0].device.type))
-        stores[offload] = extract(sana, images, tmp_path / f"{offload}.zarr", blocks=(2, 3), timesteps=(261,),
-                                  device=device, offload=offload)
-        run_extract(ExtractConfig(model=str(sana), data=str(images), out=str(tmp_path / f"{offload}-m.zarr"),
-                                  blocks=(2,), timesteps=(261,), device=device), progress=False, model=model)
+        stores[offload] = extract(
+            sana, images, tmp_path / f"{offload}.zarr", blocks=(2, 3), timesteps=(261,), device=device, offload=offload
+        )
+        run_extract(
+            ExtractConfig(
+                model=str(sana),
+                data=str(images),
+                out=str(tmp_path / f"{offload}-m.zarr"),
+                blocks=(2,),
+                timesteps=(261,),
+                device=device,
+            ),
+            progress=False,
+            model=model,
+        )
         assert seen == ["cpu" if offload == "text" else device]  # where Gemma-2 ran, once
     for block in (2, 3):
         for split in ("train", "val"):
@@ -260,13 +289,34 @@ def test_offload_text_changes_nothing_stored(device, store, sana, images, tmp_pa
 def test_dry_run_counts_the_text_encoder_where_it_runs(sana, images, tmp_path):
     outputs = {}
     for flags in ([], ["--offload", "none"]):
-        result = CliRunner().invoke(main, ["extract", "--model", str(sana), "--data", str(images), "--out",
-                                           str(tmp_path / "x.zarr"), "--blocks", "3", "--timesteps", "10,500",
-                                           "--precision", "bf16", "--dry-run", *flags])
+        result = CliRunner().invoke(
+            main,
+            [
+                "extract",
+                "--model",
+                str(sana),
+                "--data",
+                str(images),
+                "--out",
+                str(tmp_path / "x.zarr"),
+                "--blocks",
+                "3",
+                "--timesteps",
+                "10,500",
+                "--precision",
+                "bf16",
+                "--dry-run",
+                *flags,
+            ],
+        )
         assert result.exit_code == 0, result.output
         outputs[bool(flags)] = result.output
-    for fragment in ("memory (estimate; bf16):", "SanaTransformer2DModel", "per batch row (64 image + 0 text tokens "
-                     "x width 8 x 20)", "text encoders"):
+    for fragment in (
+        "memory (estimate; bf16):",
+        "SanaTransformer2DModel",
+        "per batch row (64 image + 0 text tokens x width 8 x 20)",
+        "text encoders",
+    ):
         assert fragment in outputs[False] and fragment in outputs[True]
     assert "never on the GPU (--offload text)" in outputs[False]
     assert "on the device in float32" in outputs[True] and "never on the GPU" not in outputs[True]
@@ -286,18 +336,30 @@ def _scheduler(path, **changes):
     return path
 
 
-@pytest.mark.parametrize("setup, flags, fragment", [
-    (lambda d: make_sana_dir(d, skip=("text_encoder",)), [],
-     "the Sana pipeline directory lacks text_encoder/ (Gemma-2)"),
-    (lambda d: make_sana_dir(d, skip=("tokenizer",)), [], "the Sana pipeline directory lacks tokenizer/"),
-    (lambda d: _set_class(make_sana_dir(d), "transformer", "SanaVideoTransformer3DModel"), [],
-     "its transformer/ class SanaVideoTransformer3DModel is not supported; supported: "),
-    (lambda d: make_sana_dir(d, guidance_embeds=True), [], "(Sana-Sprint, few-step distilled) is not supported"),
-    (lambda d: _scheduler(make_sana_dir(d, scheduler="dpm"), use_flow_sigmas=False), [],
-     "DPMSolverMultistepScheduler without flow sigmas"),
-    (lambda d: make_sana_dir(d), ["--guidance", "2"], "--guidance applies to FLUX.1 pipelines only"),
-    (lambda d: make_sana_dir(d), ["--timesteps", "1000"], "outside [0, 1000)"),
-])
+@pytest.mark.parametrize(
+    "setup, flags, fragment",
+    [
+        (
+            lambda d: make_sana_dir(d, skip=("text_encoder",)),
+            [],
+            "the Sana pipeline directory lacks text_encoder/ (Gemma-2)",
+        ),
+        (lambda d: make_sana_dir(d, skip=("tokenizer",)), [], "the Sana pipeline directory lacks tokenizer/"),
+        (
+            lambda d: _set_class(make_sana_dir(d), "transformer", "SanaVideoTransformer3DModel"),
+            [],
+            "its transformer/ class SanaVideoTransformer3DModel is not supported; supported: ",
+        ),
+        (lambda d: make_sana_dir(d, guidance_embeds=True), [], "(Sana-Sprint, few-step distilled) is not supported"),
+        (
+            lambda d: _scheduler(make_sana_dir(d, scheduler="dpm"), use_flow_sigmas=False),
+            [],
+            "DPMSolverMultistepScheduler without flow sigmas",
+        ),
+        (lambda d: make_sana_dir(d), ["--guidance", "2"], "--guidance applies to FLUX.1 pipelines only"),
+        (lambda d: make_sana_dir(d), ["--timesteps", "1000"], "outside [0, 1000)"),
+    ],
+)
 def test_bad_pipelines_and_options_are_one_line_errors(setup, flags, fragment, images, tmp_path):
     model = setup(tmp_path / "pipe")
     args = ["extract", "--model", str(model), "--data", str(images), "--out", str(tmp_path / "x.zarr"), "--blocks", "2"]
@@ -313,7 +375,21 @@ def test_offload_on_a_model_without_text_encoders_is_refused(images, tmp_path):
     from latent_models import make_dit_dir
 
     dit = make_dit_dir(tmp_path / "dit")
-    result = CliRunner().invoke(main, ["extract", "--model", str(dit), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--offload", "none", "--timesteps", "10"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(dit),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--offload",
+            "none",
+            "--timesteps",
+            "10",
+        ],
+    )
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
     assert "--offload none: it applies to" in result.output and "leave --offload out" in result.output

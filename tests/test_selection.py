@@ -30,8 +30,14 @@ def store(tmp_path_factory) -> FeatureStore:
         for t in (10, 90):
             features.setdefault((1, t), {})[split] = rng.normal(size=(n, 2, 4, 4)).astype(np.float32)
         features.setdefault((2, 10), {})[split] = rng.normal(size=(n, 3, 2, 2)).astype(np.float32)
-    path = write_store(tmp_path_factory.mktemp("selection") / "s.zarr", features, labels, resolution=RESOLUTION,
-                       pools=(1, 2, 4), chunk_samples=4)
+    path = write_store(
+        tmp_path_factory.mktemp("selection") / "s.zarr",
+        features,
+        labels,
+        resolution=RESOLUTION,
+        pools=(1, 2, 4),
+        chunk_samples=4,
+    )
     return FeatureStore.open(path)
 
 
@@ -40,8 +46,9 @@ def test_defaults_are_everything_the_store_holds_at_its_extracted_pools(store):
     assert selection.arrays == ((1, 10), (1, 90), (2, 10)) and selection.pools == (1, 2, 4)
     assert selection.split is None and selection.stored_split is None and selection.views == 1
     # pool-major, then blocks and timesteps in the store's order
-    assert [(i.pool, i.block, i.timestep) for i in selection.inputs] == \
-        [(p, b, t) for p in (1, 2, 4) for b, t in ((1, 10), (1, 90), (2, 10))]
+    assert [(i.pool, i.block, i.timestep) for i in selection.inputs] == [
+        (p, b, t) for p in (1, 2, 4) for b, t in ((1, 10), (1, 90), (2, 10))
+    ]
     assert selection.blocks == [1, 2] and [i.array for i in selection.at(2)] == [(1, 10), (1, 90), (2, 10)]
 
 
@@ -87,8 +94,11 @@ def test_the_commands_keep_their_rule_for_pools_above_the_resolution(store):
     from stages.probe.settings import ProbeSettings
 
     combos = plan_combos(store, ProbeSettings(store=store.path, head="linear", blocks=(2,), pools=(2, 4, 16)))
-    assert [(c.key, c.shapes) for c in combos] == [("b2_t10_p2", ((3, 2),)), ("b2_t10_p4", ((3, 2),)),
-                                                   ("b2_t10_p16", ((3, 2),))]
+    assert [(c.key, c.shapes) for c in combos] == [
+        ("b2_t10_p2", ((3, 2),)),
+        ("b2_t10_p4", ((3, 2),)),
+        ("b2_t10_p16", ((3, 2),)),
+    ]
     settings = CkaSettings(stores=(("a", store.path),), out="unused", pools=(2, 4), split="val")
     with pytest.raises(CkaInputError) as error:
         resolve_features({"a": store}, settings)
@@ -101,13 +111,16 @@ def test_a_pool_the_stored_grid_cannot_give_exactly_is_refused(store):
     assert error.value.problems == (Unavailable("pool", (3,), (1, 2, 4), block=1, grid=4),)
 
 
-@pytest.mark.parametrize("request_, problem", [
-    ({"blocks": [1, 7]}, Unavailable("block", (7,), (1, 2))),
-    ({"timesteps": [10, 50]}, Unavailable("timestep", (50,), (10, 90), block=1)),
-    ({"split": "test"}, Unavailable("split", ("test",), ("train", "val"))),
-    ({"split": "val", "view": 1}, Unavailable("view", (1,), (0,), split="val")),
-    ({"split": "train", "view": 2}, Unavailable("view", (2,), (0, 1), split="train")),
-])
+@pytest.mark.parametrize(
+    "request_, problem",
+    [
+        ({"blocks": [1, 7]}, Unavailable("block", (7,), (1, 2))),
+        ({"timesteps": [10, 50]}, Unavailable("timestep", (50,), (10, 90), block=1)),
+        ({"split": "test"}, Unavailable("split", ("test",), ("train", "val"))),
+        ({"split": "val", "view": 1}, Unavailable("view", (1,), (0,), split="val")),
+        ({"split": "train", "view": 2}, Unavailable("view", (2,), (0, 1), split="train")),
+    ],
+)
 def test_what_the_store_lacks_is_a_typed_error_saying_what_it_has(store, request_, problem):
     with pytest.raises(SelectionError) as error:
         store.select(**request_)
@@ -164,8 +177,15 @@ RESOLUTION_NAMES = ("resolution",)
 
 def mentions(node: ast.AST, words: tuple[str, ...]) -> bool:
     for sub in ast.walk(node):
-        text = (sub.id if isinstance(sub, ast.Name) else sub.attr if isinstance(sub, ast.Attribute) else
-                sub.value if isinstance(sub, ast.Constant) and isinstance(sub.value, str) else "")
+        text = (
+            sub.id
+            if isinstance(sub, ast.Name)
+            else sub.attr
+            if isinstance(sub, ast.Attribute)
+            else sub.value
+            if isinstance(sub, ast.Constant) and isinstance(sub.value, str)
+            else ""
+        )
         if any(word in text for word in words):
             return True
     return False
@@ -176,19 +196,38 @@ def violations(source: str) -> list[str]:
     name of a view's split (the separator, `VIEW_MARK`, `parse_view_split`)."""
     found = []
     tree = ast.parse(source)
-    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
-                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
-                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    docstrings = {
+        id(node.body[0].value)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        and node.body
+        and isinstance(node.body[0], ast.Expr)
+        and isinstance(node.body[0].value, ast.Constant)
+    }
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
-                and any(mentions(arg, RESOLUTION_NAMES) for arg in node.args):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("min", "max")
+            and any(mentions(arg, RESOLUTION_NAMES) for arg in node.args)
+        ):
             found.append(f"line {node.lineno}: {node.func.id}() of a resolution")
-        if isinstance(node, ast.Constant) and isinstance(node.value, str) and "@view" in node.value \
-                and id(node) not in docstrings:
+        if (
+            isinstance(node, ast.Constant)
+            and isinstance(node.value, str)
+            and "@view" in node.value
+            and id(node) not in docstrings
+        ):
             found.append(f"line {node.lineno}: the view separator")
-        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else \
-            next((a.name for a in node.names if a.name in ("VIEW_MARK", "parse_view_split")), "") \
-            if isinstance(node, ast.ImportFrom) else ""
+        name = (
+            node.id
+            if isinstance(node, ast.Name)
+            else node.attr
+            if isinstance(node, ast.Attribute)
+            else next((a.name for a in node.names if a.name in ("VIEW_MARK", "parse_view_split")), "")
+            if isinstance(node, ast.ImportFrom)
+            else ""
+        )
         if name in ("VIEW_MARK", "parse_view_split"):
             found.append(f"line {node.lineno}: {name}")
     return found
@@ -215,7 +254,9 @@ def test_no_module_outside_cache_holds_the_pool_rule_or_the_view_names():
 
 
 def test_in_cache_the_rule_is_written_once():
-    found = {path.relative_to(REPO).as_posix(): [p for p in violations(path.read_text()) if "resolution" in p]
-             for path in sorted((REPO / "cache").glob("*.py"))}
+    found = {
+        path.relative_to(REPO).as_posix(): [p for p in violations(path.read_text()) if "resolution" in p]
+        for path in sorted((REPO / "cache").glob("*.py"))
+    }
     found = {path: lines for path, lines in found.items() if lines}
     assert list(found) == ["cache/pooling.py"] and len(found["cache/pooling.py"]) == 1  # `read_grid`

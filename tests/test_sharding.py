@@ -21,13 +21,15 @@ ARGS = ["--blocks", "3,5", "--pool", "1", "--batch-size", "4", "--chunk-samples"
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
-    return make_image_folder(tmp_path_factory.mktemp("shards") / "images", counts={"train": 18, "val": 5}, classes=2,
-                             seed=8)
+    return make_image_folder(
+        tmp_path_factory.mktemp("shards") / "images", counts={"train": 18, "val": 5}, classes=2, seed=8
+    )
 
 
 def extract(model, data, out, *extra):
-    result = CliRunner().invoke(main, ["extract", "--model", str(model), "--data", str(data), "--out", str(out), *ARGS,
-                                       *extra])
+    result = CliRunner().invoke(
+        main, ["extract", "--model", str(model), "--data", str(data), "--out", str(out), *ARGS, *extra]
+    )
     assert result.exit_code == 0, result.output
     return result
 
@@ -75,9 +77,26 @@ def test_a_store_made_before_sharding_reads_resumes_and_grows_unsharded(tiny_mod
 
 def test_dry_run_counts_objects_and_passes_per_process(tiny_model, data, tmp_path):
     out = tmp_path / "s.zarr"
-    result = CliRunner().invoke(main, ["extract", "--model", str(tiny_model), "--data", str(data), "--out", str(out),
-                                       *ARGS, "--timesteps", "10,90", "--shard-samples", "8", "--nproc", "2",
-                                       "--dry-run"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(tiny_model),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *ARGS,
+            "--timesteps",
+            "10,90",
+            "--shard-samples",
+            "8",
+            "--nproc",
+            "2",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "train: 18 images in 3 shards" in result.output and "per process (of 2): 5, 4" in result.output
     assert "objects" in result.output and not out.exists()

@@ -111,6 +111,7 @@ def ref_cka(x, y, unbiased, eps):
 def ref_svcca(x, y, d):
     """Raghu et al.: standardise, keep the top-d SVD directions (the data projected on them), then the
     canonical correlations: singular values of Sxx^-1/2 Sxy Syy^-1/2; their mean."""
+
     def reduce(a):
         a = (a - a.mean(0)) / (a.std(0, ddof=1) + 1e-8)
         _, _, vt = np.linalg.svd(a, full_matrices=False)
@@ -143,12 +144,19 @@ def ref_minibatch(x, y, batches):
 def reference(metric, x, y, *, k=5, d=4, batches=None):
     if metric in ("linear", "rbf"):
         return cka_reference(x, y, metric)
-    return {"debiased": lambda: ref_cka(x, y, True, 0.0), "cka": lambda: ref_cka(x, y, False, 1e-6),
-            "unbiased_cka": lambda: ref_cka(x, y, True, 1e-6), "minibatch": lambda: ref_minibatch(x, y, batches),
-            "cknna": lambda: ref_cknna(x, y, k), "mutual_knn": lambda: ref_mutual(x, y, k),
-            "cycle_knn": lambda: ref_cycle(x, y, k), "lcs_knn": lambda: ref_lcs(x, y, k),
-            "edit_distance_knn": lambda: ref_edit(x, y, k), "svcca": lambda: ref_svcca(x, y, d),
-            "procrustes": lambda: ref_procrustes(x, y)}[metric]()
+    return {
+        "debiased": lambda: ref_cka(x, y, True, 0.0),
+        "cka": lambda: ref_cka(x, y, False, 1e-6),
+        "unbiased_cka": lambda: ref_cka(x, y, True, 1e-6),
+        "minibatch": lambda: ref_minibatch(x, y, batches),
+        "cknna": lambda: ref_cknna(x, y, k),
+        "mutual_knn": lambda: ref_mutual(x, y, k),
+        "cycle_knn": lambda: ref_cycle(x, y, k),
+        "lcs_knn": lambda: ref_lcs(x, y, k),
+        "edit_distance_knn": lambda: ref_edit(x, y, k),
+        "svcca": lambda: ref_svcca(x, y, d),
+        "procrustes": lambda: ref_procrustes(x, y),
+    }[metric]()
 
 
 def pair(seed=0, n=47, p=12, q=8):
@@ -160,8 +168,7 @@ def pair(seed=0, n=47, p=12, q=8):
 
 
 def params(k=5, d=4, n=47, budget=1 << 26, grams=False):
-    return Parameters(topk=k, cca_dim=d, batches=(np.arange(0, n, 2), np.arange(1, n, 2)), budget=budget,
-                      grams=grams)
+    return Parameters(topk=k, cca_dim=d, batches=(np.arange(0, n, 2), np.arange(1, n, 2)), budget=budget, grams=grams)
 
 
 def sides(x, y, how="clamp-l2", **kw):
@@ -181,8 +188,9 @@ def test_every_metric_matches_its_definition(metric, how, grams):
     rel = 1e-9 if metric == "rbf" else 1e-10
     expected = reference(metric, a.x, b.x, batches=a.params.batches)
     assert score(metric, a, b) == pytest.approx(expected, rel=rel, abs=1e-13)
-    assert score(metric, b, a) == pytest.approx(reference(metric, b.x, a.x, batches=a.params.batches), rel=rel,
-                                                abs=1e-13)
+    assert score(metric, b, a) == pytest.approx(
+        reference(metric, b.x, a.x, batches=a.params.batches), rel=rel, abs=1e-13
+    )
 
 
 def test_svcca_agrees_with_scikit_learn_cca_as_platonic_rep_computes_it():
@@ -276,12 +284,19 @@ def test_k_must_be_less_than_n():
 # each column, so it ignores any column scaling, not rotations in general... except that CCA is invariant to
 # any invertible map of the reduced space: orthogonal maps keep the top-d subspace.
 INVARIANT = {
-    "linear": {"orthogonal", "scale", "shift"}, "debiased": {"orthogonal", "scale", "shift"},
-    "minibatch": {"orthogonal", "scale", "shift"}, "rbf": {"orthogonal", "scale", "shift"},
-    "cka": {"orthogonal", "shift"}, "unbiased_cka": {"orthogonal", "shift"},  # + 1e-6: not exactly scale
-    "cknna": {"orthogonal"}, "mutual_knn": {"orthogonal", "scale"}, "cycle_knn": {"orthogonal", "scale"},
-    "lcs_knn": {"orthogonal", "scale"}, "edit_distance_knn": {"orthogonal", "scale"},
-    "svcca": {"scale", "shift", "anisotropic"}, "procrustes": {"orthogonal", "scale", "shift"},
+    "linear": {"orthogonal", "scale", "shift"},
+    "debiased": {"orthogonal", "scale", "shift"},
+    "minibatch": {"orthogonal", "scale", "shift"},
+    "rbf": {"orthogonal", "scale", "shift"},
+    "cka": {"orthogonal", "shift"},
+    "unbiased_cka": {"orthogonal", "shift"},  # + 1e-6: not exactly scale
+    "cknna": {"orthogonal"},
+    "mutual_knn": {"orthogonal", "scale"},
+    "cycle_knn": {"orthogonal", "scale"},
+    "lcs_knn": {"orthogonal", "scale"},
+    "edit_distance_knn": {"orthogonal", "scale"},
+    "svcca": {"scale", "shift", "anisotropic"},
+    "procrustes": {"orthogonal", "scale", "shift"},
 }
 
 
@@ -290,8 +305,7 @@ def test_invariances_each_metric_claims_and_those_it_does_not(metric):
     x, y = pair(seed=2, n=60, p=8, q=8)
     rng = np.random.default_rng(4)
     q, _ = np.linalg.qr(rng.normal(size=(8, 8)))
-    transforms = {"orthogonal": x @ q, "scale": 3.7 * x, "shift": x + 2.0,
-                  "anisotropic": x * np.linspace(0.2, 5, 8)}
+    transforms = {"orthogonal": x @ q, "scale": 3.7 * x, "shift": x + 2.0, "anisotropic": x * np.linspace(0.2, 5, 8)}
     p = params(n=60)
     base = score(metric, Side(x, p), Side(y, p))
     for name, moved in transforms.items():
@@ -369,14 +383,23 @@ def stores(tmp_path_factory):
     root = tmp_path_factory.mktemp("similarity")
     features, labels = related_features(n=(40, 43), timesteps=(10, 90))
     other, _ = related_features(seed=1, n=(40, 43), timesteps=(0,))
-    return {"a": write_store(root / "a.zarr", features, labels, chunk_samples=7, pools=(1, 2)),
-            "b": write_store(root / "b.zarr", other, labels, chunk_samples=16, pools=(1, 2))}
+    return {
+        "a": write_store(root / "a.zarr", features, labels, chunk_samples=7, pools=(1, 2)),
+        "b": write_store(root / "b.zarr", other, labels, chunk_samples=16, pools=(1, 2)),
+    }
 
 
 def run(tmp_path, stores, **settings):
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
-    return run_similarity(SimilaritySettings(stores=tuple((n, str(p)) for n, p in stores.items()), out=str(out),
-                                             progress=False, heatmaps=False, **settings))
+    return run_similarity(
+        SimilaritySettings(
+            stores=tuple((n, str(p)) for n, p in stores.items()),
+            out=str(out),
+            progress=False,
+            heatmaps=False,
+            **settings,
+        )
+    )
 
 
 def test_every_row_matches_the_definition_on_the_stored_features(tmp_path, stores):
@@ -397,8 +420,15 @@ def test_cka_metrics_without_preprocessing_equal_pipeline_cka(tmp_path, stores):
 
     result = run(tmp_path, stores, metrics=("linear", "debiased"), preprocess="none")
     for estimator in ("linear", "debiased"):
-        cka = run_cka(CkaSettings(stores=tuple((n, str(p)) for n, p in stores.items()), estimator=estimator,
-                                  out=str(tmp_path / f"cka_{estimator}"), progress=False, heatmaps=False))
+        cka = run_cka(
+            CkaSettings(
+                stores=tuple((n, str(p)) for n, p in stores.items()),
+                estimator=estimator,
+                out=str(tmp_path / f"cka_{estimator}"),
+                progress=False,
+                heatmaps=False,
+            )
+        )
         mine = [r["score"] for r in result.rows if r["metric"] == estimator]
         assert mine == pytest.approx([r["cka"] for r in cka.rows], rel=1e-10)
 
@@ -413,9 +443,11 @@ def test_small_budget_gives_the_same_numbers(tmp_path, stores):
 # -- streamed from the store: features that do not fit the budget ------------------------------------------
 def _windows(x, size):
     """`streamed_neighbours`' reader over an in-memory array: the rows at `positions`, `size` at a time."""
+
     def windows(positions):
         for lo in range(0, len(positions), size):
-            yield x[positions[lo:lo + size]]
+            yield x[positions[lo : lo + size]]
+
     return windows
 
 
@@ -449,8 +481,9 @@ def test_streamed_search_memory_is_bounded_by_the_budget_not_by_n():
     budget = 600_000  # the prepared array alone would take 8 n width = 2.4 MB
     tracemalloc.start()
     try:
-        found, plan = streamed_neighbours(_windows(x, window), n, k, how="clamp-l2", budget=budget, width=width,
-                                          window=window)
+        found, plan = streamed_neighbours(
+            _windows(x, window), n, k, how="clamp-l2", budget=budget, width=width, window=window
+        )
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
@@ -474,8 +507,10 @@ def test_a_run_beyond_the_budget_streams_the_knn_metrics_and_gives_the_same_numb
 def test_metrics_that_need_the_features_are_refused_beyond_the_budget(tmp_path, stores):
     from stages.similarity.run import SimilarityInputError
 
-    for extra, why in (({"metrics": ("mutual_knn", "svcca")}, "svcca needs every compared array in memory"),
-                       ({"metrics": ("mutual_knn",), "bootstrap": 5}, "--bootstrap repeats the neighbour search")):
+    for extra, why in (
+        ({"metrics": ("mutual_knn", "svcca")}, "svcca needs every compared array in memory"),
+        ({"metrics": ("mutual_knn",), "bootstrap": 5}, "--bootstrap repeats the neighbour search"),
+    ):
         with pytest.raises(SimilarityInputError, match=why) as error:
             run(tmp_path, stores, memory_budget=80_000, topk=4, pools=(2,), **extra)
         assert "\n" not in str(error.value) and "choose --memory-budget" in str(error.value)
@@ -486,8 +521,14 @@ def test_metrics_that_need_the_features_are_refused_beyond_the_budget(tmp_path, 
 
 
 def test_permutations_and_bootstrap_are_seeded_and_reproducible(tmp_path, stores):
-    kw = {"metrics": ("mutual_knn", "linear"), "permutations": 19, "bootstrap": 10, "blocks": ((None, (1, 2)),),
-          "timesteps": (("a", (10,)),), "seed": 3}
+    kw = {
+        "metrics": ("mutual_knn", "linear"),
+        "permutations": 19,
+        "bootstrap": 10,
+        "blocks": ((None, (1, 2)),),
+        "timesteps": (("a", (10,)),),
+        "seed": 3,
+    }
     first, again = run(tmp_path, stores, **kw), run(tmp_path, stores, **kw)
     other = run(tmp_path, stores, **{**kw, "seed": 4})
     assert first.rows == again.rows
@@ -500,8 +541,11 @@ def test_permutations_and_bootstrap_are_seeded_and_reproducible(tmp_path, stores
     x = preprocess(read(stores["a"], 1, 10, 1), "clamp-l2")
     y = preprocess(read(stores["a"], 2, 10, 1), "clamp-l2")
     null = [ref_mutual(x, y[perm], 10) for perm in calibration.permutations(43, 19, 3)]
-    row = next(r for r in first.rows if r["metric"] == "mutual_knn" and (r["store_a"], r["block_a"], r["store_b"],
-                                                                          r["block_b"]) == ("a", 1, "a", 2))
+    row = next(
+        r
+        for r in first.rows
+        if r["metric"] == "mutual_knn" and (r["store_a"], r["block_a"], r["store_b"], r["block_b"]) == ("a", 1, "a", 2)
+    )
     assert row["null_mean"] == pytest.approx(np.mean(null), rel=1e-12)
     assert row["null_q95"] == pytest.approx(np.percentile(null, 95), rel=1e-12)
     assert row["p_value"] == pytest.approx((np.sum(np.array(null) >= row["score"]) + 1) / 20)
@@ -509,17 +553,26 @@ def test_permutations_and_bootstrap_are_seeded_and_reproducible(tmp_path, stores
 
 def test_outputs(tmp_path, stores):
     out = tmp_path / "sim"
-    result = run_similarity(SimilaritySettings(stores=(("a", str(stores["a"])), ("b", str(stores["b"]))),
-                                               out=str(out), metrics=("mutual_knn", "procrustes"), permutations=5,
-                                               best_pair=True, progress=False))
+    result = run_similarity(
+        SimilaritySettings(
+            stores=(("a", str(stores["a"])), ("b", str(stores["b"]))),
+            out=str(out),
+            metrics=("mutual_knn", "procrustes"),
+            permutations=5,
+            best_pair=True,
+            progress=False,
+        )
+    )
     with open(out / "similarity.csv", newline="") as f:
         table = list(csv.DictReader(f))
     assert tuple(table[0]) == COLUMNS and len(table) == 2 * 45  # 6 + 3 features: 45 pairs i <= j
     record = json.loads((out / "similarity.json").read_text())
     assert record["command"] == "similarity" and record["settings"]["topk"] == 10
     assert record["stores"]["a"]["fingerprint"] == FeatureStore.open(stores["a"]).fingerprint
-    assert {(b["store_a"], b["store_b"], b["metric"]) for b in result.best} == {("a", "b", "mutual_knn"),
-                                                                              ("a", "b", "procrustes")}
+    assert {(b["store_a"], b["store_b"], b["metric"]) for b in result.best} == {
+        ("a", "b", "mutual_knn"),
+        ("a", "b", "procrustes"),
+    }
     for best in result.best:
         scores = [r["score"] for r in result.rows if r["metric"] == best["metric"] and r["store_a"] != r["store_b"]]
         assert best["score"] == (max(scores) if best["metric"] == "mutual_knn" else min(scores))
@@ -535,9 +588,26 @@ def test_command_writes_table_record_and_heatmaps(tmp_path, stores):
     from pipeline.cli import main
 
     out = tmp_path / "sim"
-    args = ["similarity", "--store", str(stores["a"]), "--store", f"other={stores['b']}", "--metric",
-            "cka,cknna,mutual_knn", "--timesteps", "a=10", "--topk", "5", "--permutations", "9", "--bootstrap", "5",
-            "--best-pair", "--out", str(out)]
+    args = [
+        "similarity",
+        "--store",
+        str(stores["a"]),
+        "--store",
+        f"other={stores['b']}",
+        "--metric",
+        "cka,cknna,mutual_knn",
+        "--timesteps",
+        "a=10",
+        "--topk",
+        "5",
+        "--permutations",
+        "9",
+        "--bootstrap",
+        "5",
+        "--best-pair",
+        "--out",
+        str(out),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "63 scores (cka, cknna, mutual_knn) of 6 features" in result.output
@@ -558,31 +628,55 @@ def different_samples(tmp_path, stores):
 
 
 BAD = {
-    "an unknown metric": (lambda t, s: ["--store", str(s["a"]), "--metric", "mutual_knn,cosine"],
-                          ("unknown --metric cosine; choose from linear, debiased, minibatch, rbf, cka, unbiased_cka, "
-                          "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, svcca, procrustes")),
-    "--topk 0": (lambda t, s: ["--store", str(s["a"]), "--topk", "0"],
-                 "--topk must be an integer of at least 1; got 0"),
-    "--topk of N": (lambda t, s: ["--store", str(s["a"]), "--topk", "43"],
-                    ("--topk 43 needs more than 43 samples and split 'val' gives 43: a sample has 42 others; choose "
-                    "--topk 42 or fewer")),
+    "an unknown metric": (
+        lambda t, s: ["--store", str(s["a"]), "--metric", "mutual_knn,cosine"],
+        (
+            "unknown --metric cosine; choose from linear, debiased, minibatch, rbf, cka, unbiased_cka, "
+            "cknna, mutual_knn, cycle_knn, lcs_knn, edit_distance_knn, svcca, procrustes"
+        ),
+    ),
+    "--topk 0": (
+        lambda t, s: ["--store", str(s["a"]), "--topk", "0"],
+        "--topk must be an integer of at least 1; got 0",
+    ),
+    "--topk of N": (
+        lambda t, s: ["--store", str(s["a"]), "--topk", "43"],
+        (
+            "--topk 43 needs more than 43 samples and split 'val' gives 43: a sample has 42 others; choose "
+            "--topk 42 or fewer"
+        ),
+    ),
     "--topk over a subset": (lambda t, s: ["--store", str(s["a"]), "--samples", "8"], "choose --topk 7 or fewer"),
-    "--permutations 0": (lambda t, s: ["--store", str(s["a"]), "--permutations", "0"],
-                         "--permutations must be an integer of at least 1 (leave it out for none); got 0"),
-    "--bootstrap 1": (lambda t, s: ["--store", str(s["a"]), "--bootstrap", "1"],
-                      "--bootstrap must be an integer of at least 2"),
+    "--permutations 0": (
+        lambda t, s: ["--store", str(s["a"]), "--permutations", "0"],
+        "--permutations must be an integer of at least 1 (leave it out for none); got 0",
+    ),
+    "--bootstrap 1": (
+        lambda t, s: ["--store", str(s["a"]), "--bootstrap", "1"],
+        "--bootstrap must be an integer of at least 2",
+    ),
     "cknna with k = 1": (lambda t, s: ["--store", str(s["a"]), "--topk", "1"], "cknna needs --topk 2 or more"),
-    "an unknown preprocessing": (lambda t, s: ["--store", str(s["a"]), "--preprocess", "zscore"],
-                                 "unknown --preprocess 'zscore'; choose from clamp-l2, l2, none"),
-    "--cca-dim over the width": (lambda t, s: ["--store", str(s["a"]), "--metric", "svcca"],
-                                 ("--cca-dim 10 is more than the 3 singular vectors a b3 t10 p1 has (3 features, "
-                                  "43 samples); "
-                                 "choose --cca-dim 3 or fewer")),
-    "stores with different samples": (different_samples, ("the stores hold different samples in split 'val' "
-                                                          "(a has 43 samples, c 42)")),
+    "an unknown preprocessing": (
+        lambda t, s: ["--store", str(s["a"]), "--preprocess", "zscore"],
+        "unknown --preprocess 'zscore'; choose from clamp-l2, l2, none",
+    ),
+    "--cca-dim over the width": (
+        lambda t, s: ["--store", str(s["a"]), "--metric", "svcca"],
+        (
+            "--cca-dim 10 is more than the 3 singular vectors a b3 t10 p1 has (3 features, "
+            "43 samples); "
+            "choose --cca-dim 3 or fewer"
+        ),
+    ),
+    "stores with different samples": (
+        different_samples,
+        ("the stores hold different samples in split 'val' (a has 43 samples, c 42)"),
+    ),
     "a block the store lacks": (lambda t, s: ["--store", str(s["a"]), "--blocks", "2,9"], "has no block 9"),
-    "over the memory budget": (lambda t, s: ["--store", str(s["a"]), "--memory-budget", "10KB"],
-                               "more than 3/4 of the memory budget (10.0 KB); choose --memory-budget 68KB"),
+    "over the memory budget": (
+        lambda t, s: ["--store", str(s["a"]), "--memory-budget", "10KB"],
+        "more than 3/4 of the memory budget (10.0 KB); choose --memory-budget 68KB",
+    ),
 }
 
 
@@ -604,8 +698,9 @@ def test_bad_input_gets_one_clear_line(tmp_path, stores, case):
     assert {name: digest(path) for name, path in stores.items()} == before
 
 
-@pytest.mark.parametrize("fix", [["--samples", "8", "--topk", "7"], ["--memory-budget", "68KB"],
-                                 ["--metric", "svcca", "--cca-dim", "3"]])
+@pytest.mark.parametrize(
+    "fix", [["--samples", "8", "--topk", "7"], ["--memory-budget", "68KB"], ["--metric", "svcca", "--cca-dim", "3"]]
+)
 def test_the_suggested_fixes_run(tmp_path, stores, fix):
     from click.testing import CliRunner
 

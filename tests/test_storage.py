@@ -89,8 +89,11 @@ def test_a_file_is_not_a_store_directory(tmp_path):
 
 
 def test_no_caller_branches_on_the_kind_of_store():
-    found = [f"{path.relative_to(REPO)}:{number}: {line.strip()}"
-             for package in ("cache", "stages", "pipeline") for path in sorted((REPO / package).rglob("*.py"))
-             for number, line in enumerate(path.read_text().splitlines(), 1)
-             if re.search(r"\.local\b|isinstance\([^)]*(LocalLocation|ObjectLocation)", line)]
+    found = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for package in ("cache", "stages", "pipeline")
+        for path in sorted((REPO / package).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\.local\b|isinstance\([^)]*(LocalLocation|ObjectLocation)", line)
+    ]
     assert found == []

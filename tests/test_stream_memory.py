@@ -26,8 +26,11 @@ def _store(path: Path, per_class: int = 2048) -> Path:
     rng = np.random.default_rng(0)
     labels = {"train": np.repeat(np.arange(8), per_class), "val": np.repeat(np.arange(8), 128)}
     means = rng.standard_normal((8, 256, 2, 2)).astype(np.float32)
-    features = {(1, 10): {split: means[y] + rng.standard_normal((len(y), 256, 2, 2), dtype=np.float32)
-                          for split, y in labels.items()}}
+    features = {
+        (1, 10): {
+            split: means[y] + rng.standard_normal((len(y), 256, 2, 2), dtype=np.float32) for split, y in labels.items()
+        }
+    }
     return write_store(path, features, labels, chunk_samples=64, pools=(2,))
 
 
@@ -71,13 +74,28 @@ HEADROOM = BUDGET
 
 def _measure(tmp_path: Path, window: int) -> dict:
     store, small = _store(tmp_path / "s.zarr"), _store(tmp_path / "small.zarr", per_class=64)
-    settings = {"store": str(store), "out": str(tmp_path / "out"), "head": "linear", "pools": [2], "epochs": 1,
-                "lrs": [1e-3], "weight_decays": [0.0], "shuffle_window": window,
-                "read_threads": 1, "threads": 1, "device": "cpu", "test_split": "val"}
+    settings = {
+        "store": str(store),
+        "out": str(tmp_path / "out"),
+        "head": "linear",
+        "pools": [2],
+        "epochs": 1,
+        "lrs": [1e-3],
+        "weight_decays": [0.0],
+        "shuffle_window": window,
+        "read_threads": 1,
+        "threads": 1,
+        "device": "cpu",
+        "test_split": "val",
+    }
     warm = {**settings, "store": str(small), "out": str(tmp_path / "warm"), "shuffle_window": WINDOW}
-    done = subprocess.run([sys.executable, "-c", CHILD, json.dumps([warm, settings]), str(HEADROOM)], cwd=REPO,
-                          capture_output=True, text=True,
-                          env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps([warm, settings]), str(HEADROOM)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["mode"] == "stream"  # chosen by the budget: the train rows' features are 64 MB

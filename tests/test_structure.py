@@ -45,7 +45,7 @@ def import_graph(*, module_level: tuple[str, ...] = ()) -> dict[str, set[str]]:
     for name, path in modules.items():
         targets = set()
         tree = ast.parse(path.read_text(), str(path))
-        for node in (tree.body if name in module_level else ast.walk(tree)):
+        for node in tree.body if name in module_level else ast.walk(tree):
             if isinstance(node, ast.Import):
                 candidates = [alias.name for alias in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
@@ -76,8 +76,14 @@ def closure(graph: dict[str, set[str]], roots: list[str]) -> set[str]:
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     """import-linter's contracts (pyproject.toml [tool.importlinter]) on the packages under `root`."""
     tool = Path(sys.executable).with_name("lint-imports")
-    return subprocess.run([str(tool), "--config", str(root / "pyproject.toml"), "--no-cache"], cwd=root,
-                          env={**os.environ, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [str(tool), "--config", str(root / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_architecture_contracts_hold():
@@ -150,7 +156,7 @@ def code_deps(path: str, stage: str) -> tuple[str, list[str]]:
     definition = yaml.safe_load((REPO / path).read_text())["stages"][stage]
     body = definition.get("do", definition)
     prefix = DVC_FILES[path]
-    deps = [d[len(prefix):] for d in body["deps"] if isinstance(d, str) and d.startswith(prefix)]
+    deps = [d[len(prefix) :] for d in body["deps"] if isinstance(d, str) and d.startswith(prefix)]
     return body["cmd"], [d for d in deps if d.split("/")[0] in PACKAGES]
 
 
@@ -180,6 +186,7 @@ def test_a_command_module_is_not_every_stages_dependency():
     depend on the probe's command module, nor the probe on pretraining's."""
     deps = {stage: code_deps(path, stage)[1] for path, stage in dvc_stages() if path != "transfer/dvc.yaml"}
     assert "pipeline/commands/pretrain.py" in deps["pretrain"]
-    assert not any(d.startswith("pipeline/commands/") and d != "pipeline/commands/pretrain.py"
-                   for d in deps["pretrain"])
+    assert not any(
+        d.startswith("pipeline/commands/") and d != "pipeline/commands/pretrain.py" for d in deps["pretrain"]
+    )
     assert "pipeline/commands/pretrain.py" not in deps["probe"] and "pipeline" not in deps["probe"]

@@ -46,15 +46,22 @@ GROUP = 2  # 8 input sets per run: 4 tasks per (store, head)
 @pytest.fixture(scope="module")
 def store(tmp_path_factory) -> Path:
     features, labels = digits_features(n_train=600)
-    return write_store(tmp_path_factory.mktemp("sweep") / "digits.zarr", features, labels, pools=(1, 2),
-                       resolution={1: 8, 2: 8})
+    return write_store(
+        tmp_path_factory.mktemp("sweep") / "digits.zarr", features, labels, pools=(1, 2), resolution={1: 8, 2: 8}
+    )
 
 
 @pytest.fixture(scope="module")
 def reference(store, tmp_path_factory):
     """The sweep in this process: what every engine must reproduce bit for bit."""
-    return run_sweep([StoreRef("digits", str(store))], HEADS, OPTS, out=tmp_path_factory.mktemp("ref"),
-                     group_size=GROUP, progress=False)
+    return run_sweep(
+        [StoreRef("digits", str(store))],
+        HEADS,
+        OPTS,
+        out=tmp_path_factory.mktemp("ref"),
+        group_size=GROUP,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +74,10 @@ def cluster():
     # reads dask's distributed config fails with KeyError('distributed').
     import distributed  # noqa: F401
 
-    with dask.config.set({"distributed.worker.multiprocessing-method": "fork"}), \
-            open_engine(EngineOptions(workers=2)) as engine:
+    with (
+        dask.config.set({"distributed.worker.multiprocessing-method": "fork"}),
+        open_engine(EngineOptions(workers=2)) as engine,
+    ):
         assert engine.dashboard is None
         yield engine.client.scheduler.address, engine.client
 
@@ -96,8 +105,12 @@ def test_tasks_are_groups_keyed_by_what_decides_their_numbers(store, tmp_path):
     assert record["runs"][0]["tasks"][0]["inputs"] == ["b1_t10_p1", "b1_t90_p1", "b2_t10_p1"]
     # what never changes a number leaves the keys alone; anything that does changes every one
     # (a budget is the whole process's: 1 TB holds this one, whatever pytest itself holds)
-    same = plan_sweep([StoreRef("other", str(store))], HEADS, {**OPTS, "out": "x", "memory_budget": 2**40,
-                                                                "read_threads": 2}, group_size=3)
+    same = plan_sweep(
+        [StoreRef("other", str(store))],
+        HEADS,
+        {**OPTS, "out": "x", "memory_budget": 2**40, "read_threads": 2},
+        group_size=3,
+    )
     assert [t.key for t in same.tasks] == keys
     for change in ({"seed": 1}, {"lrs": (1e-3,)}, {"epochs": 4}, {"threads": 2}, {"val_fraction": 0.2}):
         other = plan_sweep(refs, HEADS, {**OPTS, **change}, group_size=3)
@@ -134,8 +147,9 @@ def test_a_rerun_runs_nothing_and_another_configuration_reuses_nothing(store, re
     again = run_sweep([StoreRef("digits", str(store))], HEADS, OPTS, out=root, group_size=GROUP, progress=False)
     assert (again.submitted, again.reused) == (0, 8)
     assert sweep_digest(again) == sweep_digest(reference)
-    other = run_sweep([StoreRef("digits", str(store))], ["linear"], {**OPTS, "seed": 1}, out=root, group_size=GROUP,
-                      progress=False)
+    other = run_sweep(
+        [StoreRef("digits", str(store))], ["linear"], {**OPTS, "seed": 1}, out=root, group_size=GROUP, progress=False
+    )
     assert (other.submitted, other.reused) == (4, 0)
 
 
@@ -146,8 +160,15 @@ def test_results_on_two_local_workers_equal_the_in_process_run(store, reference,
     assert all(w.startswith("tcp://127.0.0.1:") for w in client.scheduler_info()["workers"])
     with pytest.raises(urllib.error.HTTPError):  # no dashboard unless asked for
         urllib.request.urlopen(client.dashboard_link, timeout=10)
-    result = run_sweep([StoreRef("digits", str(store))], HEADS, OPTS, out=tmp_path, group_size=GROUP,
-                       engine=on(cluster), progress=False)
+    result = run_sweep(
+        [StoreRef("digits", str(store))],
+        HEADS,
+        OPTS,
+        out=tmp_path,
+        group_size=GROUP,
+        engine=on(cluster),
+        progress=False,
+    )
     assert result.submitted == 8
     assert sweep_digest(result) == sweep_digest(reference)
     ran_on = {path.read_text().split('"where": ')[1].split(",")[0] for path in (tmp_path / TASKS).glob("*/task.json")}
@@ -172,8 +193,15 @@ def test_a_worker_killed_mid_task_loses_nothing(store, reference, cluster, tmp_p
 
     killer = threading.Thread(target=kill_one)
     killer.start()
-    result = run_sweep([StoreRef("digits", str(store))], ["linear"], OPTS, out=tmp_path, group_size=GROUP,
-                       engine=on(cluster), progress=False)
+    result = run_sweep(
+        [StoreRef("digits", str(store))],
+        ["linear"],
+        OPTS,
+        out=tmp_path,
+        group_size=GROUP,
+        engine=on(cluster),
+        progress=False,
+    )
     killer.join()
     assert killed, "no task was seen running"
     assert result.submitted == 4
@@ -203,17 +231,39 @@ def test_a_killed_driver_is_rerun_and_runs_only_missing_tasks(store, reference, 
     finished = len(list((tmp_path / TASKS).glob("*/task.json")))
     assert 1 <= finished < 4
     assert not (tmp_path / "digits").exists()  # nothing assembled yet
-    result = run_sweep([StoreRef("digits", str(store))], ["linear"], OPTS, out=tmp_path, group_size=GROUP,
-                       engine=on(cluster), progress=False)
+    result = run_sweep(
+        [StoreRef("digits", str(store))],
+        ["linear"],
+        OPTS,
+        out=tmp_path,
+        group_size=GROUP,
+        engine=on(cluster),
+        progress=False,
+    )
     assert (result.submitted, result.reused) == (4 - finished, finished)
     assert run_digest(result, "digits/linear") == run_digest(reference, "digits/linear")
 
 
 @pytest.mark.slow  # the module's local dask cluster
 def test_probe_with_a_scheduler_writes_what_the_sweep_writes(store, reference, cluster, tmp_path):
-    result = CliRunner().invoke(main, ["probe", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
-                                       "--scheduler", cluster[0], "--group-size", str(GROUP), "--no-render",
-                                       *CLI_OPTS])
+    result = CliRunner().invoke(
+        main,
+        [
+            "probe",
+            "--store",
+            str(store),
+            "--head",
+            "linear",
+            "--out",
+            str(tmp_path),
+            "--scheduler",
+            cluster[0],
+            "--group-size",
+            str(GROUP),
+            "--no-render",
+            *CLI_OPTS,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "4 task(s) run, 0 reused" in result.output
     expected = reference.runs["digits/linear"].run_dir
@@ -232,11 +282,32 @@ def test_a_worker_with_other_code_is_refused(store, reference):
 def test_slurm_job_script_from_dask_config(store, tmp_path):
     import dask_jobqueue  # noqa: F401  (its defaults must be loaded before dask.config.set scopes them)
 
-    config = {"jobqueue.slurm.cores": 4, "jobqueue.slurm.processes": 4, "jobqueue.slurm.memory": "16GB",
-              "jobqueue.slurm.queue": "gpu", "jobqueue.slurm.walltime": "02:00:00"}
+    config = {
+        "jobqueue.slurm.cores": 4,
+        "jobqueue.slurm.processes": 4,
+        "jobqueue.slurm.memory": "16GB",
+        "jobqueue.slurm.queue": "gpu",
+        "jobqueue.slurm.walltime": "02:00:00",
+    }
     with dask.config.set(config):
-        result = CliRunner().invoke(main, ["sweep", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
-                                           "--cluster", "slurm", "--scale", "16", "--dry-run", *CLI_OPTS])
+        result = CliRunner().invoke(
+            main,
+            [
+                "sweep",
+                "--store",
+                str(store),
+                "--head",
+                "linear",
+                "--out",
+                str(tmp_path),
+                "--cluster",
+                "slurm",
+                "--scale",
+                "16",
+                "--dry-run",
+                *CLI_OPTS,
+            ],
+        )
     assert result.exit_code == 0, result.output
     script = result.output.split("job script of each slurm job:\n")[1]
     assert script.startswith("#!/usr/bin/env bash")
@@ -245,8 +316,10 @@ def test_slurm_job_script_from_dask_config(store, tmp_path):
     assert f"{sys.executable} -m distributed.cli.dask_worker tcp://" in script
     assert "--nthreads 1" in script and "--nworkers 4" in script
     assert "to run" in result.output and not (tmp_path / "digits").exists()
-    missing = CliRunner().invoke(main, ["sweep", "--store", str(store), "--head", "linear", "--out", str(tmp_path),
-                                        "--cluster", "slurm", "--dry-run"])
+    missing = CliRunner().invoke(
+        main,
+        ["sweep", "--store", str(store), "--head", "linear", "--out", str(tmp_path), "--cluster", "slurm", "--dry-run"],
+    )
     assert missing.exit_code == 1 and "jobqueue.slurm.cores" in missing.output
     assert missing.output.count("\n") == 1 and "Traceback" not in missing.output
 

@@ -32,8 +32,18 @@ def results(tiny_model, tmp_path_factory) -> Path:
     out = base / "results"
     for name, root in (("cub", cub), ("dogs", dogs)):
         store = base / f"{name}.zarr"
-        run_extract(ExtractConfig(model=str(tiny_model), data=str(root), out=str(store), blocks=(2, 4), timesteps=(10,),
-                                  pools=(1,), batch_size=16), progress=False)
+        run_extract(
+            ExtractConfig(
+                model=str(tiny_model),
+                data=str(root),
+                out=str(store),
+                blocks=(2, 4),
+                timesteps=(10,),
+                pools=(1,),
+                batch_size=16,
+            ),
+            progress=False,
+        )
         pixels = write_pixel_store(root, base / f"{name}_pixels.zarr", size=8, channels=3)
         for head in ("ridge", "knn"):
             run_probe(ProbeSettings(store=str(store), head=head, out=str(out / name / "pretrained"), val_fraction=0.34))
@@ -42,8 +52,19 @@ def results(tiny_model, tmp_path_factory) -> Path:
 
 
 def test_transfer_table_rows_columns_and_the_overlap_mark(results, tmp_path):
-    result = CliRunner().invoke(main, ["report", "--transfer", "--results", f"cub={results / 'cub'}",
-                                       "--results", f"dogs={results / 'dogs'}", "--out", str(tmp_path / "t")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "report",
+            "--transfer",
+            "--results",
+            f"cub={results / 'cub'}",
+            "--results",
+            f"dogs={results / 'dogs'}",
+            "--out",
+            str(tmp_path / "t"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     table = json.loads((tmp_path / "t" / "transfer.json").read_text())
     assert list(table) == ["cub", "dogs"]
@@ -58,8 +79,9 @@ def test_transfer_table_rows_columns_and_the_overlap_mark(results, tmp_path):
     with open(tmp_path / "t" / "transfer.csv") as f:
         lines = list(csv.DictReader(f))
     assert len(lines) == 6 and {r["kind"] for r in lines} == {"cub", "dogs"}
-    dogs_ridge = next(r for r in lines
-                      if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge")
+    dogs_ridge = next(
+        r for r in lines if r["dataset"] == "dogs" and r["model"] == "pretrained" and r["head"] == "ridge"
+    )
     assert abs(float(dogs_ridge["test_top1"]) - table["dogs"]["pretrained/ridge"]) < 1e-6
     assert dogs_ridge["overlaps"].startswith("ImageNet-1k train")
     assert (tmp_path / "t" / "transfer.png").read_bytes()[:4] == b"\x89PNG"
@@ -76,8 +98,9 @@ def test_a_directory_of_data_sets_stands_for_each(results, tmp_path):
     (tmp_path / "c" / "mine.txt").write_text("keep")
     result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(results), "--out", str(tmp_path / "c")])
     assert result.exit_code == 1 and "was not written by" in result.output
-    result = CliRunner().invoke(main, ["report", "--transfer", "--results", str(tmp_path), "--out",
-                                       str(tmp_path / "d")])
+    result = CliRunner().invoke(
+        main, ["report", "--transfer", "--results", str(tmp_path), "--out", str(tmp_path / "d")]
+    )
     assert result.exit_code == 1 and "holds no <model>/<head>/ probe results" in result.output
 
 
@@ -88,6 +111,9 @@ def test_the_transfer_template_covers_every_data_set_and_head():
     assert {d["kind"] for d in params["datasets"].values()} <= set(KINDS)
     assert {"cub", "aircraft", "cars", "dogs", "flowers", "nabirds"} <= set(params["datasets"])
     stages = yaml.safe_load((REPO / "transfer" / "dvc.yaml").read_text())["stages"]
-    assert stages["probe"]["matrix"] == {"dataset": "${datasets}", "features": ["pretrained", "random_init"],
-                                         "head": "${probe.heads}"}
+    assert stages["probe"]["matrix"] == {
+        "dataset": "${datasets}",
+        "features": ["pretrained", "random_init"],
+        "head": "${probe.heads}",
+    }
     assert "--transfer --results results" in stages["report"]["cmd"]

@@ -66,8 +66,12 @@ def pipeline(kind: str, directory: str):
         parts[name] = getattr(module, cls).from_pretrained(path / name)
         if hasattr(parts[name], "eval"):
             parts[name].eval()
-    cls = {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline",
-           "pixart": "PixArtAlphaPipeline"}[kind]
+    cls = {
+        "sdxl": "StableDiffusionXLPipeline",
+        "sd3": "StableDiffusion3Pipeline",
+        "flux": "FluxPipeline",
+        "pixart": "PixArtAlphaPipeline",
+    }[kind]
     return getattr(diffusers, cls)(**parts)
 
 
@@ -99,8 +103,9 @@ def flow_scheduler(pipe, tokens: int):
 
 def hook_all(network, names):
     outputs = {}
-    handles = [network.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o))
-               for n in names]
+    handles = [
+        network.get_submodule(n).register_forward_hook(lambda m, i, o, n=n: outputs.__setitem__(n, o)) for n in names
+    ]
     return outputs, handles
 
 
@@ -124,12 +129,17 @@ def reference(kind, directory, data, paths, t, *, prompts=None, labels=None, gui
         embeds, _, pooled, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False)
         zt = pipe.scheduler.add_noise(z0, eps, torch.full((n,), t))
         size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        time_ids = pipe._get_add_time_ids((size, size), (0, 0), (size, size), torch.float32,
-                                          pipe.text_encoder_2.config.projection_dim)
+        time_ids = pipe._get_add_time_ids(
+            (size, size), (0, 0), (size, size), torch.float32, pipe.text_encoder_2.config.projection_dim
+        )
         names = [name for name, _ in pipe.unet.named_modules() if name]
         outputs, handles = hook_all(pipe.unet, names)
-        pipe.unet(zt, torch.full((n,), t), encoder_hidden_states=pick(embeds),
-                  added_cond_kwargs={"text_embeds": pick(pooled), "time_ids": time_ids.expand(n, 6)})
+        pipe.unet(
+            zt,
+            torch.full((n,), t),
+            encoder_hidden_states=pick(embeds),
+            added_cond_kwargs={"text_embeds": pick(pooled), "time_ids": time_ids.expand(n, 6)},
+        )
         result = {name: (o[0] if isinstance(o, tuple) else getattr(o, "sample", o)) for name, o in outputs.items()}
     elif kind == "pixart":
         embeds, mask, _, _ = pipe.encode_prompt(texts, do_classifier_free_guidance=False, max_sequence_length=120)
@@ -138,15 +148,23 @@ def reference(kind, directory, data, paths, t, *, prompts=None, labels=None, gui
         names = ["pos_embed"] + [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
         outputs, handles = hook_all(net, names)
         size = net.config.sample_size * pipe.vae_scale_factor
-        added = {"resolution": torch.tensor([[size, size]], dtype=torch.float32).repeat(n, 1),
-                 "aspect_ratio": torch.tensor([[1.0]]).repeat(n, 1)}
-        net(zt, encoder_hidden_states=pick(embeds), encoder_attention_mask=pick(mask),
-            timestep=torch.full((n,), t), added_cond_kwargs=added)
+        added = {
+            "resolution": torch.tensor([[size, size]], dtype=torch.float32).repeat(n, 1),
+            "aspect_ratio": torch.tensor([[1.0]]).repeat(n, 1),
+        }
+        net(
+            zt,
+            encoder_hidden_states=pick(embeds),
+            encoder_attention_mask=pick(mask),
+            timestep=torch.full((n,), t),
+            added_cond_kwargs=added,
+        )
         grid = net.config.sample_size // net.config.patch_size
         result = {name: as_map(o, grid) for name, o in outputs.items()}
     elif kind == "sd3":
-        embeds, _, pooled, _ = pipe.encode_prompt(texts, None, None, do_classifier_free_guidance=False,
-                                                  max_sequence_length=256)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            texts, None, None, do_classifier_free_guidance=False, max_sequence_length=256
+        )
         net = pipe.transformer
         scheduler = flow_scheduler(pipe, 0)
         step = scheduler.timesteps[scheduler.config.num_train_timesteps - 1 - t].expand(n)
@@ -165,12 +183,22 @@ def reference(kind, directory, data, paths, t, *, prompts=None, labels=None, gui
         zt = scheduler.scale_noise(z0, step, eps)
         packed = pipe._pack_latents(zt, b, c, h, w)
         ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, zt.device, zt.dtype)
-        names = (["x_embedder"] + [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
-                 + [f"single_transformer_blocks.{i}" for i in range(len(net.single_transformer_blocks))])
+        names = (
+            ["x_embedder"]
+            + [f"transformer_blocks.{i}" for i in range(len(net.transformer_blocks))]
+            + [f"single_transformer_blocks.{i}" for i in range(len(net.single_transformer_blocks))]
+        )
         outputs, handles = hook_all(net, names)
         g = torch.full((n,), guidance) if net.config.guidance_embeds else None
-        net(hidden_states=packed, encoder_hidden_states=pick(embeds), pooled_projections=pick(pooled),
-            timestep=step / 1000, img_ids=ids, txt_ids=text_ids, guidance=g)
+        net(
+            hidden_states=packed,
+            encoder_hidden_states=pick(embeds),
+            pooled_projections=pick(pooled),
+            timestep=step / 1000,
+            img_ids=ids,
+            txt_ids=text_ids,
+            guidance=g,
+        )
         result = {name: as_map(o if name == "x_embedder" else o[1], h // 2) for name, o in outputs.items()}
     for handle in handles:
         handle.remove()
@@ -188,8 +216,13 @@ def assert_matches(store, kind, directory, data, timesteps=TIMESTEPS, **options)
                 assert features.shape[1:] == (row["channels"], row["resolution"], row["resolution"]), row
                 for pool in POOLS:
                     expected = F.adaptive_avg_pool2d(features, min(pool, row["resolution"])).numpy()
-                    np.testing.assert_allclose(store.read(split, row["number"], t, pool=pool), expected, rtol=1e-5,
-                                               atol=1e-5, err_msg=f"{kind} {split} block {row['number']} t={t}")
+                    np.testing.assert_allclose(
+                        store.read(split, row["number"], t, pool=pool),
+                        expected,
+                        rtol=1e-5,
+                        atol=1e-5,
+                        err_msg=f"{kind} {split} block {row['number']} t={t}",
+                    )
 
 
 # -- parity ---------------------------------------------------------------------------------------------------
@@ -207,8 +240,9 @@ def test_batch_size_and_truncation_change_nothing(kind, blocks, stores, dirs, im
     small = extract(dirs[kind], images, tmp_path / "b1.zarr", blocks=blocks, timesteps=(261,), batch_size=1)
     for block in blocks:
         for split in ("train", "val"):
-            np.testing.assert_allclose(small.read(split, block, 261), stores[kind].read(split, block, 261),
-                                       rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                small.read(split, block, 261), stores[kind].read(split, block, 261), rtol=1e-5, atol=1e-6
+            )
 
 
 def test_the_flux_pass_stops_after_the_deepest_block(dirs, images, tmp_path):
@@ -218,8 +252,19 @@ def test_the_flux_pass_stops_after_the_deepest_block(dirs, images, tmp_path):
     for name, blocks in (("double", net.transformer_blocks), ("single", net.single_transformer_blocks)):
         for i, block in enumerate(blocks):
             block.register_forward_pre_hook(lambda m, args, name=name, i=i: ran.append((name, i)))
-    run_extract(ExtractConfig(model=str(dirs["flux"]), data=str(images), out=str(tmp_path / "u.zarr"), blocks=(4,),
-                              timesteps=(10,), splits=("val",), batch_size=8), progress=False, model=model)
+    run_extract(
+        ExtractConfig(
+            model=str(dirs["flux"]),
+            data=str(images),
+            out=str(tmp_path / "u.zarr"),
+            blocks=(4,),
+            timesteps=(10,),
+            splits=("val",),
+            batch_size=8,
+        ),
+        progress=False,
+        model=model,
+    )
     assert ran == [("double", 0), ("double", 1), ("single", 0)]  # block 4 is the first single-stream block
 
 
@@ -233,7 +278,7 @@ def test_flux_tokens_are_the_2x2_patches_of_the_latent_grid(dirs):
         captured = capture(z, torch.tensor([5, 5]), {1: model.grid})
     linear = model.network.x_embedder
     for i, j in ((0, 0), (1, 3), (3, 2)):
-        patch = z[:, :, 2 * i:2 * i + 2, 2 * j:2 * j + 2].reshape(2, -1)
+        patch = z[:, :, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(2, -1)
         torch.testing.assert_close(captured[1][:, :, i, j], linear(patch), rtol=1e-5, atol=1e-6)
 
 
@@ -263,13 +308,26 @@ def test_ddpm_kinds_noise_as_the_schedulers_add_noise(dirs):
         z0, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
         for t in (0, 261, 999):
             a, b = model.noise_scales(t)
-            torch.testing.assert_close(a * z0 + b * eps, scheduler.add_noise(z0, eps, torch.tensor([t, t])),
-                                       rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                a * z0 + b * eps, scheduler.add_noise(z0, eps, torch.tensor([t, t])), rtol=1e-5, atol=1e-5
+            )
 
 
 def test_a_timestep_outside_the_schedule_is_refused(dirs, images, tmp_path):
-    result = CliRunner().invoke(main, ["extract", "--model", str(dirs["flux"]), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--timesteps", "1000"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(dirs["flux"]),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--timesteps",
+            "1000",
+        ],
+    )
     assert result.exit_code == 1 and "outside [0, 1000)" in result.output, result.output
     assert not (tmp_path / "x.zarr").exists()
 
@@ -287,10 +345,10 @@ def test_another_prompt_or_guidance_is_another_store(dirs, images, tmp_path):
 
 
 def test_a_prompt_template_conditions_each_image_on_its_class(dirs, images, tmp_path):
-    store = extract(dirs["sd3"], images, tmp_path / "p.zarr", blocks=(1, 3), timesteps=(261,),
-                    prompt="a photo of a {}")
-    assert_matches(store, "sd3", dirs["sd3"], images, timesteps=(261,),
-                   prompts=["a photo of a class0", "a photo of a class1"])
+    store = extract(dirs["sd3"], images, tmp_path / "p.zarr", blocks=(1, 3), timesteps=(261,), prompt="a photo of a {}")
+    assert_matches(
+        store, "sd3", dirs["sd3"], images, timesteps=(261,), prompts=["a photo of a class0", "a photo of a class1"]
+    )
     assert store.attrs["model"]["conditioning"]["per_class"] is True
 
 
@@ -299,21 +357,27 @@ def test_text_encoders_are_loaded_only_to_encode_and_freed_before_any_image(dirs
 
     model = load_feature_model(str(dirs["sd3"]))
     assert model.block_table() and all(isinstance(e, Deferred) for _, e in model._encoders)  # `blocks` loads no T5
-    plan = make_plan(ExtractConfig(model=str(dirs["sd3"]), data=str(images), out=str(tmp_path / "x.zarr"),
-                                   blocks=(2,), timesteps=(10,)), model)
+    plan = make_plan(
+        ExtractConfig(
+            model=str(dirs["sd3"]), data=str(images), out=str(tmp_path / "x.zarr"), blocks=(2,), timesteps=(10,)
+        ),
+        model,
+    )
     assert plan.model.encoders is None and plan.model.text_parameters > 0
 
 
 # -- --feature-norm and massive activations ---------------------------------------------------------------------
 def test_feature_norm_layernorm_normalises_each_token_before_pooling(dirs, images, stores, tmp_path):
-    store = extract(dirs["pixart"], images, tmp_path / "n.zarr", blocks=(2,), timesteps=(261,),
-                    feature_norm="layernorm")
+    store = extract(
+        dirs["pixart"], images, tmp_path / "n.zarr", blocks=(2,), timesteps=(261,), feature_norm="layernorm"
+    )
     assert store.attrs["model"]["feature_norm"] == {"name": "layernorm", "eps": 1e-6, "affine": False}
     full = reference("pixart", dirs["pixart"], images, store.paths("val"), 261)["transformer_blocks.0"]
     tokens = full.flatten(2).transpose(1, 2)
     normed = F.layer_norm(tokens, (tokens.shape[-1],), eps=1e-6).transpose(1, 2).reshape(full.shape)
-    np.testing.assert_allclose(store.read("val", 2, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        store.read("val", 2, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(), rtol=1e-5, atol=1e-5
+    )
     assert "feature_norm" not in stores["pixart"].attrs["model"]  # the default: the raw residual stream
 
 
@@ -340,8 +404,11 @@ def test_the_block_table_matches_the_module_tree(kind, dirs):
     if kind != "sdxl":  # the patch embedding, then every transformer block in execution order
         net = model.network
         stacks = [net.transformer_blocks, *([net.single_transformer_blocks] if kind == "flux" else [])]
-        names = [f"{stack}.{i}" for stack, blocks in zip(("transformer_blocks", "single_transformer_blocks"), stacks)
-                 for i in range(len(blocks))]
+        names = [
+            f"{stack}.{i}"
+            for stack, blocks in zip(("transformer_blocks", "single_transformer_blocks"), stacks)
+            for i in range(len(blocks))
+        ]
         assert [b.module for b in table[1:]] == names
 
 
@@ -366,25 +433,60 @@ def _index(path, **changes):
     return path
 
 
-@pytest.mark.parametrize("setup, flags, fragment", [
-    (lambda d: make_sd3_dir(d, skip=("text_encoder_3", "tokenizer_3")), [], "with its T5 encoder dropped"),
-    (lambda d: make_flux_dir(d, skip=("text_encoder_2",)), [], "the FLUX pipeline directory lacks text_encoder_2/"),
-    (lambda d: make_sdxl_dir(d, skip=("text_encoder_2", "tokenizer_2")), [],
-     "SDXL pipeline directory lacks text_encoder_2/"),
-    (lambda d: make_sdxl_dir(d, skip=("text_encoder", "tokenizer")), [], "an SDXL refiner"),
-    (lambda d: _set_class(make_pixart_dir(d), "transformer", "HunyuanDiT2DModel"), [],
-     "its transformer/ class HunyuanDiT2DModel is not supported; supported: "),
-    (lambda d: _set_class(make_sdxl_dir(d), "unet", "UNetSpatioTemporalConditionModel"), [],
-     "its unet/ class UNetSpatioTemporalConditionModel is not supported"),
-    (lambda d: _index(make_sd3_dir(d), _class_name="StableDiffusion3ControlNetPipeline"), [], "a ControlNet pipeline"),
-    (lambda d: make_flux_dir(d, guidance=False), ["--guidance", "2"], "has no guidance embedding (FLUX.1-schnell)"),
-    (lambda d: make_sdxl_dir(d), ["--feature-norm", "layernorm"], "--feature-norm applies to the transformer kinds"),
-    (lambda d: make_pixart_dir(d), ["--guidance", "2"], "--guidance applies to FLUX.1 pipelines only"),
-])
+@pytest.mark.parametrize(
+    "setup, flags, fragment",
+    [
+        (lambda d: make_sd3_dir(d, skip=("text_encoder_3", "tokenizer_3")), [], "with its T5 encoder dropped"),
+        (lambda d: make_flux_dir(d, skip=("text_encoder_2",)), [], "the FLUX pipeline directory lacks text_encoder_2/"),
+        (
+            lambda d: make_sdxl_dir(d, skip=("text_encoder_2", "tokenizer_2")),
+            [],
+            "SDXL pipeline directory lacks text_encoder_2/",
+        ),
+        (lambda d: make_sdxl_dir(d, skip=("text_encoder", "tokenizer")), [], "an SDXL refiner"),
+        (
+            lambda d: _set_class(make_pixart_dir(d), "transformer", "HunyuanDiT2DModel"),
+            [],
+            "its transformer/ class HunyuanDiT2DModel is not supported; supported: ",
+        ),
+        (
+            lambda d: _set_class(make_sdxl_dir(d), "unet", "UNetSpatioTemporalConditionModel"),
+            [],
+            "its unet/ class UNetSpatioTemporalConditionModel is not supported",
+        ),
+        (
+            lambda d: _index(make_sd3_dir(d), _class_name="StableDiffusion3ControlNetPipeline"),
+            [],
+            "a ControlNet pipeline",
+        ),
+        (lambda d: make_flux_dir(d, guidance=False), ["--guidance", "2"], "has no guidance embedding (FLUX.1-schnell)"),
+        (
+            lambda d: make_sdxl_dir(d),
+            ["--feature-norm", "layernorm"],
+            "--feature-norm applies to the transformer kinds",
+        ),
+        (lambda d: make_pixart_dir(d), ["--guidance", "2"], "--guidance applies to FLUX.1 pipelines only"),
+    ],
+)
 def test_bad_pipelines_and_options_are_one_line_errors(setup, flags, fragment, images, tmp_path):
     model = setup(tmp_path / "pipe")
-    result = CliRunner().invoke(main, ["extract", "--model", str(model), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--blocks", "2", "--timesteps", "10", *flags])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(model),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--blocks",
+            "2",
+            "--timesteps",
+            "10",
+            *flags,
+        ],
+    )
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     assert fragment in result.output and len(result.output.strip().splitlines()) == 1, result.output
     assert not (tmp_path / "x.zarr").exists()
@@ -403,12 +505,34 @@ def test_bf16_casts_the_network_and_stays_close_to_fp32(dirs, images, stores, tm
 
 
 def test_dry_run_prints_the_memory_estimate(dirs, images, tmp_path):
-    result = CliRunner().invoke(main, ["extract", "--model", str(dirs["flux"]), "--data", str(images), "--out",
-                                       str(tmp_path / "x.zarr"), "--blocks", "3", "--timesteps", "10,500",
-                                       "--precision", "bf16", "--dry-run"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "extract",
+            "--model",
+            str(dirs["flux"]),
+            "--data",
+            str(images),
+            "--out",
+            str(tmp_path / "x.zarr"),
+            "--blocks",
+            "3",
+            "--timesteps",
+            "10,500",
+            "--precision",
+            "bf16",
+            "--dry-run",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    for fragment in ("memory (estimate; bf16):", "FluxTransformer2DModel", "of weights", "never on the GPU",
-                     "per batch row (16 image + 512 text tokens x width 32 x 14)", "peak"):
+    for fragment in (
+        "memory (estimate; bf16):",
+        "FluxTransformer2DModel",
+        "of weights",
+        "never on the GPU",
+        "per batch row (16 image + 512 text tokens x width 32 x 14)",
+        "peak",
+    ):
         assert fragment in result.output, result.output
     assert not (tmp_path / "x.zarr").exists()
 
@@ -423,8 +547,9 @@ def test_dit_feature_norm_is_the_layernorm_of_its_tokens(images, tmp_path):
     full = dit_reference(dit, images, store.paths("val"), 261)["transformer_blocks.1"]
     tokens = full.flatten(2).transpose(1, 2)
     normed = F.layer_norm(tokens, (tokens.shape[-1],), eps=1e-6).transpose(1, 2).reshape(full.shape)
-    np.testing.assert_allclose(store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        store.read("val", 3, 261, pool=2), F.adaptive_avg_pool2d(normed, 2).numpy(), rtol=1e-5, atol=1e-5
+    )
     assert store.attrs["model"]["feature_norm"]["name"] == "layernorm"
 
 
@@ -443,14 +568,44 @@ def test_two_processes_write_the_store_one_process_writes(dirs, images, tmp_path
         for rank in range(world_size):
             env = {**os.environ, "OMP_NUM_THREADS": "1"}
             if world_size > 1:
-                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                           LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                           PIPELINE_DIST_TIMEOUT="120")
-            command = [sys.executable, "-m", "pipeline", "extract", "--model", str(dirs["flux"]), "--data",
-                       str(images), "--out", str(out), "--blocks", "2,5", "--timesteps", "10,500", "--pool", "1,2",
-                       "--batch-size", "4", "--chunk-samples", "2", "--shard-samples", "2", "--device", "cpu"]
-            processes.append(subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True))
+                env.update(
+                    RANK=str(rank),
+                    LOCAL_RANK=str(rank),
+                    WORLD_SIZE=str(world_size),
+                    LOCAL_WORLD_SIZE=str(world_size),
+                    MASTER_ADDR="127.0.0.1",
+                    MASTER_PORT=str(port),
+                    PIPELINE_DIST_TIMEOUT="120",
+                )
+            command = [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "extract",
+                "--model",
+                str(dirs["flux"]),
+                "--data",
+                str(images),
+                "--out",
+                str(out),
+                "--blocks",
+                "2,5",
+                "--timesteps",
+                "10,500",
+                "--pool",
+                "1,2",
+                "--batch-size",
+                "4",
+                "--chunk-samples",
+                "2",
+                "--shard-samples",
+                "2",
+                "--device",
+                "cpu",
+            ]
+            processes.append(
+                subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
         return finish(processes)
 
     for world_size in (1, 2):

@@ -28,8 +28,17 @@ BLOCKS, TIMESTEPS = (3, 7), (10, 50)
 
 
 def config(model, data, out, **extra) -> ExtractConfig:
-    return ExtractConfig(model=str(model), data=str(data), out=str(out), blocks=BLOCKS, timesteps=TIMESTEPS,
-                         pools=(1, 2), chunk_samples=8, dtype="float32", **extra)
+    return ExtractConfig(
+        model=str(model),
+        data=str(data),
+        out=str(out),
+        blocks=BLOCKS,
+        timesteps=TIMESTEPS,
+        pools=(1, 2),
+        chunk_samples=8,
+        dtype="float32",
+        **extra,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +54,14 @@ def test_parse_augment_table():
     assert parse_augment("resized-crop=0.9-1.0, crop=2") == Augment(crop_fractions=(0.9, 1.0), crop=True, padding=2)
     assert parse_augment("flip=0.25").record(16) == [{"name": "flip", "p": 0.25}]
     assert Augment(crop_fractions=(0.8, 1.0)).short_sides(256) == (256, 320)  # the paper's [256, 320]
-    for bad, message in (("rotate", "unknown augmentation 'rotate'"), ("flip,flip", "named twice"),
-                         ("crop,crop=2", "named twice"), ("resized-crop=1.2-0.3", "0 < A <= B <= 1"),
-                         ("crop=x", "cannot read the parameter"), ("", "names no augmentation")):
+    for bad, message in (
+        ("rotate", "unknown augmentation 'rotate'"),
+        ("flip,flip", "named twice"),
+        ("crop,crop=2", "named twice"),
+        ("resized-crop=1.2-0.3", "0 < A <= B <= 1"),
+        ("crop=x", "cannot read the parameter"),
+        ("", "names no augmentation"),
+    ):
         with pytest.raises(ConfigError, match=message):
             parse_augment(bad)
 
@@ -59,8 +73,9 @@ def test_view_zero_and_evaluation_splits_equal_a_store_without_views(stores):
     assert "views" not in plain.attrs and views.attrs["views"]["count"] == 3
     # index digests are keyed by the identity settings (views among them), and the recipe names the views asked for
     derived = ("views", "splits", "index_digests", "recipe")
-    assert {k: v for k, v in views.attrs.items() if k not in derived} == \
-        {k: v for k, v in plain.attrs.items() if k not in derived}
+    assert {k: v for k, v in views.attrs.items() if k not in derived} == {
+        k: v for k, v in plain.attrs.items() if k not in derived
+    }
     assert views.attrs["recipe"] == {**plain.attrs["recipe"], "views": 3, "augment": AUGMENT}
     assert sorted(views.attrs["index_digests"]) == ["train", "train@view1", "train@view2", "val"]
     for split in plain.splits:
@@ -117,8 +132,9 @@ def test_views_are_part_of_the_store_identity(stores, tiny_model, tiny_data):
         run_extract(config(tiny_model, tiny_data, store.path, views=3, augment="resized-crop"), progress=False)
     with pytest.raises(StoreMismatchError, match="views"):
         run_extract(config(tiny_model, tiny_data, store.path), progress=False)
-    run_extract(config(tiny_model, tiny_data, store.path, views=3, augment=AUGMENT),
-                progress=False)  # resumes: nothing to do
+    run_extract(
+        config(tiny_model, tiny_data, store.path, views=3, augment=AUGMENT), progress=False
+    )  # resumes: nothing to do
     with pytest.raises(ConfigError, match="--views"):
         run_extract(config(tiny_model, tiny_data, store.path, augment=AUGMENT), progress=False)
 
@@ -153,8 +169,9 @@ def test_training_rows_read_their_epochs_view_and_evaluation_rows_view_zero(stor
         chosen = view_choice(7, epoch, rows, 3)
         np.testing.assert_array_equal(got, np.stack([stored[v][i] for i, v in zip(rows, chosen)]))
     packed, local = data.window(chunks)  # validation: the centre view
-    np.testing.assert_array_equal(layout.take(packed, local(np.arange(n)), torch.device("cpu"))[0][0].numpy(),
-                                  stored[0])
+    np.testing.assert_array_equal(
+        layout.take(packed, local(np.arange(n)), torch.device("cpu"))[0][0].numpy(), stored[0]
+    )
 
 
 def test_probe_with_one_view_is_bit_for_bit_a_probe_without_views(stores, tmp_path):
@@ -173,8 +190,22 @@ def test_probe_with_one_view_is_bit_for_bit_a_probe_without_views(stores, tmp_pa
 
 def test_dry_run_shows_the_cost_of_views(tiny_model, tiny_data, tmp_path):
     def dry_run(*extra):
-        result = CliRunner().invoke(main, ["extract", "--model", str(tiny_model), "--data", str(tiny_data), "--out",
-                                           str(tmp_path / "s.zarr"), "--blocks", "3", "--dry-run", *extra])
+        result = CliRunner().invoke(
+            main,
+            [
+                "extract",
+                "--model",
+                str(tiny_model),
+                "--data",
+                str(tiny_data),
+                "--out",
+                str(tmp_path / "s.zarr"),
+                "--blocks",
+                "3",
+                "--dry-run",
+                *extra,
+            ],
+        )
         assert result.exit_code == 0, result.output
         return result.output
 

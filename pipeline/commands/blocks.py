@@ -15,5 +15,8 @@ def blocks(model: str) -> None:
     from stages.models.kinds import load_feature_model
 
     loaded = load_feature_model(model, weights=False)
-    click.echo(format_table(loaded.block_table(), latent_factor=getattr(loaded, "vae_factor", None),
-                            title=loaded.input_summary()))
+    click.echo(
+        format_table(
+            loaded.block_table(), latent_factor=getattr(loaded, "vae_factor", None), title=loaded.input_summary()
+        )
+    )

@@ -14,11 +14,15 @@ from stages.models.adm_presets import PRESETS  # a table of flag strings: no tor
     "--flags",
     default=None,
     help="The MODEL_FLAGS the checkpoint was trained with, in guided-diffusion's syntax "
-    "(DIFFUSION_FLAGS may follow), e.g. \"--image_size 256 --num_channels 256 --learn_sigma True ...\" "
+    '(DIFFUSION_FLAGS may follow), e.g. "--image_size 256 --num_channels 256 --learn_sigma True ..." '
     "[default: the preset the checkpoint's file name names].",
 )
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=None,
-              help="A published checkpoint's flags, by its name (256x256_diffusion_uncond is the paper's).")
+@click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=None,
+    help="A published checkpoint's flags, by its name (256x256_diffusion_uncond is the paper's).",
+)
 def convert_adm(checkpoint: str, out_dir: str, flags: str | None, preset: str | None) -> None:
     """Convert an OpenAI guided-diffusion (ADM) checkpoint into a UNet2DModel directory.
 
@@ -34,8 +38,10 @@ def convert_adm(checkpoint: str, out_dir: str, flags: str | None, preset: str | 
     if flags is None:
         preset = preset or preset_for_file(checkpoint)
         if preset is None:
-            raise click.UsageError(f"{click.format_filename(checkpoint)} is not named as a published checkpoint: "
-                                   "give its MODEL_FLAGS with --flags, or --preset NAME (see --help)")
+            raise click.UsageError(
+                f"{click.format_filename(checkpoint)} is not named as a published checkpoint: "
+                "give its MODEL_FLAGS with --flags, or --preset NAME (see --help)"
+            )
         flags = preset_flags(preset)
     written = convert_adm_checkpoint(checkpoint, out_dir, flags)
     using = f" with the {preset.removesuffix('.pt')} preset's flags" if preset else ""

@@ -8,12 +8,21 @@ from pipeline import options
 
 
 @click.command()
-@click.option("--results", "results", type=options.NAMED_PATH, multiple=True, required=True,
-              help="A result directory (runs side by side, or one run); NAME=PATH names it; repeat to compare.")
+@click.option(
+    "--results",
+    "results",
+    type=options.NAMED_PATH,
+    multiple=True,
+    required=True,
+    help="A result directory (runs side by side, or one run); NAME=PATH names it; repeat to compare.",
+)
 @click.option("--out", default="report", type=click.Path(file_okay=False), help="Where the report goes.")
-@click.option("--transfer", is_flag=True,
-              help="The transfer table instead: each NAME=PATH is a data set whose PATH holds <model>/<head>/ "
-                   "results; writes transfer.md, .csv, .json and a bar chart.")
+@click.option(
+    "--transfer",
+    is_flag=True,
+    help="The transfer table instead: each NAME=PATH is a data set whose PATH holds <model>/<head>/ "
+    "results; writes transfer.md, .csv, .json and a bar chart.",
+)
 def report(results, out, transfer) -> None:
     """Tables, heatmaps and a summary from finished probe results (nothing is retrained)."""
     names = [name for name, _ in results]

@@ -9,15 +9,27 @@ from pipeline.commands.probe import probe
 
 
 @click.command()
-@click.option("--store", "stores", type=options.NAMED_STORE, multiple=True, required=True,
-              help="A feature store: PATH, URL or NAME=PATH (NAME: its results sub-directory [default: the file name "
-                   "without .zarr]); repeat for more.")
-@click.option("--head", "heads", type=options.HEADS, required=True,
-              help="Comma list of head kinds, e.g. linear,mlp,logreg.")
-@click.option("--out", default="results", type=click.Path(file_okay=False),
-              help="Results root: runs go to OUT/<store>/<head>, task results to OUT/.sweep/.")
-@click.option("--dry-run", is_flag=True,
-              help="Print the tasks, which are done, and with --cluster the job script; run nothing.")
+@click.option(
+    "--store",
+    "stores",
+    type=options.NAMED_STORE,
+    multiple=True,
+    required=True,
+    help="A feature store: PATH, URL or NAME=PATH (NAME: its results sub-directory [default: the file name "
+    "without .zarr]); repeat for more.",
+)
+@click.option(
+    "--head", "heads", type=options.HEADS, required=True, help="Comma list of head kinds, e.g. linear,mlp,logreg."
+)
+@click.option(
+    "--out",
+    default="results",
+    type=click.Path(file_okay=False),
+    help="Results root: runs go to OUT/<store>/<head>, task results to OUT/.sweep/.",
+)
+@click.option(
+    "--dry-run", is_flag=True, help="Print the tasks, which are done, and with --cluster the job script; run nothing."
+)
 def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     """Train every (store, head) over every requested input set, as tasks on dask.distributed.
 
@@ -59,8 +71,10 @@ def sweep(stores, heads, out, dry_run, group_size, **flags) -> None:
     done = run_sweep(refs, list(heads), given, out=out, group_size=group_size, engine=engine)
     for result in done.runs.values():
         best = result.metrics["best"]
-        click.echo(f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
-                   f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)")
+        click.echo(
+            f"{result.run_dir}: {len(result.rows)} configurations; chosen on validation: {best['key']} "
+            f"(val top-1 {100 * best['val_top1']:.1f}%, test top-1 {100 * best['test_top1']:.1f}%)"
+        )
         for line in describe_metrics(result.metrics):
             click.echo(line)
     click.echo(f"{len(done.plan.tasks)} task(s): {done.submitted} run, {done.reused} reused")

@@ -65,14 +65,21 @@ class CrossMoments:
 
     def update(self, group_a: Sequence[np.ndarray], group_b: Sequence[np.ndarray] | None = None) -> None:
         za = np.concatenate([np.asarray(x, np.float64).reshape(len(x), -1) for x in group_a], axis=1)
-        qa = np.stack([np.einsum("ij,ij->i", za[:, lo:hi], za[:, lo:hi])
-                       for lo, hi in zip(self.edges_a[:-1], self.edges_a[1:])], axis=1)
+        qa = np.stack(
+            [np.einsum("ij,ij->i", za[:, lo:hi], za[:, lo:hi]) for lo, hi in zip(self.edges_a[:-1], self.edges_a[1:])],
+            axis=1,
+        )
         if self.same:
             zb, qb = za, qa
         else:
             zb = np.concatenate([np.asarray(x, np.float64).reshape(len(x), -1) for x in group_b], axis=1)
-            qb = np.stack([np.einsum("ij,ij->i", zb[:, lo:hi], zb[:, lo:hi])
-                           for lo, hi in zip(self.edges_b[:-1], self.edges_b[1:])], axis=1)
+            qb = np.stack(
+                [
+                    np.einsum("ij,ij->i", zb[:, lo:hi], zb[:, lo:hi])
+                    for lo, hi in zip(self.edges_b[:-1], self.edges_b[1:])
+                ],
+                axis=1,
+            )
         self.n += len(za)
         self.cross += za.T @ zb
         self.sum_a += za.sum(axis=0)
@@ -106,8 +113,9 @@ class CrossMoments:
                     continue
                 trace = np.sum(cross * cross) - self.norms[i, j]  # tr(K~ L~)
                 totals = (sx @ sx - self.square_a[i]) * (sy @ sy - square_b[j])  # (1'K~1)(1'L~1)
-                rows = (sx @ cross @ sy - sx @ self.weighted_a[lo:hi, j] - sy @ weighted_b[lo2:hi2, i]
-                        + self.norms[i, j])  # 1'K~L~1
+                rows = (
+                    sx @ cross @ sy - sx @ self.weighted_a[lo:hi, j] - sy @ weighted_b[lo2:hi2, i] + self.norms[i, j]
+                )  # 1'K~L~1
                 debiased[i, j] = (trace + totals / ((n - 1) * (n - 2)) - 2 * rows / (n - 2)) / (n * (n - 3))
         return linear, debiased
 

@@ -30,19 +30,38 @@ def write_heatmaps(matrices: dict, out_dir: Path, *, estimator: str, split: str,
         for name in stores:
             path = out_dir / f"{name}_pool{pool}.png"
             rows = index[name]
-            plot_matrix(matrix[np.ix_(rows, rows)], [features[i] for i in rows], [features[i] for i in rows], path,
-                        title=f"{name}: {what}")
+            plot_matrix(
+                matrix[np.ix_(rows, rows)],
+                [features[i] for i in rows],
+                [features[i] for i in rows],
+                path,
+                title=f"{name}: {what}",
+            )
             written.append(path)
         for a, b in combinations(stores, 2):
             path = out_dir / f"{a}_vs_{b}_pool{pool}.png"
-            plot_matrix(matrix[np.ix_(index[a], index[b])], [features[i] for i in index[a]],
-                        [features[i] for i in index[b]], path, title=f"{a} (rows) vs {b} (columns): {what}")
+            plot_matrix(
+                matrix[np.ix_(index[a], index[b])],
+                [features[i] for i in index[a]],
+                [features[i] for i in index[b]],
+                path,
+                title=f"{a} (rows) vs {b} (columns): {what}",
+            )
             written.append(path)
     return written
 
 
-def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[Feature], path: Path, *,
-                title: str, label: str = "CKA", vmax: float = 1.0, cmap: str = "viridis") -> None:
+def plot_matrix(
+    values: np.ndarray,
+    rows: Sequence[Feature],
+    columns: Sequence[Feature],
+    path: Path,
+    *,
+    title: str,
+    label: str = "CKA",
+    vmax: float = 1.0,
+    cmap: str = "viridis",
+) -> None:
     """One heatmap: CKA (or the score `label` names, at most `vmax`) of `rows` x `columns` features, labelled
     by block, grouped by timestep; NaN cells grey."""
     values = np.asarray(values, dtype=np.float64)
@@ -54,8 +73,9 @@ def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[F
     finite = values[np.isfinite(values)]
     low = min(0.0, float(finite.min())) if finite.size else 0.0
     colours = matplotlib.colormaps[cmap].with_extremes(bad="#dddddd")
-    image = axes.imshow(np.ma.masked_invalid(values), cmap=colours, vmin=low, vmax=vmax, aspect="equal",
-                        interpolation="nearest")
+    image = axes.imshow(
+        np.ma.masked_invalid(values), cmap=colours, vmin=low, vmax=vmax, aspect="equal", interpolation="nearest"
+    )
     if cell >= 0.33:
         size = 5.5 if cell < 0.45 else 7
         for i in range(len(rows)):
@@ -65,8 +85,15 @@ def plot_matrix(values: np.ndarray, rows: Sequence[Feature], columns: Sequence[F
                     if cmap != "viridis":  # another map: black on light cells by the cell's own luminance
                         red, green, blue, _ = colours(image.norm(values[i, j]))
                         light = 0.299 * red + 0.587 * green + 0.114 * blue > 0.5
-                    axes.text(j, i, f"{values[i, j]:.2f}", ha="center", va="center", fontsize=size,
-                              color="black" if light else "white")
+                    axes.text(
+                        j,
+                        i,
+                        f"{values[i, j]:.2f}",
+                        ha="center",
+                        va="center",
+                        fontsize=size,
+                        color="black" if light else "white",
+                    )
     tick = 7 if cell >= 0.3 else 5.5
     axes.set_xticks(range(len(columns)), [str(f.block) for f in columns], fontsize=tick)
     axes.set_yticks(range(len(rows)), [str(f.block) for f in rows], fontsize=tick)

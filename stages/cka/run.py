@@ -47,8 +47,19 @@ from stages.outputs import check_output_dir, is_analysis_output, staged_output, 
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("store_a", "block_a", "timestep_a", "store_b", "block_b", "timestep_b", "pool", "split", "samples",
-           "estimator", "cka")
+COLUMNS = (
+    "store_a",
+    "block_a",
+    "timestep_a",
+    "store_b",
+    "block_b",
+    "timestep_b",
+    "pool",
+    "split",
+    "samples",
+    "estimator",
+    "cka",
+)
 OUTPUT_FILES = {"cka.csv", "cka.json"}
 
 
@@ -135,21 +146,34 @@ def run_cka(settings: CkaSettings) -> CkaResult:
         write_csv(staging / "cka.csv", COLUMNS, table)
         (staging / "heatmaps").mkdir()
         if settings.heatmaps:
-            write_heatmaps(matrices, staging / "heatmaps", estimator=settings.estimator, split=settings.split,
-                           samples=len(run.rows))
+            write_heatmaps(
+                matrices,
+                staging / "heatmaps",
+                estimator=settings.estimator,
+                split=settings.split,
+                samples=len(run.rows),
+            )
         (staging / "cka.json").write_text(json.dumps(record, indent=2) + "\n")
     return CkaResult(out, table, record)
 
 
-def estimate(settings: CkaSettings, reader, features: list[Feature], rows: np.ndarray, num_samples: int,
-             budget: int) -> np.ndarray:
+def estimate(
+    settings: CkaSettings, reader, features: list[Feature], rows: np.ndarray, num_samples: int, budget: int
+) -> np.ndarray:
     """(A, A) CKA of every pair of `features` by the chosen estimator."""
     if settings.estimator in ("linear", "debiased"):
         linear, debiased = streaming.linear_and_debiased(reader, features, rows, budget=budget)
         matrix = linear if settings.estimator == "linear" else debiased
     elif settings.estimator == "minibatch":
-        matrix = streaming.minibatch(reader, features, rows, num_samples=num_samples, batch_size=settings.batch_size,
-                                     seed=settings.seed, budget=budget)
+        matrix = streaming.minibatch(
+            reader,
+            features,
+            rows,
+            num_samples=num_samples,
+            batch_size=settings.batch_size,
+            seed=settings.seed,
+            budget=budget,
+        )
     else:
         matrix = streaming.rbf(reader, features, rows, sigma=settings.rbf_sigma, budget=budget)
     undefined = sorted({features[i].label for i in np.flatnonzero(~np.isfinite(np.diag(matrix)))})
@@ -173,12 +197,19 @@ class Opened:
         """What every run's JSON record opens with: the command, its settings, the stores and the samples."""
         return {
             "command": command,
-            "settings": {**asdict(settings), "stores": dict(settings.stores),
-                         "storage_options": sorted(settings.storage_options or {})},  # names only: no secrets
+            "settings": {
+                **asdict(settings),
+                "stores": dict(settings.stores),
+                "storage_options": sorted(settings.storage_options or {}),
+            },  # names only: no secrets
             "stores": self.described,
             "split": settings.split,
-            "samples": {"count": len(self.rows), "of": self.num_samples, "seed": settings.seed,
-                        "indices_sha256": hashlib.sha256(self.rows.astype("<i8").tobytes()).hexdigest()},
+            "samples": {
+                "count": len(self.rows),
+                "of": self.num_samples,
+                "seed": settings.seed,
+                "indices_sha256": hashlib.sha256(self.rows.astype("<i8").tobytes()).hexdigest(),
+            },
         }
 
 
@@ -189,13 +220,17 @@ def opened(settings, resolve=None) -> Iterator[Opened]:
     same samples and select them; every store is released on leaving."""
     with contextlib.ExitStack() as stack:
         # Held for the whole run: no writer may replace a store under it.
-        stores = {name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
-                  for name, path in settings.stores}
+        stores = {
+            name: stack.enter_context(FeatureStore.open(path, settings.storage_options).hold())
+            for name, path in settings.stores
+        }
         features = (resolve or resolve_features)(stores, settings)
         num_samples = check_same_samples(stores, settings.split)
         rows = select_samples(num_samples, settings.samples, settings.seed)
-        described = {name: {"path": path, "fingerprint": stores[name].fingerprint, "kind": stores[name].attrs.get(
-            "kind")} for name, path in settings.stores}
+        described = {
+            name: {"path": path, "fingerprint": stores[name].fingerprint, "kind": stores[name].attrs.get("kind")}
+            for name, path in settings.stores
+        }
         yield Opened(stores, features, num_samples, rows, described)
 
 
@@ -212,12 +247,20 @@ def resolve_features(stores: dict[str, FeatureStore], settings: CkaSettings) -> 
     features, problems, splits = [], [], []
     for name, store in stores.items():
         timesteps = _selection(settings.timesteps, name)
-        selection = store.select(blocks=_selection(settings.blocks, name) or None, pools=settings.pools,
-                                 timesteps=None if timesteps is None else sorted(set(timesteps)),
-                                 split=settings.split, full_above=False, partial=True)
+        selection = store.select(
+            blocks=_selection(settings.blocks, name) or None,
+            pools=settings.pools,
+            timesteps=None if timesteps is None else sorted(set(timesteps)),
+            split=settings.split,
+            full_above=False,
+            partial=True,
+        )
         problems += _problems(name, store, selection.problems, settings.pools)
-        splits += [f"{name} ({store.path}) has no split {p.asked[0]!r}; it has {list(p.held)}"
-                   for p in selection.problems if p.kind == "split"]
+        splits += [
+            f"{name} ({store.path}) has no split {p.asked[0]!r}; it has {list(p.held)}"
+            for p in selection.problems
+            if p.kind == "split"
+        ]
         pools = list(settings.pools)
         chosen = sorted(selection.inputs, key=lambda i: (pools.index(i.pool), i.timestep))  # stable: blocks as asked
         features += [Feature(name, i.block, i.timestep, i.pool, i.width) for i in chosen]
@@ -229,20 +272,27 @@ def resolve_features(stores: dict[str, FeatureStore], settings: CkaSettings) -> 
 def _problems(name: str, store: FeatureStore, problems, pools) -> list[str]:
     """The selection's problems of one store, in the words of `pipeline cka`: one line per kind (per pool)."""
     where = f"{name} ({store.path})"
-    lines = [f"{where} has no block {', '.join(map(str, p.asked))}; it holds blocks {', '.join(map(str, p.held))}"
-             for p in problems if p.kind == "block"]
+    lines = [
+        f"{where} has no block {', '.join(map(str, p.asked))}; it holds blocks {', '.join(map(str, p.held))}"
+        for p in problems
+        if p.kind == "block"
+    ]
     lacking = sorted({p.block: p for p in problems if p.kind == "timestep"}.values(), key=lambda p: p.block)
     if lacking:
         asked = sorted({t for p in lacking for t in p.asked})
-        lines.append(f"{where} has no timestep {', '.join(map(str, asked))} for block(s) "
-                     f"{', '.join(str(p.block) for p in lacking)}; it holds "
-                     + "; ".join(f"block {p.block}: timesteps {list(p.held)}" for p in lacking))
+        lines.append(
+            f"{where} has no timestep {', '.join(map(str, asked))} for block(s) "
+            f"{', '.join(str(p.block) for p in lacking)}; it holds "
+            + "; ".join(f"block {p.block}: timesteps {list(p.held)}" for p in lacking)
+        )
     for pool in pools:  # each pool's problems, one per block, in the order asked
         cannot = list({p.block: p for p in problems if p.kind == "pool" and p.asked == (pool,)}.values())
         if not cannot:
             continue
-        lines.append(f"{where} cannot give pool {pool} for block(s) {', '.join(str(p.block) for p in cannot)}; it "
-                     "can give " + "; ".join(f"block {p.block}: pools {list(p.held)}" for p in cannot))
+        lines.append(
+            f"{where} cannot give pool {pool} for block(s) {', '.join(str(p.block) for p in cannot)}; it "
+            "can give " + "; ".join(f"block {p.block}: pools {list(p.held)}" for p in cannot)
+        )
     return lines
 
 
@@ -267,11 +317,15 @@ def check_same_samples(stores: dict[str, FeatureStore], split: str) -> int:
                 differ = np.flatnonzero(both & (files[:, 0] != other_files[:, 0]))
                 if len(differ):
                     i = int(differ[0])
-                    problem = (f"{paths[i]} (and {len(differ) - 1} more) had other content when {name} read it "
-                               f"than when {names[0]} did")
+                    problem = (
+                        f"{paths[i]} (and {len(differ) - 1} more) had other content when {name} read it "
+                        f"than when {names[0]} did"
+                    )
         if problem:
-            raise CkaInputError(f"the stores hold different samples in split {split!r} ({problem}). CKA compares "
-                                "features of the same samples: extract every store from the same image folder")
+            raise CkaInputError(
+                f"the stores hold different samples in split {split!r} ({problem}). CKA compares "
+                "features of the same samples: extract every store from the same image folder"
+            )
     return len(paths)
 
 
@@ -280,8 +334,10 @@ def select_samples(num_samples: int, samples: int | None, seed: int) -> np.ndarr
     if samples is None or samples == num_samples:
         return np.arange(num_samples, dtype=np.int64)
     if samples > num_samples:
-        raise CkaInputError(f"--samples {samples} is more than the split's {num_samples} samples; choose "
-                            f"--samples {num_samples} or fewer (or leave it out for all of them)")
+        raise CkaInputError(
+            f"--samples {samples} is more than the split's {num_samples} samples; choose "
+            f"--samples {num_samples} or fewer (or leave it out for all of them)"
+        )
     rng = np.random.default_rng([seed, 0, num_samples])
     return np.sort(rng.choice(num_samples, size=samples, replace=False)).astype(np.int64)
 
@@ -289,17 +345,21 @@ def select_samples(num_samples: int, samples: int | None, seed: int) -> np.ndarr
 def check_sample_count(settings: CkaSettings, rows: np.ndarray, num_samples: int) -> None:
     n = len(rows)
     if settings.estimator in DEBIASED and n < MIN_DEBIASED_SAMPLES:
-        raise CkaInputError(f"--estimator {settings.estimator} needs at least {MIN_DEBIASED_SAMPLES} samples "
-                            f"(unbiased HSIC divides by N-3), and split {settings.split!r} gives {n}; use more "
-                            "samples or --estimator linear")
+        raise CkaInputError(
+            f"--estimator {settings.estimator} needs at least {MIN_DEBIASED_SAMPLES} samples "
+            f"(unbiased HSIC divides by N-3), and split {settings.split!r} gives {n}; use more "
+            "samples or --estimator linear"
+        )
     if n < 2:
         raise CkaInputError(f"CKA needs at least 2 samples, and split {settings.split!r} gives {n}")
     if settings.estimator == "minibatch":
         smallest = min(len(b) for b in streaming.minibatches(rows, num_samples, settings.batch_size, settings.seed))
         if smallest < MIN_DEBIASED_SAMPLES:
-            raise CkaInputError(f"--batch-size {settings.batch_size} cuts {n} samples into minibatches of as few as "
-                                f"{smallest}; unbiased HSIC needs {MIN_DEBIASED_SAMPLES}: choose --batch-size {n} "
-                                f"(one minibatch) or at most {n // 2}")
+            raise CkaInputError(
+                f"--batch-size {settings.batch_size} cuts {n} samples into minibatches of as few as "
+                f"{smallest}; unbiased HSIC needs {MIN_DEBIASED_SAMPLES}: choose --batch-size {n} "
+                f"(one minibatch) or at most {n // 2}"
+            )
 
 
 # -- outputs ---------------------------------------------------------------------------------------------
@@ -311,10 +371,21 @@ def pair_rows(matrices: dict, settings: CkaSettings, samples: int) -> list[dict]
             for j in range(i, len(features)):
                 b = features[j]
                 value = float(matrix[i, j])  # full precision (NaN where a side has no variance)
-                table.append({"store_a": a.store, "block_a": a.block, "timestep_a": a.timestep, "store_b": b.store,
-                              "block_b": b.block, "timestep_b": b.timestep, "pool": pool, "split": settings.split,
-                              "samples": samples, "estimator": settings.estimator,
-                              "cka": value})
+                table.append(
+                    {
+                        "store_a": a.store,
+                        "block_a": a.block,
+                        "timestep_a": a.timestep,
+                        "store_b": b.store,
+                        "block_b": b.block,
+                        "timestep_b": b.timestep,
+                        "pool": pool,
+                        "split": settings.split,
+                        "samples": samples,
+                        "estimator": settings.estimator,
+                        "cka": value,
+                    }
+                )
     return table
 
 
@@ -327,7 +398,9 @@ def describe(result: CkaResult) -> str:
     """One line for the command line: what was computed, where it went."""
     record = result.record
     pools = sorted({r["pool"] for r in result.rows})
-    return (f"{len(result.rows)} pairs of {len(record['features'])} features ({', '.join(record['stores'])}; pool "
-            f"{', '.join(map(str, pools))}; {record['samples']['count']} {record['split']} samples, "
-            f"{record['settings']['estimator']}) -> {result.out}/cka.csv; budget "
-            f"{format_bytes(record['memory_budget'])}")
+    return (
+        f"{len(result.rows)} pairs of {len(record['features'])} features ({', '.join(record['stores'])}; pool "
+        f"{', '.join(map(str, pools))}; {record['samples']['count']} {record['split']} samples, "
+        f"{record['settings']['estimator']}) -> {result.out}/cka.csv; budget "
+        f"{format_bytes(record['memory_budget'])}"
+    )

@@ -111,7 +111,8 @@ def plan_groups(features: Sequence[Feature], budget: int, window: int) -> list[l
         raise CkaInputError(
             f"{widest.label} has {widest.width} features per sample: its float64 cross-covariance needs "
             f"{format_bytes(need)}, more than the memory budget ({format_bytes(budget)}). Use --estimator minibatch "
-            "(memory independent of the width), a coarser --pool, or a larger --memory-budget")
+            "(memory independent of the width), a coarser --pool, or a larger --memory-budget"
+        )
     groups, width = [[]], 0
     for i, f in enumerate(features):
         if groups[-1] and width + f.width > capacity:
@@ -128,14 +129,20 @@ def _tile_capacity(budget: int, window: int) -> int:
     return int((-b + np.sqrt(b * b + 4 * a * budget)) / (2 * a))
 
 
-def linear_and_debiased(reader: Reader, features: Sequence[Feature], rows: np.ndarray, *,
-                        budget: int) -> tuple[np.ndarray, np.ndarray]:
+def linear_and_debiased(
+    reader: Reader, features: Sequence[Feature], rows: np.ndarray, *, budget: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(A, A) linear CKA and (A, A) debiased CKA of every pair, one pass over the rows per tile."""
     groups = plan_groups(features, budget, reader.window)
     tiles = [(a, b) for a in range(len(groups)) for b in range(a, len(groups))]
     if len(tiles) > 1:
-        log.info("cka: %d features in %d groups: %d passes over the samples (memory budget %s)", len(features),
-                 len(groups), len(tiles), format_bytes(budget))
+        log.info(
+            "cka: %d features in %d groups: %d passes over the samples (memory budget %s)",
+            len(features),
+            len(groups),
+            len(tiles),
+            format_bytes(budget),
+        )
     count = len(features)
     linear, debiased = np.full((count, count), np.nan), np.full((count, count), np.nan)
     for number, (a, b) in enumerate(tiles):
@@ -148,7 +155,7 @@ def linear_and_debiased(reader: Reader, features: Sequence[Feature], rows: np.nd
             if shift is None:  # any fixed vector: HSIC does not change; near the mean the sums do not cancel
                 shift = [x.astype(np.float64).mean(axis=0) for x in window]
             window = [x - s for x, s in zip(window, shift)]
-            moments.update(window[: len(ga)], None if a == b else window[len(ga):])
+            moments.update(window[: len(ga)], None if a == b else window[len(ga) :])
         lin, deb = moments.finish()
         for values, out in ((lin, linear), (deb, debiased)):
             out[np.ix_(ga, gb)] = values
@@ -167,8 +174,16 @@ def minibatches(rows: np.ndarray, num_samples: int, batch_size: int, seed: int) 
     return np.array_split(order, -(-len(rows) // batch_size))
 
 
-def minibatch(reader: Reader, features: Sequence[Feature], rows: np.ndarray, *, num_samples: int, batch_size: int,
-              seed: int, budget: int) -> np.ndarray:
+def minibatch(
+    reader: Reader,
+    features: Sequence[Feature],
+    rows: np.ndarray,
+    *,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    budget: int,
+) -> np.ndarray:
     """(A, A) minibatch CKA: HSIC_1 summed over the minibatches, then normalised (Nguyen et al. 2021)."""
     batches = minibatches(rows, num_samples, batch_size, seed)
     per_sample = 4 * sum(f.width for f in features)
@@ -176,8 +191,12 @@ def minibatch(reader: Reader, features: Sequence[Feature], rows: np.ndarray, *, 
     fit = max(1, int((budget - grams - 4 * reader.window * per_sample) // (per_sample * len(batches[0]))))
     groups = [batches[i : i + fit] for i in range(0, len(batches), fit)]
     if len(groups) > 1:
-        log.info("cka: %d minibatches, %d per pass over the store (memory budget %s)", len(batches), fit,
-                 format_bytes(budget))
+        log.info(
+            "cka: %d minibatches, %d per pass over the store (memory budget %s)",
+            len(batches),
+            fit,
+            format_bytes(budget),
+        )
     total = np.zeros((len(features), len(features)))
     for number, group in enumerate(groups):
         needed = np.sort(np.concatenate(group))
@@ -201,9 +220,11 @@ def rbf(reader: Reader, features: Sequence[Feature], rows: np.ndarray, *, sigma:
     need = 8 * len(features) * n * n + 4 * n * max(f.width for f in features) + 24 * n * n
     if need > budget:
         fits = int(np.sqrt(budget / (8 * (len(features) + 3))))
-        raise CkaInputError(f"--estimator rbf keeps {len(features)} Gram matrices of {n} x {n} samples "
-                            f"({format_bytes(need)}), more than the memory budget ({format_bytes(budget)}); "
-                            f"choose --samples {fits} or fewer, or --estimator linear")
+        raise CkaInputError(
+            f"--estimator rbf keeps {len(features)} Gram matrices of {n} x {n} samples "
+            f"({format_bytes(need)}), more than the memory budget ({format_bytes(budget)}); "
+            f"choose --samples {fits} or fewer, or --estimator linear"
+        )
     grams = np.empty((len(features), n, n))
     for i, f in enumerate(features):
         x = np.concatenate([w[0] for w in reader.stream([f], rows, desc=f"cka rbf {i + 1}/{len(features)}")])

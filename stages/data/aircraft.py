@@ -32,20 +32,27 @@ def read_aircraft(root: Path, splits: tuple[str, ...] | None, *, level: str) -> 
     for split in splits:
         listed = f"data/images_{level}_{split}.txt"
         rows = read_table(kind, root, listed, 2)
-        out[split] = ([f"data/images/{image_id}.jpg" for image_id, _ in rows],
-                      labels_of([name for _, name in rows], classes, root / listed))
+        out[split] = (
+            [f"data/images/{image_id}.jpg" for image_id, _ in rows],
+            labels_of([name for _, name in rows], classes, root / listed),
+        )
         files.append(listed)
     return Listing(root, classes, out, tuple(files), crop_bottom=BANNER_PIXELS)
 
 
 def _kind(level: str, name: str, count: str, recognised: bool) -> Kind:
     return Kind(
-        name=name, title=f"FGVC-Aircraft 2013b ({level})",
+        name=name,
+        title=f"FGVC-Aircraft 2013b ({level})",
         layout=f"data/images/<id>.jpg, data/{_CLASS_FILES[level]} and data/images_{level}_{{train,val,test}}.txt "
-               "(<id> <class name>); the 20-pixel banner at the bottom is cropped off",
-        splits=("train", "val", "test"), roles={"train": "train", "val": "val", "test": "test"}, classes=count,
-        read=partial(read_aircraft, level=level), signature=("data/variants.txt", "data/images_variant_train.txt"),
-        archive_dir="fgvc-aircraft-2013b", recognised=recognised,
+        "(<id> <class name>); the 20-pixel banner at the bottom is cropped off",
+        splits=("train", "val", "test"),
+        roles={"train": "train", "val": "val", "test": "test"},
+        classes=count,
+        read=partial(read_aircraft, level=level),
+        signature=("data/variants.txt", "data/images_variant_train.txt"),
+        archive_dir="fgvc-aircraft-2013b",
+        recognised=recognised,
     )
 
 

@@ -47,8 +47,9 @@ class Augment:
         if self.crop_fractions is not None:
             low, high = self.crop_fractions
             if not 0.0 < low <= high <= 1.0:
-                raise ConfigError(f"resized-crop needs crop fractions 0 < A <= B <= 1 (A-B, e.g. 0.8-1.0), got "
-                                  f"{low}-{high}")
+                raise ConfigError(
+                    f"resized-crop needs crop fractions 0 < A <= B <= 1 (A-B, e.g. 0.8-1.0), got {low}-{high}"
+                )
         if self.padding is not None and self.padding < 0:
             raise ConfigError(f"crop padding must be a non-negative number of pixels, got {self.padding}")
         if not 0.0 <= self.flip <= 1.0:
@@ -63,8 +64,14 @@ class Augment:
         out = []
         if self.crop_fractions is not None:
             low, high = self.crop_fractions
-            out.append({"name": "resized-crop", "min_crop_frac": low, "max_crop_frac": high,
-                        "short_side": list(self.short_sides(size))})
+            out.append(
+                {
+                    "name": "resized-crop",
+                    "min_crop_frac": low,
+                    "max_crop_frac": high,
+                    "short_side": list(self.short_sides(size)),
+                }
+            )
         if self.crop:
             out.append({"name": "crop", "padding": self.pad(size)})
         if self.flip:
@@ -88,8 +95,10 @@ def parse_augment(text: str) -> Augment:
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in AUGMENTATIONS:
-            raise ConfigError(f"unknown augmentation {name!r} in {text!r}; choose from {', '.join(AUGMENTATIONS)} "
-                              "(e.g. resized-crop,flip or resized-crop=0.8-1.0,crop=2)")
+            raise ConfigError(
+                f"unknown augmentation {name!r} in {text!r}; choose from {', '.join(AUGMENTATIONS)} "
+                "(e.g. resized-crop,flip or resized-crop=0.8-1.0,crop=2)"
+            )
         if (name == "resized-crop" and "crop_fractions" in fields) or (name in ("crop", "flip") and name in fields):
             raise ConfigError(f"augmentation {name!r} is named twice in {text!r}")
         try:
@@ -103,8 +112,9 @@ def parse_augment(text: str) -> Augment:
             else:
                 fields["flip"] = float(value) if value else DEFAULT_FLIP
         except ValueError:
-            raise ConfigError(f"cannot read the parameter of {part!r}: use resized-crop=0.8-1.0, crop=2 or "
-                              "flip=0.5") from None
+            raise ConfigError(
+                f"cannot read the parameter of {part!r}: use resized-crop=0.8-1.0, crop=2 or flip=0.5"
+            ) from None
     if not fields:
         raise ConfigError(f"--augment {text!r} names no augmentation; choose from {', '.join(AUGMENTATIONS)}")
     return Augment(**fields)

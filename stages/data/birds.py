@@ -31,8 +31,10 @@ def _split_listing(kind: Kind, root: Path, splits: tuple[str, ...]) -> tuple[dic
             missing = "image_class_labels.txt" if image_id not in labels else "train_test_split.txt"
             raise DataError(f"{root / missing} has no line for image {image_id} of {root / 'images.txt'}")
         if is_train[image_id] not in ("0", "1"):
-            raise DataError(f"{root / 'train_test_split.txt'}: image {image_id} is marked {is_train[image_id]!r}, "
-                            "expected 1 (train) or 0 (test)")
+            raise DataError(
+                f"{root / 'train_test_split.txt'}: image {image_id} is marked {is_train[image_id]!r}, "
+                "expected 1 (train) or 0 (test)"
+            )
         split = "train" if is_train[image_id] == "1" else "test"
         if split in chosen:
             chosen[split].append((image_id, f"images/{path}"))
@@ -67,25 +69,43 @@ def read_nabirds(root: Path, splits: tuple[str, ...] | None) -> Listing:
         raise DataError(f"{root / 'image_class_labels.txt'} uses class ids {unknown[:5]} that classes.txt lacks")
     inner = [c for c in used if c in parents]
     if inner:
-        raise DataError(f"{root / 'image_class_labels.txt'} labels images with class ids {inner[:5]}, which "
-                        "hierarchy.txt lists as parents: NABirds labels images with leaf classes only")
+        raise DataError(
+            f"{root / 'image_class_labels.txt'} labels images with class ids {inner[:5]}, which "
+            "hierarchy.txt lists as parents: NABirds labels images with leaf classes only"
+        )
     remap = {class_id: label for label, class_id in enumerate(used)}
-    out = {split: ([p for _, p in items], np.asarray([remap[int(labels[i])] for i, _ in items], dtype=np.int64))
-           for split, items in chosen.items()}
-    return Listing(root, [names[c] for c in used], out, (*_FILES, "hierarchy.txt"),
-                   extra={"per_class": {"label_ids": used}})
+    out = {
+        split: ([p for _, p in items], np.asarray([remap[int(labels[i])] for i, _ in items], dtype=np.int64))
+        for split, items in chosen.items()
+    }
+    return Listing(
+        root, [names[c] for c in used], out, (*_FILES, "hierarchy.txt"), extra={"per_class": {"label_ids": used}}
+    )
 
 
-_LAYOUT = ("images/<class>/<image>.jpg beside images.txt (<id> <path>), image_class_labels.txt (<id> <class id>), "
-           "train_test_split.txt (<id> <1|0>), classes.txt (<class id> <name>)")
+_LAYOUT = (
+    "images/<class>/<image>.jpg beside images.txt (<id> <path>), image_class_labels.txt (<id> <class id>), "
+    "train_test_split.txt (<id> <1|0>), classes.txt (<class id> <name>)"
+)
 CUB = Kind(
-    name="cub", title="CUB-200-2011", layout=_LAYOUT, splits=("train", "test"),
-    roles={"train": "train", "val": None, "test": "test"}, classes="200", read=read_cub,
-    signature=_FILES + ("images",), archive_dir="CUB_200_2011",
+    name="cub",
+    title="CUB-200-2011",
+    layout=_LAYOUT,
+    splits=("train", "test"),
+    roles={"train": "train", "val": None, "test": "test"},
+    classes="200",
+    read=read_cub,
+    signature=_FILES + ("images",),
+    archive_dir="CUB_200_2011",
 )
 NABIRDS = Kind(
-    name="nabirds", title="NABirds", layout=_LAYOUT + ", hierarchy.txt (<child id> <parent id>)",
-    splits=("train", "test"), roles={"train": "train", "val": None, "test": "test"},
-    classes="555 leaves (ids remapped to 0..554)", read=read_nabirds,
-    signature=_FILES + ("hierarchy.txt", "images"), archive_dir="nabirds",
+    name="nabirds",
+    title="NABirds",
+    layout=_LAYOUT + ", hierarchy.txt (<child id> <parent id>)",
+    splits=("train", "test"),
+    roles={"train": "train", "val": None, "test": "test"},
+    classes="555 leaves (ids remapped to 0..554)",
+    read=read_nabirds,
+    signature=_FILES + ("hierarchy.txt", "images"),
+    archive_dir="nabirds",
 )

@@ -14,8 +14,10 @@ from stages.data import matfiles
 from stages.data.errors import DataError
 from stages.data.kind import Kind, Listing, requested
 
-_ANNOTATIONS = {"train": ("devkit/cars_train_annos.mat", "cars_train"),
-                "test": ("cars_test_annos_withlabels.mat", "cars_test")}
+_ANNOTATIONS = {
+    "train": ("devkit/cars_train_annos.mat", "cars_train"),
+    "test": ("cars_test_annos_withlabels.mat", "cars_test"),
+}
 
 
 def _find(root: Path, name: str) -> str:
@@ -38,8 +40,9 @@ def read_cars(root: Path, splits: tuple[str, ...] | None) -> Listing:
         if not (root / folder).is_dir():
             raise CARS.missing(root / folder, "the image folder")
         with matfiles.reading(root / annotations):
-            rows = matfiles.records(matfiles.load(root / annotations, ("annotations",))["annotations"], ("fname",
-                                                                                                         "class"))
+            rows = matfiles.records(
+                matfiles.load(root / annotations, ("annotations",))["annotations"], ("fname", "class")
+            )
         labels = np.asarray([row["class"] - 1 for row in rows], dtype=np.int64)
         if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
             raise DataError(f"{root / annotations}: class ids outside 1..{len(classes)} of {meta}")
@@ -49,9 +52,14 @@ def read_cars(root: Path, splits: tuple[str, ...] | None) -> Listing:
 
 
 CARS = Kind(
-    name="cars", title="Stanford Cars",
+    name="cars",
+    title="Stanford Cars",
     layout="cars_train/, cars_test/, devkit/cars_meta.mat, devkit/cars_train_annos.mat and "
-           "cars_test_annos_withlabels.mat (beside devkit/ or in it)",
-    splits=("train", "test"), roles={"train": "train", "val": None, "test": "test"}, classes="196", read=read_cars,
-    signature=("devkit/cars_meta.mat", "cars_train"), archive_dir="stanford_cars",
+    "cars_test_annos_withlabels.mat (beside devkit/ or in it)",
+    splits=("train", "test"),
+    roles={"train": "train", "val": None, "test": "test"},
+    classes="196",
+    read=read_cars,
+    signature=("devkit/cars_meta.mat", "cars_train"),
+    archive_dir="stanford_cars",
 )

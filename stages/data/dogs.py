@@ -37,8 +37,13 @@ def read_dogs(root: Path, splits: tuple[str, ...] | None) -> Listing:
 
 
 DOGS = Kind(
-    name="dogs", title="Stanford Dogs",
+    name="dogs",
+    title="Stanford Dogs",
     layout="Images/<wnid>-<breed>/<image>.jpg, train_list.mat and test_list.mat (file_list, labels)",
-    splits=("train", "test"), roles={"train": "train", "val": None, "test": "test"}, classes="120", read=read_dogs,
-    signature=("Images", "train_list.mat"), overlaps="ImageNet-1k train (Stanford Dogs is drawn from it)",
+    splits=("train", "test"),
+    roles={"train": "train", "val": None, "test": "test"},
+    classes="120",
+    read=read_dogs,
+    signature=("Images", "train_list.mat"),
+    overlaps="ImageNet-1k train (Stanford Dogs is drawn from it)",
 )

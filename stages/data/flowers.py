@@ -30,16 +30,21 @@ def read_flowers(root: Path, splits: tuple[str, ...] | None) -> Listing:
     out = {}
     for split, ids in numbers.items():
         if ids.size and (ids.min() < 1 or ids.max() > labels.size):
-            raise DataError(f"{sets_file}: {_SET_KEYS[split]} holds image numbers outside 1..{labels.size} of "
-                            "imagelabels.mat")
+            raise DataError(
+                f"{sets_file}: {_SET_KEYS[split]} holds image numbers outside 1..{labels.size} of imagelabels.mat"
+            )
         out[split] = ([f"jpg/image_{i:05d}.jpg" for i in ids.tolist()], labels[ids - 1] - 1)
     return Listing(root, [str(c) for c in range(1, count + 1)], out, ("imagelabels.mat", "setid.mat"))
 
 
 FLOWERS = Kind(
-    name="flowers", title="Oxford Flowers-102",
+    name="flowers",
+    title="Oxford Flowers-102",
     layout="jpg/image_<00001>.jpg, imagelabels.mat (labels) and setid.mat (trnid, valid, tstid)",
-    splits=("train", "val", "test"), roles={"train": "train", "val": "val", "test": "test"},
-    classes="102 (named 1..102: the archive has no names)", read=read_flowers,
-    signature=("jpg", "imagelabels.mat", "setid.mat"), archive_dir="flowers-102",  # torchvision's folder name
+    splits=("train", "val", "test"),
+    roles={"train": "train", "val": "val", "test": "test"},
+    classes="102 (named 1..102: the archive has no names)",
+    read=read_flowers,
+    signature=("jpg", "imagelabels.mat", "setid.mat"),
+    archive_dir="flowers-102",  # torchvision's folder name
 )

@@ -64,11 +64,14 @@ def _check_link(entry: Path, folder: Path) -> None:
     try:
         target = entry.resolve(strict=True)
     except (OSError, RuntimeError):
-        raise DataError(f"{entry} is a symbolic link that leads nowhere (a loop, or a missing target); "
-                        "fix it or remove it") from None
+        raise DataError(
+            f"{entry} is a symbolic link that leads nowhere (a loop, or a missing target); fix it or remove it"
+        ) from None
     if folder.resolve().is_relative_to(target):
-        raise DataError(f"{entry} links to {target}, which contains it (a loop): it would be a class without images; "
-                        "fix it or remove it")
+        raise DataError(
+            f"{entry} links to {target}, which contains it (a loop): it would be a class without images; "
+            "fix it or remove it"
+        )
 
 
 def scan_split(root: str | Path, split: str, classes: list[str]) -> ImageFolderSplit:
@@ -96,8 +99,10 @@ def scan(root: str | Path, splits: list[str]) -> dict[str, ImageFolderSplit]:
     first = scanned[splits[0]]
     empty = [name for label, name in enumerate(classes) if not np.any(first.labels == label)]
     if empty:
-        raise DataError(f"class folder(s) {', '.join(empty)} of {root / splits[0]} hold no images (looked for "
-                        f"{', '.join(sorted(IMAGE_SUFFIXES))}); put images in them or remove them")
+        raise DataError(
+            f"class folder(s) {', '.join(empty)} of {root / splits[0]} hold no images (looked for "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}); put images in them or remove them"
+        )
     return scanned
 
 
@@ -116,8 +121,10 @@ def dataset_identity(splits: dict[str, ImageFolderSplit]) -> dict:
             try:
                 size = (split.root / path).stat().st_size
             except OSError:
-                raise MissingDataError(f"{split.root / path} is missing: the data set lists it in split {name!r}"
-                                       + (f" ({split.meta['kind']} metadata)" if split.meta else "")) from None
+                raise MissingDataError(
+                    f"{split.root / path} is missing: the data set lists it in split {name!r}"
+                    + (f" ({split.meta['kind']} metadata)" if split.meta else "")
+                ) from None
             digest.update(f"{name}\t{path}\t{size}\t{label}\n".encode())
     first = next(iter(splits.values()))
     return {

@@ -40,16 +40,19 @@ def load(text: str):
     local = Path(path)
     if local.exists():
         if not local.is_dir():
-            raise MissingDataError(f"--data hf:{text}: {local} is not a folder (a save_to_disk folder, or one of "
-                                   "parquet files)")
+            raise MissingDataError(
+                f"--data hf:{text}: {local} is not a folder (a save_to_disk folder, or one of parquet files)"
+            )
         if (local / "dataset_dict.json").exists() or (local / "state.json").exists():
             loaded = datasets.load_from_disk(str(local))
         else:
             try:
                 loaded = datasets.load_dataset(str(local), config)
             except (FileNotFoundError, ValueError) as error:
-                raise DataError(f"--data hf:{text}: datasets cannot read {local} ({_first_line(error)}); it expects a "
-                                "save_to_disk folder or a folder of parquet files named by split") from None
+                raise DataError(
+                    f"--data hf:{text}: datasets cannot read {local} ({_first_line(error)}); it expects a "
+                    "save_to_disk folder or a folder of parquet files named by split"
+                ) from None
         where = local.resolve()
     elif "/" in path.strip("/") and not path.startswith((".", "/")) and path.count("/") == 1:
         try:
@@ -58,7 +61,8 @@ def load(text: str):
             raise DataError(
                 f"--data hf:{text}: could not load it from the Hugging Face Hub ({type(error).__name__}: "
                 f"{_first_line(error)}). Without network, save it elsewhere with datasets' save_to_disk, copy the "
-                f"folder here and pass --data hf:FOLDER") from None
+                f"folder here and pass --data hf:FOLDER"
+            ) from None
         where = Remote(f"hf:{path}")
     else:
         raise MissingDataError(f"--data hf:{text}: no such folder, and not a Hub id (OWNER/NAME)")
@@ -86,12 +90,17 @@ def find_columns(features, image_column: str | None, label_column: str | None, w
             return found[0]
         if not found and what == "label" and "label" in features:
             return "label"
-        how = f"no {feature_type.__name__} column" if not found else \
-            f"{len(found)} {feature_type.__name__} columns ({', '.join(found)})"
+        how = (
+            f"no {feature_type.__name__} column"
+            if not found
+            else f"{len(found)} {feature_type.__name__} columns ({', '.join(found)})"
+        )
         raise DataError(f"{where} has {how} (its columns: {columns}): name the {what} column with {option} NAME")
 
-    return (pick(image_column, datasets.Image, "--image-column", "image"),
-            pick(label_column, datasets.ClassLabel, "--label-column", "label"))
+    return (
+        pick(image_column, datasets.Image, "--image-column", "image"),
+        pick(label_column, datasets.ClassLabel, "--label-column", "label"),
+    )
 
 
 class ArrowSource(Source):
@@ -132,15 +141,22 @@ class ArrowSource(Source):
         return ArrowSource(self.dataset, self.column, self.rows[rows], self.files)
 
 
-def open_hf(text: str, *, splits: tuple[str, ...] | None = None, image_column: str | None = None,
-            label_column: str | None = None) -> dict[str, PackedSplit]:
+def open_hf(
+    text: str,
+    *,
+    splits: tuple[str, ...] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+) -> dict[str, PackedSplit]:
     """{split: PackedSplit} of an `hf:` value (what follows the prefix)."""
     loaded, where = load(text)
     if splits is not None:
         unknown = [s for s in splits if s not in loaded]
         if unknown:
-            raise DataError(f"--data hf:{text} has no split(s) {', '.join(unknown)}: its splits are "
-                            f"{', '.join(loaded)} (--splits picks among them)")
+            raise DataError(
+                f"--data hf:{text} has no split(s) {', '.join(unknown)}: its splits are "
+                f"{', '.join(loaded)} (--splits picks among them)"
+            )
         names = list(splits)
     else:
         names = list(loaded)
@@ -157,14 +173,18 @@ def open_hf(text: str, *, splits: tuple[str, ...] | None = None, image_column: s
         if split._indices is not None:
             values = values[np.asarray(split._indices.column(0).to_numpy())]
         if not np.issubdtype(values.dtype, np.integer):
-            raise DataError(f"--data hf:{text}: column {label!r} holds {values.dtype} values, not class numbers; "
-                            "name the label column with --label-column NAME")
+            raise DataError(
+                f"--data hf:{text}: column {label!r} holds {values.dtype} values, not class numbers; "
+                "name the label column with --label-column NAME"
+            )
         if len(values) == 0:
             raise DataError(f"split {name!r} of --data hf:{text} has no rows")
         if values.min() < 0:
             keep = ",".join(n for n in names if n != name) or "SPLIT"
-            raise DataError(f"split {name!r} of --data hf:{text} has rows without a label ({int((values < 0).sum())} "
-                            f"of -1): leave it out with --splits {keep}")
+            raise DataError(
+                f"split {name!r} of --data hf:{text} has rows without a label ({int((values < 0).sum())} "
+                f"of -1): leave it out with --splits {keep}"
+            )
         labels[name] = values.astype(np.int64)
     top = max(int(values.max()) for values in labels.values())
     if isinstance(feature, datasets.ClassLabel):
@@ -173,9 +193,12 @@ def open_hf(text: str, *, splits: tuple[str, ...] | None = None, image_column: s
             raise DataError(f"--data hf:{text}: label {top} is beyond the {len(classes)} names of {label!r}")
     else:
         classes = [str(n) for n in range(top + 1)]
-    meta = {"kind": "hf", "image_column": image, "label_column": label,
-            "arrow_bytes": {name: sum(os.path.getsize(f["filename"]) for f in loaded[name].cache_files)
-                            for name in names}}
+    meta = {
+        "kind": "hf",
+        "image_column": image,
+        "label_column": label,
+        "arrow_bytes": {name: sum(os.path.getsize(f["filename"]) for f in loaded[name].cache_files) for name in names},
+    }
     if isinstance(where, Remote):
         meta["hub_id"] = str(where)[3:]
     result = {}

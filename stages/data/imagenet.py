@@ -48,8 +48,9 @@ def _synsets(root: Path) -> dict[int, tuple[str, str]] | None:
     if not (root / META).exists():
         return None
     with matfiles.reading(root / META):
-        rows = matfiles.records(matfiles.load(root / META, ("synsets",))["synsets"],
-                                ("ILSVRC2012_ID", "WNID", "words", "num_children"))
+        rows = matfiles.records(
+            matfiles.load(root / META, ("synsets",))["synsets"], ("ILSVRC2012_ID", "WNID", "words", "num_children")
+        )
     return {int(r["ILSVRC2012_ID"]): (str(r["WNID"]), str(r["words"])) for r in rows if int(r["num_children"]) == 0}
 
 
@@ -109,18 +110,23 @@ def _flat_val(root: Path, index: dict[str, int], synsets: dict | None) -> tuple[
             raise DataError(f"{image}: {truth_file} has no line {number}")
         wnid = synsets.get(truth[number - 1], (None,))[0]
         if wnid not in index:
-            raise DataError(f"{image}: its class {wnid or truth[number - 1]} (in {truth_file}) is not a class "
-                            "folder of train/")
+            raise DataError(
+                f"{image}: its class {wnid or truth[number - 1]} (in {truth_file}) is not a class folder of train/"
+            )
         paths.append(f"val/{image.name}")
         labels.append(index[wnid])
     return paths, np.asarray(labels, dtype=np.int64)
 
 
 IMAGENET = Kind(
-    name="imagenet", title="ImageNet ILSVRC-2012",
+    name="imagenet",
+    title="ImageNet ILSVRC-2012",
     layout="train/<wnid>/*.JPEG and val/<wnid>/*.JPEG, or a flat val/ILSVRC2012_val_<00000001>.JPEG with "
-           f"{GROUND_TRUTH} and {META}",
-    splits=("train", "val"), roles={"train": "train", "val": None, "test": "val"},
-    classes="1000 (wnids; names from the devkit)", read=read_imagenet, detect=detect,
+    f"{GROUND_TRUTH} and {META}",
+    splits=("train", "val"),
+    roles={"train": "train", "val": None, "test": "val"},
+    classes="1000 (wnids; names from the devkit)",
+    read=read_imagenet,
+    detect=detect,
     overlaps="ImageNet-1k (the pre-training data of ImageNet models)",
 )

@@ -56,12 +56,23 @@ def preprocessing(size: int, channels: int, method: str = "bicubic", decode: str
     the "exact" decode, for stores made before "draft" existed."""
     check_preprocess(method)
     if method == "adm":
-        record = {"resize": "guided-diffusion center_crop_arr: BOX halving while the short side >= 2 x size, then "
-                            "short side bicubic", "size": size, "crop": "centre", "channels": channels,
-                  "range": [-1, 1], "method": "adm"}
+        record = {
+            "resize": "guided-diffusion center_crop_arr: BOX halving while the short side >= 2 x size, then "
+            "short side bicubic",
+            "size": size,
+            "crop": "centre",
+            "channels": channels,
+            "range": [-1, 1],
+            "method": "adm",
+        }
     else:
-        record = {"resize": "short side, bicubic", "size": size, "crop": "centre", "channels": channels,
-                  "range": [-1, 1]}
+        record = {
+            "resize": "short side, bicubic",
+            "size": size,
+            "crop": "centre",
+            "channels": channels,
+            "range": [-1, 1],
+        }
     return with_decode(record, decode)
 
 
@@ -70,8 +81,11 @@ def with_decode(record: dict, decode: str) -> dict:
     if decode not in DECODES:
         raise DataError(f"unknown decode {decode!r}; choose from {', '.join(DECODES)}")
     if decode == "draft":
-        return {**record, "decode": "draft: JPEG decoded at 1/2, 1/4 or 1/8 scale (PIL Image.draft) while the short "
-                                    "side stays >= the resize's side"}
+        return {
+            **record,
+            "decode": "draft: JPEG decoded at 1/2, 1/4 or 1/8 scale (PIL Image.draft) while the short "
+            "side stays >= the resize's side",
+        }
     return record
 
 
@@ -90,14 +104,23 @@ def check_preprocess(method: str) -> None:
         raise DataError(f"unknown preprocessing {method!r}; choose from {', '.join(PREPROCESSES)}")
 
 
-def backbone_preprocessing(size: int, resize: int, resample: str, mean, std, squash: bool = False,
-                           convention: str = "transformers") -> dict:
+def backbone_preprocessing(
+    size: int, resize: int, resample: str, mean, std, squash: bool = False, convention: str = "transformers"
+) -> dict:
     """A vision backbone's image processor as the store records it: short side to `resize` (`resample`;
     with `squash` both sides, the aspect ratio not kept), centre crop to `size`, [0, 1], then
     (x - mean) / std per channel."""
     how = f"to {resize}x{resize}, aspect not kept" if squash else f"short side to {resize}"
-    return {"resize": f"{how}, {resample}", "size": size, "crop": "centre", "rounding": convention, "channels": 3,
-            "range": [0, 1], "mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    return {
+        "resize": f"{how}, {resample}",
+        "size": size,
+        "crop": "centre",
+        "rounding": convention,
+        "channels": 3,
+        "range": [0, 1],
+        "mean": [float(m) for m in mean],
+        "std": [float(s) for s in std],
+    }
 
 
 def image_channels(path: Path) -> int:
@@ -106,8 +129,9 @@ def image_channels(path: Path) -> int:
         with Image.open(path) as image:
             return 1 if image.mode in ("1", "L", "I", "F", *SIXTEEN_BIT_MODES) else 3
     except Image.DecompressionBombError as error:
-        raise DataError(f"cannot read image {path}: {error} Shrink the image, or remove it from the data "
-                        "set.") from None
+        raise DataError(
+            f"cannot read image {path}: {error} Shrink the image, or remove it from the data set."
+        ) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise unreadable_image(path, error) from None
 
@@ -128,8 +152,10 @@ def unreadable_image(path: Path, error: BaseException) -> DataError:
         reason = "the file is truncated or damaged"
     else:
         reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the file", text) or type(error).__name__
-    return DataError(f"cannot read image {path}: {reason}. Replace it with a readable copy and run the same command "
-                     "again (what was finished is kept), or remove it from the data set")
+    return DataError(
+        f"cannot read image {path}: {reason}. Replace it with a readable copy and run the same command "
+        "again (what was finished is kept), or remove it from the data set"
+    )
 
 
 def content_hash(data: bytes) -> int:
@@ -154,10 +180,22 @@ def read_image(path: Path, size: int, channels: int, **options) -> tuple[torch.T
     return load_image(path, size, channels, data=data, **options), (content_hash(data), mtime)
 
 
-def load_image(path: Path, size: int, channels: int, *, data: bytes | None = None, crop_bottom: int = 0,
-               method: str = "bicubic", resize: int | None = None, resample: str = "bicubic", squash: bool = False,
-               convention: str = "project", augment=None, rng: np.random.Generator | None = None,
-               draft: bool = False) -> torch.Tensor:
+def load_image(
+    path: Path,
+    size: int,
+    channels: int,
+    *,
+    data: bytes | None = None,
+    crop_bottom: int = 0,
+    method: str = "bicubic",
+    resize: int | None = None,
+    resample: str = "bicubic",
+    squash: bool = False,
+    convention: str = "project",
+    augment=None,
+    rng: np.random.Generator | None = None,
+    draft: bool = False,
+) -> torch.Tensor:
     """(channels, size, size) float32 in [-1, 1]; a file that is not a readable image is a DataError naming it.
 
     `data`, when given, are the file's bytes already read (the image is decoded from them).
@@ -188,8 +226,10 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
             image = _eight_bit_range(image, channels)
             if crop_bottom:
                 if image.size[1] <= crop_bottom:
-                    raise DataError(f"it is {image.size[1]} pixels high: nothing is left after cutting the "
-                                    f"{crop_bottom}-pixel banner off its bottom")
+                    raise DataError(
+                        f"it is {image.size[1]} pixels high: nothing is left after cutting the "
+                        f"{crop_bottom}-pixel banner off its bottom"
+                    )
                 image = image.crop((0, 0, image.size[0], image.size[1] - crop_bottom))
             image = _resize_short_side(image, side, method, resample=resample, squash=squash, convention=convention)
             if augment is not None and augment.crop:
@@ -206,8 +246,9 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
                 image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
             array = np.asarray(image, dtype=np.float32)
     except Image.DecompressionBombError as error:
-        raise DataError(f"cannot read image {path}: {error} "
-                        "Shrink the image, or remove it from the data set.") from None
+        raise DataError(
+            f"cannot read image {path}: {error} Shrink the image, or remove it from the data set."
+        ) from None
     except (OSError, ValueError, SyntaxError) as error:
         raise unreadable_image(path, error) from None
     if array.ndim == 2 and channels == 3:  # a 16-bit grayscale image for an RGB model
@@ -216,8 +257,15 @@ def load_image(path: Path, size: int, channels: int, *, data: bytes | None = Non
     return torch.from_numpy(array / 127.5 - 1.0)
 
 
-def _resize_short_side(image: Image.Image, side: int, method: str, *, resample: str = "bicubic", squash: bool = False,
-                       convention: str = "project") -> Image.Image:
+def _resize_short_side(
+    image: Image.Image,
+    side: int,
+    method: str,
+    *,
+    resample: str = "bicubic",
+    squash: bool = False,
+    convention: str = "project",
+) -> Image.Image:
     """The image with its short side `side` pixels (`load_image`'s options): one resize, or guided-diffusion's
     BOX halvings first and then bicubic ("adm")."""
     if method == "adm":  # guided_diffusion/image_datasets.py, center_crop_arr and random_crop_arr

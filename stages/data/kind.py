@@ -55,8 +55,9 @@ class Kind:
         return None
 
     def missing(self, path: Path, what: str) -> MissingDataError:
-        return MissingDataError(f"{path} is missing: {self.title} ({self.name}:) expects {self.layout}"
-                                + (f" ({what})" if what else ""))
+        return MissingDataError(
+            f"{path} is missing: {self.title} ({self.name}:) expects {self.layout}" + (f" ({what})" if what else "")
+        )
 
 
 def require(kind: Kind, root: Path, relative: str, what: str = "") -> Path:
@@ -99,6 +100,8 @@ def requested(kind: Kind, splits: tuple[str, ...] | None) -> tuple[str, ...]:
         return kind.splits
     unknown = [s for s in splits if s not in kind.splits]
     if unknown:
-        raise DataError(f"{kind.title} has no split(s) {', '.join(unknown)}: its official splits are "
-                        f"{', '.join(kind.splits)} (--splits picks among them)")
+        raise DataError(
+            f"{kind.title} has no split(s) {', '.join(unknown)}: its official splits are "
+            f"{', '.join(kind.splits)} (--splits picks among them)"
+        )
     return tuple(splits)

@@ -28,9 +28,11 @@ def load(path: Path, keys: tuple[str, ...]) -> dict:
     except Exception as error:  # noqa: BLE001 - scipy raises MatReadError, ValueError, TypeError ... on a damaged file
         if isinstance(error, FileNotFoundError):
             raise DataError(f"cannot read {path}: {error.strerror}") from None
-        raise DataError(f"cannot read {path}: it is not a readable MATLAB file ({type(error).__name__}: {error}). "
-                        "Replace it with the file from the data set's official download, then run the same "
-                        "command again") from None
+        raise DataError(
+            f"cannot read {path}: it is not a readable MATLAB file ({type(error).__name__}: {error}). "
+            "Replace it with the file from the data set's official download, then run the same "
+            "command again"
+        ) from None
     missing = [key for key in keys if key not in contents]
     if missing:
         present = sorted(k for k in contents if not k.startswith("__"))

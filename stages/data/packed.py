@@ -73,10 +73,17 @@ class PackedSplit:
     def select(self, rows: np.ndarray, classes: list[str], labels: np.ndarray, meta: dict) -> PackedSplit:
         """The split of samples `rows` (a `--classes` / `--subset` selection), relabelled."""
         rows = np.asarray(rows, dtype=np.int64)
-        return PackedSplit(self.root, self.name, list(classes), [self.paths[i] for i in rows],
-                           np.asarray(labels, dtype=np.int64), self.source.subset(rows),
-                           [self.identity_lines[i] for i in rows] if self.identity_lines else [],
-                           self.crop_bottom, meta)
+        return PackedSplit(
+            self.root,
+            self.name,
+            list(classes),
+            [self.paths[i] for i in rows],
+            np.asarray(labels, dtype=np.int64),
+            self.source.subset(rows),
+            [self.identity_lines[i] for i in rows] if self.identity_lines else [],
+            self.crop_bottom,
+            meta,
+        )
 
 
 def packed_identity(splits: dict[str, PackedSplit]) -> dict:

@@ -37,12 +37,19 @@ def _read_folder(root: Path, splits: tuple[str, ...] | None) -> Listing:
 
 
 FOLDER = Kind(
-    name="folder", title="An image folder", layout="<split>/<class>/<image> (any split names, --splits)",
-    splits=("train", "val"), roles={}, classes="one per class folder", read=_read_folder,
+    name="folder",
+    title="An image folder",
+    layout="<split>/<class>/<image> (any split names, --splits)",
+    splits=("train", "val"),
+    roles={},
+    classes="one per class folder",
+    read=_read_folder,
 )
 # Recognition order: the more specific layout first (NABirds has CUB's files and more).
-KINDS: dict[str, Kind] = {k.name: k for k in (
-    NABIRDS, CUB, AIRCRAFT, AIRCRAFT_FAMILY, AIRCRAFT_MANUFACTURER, CARS, DOGS, FLOWERS, IMAGENET, FOLDER)}
+KINDS: dict[str, Kind] = {
+    k.name: k
+    for k in (NABIRDS, CUB, AIRCRAFT, AIRCRAFT_FAMILY, AIRCRAFT_MANUFACTURER, CARS, DOGS, FLOWERS, IMAGENET, FOLDER)
+}
 _PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9_-]*):(.*)")
 
 
@@ -53,8 +60,10 @@ def resolve_data(spec: str) -> tuple[Kind, Path, bool]:
     if match and (match.group(1).lower() in KINDS or not Path(text).exists()):
         name, path = match.group(1).lower(), Path(match.group(2))
         if name not in KINDS:
-            raise DataError(f"--data {text}: unknown data-set kind {name!r}; the kinds are {', '.join(KINDS)} "
-                            "(`pipeline datasets` shows the layout each expects)")
+            raise DataError(
+                f"--data {text}: unknown data-set kind {name!r}; the kinds are {', '.join(KINDS)} "
+                "(`pipeline datasets` shows the layout each expects)"
+            )
         kind = KINDS[name]
         if not path.is_dir():
             raise MissingDataError(f"--data {text}: no such directory {path}")
@@ -69,9 +78,16 @@ def resolve_data(spec: str) -> tuple[Kind, Path, bool]:
     return FOLDER, path, False
 
 
-def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: str | None = None,
-                 subset: str | None = None, image_column: str | None = None, label_column: str | None = None,
-                 storage_options: dict | None = None):
+def open_dataset(
+    spec: str,
+    *,
+    splits: tuple[str, ...] | None = None,
+    classes: str | None = None,
+    subset: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    storage_options: dict | None = None,
+):
     """{split: ImageFolderSplit} of a `--data` value, with `--classes` / `--subset` applied.
 
     `splits` None: the kind's official splits (an image folder's: train, val). `wds:` and `hf:` values
@@ -82,8 +98,16 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
 
     packed = _packed_kind(str(spec))
     if packed is not None:
-        return _open_packed(packed, str(spec), splits=splits, classes=classes, subset=subset,
-                            image_column=image_column, label_column=label_column, storage_options=storage_options)
+        return _open_packed(
+            packed,
+            str(spec),
+            splits=splits,
+            classes=classes,
+            subset=subset,
+            image_column=image_column,
+            label_column=label_column,
+            storage_options=storage_options,
+        )
     if image_column is not None or label_column is not None:
         raise DataError(f"--image-column and --label-column apply to wds: and hf: data, not to --data {spec}")
     kind, root, named = resolve_data(spec)
@@ -94,11 +118,15 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
             raise
         near = _near_misses(root)
         if near:
-            raise MissingDataError(f"{root} looks like {near}; name the kind (--data KIND:PATH) if it is one, or "
-                                   f"read it as an image folder: {error}") from None
+            raise MissingDataError(
+                f"{root} looks like {near}; name the kind (--data KIND:PATH) if it is one, or "
+                f"read it as an image folder: {error}"
+            ) from None
         others = "; ".join(f"{k.name}: {k.layout}" for k in KINDS.values() if k.recognised and k is not FOLDER)
-        raise MissingDataError(f"{error}. {root} matches none of the data-set layouts either ({others}); "
-                               "name the kind with --data KIND:PATH to hear which file is missing") from None
+        raise MissingDataError(
+            f"{error}. {root} matches none of the data-set layouts either ({others}); "
+            "name the kind with --data KIND:PATH to hear which file is missing"
+        ) from None
     meta = {}
     if classes is not None:
         listing, meta["class_list"] = select_classes(listing, classes)
@@ -109,13 +137,16 @@ def open_dataset(spec: str, *, splits: tuple[str, ...] | None = None, classes: s
             raise DataError(f"split {name!r} of {root} has no images left after the --classes / --subset selection")
     if kind is not FOLDER or meta:
         meta = {"kind": kind.name, **_recorded(kind, listing), **meta}
-    return {name: ImageFolderSplit(root, name, list(listing.classes), paths, labels,
-                                   crop_bottom=listing.crop_bottom, meta=meta)
-            for name, (paths, labels) in listing.splits.items()}
+    return {
+        name: ImageFolderSplit(
+            root, name, list(listing.classes), paths, labels, crop_bottom=listing.crop_bottom, meta=meta
+        )
+        for name, (paths, labels) in listing.splits.items()
+    }
 
 
 def _packed_kind(spec: str) -> str | None:
-    """"wds" or "hf" when `spec` names packed data (a prefix, unless it is an existing folder's name)."""
+    """ "wds" or "hf" when `spec` names packed data (a prefix, unless it is an existing folder's name)."""
     prefix, sep, _ = spec.partition(":")
     if sep and prefix.lower() in PACKED and not Path(spec).exists():
         return prefix.lower()
@@ -130,8 +161,9 @@ def _open_packed(kind: str, spec: str, *, splits, classes, subset, image_column,
     if kind == "wds":
         from stages.data.wds import open_wds
 
-        opened = open_wds(rest, splits=splits, image_column=image_column, label_column=label_column,
-                          storage_options=storage_options)
+        opened = open_wds(
+            rest, splits=splits, image_column=image_column, label_column=label_column, storage_options=storage_options
+        )
     else:
         from stages.data.hf import open_hf
 
@@ -156,11 +188,15 @@ def _open_packed(kind: str, spec: str, *, splits, classes, subset, image_column,
 
 
 PACKED = {  # the kinds whose images are packed in containers (`stages.data.packed`), as `pipeline datasets` shows them
-    "wds": ("WebDataset tar shards: wds:PATTERN, wds:SPLIT=PATTERN,SPLIT=PATTERN or wds:FOLDER "
-            "(<name>-<split>-<number>.tar); key.jpg/png/... + key.cls (or --label-column FIELD of key.json); "
-            "class names from classes.txt beside the shards"),
-    "hf": ("Hugging Face datasets: hf:FOLDER (save_to_disk, or parquet files named by split) or hf:OWNER/NAME[:CONFIG] "
-           "(the Hub); the Image and ClassLabel columns, or --image-column / --label-column"),
+    "wds": (
+        "WebDataset tar shards: wds:PATTERN, wds:SPLIT=PATTERN,SPLIT=PATTERN or wds:FOLDER "
+        "(<name>-<split>-<number>.tar); key.jpg/png/... + key.cls (or --label-column FIELD of key.json); "
+        "class names from classes.txt beside the shards"
+    ),
+    "hf": (
+        "Hugging Face datasets: hf:FOLDER (save_to_disk, or parquet files named by split) or hf:OWNER/NAME[:CONFIG] "
+        "(the Hub); the Image and ClassLabel columns, or --image-column / --label-column"
+    ),
 }
 
 
@@ -172,8 +208,12 @@ def _near_misses(path: Path) -> str:
             present = [name for name in kind.signature if (candidate / name).exists()]
             if present and len(present) < len(kind.signature):
                 lacking = [name for name in kind.signature if name not in present]
-                found.append((len(lacking), f"{kind.title} ({kind.name}:) without "
-                                            f"{', '.join(str(candidate / n) for n in lacking)}"))
+                found.append(
+                    (
+                        len(lacking),
+                        f"{kind.title} ({kind.name}:) without {', '.join(str(candidate / n) for n in lacking)}",
+                    )
+                )
                 break
     return "; or ".join(text for _, text in sorted(found, key=lambda item: item[0]))  # the closest first
 
@@ -199,8 +239,10 @@ def format_kinds() -> str:
         if kind is FOLDER:
             how = "the fallback"
         lines.append(f"{kind.name:<22} {kind.title}; splits {', '.join(kind.splits)}; classes: {kind.classes}; {how}")
-        lines.append(f"{'':<22} expects {kind.layout}" + (f" (or the archive's {kind.archive_dir}/ inside PATH)"
-                                                          if kind.archive_dir else ""))
+        lines.append(
+            f"{'':<22} expects {kind.layout}"
+            + (f" (or the archive's {kind.archive_dir}/ inside PATH)" if kind.archive_dir else "")
+        )
         if kind.overlaps:
             lines.append(f"{'':<22} images overlap {kind.overlaps}")
     for name, text in PACKED.items():

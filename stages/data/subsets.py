@@ -78,8 +78,10 @@ def select_classes(listing: Listing, value: str) -> tuple[Listing, dict]:
         else:
             chosen.add(label)
     if unmatched:
-        raise DataError(f"{len(unmatched)} of the {len(lines)} lines of {path} name no class of the data set, e.g. "
-                        f"{unmatched[:3]}; its classes are named like {listing.classes[:3]}")
+        raise DataError(
+            f"{len(unmatched)} of the {len(lines)} lines of {path} name no class of the data set, e.g. "
+            f"{unmatched[:3]}; its classes are named like {listing.classes[:3]}"
+        )
     keep = sorted(chosen)
     relabel = np.full(len(listing.classes), -1, dtype=np.int64)
     relabel[keep] = np.arange(len(keep))
@@ -112,9 +114,11 @@ def select_images(listing: Listing, value: str, *, classes_selected: bool) -> tu
             chosen[split] = rows
     unmatched = [line for line in lines if line.replace("\\", "/") not in hit]
     if unmatched and not classes_selected:
-        raise DataError(f"{len(unmatched)} of the {len(lines)} lines of {path} name no image of the data set, e.g. "
-                        f"{unmatched[:3]}; lines are image paths under the data root or its split folders, or file "
-                        "names (with --classes, lines outside the selected classes are dropped)")
+        raise DataError(
+            f"{len(unmatched)} of the {len(lines)} lines of {path} name no image of the data set, e.g. "
+            f"{unmatched[:3]}; lines are image paths under the data root or its split folders, or file "
+            "names (with --classes, lines outside the selected classes are dropped)"
+        )
     splits = {}
     for split, (paths, labels) in listing.splits.items():
         if split not in chosen:
@@ -122,6 +126,11 @@ def select_images(listing: Listing, value: str, *, classes_selected: bool) -> tu
             continue
         rows = chosen[split]
         splits[split] = ([paths[i] for i in rows], labels[np.asarray(rows, dtype=np.int64)])
-    record = {**record, "sha256": _sha256(path), "lines": len(lines), "dropped": len(unmatched),
-              "splits": {split: len(chosen[split]) for split in sorted(chosen)}}
+    record = {
+        **record,
+        "sha256": _sha256(path),
+        "lines": len(lines),
+        "dropped": len(unmatched),
+        "splits": {split: len(chosen[split]) for split in sorted(chosen)},
+    }
     return replace(listing, splits=splits), record

@@ -64,8 +64,10 @@ def tar_members(file, total: int, where: str, small: set[str] = frozenset()) -> 
         start = position + BLOCK
         if start + size > total:
             name = long_name or pax.get("path") or _name(header)
-            raise DataError(f"{where}: member {name!r} is truncated: its header gives {size} bytes, the file ends "
-                            f"{total - start} bytes after it")
+            raise DataError(
+                f"{where}: member {name!r} is truncated: its header gives {size} bytes, the file ends "
+                f"{total - start} bytes after it"
+            )
         if kind in (b"x", b"L"):
             file.seek(start)
             data = file.read(size)
@@ -85,8 +87,11 @@ def tar_members(file, total: int, where: str, small: set[str] = frozenset()) -> 
             long_name, pax = None, {}
         position = start + (size + BLOCK - 1) // BLOCK * BLOCK
     if position < total or not members:
-        raise DataError(f"{where}: the tar ends without its end-of-archive blocks (truncated)"
-                        if members else f"{where}: not a tar file, or an empty one")
+        raise DataError(
+            f"{where}: the tar ends without its end-of-archive blocks (truncated)"
+            if members
+            else f"{where}: not a tar file, or an empty one"
+        )
     return members, contents
 
 

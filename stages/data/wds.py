@@ -64,8 +64,10 @@ def parse_spec(text: str) -> dict[str, str]:
     if len(parts) == 1 and not named[0]:
         return {"": parts[0]}
     if not all(named):
-        raise DataError(f"--data wds:{text}: expected wds:PATTERN or wds:SPLIT=PATTERN,SPLIT=PATTERN "
-                        "(e.g. wds:train=/data/train-{000000..001281}.tar,val=/data/val-{000000..000049}.tar)")
+        raise DataError(
+            f"--data wds:{text}: expected wds:PATTERN or wds:SPLIT=PATTERN,SPLIT=PATTERN "
+            "(e.g. wds:train=/data/train-{000000..001281}.tar,val=/data/val-{000000..000049}.tar)"
+        )
     return {match.group(1): match.group(2) for match in named}
 
 
@@ -118,16 +120,26 @@ def _shards_by_split(folder: str, fs, path: str) -> dict[str, list[str]]:
         if match:
             found.setdefault(match.group(1), []).append(protocol + entry if protocol else entry)
     if not found:
-        raise MissingDataError(f"--data wds:{folder}: no shards named <name>-<split>-<number>.tar in it; name them "
-                               "with wds:train=PATTERN,val=PATTERN")
+        raise MissingDataError(
+            f"--data wds:{folder}: no shards named <name>-<split>-<number>.tar in it; name them "
+            "with wds:train=PATTERN,val=PATTERN"
+        )
     return found
 
 
 class TarSource(Source):
     """Samples as byte ranges of tar shards: shard number, offset and size per sample."""
 
-    def __init__(self, shards: list[str], shard: np.ndarray, offset: np.ndarray, size: np.ndarray,
-                 names: list[str], mtimes: list[int], storage_options: dict):
+    def __init__(
+        self,
+        shards: list[str],
+        shard: np.ndarray,
+        offset: np.ndarray,
+        size: np.ndarray,
+        names: list[str],
+        mtimes: list[int],
+        storage_options: dict,
+    ):
         self.shards, self.shard, self.offset, self.size = shards, shard, offset, size
         self.names, self.shard_mtimes, self.storage_options = names, mtimes, storage_options
         self._files: dict[int, object] = {}
@@ -166,8 +178,15 @@ class TarSource(Source):
         return np.asarray([now[int(self.shard[row])] for row in rows], dtype=np.int64)
 
     def subset(self, rows: np.ndarray) -> TarSource:
-        return TarSource(self.shards, self.shard[rows], self.offset[rows], self.size[rows],
-                         [self.names[i] for i in rows], self.shard_mtimes, self.storage_options)
+        return TarSource(
+            self.shards,
+            self.shard[rows],
+            self.offset[rows],
+            self.size[rows],
+            [self.names[i] for i in rows],
+            self.shard_mtimes,
+            self.storage_options,
+        )
 
 
 def stat(url: str, storage_options: dict) -> tuple[int, int]:
@@ -267,28 +286,36 @@ def _image_member(parts: dict, image_ext: str | None, url: str, key: str):
     if image_ext is not None:
         member = parts.get(image_ext.lower().lstrip("."))
         if member is None:
-            raise DataError(f"{url}: sample {key!r} has no .{image_ext} member (it has {', '.join(sorted(parts))}); "
-                            "--image-column names the image's extension")
+            raise DataError(
+                f"{url}: sample {key!r} has no .{image_ext} member (it has {', '.join(sorted(parts))}); "
+                "--image-column names the image's extension"
+            )
         return member
     for extension in IMAGE_EXTENSIONS:
         if extension in parts:
             return parts[extension]
-    raise DataError(f"{url}: sample {key!r} has no image member (it has {', '.join(sorted(parts))}; images are "
-                    f"{', '.join(IMAGE_EXTENSIONS)}); --image-column names another extension")
+    raise DataError(
+        f"{url}: sample {key!r} has no image member (it has {', '.join(sorted(parts))}; images are "
+        f"{', '.join(IMAGE_EXTENSIONS)}); --image-column names another extension"
+    )
 
 
 def _label(parts: dict, small: dict, label_field: str | None, url: str, key: str) -> int:
     if label_field is None:
         member = parts.get("cls")
         if member is None:
-            raise DataError(f"{url}: sample {key!r} has no .cls member (it has {', '.join(sorted(parts))}); a label in "
-                            "its .json is named with --label-column FIELD")
+            raise DataError(
+                f"{url}: sample {key!r} has no .cls member (it has {', '.join(sorted(parts))}); a label in "
+                "its .json is named with --label-column FIELD"
+            )
         text = small[member.name].decode("utf-8", "replace").strip()
     else:
         member = parts.get("json")
         if member is None:
-            raise DataError(f"{url}: sample {key!r} has no .json member for --label-column {label_field} "
-                            f"(it has {', '.join(sorted(parts))})")
+            raise DataError(
+                f"{url}: sample {key!r} has no .json member for --label-column {label_field} "
+                f"(it has {', '.join(sorted(parts))})"
+            )
         try:
             record = json.loads(small[member.name])
         except ValueError:
@@ -321,9 +348,15 @@ def _class_names(shards: list[str], storage_options: dict, labels: int) -> tuple
     return names, side
 
 
-def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: str | None = None,
-             label_column: str | None = None, storage_options: dict | None = None,
-             progress: bool = True) -> dict[str, PackedSplit]:
+def open_wds(
+    text: str,
+    *,
+    splits: tuple[str, ...] | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    storage_options: dict | None = None,
+    progress: bool = True,
+) -> dict[str, PackedSplit]:
     """{split: PackedSplit} of a `wds:` value (what follows the prefix); a bar counts the shards indexed
     when there are many."""
     from stages.progress import progress_bar
@@ -333,8 +366,10 @@ def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: 
     if splits is not None:
         unknown = [s for s in splits if s not in found]
         if unknown:
-            raise DataError(f"--data wds:{text} has no split(s) {', '.join(unknown)}: its splits are "
-                            f"{', '.join(found)} (--splits picks among them)")
+            raise DataError(
+                f"--data wds:{text} has no split(s) {', '.join(unknown)}: its splits are "
+                f"{', '.join(found)} (--splits picks among them)"
+            )
         found = {s: found[s] for s in splits}
     indexed = {}
     count = sum(len(shards) for shards in found.values())
@@ -352,16 +387,23 @@ def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: 
         counts = Counter(row[1] for row in rows)
         if len(counts) != len(rows):
             duplicate = next(k for k, count in counts.items() if count > 1)
-            raise DataError(f"split {split!r}: the key {duplicate!r} names two samples; keys identify samples in the "
-                            "store, so they must be unique within a split")
+            raise DataError(
+                f"split {split!r}: the key {duplicate!r} names two samples; keys identify samples in the "
+                "store, so they must be unique within a split"
+            )
         indexed[split] = (shards, rows, sizes, mtimes)
     bar.close()
     top = max(max(row[5] for row in rows) for _, rows, _, _ in indexed.values())
     classes, side = _class_names(next(iter(found.values())), storage_options, top + 1)
     # recorded with the data set: every shard's size, so that a tar replaced by another is another data set
-    meta = {"kind": "wds", "label": f"json:{label_column}" if label_column else "cls",
-            "shards": {split: {shard.rsplit("/", 1)[-1]: size for shard, size in zip(shards, sizes)}
-                       for split, (shards, _, sizes, _) in indexed.items()}}
+    meta = {
+        "kind": "wds",
+        "label": f"json:{label_column}" if label_column else "cls",
+        "shards": {
+            split: {shard.rsplit("/", 1)[-1]: size for shard, size in zip(shards, sizes)}
+            for split, (shards, _, sizes, _) in indexed.items()
+        },
+    }
     if image_column:
         meta["image"] = image_column
     if side:
@@ -370,10 +412,25 @@ def open_wds(text: str, *, splits: tuple[str, ...] | None = None, image_column: 
     for split, (shards, rows, _sizes, mtimes) in indexed.items():
         names = [shard.rsplit("/", 1)[-1] for shard in shards]
         column = list(zip(*rows))  # shard number, key, member name, offset, size, label
-        source = TarSource(shards, np.asarray(column[0], np.int32), np.asarray(column[3], np.int64),
-                           np.asarray(column[4], np.int64), list(column[2]), mtimes, storage_options)
+        source = TarSource(
+            shards,
+            np.asarray(column[0], np.int32),
+            np.asarray(column[3], np.int64),
+            np.asarray(column[4], np.int64),
+            list(column[2]),
+            mtimes,
+            storage_options,
+        )
         lines = [f"{names[r[0]]}\t{r[1]}\t{r[4]}" for r in rows]
         root = Remote(shards[0].rsplit("/", 1)[0]) if _URL.match(shards[0]) else Path(shards[0]).parent
-        result[split] = PackedSplit(root, split, classes, [r[1] for r in rows],
-                                    np.asarray([r[5] for r in rows], np.int64), source, lines, meta=meta)
+        result[split] = PackedSplit(
+            root,
+            split,
+            classes,
+            [r[1] for r in rows],
+            np.asarray([r[5] for r in rows], np.int64),
+            source,
+            lines,
+            meta=meta,
+        )
     return result

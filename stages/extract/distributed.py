@@ -99,8 +99,10 @@ def join_job() -> Job:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise UserError(f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: start the job with torchrun "
-                        "(or set the torch.distributed environment)")
+        raise UserError(
+            f"WORLD_SIZE={world_size} but {', '.join(missing)} unset: start the job with torchrun "
+            "(or set the torch.distributed environment)"
+        )
     if dist.is_initialized():
         return Job(rank, world_size, local_rank)
     cuda = torch.cuda.is_available()
@@ -108,8 +110,9 @@ def join_job() -> Job:
     nccl = cuda and torch.cuda.device_count() >= int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
     if cuda:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
-    dist.init_process_group("nccl" if nccl else "gloo", timeout=TIMEOUT,
-                            **({"device_id": torch.device("cuda", local_rank)} if nccl else {}))
+    dist.init_process_group(
+        "nccl" if nccl else "gloo", timeout=TIMEOUT, **({"device_id": torch.device("cuda", local_rank)} if nccl else {})
+    )
     return Job(rank, world_size, local_rank, _initialised=True)
 
 
@@ -120,9 +123,12 @@ def peer_loss_is_one_line(job: Job) -> Iterator[None]:
     try:
         yield
     except RuntimeError as error:  # torch.distributed.DistError and gloo's errors are RuntimeErrors
-        if not job.distributed or not (isinstance(error, dist.DistError) or "gloo" in str(error).lower()
-                                       or "connection" in str(error).lower()):
+        if not job.distributed or not (
+            isinstance(error, dist.DistError) or "gloo" in str(error).lower() or "connection" in str(error).lower()
+        ):
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise JobError(f"rank {job.rank} lost another process of the job ({first[:200]}); finished shards are kept: "
-                       "run the same command again to resume") from None
+        raise JobError(
+            f"rank {job.rank} lost another process of the job ({first[:200]}); finished shards are kept: "
+            "run the same command again to resume"
+        ) from None

@@ -62,5 +62,7 @@ def died(rank: int, exitcode: int, nproc: int) -> str:
             how = f"killed by {signal.Signals(-exitcode).name}"
         except ValueError:
             how = f"killed by signal {-exitcode}"
-    return (f"rank {rank} of the --nproc {nproc} job died ({how}); the other ranks were stopped. Finished shards "
-            "are kept: run the same command again to resume")
+    return (
+        f"rank {rank} of the --nproc {nproc} job died ({how}); the other ranks were stopped. Finished shards "
+        "are kept: run the same command again to resume"
+    )

@@ -18,8 +18,9 @@ import torch
 from cache.errors import ConfigError
 
 
-def noise(seed: int, index: int, timestep: int, shape: tuple[int, ...], view: int = 0, *,
-          draw: int = 0) -> torch.Tensor:
+def noise(
+    seed: int, index: int, timestep: int, shape: tuple[int, ...], view: int = 0, *, draw: int = 0
+) -> torch.Tensor:
     """eps for sample `index` (its position in its split) at `timestep`: float32 N(0, 1) on the CPU.
 
     A pure function: a `torch.Generator` seeded with 64 bits drawn from
@@ -36,8 +37,9 @@ def noise(seed: int, index: int, timestep: int, shape: tuple[int, ...], view: in
     exactly the plain store.
     """
     if min(seed, index, timestep, view, draw) < 0:
-        raise ConfigError(f"seed, index, timestep, view and draw must be non-negative, got "
-                          f"{(seed, index, timestep, view, draw)}")
+        raise ConfigError(
+            f"seed, index, timestep, view and draw must be non-negative, got {(seed, index, timestep, view, draw)}"
+        )
     if view:
         entropy = [seed, index, timestep, view, draw, 1]
     else:

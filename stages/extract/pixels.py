@@ -47,14 +47,17 @@ def write_pixel_store(
     if pools is not None and (not pools or min(pools) < 1):
         raise ConfigError(f"pools must be positive integers, got {list(pools)}")
     if size < 1 or channels not in (1, 3):
-        raise ConfigError(f"the pixel store needs a positive size and 1 or 3 channels, got size {size}, {channels} "
-                          f"channels")
+        raise ConfigError(
+            f"the pixel store needs a positive size and 1 or 3 channels, got size {size}, {channels} channels"
+        )
     per_image = 4 * channels * size * size
     if 4 * per_image > available_memory():
         largest = int((available_memory() / (16 * channels)) ** 0.5)
-        raise ConfigError(f"--size {size} makes each image {format_bytes(per_image)} of float32 pixels, more than this "
-                          f"machine can hold while writing them ({format_bytes(available_memory())} available); "
-                          f"choose --size {largest} or less")
+        raise ConfigError(
+            f"--size {size} makes each image {format_bytes(per_image)} of float32 pixels, more than this "
+            f"machine can hold while writing them ({format_bytes(available_memory())} available); "
+            f"choose --size {largest} or less"
+        )
     if splits is not None:
         check_split_names(splits)
     chunk_samples = chunk_samples or int(np.clip(CHUNK_BYTES // per_image, 1, 4096))
@@ -73,11 +76,20 @@ def write_pixel_store(
     }
     index = {name: SplitIndex(split.labels, split.paths) for name, split in folders.items()}
     # what `stages.extract.repair` runs to make the store again (local paths absolute)
-    recipe = {"maker": "pixels", "data": absolute_data(str(data)), "size": size, "channels": channels,
-              "pools": list(pools) if pools is not None else None, "splits": list(splits) if splits else None,
-              "chunk_samples": chunk_samples, "classes": absolute_path(classes), "subset": absolute_path(subset)}
-    with FeatureStoreWriter.open(out, settings=settings, splits=index, block_table=[row], overwrite=overwrite,
-                                 recipe=recipe) as writer:
+    recipe = {
+        "maker": "pixels",
+        "data": absolute_data(str(data)),
+        "size": size,
+        "channels": channels,
+        "pools": list(pools) if pools is not None else None,
+        "splits": list(splits) if splits else None,
+        "chunk_samples": chunk_samples,
+        "classes": absolute_path(classes),
+        "subset": absolute_path(subset),
+    }
+    with FeatureStoreWriter.open(
+        out, settings=settings, splits=index, block_table=[row], overwrite=overwrite, recipe=recipe
+    ) as writer:
         writer.add_arrays({PIXEL_BLOCK: grid}, [PIXEL_TIMESTEP], list(pools or (size,)))
         writer.update_info(data_root=str(next(iter(folders.values())).root.resolve()))
         for name, split in folders.items():
@@ -90,6 +102,11 @@ def write_pixel_store(
                 loaded = [split.read(i, size, channels) for i in rows]
                 images = np.stack([image.numpy() for image, _ in loaded])
                 records = np.asarray([record for _, record in loaded], dtype=np.uint64)
-                writer.write_shard(name, chunk, {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},
-                                   write_set=write_set, files=records)
+                writer.write_shard(
+                    name,
+                    chunk,
+                    {(PIXEL_BLOCK, PIXEL_TIMESTEP): adaptive_avg_pool(images, grid)},
+                    write_set=write_set,
+                    files=records,
+                )
     return Path(out)

@@ -79,8 +79,10 @@ class ExtractConfig:
     def __post_init__(self):
         object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
         if isinstance(self.blocks, str):
-            raise ConfigError(f"blocks must be block numbers or None, got the string {self.blocks!r}; "
-                              "pipeline.options.parse_block_spec reads '18-30' and the like")
+            raise ConfigError(
+                f"blocks must be block numbers or None, got the string {self.blocks!r}; "
+                "pipeline.options.parse_block_spec reads '18-30' and the like"
+            )
         for name in ("blocks", "timesteps", "pools", "splits", "view_splits"):
             value = getattr(self, name)
             if value is not None:
@@ -108,8 +110,12 @@ class Plan:
         augmentation and view number (`stages.data.augment`)."""
         method = self.settings["preprocessing"].get("method", "bicubic")
         base, view = self.views.get(split, (split, 0))
-        return {"method": method, "view": view, "augment": self.augment if view else None,
-                "draft": decode_of(self.settings["preprocessing"]) == "draft"}
+        return {
+            "method": method,
+            "view": view,
+            "augment": self.augment if view else None,
+            "draft": decode_of(self.settings["preprocessing"]) == "draft",
+        }
 
     @property
     def location(self) -> Location:
@@ -117,8 +123,12 @@ class Plan:
 
     def arrays(self) -> list[tuple[str, Block, int, tuple[int, ...]]]:
         return [
-            (split, block, t, (len(self.splits[split].paths), block.channels, self.grids[block.number],
-                               self.grids[block.number]))
+            (
+                split,
+                block,
+                t,
+                (len(self.splits[split].paths), block.channels, self.grids[block.number], self.grids[block.number]),
+            )
             for split in self.splits
             for block in self.blocks
             for t in self.config.timesteps
@@ -139,15 +149,21 @@ class Plan:
         images = images_per_pass(self.config.batch_size, len(self.config.timesteps))
         if self.views:
             counts = {base: view + 1 for base, view in self.views.values()}
-            lines.append("views: " + ", ".join(f"{base} {count} (the centre view and {count - 1} augmented: "
-                                                f"{', '.join(a['name'] for a in self.augment.record(1))})"
-                                                for base, count in sorted(counts.items()))
-                         + "; each view costs the split's passes and bytes again")
+            lines.append(
+                "views: "
+                + ", ".join(
+                    f"{base} {count} (the centre view and {count - 1} augmented: "
+                    f"{', '.join(a['name'] for a in self.augment.record(1))})"
+                    for base, count in sorted(counts.items())
+                )
+                + "; each view costs the split's passes and bytes again"
+            )
         for split, data in self.splits.items():
             n = len(data.paths)
             shards = layout.num_chunks(n, self.shard_samples)
-            per_rank = [self._passes(split, list(range(shards))[rank::world_size],
-                                     images) for rank in range(world_size)]
+            per_rank = [
+                self._passes(split, list(range(shards))[rank::world_size], images) for rank in range(world_size)
+            ]
             lines.append(
                 f"{split}: {n} images in {shards} shards, {sum(per_rank)} forward passes of up to {images} images x "
                 f"{len(self.config.timesteps)} timesteps"
@@ -167,34 +183,62 @@ class Plan:
             lines += estimate.lines(images * len(self.config.timesteps), images, self.config.precision)
         flags = sum(layout.num_chunks(len(d.paths), self.shard_samples) for d in self.splits.values())
         index = sum(3 + self.objects(split) for split in self.splits)  # labels, paths, metadata; file records
-        lines.append(f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} "
-                     f"objects "
-                     f"of features, {flags} completion flags, about {index} of labels, paths and file records")
+        lines.append(
+            f"total {format_bytes(total)} before compression in {len(self.arrays())} arrays: {objects} "
+            f"objects "
+            f"of features, {flags} completion flags, about {index} of labels, paths and file records"
+        )
         return "\n".join(lines)
 
     def _passes(self, split: str, shards: list[int], images: int) -> int:
         n = len(self.splits[split].paths)
         per = self.shard_samples // self.chunk_samples
-        chunks = [c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n,
-                                                                                                 self.chunk_samples)))]
+        chunks = [
+            c for s in shards for c in range(s * per, min((s + 1) * per, layout.num_chunks(n, self.chunk_samples)))
+        ]
         return len(chunk_batches(chunks, n, self.chunk_samples, images))
 
 
 # The request fields a store records: what decides its numbers (the rest: where and how fast it runs)
-RECIPE_FIELDS = ("model", "data", "classes", "subset", "prompt", "checkpoint", "preprocess", "ensemble", "views",
-                 "augment", "view_splits", "splits", "noise_seed", "dtype", "precision", "batch_size",
-                 "chunk_samples", "shard_samples", "blocks", "timesteps", "pools")
+RECIPE_FIELDS = (
+    "model",
+    "data",
+    "classes",
+    "subset",
+    "prompt",
+    "checkpoint",
+    "preprocess",
+    "ensemble",
+    "views",
+    "augment",
+    "view_splits",
+    "splits",
+    "noise_seed",
+    "dtype",
+    "precision",
+    "batch_size",
+    "chunk_samples",
+    "shard_samples",
+    "blocks",
+    "timesteps",
+    "pools",
+)
 
 
 def recipe(config: ExtractConfig, chunk_samples: int, shard_samples: int) -> dict:
     """The store's record of `config` (JSON): local paths absolute, so it can be run from anywhere."""
     record = {name: getattr(config, name) for name in RECIPE_FIELDS}
-    record.update(model=absolute_path(config.model), data=absolute_data(config.data),
-                  classes=absolute_path(config.classes), subset=absolute_path(config.subset),
-                  checkpoint=absolute_path(config.checkpoint),
-                  chunk_samples=int(chunk_samples), shard_samples=int(shard_samples),
-                  # an Augment object (library use) has no text form: its views' settings are recorded anyway
-                  augment=config.augment if isinstance(config.augment, str) else None)
+    record.update(
+        model=absolute_path(config.model),
+        data=absolute_data(config.data),
+        classes=absolute_path(config.classes),
+        subset=absolute_path(config.subset),
+        checkpoint=absolute_path(config.checkpoint),
+        chunk_samples=int(chunk_samples),
+        shard_samples=int(shard_samples),
+        # an Augment object (library use) has no text form: its views' settings are recorded anyway
+        augment=config.augment if isinstance(config.augment, str) else None,
+    )
     return {key: list(value) if isinstance(value, tuple) else value for key, value in record.items()}
 
 
@@ -226,11 +270,15 @@ def _validate(config: ExtractConfig, model: FeatureModel) -> None:
     if not config.timesteps:
         raise ConfigError("no timesteps requested")
     if not model.diffusion and tuple(config.timesteps) != (NO_NOISE_TIMESTEP,):
-        raise ConfigError(f"--model {config.model} is not a diffusion model: it has no noise timesteps (its features "
-                          f"are stored under the marker timestep {NO_NOISE_TIMESTEP}); leave --timesteps out")
+        raise ConfigError(
+            f"--model {config.model} is not a diffusion model: it has no noise timesteps (its features "
+            f"are stored under the marker timestep {NO_NOISE_TIMESTEP}); leave --timesteps out"
+        )
     if not model.diffusion and config.ensemble != 1:
-        raise ConfigError(f"--ensemble {config.ensemble}: --model {config.model} is not a diffusion model and has no "
-                          "noise to average over; leave --ensemble out")
+        raise ConfigError(
+            f"--ensemble {config.ensemble}: --model {config.model} is not a diffusion model and has no "
+            "noise to average over; leave --ensemble out"
+        )
     steps = model.num_train_timesteps if model.diffusion else 1
     bad = [t for t in config.timesteps if not 0 <= t < steps]
     if bad:
@@ -263,8 +311,10 @@ def check_split_names(splits) -> None:
         raise ConfigError("no splits requested: name at least one split folder, e.g. --splits train,val")
     for name in splits:
         if not isinstance(name, str) or not _SPLIT_NAME.fullmatch(name):
-            raise ConfigError(f"split name {name!r} is not usable: use letters, digits, '-' and '_', not starting "
-                              "with '_' or '.' (e.g. train, val, test)")
+            raise ConfigError(
+                f"split name {name!r} is not usable: use letters, digits, '-' and '_', not starting "
+                "with '_' or '.' (e.g. train, val, test)"
+            )
     if len(set(splits)) != len(splits):
         raise ConfigError(f"splits {list(splits)} name a split twice")
 
@@ -289,28 +339,45 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     if model is None:
         from stages.models.kinds import load_feature_model
 
-        model = load_feature_model(config.model, prompt=config.prompt, checkpoint=config.checkpoint,
-                                   feature_norm=config.feature_norm, guidance=config.guidance,
-                                   offload=config.offload, device=config.device)
+        model = load_feature_model(
+            config.model,
+            prompt=config.prompt,
+            checkpoint=config.checkpoint,
+            feature_norm=config.feature_norm,
+            guidance=config.guidance,
+            offload=config.offload,
+            device=config.device,
+        )
     if config.timesteps is None:
         config = replace(config, timesteps=model.default_timesteps())
     _validate(config, model)
     table = model.block_table()
     blocks = resolve_blocks(config.blocks, table)
     grids = {block.number: stored_grid(block.resolution, list(config.pools)) for block in blocks}
-    splits = open_dataset(config.data, splits=config.splits, classes=config.classes, subset=config.subset,
-                          image_column=config.image_column, label_column=config.label_column,
-                          storage_options=config.storage_options)  # wds: shards at a URL use --out's options
+    splits = open_dataset(
+        config.data,
+        splits=config.splits,
+        classes=config.classes,
+        subset=config.subset,
+        image_column=config.image_column,
+        label_column=config.label_column,
+        storage_options=config.storage_options,
+    )  # wds: shards at a URL use --out's options
     model.bind_classes(next(iter(splits.values())).classes)
     data_identity = dataset_identity(splits)  # of the data set; views are not more data
     augment, views = None, {}
     unknown = [name for name in config.view_splits if name not in splits]
     if config.views > 1 and unknown:
-        raise ConfigError(f"--view-splits names {', '.join(unknown)}, which --splits does not (the data set's "
-                          f"splits: {', '.join(splits)})")
+        raise ConfigError(
+            f"--view-splits names {', '.join(unknown)}, which --splits does not (the data set's "
+            f"splits: {', '.join(splits)})"
+        )
     if config.views > 1:
-        augment = config.augment if isinstance(config.augment, Augment) else parse_augment(config.augment or
-                                                                                           "resized-crop,flip")
+        augment = (
+            config.augment
+            if isinstance(config.augment, Augment)
+            else parse_augment(config.augment or "resized-crop,flip")
+        )
         for base in config.view_splits:
             for view in range(1, config.views):
                 name = layout.view_split(base, view)
@@ -321,12 +388,16 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     location = Location.parse(config.out, config.storage_options)
     existing = _existing_layout(location)
     chunk_samples = config.chunk_samples or (existing and existing[0]) or int(np.clip(CHUNK_BYTES // widest, 16, 4096))
-    shard_samples = (config.shard_samples
-                     or (existing[1] if existing and existing[0] == chunk_samples else None)
-                     or default_shard_samples(chunk_samples, widest, all_arrays))
+    shard_samples = (
+        config.shard_samples
+        or (existing[1] if existing and existing[0] == chunk_samples else None)
+        or default_shard_samples(chunk_samples, widest, all_arrays)
+    )
     if shard_samples % chunk_samples:
-        raise ConfigError(f"--shard-samples {shard_samples} is not a multiple of --chunk-samples {chunk_samples}: a "
-                          "shard holds whole chunks")
+        raise ConfigError(
+            f"--shard-samples {shard_samples} is not a multiple of --chunk-samples {chunk_samples}: a "
+            "shard holds whole chunks"
+        )
     identity = {k: v for k, v in model.identity().items() if k != "source"}
     if config.ensemble > 1:  # recorded only when used: a one-draw store stays what it always was
         identity["ensemble"] = int(config.ensemble)
@@ -343,15 +414,15 @@ def make_plan(config: ExtractConfig, model: FeatureModel | None = None) -> Plan:
     }
     if views:  # only stores with augmented views record them: a store without stays as it always was
         settings["views"] = {
-            "count": int(config.views), "splits": list(config.view_splits),
+            "count": int(config.views),
+            "splits": list(config.view_splits),
             "augment": augment.record(model.image_options()["size"]),
             "draws": "stages.data.augment.view_generator(noise_seed, index, view)",
             "noise": "stages.extract.noise(noise_seed, index, t, shape, view)",
         }
-    return Plan(config, model, table, blocks, grids, splits, int(chunk_samples), int(shard_samples), settings,
-                views, augment)
-
-
+    return Plan(
+        config, model, table, blocks, grids, splits, int(chunk_samples), int(shard_samples), settings, views, augment
+    )
 
 
 def _preprocessing(model: FeatureModel, method: str | None, decode: str = "exact") -> dict:
@@ -360,8 +431,10 @@ def _preprocessing(model: FeatureModel, method: str | None, decode: str = "exact
     if model.kind == "unet":
         return preprocessing(model.image_size, int(model.unet.config.in_channels), method or model.preprocess, decode)
     if method is not None:
-        raise ConfigError(f"--preprocess {method} applies to pixel-space U-Nets; --model {model.source} makes its "
-                          "inputs its own way (recorded in the store): leave --preprocess out")
+        raise ConfigError(
+            f"--preprocess {method} applies to pixel-space U-Nets; --model {model.source} makes its "
+            "inputs its own way (recorded in the store): leave --preprocess out"
+        )
     return with_decode(model.preprocessing(), decode)
 
 

@@ -68,8 +68,12 @@ def repair_store(location: Location | str, *, progress: bool = True) -> RepairOu
     except IncompleteStoreError:
         record = read_root_attrs(location).get("recipe")
         if record is None:
-            raise StoreError(f"{location} was never finished being made, and does not record how it was made "
-                             "(made before stores recorded their recipe)", store=location, remedy=REPLACE) from None
+            raise StoreError(
+                f"{location} was never finished being made, and does not record how it was made "
+                "(made before stores recorded their recipe)",
+                store=location,
+                remedy=REPLACE,
+            ) from None
         log.warning("%s was never finished being made: making it again from its recipe", location)
         _remake(record, location, run)
         return RepairOutcome([Damage("zarr.json", None, "was never finished being made")], True)
@@ -79,30 +83,45 @@ def repair_store(location: Location | str, *, progress: bool = True) -> RepairOu
         return RepairOutcome(restored, False)
     record = attrs.get("recipe") or recipe_from_settings(attrs)
     if record is None:
-        raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe, and "
-                         "its settings do not name its model and data), so its damaged or unfinished parts, now "
-                         "marked unfinished, cannot be recomputed from it alone", store=location, remedy=RERUN,
-                         damage=found)
+        raise StoreError(
+            f"{location} does not record how it was made (made before stores recorded their recipe, and "
+            "its settings do not name its model and data), so its damaged or unfinished parts, now "
+            "marked unfinished, cannot be recomputed from it alone",
+            store=location,
+            remedy=RERUN,
+            damage=found,
+        )
     if attrs.get("recipe") is None:
-        log.warning("%s was made before stores recorded their recipe: recomputing with what its settings record, %s",
-                    location, record)
+        log.warning(
+            "%s was made before stores recorded their recipe: recomputing with what its settings record, %s",
+            location,
+            record,
+        )
     if record.get("maker") == "pixels":
         _remake(record, location, run)
     try:
         for blocks, timesteps, pools in [] if record.get("maker") else _groups(store):
             run(config_from_recipe(record, location, blocks=blocks, timesteps=timesteps, pools=pools))
     except StoreMismatchError as error:  # only a recipe read from the settings can differ: nothing was written
-        raise StoreError(f"{location} does not record how it was made (made before stores recorded their recipe), "
-                         f"and what its settings record makes another store ({error}); its damaged or unfinished "
-                         "parts, now marked unfinished, cannot be recomputed from it alone", store=location,
-                         remedy=RERUN, damage=found) from None
+        raise StoreError(
+            f"{location} does not record how it was made (made before stores recorded their recipe), "
+            f"and what its settings record makes another store ({error}); its damaged or unfinished "
+            "parts, now marked unfinished, cannot be recomputed from it alone",
+            store=location,
+            remedy=RERUN,
+            damage=found,
+        ) from None
     found = restored + found
     left = find_damage(location, full=True)
     unfinished = FeatureStore.open(location).missing()
     if left or unfinished:
         names = [d.describe(str(location)) for d in left[:5]] + [f"{k} is unfinished" for k in list(unfinished)[:5]]
-        raise IntegrityError(f"{location} is still damaged after its repair: " + "; ".join(names), store=location,
-                             damage=left, remedy=REPLACE)
+        raise IntegrityError(
+            f"{location} is still damaged after its repair: " + "; ".join(names),
+            store=location,
+            damage=left,
+            remedy=REPLACE,
+        )
     return RepairOutcome(found, True)
 
 
@@ -116,12 +135,19 @@ def recipe_from_settings(attrs: dict) -> dict | None:
     manifest = Manifest.parse(attrs, str(data))
     views = attrs.get("views") or {}
     return {
-        "model": model, "data": data, "noise_seed": attrs.get("noise_seed") or 0, "dtype": attrs["dtype"],
-        "precision": attrs["precision"], "chunk_samples": manifest.chunk_samples,
-        "shard_samples": manifest.shard_samples, "ensemble": int((attrs.get("model") or {}).get("ensemble", 1)),
-        "views": int(views.get("count", 1)), "view_splits": list(views.get("splits", ["train"])),
+        "model": model,
+        "data": data,
+        "noise_seed": attrs.get("noise_seed") or 0,
+        "dtype": attrs["dtype"],
+        "precision": attrs["precision"],
+        "chunk_samples": manifest.chunk_samples,
+        "shard_samples": manifest.shard_samples,
+        "ensemble": int((attrs.get("model") or {}).get("ensemble", 1)),
+        "views": int(views.get("count", 1)),
+        "view_splits": list(views.get("splits", ["train"])),
         "splits": base_splits(manifest),
-        "blocks": sorted(manifest.features), "timesteps": sorted({t for _, t in manifest.arrays()}),
+        "blocks": sorted(manifest.features),
+        "timesteps": sorted({t for _, t in manifest.arrays()}),
         "pools": list(manifest.pools),
     }
 

@@ -48,8 +48,18 @@ class _NoisedImages(Dataset):
     (eps is empty for a model without noise). An unreadable image comes back as its error message (and
     zeros), so that the main process raises it as a plain DataError rather than a worker's traceback."""
 
-    def __init__(self, split: ImageFolderSplit, read: dict, timesteps: list[int], seed: int,
-                 noise_shape: tuple[int, ...] | None, draws: int = 1, *, view: int = 0, augment=None):
+    def __init__(
+        self,
+        split: ImageFolderSplit,
+        read: dict,
+        timesteps: list[int],
+        seed: int,
+        noise_shape: tuple[int, ...] | None,
+        draws: int = 1,
+        *,
+        view: int = 0,
+        augment=None,
+    ):
         self.split, self.read, self.timesteps, self.seed = split, read, timesteps, seed
         self.noise_shape, self.draws = noise_shape, draws
         self.view, self.augment = view, augment  # Plan.image_options
@@ -69,9 +79,14 @@ class _NoisedImages(Dataset):
         if self.noise_shape is None:
             eps = torch.zeros(0)
         else:
-            eps = torch.stack([torch.stack([noise(self.seed, index, t, self.noise_shape, self.view, draw=k)
-                                            for k in range(self.draws)])
-                               for t in self.timesteps])
+            eps = torch.stack(
+                [
+                    torch.stack(
+                        [noise(self.seed, index, t, self.noise_shape, self.view, draw=k) for k in range(self.draws)]
+                    )
+                    for t in self.timesteps
+                ]
+            )
         return x0, eps, index, torch.tensor(record, dtype=torch.int64), error
 
 
@@ -140,8 +155,10 @@ def _open_store(plan: Plan, job) -> tuple[FeatureStoreWriter, dict]:
     if job.is_main:
         try:
             writer = _open_writer(plan)
-            outcome = {"work": {split: _pending_work(plan, writer, split) for split in plan.splits},
-                       "settings": fingerprint}
+            outcome = {
+                "work": {split: _pending_work(plan, writer, split) for split in plan.splits},
+                "settings": fingerprint,
+            }
         except UserError as error:
             outcome = {"error": str(error)}
             if writer is not None:
@@ -158,8 +175,10 @@ def _open_store(plan: Plan, job) -> tuple[FeatureStoreWriter, dict]:
         raise JobError(outcome["error"])
     if not job.is_main:
         if outcome["settings"] != fingerprint:
-            raise JobError(f"rank {job.rank} sees another model, data set or settings than rank 0 (e.g. a data "
-                           "folder that differs between nodes): every rank must see the same files")
+            raise JobError(
+                f"rank {job.rank} sees another model, data set or settings than rank 0 (e.g. a data "
+                "folder that differs between nodes): every rank must see the same files"
+            )
         writer = FeatureStoreWriter.attach(plan.location)
     return writer, outcome["work"]
 
@@ -214,11 +233,12 @@ def noise_record(model: FeatureModel, draws: int) -> dict:
     """What the store's info says about the noise (the settings hold what decides it)."""
     if not model.diffusion:
         return {"formula": "none: not a diffusion model; features are stored under the marker timestep 0"}
-    record = {"formula": model.noise_formula(),
-              "eps": "stages.extract.noise(seed, index, t, shape)"}
+    record = {"formula": model.noise_formula(), "eps": "stages.extract.noise(seed, index, t, shape)"}
     if draws > 1:
-        record["ensemble"] = (f"the mean feature over draws k = 0..{draws - 1}, "
-                              "eps_k = stages.extract.noise(seed, index, t, shape, draw=k)")
+        record["ensemble"] = (
+            f"the mean feature over draws k = 0..{draws - 1}, "
+            "eps_k = stages.extract.noise(seed, index, t, shape, draw=k)"
+        )
     return record
 
 
@@ -243,8 +263,9 @@ def exact_fp32(device: torch.device, precision: str):
     if device.type != "cuda" or precision != "fp32":
         return contextlib.nullcontext()
     cudnn = torch.backends.cudnn
-    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                       allow_tf32=False)
+    return cudnn.flags(
+        enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+    )
 
 
 def _extract_split(plan, split, work, writer, capture, pool, device, progress, job) -> None:
@@ -269,9 +290,16 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
     options = plan.image_options(split)  # the preprocessing, and a view's augmentation
     workers = default_workers(device) if config.workers is None else config.workers
     loader = DataLoader(
-        _NoisedImages(data, {**model.image_options(), "method": options["method"], "draft": options["draft"]},
-                      steps, config.noise_seed,
-                      model.noise_shape(), draws, view=options["view"], augment=options["augment"]),
+        _NoisedImages(
+            data,
+            {**model.image_options(), "method": options["method"], "draft": options["draft"]},
+            steps,
+            config.noise_seed,
+            model.noise_shape(),
+            draws,
+            view=options["view"],
+            augment=options["augment"],
+        ),
         batch_sampler=batches,
         num_workers=workers,
         pin_memory=device.type == "cuda",
@@ -335,8 +363,9 @@ def _extract_split(plan, split, work, writer, capture, pool, device, progress, j
                 arrays = {key: buffers.pop(key) for key in list(wanted)}
                 while len(pending) >= 1:  # bound the memory: one shard filling, one being written
                     pending.popleft().result()
-                pending.append(pool.submit(writer.write_shard, split, shard, arrays, write_set=write_set,
-                                           files=records[rows]))
+                pending.append(
+                    pool.submit(writer.write_shard, split, shard, arrays, write_set=write_set, files=records[rows])
+                )
         while pending:
             pending.popleft().result()
         while job.is_main and job.distributed and bar.n < everyone:  # the other ranks' last shards

@@ -244,8 +244,9 @@ def _head_channels(flags: dict, layers: list[tuple[str, int, bool]]) -> int:
             heads = heads_up if decoder else heads_down
             if heads <= 0 or channels % heads:
                 flag = "--num_heads_upsample" if decoder and flags["num_heads_upsample"] != -1 else "--num_heads"
-                raise AdmConversionError(f"{flag} {heads} does not divide the {channels} channels of the attention in "
-                                         f"{where}")
+                raise AdmConversionError(
+                    f"{flag} {heads} does not divide the {channels} channels of the attention in {where}"
+                )
             size = channels // heads
         sizes.setdefault(size, []).append(where)
     if len(sizes) > 1:
@@ -282,8 +283,9 @@ def adm_architecture(flags: str | Mapping) -> AdmArchitecture:
     channels = [int(m * width) for m in mult]
     odd = [c for c in channels if c % 32]
     if odd:
-        raise AdmConversionError(f"level widths {channels} must be multiples of 32 (GroupNorm with 32 groups); {odd} "
-                                 f"are not")
+        raise AdmConversionError(
+            f"level widths {channels} must be multiples of 32 (GroupNorm with 32 groups); {odd} are not"
+        )
     if size % 2 ** (len(mult) - 1):
         raise AdmConversionError(
             f"--image_size {size} is not divisible by 2^{len(mult) - 1}, so the {len(mult)}-level U-Net cannot run on "
@@ -457,8 +459,9 @@ def module_pairs(arch: AdmArchitecture) -> list[tuple[str, str, str]]:
         if level != levels - 1:
             target = f"down_blocks.{level}.downsamplers.0"
             pairs.append(
-                (f"input_blocks.{k}.0", target, "resblock") if updown else (f"input_blocks.{k}.0.op", f"{target}.conv",
-                                                                            "plain")
+                (f"input_blocks.{k}.0", target, "resblock")
+                if updown
+                else (f"input_blocks.{k}.0.op", f"{target}.conv", "plain")
             )
             k += 1
     pairs += [
@@ -519,8 +522,9 @@ def _qkv_part(key: str, part: int, head_channels: int, new_order: bool) -> Trans
     return transform
 
 
-def _expand(pair: tuple[str, str, str], arch: AdmArchitecture, target_keys: set[str]) -> list[tuple[str, str,
-                                                                                                    Transform]]:
+def _expand(
+    pair: tuple[str, str, str], arch: AdmArchitecture, target_keys: set[str]
+) -> list[tuple[str, str, Transform]]:
     """(source key, target key, transform) for every tensor of one module pair."""
     source, target, kind = pair
     out: list[tuple[str, str, Transform]] = []
@@ -533,15 +537,21 @@ def _expand(pair: tuple[str, str, str], arch: AdmArchitecture, target_keys: set[
                 # target has conv_shortcut; a source that has one anyway is reported as unused.
                 if ours == "skip_connection" and f"{target}.{theirs}.{param}" not in target_keys:
                     continue
-                out.append((f"{source}.{ours}.{param}", f"{target}.{theirs}.{param}",
-                            _take(f"{source}.{ours}.{param}")))
+                out.append(
+                    (f"{source}.{ours}.{param}", f"{target}.{theirs}.{param}", _take(f"{source}.{ours}.{param}"))
+                )
         elif kind == "attention":
             key = f"{source}.norm.{param}"
             out.append((key, f"{target}.group_norm.{param}", _take(key)))
             key = f"{source}.qkv.{param}"
             for part, name in enumerate(("to_q", "to_k", "to_v")):
-                out.append((key, f"{target}.{name}.{param}", _qkv_part(key, part, arch.head_channels,
-                                                                       arch.new_attention_order)))
+                out.append(
+                    (
+                        key,
+                        f"{target}.{name}.{param}",
+                        _qkv_part(key, part, arch.head_channels, arch.new_attention_order),
+                    )
+                )
             key = f"{source}.proj_out.{param}"
             out.append((key, f"{target}.to_out.0.{param}", _take(key, squeeze=param == "weight")))
         else:
@@ -580,8 +590,9 @@ def adm_to_diffusers(
         problems.append(f"{len(missing)} tensor(s) these flags imply are not in the checkpoint: {_listing(missing)}")
     if unused:
         hint = " (label_emb.weight: the checkpoint is class-conditional)" if "label_emb.weight" in unused else ""
-        problems.append(f"{len(unused)} tensor(s) in the checkpoint have no place in this model{hint}: "
-                        f"{_listing(unused)}")
+        problems.append(
+            f"{len(unused)} tensor(s) in the checkpoint have no place in this model{hint}: {_listing(unused)}"
+        )
     if overused or unfilled or unknown:
         problems.append(
             "internal mapping error: "
@@ -598,15 +609,16 @@ def adm_to_diffusers(
     if problems:
         raise AdmConversionError(
             "the checkpoint does not match the flags: " + "; ".join(problems) + ". Pass the MODEL_FLAGS it was trained "
-                                                                                "with"
+            "with"
         )
     converted: dict[str, torch.Tensor] = {}
     wrong_shape = []
     for source, target, transform in plan:
         tensor = transform(state)
         if tuple(tensor.shape) != tuple(target_shapes[target]):
-            wrong_shape.append(f"{source} {tuple(state[source].shape)} -> {target} needs "
-                               f"{tuple(target_shapes[target])}")
+            wrong_shape.append(
+                f"{source} {tuple(state[source].shape)} -> {target} needs {tuple(target_shapes[target])}"
+            )
             continue
         # clone: safetensors refuses tensors that share storage, and qkv splits are views of one tensor.
         converted[target] = tensor.detach().to(torch.float32).clone().contiguous()
@@ -642,9 +654,11 @@ def convert_adm_checkpoint(checkpoint_path: str | Path, out_dir: str | Path, fla
     anything is written; `out_dir` must not exist or be empty.
     """
     if isinstance(flags, str) and not flags.strip():
-        raise AdmConversionError("no flags given: pass the MODEL_FLAGS the checkpoint was trained with, e.g. "
-                                 "--flags \"--image_size 256 --num_channels 256 --num_res_blocks 2 ...\" (its README "
-                                 "lists them)")
+        raise AdmConversionError(
+            "no flags given: pass the MODEL_FLAGS the checkpoint was trained with, e.g. "
+            '--flags "--image_size 256 --num_channels 256 --num_res_blocks 2 ..." (its README '
+            "lists them)"
+        )
     flags = _as_flags(flags)
     arch = adm_architecture(flags)
     scheduler = adm_scheduler(flags)

@@ -64,8 +64,16 @@ class ImageSpec:
 class BackboneModel(FeatureModel):
     store_kind = "backbone"
 
-    def __init__(self, kind: str, network: nn.Module, taps: list[_Tap], image: ImageSpec, source: str,
-                 config: dict, forward: Callable[[nn.Module, torch.Tensor], object]):
+    def __init__(
+        self,
+        kind: str,
+        network: nn.Module,
+        taps: list[_Tap],
+        image: ImageSpec,
+        source: str,
+        config: dict,
+        forward: Callable[[nn.Module, torch.Tensor], object],
+    ):
         self.kind, self.network, self.taps, self.image, self.source = kind, network.eval(), taps, image, source
         self.config, self._call = config, forward
         self._shapes = self._probe()
@@ -74,8 +82,11 @@ class BackboneModel(FeatureModel):
         """Each tap's output shape, from one forward pass of a blank image (the block table's channels and grid)."""
         shapes, handles = {}, []
         for tap in self.taps:
-            handles.append(self.network.get_submodule(tap.module).register_forward_hook(
-                lambda m, i, o, name=tap.module: shapes.__setitem__(name, tuple(output_tensor(o).shape))))
+            handles.append(
+                self.network.get_submodule(tap.module).register_forward_hook(
+                    lambda m, i, o, name=tap.module: shapes.__setitem__(name, tuple(output_tensor(o).shape))
+                )
+            )
         try:
             with torch.inference_mode():
                 self._call(self.network, torch.zeros(1, 3, self.image.size, self.image.size))
@@ -98,8 +109,9 @@ class BackboneModel(FeatureModel):
         patch = int(getattr(self, "patch_size", 0) or 0)
         side = self.image.size // patch if patch else int(math.isqrt(sequence))
         if side * side > sequence:
-            raise UnsupportedModelError(f"--model {self.source}: {sequence} tokens cannot hold a {side}x{side} patch "
-                                        f"grid")
+            raise UnsupportedModelError(
+                f"--model {self.source}: {sequence} tokens cannot hold a {side}x{side} patch grid"
+            )
         return side * side
 
     def block_table(self) -> list[Block]:
@@ -113,14 +125,20 @@ class BackboneModel(FeatureModel):
         from stages.data.images import backbone_preprocessing
 
         spec = self.image
-        return backbone_preprocessing(spec.size, spec.resize, spec.resample, spec.mean, spec.std, spec.squash,
-                                      spec.convention)
+        return backbone_preprocessing(
+            spec.size, spec.resize, spec.resample, spec.mean, spec.std, spec.squash, spec.convention
+        )
 
     def image_options(self) -> dict:
         spec = self.image
-        return {"size": spec.size, "channels": 3, "resize": spec.resize, "resample": spec.resample,
-                "squash": spec.squash,
-                "convention": spec.convention}
+        return {
+            "size": spec.size,
+            "channels": 3,
+            "resize": spec.resize,
+            "resample": spec.resample,
+            "squash": spec.squash,
+            "convention": spec.convention,
+        }
 
     def noise_shape(self) -> None:
         return None
@@ -147,7 +165,7 @@ class BackboneModel(FeatureModel):
             b, n, d = tokens.shape
             patches = self._patch_tokens(n)
             side = math.isqrt(patches)
-            return tokens[:, n - patches:].transpose(1, 2).reshape(b, d, side, side)
+            return tokens[:, n - patches :].transpose(1, 2).reshape(b, d, side, side)
 
         return tokens_to_map
 
@@ -174,20 +192,28 @@ def _hf_taps(network: nn.Module, model_type: str) -> list[_Tap]:
     if model_type == "resnet":
         taps = [_Tap("embedder", "stem", "map")]
         for stage, module in enumerate(network.encoder.stages):
-            taps += [_Tap(f"encoder.stages.{stage}.layers.{j}", f"stage{stage + 1}.block{j}", "map")
-                     for j in range(len(module.layers))]
+            taps += [
+                _Tap(f"encoder.stages.{stage}.layers.{j}", f"stage{stage + 1}.block{j}", "map")
+                for j in range(len(module.layers))
+            ]
         return taps
+
     def find(leaf: str) -> str | None:  # the outermost module of that name ("embeddings", "vision_model.embeddings")
         found = sorted((name for name in names if name.rsplit(".", 1)[-1] == leaf), key=lambda n: n.count("."))
         return found[0] if found else None
 
-    lists = [(name, module) for name, module in names.items()
-             if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")]
+    lists = [
+        (name, module)
+        for name, module in names.items()
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers")
+    ]
     embeddings = find("embeddings")
     if embeddings is None or not lists:
-        raise UnsupportedModelError(f"{type(network).__name__} ({model_type}): not a ResNet or a vision transformer "
-                                    f"with "
-                                    "embeddings and a list of layers; supported: ResNet, ViT, DINOv2, CLIP vision")
+        raise UnsupportedModelError(
+            f"{type(network).__name__} ({model_type}): not a ResNet or a vision transformer "
+            f"with "
+            "embeddings and a list of layers; supported: ResNet, ViT, DINOv2, CLIP vision"
+        )
     layers, module = max(lists, key=lambda item: len(item[1]))
     # CLIP normalises the embeddings before its first layer: the patch embedding block is what that layer reads
     first = find("pre_layrnorm") or embeddings
@@ -204,10 +230,12 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
     """The image processor's sizes, filter, mean and std, read from its preprocessor_config.json."""
     path = directory / "preprocessor_config.json"
     if not path.exists():
-        raise ModelLoadError(f"--model hf:{source}: no preprocessor_config.json beside the model, so its image size, "
-                             f"mean "
-                             "and std are unknown; save the model's image processor there too "
-                             "(AutoImageProcessor.from_pretrained(...).save_pretrained(DIR))")
+        raise ModelLoadError(
+            f"--model hf:{source}: no preprocessor_config.json beside the model, so its image size, "
+            f"mean "
+            "and std are unknown; save the model's image processor there too "
+            "(AutoImageProcessor.from_pretrained(...).save_pretrained(DIR))"
+        )
     config = json.loads(path.read_text())
     size = config.get("size", 224)
     size = size if isinstance(size, dict) else {"shortest_edge": int(size)}
@@ -228,8 +256,14 @@ def _processor_spec(directory: Path, source: str) -> ImageSpec:
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     else:
         mean, std = tuple(config.get("image_mean", (0.5,) * 3)), tuple(config.get("image_std", (0.5,) * 3))
-    return ImageSpec(final, resize, _RESAMPLE.get(config.get("resample", 2), "bilinear"), mean, std,
-                     squash="shortest_edge" not in size)
+    return ImageSpec(
+        final,
+        resize,
+        _RESAMPLE.get(config.get("resample", 2), "bilinear"),
+        mean,
+        std,
+        squash="shortest_edge" not in size,
+    )
 
 
 def load_hf(source: str) -> BackboneModel:
@@ -243,8 +277,9 @@ def load_hf(source: str) -> BackboneModel:
             raise ModelLoadError(f"--model hf:{source}: no such directory")
         path = _hub_snapshot(source)
     if not (path / "config.json").exists():
-        raise ModelLoadError(f"--model hf:{source}: no config.json in {path}; expected a transformers save_pretrained "
-                             "directory")
+        raise ModelLoadError(
+            f"--model hf:{source}: no config.json in {path}; expected a transformers save_pretrained directory"
+        )
     try:
         config = AutoConfig.from_pretrained(path)
         if config.model_type == "clip":  # a full CLIP model: its vision tower
@@ -252,8 +287,10 @@ def load_hf(source: str) -> BackboneModel:
 
             network = CLIPVisionModel.from_pretrained(path)
         elif config.model_type == "vit_mae":
-            raise UnsupportedModelError(f"--model hf:{source}: ViT-MAE shuffles and masks its tokens at random; its "
-                                        "features would not be reproducible (not supported yet)")
+            raise UnsupportedModelError(
+                f"--model hf:{source}: ViT-MAE shuffles and masks its tokens at random; its "
+                "features would not be reproducible (not supported yet)"
+            )
         else:
             network = AutoModel.from_pretrained(path)
     except (OSError, ValueError, KeyError) as error:
@@ -266,8 +303,9 @@ def load_hf(source: str) -> BackboneModel:
     def forward(network, pixels):
         return network(pixel_values=pixels)
 
-    model = BackboneModel("hf", network, _hf_taps(network, model_type), image, f"hf:{source}",
-                          _public(network.config.to_dict()), forward)
+    model = BackboneModel(
+        "hf", network, _hf_taps(network, model_type), image, f"hf:{source}", _public(network.config.to_dict()), forward
+    )
     model.patch_size = getattr(network.config, "patch_size", None)
     return model
 
@@ -289,16 +327,20 @@ def _timm_taps(network: nn.Module, name: str) -> list[_Tap]:
         if getattr(network, "cls_token", None) is not None:
             taps.append(_Tap("norm", "class token (final norm)", "cls"))
         return taps
-    raise UnsupportedModelError(f"--model timm:{name}: only ResNets (layer1..layer4) and vision transformers "
-                                "(patch_embed, blocks) have block tables so far")
+    raise UnsupportedModelError(
+        f"--model timm:{name}: only ResNets (layer1..layer4) and vision transformers "
+        "(patch_embed, blocks) have block tables so far"
+    )
 
 
 def _state_dict(checkpoint: str, name: str) -> dict:
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle, zip and "unsupported global" errors all mean the same here
-        raise ModelLoadError(f"--checkpoint {checkpoint}: cannot read it as a state dict with weights_only=True "
-                             f"({type(error).__name__}: {error})") from None
+        raise ModelLoadError(
+            f"--checkpoint {checkpoint}: cannot read it as a state dict with weights_only=True "
+            f"({type(error).__name__}: {error})"
+        ) from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -307,7 +349,7 @@ def _state_dict(checkpoint: str, name: str) -> dict:
     prefixes = ("module.", "encoder.", "backbone.")
     for prefix in prefixes:  # DDP and SSL wrappers
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -322,26 +364,42 @@ def load_timm(name: str, checkpoint: str | None, *, weights: bool = True) -> Bac
         raise ModelLoadError(f"--model timm:{name}: {error}; `timm.list_models()` lists the names") from None
     if weights:
         if checkpoint is None:
-            raise ModelLoadError(f"--model timm:{name} needs --checkpoint FILE: nothing is downloaded, and features of "
-                                 "random weights are rarely what is meant")
+            raise ModelLoadError(
+                f"--model timm:{name} needs --checkpoint FILE: nothing is downloaded, and features of "
+                "random weights are rarely what is meant"
+            )
         state = _state_dict(checkpoint, name)
         head = network.default_cfg.get("classifier", "fc")
         result = network.load_state_dict(state, strict=False)
         missing = [k for k in result.missing_keys if not k.startswith(head + ".")]
         if missing:
-            raise ModelLoadError(f"--checkpoint {checkpoint} does not fit timm:{name}: {len(missing)} weights missing "
-                                 f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+            raise ModelLoadError(
+                f"--checkpoint {checkpoint} does not fit timm:{name}: {len(missing)} weights missing "
+                f"({', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})"
+            )
         if result.unexpected_keys:
-            log.info("--checkpoint %s: %d entries not used by timm:%s (%s ...)", checkpoint,
-                     len(result.unexpected_keys),
-                     name, result.unexpected_keys[0])
+            log.info(
+                "--checkpoint %s: %d entries not used by timm:%s (%s ...)",
+                checkpoint,
+                len(result.unexpected_keys),
+                name,
+                result.unexpected_keys[0],
+            )
     data = resolve_model_data_config(network)
     if data.get("crop_mode", "center") != "center":
-        raise UnsupportedModelError(f"--model timm:{name}: its data config crops with mode {data['crop_mode']!r}; only "
-                                    "centre crops are supported")
+        raise UnsupportedModelError(
+            f"--model timm:{name}: its data config crops with mode {data['crop_mode']!r}; only "
+            "centre crops are supported"
+        )
     size = int(data["input_size"][-1])
-    image = ImageSpec(size, int(math.floor(size / float(data.get("crop_pct", 1.0)))), str(data["interpolation"]),
-                      tuple(data["mean"]), tuple(data["std"]), convention="torchvision")
+    image = ImageSpec(
+        size,
+        int(math.floor(size / float(data.get("crop_pct", 1.0)))),
+        str(data["interpolation"]),
+        tuple(data["mean"]),
+        tuple(data["std"]),
+        convention="torchvision",
+    )
 
     def forward(network, pixels):
         return network.forward_features(pixels)

@@ -119,8 +119,11 @@ def format_table(table: list[Block], *, latent_factor: int | None = None, title:
     rows = [
         f"{b.number:>5}  {b.module:<32} {b.adm_name:<18} {b.channels:>8}  {f'{b.resolution}x{b.resolution}':>10}"
         + (f"  {b.stride:>7}" if latent else "")
-        + (f"  {b.resolution**2:>6}  {f'{b.stride // latent_factor}x{b.stride // latent_factor}':>11}"
-           if latent and latent_factor else "")
+        + (
+            f"  {b.resolution**2:>6}  {f'{b.stride // latent_factor}x{b.stride // latent_factor}':>11}"
+            if latent and latent_factor
+            else ""
+        )
         for b in table
     ]
     return "\n".join([*([title] if title else []), header, *rows])

@@ -47,8 +47,14 @@ class BlockCapture:
     Use as a context manager so the hooks are removed afterwards.
     """
 
-    def __init__(self, unet: nn.Module, blocks: list[Block], *, forward: Callable | None = None,
-                 maps: dict[int, Callable] | None = None):
+    def __init__(
+        self,
+        unet: nn.Module,
+        blocks: list[Block],
+        *,
+        forward: Callable | None = None,
+        maps: dict[int, Callable] | None = None,
+    ):
         self.unet = unet
         self._forward = forward or _call_unet
         self._maps = maps or {}
@@ -75,8 +81,9 @@ class BlockCapture:
 
         return hook
 
-    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, grids: dict[int, int],
-                 **context) -> dict[int, torch.Tensor]:
+    def __call__(
+        self, sample: torch.Tensor, timesteps: torch.Tensor, grids: dict[int, int], **context
+    ) -> dict[int, torch.Tensor]:
         unknown = set(grids) - set(self._blocks)
         if unknown:
             raise KeyError(f"blocks {sorted(unknown)} are not hooked")

@@ -54,15 +54,21 @@ def flow_schedule(scheduler, tokens: int, source: str) -> FlowSchedule:
     config = scheduler.config
     used = [name for name in _UNSUPPORTED if config.get(name)]
     if used or config.get("time_shift_type", "exponential") != "exponential":
-        raise UnsupportedModelError(f"--model {source}: its scheduler sets {', '.join(used) or 'time_shift_type'}, "
-                                    "a sigma schedule not supported for feature extraction; the static or "
-                                    "resolution-dependent shift of SD3 and FLUX.1 is")
+        raise UnsupportedModelError(
+            f"--model {source}: its scheduler sets {', '.join(used) or 'time_shift_type'}, "
+            "a sigma schedule not supported for feature extraction; the static or "
+            "resolution-dependent shift of SD3 and FLUX.1 is"
+        )
     n = int(config.num_train_timesteps)
     if config.get("use_dynamic_shifting"):
         mu = calculate_mu(tokens, config)
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n), mu=mu)
-        record = {"shift": "resolution-dependent", "mu": mu, "image_tokens": int(tokens),
-                  "sigma": "e^mu / (e^mu + 1/s - 1), s = (t + 1) / N"}
+        record = {
+            "shift": "resolution-dependent",
+            "mu": mu,
+            "image_tokens": int(tokens),
+            "sigma": "e^mu / (e^mu + 1/s - 1), s = (t + 1) / N",
+        }
     else:
         shift = float(config.get("shift", 1.0))
         record = {"shift": shift, "sigma": "shift s / (1 + (shift - 1) s), s = (t + 1) / N"}

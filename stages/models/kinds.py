@@ -36,10 +36,17 @@ def _class_name(config: Path) -> str | None:
         return None
 
 
-SUPPORTED = ("pixel-space UNet2DModel directories, Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/SD3.5, FLUX.1-dev/schnell, "
-             "PixArt-Alpha/Sigma and Sana pipeline directories, hf: and timm: vision backbones")
-TRANSFORMERS = {"DiTTransformer2DModel": "dit", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux",
-                "PixArtTransformer2DModel": "pixart", "SanaTransformer2DModel": "sana"}
+SUPPORTED = (
+    "pixel-space UNet2DModel directories, Stable Diffusion 1.x/2.x, SDXL, DiT, SD3/SD3.5, FLUX.1-dev/schnell, "
+    "PixArt-Alpha/Sigma and Sana pipeline directories, hf: and timm: vision backbones"
+)
+TRANSFORMERS = {
+    "DiTTransformer2DModel": "dit",
+    "SD3Transformer2DModel": "sd3",
+    "FluxTransformer2DModel": "flux",
+    "PixArtTransformer2DModel": "pixart",
+    "SanaTransformer2DModel": "sana",
+}
 TEXT_CONDITIONED = ("stable-diffusion", "sdxl", "sd3", "flux", "pixart", "sana")
 TOKEN_KINDS = ("dit", "sd3", "flux", "pixart", "sana")  # transformer kinds: --feature-norm applies
 PROMPTED = ("sdxl", "sd3", "flux", "pixart", "sana")  # text encoders run once per store: --offload applies
@@ -88,7 +95,7 @@ def _pipeline_kind(path: Path, source: str) -> str | None:
 
 
 def model_kind(source: str) -> str:
-    """"hf", "timm", "stable-diffusion", "sdxl", "dit", "sd3", "flux", "pixart", "sana" or "unet", from the name and
+    """ "hf", "timm", "stable-diffusion", "sdxl", "dit", "sd3", "flux", "pixart", "sana" or "unet", from the name and
     (for a directory) its layout; a pipeline of another kind is refused (UnsupportedModelError)."""
     text = str(source)
     if text.startswith("hf:"):
@@ -101,21 +108,37 @@ def model_kind(source: str) -> str:
     return "unet"
 
 
-def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: str | None = None,
-                       weights: bool = True, feature_norm: str | None = None,
-                       guidance: float | None = None, offload: str | None = None, device: str = "auto"
-                       ) -> FeatureModel:
+def load_feature_model(
+    source: str,
+    *,
+    prompt: str | None = None,
+    checkpoint: str | None = None,
+    weights: bool = True,
+    feature_norm: str | None = None,
+    guidance: float | None = None,
+    offload: str | None = None,
+    device: str = "auto",
+) -> FeatureModel:
     """Load what `--model` names (module docstring); options that do not apply to its kind are refused.
 
     `weights=False` is enough for the block table: a timm model then needs no checkpoint. `offload` "none" runs
     the text encoders on `device` (the extraction's --device), "text" or None keeps them on the CPU."""
     kind = model_kind(source)
     if offload is not None and (offload not in OFFLOADS or kind not in PROMPTED):
-        raise ModelLoadError(f"--offload {offload}: it applies to the pipelines whose text encoders run once per store "
-                             f"({', '.join(PROMPTED)}) with one of {', '.join(OFFLOADS)}; --model {source} is a {kind} "
-                             "model: leave --offload out")
-    model = _load(kind, source, prompt=prompt, checkpoint=checkpoint, weights=weights, feature_norm=feature_norm,
-                  guidance=guidance)
+        raise ModelLoadError(
+            f"--offload {offload}: it applies to the pipelines whose text encoders run once per store "
+            f"({', '.join(PROMPTED)}) with one of {', '.join(OFFLOADS)}; --model {source} is a {kind} "
+            "model: leave --offload out"
+        )
+    model = _load(
+        kind,
+        source,
+        prompt=prompt,
+        checkpoint=checkpoint,
+        weights=weights,
+        feature_norm=feature_norm,
+        guidance=guidance,
+    )
     if kind in PROMPTED:
         model.offload_text, model.text_device = offload != "none", device
     return model
@@ -123,24 +146,30 @@ def load_feature_model(source: str, *, prompt: str | None = None, checkpoint: st
 
 def _load(kind: str, source: str, *, prompt, checkpoint, weights, feature_norm, guidance) -> FeatureModel:
     if prompt is not None and kind not in TEXT_CONDITIONED:
-        raise ModelLoadError(f"--prompt applies to text-conditioned pipelines ({', '.join(TEXT_CONDITIONED)}); "
-                             f"--model {source} is a {kind} model")
+        raise ModelLoadError(
+            f"--prompt applies to text-conditioned pipelines ({', '.join(TEXT_CONDITIONED)}); "
+            f"--model {source} is a {kind} model"
+        )
     if checkpoint is not None and kind != "timm":
-        raise ModelLoadError(f"--checkpoint applies to timm: models only; --model {source} is a {kind} model "
-                             "(its weights are in its directory)")
+        raise ModelLoadError(
+            f"--checkpoint applies to timm: models only; --model {source} is a {kind} model "
+            "(its weights are in its directory)"
+        )
     if feature_norm not in (None, "none") and kind not in TOKEN_KINDS:
-        raise ModelLoadError(f"--feature-norm applies to the transformer kinds ({', '.join(TOKEN_KINDS)}); --model "
-                             f"{source} is a {kind} model: leave --feature-norm out")
+        raise ModelLoadError(
+            f"--feature-norm applies to the transformer kinds ({', '.join(TOKEN_KINDS)}); --model "
+            f"{source} is a {kind} model: leave --feature-norm out"
+        )
     if guidance is not None and kind != "flux":
         raise ModelLoadError(f"--guidance applies to FLUX.1 pipelines only; --model {source} is a {kind} model")
     if kind == "hf":
         from stages.models.backbones import load_hf
 
-        return load_hf(source[len("hf:"):])
+        return load_hf(source[len("hf:") :])
     if kind == "timm":
         from stages.models.backbones import load_timm
 
-        return load_timm(source[len("timm:"):], checkpoint, weights=weights)
+        return load_timm(source[len("timm:") :], checkpoint, weights=weights)
     if kind == "stable-diffusion":
         from stages.models.latent import load_stable_diffusion
 

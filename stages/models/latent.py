@@ -56,8 +56,16 @@ class LatentModel(FeatureModel):
     # existing stores were computed (float32 weights under autocast, one VAE call per batch).
     at_scale = False
 
-    def __init__(self, network: nn.Module, vae: nn.Module, scheduler, source: str, *, latent_size: int | None = None,
-                 latent_channels: int | None = None):
+    def __init__(
+        self,
+        network: nn.Module,
+        vae: nn.Module,
+        scheduler,
+        source: str,
+        *,
+        latent_size: int | None = None,
+        latent_channels: int | None = None,
+    ):
         # the VAE runs in float32 whatever the compute precision (SDXL's VAE overflows in fp16): the latents are
         # what gets noised
         vae = vae if next(vae.parameters()).dtype == torch.float32 else vae.float()
@@ -68,9 +76,11 @@ class LatentModel(FeatureModel):
         self.image_size = self.latent_size * self.vae_factor
         self.latent_channels = latent_channels or int(network.config.in_channels)
         if int(vae.config.latent_channels) != self.latent_channels:
-            raise ModelLoadError(f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but "
-                                 f"the "
-                                 f"{type(network).__name__} takes {self.latent_channels} channels")
+            raise ModelLoadError(
+                f"--model {source}: the VAE makes {vae.config.latent_channels}-channel latents but "
+                f"the "
+                f"{type(network).__name__} takes {self.latent_channels} channels"
+            )
 
     @property
     def num_train_timesteps(self) -> int:
@@ -106,7 +116,7 @@ class LatentModel(FeatureModel):
 
             step = vae_slice(vae_image_bytes(self.vae, self.image_size), len(x0))
             if step < len(x0):
-                return torch.cat([self._encode(x0[i:i + step]) for i in range(0, len(x0), step)])
+                return torch.cat([self._encode(x0[i : i + step]) for i in range(0, len(x0), step)])
         return self._encode(x0)
 
     def _encode(self, x0: torch.Tensor) -> torch.Tensor:
@@ -119,8 +129,10 @@ class LatentModel(FeatureModel):
 
     def input_summary(self) -> str:
         side = self.latent_size
-        return (f"{self.kind}: {self.image_size} px images -> {side}x{side}x{self.latent_channels} latents "
-                f"(VAE /{self.vae_factor}); px/cell and latent/cell: what one cell of a block's map covers")
+        return (
+            f"{self.kind}: {self.image_size} px images -> {side}x{side}x{self.latent_channels} latents "
+            f"(VAE /{self.vae_factor}); px/cell and latent/cell: what one cell of a block's map covers"
+        )
 
     def memory_estimate(self, deepest: int, precision: str):
         """stages.models.memory.MemoryEstimate for blocks up to `deepest` at `precision` (for --dry-run)."""
@@ -129,10 +141,16 @@ class LatentModel(FeatureModel):
         params = memory.parameters(self.network)
         row_bytes, basis = self.activation_row_bytes(deepest, precision)
         return memory.MemoryEstimate(
-            type(self.network).__name__, params, params * (memory.PRECISION_BYTES[precision] if self.at_scale else 4),
-            memory.parameters(self.vae), int(getattr(self, "text_parameters", 0)), row_bytes,
-            memory.vae_image_bytes(self.vae, self.image_size), basis,
-            text_offloaded=bool(getattr(self, "offload_text", True)))
+            type(self.network).__name__,
+            params,
+            params * (memory.PRECISION_BYTES[precision] if self.at_scale else 4),
+            memory.parameters(self.vae),
+            int(getattr(self, "text_parameters", 0)),
+            row_bytes,
+            memory.vae_image_bytes(self.vae, self.image_size),
+            basis,
+            text_offloaded=bool(getattr(self, "offload_text", True)),
+        )
 
     def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
         from stages.models import memory
@@ -167,8 +185,10 @@ class StableDiffusionModel(LatentModel):
         super().__init__(unet, vae, scheduler, source)
         self.text_encoder, self.tokenizer = text_encoder.eval(), tokenizer
         if prompt is not None and "{}" not in prompt:
-            raise PromptError(f"--prompt {prompt!r} has no {{}} where the class name goes: give a template such as "
-                              "'a photo of a {}', or leave --prompt out for the empty prompt (the default)")
+            raise PromptError(
+                f"--prompt {prompt!r} has no {{}} where the class name goes: give a template such as "
+                "'a photo of a {}', or leave --prompt out for the empty prompt (the default)"
+            )
         self.prompt = prompt
         self.prompts: list[str] = [""] if prompt is None else []
         self._embeddings: torch.Tensor | None = None
@@ -187,8 +207,9 @@ class StableDiffusionModel(LatentModel):
             length = self.tokenizer.model_max_length
             if length > 10**6:  # a tokenizer saved without one: the encoder's positions are the limit
                 length = int(self.text_encoder.config.max_position_embeddings)
-            tokens = self.tokenizer(self.prompts, padding="max_length", max_length=length, truncation=True,
-                                    return_tensors="pt")
+            tokens = self.tokenizer(
+                self.prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
+            )
             with torch.inference_mode():
                 self._embeddings = self.text_encoder(tokens.input_ids)[0].float().clone()
         return self._embeddings
@@ -213,8 +234,11 @@ class StableDiffusionModel(LatentModel):
 
     def identity(self) -> dict:
         digest = hashlib.sha256(self.embeddings().cpu().contiguous().numpy().tobytes()).hexdigest()
-        conditioning = {"prompt": "" if self.prompt is None else self.prompt, "embedding_sha256": digest,
-                        "per_class": self.prompt is not None}
+        conditioning = {
+            "prompt": "" if self.prompt is None else self.prompt,
+            "embedding_sha256": digest,
+            "per_class": self.prompt is not None,
+        }
         return {**self._identity(), "conditioning": conditioning}
 
 
@@ -232,8 +256,10 @@ class DiTModel(LatentModel):
         classes = transformer.config.num_embeds_ada_norm
         table = transformer.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
         if classes is None or table.num_embeddings <= int(classes):
-            raise UnsupportedModelError(f"--model {source}: this DiT has no null-class embedding (class dropout 0), "
-                                        "so it cannot be run unconditionally")
+            raise UnsupportedModelError(
+                f"--model {source}: this DiT has no null-class embedding (class dropout 0), "
+                "so it cannot be run unconditionally"
+            )
         self.null_class = int(classes)
         self.patch_size = int(transformer.config.patch_size)
         self.grid = self.latent_size // self.patch_size
@@ -250,8 +276,10 @@ class DiTModel(LatentModel):
         from stages.models import memory
 
         width = int(self.network.config.num_attention_heads * self.network.config.attention_head_dim)
-        return (memory.transformer_row_bytes(self.grid**2, width, precision),
-                f"{self.grid**2} image tokens x width {width} x {memory.BLOCK_COPIES}")
+        return (
+            memory.transformer_row_bytes(self.grid**2, width, precision),
+            f"{self.grid**2} image tokens x width {width} x {memory.BLOCK_COPIES}",
+        )
 
     def _tokens_to_map(self, output) -> torch.Tensor:
         from stages.models.tokens import token_map
@@ -280,9 +308,11 @@ class DiTModel(LatentModel):
 def _need(path: Path, parts: dict[str, str], kind: str = "") -> None:
     missing = [f"{name}/ ({what})" for name, what in parts.items() if not (path / name).is_dir()]
     if missing:
-        raise ModelLoadError(f"--model {path}: the {kind + ' ' if kind else ''}pipeline directory lacks "
-                             f"{', '.join(missing)}; a diffusers pipeline saved with save_pretrained has one folder "
-                             "per component")
+        raise ModelLoadError(
+            f"--model {path}: the {kind + ' ' if kind else ''}pipeline directory lacks "
+            f"{', '.join(missing)}; a diffusers pipeline saved with save_pretrained has one folder "
+            "per component"
+        )
 
 
 def _scheduler(path: Path):
@@ -311,12 +341,21 @@ def load_stable_diffusion(source: str, *, prompt: str | None = None) -> StableDi
     from transformers import AutoTokenizer, CLIPTextModel
 
     path = Path(source).expanduser()
-    _need(path, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "the text encoder",
-                 "tokenizer": "the text encoder's tokenizer"})
+    _need(
+        path,
+        {
+            "unet": "UNet2DConditionModel",
+            "vae": "AutoencoderKL",
+            "text_encoder": "the text encoder",
+            "tokenizer": "the text encoder's tokenizer",
+        },
+    )
     unet_config = json.loads((path / "unet" / "config.json").read_text())
     if unet_config.get("addition_embed_type"):
-        raise UnsupportedModelError(f"--model {source}: a U-Net with added {unet_config['addition_embed_type']} "
-                                    "conditioning is not Stable Diffusion 1.x/2.x (SDXL's text_time is supported)")
+        raise UnsupportedModelError(
+            f"--model {source}: a U-Net with added {unet_config['addition_embed_type']} "
+            "conditioning is not Stable Diffusion 1.x/2.x (SDXL's text_time is supported)"
+        )
     unet = _loading(source, lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False))
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))
     text_encoder = _loading(source, lambda: CLIPTextModel.from_pretrained(path / "text_encoder"))
@@ -330,7 +369,8 @@ def load_dit(source: str, *, feature_norm: str | None = None) -> DiTModel:
 
     path = Path(source).expanduser()
     _need(path, {"transformer": "DiTTransformer2DModel", "vae": "AutoencoderKL"})
-    transformer = _loading(source, lambda: DiTTransformer2DModel.from_pretrained(path / "transformer",
-                                                                                 low_cpu_mem_usage=False))
+    transformer = _loading(
+        source, lambda: DiTTransformer2DModel.from_pretrained(path / "transformer", low_cpu_mem_usage=False)
+    )
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))
     return DiTModel(transformer, vae, _scheduler(path), str(source), feature_norm=feature_norm)

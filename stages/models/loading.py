@@ -127,8 +127,9 @@ def load_model(source: str | Path) -> LoadedModel:
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ModelLoadError(f"--model {text}: expected a directory saved by UNet2DModel.save_pretrained, got a "
-                                 f"file")
+            raise ModelLoadError(
+                f"--model {text}: expected a directory saved by UNet2DModel.save_pretrained, got a file"
+            )
         unet_dir, scheduler_dir = _layout(path)
         if not (unet_dir / "config.json").exists():
             raise ModelLoadError(
@@ -137,13 +138,16 @@ def load_model(source: str | Path) -> LoadedModel:
             )
         try:
             unet = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)
-            scheduler = (DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir
-                         else DDPMScheduler(**DEFAULT_SCHEDULE))
+            scheduler = (
+                DDPMScheduler.from_pretrained(scheduler_dir) if scheduler_dir else DDPMScheduler(**DEFAULT_SCHEDULE)
+            )
         except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as error:
             # diffusers says which file is missing or not valid JSON; truncated weights come from safetensors
-            raise ModelLoadError(f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a "
-                                 f"directory "
-                                 "saved by UNet2DModel.save_pretrained (config.json and its weights)") from None
+            raise ModelLoadError(
+                f"--model {text}: cannot load it ({type(error).__name__}: {error}); expected a "
+                f"directory "
+                "saved by UNet2DModel.save_pretrained (config.json and its weights)"
+            ) from None
         loaded = LoadedModel(unet.eval(), scheduler, text, _recorded_preprocess(path, unet_dir))
         check_recorded_weights(unet_dir, loaded.weights_sha256)  # nothing a result depends on is read unverified
         return loaded
@@ -159,10 +163,12 @@ def _recorded_preprocess(path: Path, unet_dir: Path) -> str:
             try:
                 method = json.loads(file.read_text())["preprocess"]
             except (OSError, ValueError, KeyError, TypeError) as error:
-                raise ModelLoadError(f"{file} cannot be read ({error}); it should hold {{\"preprocess\": \"adm\"}} "
-                                     "or {\"preprocess\": \"bicubic\"}") from None
+                raise ModelLoadError(
+                    f'{file} cannot be read ({error}); it should hold {{"preprocess": "adm"}} '
+                    'or {"preprocess": "bicubic"}'
+                ) from None
             if method not in ("bicubic", "adm"):
-                raise ModelLoadError(f"{file} names the preprocessing {method!r}; use \"adm\" or \"bicubic\"")
+                raise ModelLoadError(f'{file} names the preprocessing {method!r}; use "adm" or "bicubic"')
             return method
     return "bicubic"
 
@@ -187,4 +193,3 @@ def _load_from_hub(repo_id: str) -> LoadedModel:
     loaded = load_model(local)
     loaded.source = repo_id
     return loaded
-

@@ -52,11 +52,15 @@ class MemoryEstimate:
         peak = self.network_bytes + vae_bytes + rows * self.row_bytes + slice_images * self.vae_image_bytes
         text_bytes = 4 * self.text_parameters
         if self.text_offloaded:
-            text = (f"run once on the CPU in float32 ({format_bytes(text_bytes)} of host memory) and freed; never on "
-                    "the GPU (--offload text)")
+            text = (
+                f"run once on the CPU in float32 ({format_bytes(text_bytes)} of host memory) and freed; never on "
+                "the GPU (--offload text)"
+            )
         else:  # they run, alone on the device, before the network is moved there: the peak is the larger phase
-            text = (f"run once on the device in float32 ({format_bytes(text_bytes)}) and freed before the network is "
-                    "moved there (--offload none)")
+            text = (
+                f"run once on the device in float32 ({format_bytes(text_bytes)}) and freed before the network is "
+                "moved there (--offload none)"
+            )
             peak = max(peak, text_bytes)
         return [
             f"memory (estimate; {precision}):",

@@ -33,8 +33,10 @@ from stages.models.loading import ModelLoadError
 
 def check_template(prompt: str | None) -> None:
     if prompt is not None and "{}" not in prompt:
-        raise PromptError(f"--prompt {prompt!r} has no {{}} where the class name goes: give a template such as "
-                          "'a photo of a {}', or leave --prompt out for the empty prompt (the default)")
+        raise PromptError(
+            f"--prompt {prompt!r} has no {{}} where the class name goes: give a template such as "
+            "'a photo of a {}', or leave --prompt out for the empty prompt (the default)"
+        )
 
 
 class PromptedModel(LatentModel):
@@ -95,8 +97,10 @@ class PromptedModel(LatentModel):
             if not self.prompts:
                 raise PromptError("a prompt template needs the data set's class names first (bind_classes)")
             if self._encoders_dropped:
-                raise PromptError(f"--model {self.source}: its text encoders were freed after encoding; load the "
-                                  "model again to encode other prompts")
+                raise PromptError(
+                    f"--model {self.source}: its text encoders were freed after encoding; load the "
+                    "model again to encode other prompts"
+                )
             if not self.offload_text:
                 device = text.encoding_device(self.text_device)
                 self._encoders = [(t, e.to(device)) for t, e in self.encoders]
@@ -123,8 +127,13 @@ class PromptedModel(LatentModel):
 
     def conditioning_record(self) -> dict:
         tensors = self.conditioning()
-        return {"prompt": "" if self.prompt is None else self.prompt, "per_class": self.prompt is not None,
-                "tensors": sorted(tensors), "sha256": text.digest(tensors), **self.conditioning_settings()}
+        return {
+            "prompt": "" if self.prompt is None else self.prompt,
+            "per_class": self.prompt is not None,
+            "tensors": sorted(tensors),
+            "sha256": text.digest(tensors),
+            **self.conditioning_settings(),
+        }
 
 
 class SDXLModel(PromptedModel):
@@ -138,8 +147,10 @@ class SDXLModel(PromptedModel):
         pooled = int(encoders[-1][1].config.projection_dim)
         got = 6 * int(unet.config.addition_time_embed_dim) + pooled
         if expected != got:
-            raise ModelLoadError(f"--model {source}: the U-Net's added embedding takes {expected} values but six "
-                                 f"time ids and text_encoder_2's {pooled}-wide pooled embedding make {got}")
+            raise ModelLoadError(
+                f"--model {source}: the U-Net's added embedding takes {expected} values but six "
+                f"time ids and text_encoder_2's {pooled}-wide pooled embedding make {got}"
+            )
 
     @property
     def time_ids(self) -> list[int]:
@@ -154,8 +165,11 @@ class SDXLModel(PromptedModel):
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
     def conditioning_settings(self):
-        return {"time_ids": self.time_ids, "hidden_states": "penultimate layer of text_encoder and text_encoder_2",
-                "pooled": "text_encoder_2 text_embeds"}
+        return {
+            "time_ids": self.time_ids,
+            "hidden_states": "penultimate layer of text_encoder and text_encoder_2",
+            "pooled": "text_encoder_2 text_embeds",
+        }
 
     def block_table(self) -> list[Block]:
         return [replace(b, stride=self.image_size // b.resolution) for b in block_table(self.network)]
@@ -164,8 +178,12 @@ class SDXLModel(PromptedModel):
         def forward(unet, sample, timesteps, *, labels=None, **_):
             rows = self.rows(labels, sample.shape[0])
             time_ids = torch.tensor([self.time_ids], dtype=sample.dtype, device=sample.device)
-            unet(sample, timesteps, encoder_hidden_states=rows["encoder_hidden_states"],
-                 added_cond_kwargs={"text_embeds": rows["text_embeds"], "time_ids": time_ids.expand(len(sample), 6)})
+            unet(
+                sample,
+                timesteps,
+                encoder_hidden_states=rows["encoder_hidden_states"],
+                added_cond_kwargs={"text_embeds": rows["text_embeds"], "time_ids": time_ids.expand(len(sample), 6)},
+            )
 
         return BlockCapture(self.network, blocks, forward=forward)
 
@@ -178,18 +196,35 @@ def load_sdxl(source: str, *, prompt: str | None = None) -> SDXLModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     path = Path(source).expanduser()
-    _need(path, {"unet": "UNet2DConditionModel", "vae": "AutoencoderKL", "text_encoder": "the first CLIP text encoder",
-                 "tokenizer": "its tokenizer", "text_encoder_2": "the second CLIP text encoder, with projection",
-                 "tokenizer_2": "its tokenizer"}, "SDXL")
+    _need(
+        path,
+        {
+            "unet": "UNet2DConditionModel",
+            "vae": "AutoencoderKL",
+            "text_encoder": "the first CLIP text encoder",
+            "tokenizer": "its tokenizer",
+            "text_encoder_2": "the second CLIP text encoder, with projection",
+            "tokenizer_2": "its tokenizer",
+        },
+        "SDXL",
+    )
     unet = _loading(source, lambda: UNet2DConditionModel.from_pretrained(path / "unet", low_cpu_mem_usage=False))
     if unet.config.addition_embed_type != "text_time":
-        raise UnsupportedModelError(f"--model {source}: a U-Net with addition_embed_type "
-                                    f"{unet.config.addition_embed_type!r} is not SDXL's text_time conditioning")
+        raise UnsupportedModelError(
+            f"--model {source}: a U-Net with addition_embed_type "
+            f"{unet.config.addition_embed_type!r} is not SDXL's text_time conditioning"
+        )
     vae = _loading(source, lambda: AutoencoderKL.from_pretrained(path / "vae", low_cpu_mem_usage=False))
-    encoders = [(text.load_tokenizer(path, "tokenizer"), text.load_text_encoder(path, "text_encoder", "CLIPTextModel")),
-                (text.load_tokenizer(path, "tokenizer_2"),
-                 text.load_text_encoder(path, "text_encoder_2", "CLIPTextModelWithProjection"))]
+    encoders = [
+        (text.load_tokenizer(path, "tokenizer"), text.load_text_encoder(path, "text_encoder", "CLIPTextModel")),
+        (
+            text.load_tokenizer(path, "tokenizer_2"),
+            text.load_text_encoder(path, "text_encoder_2", "CLIPTextModelWithProjection"),
+        ),
+    ]
     if encoders[1][1].cls.__name__ != "CLIPTextModelWithProjection":
-        raise ModelLoadError(f"--model {source}: text_encoder_2/ is not a CLIPTextModelWithProjection (SDXL's pooled "
-                             "embedding is its projection)")
+        raise ModelLoadError(
+            f"--model {source}: text_encoder_2/ is not a CLIPTextModelWithProjection (SDXL's pooled "
+            "embedding is its projection)"
+        )
     return SDXLModel(unet, vae, _scheduler(path), encoders, str(source), prompt)

@@ -47,7 +47,8 @@ def check_recorded_weights(directory: str | Path, actual_sha256: str) -> None:
         raise WeightsChangedError(
             f"{directory}: the weights hash to sha256 {actual_sha256[:16]}…, not the {expected[:16]}… its {name} "
             f"records (they were changed or damaged after they were written); restore them: "
-            f"{restore_command(directory, name, record)}")
+            f"{restore_command(directory, name, record)}"
+        )
 
 
 def restore_command(directory: str | Path, name: str, record: dict) -> str:
@@ -64,16 +65,19 @@ def pretrain_command(log: dict, out: str) -> str:
     """The `pipeline pretrain` command line that trains what training log `log` describes into `out`."""
     config = log["config"]
     levels = [str(i) for i, kind in enumerate(config["down_block_types"]) if kind.startswith("Attn")]
-    return (f"pipeline pretrain --data {log['data_dir']} --out {out} --epochs {log['epochs_requested']} "
-            f"--image-size {log['image_size']} --batch-size {log['batch_size']} --lr {log['optimizer']['lr']:g} "
-            f"--channels {','.join(str(c) for c in config['block_out_channels'])} "
-            f"--attention-levels {','.join(levels) or 'none'} --seed {log['seed']}")
+    return (
+        f"pipeline pretrain --data {log['data_dir']} --out {out} --epochs {log['epochs_requested']} "
+        f"--image-size {log['image_size']} --batch-size {log['batch_size']} --lr {log['optimizer']['lr']:g} "
+        f"--channels {','.join(str(c) for c in config['block_out_channels'])} "
+        f"--attention-levels {','.join(levels) or 'none'} --seed {log['seed']}"
+    )
 
 
 def _tracked_by_git(file: Path) -> bool:
     try:
-        done = subprocess.run(["git", "ls-files", "--error-unmatch", file.name], cwd=file.parent,
-                              capture_output=True, timeout=30)
+        done = subprocess.run(
+            ["git", "ls-files", "--error-unmatch", file.name], cwd=file.parent, capture_output=True, timeout=30
+        )
     except (OSError, subprocess.SubprocessError):  # no git, or not a directory git can run in
         return False
     return done.returncode == 0

@@ -49,8 +49,9 @@ def complex_human_instruction() -> list[str]:
 
 
 @torch.inference_mode()
-def gemma(tokenizer, encoder, prompts: list[str], length: int, instruction: list[str] | None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
+def gemma(
+    tokenizer, encoder, prompts: list[str], length: int, instruction: list[str] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden state (P, length, D) float32, attention mask (P, length) int64) as SanaPipeline computes them
     (the module docstring); `instruction` None: the unconditional branch, no instruction."""
     tokenizer.padding_side = "right"
@@ -60,8 +61,9 @@ def gemma(tokenizer, encoder, prompts: list[str], length: int, instruction: list
         prefix = "\n".join(instruction)
         texts = [prefix + t for t in texts]
         total = len(tokenizer.encode(prefix)) + length - 2
-    tokens = tokenizer(texts, padding="max_length", max_length=total, truncation=True, add_special_tokens=True,
-                       return_tensors="pt")
+    tokens = tokenizer(
+        texts, padding="max_length", max_length=total, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
     mask = tokens.attention_mask
     hidden = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask.to(encoder.device))[0]
     keep = [0, *range(total - length + 1, total)]  # the first token and the last length - 1
@@ -71,11 +73,23 @@ def gemma(tokenizer, encoder, prompts: list[str], length: int, instruction: list
 class SanaModel(FlowTransformer):
     kind = "sana"
 
-    def __init__(self, transformer, vae, scheduler, encoders, source: str, *, prompt=None, feature_norm=None,
-                 max_sequence_length: int = MAX_SEQUENCE_LENGTH):
+    def __init__(
+        self,
+        transformer,
+        vae,
+        scheduler,
+        encoders,
+        source: str,
+        *,
+        prompt=None,
+        feature_norm=None,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
+    ):
         if transformer.config.get("guidance_embeds"):
-            raise UnsupportedModelError(f"--model {source}: a Sana transformer with a guidance embedding (Sana-Sprint, "
-                                        "few-step distilled) is not supported; Sana 1.0 / 1.5 pipelines are")
+            raise UnsupportedModelError(
+                f"--model {source}: a Sana transformer with a guidance embedding (Sana-Sprint, "
+                "few-step distilled) is not supported; Sana 1.0 / 1.5 pipelines are"
+            )
         self.patch = int(transformer.config.patch_size)
         super().__init__(transformer, vae, scheduler, source, prompt=prompt, feature_norm=feature_norm)
         self.encoders = encoders  # [(tokenizer, Gemma-2)]
@@ -85,14 +99,18 @@ class SanaModel(FlowTransformer):
         self._instruction = None if prompt is None else complex_human_instruction()
 
     def block_modules(self):
-        return [("patch_embed", "x_embedder"),
-                *((f"transformer_blocks.{i}", f"blocks[{i}]") for i in range(len(self.network.transformer_blocks)))]
+        return [
+            ("patch_embed", "x_embedder"),
+            *((f"transformer_blocks.{i}", f"blocks[{i}]") for i in range(len(self.network.transformer_blocks))),
+        ]
 
     def activation_row_bytes(self, deepest: int, precision: str) -> tuple[int, str]:
         from stages.models import memory
 
-        return (memory.transformer_row_bytes(self.grid**2, self.width, precision, SANA_BLOCK_COPIES),
-                f"{self.grid**2} image + 0 text tokens x width {self.width} x {SANA_BLOCK_COPIES}")
+        return (
+            memory.transformer_row_bytes(self.grid**2, self.width, precision, SANA_BLOCK_COPIES),
+            f"{self.grid**2} image + 0 text tokens x width {self.width} x {SANA_BLOCK_COPIES}",
+        )
 
     def _encode(self, x0: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> the DC-AE's latent x scaling factor, float32 (no posterior, no shift)."""
@@ -106,15 +124,21 @@ class SanaModel(FlowTransformer):
         return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
 
     def conditioning_settings(self):
-        return {"max_sequence_length": self.max_sequence_length, "complex_human_instruction": self._instruction,
-                "encoder_hidden_states": "Gemma-2's last hidden state, attention mask to the cross-attention; "
-                                         "empty prompt: the unconditional branch (no instruction)",
-                "timestep_scale": self.timestep_scale}
+        return {
+            "max_sequence_length": self.max_sequence_length,
+            "complex_human_instruction": self._instruction,
+            "encoder_hidden_states": "Gemma-2's last hidden state, attention mask to the cross-attention; "
+            "empty prompt: the unconditional branch (no instruction)",
+            "timestep_scale": self.timestep_scale,
+        }
 
     def forward(self, network, sample, timesteps, rows):
-        network(hidden_states=sample, encoder_hidden_states=rows["encoder_hidden_states"],
-                encoder_attention_mask=rows["encoder_attention_mask"],
-                timestep=self.model_timesteps(timesteps) * self.timestep_scale)
+        network(
+            hidden_states=sample,
+            encoder_hidden_states=rows["encoder_hidden_states"],
+            encoder_attention_mask=rows["encoder_attention_mask"],
+            timestep=self.model_timesteps(timesteps) * self.timestep_scale,
+        )
 
 
 def flow_equivalent(scheduler, source: str):
@@ -126,18 +150,35 @@ def flow_equivalent(scheduler, source: str):
     if name == "FlowMatchEulerDiscreteScheduler":
         return scheduler
     config = scheduler.config
-    if name == "DPMSolverMultistepScheduler" and config.get("use_flow_sigmas") \
-            and config.get("prediction_type") == "flow_prediction":
-        used = [n for n in ("use_dynamic_shifting", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                            "use_lu_lambdas") if config.get(n)]
+    if (
+        name == "DPMSolverMultistepScheduler"
+        and config.get("use_flow_sigmas")
+        and config.get("prediction_type") == "flow_prediction"
+    ):
+        used = [
+            n
+            for n in (
+                "use_dynamic_shifting",
+                "use_karras_sigmas",
+                "use_exponential_sigmas",
+                "use_beta_sigmas",
+                "use_lu_lambdas",
+            )
+            if config.get(n)
+        ]
         if used:
-            raise UnsupportedModelError(f"--model {source}: its scheduler sets {', '.join(used)}, a sigma schedule "
-                                        "not supported for feature extraction; Sana's static flow_shift is")
-        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=int(config.num_train_timesteps),
-                                               shift=float(config.flow_shift))
-    raise UnsupportedModelError(f"--model {source}: scheduler/ is a {name} without flow sigmas; Sana is supported "
-                                "with FlowMatchEulerDiscreteScheduler or DPMSolverMultistepScheduler "
-                                "(use_flow_sigmas, prediction_type flow_prediction)")
+            raise UnsupportedModelError(
+                f"--model {source}: its scheduler sets {', '.join(used)}, a sigma schedule "
+                "not supported for feature extraction; Sana's static flow_shift is"
+            )
+        return FlowMatchEulerDiscreteScheduler(
+            num_train_timesteps=int(config.num_train_timesteps), shift=float(config.flow_shift)
+        )
+    raise UnsupportedModelError(
+        f"--model {source}: scheduler/ is a {name} without flow sigmas; Sana is supported "
+        "with FlowMatchEulerDiscreteScheduler or DPMSolverMultistepScheduler "
+        "(use_flow_sigmas, prediction_type flow_prediction)"
+    )
 
 
 def _sana_scheduler(path: Path, source: str):
@@ -145,12 +186,16 @@ def _sana_scheduler(path: Path, source: str):
 
     config = path / "scheduler" / "scheduler_config.json"
     if not config.exists():
-        raise ModelLoadError(f"--model {source}: the pipeline directory lacks scheduler/ (its flow shift decides the "
-                             "noise); a diffusers pipeline saved with save_pretrained has one")
+        raise ModelLoadError(
+            f"--model {source}: the pipeline directory lacks scheduler/ (its flow shift decides the "
+            "noise); a diffusers pipeline saved with save_pretrained has one"
+        )
     name = json.loads(config.read_text()).get("_class_name")
     if name not in ("FlowMatchEulerDiscreteScheduler", "DPMSolverMultistepScheduler"):
-        raise UnsupportedModelError(f"--model {source}: scheduler/ is a {name}; Sana is supported with "
-                                    "FlowMatchEulerDiscreteScheduler or DPMSolverMultistepScheduler (flow sigmas)")
+        raise UnsupportedModelError(
+            f"--model {source}: scheduler/ is a {name}; Sana is supported with "
+            "FlowMatchEulerDiscreteScheduler or DPMSolverMultistepScheduler (flow sigmas)"
+        )
     return getattr(diffusers, name).from_pretrained(path / "scheduler")
 
 
@@ -162,15 +207,28 @@ def load_sana(source: str, *, prompt=None, feature_norm=None) -> SanaModel:
     except ImportError:  # both arrived in diffusers 0.32; the project's floor is older
         import diffusers
 
-        raise ModelLoadError(f"--model {source}: Sana needs diffusers >= 0.32 (AutoencoderDC, SanaTransformer2DModel); "
-                             f"this is {diffusers.__version__}: pip install -U 'diffusers>=0.32'") from None
+        raise ModelLoadError(
+            f"--model {source}: Sana needs diffusers >= 0.32 (AutoencoderDC, SanaTransformer2DModel); "
+            f"this is {diffusers.__version__}: pip install -U 'diffusers>=0.32'"
+        ) from None
 
     path = Path(source).expanduser()
-    _need(path, {"transformer": "SanaTransformer2DModel", "vae": "AutoencoderDC", "text_encoder": "Gemma-2",
-                 "tokenizer": "Gemma's tokenizer", "scheduler": "its flow-matching scheduler"}, "Sana")
-    transformer = _loading(source, lambda: SanaTransformer2DModel.from_pretrained(path / "transformer",
-                                                                                  low_cpu_mem_usage=False))
+    _need(
+        path,
+        {
+            "transformer": "SanaTransformer2DModel",
+            "vae": "AutoencoderDC",
+            "text_encoder": "Gemma-2",
+            "tokenizer": "Gemma's tokenizer",
+            "scheduler": "its flow-matching scheduler",
+        },
+        "Sana",
+    )
+    transformer = _loading(
+        source, lambda: SanaTransformer2DModel.from_pretrained(path / "transformer", low_cpu_mem_usage=False)
+    )
     vae = _loading(source, lambda: AutoencoderDC.from_pretrained(path / "vae", low_cpu_mem_usage=False))
     encoders = _encoders(path, [("tokenizer", "text_encoder", "Gemma2Model")])
-    return SanaModel(transformer, vae, _sana_scheduler(path, source), encoders, str(source), prompt=prompt,
-                     feature_norm=feature_norm)
+    return SanaModel(
+        transformer, vae, _sana_scheduler(path, source), encoders, str(source), prompt=prompt, feature_norm=feature_norm
+    )

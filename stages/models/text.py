@@ -49,15 +49,17 @@ class Deferred:
         try:
             self.config = self.cls.config_class.from_pretrained(path / name)
         except (OSError, ValueError, KeyError) as error:
-            raise ModelLoadError(f"--model {path}: cannot read {name}/config.json ({type(error).__name__}: "
-                                 f"{error})") from None
+            raise ModelLoadError(
+                f"--model {path}: cannot read {name}/config.json ({type(error).__name__}: {error})"
+            ) from None
 
     def load(self):
         try:
             return self.cls.from_pretrained(self.path / self.name, dtype=torch.float32).eval()
         except (OSError, ValueError, RuntimeError, KeyError) as error:
-            raise ModelLoadError(f"--model {self.path}: cannot load {self.name}/ ({type(error).__name__}: "
-                                 f"{error})") from None
+            raise ModelLoadError(
+                f"--model {self.path}: cannot load {self.name}/ ({type(error).__name__}: {error})"
+            ) from None
 
 
 def load_text_encoder(path: Path, name: str, default: str) -> Deferred:
@@ -85,8 +87,9 @@ def max_length(tokenizer, encoder) -> int:
 @torch.inference_mode()
 def clip(tokenizer, encoder, prompts: list[str], *, penultimate: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(hidden (P, L, D), pooled (P, Dp)) float32, as the SDXL / SD3 / FLUX pipelines compute them."""
-    ids = tokenizer(prompts, padding="max_length", max_length=max_length(tokenizer, encoder), truncation=True,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length(tokenizer, encoder), truncation=True, return_tensors="pt"
+    ).input_ids
     out = encoder(ids.to(encoder.device), output_hidden_states=True)
     hidden = out.hidden_states[-2] if penultimate else out.last_hidden_state
     pooled = out.text_embeds if getattr(out, "text_embeds", None) is not None else out.pooler_output
@@ -94,13 +97,15 @@ def clip(tokenizer, encoder, prompts: list[str], *, penultimate: bool) -> tuple[
 
 
 @torch.inference_mode()
-def t5(tokenizer, encoder, prompts: list[str], length: int, *, masked: bool = False
-       ) -> tuple[torch.Tensor, torch.Tensor]:
+def t5(
+    tokenizer, encoder, prompts: list[str], length: int, *, masked: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(last hidden state (P, length, D) float32, attention mask (P, length) int64), padded to `length`.
 
     `masked`: the encoder sees the attention mask (PixArt's pipeline); SD3 and FLUX run it without one."""
-    tokens = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True,
-                       return_tensors="pt")
+    tokens = tokenizer(
+        prompts, padding="max_length", max_length=length, truncation=True, add_special_tokens=True, return_tensors="pt"
+    )
     mask = tokens.attention_mask.to(encoder.device) if masked else None
     hidden = encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0]
     return hidden.float().cpu().clone(), tokens.attention_mask.long().clone()

@@ -57,8 +57,9 @@ def load_train_images(data_dir: str | Path, image_size: int, split: str = "train
     grayscale, else 3.
     """
     if not (Path(data_dir) / split).is_dir():
-        raise MissingDataError(f"{Path(data_dir) / split}: no {split} split (expected "
-                               f"{data_dir}/{split}/<class>/<image>)")
+        raise MissingDataError(
+            f"{Path(data_dir) / split}: no {split} split (expected {data_dir}/{split}/<class>/<image>)"
+        )
     folder = scan(data_dir, [split])[split]
     paths = [folder.root / p for p in folder.paths]
     channels = image_channels(paths[0])
@@ -83,8 +84,9 @@ def ddpm_unet_config(
     if not channels:
         raise ConfigError("channels must name at least one level")
     if any(c < 32 or c % 32 for c in channels):
-        raise ConfigError(f"channels {list(channels)}: every level needs a multiple of 32 (its group norms have 32 "
-                          f"groups)")
+        raise ConfigError(
+            f"channels {list(channels)}: every level needs a multiple of 32 (its group norms have 32 groups)"
+        )
     bad = [level for level in attention_levels if not 0 <= level < len(channels)]
     if bad:
         raise ConfigError(f"attention_levels {bad} out of range for {len(channels)} levels")
@@ -205,8 +207,9 @@ def pretrain_ddpm(
                 window = []
             elapsed = time.perf_counter() - train_started
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}",
-                            refresh=False)
+            bar.set_postfix(
+                epoch=epoch + 1, loss=f"{value:.4f}", img_s=f"{seen / max(elapsed, 1e-9):.0f}", refresh=False
+            )
             if max_seconds is not None and elapsed > max_seconds:
                 stopped_by = "max_seconds"
                 break

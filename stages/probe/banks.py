@@ -47,8 +47,17 @@ class FlatBank(nn.Module):
     members, the same number per input set, so each layer stays one batched matmul per group.
     """
 
-    def __init__(self, dims: Sequence[int], num_hypers: int, num_classes: int, *, hidden: Sequence[int] = (),
-                 batchnorm: bool = False, seeds: Sequence[Sequence[int]] | None = None, default_init: bool = False):
+    def __init__(
+        self,
+        dims: Sequence[int],
+        num_hypers: int,
+        num_classes: int,
+        *,
+        hidden: Sequence[int] = (),
+        batchnorm: bool = False,
+        seeds: Sequence[Sequence[int]] | None = None,
+        default_init: bool = False,
+    ):
         super().__init__()
         self.dims = [int(d) for d in dims]
         self.L, self.K, self.hidden, self.batchnorm = int(num_hypers), int(num_classes), tuple(hidden), batchnorm
@@ -68,8 +77,9 @@ class FlatBank(nn.Module):
                     bias = torch.empty(len(members), b, 1)
                     for j, i in enumerate(members):
                         generator = torch.Generator().manual_seed(int(seeds[i][l]) + layer)
-                        w[j], bias[j, :, 0] = _init_linear(a, b, generator,
-                                                           linear_probe=not self.hidden and not default_init)
+                        w[j], bias[j, :, 0] = _init_linear(
+                            a, b, generator, linear_probe=not self.hidden and not default_init
+                        )
                     self._slot[(g, layer, l)] = len(self.weights)
                     self.weights.append(nn.Parameter(w))
                     self.biases.append(nn.Parameter(bias))
@@ -111,10 +121,15 @@ class FlatBank(nn.Module):
         out = []
         for l, hyper in enumerate(hypers):
             slots = [slot for (g, layer, ll), slot in self._slot.items() if ll == l]
-            out.append({"params": [self.weights[s] for s in slots], "lr": hyper["lr"],
-                        "weight_decay": hyper["weight_decay"], "hyper": l})
-            out.append({"params": [self.biases[s] for s in slots], "lr": hyper["lr"], "weight_decay": 0.0,
-                        "hyper": l})
+            out.append(
+                {
+                    "params": [self.weights[s] for s in slots],
+                    "lr": hyper["lr"],
+                    "weight_decay": hyper["weight_decay"],
+                    "hyper": l,
+                }
+            )
+            out.append({"params": [self.biases[s] for s in slots], "lr": hyper["lr"], "weight_decay": 0.0, "hyper": l})
         return out
 
     def forward(self, groups: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -197,9 +212,18 @@ class FlatBank(nn.Module):
         return head.cpu().eval()
 
 
-def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Tensor, decays: Sequence[float], *,
-              validation: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None, max_iter: int = 1000,
-              tol: float = 1e-6, block: int = 5, patience: int = 3) -> tuple[set[int], dict]:
+def fit_lbfgs(
+    bank: FlatBank,
+    features: Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    decays: Sequence[float],
+    *,
+    validation: tuple[Sequence[torch.Tensor], torch.Tensor] | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    block: int = 5,
+    patience: int = 3,
+) -> tuple[set[int], dict]:
     """Train the members of a linear `bank` to the optimum of their L2-regularised multinomial logistic loss,
 
         mean_i CE(W x_i + b, y_i) + weight_decay_l / 2 * ||W||^2      (b not decayed),
@@ -222,7 +246,7 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
         raise ConfigError("L-BFGS trains plain linear heads only (no hidden layers, no batch norm)")
     labels = labels.to(features[0].device)
     order = sorted(range(bank.L), key=lambda l: -float(decays[l]))  # strongest decay first (the path's order)
-    blocks = [order[i: i + block] for i in range(0, len(order), block)]
+    blocks = [order[i : i + block] for i in range(0, len(order), block)]
     trained, counts = set(), {}
     for g, x in enumerate(features):
         G, K, D = x.shape[0], bank.K, x.shape[2]
@@ -233,8 +257,9 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
         for b, ls in enumerate(blocks):
             sets = going.nonzero().squeeze(1)
             x0 = None if start is None else start[sets].repeat_interleave(len(ls), 0)
-            params, info = fit_logistic(x[sets], labels, K, [float(decays[l]) for l in ls], tol=tol,
-                                        max_iter=max_iter, start=x0)
+            params, info = fit_logistic(
+                x[sets], labels, K, [float(decays[l]) for l in ls], tol=tol, max_iter=max_iter, start=x0
+            )
             for key, value in info.items():
                 counts[key] = counts.get(key, 0) + value
             params = params.view(len(sets), len(ls), -1)
@@ -242,7 +267,7 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
                 for j, l in enumerate(ls):
                     slot = bank._slot[(g, 0, l)]
                     bank.weights[slot][sets] = params[:, j, : K * D].reshape(-1, K, D).to(bank.weights[slot].dtype)
-                    bank.biases[slot][sets] = params[:, j, K * D:].reshape(-1, K, 1).to(bank.biases[slot].dtype)
+                    bank.biases[slot][sets] = params[:, j, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
                     trained.update(bank.groups[g][int(i)] * bank.L + l for i in sets)
             if start is None:
                 start = params.new_zeros(G, params.shape[2])
@@ -250,17 +275,22 @@ def fit_lbfgs(bank: FlatBank, features: Sequence[torch.Tensor], labels: torch.Te
             if validation is not None:
                 x_val, y_val = validation[0][g][sets].double(), validation[1].to(x.device)
                 logits = torch.einsum("gmd,glkd->glmk", x_val, params[..., : K * D].reshape(len(sets), len(ls), K, D))
-                logits = logits + params[..., K * D:][:, :, None, :]
+                logits = logits + params[..., K * D :][:, :, None, :]
                 top1 = (logits.argmax(-1) == y_val).double().mean(-1)  # (G', l)
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 2), y_val.repeat(len(sets) * len(ls)),
-                                                         reduction="none").view(len(sets), len(ls), -1).mean(-1)
+                loss = (
+                    torch.nn.functional.cross_entropy(
+                        logits.flatten(0, 2), y_val.repeat(len(sets) * len(ls)), reduction="none"
+                    )
+                    .view(len(sets), len(ls), -1)
+                    .mean(-1)
+                )
                 for row, i in enumerate(sets.tolist()):
                     for j in range(len(ls)):
                         candidate = (float(top1[row, j]), -float(loss[row, j]), b * block + j)
                         losses[i].append(float(loss[row, j]))
                         if candidate[:2] > best[i][:2]:
                             best[i] = candidate
-                    tail = losses[i][-patience - 1:]
+                    tail = losses[i][-patience - 1 :]
                     overfitting = len(tail) == patience + 1 and all(u < v for u, v in zip(tail, tail[1:]))
                     if overfitting and b * block + len(ls) - 1 - best[i][2] >= patience:
                         going[i] = False
@@ -286,8 +316,15 @@ def _init_linear(fan_in: int, fan_out: int, generator: torch.Generator, *, linea
 class ModuleBank(nn.Module):
     """One head module per (input set, hyper-parameter set) member, same member order as FlatBank."""
 
-    def __init__(self, kind: str, inputs: Sequence[Sequence[tuple[int, int]]], num_hypers: int, num_classes: int,
-                 options: dict, seeds: Sequence[Sequence[int]]):
+    def __init__(
+        self,
+        kind: str,
+        inputs: Sequence[Sequence[tuple[int, int]]],
+        num_hypers: int,
+        num_classes: int,
+        options: dict,
+        seeds: Sequence[Sequence[int]],
+    ):
         super().__init__()
         self.L = int(num_hypers)
         self.num_sets = len(inputs)

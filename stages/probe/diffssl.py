@@ -68,8 +68,16 @@ class DiffSSLAttention(nn.Module):
     """Inputs (B, C_i, g_i, g_i), block-major over `steps` timesteps (input i: block i // steps, timestep
     i % steps) -> (B, K) logits; see the module docstring."""
 
-    def __init__(self, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 1024, depth: int = 2,
-                 heads: int = 8, steps: int = 1):
+    def __init__(
+        self,
+        inputs: Sequence[tuple[int, int]],
+        num_classes: int,
+        *,
+        dim: int = 1024,
+        depth: int = 2,
+        heads: int = 8,
+        steps: int = 1,
+    ):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"the attention dim ({dim}) must be divisible by the number of heads ({heads})")
@@ -79,23 +87,31 @@ class DiffSSLAttention(nn.Module):
         blocks = [inputs[i] for i in range(0, len(inputs), steps)]  # one (channels, grid) per block
         if any(inputs[i] != blocks[i // steps] for i in range(len(inputs))):
             raise ConfigError(f"inputs {list(inputs)} are not the same blocks at each of {steps} timesteps")
-        self.pre_layer = nn.ModuleList(
-            nn.Sequential(nn.LayerNorm([c, g, g]), nn.Conv2d(c, dim, 1)) for c, g in blocks
-        )
+        self.pre_layer = nn.ModuleList(nn.Sequential(nn.LayerNorm([c, g, g]), nn.Conv2d(c, dim, 1)) for c, g in blocks)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.blocks = nn.Sequential(*[Block(dim, heads) for _ in range(depth)])
         self.head = nn.Linear(dim * steps, num_classes)
 
     @classmethod
-    def build(cls, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 1024, depth: int = 2,
-              heads: int = 8, steps: int = 1) -> DiffSSLAttention:
+    def build(
+        cls,
+        inputs: Sequence[tuple[int, int]],
+        num_classes: int,
+        *,
+        dim: int = 1024,
+        depth: int = 2,
+        heads: int = 8,
+        steps: int = 1,
+    ) -> DiffSSLAttention:
         return cls(inputs, num_classes, dim=int(dim), depth=int(depth), heads=int(heads), steps=int(steps))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         per_step = []
         for t in range(self.steps):
-            tokens = [self.pre_layer[b](x).flatten(2).transpose(1, 2)  # 'b c h w -> b (h w) c'
-                      for b, x in enumerate(inputs[t :: self.steps])]
+            tokens = [
+                self.pre_layer[b](x).flatten(2).transpose(1, 2)  # 'b c h w -> b (h w) c'
+                for b, x in enumerate(inputs[t :: self.steps])
+            ]
             x = torch.cat([self.cls_token.expand(tokens[0].shape[0], -1, -1), *tokens], dim=1)
             per_step.append(self.blocks(x)[:, 0])
         return self.head(torch.cat(per_step, dim=1))

@@ -30,8 +30,14 @@ log = logging.getLogger(__name__)
 class Reader:
     """Pooled pieces of store chunks: {(block, timestep, grid): (n, C, grid, grid) float32}."""
 
-    def __init__(self, store: FeatureStore, pieces: Sequence[tuple[int, int, int]], *, allow_incomplete: bool = False,
-                 threads: int = 4):
+    def __init__(
+        self,
+        store: FeatureStore,
+        pieces: Sequence[tuple[int, int, int]],
+        *,
+        allow_incomplete: bool = False,
+        threads: int = 4,
+    ):
         self.store, self.pieces = store, sorted(set(pieces))
         self.allow_incomplete, self.threads = allow_incomplete, threads
         self.arrays = sorted({(b, t) for b, t, _ in self.pieces})
@@ -174,8 +180,9 @@ class Layout:
         return packed[gi][self.groups[gi].index(ci)].numpy()
 
 
-def fit_statistics(reader: Reader, split: str, fit_mask: np.ndarray, per_channel: bool,
-                   device: torch.device = torch.device("cpu")) -> dict:
+def fit_statistics(
+    reader: Reader, split: str, fit_mask: np.ndarray, per_channel: bool, device: torch.device = torch.device("cpu")
+) -> dict:
     """{piece: (mean, std)} over the fit rows of `split`, read chunk by chunk (a first pass of stream mode)."""
     stats = Stats(per_channel, device)
     for k, pieces in reader.chunks(split, range(reader.store.num_chunks(split))):
@@ -186,8 +193,13 @@ def fit_statistics(reader: Reader, split: str, fit_mask: np.ndarray, per_channel
 def identity_statistics(reader: Reader) -> dict:
     """{piece: (0, 1)}: raw features (the paper's recipe), through the same code as standardised ones."""
     store = reader.store
-    return {(b, t, g): (np.zeros((store.block_info(b)["channels"], g, g), np.float32),
-                        np.ones((store.block_info(b)["channels"], g, g), np.float32)) for b, t, g in reader.pieces}
+    return {
+        (b, t, g): (
+            np.zeros((store.block_info(b)["channels"], g, g), np.float32),
+            np.ones((store.block_info(b)["channels"], g, g), np.float32),
+        )
+        for b, t, g in reader.pieces
+    }
 
 
 class Views:
@@ -210,8 +222,18 @@ class MemorySource:
     On a GPU the rows are kept in its memory when they fit there: statistics, standardisation and
     every batch's gather then run on the device, and no batch crosses the bus."""
 
-    def __init__(self, reader: Reader, layout: Layout, split: str, fit_mask: np.ndarray, per_channel: bool,
-                 device: torch.device = torch.device("cpu"), *, raw: bool = False, views: Views | None = None):
+    def __init__(
+        self,
+        reader: Reader,
+        layout: Layout,
+        split: str,
+        fit_mask: np.ndarray,
+        per_channel: bool,
+        device: torch.device = torch.device("cpu"),
+        *,
+        raw: bool = False,
+        views: Views | None = None,
+    ):
         store = reader.store
         n = store.num_samples(split)
         self.n, self.views = n, views or Views()

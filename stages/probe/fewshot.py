@@ -24,8 +24,9 @@ import hashlib
 
 import numpy as np
 
-RULE = ("stages.probe.fewshot.few_shot_rows: first `shots` of each class's permutation by "
-        "default_rng([seed, 3, episode])")
+RULE = (
+    "stages.probe.fewshot.few_shot_rows: first `shots` of each class's permutation by default_rng([seed, 3, episode])"
+)
 
 
 def few_shot_rows(labels: np.ndarray, rows: np.ndarray, *, shots: int, episode: int, seed: int) -> np.ndarray:

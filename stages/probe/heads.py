@@ -63,8 +63,14 @@ class MLPHead(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
     @classmethod
-    def build(cls, inputs: Sequence[tuple[int, int]], num_classes: int, *, hidden: Sequence[int] = (1024,),
-              batchnorm: bool = False) -> MLPHead:
+    def build(
+        cls,
+        inputs: Sequence[tuple[int, int]],
+        num_classes: int,
+        *,
+        hidden: Sequence[int] = (1024,),
+        batchnorm: bool = False,
+    ) -> MLPHead:
         return cls(_in_features(inputs), num_classes, hidden=tuple(hidden), batchnorm=bool(batchnorm))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -111,8 +117,9 @@ class AttentionHead(nn.Module):
     `dim` and learned embedding per cell (which also tells the inputs apart when fused).
     """
 
-    def __init__(self, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 256, depth: int = 2,
-                 heads: int = 4):
+    def __init__(
+        self, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 256, depth: int = 2, heads: int = 4
+    ):
         super().__init__()
         if dim % heads:
             raise ConfigError(f"the attention dim ({dim}) must be divisible by the number of heads ({heads})")
@@ -120,15 +127,17 @@ class AttentionHead(nn.Module):
         self.projections = nn.ModuleList(nn.Linear(c, dim) for c, _ in inputs)
         self.positions = nn.ParameterList(nn.Parameter(torch.randn(g * g, dim) * 0.02) for _, g in inputs)
         self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            dim, heads, dim_feedforward=4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.blocks = nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
         self.linear = nn.Linear(dim, num_classes)
 
     @classmethod
-    def build(cls, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 256, depth: int = 2,
-              heads: int = 4) -> AttentionHead:
+    def build(
+        cls, inputs: Sequence[tuple[int, int]], num_classes: int, *, dim: int = 256, depth: int = 2, heads: int = 4
+    ) -> AttentionHead:
         return cls(inputs, num_classes, dim=int(dim), depth=int(depth), heads=int(heads))
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:

@@ -44,8 +44,16 @@ class Result:
     state: dict  # the members' histories, to continue from (`minimize(..., state=)`), e.g. in another precision
 
 
-def minimize(objective: Objective, x0: torch.Tensor, *, tol: float = 1e-6, ftol: float = 1e-12,
-             max_iter: int = 500, history: int = 10, state: dict | None = None) -> Result:
+def minimize(
+    objective: Objective,
+    x0: torch.Tensor,
+    *,
+    tol: float = 1e-6,
+    ftol: float = 1e-12,
+    max_iter: int = 500,
+    history: int = 10,
+    state: dict | None = None,
+) -> Result:
     """Minimise M independent functions from x0 (M, P); see the module docstring. `state` (a previous
     Result's, at x0) continues with the members' curvature histories instead of a gradient step."""
     x = x0.clone()
@@ -120,8 +128,9 @@ def minimize(objective: Objective, x0: torch.Tensor, *, tol: float = 1e-6, ftol:
     return Result(x, iterations, converged, f, evaluations, state)
 
 
-def _two_loop(g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor,
-              newest: int, history: int) -> torch.Tensor:
+def _two_loop(
+    g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, newest: int, history: int
+) -> torch.Tensor:
     """H g for each member (N&W Algorithm 7.4): g (m, P), S and Y (m, h, P), rho (m, h), gamma (m,);
     the newest pair sits at slot `newest`, older ones before it (cyclically)."""
     q = g.clone()

@@ -47,8 +47,9 @@ class LogisticObjective:
         else:  # the members of each input set side by side, padded with zeros to the most any set has
             present, counts = torch.unique_consecutive(sets, return_counts=True)
             row = torch.repeat_interleave(torch.arange(len(present), device=x.device), counts)
-            pos = torch.arange(len(index), device=x.device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts,
-                                                                                      counts)
+            pos = torch.arange(len(index), device=x.device) - torch.repeat_interleave(
+                torch.cumsum(counts, 0) - counts, counts
+            )
             packed = x.new_zeros(len(present), int(counts.max()), self.size)
             packed[row, pos] = x
             values, grad = self._evaluate(packed, self.X if len(present) == self.G else self.X[present])
@@ -64,7 +65,7 @@ class LogisticObjective:
         K, D, n = self.K, self.D, self.n
         sets, width = packed.shape[0], packed.shape[1]
         W = packed[..., : K * D].reshape(sets, width * K, D)
-        b = packed[..., K * D:].reshape(sets, width * K, 1)
+        b = packed[..., K * D :].reshape(sets, width * K, 1)
         logits = torch.baddbmm(b, W, X.transpose(1, 2)).view(sets, width, K, n)
         lse = torch.logsumexp(logits, dim=2, keepdim=True)  # (G', w, 1, n)
         loss = (lse.squeeze(2) - (logits * self.onehot).sum(2)).mean(-1)
@@ -73,9 +74,18 @@ class LogisticObjective:
         return loss, torch.cat([grad_w, residual.sum(-1)], dim=2)
 
 
-def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int, decays: Sequence[float], *,
-                 tol: float = 1e-6, max_iter: int = 1000, history: int = 10, start: torch.Tensor | None = None,
-                 rough: float | None = 100.0) -> tuple[torch.Tensor, dict]:
+def fit_logistic(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    decays: Sequence[float],
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    history: int = 10,
+    start: torch.Tensor | None = None,
+    rough: float | None = 100.0,
+) -> tuple[torch.Tensor, dict]:
     """Every (input set, decay) member of one group at its optimum: (G * L, K*D+K) parameters (float64), counts.
 
     features (G, n, D), standardised. With `rough`, the iterations run in float32 until max |gradient| <=
@@ -83,13 +93,23 @@ def fit_logistic(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     histories to `tol`: float32 matmuls cost half, but in float32 the value stops improving before the
     least-regularised members converge. `max_iter` bounds each precision's iterations."""
     phases = [(torch.float32, rough * tol), (torch.float64, tol)] if rough else [(torch.float64, tol)]
-    x = start if start is not None else features.new_zeros(features.shape[0] * len(decays),
-                                                           num_classes * (features.shape[2] + 1))
+    x = (
+        start
+        if start is not None
+        else features.new_zeros(features.shape[0] * len(decays), num_classes * (features.shape[2] + 1))
+    )
     state, counts = None, {"iterations": 0, "member_iterations": 0, "evaluations": 0}
     for dtype, phase_tol in phases:
         objective = LogisticObjective(features.to(dtype), labels, num_classes, decays)
-        result = minimize(objective, x.to(dtype), tol=phase_tol, max_iter=max_iter, history=history, state=state,
-                          ftol=64 * torch.finfo(dtype).eps)  # scikit-learn's lbfgs ftol, in this precision
+        result = minimize(
+            objective,
+            x.to(dtype),
+            tol=phase_tol,
+            max_iter=max_iter,
+            history=history,
+            state=state,
+            ftol=64 * torch.finfo(dtype).eps,
+        )  # scikit-learn's lbfgs ftol, in this precision
         x, state = result.x, result.state
         counts["iterations"] += int(result.iterations.max())
         counts["member_iterations"] += int(result.iterations.sum())

@@ -18,8 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 
-BOOTSTRAP = {"resamples": 1000, "confidence": 0.95, "method": "percentile; test samples drawn with replacement",
-             "rng": "numpy.random.default_rng([seed, 2])"}
+BOOTSTRAP = {
+    "resamples": 1000,
+    "confidence": 0.95,
+    "method": "percentile; test samples drawn with replacement",
+    "rng": "numpy.random.default_rng([seed, 2])",
+}
 _CHUNK = 100  # resamples drawn at once: (100, N) counts
 
 
@@ -48,9 +52,15 @@ def confusion_matrix(top: np.ndarray, labels: np.ndarray, num_classes: int) -> n
     return matrix
 
 
-def bootstrap_intervals(correct: np.ndarray, labels: np.ndarray, seed: int, *, balanced: bool = False,
-                        resamples: int = BOOTSTRAP["resamples"], confidence: float = BOOTSTRAP["confidence"]
-                        ) -> np.ndarray:
+def bootstrap_intervals(
+    correct: np.ndarray,
+    labels: np.ndarray,
+    seed: int,
+    *,
+    balanced: bool = False,
+    resamples: int = BOOTSTRAP["resamples"],
+    confidence: float = BOOTSTRAP["confidence"],
+) -> np.ndarray:
     """(S, 2) percentile-bootstrap interval of the accuracy of each column of `correct` (N, S) booleans.
 
     With `balanced`, of the balanced accuracy (per-class means within each resample; a class a resample
@@ -83,5 +93,9 @@ def mean_std(values) -> dict:
     """{"mean", "std" (sample standard deviation, n - 1; 0 for one value), "n", "values"}."""
     values = [float(v) for v in values]
     array = np.array(values)
-    return {"mean": float(array.mean()), "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
-            "n": len(values), "values": values}
+    return {
+        "mean": float(array.mean()),
+        "std": float(array.std(ddof=1)) if len(array) > 1 else 0.0,
+        "n": len(values),
+        "values": values,
+    }

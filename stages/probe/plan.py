@@ -83,25 +83,37 @@ def plan_combos(store: FeatureStore, settings: ProbeSettings) -> list[Combo]:
     grids = dict(selection.grids)
     small = sorted({(b, p) for (b, p), g in grids.items() if g < spec.min_grid})
     if small and settings.pools is None and settings.blocks is None:
-        log.warning("%s needs grids of %dx%d or more: skipping %s", spec.name, spec.min_grid, spec.min_grid,
-                    ", ".join(f"block {b} pool {p}" for b, p in small))
+        log.warning(
+            "%s needs grids of %dx%d or more: skipping %s",
+            spec.name,
+            spec.min_grid,
+            spec.min_grid,
+            ", ".join(f"block {b} pool {p}" for b, p in small),
+        )
         grids = {k: g for k, g in grids.items() if g >= spec.min_grid}
     elif small:
-        problems.append(f"the {spec.name} head needs a pooled grid of at least {spec.min_grid}x{spec.min_grid}; "
-                        + ", ".join(f"block {b} at pool {p} is {grids[(b, p)]}x{grids[(b, p)]}" for b, p in small))
+        problems.append(
+            f"the {spec.name} head needs a pooled grid of at least {spec.min_grid}x{spec.min_grid}; "
+            + ", ".join(f"block {b} at pool {p} is {grids[(b, p)]}x{grids[(b, p)]}" for b, p in small)
+        )
     if problems:
-        raise ProbeInputError(f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n"
-                              + store.describe())
+        raise ProbeInputError(
+            f"{store.path} cannot serve this probe: " + "; ".join(problems) + ".\n" + store.describe()
+        )
     pairs = list(selection.arrays)
     if not pairs:
         raise ProbeInputError(f"nothing to probe.\n{store.describe()}")
     channels = {i.block: i.channels for i in selection.inputs}
     if settings.fuse:
         if len({b for b, _ in pairs}) * len({t for _, t in pairs}) != len(pairs):
-            raise ProbeInputError(f"--fuse needs every requested block at every requested "
-                                  f"timestep.\n{store.describe()}")
-        return [Combo(tuple(pairs), p, tuple((channels[b], grids[(b, p)]) for b, _ in pairs))
-                for p in selection.pools if all((b, p) in grids for b, _ in pairs)]
+            raise ProbeInputError(
+                f"--fuse needs every requested block at every requested timestep.\n{store.describe()}"
+            )
+        return [
+            Combo(tuple(pairs), p, tuple((channels[b], grids[(b, p)]) for b, _ in pairs))
+            for p in selection.pools
+            if all((b, p) in grids for b, _ in pairs)
+        ]
     return [Combo((i.array,), i.pool, ((i.channels, i.grid),)) for i in selection.inputs if (i.block, i.pool) in grids]
 
 
@@ -149,8 +161,11 @@ class Samples:
 
     def roles(self, settings: ProbeSettings) -> dict:
         """The split of each role, as run.json records them."""
-        selection = (f"{self.selection.split} (a stratified {settings.val_fraction:g} of it, seed {settings.seed})"
-                     if self.carved else self.selection.split)
+        selection = (
+            f"{self.selection.split} (a stratified {settings.val_fraction:g} of it, seed {settings.seed})"
+            if self.carved
+            else self.selection.split
+        )
         return {"train": self.fit.split, "validation": selection, "test": self.test.split}
 
 
@@ -162,8 +177,11 @@ def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str 
     (carved from train) and the store's 'test' split, else its 'val' split."""
     recorded = store.attrs.get("data", {}).get("roles") or {}
     official = settings.val_split
-    if official is None and recorded.get("val") in store.splits and \
-            recorded["val"] not in (settings.train_split, settings.test_split):
+    if (
+        official is None
+        and recorded.get("val") in store.splits
+        and recorded["val"] not in (settings.train_split, settings.test_split)
+    ):
         official = recorded["val"]
         log.info("choosing on the data set's official validation split %r (its kind's default)", official)
     fallback = recorded.get("test") if recorded.get("test") in store.splits else None
@@ -171,16 +189,24 @@ def role_splits(store: FeatureStore, settings: ProbeSettings) -> tuple[str, str 
     roles = {"--train-split": settings.train_split, "--val-split": official, "--test-split": test}
     for option, split in roles.items():
         if split is not None and split not in store.splits:
-            default = " (the default: the store's 'test' split, else its 'val' split)" if option == "--test-split" and \
-                settings.test_split is None else ""
-            raise ProbeInputError(f"{store.path} has no split {split!r} for {option}{default}; it has "
-                                  f"{', '.join(store.splits)}. Name one of them with {option}.")
+            default = (
+                " (the default: the store's 'test' split, else its 'val' split)"
+                if option == "--test-split" and settings.test_split is None
+                else ""
+            )
+            raise ProbeInputError(
+                f"{store.path} has no split {split!r} for {option}{default}; it has "
+                f"{', '.join(store.splits)}. Name one of them with {option}."
+            )
     if test == settings.train_split:
         raise ProbeInputError(f"the test split {test!r} is also the train split; name another with --test-split")
     unused = [s for s in store.splits if s not in (settings.train_split, official, test)]
     if official is None and "val" in unused:
-        log.info("the store's 'val' split is not used: validation rows are carved out of %r "
-                 "(--val-split val selects on it instead)", settings.train_split)
+        log.info(
+            "the store's 'val' split is not used: validation rows are carved out of %r "
+            "(--val-split val selects on it instead)",
+            settings.train_split,
+        )
     return settings.train_split, official, test
 
 
@@ -188,13 +214,17 @@ def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSett
     train, official, test = role_splits(store, settings)
     splits = [s for s in (train, official, test) if s is not None]
     arrays = sorted({pair for c in combos for pair in c.inputs})
-    missing = {key: chunks for key, chunks in store.missing().items() if key[0] in splits and (key[1],
-                                                                                               key[2]) in arrays}
+    missing = {
+        key: chunks for key, chunks in store.missing().items() if key[0] in splits and (key[1], key[2]) in arrays
+    }
     if missing and not settings.allow_incomplete:
-        lines = [f"  {split} block {b} timestep {t}: chunks {format_ranges(chunks, 8)}"
-                 for (split, b, t), chunks in sorted(missing.items())]
+        lines = [
+            f"  {split} block {b} timestep {t}: chunks {format_ranges(chunks, 8)}"
+            for (split, b, t), chunks in sorted(missing.items())
+        ]
         raise IncompleteStoreError(
-            f"{store.path} is not fully extracted for this probe; unfinished sample chunks:\n" + "\n".join(lines[:20])
+            f"{store.path} is not fully extracted for this probe; unfinished sample chunks:\n"
+            + "\n".join(lines[:20])
             + ("\n  ..." if len(lines) > 20 else "")
             + "\nRe-run `pipeline extract` with the same settings to finish it, or pass --allow-incomplete to probe "
             "only the finished samples."
@@ -208,8 +238,9 @@ def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSett
         if len(usable[split]) == 0:
             raise IncompleteStoreError(f"{store.path}: no finished {split} samples in every requested array")
     if missing:
-        log.warning("incomplete store: using %s", ", ".join(f"{len(usable[s])} of {store.num_samples(s)} {s}"
-                                                            for s in splits))
+        log.warning(
+            "incomplete store: using %s", ", ".join(f"{len(usable[s])} of {store.num_samples(s)} {s}" for s in splits)
+        )
     train_labels = store.labels(train)
     if official is None:
         fit, selection = carve_validation(train_labels, usable[train], settings.val_fraction, settings.seed)
@@ -219,8 +250,12 @@ def select_samples(store: FeatureStore, combos: list[Combo], settings: ProbeSett
         selection_rows = Rows(official, store.labels(official), usable[official])
     if settings.shots is not None or settings.episode is not None:
         fit = _few_shot(store, train_labels, fit, settings)
-    return Samples(Rows(train, train_labels, fit), selection_rows, Rows(test, store.labels(test), usable[test]),
-                   store.chunk_samples)
+    return Samples(
+        Rows(train, train_labels, fit),
+        selection_rows,
+        Rows(test, store.labels(test), usable[test]),
+        store.chunk_samples,
+    )
 
 
 def _few_shot(store: FeatureStore, labels: np.ndarray, fit: np.ndarray, settings: ProbeSettings) -> np.ndarray:
@@ -229,8 +264,10 @@ def _few_shot(store: FeatureStore, labels: np.ndarray, fit: np.ndarray, settings
     most = max([*(settings.shots or ()), *((settings.episode[0],) if settings.episode else ())])
     if most > count:
         name = store.classes[c] if c < len(store.classes) else str(c)
-        raise ProbeInputError(f"--shots {most} is more than the {count} fit rows of class {name!r}, the smallest "
-                              f"(the train split less its validation rows); give --shots {count} or fewer")
+        raise ProbeInputError(
+            f"--shots {most} is more than the {count} fit rows of class {name!r}, the smallest "
+            f"(the train split less its validation rows); give --shots {count} or fewer"
+        )
     if settings.episode is None:
         return fit
     shots, episode = settings.episode
@@ -261,8 +298,9 @@ def view_choice(seed: int, epoch: int, index: np.ndarray, views: int) -> np.ndar
     if views <= 1:
         return np.zeros(len(index), np.int64)
     with np.errstate(over="ignore"):
-        x = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64((int(seed) * 0x632BE59BD9B4E019 + int(epoch) + 1)
-                                                               & 0xFFFFFFFFFFFFFFFF)
+        x = index * np.uint64(0x9E3779B97F4A7C15) + np.uint64(
+            (int(seed) * 0x632BE59BD9B4E019 + int(epoch) + 1) & 0xFFFFFFFFFFFFFFFF
+        )
         x ^= x >> np.uint64(30)
         x *= np.uint64(0xBF58476D1CE4E5B9)
         x ^= x >> np.uint64(27)
@@ -278,8 +316,9 @@ class Window:
     batches: list[np.ndarray]  # train-split row indices
 
 
-def epoch_schedule(samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int, *,
-                   drop_last: bool = False) -> list[Window]:
+def epoch_schedule(
+    samples: Samples, window_chunks: int, batch_size: int, seed: int, epoch: int, *, drop_last: bool = False
+) -> list[Window]:
     """Chunks in a seeded random order, cut into windows; fit rows shuffled within a window, cut into batches
     of about `batch_size` (a window's rows are split evenly, so no batch is a tiny remainder), or, with
     `drop_last` (the paper's data loader), into batches of exactly `batch_size`, the remainder of each
@@ -333,9 +372,18 @@ def _budget_text(n: float) -> str:
     return f"{max(1, math.ceil(n / (1 << 20)))}MB"
 
 
-def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStore, n_train: int, n_test: int,
-                window_samples: int, num_classes: int, *, views: int = 1,
-                floor: int | None = None) -> tuple[str, list[list[int]], int]:
+def plan_passes(
+    combos: list[Combo],
+    settings: ProbeSettings,
+    store: FeatureStore,
+    n_train: int,
+    n_test: int,
+    window_samples: int,
+    num_classes: int,
+    *,
+    views: int = 1,
+    floor: int | None = None,
+) -> tuple[str, list[list[int]], int]:
     """(mode, passes of combo indices, budget). Memory mode needs n_train rows of a pass's input sets,
     stream mode a window of rows (plus the stored grids it is pooled from); passes split the input
     sets so that each fits the budget. Results do not depend on the split.
@@ -372,8 +420,10 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
         fits = sum(memory_cost(c) for c in combos) <= left or all(memory_cost(c) <= left for c in combos)
         mode = "memory" if fits or not spec.is_torch else "stream"
     if mode == "stream" and not spec.is_torch:
-        raise ProbeInputError("the scikit-learn probes need their features in memory; use a torch head "
-                              "(--head linear) to stream, or --data-mode memory")
+        raise ProbeInputError(
+            "the scikit-learn probes need their features in memory; use a torch head "
+            "(--head linear) to stream, or --data-mode memory"
+        )
     cost = memory_cost if mode == "memory" else stream_cost
     passes, current, used = [], [], 0
     for i, c in enumerate(combos):
@@ -387,13 +437,26 @@ def plan_passes(combos: list[Combo], settings: ProbeSettings, store: FeatureStor
     if too_big and mode == "stream" and explicit:
         raise _over_budget(too_big, stream_cost, settings, store, budget, floor, left, views)
     if too_big:
-        log.warning("%s need more than the memory budget (%s, %s of it for features) in %s mode; trying anyway",
-                    ", ".join(c.key for c in too_big), format_bytes(budget), format_bytes(max(left, 0)), mode)
+        log.warning(
+            "%s need more than the memory budget (%s, %s of it for features) in %s mode; trying anyway",
+            ", ".join(c.key for c in too_big),
+            format_bytes(budget),
+            format_bytes(max(left, 0)),
+            mode,
+        )
     return mode, passes, budget
 
 
-def _over_budget(too_big: list[Combo], stream_cost, settings: ProbeSettings, store: FeatureStore, budget: int,
-                 floor: int, left: int, views: int) -> MemoryBudgetError:
+def _over_budget(
+    too_big: list[Combo],
+    stream_cost,
+    settings: ProbeSettings,
+    store: FeatureStore,
+    budget: int,
+    floor: int,
+    left: int,
+    views: int,
+) -> MemoryBudgetError:
     """The refusal: what each streamed input set needs, what the budget leaves, the largest --shuffle-window
     (whole store chunks) that fits every one of them in 7/8 of it, and the --memory-budget whose 7/8 fits the
     asked window."""
@@ -407,7 +470,8 @@ def _over_budget(too_big: list[Combo], stream_cost, settings: ProbeSettings, sto
         f"{keys} {format_bytes(need)} streamed (a {settings.shuffle_window}-sample "
         f"shuffle window), more than the {format_bytes(max(left, 0))} that --memory-budget {format_bytes(budget)} "
         f"leaves after the process's {format_bytes(floor)}; pass {window}--memory-budget "
-        f"{_budget_text(floor + need + need // 7)}")
+        f"{_budget_text(floor + need + need // 7)}"
+    )
 
 
 # -- the plan -----------------------------------------------------------------------------------------------
@@ -439,25 +503,46 @@ class ProbePlan:
 
     def schedule(self, epoch: int) -> list[Window]:
         """The batches of (0-based) `epoch`."""
-        return epoch_schedule(self.samples, self.window_chunks, self.settings.batch_size, self.settings.seed, epoch,
-                              drop_last=self.settings.recipe is not None)
+        return epoch_schedule(
+            self.samples,
+            self.window_chunks,
+            self.settings.batch_size,
+            self.settings.seed,
+            epoch,
+            drop_last=self.settings.recipe is not None,
+        )
 
     def record(self) -> dict:
         """What run.json records about the plan."""
         samples = self.samples
         return {
             "splits": samples.roles(self.settings),
-            "combos": [{"key": c.key, "blocks": c.blocks, "timesteps": c.timesteps, "pool": c.pool,
-                        "shapes": [list(s) for s in c.shapes]} for c in self.combos],
-            "samples": {"train": int(len(samples.fit.labels)), "fit": int(len(samples.fit)),
-                        "val": int(len(samples.selection)), "test": int(len(samples.test)),
-                        "test_total": int(len(samples.test.labels))},
-            "validation": {"split": samples.selection.split, "carved": samples.carved,
-                           "fraction": self.settings.val_fraction if samples.carved else None,
-                           "seed": self.settings.seed, "stratified": samples.carved,
-                           "size": int(len(samples.selection)),
-                           "indices_sha256": hashlib.sha256(
-                               samples.selection.index.astype(np.int64).tobytes()).hexdigest()},
+            "combos": [
+                {
+                    "key": c.key,
+                    "blocks": c.blocks,
+                    "timesteps": c.timesteps,
+                    "pool": c.pool,
+                    "shapes": [list(s) for s in c.shapes],
+                }
+                for c in self.combos
+            ],
+            "samples": {
+                "train": int(len(samples.fit.labels)),
+                "fit": int(len(samples.fit)),
+                "val": int(len(samples.selection)),
+                "test": int(len(samples.test)),
+                "test_total": int(len(samples.test.labels)),
+            },
+            "validation": {
+                "split": samples.selection.split,
+                "carved": samples.carved,
+                "fraction": self.settings.val_fraction if samples.carved else None,
+                "seed": self.settings.seed,
+                "stratified": samples.carved,
+                "size": int(len(samples.selection)),
+                "indices_sha256": hashlib.sha256(samples.selection.index.astype(np.int64).tobytes()).hexdigest(),
+            },
             "data_mode": self.mode,
             "passes": len(self.passes),
             "memory_budget": self.budget,
@@ -465,12 +550,21 @@ class ProbePlan:
             "epochs": self.epochs,
             "halving": [{"after_epoch": e, "keep": k} for e, k in self.rungs] if self.spec.is_torch else None,
             "recipe": self.settings.recipe,
-            "few_shot": None if self.settings.episode is None else {
-                "shots": self.settings.episode[0], "episode": self.settings.episode[1], "seed": self.settings.seed,
-                "rule": RULE, "indices_sha256": rows_digest(samples.fit.index)},
-            "views": {"train": self.views, "stored": self.store.views(self.samples.fit.split),
-                      "choice": "stages.probe.plan.view_choice(seed, epoch, index, views)",
-                      "evaluation": "view 0 (the centre view)"},
+            "few_shot": None
+            if self.settings.episode is None
+            else {
+                "shots": self.settings.episode[0],
+                "episode": self.settings.episode[1],
+                "seed": self.settings.seed,
+                "rule": RULE,
+                "indices_sha256": rows_digest(samples.fit.index),
+            },
+            "views": {
+                "train": self.views,
+                "stored": self.store.views(self.samples.fit.split),
+                "choice": "stages.probe.plan.view_choice(seed, epoch, index, views)",
+                "evaluation": "view 0 (the centre view)",
+            },
         }
 
 
@@ -481,26 +575,54 @@ def make_plan(store: FeatureStore, settings: ProbeSettings) -> ProbePlan:
     views = train_views(store, combos, settings, samples.fit.split)
     num_classes = len(store.classes) or int(max(samples.fit.labels.max(), samples.test.labels.max())) + 1
     window_chunks = max(1, settings.shuffle_window // samples.chunk_samples)
-    mode, passes, budget = plan_passes(combos, settings, store, len(samples.fit.labels) * views,
-                                       len(samples.test.labels), window_chunks * samples.chunk_samples * views,
-                                       num_classes, views=views)
+    mode, passes, budget = plan_passes(
+        combos,
+        settings,
+        store,
+        len(samples.fit.labels) * views,
+        len(samples.test.labels),
+        window_chunks * samples.chunk_samples * views,
+        num_classes,
+        views=views,
+    )
     if mode == "stream" and settings.solver == "lbfgs":
-        raise ProbeInputError(f"the features of this probe do not fit the memory budget ({format_bytes(budget)}) that "
-                              "--solver lbfgs needs; train with minibatches: add --solver minibatch")
+        raise ProbeInputError(
+            f"the features of this probe do not fit the memory budget ({format_bytes(budget)}) that "
+            "--solver lbfgs needs; train with minibatches: add --solver minibatch"
+        )
     epochs = rungs = None
     if settings.spec.is_torch:
-        steps = sum(len(w.batches) for w in epoch_schedule(samples, window_chunks, settings.batch_size, settings.seed,
-                                                           0,
-                                                           drop_last=settings.recipe is not None))
+        steps = sum(
+            len(w.batches)
+            for w in epoch_schedule(
+                samples, window_chunks, settings.batch_size, settings.seed, 0, drop_last=settings.recipe is not None
+            )
+        )
         if steps == 0:
-            raise ProbeInputError(f"{len(samples.fit)} fit rows make no full batch of {settings.batch_size} (the "
-                                  f"recipe "
-                                  "drops the last partial batch, as the paper's loader does); give a smaller "
-                                  "--batch-size")
+            raise ProbeInputError(
+                f"{len(samples.fit)} fit rows make no full batch of {settings.batch_size} (the "
+                f"recipe "
+                "drops the last partial batch, as the paper's loader does); give a smaller "
+                "--batch-size"
+            )
         epochs = settings.num_epochs(steps)
         rungs = settings.rungs(epochs)
-    return ProbePlan(settings, settings.spec, store, combos, samples, settings.hypers(len(samples.fit)), num_classes,
-                     mode, passes, budget, window_chunks, epochs, rungs or [], views)
+    return ProbePlan(
+        settings,
+        settings.spec,
+        store,
+        combos,
+        samples,
+        settings.hypers(len(samples.fit)),
+        num_classes,
+        mode,
+        passes,
+        budget,
+        window_chunks,
+        epochs,
+        rungs or [],
+        views,
+    )
 
 
 def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSettings, split: str) -> int:
@@ -509,8 +631,10 @@ def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSetting
     stored = store.views(split)
     views = stored if settings.views is None else settings.views
     if views > stored:
-        raise ProbeInputError(f"{store.path} holds {stored} view(s) of {split!r}, not {views}: extract with "
-                              f"`pipeline extract ... --views {views}`, or ask for --views {stored} or fewer")
+        raise ProbeInputError(
+            f"{store.path} holds {stored} view(s) of {split!r}, not {views}: extract with "
+            f"`pipeline extract ... --views {views}`, or ask for --views {stored} or fewer"
+        )
     if views > 1 and not settings.spec.is_torch:
         log.info("%s fits once, not per epoch: it uses the centre view only", settings.spec.name)
         return 1
@@ -519,8 +643,10 @@ def train_views(store: FeatureStore, combos: list[Combo], settings: ProbeSetting
         name = store.view_split(split, view)
         unfinished = [(b, t) for b, t in arrays if store.missing_chunks(name, b, t)]
         if unfinished:
-            raise IncompleteStoreError(f"{store.path}: view {view} of {split} is unfinished for "
-                                       f"{', '.join(f'block {b} t {t}' for b, t in unfinished)}; finish the "
-                                       f"extraction, "
-                                       f"or train on fewer views (--views {view})")
+            raise IncompleteStoreError(
+                f"{store.path}: view {view} of {split} is unfinished for "
+                f"{', '.join(f'block {b} t {t}' for b, t in unfinished)}; finish the "
+                f"extraction, "
+                f"or train on fewer views (--views {view})"
+            )
     return views

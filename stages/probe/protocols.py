@@ -55,9 +55,9 @@ SUMMARY: dict[str, dict[str, str]] = {
     DEFAULT: {
         "features": "standardised per feature (fit rows' mean and std)",
         "linear": "in memory: batched L-BFGS to convergence over logreg's C grid (weight decay 1 / (C n)), "
-                  "warm-started along the path, stopped past each input set's validation peak; minibatch solver "
-                  "(AdamW, cosine with 5% warm-up, 10 epochs or 200 steps, lr grid 1e-3..3e-2, successive halving) "
-                  "when streaming",
+        "warm-started along the path, stopped past each input set's validation peak; minibatch solver "
+        "(AdamW, cosine with 5% warm-up, 10 epochs or 200 steps, lr grid 1e-3..3e-2, successive halving) "
+        "when streaming",
         "logreg": "L-BFGS, C grid 1e-3..10, warm-started along increasing C",
         "knn": "cosine similarity, vote 1 / cosine distance, k 1..100",
     },
@@ -70,9 +70,9 @@ SUMMARY: dict[str, dict[str, str]] = {
     DINOV2: {
         "features": "raw (kNN: L2-normalised)",
         "linear": "SGD momentum 0.9, no weight decay, cosine to 0 per step, no warm-up, 10 epochs, batch 128, "
-                  "13 lrs 1e-5..0.1 x batch/256, all trained to the end together",
+        "13 lrs 1e-5..0.1 x batch/256, all trained to the end together",
         "logreg": "L-BFGS, 45 C values log-spaced 1e-6..1e5, warm-started along the path, the chosen C refitted on "
-                  "train + validation",
+        "train + validation",
         "knn": "cosine similarity, softmax vote exp(sim / 0.07), k in 10, 20, 100, 200",
     },
 }

@@ -13,8 +13,9 @@ from stages.probe.repeats import few_shot_episodes, seed_repeats
 from stages.probe.results import best_row, run_record, write_run
 
 
-def finish_run(directory: Path, plan, rows: list[dict], predictions: dict, *, location: str, engine: dict,
-               device) -> tuple[dict, dict]:
+def finish_run(
+    directory: Path, plan, rows: list[dict], predictions: dict, *, location: str, engine: dict, device
+) -> tuple[dict, dict]:
     """Write the run into `directory` (its staging copy); (run.json, metrics.json) as written.
 
     `engine`: run.json's ENGINE_FIELDS. With `--seeds` or `--shots` the repeats (`stages.probe.repeats`)

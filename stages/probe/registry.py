@@ -90,47 +90,94 @@ def _plain(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-HEADS: dict[str, HeadSpec] = {spec.name: spec for spec in (
-    HeadSpec("linear", FLAT, "stages.probe.heads:LinearHead",
-             # 0.1 and 0.3 were never selected in bench/probe.py runs (standardised features, AdamW)
-             (GridAxis("lr", "lrs", (1e-3, 3e-3, 1e-2, 3e-2)), GridAxis("weight_decay", "weight_decays", (1e-4,))),
-             "one linear layer on flattened features (DINOv2's linear eval)",
-             options=(("batchnorm", "batchnorm"),), epochs=10,
-             min_steps=200,  # a convex probe needs fewer steps than the others (bench/probe.py)
-             parameters=_linear_parameters),
-    HeadSpec("mlp", FLAT, "stages.probe.heads:MLPHead",
-             (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (1e-4,))),
-             "hidden layers with ReLU on flattened features",
-             options=(("hidden", "hidden"), ("batchnorm", "batchnorm")), epochs=20, parameters=_mlp_parameters),
-    HeadSpec("cnn", GRID, "stages.probe.heads:CNNHead",
-             (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
-             "two 3x3 convolutions on a pooled grid of at least 4x4",
-             options=(("width", "width"),), epochs=20, standardisation="per channel", min_grid=4),
-    HeadSpec("attention", GRID, "stages.probe.heads:AttentionHead",
-             (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
-             "a small transformer over the grid cells of every input",
-             options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
-             standardisation="per channel"),
-    # The paper's attention head and DifFormer fusion (stages.probe.diffssl); `--recipe diffssl --head attention`
-    # trains it with the paper's recipe, `--head diffssl-attention` with the project's own training.
-    HeadSpec("diffssl-attention", GRID, "stages.probe.diffssl:DiffSSLAttention",
-             (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
-             "the paper's attention head: LayerNorm, 1x1 conv to d, cls token, k blocks (DifFormer when fused)",
-             options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")), epochs=20,
-             standardisation="per channel"),
-    # C in half-decades from 1e-4 to 1e3: the best C of a converged fit fell outside 1e-3..10 on digits'
-    # low-dimensional input sets (bench/converge.py)
-    HeadSpec("logreg", SKLEARN, "stages.probe.sklearn_probes:LogRegProbe",
-             (GridAxis("C", "Cs", tuple(round(10.0 ** (e / 2), 12) for e in range(-8, 7))),),
-             "scikit-learn's multinomial logistic regression",
-             options=(("refit", "refit"),), saved_as="linear"),
-    HeadSpec("knn", SKLEARN, "stages.probe.sklearn_probes:KNNProbe",
-             (GridAxis("k", "ks", (1, 5, 10, 20, 50, 100)),), "k nearest neighbours by cosine similarity",
-             options=(("vote", "vote"), ("temperature", "temperature")), train_copies=2),
-    HeadSpec("ridge", SKLEARN, "stages.probe.sklearn_probes:RidgeProbe",
-             (GridAxis("alpha", "alphas", (1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)),), "one-vs-rest ridge regression",
-             saved_as="linear"),
-)}
+HEADS: dict[str, HeadSpec] = {
+    spec.name: spec
+    for spec in (
+        HeadSpec(
+            "linear",
+            FLAT,
+            "stages.probe.heads:LinearHead",
+            # 0.1 and 0.3 were never selected in bench/probe.py runs (standardised features, AdamW)
+            (GridAxis("lr", "lrs", (1e-3, 3e-3, 1e-2, 3e-2)), GridAxis("weight_decay", "weight_decays", (1e-4,))),
+            "one linear layer on flattened features (DINOv2's linear eval)",
+            options=(("batchnorm", "batchnorm"),),
+            epochs=10,
+            min_steps=200,  # a convex probe needs fewer steps than the others (bench/probe.py)
+            parameters=_linear_parameters,
+        ),
+        HeadSpec(
+            "mlp",
+            FLAT,
+            "stages.probe.heads:MLPHead",
+            (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (1e-4,))),
+            "hidden layers with ReLU on flattened features",
+            options=(("hidden", "hidden"), ("batchnorm", "batchnorm")),
+            epochs=20,
+            parameters=_mlp_parameters,
+        ),
+        HeadSpec(
+            "cnn",
+            GRID,
+            "stages.probe.heads:CNNHead",
+            (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
+            "two 3x3 convolutions on a pooled grid of at least 4x4",
+            options=(("width", "width"),),
+            epochs=20,
+            standardisation="per channel",
+            min_grid=4,
+        ),
+        HeadSpec(
+            "attention",
+            GRID,
+            "stages.probe.heads:AttentionHead",
+            (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
+            "a small transformer over the grid cells of every input",
+            options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")),
+            epochs=20,
+            standardisation="per channel",
+        ),
+        # The paper's attention head and DifFormer fusion (stages.probe.diffssl); `--recipe diffssl --head attention`
+        # trains it with the paper's recipe, `--head diffssl-attention` with the project's own training.
+        HeadSpec(
+            "diffssl-attention",
+            GRID,
+            "stages.probe.diffssl:DiffSSLAttention",
+            (GridAxis("lr", "lrs", (1e-4, 3e-4, 1e-3)), GridAxis("weight_decay", "weight_decays", (0.05,))),
+            "the paper's attention head: LayerNorm, 1x1 conv to d, cls token, k blocks (DifFormer when fused)",
+            options=(("dim", "dim"), ("depth", "depth"), ("heads", "attention_heads")),
+            epochs=20,
+            standardisation="per channel",
+        ),
+        # C in half-decades from 1e-4 to 1e3: the best C of a converged fit fell outside 1e-3..10 on digits'
+        # low-dimensional input sets (bench/converge.py)
+        HeadSpec(
+            "logreg",
+            SKLEARN,
+            "stages.probe.sklearn_probes:LogRegProbe",
+            (GridAxis("C", "Cs", tuple(round(10.0 ** (e / 2), 12) for e in range(-8, 7))),),
+            "scikit-learn's multinomial logistic regression",
+            options=(("refit", "refit"),),
+            saved_as="linear",
+        ),
+        HeadSpec(
+            "knn",
+            SKLEARN,
+            "stages.probe.sklearn_probes:KNNProbe",
+            (GridAxis("k", "ks", (1, 5, 10, 20, 50, 100)),),
+            "k nearest neighbours by cosine similarity",
+            options=(("vote", "vote"), ("temperature", "temperature")),
+            train_copies=2,
+        ),
+        HeadSpec(
+            "ridge",
+            SKLEARN,
+            "stages.probe.sklearn_probes:RidgeProbe",
+            (GridAxis("alpha", "alphas", (1e-1, 1.0, 10.0, 100.0, 1e3, 1e4)),),
+            "one-vs-rest ridge regression",
+            saved_as="linear",
+        ),
+    )
+}
 
 
 def head_spec(name: str) -> HeadSpec:

@@ -47,10 +47,13 @@ def train_once(store, settings, device) -> tuple[dict, dict, object]:
     chosen = [r for r in rows if r["selected"] == 1]
     best = max(chosen, key=lambda r: r["val_top1"])  # results.best_row's rule: first on ties
     top, labels = np.asarray(predictions[best["key"]]), plan.samples.test.y
-    scores = {"test_top1": topk_accuracy(top, labels, 1),
-              "test_top5": topk_accuracy(top, labels, 5) if plan.num_classes > 5 and top.shape[1] >= 5 else None,
-              "test_balanced": balanced_accuracy(top, labels, plan.num_classes),
-              "val_top1": float(best["val_top1"]), "fit_rows": len(plan.samples.fit)}
+    scores = {
+        "test_top1": topk_accuracy(top, labels, 1),
+        "test_top5": topk_accuracy(top, labels, 5) if plan.num_classes > 5 and top.shape[1] >= 5 else None,
+        "test_balanced": balanced_accuracy(top, labels, plan.num_classes),
+        "val_top1": float(best["val_top1"]),
+        "fit_rows": len(plan.samples.fit),
+    }
     return best, scores, plan
 
 
@@ -74,13 +77,27 @@ def seed_repeats(store, settings, best: dict, device) -> dict:
     runs = []
     for seed in settings.seeds:
         log.info("seed %d of %s: %s %s", seed, ",".join(map(str, settings.seeds)), best["key"], fixed)
-        repeat = replace(settings, seed=seed, seeds=None, shots=None, episodes=None, episode=None,
-                         blocks=_numbers(best["blocks"]), timesteps=_numbers(best["timesteps"]),
-                         pools=(int(best["pool"]),), halving=False, **fixed)
+        repeat = replace(
+            settings,
+            seed=seed,
+            seeds=None,
+            shots=None,
+            episodes=None,
+            episode=None,
+            blocks=_numbers(best["blocks"]),
+            timesteps=_numbers(best["timesteps"]),
+            pools=(int(best["pool"]),),
+            halving=False,
+            **fixed,
+        )
         _, scores, _ = train_once(store, repeat, device)
         runs.append({"seed": seed, **scores})
-    return {"configuration": {"key": best["key"], **{axis.name: best[axis.name] for axis in spec.grid}},
-            "varies": "initialisation, data order, carved validation rows", "runs": runs, **_summary(runs)}
+    return {
+        "configuration": {"key": best["key"], **{axis.name: best[axis.name] for axis in spec.grid}},
+        "varies": "initialisation, data order, carved validation rows",
+        "runs": runs,
+        **_summary(runs),
+    }
 
 
 def few_shot_episodes(store, settings, device) -> tuple[dict, dict]:
@@ -95,7 +112,13 @@ def few_shot_episodes(store, settings, device) -> tuple[dict, dict]:
             run = replace(settings, seeds=None, shots=None, episodes=None, episode=(shots, episode))
             best, scores, plan = train_once(store, run, device)
             subsets[f"{shots}/{episode}"] = plan.samples.fit.index.tolist()
-            runs.append({"episode": episode, "key": best["key"],
-                         "indices_sha256": plan.record()["few_shot"]["indices_sha256"], **scores})
+            runs.append(
+                {
+                    "episode": episode,
+                    "key": best["key"],
+                    "indices_sha256": plan.record()["few_shot"]["indices_sha256"],
+                    **scores,
+                }
+            )
         out[str(shots)] = {"runs": runs, **_summary(runs)}
     return {"episodes": settings.episodes, "seed": settings.seed, "rule": RULE, "shots": out}, subsets

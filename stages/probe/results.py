@@ -32,10 +32,34 @@ from stages.probe.metrics import BOOTSTRAP, balanced_accuracy, bootstrap_interva
 from stages.probe.registry import GRID_COLUMNS
 
 # test metrics of the chosen configurations, with 95% bootstrap intervals (stages.probe.metrics)
-TEST_COLUMNS = ("test_top1", "test_top5", "test_top1_low", "test_top1_high", "test_top5_low", "test_top5_high",
-                "test_balanced", "test_balanced_low", "test_balanced_high")
-COLUMNS = ("head", "key", "blocks", "timesteps", "pool", "grid", "dim", "fused", *GRID_COLUMNS, "epochs",
-           "val_top1", "val_top5", "val_loss", "selected", *TEST_COLUMNS)
+TEST_COLUMNS = (
+    "test_top1",
+    "test_top5",
+    "test_top1_low",
+    "test_top1_high",
+    "test_top5_low",
+    "test_top5_high",
+    "test_balanced",
+    "test_balanced_low",
+    "test_balanced_high",
+)
+COLUMNS = (
+    "head",
+    "key",
+    "blocks",
+    "timesteps",
+    "pool",
+    "grid",
+    "dim",
+    "fused",
+    *GRID_COLUMNS,
+    "epochs",
+    "val_top1",
+    "val_top5",
+    "val_loss",
+    "selected",
+    *TEST_COLUMNS,
+)
 INT_COLUMNS = ("pool", "dim", "fused", "selected", "k", "epochs")
 FLOAT_COLUMNS = ("val_top1", "val_top5", "val_loss", *TEST_COLUMNS, "lr", "weight_decay", "C", "alpha")
 METRIC_KEYS = ("val_top1", *TEST_COLUMNS)
@@ -56,10 +80,19 @@ class ResultsError(UserError, FileNotFoundError):
 def make_row(head: str, combo, hyper: dict, val_top1: float, val_top5: float | None) -> dict:
     """A configs.csv row of one (input set, hyper-parameter set); test columns stay empty unless chosen."""
     row = {column: "" for column in COLUMNS}
-    row.update(head=head, key=combo.key, blocks="+".join(map(str, combo.blocks)),
-               timesteps="+".join(map(str, combo.timesteps)), pool=combo.pool,
-               grid="+".join(str(g) for _, g in combo.shapes), dim=combo.dim, fused=int(combo.fused),
-               val_top1=float(val_top1), val_top5="" if val_top5 is None else float(val_top5), selected=0)
+    row.update(
+        head=head,
+        key=combo.key,
+        blocks="+".join(map(str, combo.blocks)),
+        timesteps="+".join(map(str, combo.timesteps)),
+        pool=combo.pool,
+        grid="+".join(str(g) for _, g in combo.shapes),
+        dim=combo.dim,
+        fused=int(combo.fused),
+        val_top1=float(val_top1),
+        val_top5="" if val_top5 is None else float(val_top5),
+        selected=0,
+    )
     row.update(hyper)
     return row
 
@@ -123,8 +156,10 @@ def score_test(rows: list[dict], predictions: dict, labels: np.ndarray, num_clas
         return
     top = [np.asarray(predictions[r["key"]]) for r in chosen]
     top1 = np.stack([t[:, 0] == labels for t in top], axis=1)
-    intervals = {"top1": bootstrap_intervals(top1, labels, seed),
-                 "balanced": bootstrap_intervals(top1, labels, seed, balanced=True)}
+    intervals = {
+        "top1": bootstrap_intervals(top1, labels, seed),
+        "balanced": bootstrap_intervals(top1, labels, seed, balanced=True),
+    }
     with_top5 = num_classes > 5 and all(t.shape[1] >= 5 for t in top)
     if with_top5:
         top5 = np.stack([(t[:, :5] == labels[:, None]).any(axis=1) for t in top], axis=1)
@@ -143,8 +178,16 @@ def _csv_value(key: str, value):
     return f"{value:.6f}" if isinstance(value, float) and key.startswith(("val_", "test_")) else value
 
 
-def write_run(directory: Path, rows: list[dict], predictions: dict, record: dict, samples, *,
-              extras: dict | None = None, few_shot_subsets: dict | None = None) -> dict:
+def write_run(
+    directory: Path,
+    rows: list[dict],
+    predictions: dict,
+    record: dict,
+    samples,
+    *,
+    extras: dict | None = None,
+    few_shot_subsets: dict | None = None,
+) -> dict:
     """Write every result file of a run into `directory`; returns metrics.json's content.
 
     `extras` ({"seeds": ..., "few_shot": ...}) are written to repeats.json and added to metrics.json."""
@@ -154,11 +197,23 @@ def write_run(directory: Path, rows: list[dict], predictions: dict, record: dict
         writer.writeheader()
         for row in rows:
             writer.writerow({k: _csv_value(k, v) for k, v in row.items()})
-    np.savez_compressed(directory / "predictions.npz", index=samples.test.index.astype(np.int64),
-                        labels=samples.test.y.astype(np.int64), **predictions)
-    (directory / "validation_subset.json").write_text(json.dumps(
-        {"split": samples.selection.split, "seed": record["seed"], "fraction": record["validation"]["fraction"],
-         "indices": samples.selection.index.tolist()}) + "\n")
+    np.savez_compressed(
+        directory / "predictions.npz",
+        index=samples.test.index.astype(np.int64),
+        labels=samples.test.y.astype(np.int64),
+        **predictions,
+    )
+    (directory / "validation_subset.json").write_text(
+        json.dumps(
+            {
+                "split": samples.selection.split,
+                "seed": record["seed"],
+                "fraction": record["validation"]["fraction"],
+                "indices": samples.selection.index.tolist(),
+            }
+        )
+        + "\n"
+    )
     if few_shot_subsets:
         (directory / FEW_SHOT_FILE).write_text(json.dumps(few_shot_subsets) + "\n")
     (directory / "run.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -166,8 +221,13 @@ def write_run(directory: Path, rows: list[dict], predictions: dict, record: dict
         (directory / REPEATS_FILE).write_text(json.dumps(extras, indent=2) + "\n")
     best = best_row(read_run(directory)[1])
     if best is not None and best["key"] in predictions:
-        write_per_class(directory / PER_CLASS_FILE, np.asarray(predictions[best["key"]]), samples.test.y,
-                        record.get("classes") or [], record["num_classes"])
+        write_per_class(
+            directory / PER_CLASS_FILE,
+            np.asarray(predictions[best["key"]]),
+            samples.test.y,
+            record.get("classes") or [],
+            record["num_classes"],
+        )
     metrics = run_metrics(*read_run(directory), read_repeats(directory))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
@@ -208,13 +268,17 @@ def read_run(run_dir: str | Path) -> tuple[dict, list[dict]]:
     except (OSError, ValueError) as error:
         raise ResultsError(f"{record_path} cannot be read ({error}); re-run the probe that wrote it") from None
     if not isinstance(record, dict) or "head" not in record or "name" not in record:
-        raise ResultsError(f"{record_path} is not a probe's run.json (no head and name); re-run the probe that wrote "
-                           f"it")
+        raise ResultsError(
+            f"{record_path} is not a probe's run.json (no head and name); re-run the probe that wrote it"
+        )
     try:
         with open(rows_path, newline="") as f:
             reader = csv.DictReader(f)
-            missing = [c for c in ("key", "blocks", "timesteps", "pool", "fused", "selected", "val_top1", "test_top1")
-                       if c not in (reader.fieldnames or [])]
+            missing = [
+                c
+                for c in ("key", "blocks", "timesteps", "pool", "fused", "selected", "val_top1", "test_top1")
+                if c not in (reader.fieldnames or [])
+            ]
             if missing:
                 raise ValueError(f"no column(s) {', '.join(missing)}")
             unknown = [c for c in reader.fieldnames if c not in COLUMNS]
@@ -299,8 +363,10 @@ def describe_metrics(metrics: dict) -> list[str]:
     lines = ["  " + ", ".join(parts) + " (95% bootstrap intervals)"]
     if "seeds" in metrics:
         top1 = metrics["seeds"]["test_top1"]
-        lines.append(f"  seeds {','.join(str(r['seed']) for r in metrics['seeds']['runs'])}: test top-1 "
-                     f"{pct(top1['mean'])} ± {pct(top1['std'])}")
+        lines.append(
+            f"  seeds {','.join(str(r['seed']) for r in metrics['seeds']['runs'])}: test top-1 "
+            f"{pct(top1['mean'])} ± {pct(top1['std'])}"
+        )
     for shots, result in (metrics.get("few_shot") or {}).get("shots", {}).items():
         top1 = result["test_top1"]
         lines.append(f"  {shots}-shot, {top1['n']} episodes: test top-1 {pct(top1['mean'])} ± {pct(top1['std'])}")

@@ -88,10 +88,20 @@ def _probe(store: FeatureStore, settings: ProbeSettings) -> ProbeResult:
     plan = make_plan(store, settings)
     device = resolve_device(settings.device)
     samples = plan.samples
-    log.info("%s: %d input sets x %d hyper-parameter sets, %d fit / %d validation (%s) / %d test (%s) samples, "
-             "%s mode, %d pass(es)", plan.spec.name, len(plan.combos), len(plan.hypers), len(samples.fit),
-             len(samples.selection), samples.roles(settings)["validation"], len(samples.test), samples.test.split,
-             plan.mode, len(plan.passes))
+    log.info(
+        "%s: %d input sets x %d hyper-parameter sets, %d fit / %d validation (%s) / %d test (%s) samples, "
+        "%s mode, %d pass(es)",
+        plan.spec.name,
+        len(plan.combos),
+        len(plan.hypers),
+        len(samples.fit),
+        len(samples.selection),
+        samples.roles(settings)["validation"],
+        len(samples.test),
+        samples.test.split,
+        plan.mode,
+        len(plan.passes),
+    )
     final = Path(settings.out) / settings.run_name
     partial = Path(settings.out) / f".{settings.run_name}.partial"
     with output_lock(final, "probe"):  # one staging directory per run directory: one writer at a time
@@ -120,8 +130,9 @@ def _train_and_write(plan, store: FeatureStore, settings: ProbeSettings, device,
         rows += pass_rows
         predictions.update(pass_predictions)
     engine = {"device": str(device), "seconds": round(time.perf_counter() - started, 3), "versions": _versions()}
-    record, metrics = finish_run(partial, plan, rows, predictions, location=str(settings.store), engine=engine,
-                                 device=device)
+    record, metrics = finish_run(
+        partial, plan, rows, predictions, location=str(settings.store), engine=engine, device=device
+    )
     return rows, metrics, record
 
 

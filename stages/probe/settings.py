@@ -26,8 +26,10 @@ SOLVERS = ("lbfgs", "minibatch")
 def check_grid(owner: str, name: str, values, *, integer: bool = False, low: float = 0.0) -> tuple:
     """A hyper-parameter grid as a tuple of floats (ints if `integer`), each above `low`; else ConfigError."""
     kind = "integers" if integer else "floats"
-    message = (f"The {name!r} parameter of {owner} must be a non-empty sequence of {kind} in the range "
-               f"({low}, inf). Got {values!r} instead.")
+    message = (
+        f"The {name!r} parameter of {owner} must be a non-empty sequence of {kind} in the range "
+        f"({low}, inf). Got {values!r} instead."
+    )
     try:
         items = tuple(values)
     except TypeError:
@@ -41,8 +43,15 @@ def check_grid(owner: str, name: str, values, *, integer: bool = False, low: flo
 
 # What a setting left None becomes when no recipe fixes it (a recipe's values come first); the command
 # line's help reads them from here.
-DEFAULTS_OF_NONE = {"batch_size": 256, "optimizer": "adamw", "halving": True, "dim": 256, "depth": 2,
-                    "attention_heads": 4, "warmup": 0.05}
+DEFAULTS_OF_NONE = {
+    "batch_size": 256,
+    "optimizer": "adamw",
+    "halving": True,
+    "dim": 256,
+    "depth": 2,
+    "attention_heads": 4,
+    "warmup": 0.05,
+}
 EPISODES_WITH_SHOTS = 5  # few-shot subsets per shot count when --shots is given without --episodes
 VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_probes.KNNProbe)
 
@@ -50,12 +59,19 @@ VOTES = ("softmax", "distance", "uniform")  # kNN votes (stages.probe.sklearn_pr
 def check_vote(owner: str, vote, temperature) -> None:
     """kNN's vote and temperature, checked as scikit-learn checks its parameters; else ConfigError."""
     if vote not in VOTES:
-        raise ConfigError(f"The 'vote' parameter of {owner} must be a str among {{{', '.join(map(repr, VOTES))}}}. "
-                          f"Got {vote!r} instead.")
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.integer, np.floating)) \
-            or not 0.0 < temperature < np.inf:
-        raise ConfigError(f"The 'temperature' parameter of {owner} must be a float in the range (0.0, inf). "
-                          f"Got {temperature!r} instead.")
+        raise ConfigError(
+            f"The 'vote' parameter of {owner} must be a str among {{{', '.join(map(repr, VOTES))}}}. "
+            f"Got {vote!r} instead."
+        )
+    if (
+        isinstance(temperature, bool)
+        or not isinstance(temperature, (int, float, np.integer, np.floating))
+        or not 0.0 < temperature < np.inf
+    ):
+        raise ConfigError(
+            f"The 'temperature' parameter of {owner} must be a float in the range (0.0, inf). "
+            f"Got {temperature!r} instead."
+        )
 
 
 @dataclass(frozen=True)
@@ -144,9 +160,15 @@ class ProbeSettings:
             for name, value in RECIPES[self.recipe][self.head].items():
                 if getattr(self, name) is None:
                     object.__setattr__(self, name, value)
-        defaults = {**DEFAULTS_OF_NONE, "standardise": self.recipe is None, "solver": self._solver(),
-                    "Cs": default_grid("logreg"), "ks": default_grid("knn"), "alphas": default_grid("ridge"),
-                    "refit": False}
+        defaults = {
+            **DEFAULTS_OF_NONE,
+            "standardise": self.recipe is None,
+            "solver": self._solver(),
+            "Cs": default_grid("logreg"),
+            "ks": default_grid("knn"),
+            "alphas": default_grid("ridge"),
+            "refit": False,
+        }
         for name, value in defaults.items():
             if getattr(self, name) is None:
                 object.__setattr__(self, name, value)
@@ -154,12 +176,18 @@ class ProbeSettings:
             fail("solver", "'lbfgs' or 'minibatch'", self.solver)
         if self.solver == "lbfgs":
             if self.head != "linear" or self.batchnorm or self.recipe is not None or self.data_mode == "stream":
-                fail("solver", "'minibatch' unless the head is linear, without --batchnorm, --recipe or --data-mode "
-                     "stream", self.solver)
+                fail(
+                    "solver",
+                    "'minibatch' unless the head is linear, without --batchnorm, --recipe or --data-mode stream",
+                    self.solver,
+                )
             if self.lrs is None:
                 object.__setattr__(self, "lrs", (1.0,))  # L-BFGS's first step; its line search sets the rest
-        if isinstance(self.lbfgs_iterations, bool) or not isinstance(self.lbfgs_iterations, (int, np.integer)) \
-                or self.lbfgs_iterations < 1:
+        if (
+            isinstance(self.lbfgs_iterations, bool)
+            or not isinstance(self.lbfgs_iterations, (int, np.integer))
+            or self.lbfgs_iterations < 1
+        ):
             fail("lbfgs_iterations", "a positive integer", self.lbfgs_iterations)
         if self.views is not None and (isinstance(self.views, bool) or self.views < 1):
             fail("views", "a positive integer or None", self.views)
@@ -205,20 +233,24 @@ class ProbeSettings:
             if len(set(self.shots)) != len(self.shots):
                 fail("shots", "a list of distinct shot counts", self.shots)
         if self.episodes is not None and self.shots is None:
-            raise ConfigError(f"--episodes {self.episodes} has no effect without --shots; add --shots (e.g. --shots "
-                              "1,5,10) or leave --episodes out")
+            raise ConfigError(
+                f"--episodes {self.episodes} has no effect without --shots; add --shots (e.g. --shots "
+                "1,5,10) or leave --episodes out"
+            )
         if self.shots is not None and self.episodes is None:
             object.__setattr__(self, "episodes", EPISODES_WITH_SHOTS)
-        if self.episodes is not None and (isinstance(self.episodes, bool) or
-                                          not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1):
+        if self.episodes is not None and (
+            isinstance(self.episodes, bool) or not isinstance(self.episodes, (int, np.integer)) or self.episodes < 1
+        ):
             fail("episodes", "a positive integer (few-shot subsets per shot count)", self.episodes)
         if self.episode is not None:
             shots, episode = self.episode
             if int(shots) != shots or shots < 1 or int(episode) != episode or episode < 0:
                 fail("episode", "(shots >= 1, episode >= 0) or None", self.episode)
             object.__setattr__(self, "episode", (int(shots), int(episode)))
-        if self.name is not None and (not self.name or "/" in self.name or os.sep in self.name
-                                      or self.name.startswith(".")):
+        if self.name is not None and (
+            not self.name or "/" in self.name or os.sep in self.name or self.name.startswith(".")
+        ):
             fail("name", "a plain directory name", self.name)
         for name in ("train_split", "val_split", "test_split"):
             value = getattr(self, name)
@@ -226,8 +258,11 @@ class ProbeSettings:
                 fail(name, "the name of a split of the store", value)
         roles = [s for s in (self.train_split, self.val_split, self.test_split) if s is not None]
         if len(set(roles)) != len(roles):
-            fail("split roles", "three different splits (train, validation, test)",
-                 {"train": self.train_split, "val": self.val_split, "test": self.test_split})
+            fail(
+                "split roles",
+                "three different splits (train, validation, test)",
+                {"train": self.train_split, "val": self.val_split, "test": self.test_split},
+            )
         if self.dim % self.attention_heads:
             fail("dim", f"divisible by attention_heads ({self.attention_heads})", self.dim)
 
@@ -236,8 +271,12 @@ class ProbeSettings:
         docs/probes.md), unless a setting only minibatches have is given (epochs, learning rates, optimizer,
         warm-up, batch size, halving, batch norm, a recipe, streaming) or the head is another."""
         minibatch_only = ("epochs", "lrs", "optimizer", "warmup", "batch_size", "halving", "recipe")
-        if self.head != "linear" or self.batchnorm or self.data_mode == "stream" \
-                or any(getattr(self, name) is not None for name in minibatch_only):
+        if (
+            self.head != "linear"
+            or self.batchnorm
+            or self.data_mode == "stream"
+            or any(getattr(self, name) is not None for name in minibatch_only)
+        ):
             return "minibatch"
         return "lbfgs"
 
@@ -268,8 +307,11 @@ class ProbeSettings:
         rows = self.spec.hypers(self)
         if self.solver == "lbfgs" and self.weight_decays is None:
             n = max(1, int(n_fit or 1))
-            rows = [{"lr": row["lr"], "weight_decay": 1.0 / (C * n)}
-                    for row in rows[:1] for C in sorted(self.Cs, reverse=True)]
+            rows = [
+                {"lr": row["lr"], "weight_decay": 1.0 / (C * n)}
+                for row in rows[:1]
+                for C in sorted(self.Cs, reverse=True)
+            ]
         return rows
 
     def rungs(self, epochs: int) -> list[tuple[int, int]]:

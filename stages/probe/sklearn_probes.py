@@ -73,8 +73,9 @@ class _GridProbe(ClassifierMixin, BaseEstimator):
         X, y = check_X_y(X, y, dtype=dtype)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
-            raise ConfigError(f"{type(self).__name__} needs at least 2 classes in the training data, got "
-                              f"{len(self.classes_)}")
+            raise ConfigError(
+                f"{type(self).__name__} needs at least 2 classes in the training data, got {len(self.classes_)}"
+            )
         return X, y, np.array(sorted(set(grid)))
 
 
@@ -106,8 +107,14 @@ class LogRegProbe(_LinearGridProbe):
     `eval/log_regression.py` does before its test; `coef_` / `intercept_` (and
     `decision_function`, `predict`) are then the refitted model's, `decision_grid` stays the fit rows' path."""
 
-    def __init__(self, Cs: Sequence[float] = tuple(10.0 ** (e / 2) for e in range(-8, 7)), *, max_iter: int = 2000,
-                 tol: float = 1e-6, refit: bool = False):
+    def __init__(
+        self,
+        Cs: Sequence[float] = tuple(10.0 ** (e / 2) for e in range(-8, 7)),
+        *,
+        max_iter: int = 2000,
+        tol: float = 1e-6,
+        refit: bool = False,
+    ):
         self.Cs = Cs
         self.max_iter = max_iter
         self.tol = tol
@@ -209,8 +216,14 @@ class KNNProbe(_GridProbe):
     k above the number of training rows means all of them.
     """
 
-    def __init__(self, ks: Sequence[int] = (1, 5, 10, 20, 50, 100), *, vote: str = "softmax",
-                 temperature: float = 0.07, batch_size: int = 1024):
+    def __init__(
+        self,
+        ks: Sequence[int] = (1, 5, 10, 20, 50, 100),
+        *,
+        vote: str = "softmax",
+        temperature: float = 0.07,
+        batch_size: int = 1024,
+    ):
         self.ks = ks
         self.vote = vote
         self.temperature = temperature
@@ -252,12 +265,14 @@ class KNNProbe(_GridProbe):
     def decision_grid(self, X) -> np.ndarray:
         """(n_k, N, n_classes) votes of every k, from one neighbour search."""
         sims, indices = self.neighbours(X)
-        return knn_votes(sims, self._codes[indices], self.ks_, len(self.classes_), vote=self.vote,
-                         temperature=self.temperature)
+        return knn_votes(
+            sims, self._codes[indices], self.ks_, len(self.classes_), vote=self.vote, temperature=self.temperature
+        )
 
 
-def knn_votes(sims: np.ndarray, codes: np.ndarray, ks, num_classes: int, *, vote: str = "softmax",
-              temperature: float = 0.07) -> np.ndarray:
+def knn_votes(
+    sims: np.ndarray, codes: np.ndarray, ks, num_classes: int, *, vote: str = "softmax", temperature: float = 0.07
+) -> np.ndarray:
     """(n_k, N, num_classes) votes of the first k neighbours for every k in `ks`.
 
     sims (N, k_max): cosine similarities, most similar first; codes (N, k_max): their class indices."""

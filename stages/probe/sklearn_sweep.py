@@ -23,16 +23,22 @@ from stages.probe.scoring import accuracy
 from stages.probe.sklearn_probes import topk_labels
 
 
-def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: torch.device) -> tuple[list[dict],
-                                                                                                        dict]:
+def sweep_sklearn(
+    plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: torch.device
+) -> tuple[list[dict], dict]:
     """Fit, choose and score the estimators of `combos` (one pass); (configs rows, test predictions per key)."""
     settings, samples, spec = plan.settings, plan.samples, plan.spec
     (axis,) = spec.grid
-    reader = Reader(plan.store, [p for c in combos for p in c.pieces], allow_incomplete=settings.allow_incomplete,
-                    threads=settings.read_threads)
+    reader = Reader(
+        plan.store,
+        [p for c in combos for p in c.pieces],
+        allow_incomplete=settings.allow_incomplete,
+        threads=settings.read_threads,
+    )
     layout = Layout(combos, flat=True)
-    source = MemorySource(reader, layout, samples.fit.split, samples.fit_mask(), per_channel=False,
-                          raw=not settings.standardise)
+    source = MemorySource(
+        reader, layout, samples.fit.split, samples.fit_mask(), per_channel=False, raw=not settings.standardise
+    )
     selection = source.packed if samples.carved else packed_rows(reader, layout, samples.selection, source.stats)
     estimator = spec.load()
     grid = [h[axis.name] for h in plan.hypers]
@@ -56,9 +62,15 @@ def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device:
         combo_rows[best]["selected"] = 1
         fitted[ci] = (probe, combo_rows[best])
         rows_out += combo_rows
-        logging.getLogger(__name__).info("%s %s: %s=%s chosen, val top-1 %.4f (%.1f s)", spec.name, combo.key,
-                                         axis.name, combo_rows[best][axis.name], combo_rows[best]["val_top1"],
-                                         time.perf_counter() - started)
+        logging.getLogger(__name__).info(
+            "%s %s: %s=%s chosen, val top-1 %.4f (%.1f s)",
+            spec.name,
+            combo.key,
+            axis.name,
+            combo_rows[best][axis.name],
+            combo_rows[best]["val_top1"],
+            time.perf_counter() - started,
+        )
     # test: each probe at its chosen grid value, chunk by chunk
     parts = {c.key: [] for c in combos}
     chunks = samples.test.by_chunk(samples.chunk_samples)
@@ -90,6 +102,7 @@ def sweep_sklearn(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device:
             head.linear.bias[probe.classes_] = torch.from_numpy(probe.intercept_)
         means = [torch.from_numpy(source.stats[p][0]) for p in combo.pieces]
         stds = [torch.from_numpy(source.stats[p][1]) for p in combo.pieces]
-        H.save_probe(H.Probe(head, means, stds), heads_dir / combo.key,
-                     probe_config(plan, combo, row, kind=spec.saved_as))
+        H.save_probe(
+            H.Probe(head, means, stds), heads_dir / combo.key, probe_config(plan, combo, row, kind=spec.saved_as)
+        )
     return rows_out, predictions

@@ -37,8 +37,12 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
     per_channel = plan.spec.standardisation == "per channel"
     recipe = settings.recipe is not None  # the paper's: raw features, SGD, StepLR per epoch (stages.probe.recipes)
     raw = not settings.standardise  # the recipe's and protocols' raw features
-    reader = Reader(plan.store, [p for c in combos for p in c.pieces], allow_incomplete=settings.allow_incomplete,
-                    threads=settings.read_threads)
+    reader = Reader(
+        plan.store,
+        [p for c in combos for p in c.pieces],
+        allow_incomplete=settings.allow_incomplete,
+        threads=settings.read_threads,
+    )
     layout = Layout(combos, flat)
     fit_split, fit_mask = samples.fit.split, samples.fit_mask()
     views = Views(plan.views, settings.seed)
@@ -48,34 +52,49 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
         stats = identity_statistics(reader) if raw else fit_statistics(reader, fit_split, fit_mask, per_channel, device)
         train = StreamSource(reader, layout, fit_split, stats, views=views)
     selection = train if samples.carved else StreamSource(reader, layout, samples.selection.split, train.stats)
-    seeds = [[member_seed(settings.seed, plan.spec.name, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
-             for c in combos]
+    seeds = [
+        [member_seed(settings.seed, plan.spec.name, c.key, json.dumps(h, sort_keys=True)) for h in hypers]
+        for c in combos
+    ]
     if flat:
-        bank = FlatBank([c.dim for c in combos], len(hypers), plan.num_classes, seeds=seeds,
-                        batchnorm=bool(plan.options.get("batchnorm", False)), hidden=tuple(plan.options.get("hidden",
-                                                                                                            ())),
-                        default_init=recipe)
+        bank = FlatBank(
+            [c.dim for c in combos],
+            len(hypers),
+            plan.num_classes,
+            seeds=seeds,
+            batchnorm=bool(plan.options.get("batchnorm", False)),
+            hidden=tuple(plan.options.get("hidden", ())),
+            default_init=recipe,
+        )
     else:
-        bank = ModuleBank(plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options,
-                          seeds)
+        bank = ModuleBank(
+            plan.spec.name, [c.shapes for c in combos], len(hypers), plan.num_classes, plan.options, seeds
+        )
     bank.to(device)
     labels = torch.from_numpy(samples.fit.labels)
     if settings.solver == "lbfgs":  # in memory: every member solved to its optimum on the full fit rows
         validation = None
         if samples.carved:  # the validation rows are train rows in memory: the path may stop past each set's peak
-            validation = (layout.take(train.packed, samples.selection.index, device),
-                          torch.from_numpy(samples.selection.labels[samples.selection.index]).to(device))
+            validation = (
+                layout.take(train.packed, samples.selection.index, device),
+                torch.from_numpy(samples.selection.labels[samples.selection.index]).to(device),
+            )
         # every stored view of a fit row is a row of the objective (MemorySource: view v at rows v * n); the decay
         # is divided by the views so that C keeps scikit-learn's meaning on all of those rows
         views_count = train.views.count
         rows = np.concatenate([samples.fit.index + v * train.n for v in range(views_count)])
-        trained, counts = fit_lbfgs(bank, layout.take(train.packed, rows, device),
-                                    labels[samples.fit.index].repeat(views_count).to(device),
-                                    [h["weight_decay"] / views_count for h in hypers],
-                                    validation=validation, max_iter=settings.lbfgs_iterations)
+        trained, counts = fit_lbfgs(
+            bank,
+            layout.take(train.packed, rows, device),
+            labels[samples.fit.index].repeat(views_count).to(device),
+            [h["weight_decay"] / views_count for h in hypers],
+            validation=validation,
+            max_iter=settings.lbfgs_iterations,
+        )
         log.info("L-BFGS: %d of %d heads trained along the C path: %s", len(trained), bank.num_members, counts)
-        measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
-                             plan.num_classes)
+        measured = _validate(
+            bank, selection, layout, samples.selection, samples.chunk_samples, device, plan.num_classes
+        )
         # a C the path stopped before was not trained: no validation score, epochs 0, never chosen
         scores = {m: (1, *v) if m in trained else (0, float("nan"), None, float("nan")) for m, v in measured.items()}
         finished = trained
@@ -96,8 +115,10 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
             warm = int(settings.warmup * total)
             scheduler = torch.optim.lr_scheduler.LambdaLR(
                 optimizer,
-                lambda s: (s + 1) / warm if s < warm
-                else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+                lambda s: (
+                    (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm)))
+                ),
+            )
         rungs = dict(plan.rungs)
         scores = {}  # member -> (epochs trained, val top-1, val top-5, val loss), from where it stopped
         lr_per_epoch = {l: [] for l in range(len(hypers))}  # as the optimizer had it, recorded with each saved head
@@ -122,17 +143,30 @@ def sweep_torch(plan: ProbePlan, combos: list[Combo], heads_dir: Path, device: t
                     steps += 1
             if recipe:
                 scheduler.step()
-            log.info("epoch %d/%d: mean loss per head %.4f (%d heads)", epoch, epochs,
-                     float(loss_sum) / len(bank.active) / max(steps, 1), len(bank.active))
+            log.info(
+                "epoch %d/%d: mean loss per head %.4f (%d heads)",
+                epoch,
+                epochs,
+                float(loss_sum) / len(bank.active) / max(steps, 1),
+                len(bank.active),
+            )
             if epoch in rungs or epoch == epochs:
-                measured = _validate(bank, selection, layout, samples.selection, samples.chunk_samples, device,
-                                     plan.num_classes)
+                measured = _validate(
+                    bank, selection, layout, samples.selection, samples.chunk_samples, device, plan.num_classes
+                )
                 scores.update({m: (epoch, *v) for m, v in measured.items()})
             if epoch in rungs:
-                keep = [m for ci in range(len(combos))
-                        for m in best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])]
-                log.info("successive halving after epoch %d: %d of %d heads per input set train on", epoch,
-                         rungs[epoch], len(bank.active) // len(combos))
+                keep = [
+                    m
+                    for ci in range(len(combos))
+                    for m in best_members(scores, [m for m in bank.active if m // len(hypers) == ci], rungs[epoch])
+                ]
+                log.info(
+                    "successive halving after epoch %d: %d of %d heads per input set train on",
+                    epoch,
+                    rungs[epoch],
+                    len(bank.active) // len(combos),
+                )
                 bank.keep(keep)
         finished = set(bank.active)
     rows_out, chosen = [], {}

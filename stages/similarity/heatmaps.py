@@ -32,23 +32,51 @@ def write_heatmaps(results: dict, out_dir: Path, *, settings, samples: int) -> l
             if s.null is not None:
                 mean = np.nanmean(s.null, axis=2) if np.isfinite(s.null).any() else np.full(s.score.shape, np.nan)
                 gain = s.score - mean if metric.higher else mean - s.score
-                p = np.array([[calibration.p_value(s.score[i, j], s.null[i, j], higher=metric.higher)
-                               for j in range(s.score.shape[1])] for i in range(s.score.shape[0])])
-                views.append(("calibrated_", np.where(p <= calibration.LEVEL, gain, np.nan),
-                              f"{metric.label}: gain over chance (grey: p > {calibration.LEVEL})", "viridis"))
+                p = np.array(
+                    [
+                        [
+                            calibration.p_value(s.score[i, j], s.null[i, j], higher=metric.higher)
+                            for j in range(s.score.shape[1])
+                        ]
+                        for i in range(s.score.shape[0])
+                    ]
+                )
+                views.append(
+                    (
+                        "calibrated_",
+                        np.where(p <= calibration.LEVEL, gain, np.nan),
+                        f"{metric.label}: gain over chance (grey: p > {calibration.LEVEL})",
+                        "viridis",
+                    )
+                )
             for prefix, matrix, label, cmap in views:
                 for name in stores:
                     rows = index[name]
                     if len(rows) < 2:  # one feature against itself: a single cell at the metric's top, nothing to see
                         continue
                     path = out_dir / f"{m}_{prefix}{name}_pool{pool}.png"
-                    plot_matrix(matrix[np.ix_(rows, rows)], [features[i] for i in rows], [features[i] for i in rows],
-                                path, title=f"{name}\n{what}", label=label, vmax=top, cmap=cmap)
+                    plot_matrix(
+                        matrix[np.ix_(rows, rows)],
+                        [features[i] for i in rows],
+                        [features[i] for i in rows],
+                        path,
+                        title=f"{name}\n{what}",
+                        label=label,
+                        vmax=top,
+                        cmap=cmap,
+                    )
                     written.append(path)
                 for a, b in combinations(stores, 2):
                     path = out_dir / f"{m}_{prefix}{a}_vs_{b}_pool{pool}.png"
-                    plot_matrix(matrix[np.ix_(index[a], index[b])], [features[i] for i in index[a]],
-                                [features[i] for i in index[b]], path, title=f"{a} (rows) vs {b} (columns)\n{what}",
-                                label=label, vmax=top, cmap=cmap)
+                    plot_matrix(
+                        matrix[np.ix_(index[a], index[b])],
+                        [features[i] for i in index[a]],
+                        [features[i] for i in index[b]],
+                        path,
+                        title=f"{a} (rows) vs {b} (columns)\n{what}",
+                        label=label,
+                        vmax=top,
+                        cmap=cmap,
+                    )
                     written.append(path)
     return written

@@ -74,21 +74,24 @@ def _one(k: int) -> float:
     return 1.0
 
 
-METRICS = {m.name: m for m in (
-    Metric("linear", "features", True, True, _one, "linear CKA"),
-    Metric("debiased", "features", True, True, _one, "debiased CKA"),
-    Metric("minibatch", "features", True, True, _one, "minibatch CKA"),
-    Metric("rbf", "features", True, True, _one, "RBF CKA"),
-    Metric("cka", "features", True, True, _one, "CKA (platonic-rep)"),
-    Metric("unbiased_cka", "features", True, True, _one, "unbiased CKA (platonic-rep)"),
-    Metric("cknna", "knn", True, True, _one, "CKNNA"),
-    Metric("mutual_knn", "knn", True, True, _one, "mutual kNN"),
-    Metric("cycle_knn", "knn", False, True, _one, "cycle kNN"),
-    Metric("lcs_knn", "knn", True, True, float, "LCS of kNN lists (0..k)"),
-    Metric("edit_distance_knn", "knn", True, True, _one, "1 - edit distance of kNN lists / k"),
-    Metric("svcca", "features", True, True, _one, "SVCCA"),
-    Metric("procrustes", "features", True, False, lambda k: 0.0, "Procrustes distance (0 = equal)"),
-)}
+METRICS = {
+    m.name: m
+    for m in (
+        Metric("linear", "features", True, True, _one, "linear CKA"),
+        Metric("debiased", "features", True, True, _one, "debiased CKA"),
+        Metric("minibatch", "features", True, True, _one, "minibatch CKA"),
+        Metric("rbf", "features", True, True, _one, "RBF CKA"),
+        Metric("cka", "features", True, True, _one, "CKA (platonic-rep)"),
+        Metric("unbiased_cka", "features", True, True, _one, "unbiased CKA (platonic-rep)"),
+        Metric("cknna", "knn", True, True, _one, "CKNNA"),
+        Metric("mutual_knn", "knn", True, True, _one, "mutual kNN"),
+        Metric("cycle_knn", "knn", False, True, _one, "cycle kNN"),
+        Metric("lcs_knn", "knn", True, True, float, "LCS of kNN lists (0..k)"),
+        Metric("edit_distance_knn", "knn", True, True, _one, "1 - edit distance of kNN lists / k"),
+        Metric("svcca", "features", True, True, _one, "SVCCA"),
+        Metric("procrustes", "features", True, False, lambda k: 0.0, "Procrustes distance (0 = equal)"),
+    )
+}
 KNN_METRICS = tuple(name for name, m in METRICS.items() if m.uses == "knn")
 
 
@@ -195,8 +198,11 @@ class Side:
     def permuted(self, perm: np.ndarray) -> Side:
         """The same features with the samples reordered as x[perm]; what is already derived is reordered, not
         recomputed (every quantity a metric uses of one side alone is unchanged by reordering)."""
-        other = Side(None if self.x is None else self.x[perm], self.params,
-                     origin=None if self.origin is None else self.origin[perm])
+        other = Side(
+            None if self.x is None else self.x[perm],
+            self.params,
+            origin=None if self.origin is None else self.origin[perm],
+        )
         cached = vars(self)
         if "neighbours" in cached:
             other.neighbours = self.neighbours.permuted(perm)
@@ -207,8 +213,12 @@ class Side:
             other.gram = self.gram[np.ix_(perm, perm)]
         if "gram_terms" in cached:
             flat, diagonal, rows, total = self.gram_terms
-            other.gram_terms = (flat.reshape(self.n, self.n)[np.ix_(perm, perm)].ravel(), diagonal[perm], rows[perm],
-                                total)
+            other.gram_terms = (
+                flat.reshape(self.n, self.n)[np.ix_(perm, perm)].ravel(),
+                diagonal[perm],
+                rows[perm],
+                total,
+            )
         for name in ("self_hsic", "self_cknna"):
             if name in cached:
                 setattr(other, name, cached[name])
@@ -280,7 +290,7 @@ def cknna(a: Side, b: Side) -> float:
     rows, cols, va, vb = [], [], [], []
     chunk = 65536
     for lo in range(0, a.n, chunk):
-        i, p, q = np.nonzero(na.indices[lo:lo + chunk, :, None] == nb.indices[lo:lo + chunk, None, :])
+        i, p, q = np.nonzero(na.indices[lo : lo + chunk, :, None] == nb.indices[lo : lo + chunk, None, :])
         rows.append(i + lo)
         cols.append(na.indices[lo + i, p])
         va.append(na.similarities[lo + i, p])  # K_ij
@@ -321,8 +331,10 @@ def score(name: str, a: Side, b: Side, *, cross: tuple[float, float] | None = No
         for batch, (ka, sa, ra), (kb, sb, rb) in zip(a.params.batches, a.batch_grams(), b.batch_grams()):
             n = len(batch)
             terms = [(ka, sa, ra, kb, sb, rb), (ka, sa, ra, ka, sa, ra), (kb, sb, rb, kb, sb, rb)]
-            total += [(k1 @ k2 + s1 * s2 / ((n - 1) * (n - 2)) - 2 * (r1 @ r2) / (n - 2)) / (n * (n - 3))
-                      for k1, s1, r1, k2, s2, r2 in terms]
+            total += [
+                (k1 @ k2 + s1 * s2 / ((n - 1) * (n - 2)) - 2 * (r1 @ r2) / (n - 2)) / (n * (n - 3))
+                for k1, s1, r1, k2, s2, r2 in terms
+            ]
         return _ratio(total[0], total[1], total[2])
     if name == "rbf":
         ka, kb = a.gram.ravel(), b.gram.ravel()

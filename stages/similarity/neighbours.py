@@ -76,7 +76,7 @@ def shared_counts(a: np.ndarray, b: np.ndarray, *, chunk: int = 65536) -> np.nda
     """(N,) |a_i ∩ b_i|: how many of sample i's neighbours the two lists share."""
     out = np.empty(len(a), np.int64)
     for lo in range(0, len(a), chunk):
-        out[lo:lo + chunk] = (a[lo:lo + chunk, :, None] == b[lo:lo + chunk, None, :]).any(axis=2).sum(axis=1)
+        out[lo : lo + chunk] = (a[lo : lo + chunk, :, None] == b[lo : lo + chunk, None, :]).any(axis=2).sum(axis=1)
     return out
 
 
@@ -85,8 +85,8 @@ def cycle_hits(a: np.ndarray, b: np.ndarray, *, chunk: int = 65536) -> np.ndarra
     `compute_knn_accuracy(knn_A[knn_B])`), else 0."""
     out = np.empty(len(a), np.float64)
     for lo in range(0, len(a), chunk):
-        hop = a[b[lo:lo + chunk]]  # (n, k, k): the a-neighbours of each b-neighbour
-        out[lo:lo + chunk] = (hop == np.arange(lo, lo + len(hop))[:, None, None]).any(axis=(1, 2))
+        hop = a[b[lo : lo + chunk]]  # (n, k, k): the a-neighbours of each b-neighbour
+        out[lo : lo + chunk] = (hop == np.arange(lo, lo + len(hop))[:, None, None]).any(axis=(1, 2))
     return out
 
 
@@ -97,8 +97,9 @@ def lcs_lengths(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     table = np.zeros((k + 1, k + 1, n), np.int64)
     for i in range(1, k + 1):
         for j in range(1, k + 1):
-            table[i, j] = np.where(a[:, i - 1] == b[:, j - 1], table[i - 1, j - 1] + 1,
-                                   np.maximum(table[i - 1, j], table[i, j - 1]))
+            table[i, j] = np.where(
+                a[:, i - 1] == b[:, j - 1], table[i - 1, j - 1] + 1, np.maximum(table[i - 1, j], table[i, j - 1])
+            )
     return table[k, k]
 
 

@@ -51,8 +51,24 @@ from stages.similarity.preprocess import PREPROCESS, preprocess
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("store_a", "block_a", "timestep_a", "store_b", "block_b", "timestep_b", "pool", "split", "samples",
-           "metric", "score", "null_mean", "null_q95", "p_value", "ci_low", "ci_high")
+COLUMNS = (
+    "store_a",
+    "block_a",
+    "timestep_a",
+    "store_b",
+    "block_b",
+    "timestep_b",
+    "pool",
+    "split",
+    "samples",
+    "metric",
+    "score",
+    "null_mean",
+    "null_q95",
+    "p_value",
+    "ci_low",
+    "ci_high",
+)
 BEST_COLUMNS = ("store_a", "store_b", "pool", "metric", "score", "block_a", "timestep_a", "block_b", "timestep_b")
 OUTPUT_FILES = {"similarity.csv", "similarity.json", "best_pairs.csv"}
 NEEDS_FOUR = ("debiased", "minibatch", "unbiased_cka", "cknna")  # HSIC_1 divides by N - 3
@@ -107,9 +123,13 @@ class SimilaritySettings:
             fail(f"unknown --metric {', '.join(unknown) or '(none)'}; choose from {', '.join(METRICS)}")
         if self.preprocess not in PREPROCESS:
             fail(f"unknown --preprocess {self.preprocess!r}; choose from {', '.join(PREPROCESS)}")
-        for option, value, least in (("topk", self.topk, 1), ("cca-dim", self.cca_dim, 1),
-                                     ("permutations", self.permutations, 1), ("bootstrap", self.bootstrap, 2),
-                                     ("batch-size", self.batch_size, MIN_DEBIASED_SAMPLES)):
+        for option, value, least in (
+            ("topk", self.topk, 1),
+            ("cca-dim", self.cca_dim, 1),
+            ("permutations", self.permutations, 1),
+            ("bootstrap", self.bootstrap, 2),
+            ("batch-size", self.batch_size, MIN_DEBIASED_SAMPLES),
+        ):
             if value is not None and (isinstance(value, bool) or int(value) != value or value < least):
                 leave = " (leave it out for none)" if option in ("permutations", "bootstrap") else ""
                 fail(f"--{option} must be an integer of at least {least}{leave}; got {value}")
@@ -126,8 +146,10 @@ class SimilaritySettings:
         for option in ("blocks", "timesteps", "store_pools"):
             strays = sorted({name for name, _ in getattr(self, option) if name is not None} - set(names))
             if strays:
-                fail(f"--{option.replace('_', '-')} names {', '.join(strays)}, not one of the stores given "
-                     f"({', '.join(names)})")
+                fail(
+                    f"--{option.replace('_', '-')} names {', '.join(strays)}, not one of the stores given "
+                    f"({', '.join(names)})"
+                )
         if any(name is None or int(p) != p or p < 1 for name, p in self.store_pools):
             fail(f"--store-pool must be NAME=POOL with a positive POOL; got {self.store_pools}")
 
@@ -154,11 +176,18 @@ def run_similarity(settings: SimilaritySettings) -> SimilarityResult:
         reader = streaming.Reader(stores, settings.split, threads=settings.threads, progress=settings.progress)
         batches = None
         if "minibatch" in settings.metrics:
-            batches = tuple(np.searchsorted(rows, b) for b in
-                            streaming.minibatches(rows, num_samples, settings.batch_size, settings.seed))
-        params = Parameters(topk=settings.topk, cca_dim=settings.cca_dim, rbf_sigma=settings.rbf_sigma,
-                            batches=batches, budget=max(1, budget // 4),
-                            grams=use_grams(settings, features, len(rows), budget))
+            batches = tuple(
+                np.searchsorted(rows, b)
+                for b in streaming.minibatches(rows, num_samples, settings.batch_size, settings.seed)
+            )
+        params = Parameters(
+            topk=settings.topk,
+            cca_dim=settings.cca_dim,
+            rbf_sigma=settings.rbf_sigma,
+            batches=batches,
+            budget=max(1, budget // 4),
+            grams=use_grams(settings, features, len(rows), budget),
+        )
         results, plans = {}, {}
         for pool, chosen in features.items():
             if pool in from_store:
@@ -199,30 +228,46 @@ def resolve(stores: dict[str, FeatureStore], settings: SimilaritySettings) -> di
     shared = {name: store for name, store in stores.items() if name not in own}
     mine = {name: resolve_features({name: stores[name]}, replace(settings, pools=(own[name],))) for name in own}
     common = resolve_features(shared, settings) if shared else []
-    return {pool: [f for f in common if f.pool == pool] + [f for name in stores if name in own for f in mine[name]]
-            for pool in settings.pools}
+    return {
+        pool: [f for f in common if f.pool == pool] + [f for name in stores if name in own for f in mine[name]]
+        for pool in settings.pools
+    }
 
 
 def _read(reader: streaming.Reader, feature: Feature, rows: np.ndarray) -> np.ndarray:
     return np.concatenate([w[0] for w in reader.stream([feature], rows, desc=f"read {feature.label}")])
 
 
-def _streamed_sides(reader: streaming.Reader, chosen: list[Feature], rows: np.ndarray, settings: SimilaritySettings,
-                    params: Parameters, budget: int) -> tuple[list[Side], dict]:
+def _streamed_sides(
+    reader: streaming.Reader,
+    chosen: list[Feature],
+    rows: np.ndarray,
+    settings: SimilaritySettings,
+    params: Parameters,
+    budget: int,
+) -> tuple[list[Side], dict]:
     """Each feature's neighbour lists searched from the store (`streamed.streamed_neighbours`), within what the
     budget leaves after every feature's lists; the features themselves are never held whole."""
     n = len(rows)
     search = max(1, budget * 3 // 4 - 16 * n * settings.topk * len(chosen))
     sides, plans = [], {}
     for f in chosen:
+
         def windows(positions, f=f):
             return (w[0] for w in reader.stream([f], rows[positions], desc=f.label))
 
         bar = progress_bar(total=n, desc=f"neighbours {f.label} (streamed)", unit="sample", enabled=settings.progress)
         with bar:
-            found, plan = streamed.streamed_neighbours(windows, n, settings.topk, how=settings.preprocess,
-                                                        budget=search, width=f.width, window=reader.window,
-                                                        progress=bar.update)
+            found, plan = streamed.streamed_neighbours(
+                windows,
+                n,
+                settings.topk,
+                how=settings.preprocess,
+                budget=search,
+                width=f.width,
+                window=reader.window,
+                progress=bar.update,
+            )
         plans[f.label] = {"rows_per_block": plan.rows, "passes": plan.passes}
         sides.append(Side.from_neighbours(found, params))
     return sides, plans
@@ -300,28 +345,36 @@ def check_samples(settings: SimilaritySettings, rows: np.ndarray, by_pool: dict[
     features = [f for chosen in by_pool.values() for f in chosen]
     needs_four = [m for m in settings.metrics if m in NEEDS_FOUR]
     if needs_four and n < MIN_DEBIASED_SAMPLES:
-        raise SimilarityInputError(f"{', '.join(needs_four)} need at least {MIN_DEBIASED_SAMPLES} samples (unbiased "
-                                   f"HSIC divides by N-3), and split {settings.split!r} gives {n}; use more samples")
+        raise SimilarityInputError(
+            f"{', '.join(needs_four)} need at least {MIN_DEBIASED_SAMPLES} samples (unbiased "
+            f"HSIC divides by N-3), and split {settings.split!r} gives {n}; use more samples"
+        )
     if n < 2:
         raise SimilarityInputError(f"similarity needs at least 2 samples, and split {settings.split!r} gives {n}")
     knn = [m for m in settings.metrics if METRICS[m].uses == "knn"]
     if knn and settings.topk >= n:
-        raise SimilarityInputError(f"--topk {settings.topk} needs more than {settings.topk} samples and split "
-                                   f"{settings.split!r} gives {n}: a sample has {n - 1} others; choose --topk "
-                                   f"{n - 1} or fewer")
+        raise SimilarityInputError(
+            f"--topk {settings.topk} needs more than {settings.topk} samples and split "
+            f"{settings.split!r} gives {n}: a sample has {n - 1} others; choose --topk "
+            f"{n - 1} or fewer"
+        )
     if "svcca" in settings.metrics:
         narrowest = min(min(f.width for f in features), n)
         if settings.cca_dim > narrowest:
             where = min(features, key=lambda f: f.width)
-            raise SimilarityInputError(f"--cca-dim {settings.cca_dim} is more than the {narrowest} singular vectors "
-                                       f"{where.label} has ({where.width} features, {n} samples); choose --cca-dim "
-                                       f"{narrowest} or fewer")
+            raise SimilarityInputError(
+                f"--cca-dim {settings.cca_dim} is more than the {narrowest} singular vectors "
+                f"{where.label} has ({where.width} features, {n} samples); choose --cca-dim "
+                f"{narrowest} or fewer"
+            )
     if "minibatch" in settings.metrics:
         smallest = min(len(b) for b in np.array_split(np.arange(n), -(-n // settings.batch_size)))
         if smallest < MIN_DEBIASED_SAMPLES:
-            raise SimilarityInputError(f"--batch-size {settings.batch_size} cuts {n} samples into minibatches of as "
-                                       f"few as {smallest}; unbiased HSIC needs {MIN_DEBIASED_SAMPLES}: choose "
-                                       f"--batch-size {n} (one minibatch) or at most {n // 2}")
+            raise SimilarityInputError(
+                f"--batch-size {settings.batch_size} cuts {n} samples into minibatches of as "
+                f"few as {smallest}; unbiased HSIC needs {MIN_DEBIASED_SAMPLES}: choose "
+                f"--batch-size {n} (one minibatch) or at most {n // 2}"
+            )
 
 
 GRAM_SAMPLES = 4096  # the CKA metrics from N x N Gram matrices up to this N (a pair then costs N^2, not N p q)
@@ -336,8 +389,11 @@ def use_grams(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n
         return False
     copies = 2 if settings.permutations else 1
     each = 8 * n * n + (8 * n * min(n, settings.batch_size) if "minibatch" in settings.metrics else 0)
-    return all(copies * each * len(chosen) + sum(kept_bytes(settings, f, n) for f in chosen)
-               + BYTES_PER_SIMILARITY * n <= budget * 3 // 4 for chosen in by_pool.values())
+    return all(
+        copies * each * len(chosen) + sum(kept_bytes(settings, f, n) for f in chosen) + BYTES_PER_SIMILARITY * n
+        <= budget * 3 // 4
+        for chosen in by_pool.values()
+    )
 
 
 def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
@@ -355,8 +411,9 @@ def kept_bytes(settings: SimilaritySettings, feature: Feature, n: int) -> int:
     return need
 
 
-def check_budget(settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int, *,
-                 window: int) -> set[int]:
+def check_budget(
+    settings: SimilaritySettings, by_pool: dict[int, list[Feature]], n: int, budget: int, *, window: int
+) -> set[int]:
     """The pools whose features are searched from the store (`_streamed_sides`): those whose kept features do not
     fit 3/4 of the budget (the rest is for one block of neighbour search, at least one row of N similarities),
     where every metric is a kNN metric and there is no bootstrap. Refuse, before reading, any other request
@@ -373,17 +430,21 @@ def check_budget(settings: SimilaritySettings, by_pool: dict[int, list[Feature]]
         if not in_memory and not settings.bootstrap and fits:
             from_store.add(pool)
             continue
-        why = (f"{', '.join(in_memory)} need{'s' if len(in_memory) == 1 else ''} every compared array in memory"
-               if in_memory else "--bootstrap repeats the neighbour search in memory" if settings.bootstrap
-               else "even their neighbour lists do not fit")
+        why = (
+            f"{', '.join(in_memory)} need{'s' if len(in_memory) == 1 else ''} every compared array in memory"
+            if in_memory
+            else "--bootstrap repeats the neighbour search in memory"
+            if settings.bootstrap
+            else "even their neighbour lists do not fit"
+        )
         rbf = " (rbf keeps an N x N Gram matrix per feature)" if "rbf" in settings.metrics else ""
         raise SimilarityInputError(
             f"the {len(chosen)} features of pool {pool} keep {format_bytes(need)} for {n} samples{rbf}, more than "
             f"3/4 of the memory budget ({format_bytes(budget)}); choose --memory-budget {_size(need * 4 / 3)} "
             f"({why}), or only the kNN metrics ({', '.join(KNN_METRICS)}), which read from the store within any "
-            "budget, or fewer --samples, a coarser --pool")
+            "budget, or fewer --samples, a coarser --pool"
+        )
     return from_store
-
 
 
 def _size(n: float) -> str:
@@ -412,17 +473,36 @@ def pair_rows(results: dict, settings: SimilaritySettings, samples: int) -> list
                 if s.null is not None:
                     null = s.null[i, j]
                     null_mean = float(np.nanmean(null)) if np.isfinite(null).any() else float("nan")
-                    null_q95 = calibration.null_level(null, higher=metric.higher) if np.isfinite(null).any() \
-                        else float("nan")
+                    null_q95 = (
+                        calibration.null_level(null, higher=metric.higher) if np.isfinite(null).any() else float("nan")
+                    )
                     p = calibration.p_value(value, null, higher=metric.higher)
                 if s.boot is not None:
-                    low, high = calibration.interval(s.boot[i, j]) if np.isfinite(s.boot[i, j]).any() \
+                    low, high = (
+                        calibration.interval(s.boot[i, j])
+                        if np.isfinite(s.boot[i, j]).any()
                         else (float("nan"), float("nan"))
-                table.append({"store_a": a.store, "block_a": a.block, "timestep_a": a.timestep, "store_b": b.store,
-                              "block_b": b.block, "timestep_b": b.timestep, "pool": pool, "split": settings.split,
-                              "samples": samples, "metric": m, "score": value, "null_mean": _blank(null_mean),
-                              "null_q95": _blank(null_q95), "p_value": _blank(p), "ci_low": _blank(low),
-                              "ci_high": _blank(high)})
+                    )
+                table.append(
+                    {
+                        "store_a": a.store,
+                        "block_a": a.block,
+                        "timestep_a": a.timestep,
+                        "store_b": b.store,
+                        "block_b": b.block,
+                        "timestep_b": b.timestep,
+                        "pool": pool,
+                        "split": settings.split,
+                        "samples": samples,
+                        "metric": m,
+                        "score": value,
+                        "null_mean": _blank(null_mean),
+                        "null_q95": _blank(null_q95),
+                        "p_value": _blank(p),
+                        "ci_low": _blank(low),
+                        "ci_high": _blank(high),
+                    }
+                )
     return table
 
 
@@ -443,9 +523,19 @@ def best_pairs(results: dict, settings: SimilaritySettings) -> list[dict]:
                     flat = np.nanargmax(block) if METRICS[m].higher else np.nanargmin(block)
                     i, j = np.unravel_index(flat, block.shape)
                     a, b = features[rows[i]], features[cols[j]]
-                    best.append({"store_a": names[x], "store_b": names[y], "pool": pool, "metric": m,
-                                 "score": float(block[i, j]), "block_a": a.block, "timestep_a": a.timestep,
-                                 "block_b": b.block, "timestep_b": b.timestep})
+                    best.append(
+                        {
+                            "store_a": names[x],
+                            "store_b": names[y],
+                            "pool": pool,
+                            "metric": m,
+                            "score": float(block[i, j]),
+                            "block_a": a.block,
+                            "timestep_a": a.timestep,
+                            "block_b": b.block,
+                            "timestep_b": b.timestep,
+                        }
+                    )
     return best
 
 
@@ -458,9 +548,14 @@ def describe(result: SimilarityResult) -> str:
     """One line for the command line: what was computed, where it went."""
     record = result.record
     settings = record["settings"]
-    extra = "".join(f"; {n} {what}" for n, what in ((settings["permutations"], "permutations"),
-                                                     (settings["bootstrap"], "bootstrap resamples")) if n)
+    extra = "".join(
+        f"; {n} {what}"
+        for n, what in ((settings["permutations"], "permutations"), (settings["bootstrap"], "bootstrap resamples"))
+        if n
+    )
     count = sum(map(len, record["features"].values()))
-    return (f"{len(result.rows)} scores ({', '.join(settings['metrics'])}) of {count} features "
-            f"({', '.join(record['stores'])}; {record['samples']['count']} {record['split']} samples, "
-            f"{settings['preprocess']}, top-{settings['topk']}{extra}) -> {result.out}/similarity.csv")
+    return (
+        f"{len(result.rows)} scores ({', '.join(settings['metrics'])}) of {count} features "
+        f"({', '.join(record['stores'])}; {record['samples']['count']} {record['split']} samples, "
+        f"{settings['preprocess']}, top-{settings['topk']}{extra}) -> {result.out}/similarity.csv"
+    )

@@ -103,8 +103,17 @@ def prepare(x: np.ndarray, how: str, limit: float | None) -> np.ndarray:
     return out
 
 
-def streamed_neighbours(windows: Windows, n: int, k: int, *, how: str, budget: int, width: int, window: int,
-                        progress: Callable[[int], None] | None = None) -> tuple[Neighbours, Plan]:
+def streamed_neighbours(
+    windows: Windows,
+    n: int,
+    k: int,
+    *,
+    how: str,
+    budget: int,
+    width: int,
+    window: int,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[Neighbours, Plan]:
     """Each of the n samples' k nearest others by inner product, as `nearest_neighbours(preprocess(whole, how),
     k)` finds them, reading the features through `windows` (positions -> rows), in blocks within `budget`."""
     if not 1 <= k < n:
@@ -143,7 +152,7 @@ def _keep(values: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np
     if values.shape[1] > keep:
         kth = np.partition(values, values.shape[1] - keep, axis=1)[:, values.shape[1] - keep]
         if np.all(np.count_nonzero(values >= kth[:, None], axis=1) == keep):  # no tie at the k-th: any k best do
-            top = np.argpartition(values, values.shape[1] - keep, axis=1)[:, values.shape[1] - keep:]
+            top = np.argpartition(values, values.shape[1] - keep, axis=1)[:, values.shape[1] - keep :]
             values, index = np.take_along_axis(values, top, axis=1), np.take_along_axis(index, top, axis=1)
     order = np.lexsort((index, -values), axis=1)[:, :keep]
     return np.take_along_axis(values, order, axis=1), np.take_along_axis(index, order, axis=1)

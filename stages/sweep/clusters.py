@@ -21,8 +21,15 @@ from __future__ import annotations
 from cache.errors import UserError
 from cache.extras import require
 
-KINDS = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "sge": "SGECluster", "lsf": "LSFCluster",
-         "moab": "MoabCluster", "oar": "OARCluster", "htcondor": "HTCondorCluster"}
+KINDS = {
+    "slurm": "SLURMCluster",
+    "pbs": "PBSCluster",
+    "sge": "SGECluster",
+    "lsf": "LSFCluster",
+    "moab": "MoabCluster",
+    "oar": "OARCluster",
+    "htcondor": "HTCondorCluster",
+}
 
 
 class ClusterConfigError(UserError, ValueError):
@@ -39,7 +46,8 @@ def _fix_message(kind: str, error: Exception) -> ClusterConfigError:
         f"dask-jobqueue cannot make a {kind} job from dask's configuration: {' '.join(str(error).split())}. Set "
         f"jobqueue.{kind}.cores and "
         f"jobqueue.{kind}.memory (and queue, walltime, ...) in ~/.config/dask/jobqueue.yaml, or as "
-        f"DASK_JOBQUEUE__{kind.upper()}__CORES=8 and DASK_JOBQUEUE__{kind.upper()}__MEMORY=32GB")
+        f"DASK_JOBQUEUE__{kind.upper()}__CORES=8 and DASK_JOBQUEUE__{kind.upper()}__MEMORY=32GB"
+    )
 
 
 def job_script(kind: str) -> str:

@@ -64,15 +64,21 @@ class EngineOptions:
     def __post_init__(self):
         chosen = [name for name in ("workers", "scheduler", "cluster") if getattr(self, name) is not None]
         if len(chosen) > 1:
-            raise ConfigError("give one of --workers, --scheduler and --cluster, not "
-                              + " and ".join("--" + c for c in chosen))
-        if self.workers is not None and (isinstance(self.workers, bool) or not isinstance(self.workers, int)
-                                         or self.workers < 1):
-            raise ConfigError(f"--workers {self.workers}: give 1 or more local worker processes, or leave --workers "
-                              "out to run in this process")
+            raise ConfigError(
+                "give one of --workers, --scheduler and --cluster, not " + " and ".join("--" + c for c in chosen)
+            )
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1
+        ):
+            raise ConfigError(
+                f"--workers {self.workers}: give 1 or more local worker processes, or leave --workers "
+                "out to run in this process"
+            )
         if self.cluster is not None and self.cluster not in KINDS:
-            raise ConfigError(f"unknown --cluster {self.cluster!r}; dask-jobqueue kinds are {', '.join(KINDS)} "
-                              "(for a running cluster give --scheduler ADDRESS)")
+            raise ConfigError(
+                f"unknown --cluster {self.cluster!r}; dask-jobqueue kinds are {', '.join(KINDS)} "
+                "(for a running cluster give --scheduler ADDRESS)"
+            )
         if self.scale is not None and self.cluster is None:
             raise ConfigError("--scale sizes a --cluster; with --workers give the number there")
         if self.scale is not None and self.scale < 1:
@@ -180,10 +186,14 @@ def _local_cluster(options: EngineOptions):
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
             return LocalCluster(
-                n_workers=options.workers, threads_per_worker=options.threads_per_worker, processes=True,
-                host="127.0.0.1", dashboard_address="127.0.0.1:8787" if options.dashboard else "127.0.0.1:0",
+                n_workers=options.workers,
+                threads_per_worker=options.threads_per_worker,
+                processes=True,
+                host="127.0.0.1",
+                dashboard_address="127.0.0.1:8787" if options.dashboard else "127.0.0.1:0",
                 scheduler_kwargs={"dashboard": options.dashboard},
-                silence_logs=logging.CRITICAL)  # task errors reach the driver; shutdown chatter need not
+                silence_logs=logging.CRITICAL,
+            )  # task errors reach the driver; shutdown chatter need not
         except (RuntimeError, OSError, TimeoutError) as error:  # "Nanny failed to start", a start-up timeout
             cause = error.__cause__ or error
             why = f"{type(cause).__name__}: {str(cause).strip().splitlines()[0] if str(cause).strip() else ''}"
@@ -191,9 +201,14 @@ def _local_cluster(options: EngineOptions):
                 raise ClusterStartError(
                     f"the local dask cluster of {options.workers} worker(s) did not start in {START_ATTEMPTS} tries "
                     f"(a worker died while starting: {why}); nothing ran and finished tasks are kept. Check the "
-                    "memory free for the workers, then run the same command again") from None
-            log.warning("the local dask cluster did not start (a worker died while starting: %s); starting it "
-                        "again (%d/%d)", why, attempt + 1, START_ATTEMPTS)
+                    "memory free for the workers, then run the same command again"
+                ) from None
+            log.warning(
+                "the local dask cluster did not start (a worker died while starting: %s); starting it again (%d/%d)",
+                why,
+                attempt + 1,
+                START_ATTEMPTS,
+            )
     raise AssertionError("unreachable")
 
 
@@ -205,4 +220,5 @@ def _connect(address: str, timeout: float):
     except (OSError, TimeoutError, ValueError) as error:
         raise SchedulerUnreachableError(
             f"no dask scheduler answered at {address} within {timeout:g} s ({type(error).__name__}: {error}); check "
-            "the address and that the scheduler is running (`dask scheduler`), or raise --connect-timeout") from None
+            "the address and that the scheduler is running (`dask scheduler`), or raise --connect-timeout"
+        ) from None

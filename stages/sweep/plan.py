@@ -38,8 +38,20 @@ from stages.probe.settings import ProbeSettings
 from stages.sweep.versions import environment
 
 # ProbeSettings fields that never change a trained number (or are captured by the input sets themselves)
-NOT_IN_KEY = ("store", "out", "name", "blocks", "timesteps", "pools", "memory_budget", "read_threads",
-              "storage_options", "seeds", "shots", "episodes")  # the last three: repeats after the tasks
+NOT_IN_KEY = (
+    "store",
+    "out",
+    "name",
+    "blocks",
+    "timesteps",
+    "pools",
+    "memory_budget",
+    "read_threads",
+    "storage_options",
+    "seeds",
+    "shots",
+    "episodes",
+)  # the last three: repeats after the tasks
 
 
 @dataclass(frozen=True)
@@ -64,9 +76,16 @@ class Task:
 
     def payload(self, root: str) -> dict:
         """What a worker needs (plain data, no arrays): it reopens the store by its location."""
-        return {"key": self.key, "run": self.run, "location": self.store.location, "settings": asdict(self.settings),
-                "combos": list(self.combos), "combo_keys": list(self.combo_keys), "root": str(root),
-                "environment": environment()}
+        return {
+            "key": self.key,
+            "run": self.run,
+            "location": self.store.location,
+            "settings": asdict(self.settings),
+            "combos": list(self.combos),
+            "combo_keys": list(self.combo_keys),
+            "root": str(root),
+            "environment": environment(),
+        }
 
 
 @dataclass(frozen=True)
@@ -95,9 +114,18 @@ class SweepPlan:
 
     def record(self) -> dict:
         """The grouping, as recorded before anything runs (and in every run.json)."""
-        return {"group_size": self.group_size,
-                "runs": [{"run": r.run, "store": r.store.location, "head": r.settings.head,
-                          "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in r.tasks]} for r in self.runs]}
+        return {
+            "group_size": self.group_size,
+            "runs": [
+                {
+                    "run": r.run,
+                    "store": r.store.location,
+                    "head": r.settings.head,
+                    "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in r.tasks],
+                }
+                for r in self.runs
+            ],
+        }
 
     @property
     def key(self) -> str:
@@ -108,8 +136,10 @@ def _rows_digest(samples: Samples) -> dict:
     def digest(index: np.ndarray) -> str:
         return hashlib.sha256(np.asarray(index, np.int64).tobytes()).hexdigest()
 
-    return {role: {"split": rows.split, "sha256": digest(rows.index)}
-            for role, rows in (("fit", samples.fit), ("selection", samples.selection), ("test", samples.test))}
+    return {
+        role: {"split": rows.split, "sha256": digest(rows.index)}
+        for role, rows in (("fit", samples.fit), ("selection", samples.selection), ("test", samples.test))
+    }
 
 
 def task_key(plan: ProbePlan, combos: list[Combo]) -> str:
@@ -119,8 +149,13 @@ def task_key(plan: ProbePlan, combos: list[Combo]) -> str:
         "store_fingerprint": plan.store.fingerprint,
         "inputs": [{"inputs": c.inputs, "pool": c.pool, "shapes": c.shapes} for c in combos],
         "settings": settings,
-        "hypers": plan.hypers, "options": plan.options, "epochs": plan.epochs, "rungs": plan.rungs,
-        "mode": plan.mode, "window_chunks": plan.window_chunks, "num_classes": plan.num_classes,
+        "hypers": plan.hypers,
+        "options": plan.options,
+        "epochs": plan.epochs,
+        "rungs": plan.rungs,
+        "mode": plan.mode,
+        "window_chunks": plan.window_chunks,
+        "num_classes": plan.num_classes,
         "rows": _rows_digest(plan.samples),
         "environment": environment(),
     }
@@ -128,8 +163,9 @@ def task_key(plan: ProbePlan, combos: list[Combo]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, group_size: int | None,
-             nested: bool) -> RunPlan:
+def plan_run(
+    store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, group_size: int | None, nested: bool
+) -> RunPlan:
     """The probe plan of one (store, head) and its tasks (see the module docstring)."""
     plan = make_plan(store, settings)
     # Every task trains in the mode this plan chose: memory and streamed training agree only to rounding.
@@ -147,15 +183,18 @@ def plan_run(store: FeatureStore, ref: StoreRef, settings: ProbeSettings, *, gro
     return RunPlan(run, ref, settings, plan, tasks)
 
 
-def plan_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None = None,
-               nested: bool = True) -> SweepPlan:
+def plan_sweep(
+    stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None = None, nested: bool = True
+) -> SweepPlan:
     """Every (store, head) with every requested input set, as tasks; `options` are ProbeSettings fields.
 
     `nested`: runs go to <root>/<store name>/<head> (`pipeline sweep`), else to <root>/<head> (one store,
     `pipeline probe`). The stores are opened here (metadata and labels only) and closed again."""
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0):
-        raise ConfigError(f"The 'group_size' setting of the sweep must be None or a non-negative integer (0: whole "
-                          f"passes). Got {group_size!r} instead.")
+        raise ConfigError(
+            f"The 'group_size' setting of the sweep must be None or a non-negative integer (0: whole "
+            f"passes). Got {group_size!r} instead."
+        )
     if not stores or not heads:
         raise ConfigError("a sweep needs at least one --store and one --head")
     names = [s.name for s in stores]

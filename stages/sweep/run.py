@@ -56,21 +56,39 @@ class SweepResult:
     reused: int  # tasks whose results were already there
 
 
-def run_sweep(stores: list[StoreRef], heads: list[str], options: dict, *, out: str | Path = "results",
-              group_size: int | None = None, nested: bool = True, engine: EngineOptions = EngineOptions(),
-              progress: bool = True) -> SweepResult:
+def run_sweep(
+    stores: list[StoreRef],
+    heads: list[str],
+    options: dict,
+    *,
+    out: str | Path = "results",
+    group_size: int | None = None,
+    nested: bool = True,
+    engine: EngineOptions = EngineOptions(),
+    progress: bool = True,
+) -> SweepResult:
     """Run the sweep (see the module docstring); `options` are ProbeSettings fields shared by every run.
 
     `threads` defaults to 1 per task here (parallelism comes from tasks; results depend on the thread
     count in the last bits, so every task of a sweep uses the same one)."""
     root = Path(out)
     with output_lock(root, "sweep"):  # a second sweep into this root would drop this one's tasks in progress
-        return _run_sweep(root, stores, heads, options, group_size=group_size, nested=nested, engine=engine,
-                          progress=progress)
+        return _run_sweep(
+            root, stores, heads, options, group_size=group_size, nested=nested, engine=engine, progress=progress
+        )
 
 
-def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: dict, *, group_size: int | None,
-               nested: bool, engine: EngineOptions, progress: bool) -> SweepResult:
+def _run_sweep(
+    root: Path,
+    stores: list[StoreRef],
+    heads: list[str],
+    options: dict,
+    *,
+    group_size: int | None,
+    nested: bool,
+    engine: EngineOptions,
+    progress: bool,
+) -> SweepResult:
     options = {"threads": 1, **options, "out": str(root)}
     plan = plan_sweep(stores, heads, options, group_size=group_size, nested=nested)
     for run in plan.runs:
@@ -79,11 +97,18 @@ def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: di
     for task in tasks:
         problem = discard_damaged(root, task.key)
         if problem is not None:
-            log.warning("%s: its result was damaged (%s); removed, to be computed again", task_dir(root, task.key),
-                        problem)
+            log.warning(
+                "%s: its result was damaged (%s); removed, to be computed again", task_dir(root, task.key), problem
+            )
     missing = [t for t in tasks if not is_done(root, t.key)]
-    log.info("sweep: %d run(s), %d task(s): %d already done, %d to run on %s", len(plan.runs), len(tasks),
-             len(tasks) - len(missing), len(missing), engine.describe())
+    log.info(
+        "sweep: %d run(s), %d task(s): %d already done, %d to run on %s",
+        len(plan.runs),
+        len(tasks),
+        len(tasks) - len(missing),
+        len(missing),
+        engine.describe(),
+    )
     # the engine first: an unreachable scheduler or a bad cluster configuration leaves nothing behind
     with open_engine(engine) if missing else contextlib.nullcontext() as runner:
         _record_plan(root, plan)
@@ -93,10 +118,12 @@ def _run_sweep(root: Path, stores: list[StoreRef], heads: list[str], options: di
                 runner.run([t.payload(str(root)) for t in missing], lambda summary: bar.update(1))
     lost = [t for t in tasks if not is_done(root, t.key)]
     if lost:
-        raise ResultsRootError(f"{len(lost)} task(s) finished but left no result under {root / TASKS}: the workers "
-                               f"must "
-                               f"see the results root at the same path ({root.resolve()}), e.g. on a shared file "
-                               "system; give --out a path they share")
+        raise ResultsRootError(
+            f"{len(lost)} task(s) finished but left no result under {root / TASKS}: the workers "
+            f"must "
+            f"see the results root at the same path ({root.resolve()}), e.g. on a shared file "
+            "system; give --out a path they share"
+        )
     remove_stale_partials(root, [t.key for t in tasks])
     runs = {run.run: assemble_run(root, run, plan) for run in plan.runs}
     return SweepResult(plan, runs, submitted=len(missing), reused=len(tasks) - len(missing))
@@ -125,8 +152,11 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
     rows, predictions, seconds, devices = [], {}, 0.0, set()
     final = root / run.run
     _check_run_dir(final)
-    with (output_lock(final, "sweep"), full_disk_is_one_line(root, f"assembling {run.run}"),
-          staged_output(final) as partial):
+    with (
+        output_lock(final, "sweep"),
+        full_disk_is_one_line(root, f"assembling {run.run}"),
+        staged_output(final) as partial,
+    ):
         (partial / "heads").mkdir()
         for task in run.tasks:
             task_rows, task_predictions, heads, summary = read_task(root, task.key)
@@ -136,12 +166,25 @@ def assemble_run(root: Path, run: RunPlan, plan: SweepPlan) -> ProbeResult:
                 shutil.copy2(file, partial / "heads" / file.name)
             seconds += summary["seconds"]
             devices.add(summary["device"])
-        engine = {"device": ", ".join(sorted(devices)), "seconds": round(seconds, 3),  # summed over the tasks
-                  "versions": environment(),
-                  "sweep": {"plan": plan.key, "group_size": plan.group_size,
-                            "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in run.tasks]}}
-        record, metrics = finish_run(partial, run.plan, rows, predictions, location=str(run.store.location),
-                                     engine=engine, device=resolve_device(run.settings.device))
+        engine = {
+            "device": ", ".join(sorted(devices)),
+            "seconds": round(seconds, 3),  # summed over the tasks
+            "versions": environment(),
+            "sweep": {
+                "plan": plan.key,
+                "group_size": plan.group_size,
+                "tasks": [{"key": t.key, "inputs": list(t.combo_keys)} for t in run.tasks],
+            },
+        }
+        record, metrics = finish_run(
+            partial,
+            run.plan,
+            rows,
+            predictions,
+            location=str(run.store.location),
+            engine=engine,
+            device=resolve_device(run.settings.device),
+        )
     log.info("assembled %s from %d task(s) in %.1f s", final, len(run.tasks), time.perf_counter() - started)
     return ProbeResult(final, rows, metrics, record)
 

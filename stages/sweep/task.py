@@ -95,14 +95,17 @@ def run_task(payload: dict) -> dict:
     discard_damaged(root, key)
     settings = ProbeSettings(**payload["settings"])
     started = time.perf_counter()
-    with thread_limit(settings.threads), FeatureStore.open(payload["location"],
-                                                           settings.storage_options).hold() as store:
+    with (
+        thread_limit(settings.threads),
+        FeatureStore.open(payload["location"], settings.storage_options).hold() as store,
+    ):
         plan = make_plan(store, settings)
         combos = [plan.combos[i] for i in payload["combos"]] if max(payload["combos"]) < len(plan.combos) else []
         if [c.key for c in combos] != payload["combo_keys"] or task_key(plan, combos) != key:
             raise TaskChangedError(
                 f"{payload['location']} (or the code reading it) changed since the sweep was planned: the task for "
-                f"{', '.join(payload['combo_keys'])} of {payload['run']} no longer matches; run the sweep again")
+                f"{', '.join(payload['combo_keys'])} of {payload['run']} no longer matches; run the sweep again"
+            )
         device = resolve_device(settings.device)
         partial = root / TASKS / f".{key}.partial-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         try:
@@ -112,8 +115,14 @@ def run_task(payload: dict) -> dict:
                 rows, predictions = sweep(plan, combos, partial / "heads", device)
                 (partial / "rows.json").write_text(json.dumps(rows) + "\n")
                 np.savez_compressed(partial / "predictions.npz", **predictions)
-                summary = {"key": key, "run": payload["run"], "inputs": payload["combo_keys"], "where": where,
-                           "device": str(device), "seconds": round(time.perf_counter() - started, 3)}
+                summary = {
+                    "key": key,
+                    "run": payload["run"],
+                    "inputs": payload["combo_keys"],
+                    "where": where,
+                    "device": str(device),
+                    "seconds": round(time.perf_counter() - started, 3),
+                }
                 (partial / "task.json").write_text(json.dumps(summary, indent=2) + "\n")
                 _commit(partial, task_dir(root, key))
         except BaseException:

@@ -58,10 +58,14 @@ def environment() -> dict:
 
 def check_same(driver: dict, worker: dict, where: str) -> None:
     """Raise VersionMismatchError naming every difference between the driver's and a worker's environment."""
-    different = [f"{name} {driver.get(name)} here, {worker.get(name)} there"
-                 for name in sorted(set(driver) | set(worker)) if driver.get(name) != worker.get(name)]
+    different = [
+        f"{name} {driver.get(name)} here, {worker.get(name)} there"
+        for name in sorted(set(driver) | set(worker))
+        if driver.get(name) != worker.get(name)
+    ]
     if different:
         raise VersionMismatchError(
             f"the worker {where} runs other versions than this driver: {'; '.join(different)}. Install the same "
             "commit of the project and the same libraries on every worker (`code` is a sha256 of the project's "
-            "cache/, stages/probe/ and stages/sweep/ sources)")
+            "cache/, stages/probe/ and stages/sweep/ sources)"
+        )
