@@ -32,14 +32,31 @@ def repair_command(store) -> str:
     return shlex.join([*parts, "--repair"])
 
 
-def render(error: Exception) -> str:
+def overwrite_command(argv: list[str] | None) -> str | None:
+    """The `pipeline extract` command line that failed (`argv`: its arguments after `pipeline`), with
+    `--overwrite`: run verbatim, it replaces the store. None for another command, or where the line carries
+    a credential (never printed; it belongs in the environment)."""
+    if not argv or next((a for a in argv if not a.startswith("-")), None) != "extract":
+        return None
+    if any(a.split("=", 1)[0].rsplit(".", 1)[-1] in _SECRET_OPTIONS for a in argv if "=" in a):
+        return None
+    return shlex.join(["pipeline", *argv, *([] if "--overwrite" in argv else ["--overwrite"])])
+
+
+def render(error: Exception, argv: list[str] | None = None) -> str:
     """The message of a user error, its advice appended on the same line where the error carries a remedy
-    (an error is one line: what is wrong, then what to do)."""
+    (an error is one line: what is wrong, then what to do). `argv`, the failed command's arguments after
+    `pipeline`, lets an extraction's advice to replace the store be that command with `--overwrite`."""
     text = str(error).rstrip(". ")
     remedy = getattr(error, "remedy", None)
     store = getattr(error, "store", None)
     if remedy == errors.REPAIR and store is not None:
         return f"{text}. To repair it, run: `{repair_command(store)}`"
+    again = overwrite_command(argv)
+    if again and remedy == errors.REPLACE:
+        return f"{text}. To replace it, run: `{again}`, or write into another --out."
+    if again and remedy == errors.RESTORE_DATA:
+        return f"{text}. Restore them, or re-extract everything into the store: `{again}`"
     advice = {
         errors.REPLACE: "Extract again with --overwrite (it replaces the store), or into another --out.",
         errors.ELSEWHERE: "Choose another --out.",

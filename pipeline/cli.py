@@ -107,6 +107,10 @@ class Commands(click.Group):
         super().__init__(*args, **kwargs)
         self.commands = _LazyCommands(COMMANDS)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["pipeline.argv"] = list(args)  # the command line as given, for advice that repeats it
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context):
         started = time.perf_counter()
         try:
@@ -119,7 +123,7 @@ class Commands(click.Group):
             if isinstance(error, UserError):
                 from pipeline.advice import render
 
-                raise click.ClickException(render(error)) from error
+                raise click.ClickException(render(error, ctx.meta.get("pipeline.argv"))) from error
             if isinstance(error, OSError) and error.errno in _ENVIRONMENT_ERRNOS:
                 where = f": {error.filename}" if error.filename else ""
                 raise click.ClickException(f"{error.strerror}{where}") from error

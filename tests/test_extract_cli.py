@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 import shutil
 
 import numpy as np
@@ -126,3 +128,30 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tiny_model, tiny_data, tmp_p
 def test_fp16_on_cpu_is_refused(tiny_model, tiny_data, tmp_path):
     result = invoke(*extract_args(tiny_model, tiny_data, tmp_path / "s.zarr", "--precision", "fp16", "--device", "cpu"))
     assert result.exit_code == 1 and "fp16 needs a CUDA device" in result.output
+
+
+def test_a_store_of_other_settings_is_replaced_by_running_the_advice_verbatim(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "s.zarr"
+    assert invoke(*extract_args(tiny_model, tiny_data, out, "--blocks", "3", "--timesteps", "90")).exit_code == 0
+    result = invoke(
+        *extract_args(tiny_model, tiny_data, out, "--blocks", "3", "--timesteps", "90", "--noise-seed", "7")
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert FeatureStore.open(out).attrs["noise_seed"] == 0  # refused: nothing of the old store is lost
+    command = re.search(r"To replace it, run: `([^`]+)`", result.output)
+    assert command, result.output
+    argv = shlex.split(command.group(1))
+    assert argv[0] == "pipeline" and argv[-1] == "--overwrite"
+    assert invoke(*argv[1:]).exit_code == 0
+    replaced = FeatureStore.open(out)
+    assert replaced.attrs["noise_seed"] == 7 and replaced.missing() == {}
+
+
+def test_the_overwrite_advice_repeats_only_an_extraction_and_never_a_credential():
+    from pipeline.advice import overwrite_command
+
+    assert overwrite_command(["-q", "extract", "--out", "a b"]) == "pipeline -q extract --out 'a b' --overwrite"
+    assert overwrite_command(["extract", "--overwrite"]) == "pipeline extract --overwrite"
+    assert overwrite_command(["probe", "--store", "x"]) is None and overwrite_command(None) is None
+    assert overwrite_command(["extract", "--storage-option", "secret=abc"]) is None
+    assert overwrite_command(["extract", "--storage-option", "client_kwargs.region_name=x"]) is not None
