@@ -118,3 +118,43 @@ def test_fit_logistic_is_scikit_learns_logistic_regression(digits):
             np.testing.assert_allclose(
                 bias - bias.mean(), reference.intercept_ - reference.intercept_.mean(), atol=tight * max(scale, 1.0)
             )
+
+
+def test_the_path_polishes_what_selection_needs_and_chooses_as_a_fully_polished_path(digits):
+    """fit_lbfgs with validation rows: float32 along the path, float64 only for the decays selection may choose.
+    Its choice and the chosen head are those of every member solved to the optimum in float64."""
+    from stages.probe.banks import FlatBank, fit_lbfgs
+
+    X, y = digits
+    fit, val = slice(0, 500), slice(500, 600)
+    features = torch.tensor(np.stack([X, np.tanh(2 * X)]), dtype=torch.float32)
+    Cs = 10.0 ** (np.arange(-6, 7) / 2)  # strongest decay first, as the path walks it
+    decays = [float(1 / (C * 500)) for C in Cs]
+    labels, y_val = torch.tensor(y[fit]), torch.tensor(y[val])
+    bank = FlatBank([64, 64], len(decays), 10)
+    trained, counts = fit_lbfgs(
+        bank, [features[:, fit]], labels, decays, validation=([features[:, val]], y_val), tol=1e-6
+    )
+    polished = counts["members"] - len(trained)  # members counts the float32 path's, then the float64 polish's
+    assert 0 < polished < len(trained) and counts["member_iterations_float64"] > 0
+    full, _ = fit_logistic(features[:, fit].double(), labels, 10, decays, tol=1e-6, max_iter=1000)
+    full = full.view(2, len(decays), -1)
+
+    def score(i, params):  # validation (top-1, -loss) of input set i: the probe's rule
+        logits = features[i, val].double() @ params[:640].view(10, 64).T + params[640:]
+        loss = torch.nn.functional.cross_entropy(logits, y_val)
+        return float((logits.argmax(1) == y_val).double().mean()), -float(loss)
+
+    for i in range(2):
+        reached = [d for d in range(len(decays)) if i * len(decays) + d in trained]
+        with torch.no_grad():
+            ours = {
+                d: torch.cat(
+                    [bank.weights[bank._slot[(0, 0, d)]][i].flatten(), bank.biases[bank._slot[(0, 0, d)]][i].flatten()]
+                ).double()
+                for d in reached
+            }
+        chosen = max(reached, key=lambda d: score(i, ours[d]))
+        assert chosen == max(reached, key=lambda d: score(i, full[i, d]))
+        # polished: the float64 optimum, to the bank's float32
+        torch.testing.assert_close(ours[chosen], full[i, chosen], rtol=0, atol=2e-3 * float(full[i].abs().max()))

@@ -40,6 +40,7 @@ class Result:
     iterations: torch.Tensor
     converged: torch.Tensor
     value: torch.Tensor
+    gradient: torch.Tensor  # per member max |gradient| at x
     evaluations: int  # objective calls (each one batched evaluation of the members it was given)
     state: dict  # the members' histories, to continue from (`minimize(..., state=)`), e.g. in another precision
 
@@ -125,7 +126,7 @@ def minimize(
         converged[active] = met
         stopped[active] = met | failed
     state = {"S": S, "Y": Y, "rho": rho, "gamma": gamma, "fresh": fresh, "offset": step + 1 if max_iter else offset}
-    return Result(x, iterations, converged, f, evaluations, state)
+    return Result(x, iterations, converged, f, g.abs().amax(1), evaluations, state)
 
 
 def _two_loop(

@@ -18,6 +18,10 @@ import torch
 
 from stages.probe.lbfgs import minimize
 
+# a member whose max |gradient| ends above SHORT x its phase's tolerance "stopped short": in float32 its validation
+# score is not trusted (fit_lbfgs polishes it); between 1 and SHORT x it is (digits: every input set matched)
+SHORT = 4
+
 
 class LogisticObjective:
     """Values and gradients of the members (input set i, regularisation l), member = i * L + l.
@@ -85,14 +89,18 @@ def fit_logistic(
     history: int = 10,
     start: torch.Tensor | None = None,
     rough: float | None = 100.0,
+    polish: bool = True,
 ) -> tuple[torch.Tensor, dict]:
     """Every (input set, decay) member of one group at its optimum: (G * L, K*D+K) parameters (float64), counts.
 
     features (G, n, D), standardised. With `rough`, the iterations run in float32 until max |gradient| <=
     rough * tol (or float32 stops improving the value), then go on in float64 with the same curvature
     histories to `tol`: float32 matmuls cost half, but in float32 the value stops improving before the
-    least-regularised members converge. `max_iter` bounds each precision's iterations."""
+    least-regularised members converge. Without `polish`, the float32 phase only (the rough optimum that
+    `stages.probe.banks.fit_lbfgs` walks the C path with). `max_iter` bounds each precision's iterations."""
     phases = [(torch.float32, rough * tol), (torch.float64, tol)] if rough else [(torch.float64, tol)]
+    if not polish:
+        phases = phases[:1]
     x = (
         start
         if start is not None
@@ -108,11 +116,17 @@ def fit_logistic(
             max_iter=max_iter,
             history=history,
             state=state,
-            ftol=64 * torch.finfo(dtype).eps,
-        )  # scikit-learn's lbfgs ftol, in this precision
+            ftol=(1 if dtype == torch.float32 else 64) * torch.finfo(dtype).eps,
+        )  # float64: scikit-learn's lbfgs ftol; float32: its resolution (64 eps stopped strong-C members at 1e-3)
         x, state = result.x, result.state
         counts["iterations"] += int(result.iterations.max())
         counts["member_iterations"] += int(result.iterations.sum())
         counts["evaluations"] += result.evaluations
+        # where the iterations go: per precision, per decay (summed over input sets)
+        name = str(dtype).removeprefix("torch.")
+        counts[f"member_iterations_{name}"] = int(result.iterations.sum())
+        counts[f"per_decay_{name}"] = result.iterations.view(-1, len(decays)).sum(0).tolist()
     counts.update(converged=int(result.converged.sum()), members=len(x))
+    # members whose last phase stopped well short of its gradient test (float32 stopped improving the value)
+    counts["short"] = (result.gradient > SHORT * phases[-1][1]).tolist()
     return x.double(), counts
