@@ -20,7 +20,7 @@ from torch import nn
 
 from cache.errors import ConfigError
 from stages.probe.heads import LinearHead, MLPHead, build_head
-from stages.probe.logistic import fit_logistic
+from stages.probe.logistic import Eigenbasis, fit_logistic
 
 
 def member_seed(seed: int, *parts) -> int:
@@ -262,6 +262,8 @@ def fit_lbfgs(
     trained, counts = set(), {}
     for g, x in enumerate(features):
         G, K, D = x.shape[0], bank.K, x.shape[2]
+        basis = Eigenbasis.of(x)
+        x = basis.rotate(x)
         going = torch.ones(G, dtype=torch.bool)  # input sets still on the path
         best = [(-1.0, 0.0, -1)] * G  # per input set: (val top-1, -val loss, path position) of its best decay
         losses = [[] for _ in range(G)]  # per input set: validation loss along the path
@@ -280,6 +282,7 @@ def fit_lbfgs(
                 max_iter=max_iter,
                 start=x0,
                 polish=validation is None,
+                spectrum=basis.spectrum(sets),
             )
             short = torch.tensor(info.pop("short")).view(len(sets), len(ls))
             for key, value in info.items():
@@ -290,14 +293,15 @@ def fit_lbfgs(
             with torch.no_grad():
                 for j, l in enumerate(ls):
                     slot = bank._slot[(g, 0, l)]
-                    bank.weights[slot][sets] = params[:, j, : K * D].reshape(-1, K, D).to(bank.weights[slot].dtype)
+                    weights = basis.unrotate(params[:, j, : K * D].reshape(-1, K, D), sets)
+                    bank.weights[slot][sets] = weights.to(bank.weights[slot].dtype)
                     bank.biases[slot][sets] = params[:, j, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
                     trained.update(bank.groups[g][int(i)] * bank.L + l for i in sets)
             if start is None:
                 start = params.new_zeros(G, params.shape[2])
             start[sets] = params[:, -1]
             if validation is not None:
-                x_val, y_val = validation[0][g][sets].double(), validation[1].to(x.device)
+                x_val, y_val = basis.rotate(validation[0][g][sets].double(), sets), validation[1].to(x.device)
                 logits = torch.einsum("gmd,glkd->glmk", x_val, params[..., : K * D].reshape(len(sets), len(ls), K, D))
                 logits = logits + params[..., K * D :][:, :, None, :]
                 top1 = (logits.argmax(-1) == y_val).double().mean(-1)  # (G', l)
@@ -331,14 +335,14 @@ def fit_lbfgs(
                 )
                 for i in range(G)
             ]
-            _polish(bank, g, x, labels, decays, order, candidates, tol, max_iter, counts)
+            _polish(bank, g, x, basis, labels, decays, order, candidates, tol, max_iter, counts)
     return trained, counts
 
 
-def _polish(bank, g, x, labels, decays, order, candidates, tol, max_iter, counts) -> None:
+def _polish(bank, g, x, basis, labels, decays, order, candidates, tol, max_iter, counts) -> None:
     """float64 to `tol`, from their float32 optima, for the path positions `candidates[i]` of each input set i
-    of group g (the decays selection may choose). The other members keep their float32 optimum (max |gradient|
-    <= 100 tol): their validation scores only have to show that they lose."""
+    of group g (the decays selection may choose; x in `basis`). The other members keep their float32 optimum
+    (max |gradient| <= 100 tol): their validation scores only have to show that they lose."""
     K, D = bank.K, x.shape[2]
     wanted = {}  # path positions -> input sets (of group g) that polish exactly those
     for i, positions in enumerate(candidates):
@@ -350,10 +354,28 @@ def _polish(bank, g, x, labels, decays, order, candidates, tol, max_iter, counts
         slots = [bank._slot[(g, 0, l)] for l in ls]
         with torch.no_grad():
             start = torch.stack(
-                [torch.cat([bank.weights[s][sets].flatten(1), bank.biases[s][sets].flatten(1)], 1) for s in slots], 1
+                [
+                    torch.cat(
+                        [
+                            basis.rotate(bank.weights[s][sets].double(), sets).flatten(1),
+                            bank.biases[s][sets].flatten(1),
+                        ],
+                        1,
+                    )
+                    for s in slots
+                ],
+                1,
             ).flatten(0, 1)
         params, info = fit_logistic(
-            x[sets], labels, K, [float(decays[l]) for l in ls], tol=tol, max_iter=max_iter, start=start, rough=None
+            x[sets],
+            labels,
+            K,
+            [float(decays[l]) for l in ls],
+            tol=tol,
+            max_iter=max_iter,
+            start=start,
+            rough=None,
+            spectrum=basis.spectrum(sets),
         )
         info.pop("short")
         for key, value in info.items():
@@ -361,7 +383,8 @@ def _polish(bank, g, x, labels, decays, order, candidates, tol, max_iter, counts
         params = params.view(len(sets), len(ls), -1)
         with torch.no_grad():
             for j, slot in enumerate(slots):
-                bank.weights[slot][sets] = params[:, j, : K * D].reshape(-1, K, D).to(bank.weights[slot].dtype)
+                weights = basis.unrotate(params[:, j, : K * D].reshape(-1, K, D), sets)
+                bank.weights[slot][sets] = weights.to(bank.weights[slot].dtype)
                 bank.biases[slot][sets] = params[:, j, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
 
 

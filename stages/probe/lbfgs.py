@@ -54,9 +54,12 @@ def minimize(
     max_iter: int = 500,
     history: int = 10,
     state: dict | None = None,
+    precondition: torch.Tensor | None = None,
 ) -> Result:
     """Minimise M independent functions from x0 (M, P); see the module docstring. `state` (a previous
-    Result's, at x0) continues with the members' curvature histories instead of a gradient step."""
+    Result's, at x0) continues with the members' curvature histories instead of a gradient step.
+    `precondition` (M, P), positive: a diagonal initial inverse Hessian per member, H0 = gamma diag(D) with
+    gamma = s'y / y'Dy (eq. 7.20 in the metric of D), and the first step -D g."""
     x = x0.clone()
     M, P = x.shape
     device, dtype = x.device, x.dtype
@@ -81,12 +84,16 @@ def minimize(
         if active.numel() == 0:
             break
         ga, xa, fa = g[active], x[active], f[active]
-        d = -_two_loop(ga, S[active], Y[active], rho[active], gamma[active], (step - 1) % history, history)
+        Da = None if precondition is None else precondition[active]
+        d = -_two_loop(ga, S[active], Y[active], rho[active], gamma[active], (step - 1) % history, history, Da)
         # no curvature information yet: a steepest-descent step of length 1 / ||g|| at most (as torch's LBFGS)
         first = fresh[active]
         if first.any():
-            scale = torch.clamp(1.0 / ga.abs().sum(1, keepdim=True), max=1.0)
-            d = torch.where(first[:, None], -ga * scale, d)
+            if Da is None:
+                scale = torch.clamp(1.0 / ga.abs().sum(1, keepdim=True), max=1.0)
+                d = torch.where(first[:, None], -ga * scale, d)
+            else:
+                d = torch.where(first[:, None], -ga * Da, d)
         slope = (ga * d).sum(1)
         uphill = slope >= 0  # rounding can spoil the direction: fall back to steepest descent
         if uphill.any():
@@ -117,7 +124,8 @@ def minimize(
         S[active, slot] = torch.where(good[:, None], s, 0.0)
         Y[active, slot] = torch.where(good[:, None], y, 0.0)
         rho[active, slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
-        gamma[active] = torch.where(good, sy / torch.where(good, (y * y).sum(1), 1.0), gamma[active])
+        yy = (y * y).sum(1) if Da is None else (y * y * Da).sum(1)
+        gamma[active] = torch.where(good, sy / torch.where(good, yy, 1.0), gamma[active])
         fresh[active] = fresh[active] & ~good
         x[active], f[active], g[active] = x_new, f_new, g_new
         iterations[active] += 1
@@ -130,7 +138,14 @@ def minimize(
 
 
 def _two_loop(
-    g: torch.Tensor, S: torch.Tensor, Y: torch.Tensor, rho: torch.Tensor, gamma: torch.Tensor, newest: int, history: int
+    g: torch.Tensor,
+    S: torch.Tensor,
+    Y: torch.Tensor,
+    rho: torch.Tensor,
+    gamma: torch.Tensor,
+    newest: int,
+    history: int,
+    diagonal: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """H g for each member (N&W Algorithm 7.4): g (m, P), S and Y (m, h, P), rho (m, h), gamma (m,);
     the newest pair sits at slot `newest`, older ones before it (cyclically)."""
@@ -140,7 +155,7 @@ def _two_loop(
     for i in order:
         alphas[i] = rho[:, i] * (S[:, i] * q).sum(1)
         q -= alphas[i][:, None] * Y[:, i]
-    r = gamma[:, None] * q
+    r = gamma[:, None] * q if diagonal is None else gamma[:, None] * diagonal * q
     for i in reversed(order):  # oldest to newest
         beta = rho[:, i] * (Y[:, i] * r).sum(1)
         r += (alphas[i] - beta)[:, None] * S[:, i]
