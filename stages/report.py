@@ -247,6 +247,8 @@ def _describe(row: dict) -> str:
 
 
 def _hypers(row: dict) -> str:
+    if row.get("C") is not None:  # logreg, and the L-BFGS linear head (its lr and weight decay follow from C)
+        return f"C={row['C']:g}"
     return ", ".join(f"{k}={row[k]:g}" for k in HYPER_KEYS if row.get(k) is not None)
 
 

@@ -81,8 +81,8 @@ def test_the_linear_heads_decay_grid_is_the_C_grid_on_the_fit_rows():
     settings = ProbeSettings(store="s.zarr", head="linear", Cs=(0.1, 10.0))  # the default solver
     assert settings.solver == "lbfgs" and settings.lrs == (1.0,)
     assert settings.hypers(n_fit=50) == [
-        {"lr": 1.0, "weight_decay": 1 / (10.0 * 50)},
-        {"lr": 1.0, "weight_decay": 1 / (0.1 * 50)},
+        {"lr": 1.0, "weight_decay": 1 / (10.0 * 50), "C": 10.0},
+        {"lr": 1.0, "weight_decay": 1 / (0.1 * 50), "C": 0.1},
     ]
     # minibatch settings keep the minibatch solver and the registry's learning-rate grid
     assert ProbeSettings(store="s.zarr", head="linear", epochs=5).solver == "minibatch"

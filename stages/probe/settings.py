@@ -303,12 +303,13 @@ class ProbeSettings:
 
     def hypers(self, n_fit: int | None = None) -> list[dict]:
         """The grid of each input set, in member order. The L-BFGS linear head without a weight-decay grid
-        takes logreg's C grid as weight_decay = 1 / (C n_fit) (its length only, without `n_fit`)."""
+        takes logreg's C grid as weight_decay = 1 / (C n_fit) (its length only, without `n_fit`); its rows keep
+        their C, which reports show instead of the learning rate L-BFGS does not use."""
         rows = self.spec.hypers(self)
         if self.solver == "lbfgs" and self.weight_decays is None:
             n = max(1, int(n_fit or 1))
             rows = [
-                {"lr": row["lr"], "weight_decay": 1.0 / (C * n)}
+                {"lr": row["lr"], "weight_decay": 1.0 / (C * n), "C": C}
                 for row in rows[:1]
                 for C in sorted(self.Cs, reverse=True)
             ]
