@@ -97,19 +97,28 @@ class Eigenbasis:
 
     @classmethod
     def of(cls, features: torch.Tensor) -> Eigenbasis:
-        """features (G, n, D), standardised (mean zero on these rows)."""
-        if features.shape[2] > cls.MAX_WIDTH:
+        """features (G, n, D), standardised (mean zero on these rows). One input set at a time in float64, so the
+        transient copies are one set's, not the group's."""
+        G, n, D = features.shape
+        if D > cls.MAX_WIDTH:
             return cls(None, None)
-        x = features.double()
-        s, U = torch.linalg.eigh(x.transpose(1, 2) @ x / x.shape[1])
+        U = torch.empty(G, D, D, dtype=torch.float64, device=features.device)
+        s = torch.empty(G, D, dtype=torch.float64, device=features.device)
+        for i in range(G):
+            x = features[i].double()
+            s[i], U[i] = torch.linalg.eigh(x.T @ x / n)
         return cls(U, s.clamp(min=0))
 
     def rotate(self, x: torch.Tensor, sets: torch.Tensor | None = None) -> torch.Tensor:
-        """(G', r, D) rows or weights of input sets `sets` (all when None) -> the same in the eigenbasis."""
+        """(G', r, D) rows or weights of input sets `sets` (all when None) -> the same in the eigenbasis, in x's
+        dtype (a new tensor; the product in float64, one input set at a time)."""
         if self.U is None:
             return x
         U = self.U if sets is None else self.U[sets]
-        return (x.double() @ U).to(x.dtype)
+        out = torch.empty_like(x)
+        for i in range(len(x)):
+            out[i] = (x[i].double() @ U[i]).to(x.dtype)
+        return out
 
     def unrotate(self, weights: torch.Tensor, sets: torch.Tensor) -> torch.Tensor:
         """(G', K, D) weights in the eigenbasis -> in the features' own basis."""
