@@ -285,18 +285,13 @@ def fit_lbfgs(
                 spectrum=basis.spectrum(sets),
             )
             short = torch.tensor(info.pop("short")).view(len(sets), len(ls))
-            for key, value in info.items():
-                counts[key] = counts.get(key, [] if isinstance(value, list) else 0) + value
+            _add_counts(counts, info)
             params = params.view(len(sets), len(ls), -1)
             for row, i in enumerate(sets.tolist()):
                 unresolved[i] += [b * block + j for j in range(len(ls)) if short[row, j]]
-            with torch.no_grad():
-                for j, l in enumerate(ls):
-                    slot = bank._slot[(g, 0, l)]
-                    weights = basis.unrotate(params[:, j, : K * D].reshape(-1, K, D), sets)
-                    bank.weights[slot][sets] = weights.to(bank.weights[slot].dtype)
-                    bank.biases[slot][sets] = params[:, j, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
-                    trained.update(bank.groups[g][int(i)] * bank.L + l for i in sets)
+            for j, l in enumerate(ls):
+                _store(bank, bank._slot[(g, 0, l)], sets, params[:, j], basis)
+                trained.update(bank.groups[g][int(i)] * bank.L + l for i in sets)
             if start is None:
                 start = params.new_zeros(G, params.shape[2])
             start[sets] = params[:, -1]
@@ -343,7 +338,7 @@ def _polish(bank, g, x, basis, labels, decays, order, candidates, tol, max_iter,
     """float64 to `tol`, from their float32 optima, for the path positions `candidates[i]` of each input set i
     of group g (the decays selection may choose; x in `basis`). The other members keep their float32 optimum
     (max |gradient| <= 100 tol): their validation scores only have to show that they lose."""
-    K, D = bank.K, x.shape[2]
+    K = bank.K
     wanted = {}  # path positions -> input sets (of group g) that polish exactly those
     for i, positions in enumerate(candidates):
         wanted.setdefault(tuple(positions), []).append(i)
@@ -378,14 +373,26 @@ def _polish(bank, g, x, basis, labels, decays, order, candidates, tol, max_iter,
             spectrum=basis.spectrum(sets),
         )
         info.pop("short")
-        for key, value in info.items():
-            counts[key] = counts.get(key, [] if isinstance(value, list) else 0) + value
+        _add_counts(counts, info)
         params = params.view(len(sets), len(ls), -1)
-        with torch.no_grad():
-            for j, slot in enumerate(slots):
-                weights = basis.unrotate(params[:, j, : K * D].reshape(-1, K, D), sets)
-                bank.weights[slot][sets] = weights.to(bank.weights[slot].dtype)
-                bank.biases[slot][sets] = params[:, j, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
+        for j, slot in enumerate(slots):
+            _store(bank, slot, sets, params[:, j], basis)
+
+
+def _add_counts(counts: dict, info: dict) -> None:
+    """Sum one fit_logistic call's iteration counts into `counts` (numbers add, per-decay lists concatenate)."""
+    for key, value in info.items():
+        counts[key] = counts.get(key, [] if isinstance(value, list) else 0) + value
+
+
+def _store(bank, slot: int, sets: torch.Tensor, params: torch.Tensor, basis) -> None:
+    """Write the flat parameters (G', K*D+K) of input sets `sets`, found in `basis`, into the bank's `slot`."""
+    K = bank.K
+    D = (params.shape[1] - K) // K
+    with torch.no_grad():
+        weights = basis.unrotate(params[:, : K * D].reshape(-1, K, D), sets)
+        bank.weights[slot][sets] = weights.to(bank.weights[slot].dtype)
+        bank.biases[slot][sets] = params[:, K * D :].reshape(-1, K, 1).to(bank.biases[slot].dtype)
 
 
 def group_by_dim(dims: Sequence[int]) -> list[list[int]]:
