@@ -17,6 +17,13 @@ batched loop; a skipped pair is a zero entry (rho = 0) and contributes nothing.
 A member stops when max |gradient| <= `tol` (scipy's L-BFGS-B `pgtol`, which scikit-learn's
 LogisticRegression sets to its `tol`), when the relative decrease of its value in one step is at most
 `ftol` (scipy's factr test), when its line search fails, or after `max_iter` iterations.
+
+`noisy_values`: the objective's gradients are exact to float64 but its values carry rounding far above the
+decreases near the optimum (`stages.probe.logistic`'s mixed precision). A step is then also accepted on
+Hager and Zhang's approximate Wolfe condition (SIAM J. Optim. 16(1), 2005), which tests the directional
+derivative instead of the value: phi'(t) <= (2 c1 - 1) phi'(0), with the value no more than
+`NOISE` x |f| above the start; and the relative-decrease test uses the decrease the derivatives imply,
+t (phi'(0) + phi'(t)) / 2 (exact for a quadratic), not the noisy difference of values.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ Objective = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Ten
 
 ARMIJO = 1e-4  # c1 of the sufficient-decrease condition (N&W's suggested value)
 MAX_BACKTRACKS = 40
+NOISE = 1e-10  # noisy_values: how far above the start a value accepted on the approximate Wolfe test may lie
 
 
 @dataclass
@@ -55,6 +63,7 @@ def minimize(
     history: int = 10,
     state: dict | None = None,
     precondition: torch.Tensor | None = None,
+    noisy_values: bool = False,
 ) -> Result:
     """Minimise M independent functions from x0 (M, P); see the module docstring. `state` (a previous
     Result's, at x0) continues with the members' curvature histories instead of a gradient step.
@@ -77,64 +86,139 @@ def minimize(
         offset = 0
     iterations = torch.zeros(M, dtype=torch.long, device=device)
     converged = g.abs().amax(1) <= tol
-    stopped = converged.clone()
     evaluations = 1
+    # The members still running, compacted: their rows are gathered once and written back when they stop, not
+    # gathered from the full (M, ...) arrays every iteration (the histories are 2 x history x P per member).
+    active = (~converged).nonzero().squeeze(1)
+    work = _Working.gather(active, x, f, g, S, Y, rho, gamma, fresh, precondition)
+    step = offset
     for step in range(offset, offset + max_iter):
-        active = (~stopped).nonzero().squeeze(1)
         if active.numel() == 0:
             break
-        ga, xa, fa = g[active], x[active], f[active]
-        Da = None if precondition is None else precondition[active]
-        d = -_two_loop(ga, S[active], Y[active], rho[active], gamma[active], (step - 1) % history, history, Da)
+        xa, fa, ga = work.x, work.f, work.g
+        d = -_two_loop(ga, work.S, work.Y, work.rho, work.gamma, (step - 1) % history, history, work.D)
         # no curvature information yet: a steepest-descent step of length 1 / ||g|| at most (as torch's LBFGS)
-        first = fresh[active]
+        first = work.fresh
         if first.any():
-            if Da is None:
+            if work.D is None:
                 scale = torch.clamp(1.0 / ga.abs().sum(1, keepdim=True), max=1.0)
                 d = torch.where(first[:, None], -ga * scale, d)
             else:
-                d = torch.where(first[:, None], -ga * Da, d)
-        slope = (ga * d).sum(1)
+                d = torch.where(first[:, None], -ga * work.D, d)
+        slope = torch.linalg.vecdot(ga, d)
         uphill = slope >= 0  # rounding can spoil the direction: fall back to steepest descent
         if uphill.any():
             d = torch.where(uphill[:, None], -ga, d)
-            slope = torch.where(uphill, -(ga * ga).sum(1), slope)
-        t = torch.ones(len(active), device=device, dtype=dtype)
-        x_new, f_new, g_new = xa + d, torch.empty_like(fa), torch.empty_like(ga)
-        pending = torch.arange(len(active), device=device)  # positions (in `active`) still searching
-        failed = torch.zeros(len(active), dtype=torch.bool, device=device)
-        for _ in range(MAX_BACKTRACKS):
-            trial = xa[pending] + t[pending, None] * d[pending]
-            f_try, g_try = objective(active[pending], trial)
-            evaluations += 1
-            ok = f_try <= fa[pending] + ARMIJO * t[pending] * slope[pending]
-            done = pending[ok]
-            x_new[done], f_new[done], g_new[done] = trial[ok], f_try[ok], g_try[ok]
-            pending = pending[~ok]
-            if pending.numel() == 0:
-                break
-            t[pending] *= 0.5
-        else:
-            failed[pending] = True  # no decrease representable along d: the member is as good as it gets
-            x_new[pending], f_new[pending], g_new[pending] = xa[pending], fa[pending], ga[pending]
+            slope = torch.where(uphill, -torch.linalg.vecdot(ga, ga), slope)
+        x_new, f_new, g_new, t, failed, searches = _line_search(objective, active, xa, fa, ga, d, slope, noisy_values)
+        evaluations += searches
         s, y = x_new - xa, g_new - ga
-        sy = (s * y).sum(1)
-        good = sy > 1e-10 * (y * y).sum(1)
+        sy = torch.linalg.vecdot(s, y)
+        good = sy > 1e-10 * torch.linalg.vecdot(y, y)
         slot = step % history
-        S[active, slot] = torch.where(good[:, None], s, 0.0)
-        Y[active, slot] = torch.where(good[:, None], y, 0.0)
-        rho[active, slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
-        yy = (y * y).sum(1) if Da is None else (y * y * Da).sum(1)
-        gamma[active] = torch.where(good, sy / torch.where(good, yy, 1.0), gamma[active])
-        fresh[active] = fresh[active] & ~good
-        x[active], f[active], g[active] = x_new, f_new, g_new
+        work.S[:, slot] = torch.where(good[:, None], s, 0.0)
+        work.Y[:, slot] = torch.where(good[:, None], y, 0.0)
+        work.rho[:, slot] = torch.where(good, 1.0 / torch.where(good, sy, 1.0), 0.0)
+        yy = torch.linalg.vecdot(y, y) if work.D is None else torch.linalg.vecdot(y * work.D, y)
+        work.gamma = torch.where(good, sy / torch.where(good, yy, 1.0), work.gamma)
+        work.fresh = work.fresh & ~good
+        work.x, work.f, work.g = x_new, f_new, g_new
         iterations[active] += 1
-        small = (fa - f_new) <= ftol * torch.clamp(torch.maximum(fa.abs(), f_new.abs()), min=1.0)
+        decrease = -0.5 * t * (slope + torch.linalg.vecdot(g_new, d)) if noisy_values else fa - f_new
+        small = decrease <= ftol * torch.clamp(torch.maximum(fa.abs(), f_new.abs()), min=1.0)
         met = (g_new.abs().amax(1) <= tol) | (small & ~failed)
-        converged[active] = met
-        stopped[active] = met | failed
+        stop = met | failed
+        if stop.any():
+            converged[active[stop]] = met[stop]
+            work.scatter(stop, active, x, f, g, S, Y, rho, gamma, fresh)
+            keep = ~stop
+            active = active[keep]
+            work = work.select(keep)
+    work.scatter(torch.ones(len(active), dtype=torch.bool, device=device), active, x, f, g, S, Y, rho, gamma, fresh)
     state = {"S": S, "Y": Y, "rho": rho, "gamma": gamma, "fresh": fresh, "offset": step + 1 if max_iter else offset}
     return Result(x, iterations, converged, f, g.abs().amax(1), evaluations, state)
+
+
+@dataclass
+class _Working:
+    """The running members' rows of the optimizer's arrays (x, f, g, histories, preconditioner)."""
+
+    x: torch.Tensor
+    f: torch.Tensor
+    g: torch.Tensor
+    S: torch.Tensor
+    Y: torch.Tensor
+    rho: torch.Tensor
+    gamma: torch.Tensor
+    fresh: torch.Tensor
+    D: torch.Tensor | None
+
+    @classmethod
+    def gather(cls, rows, x, f, g, S, Y, rho, gamma, fresh, D) -> _Working:
+        return cls(
+            x[rows],
+            f[rows],
+            g[rows],
+            S[rows],
+            Y[rows],
+            rho[rows],
+            gamma[rows],
+            fresh[rows],
+            None if D is None else D[rows],
+        )
+
+    def select(self, keep: torch.Tensor) -> _Working:
+        return _Working(*(None if v is None else v[keep] for v in vars(self).values()))
+
+    def scatter(self, which, rows, x, f, g, S, Y, rho, gamma, fresh) -> None:
+        """Write the members `which` (a mask over the working rows) back to the full arrays at `rows`."""
+        if not which.any():
+            return
+        target = rows[which]
+        x[target], f[target], g[target] = self.x[which], self.f[which], self.g[which]
+        S[target], Y[target], rho[target] = self.S[which], self.Y[which], self.rho[which]
+        gamma[target], fresh[target] = self.gamma[which], self.fresh[which]
+
+
+def _line_search(objective, active, xa, fa, ga, d, slope, noisy_values):
+    """Backtracking from t = 1, halving, to the Armijo condition (or, with `noisy_values`, the approximate Wolfe
+    condition), member by member (only the members still searching are evaluated again). Returns the new x,
+    f, g, the step lengths, which members failed (no decrease representable along d: they keep their point,
+    as good as it gets) and the number of objective calls."""
+
+    def accepted(f_try, g_try, f0, slope0, t):
+        if noisy_values:  # the values cannot tell the decrease: the derivatives do, the values guard
+            wolfe = torch.linalg.vecdot(g_try, d_now) <= (2 * ARMIJO - 1) * slope0
+            return wolfe & (f_try <= f0 + NOISE * f0.abs())
+        return f_try <= f0 + ARMIJO * t * slope0
+
+    t = torch.ones_like(fa)
+    x_new = xa + d
+    f_new, g_new = objective(active, x_new)
+    d_now = d
+    ok = accepted(f_new, g_new, fa, slope, t)
+    if bool(ok.all()):  # the usual case: the unit step is accepted by every member
+        return x_new, f_new, g_new, t, torch.zeros_like(ok), 1
+    pending = (~ok).nonzero().squeeze(1)  # positions (in `active`) still searching
+    failed = torch.zeros_like(ok)
+    calls = 1
+    for _ in range(MAX_BACKTRACKS - 1):
+        t[pending] *= 0.5
+        trial = xa[pending] + t[pending, None] * d[pending]
+        f_try, g_try = objective(active[pending], trial)
+        calls += 1
+        d_now = d[pending]
+        ok = accepted(f_try, g_try, fa[pending], slope[pending], t[pending])
+        done = pending[ok]
+        x_new[done], f_new[done], g_new[done] = trial[ok], f_try[ok], g_try[ok]
+        pending = pending[~ok]
+        if pending.numel() == 0:
+            break
+    else:
+        failed[pending] = True
+        x_new[pending], f_new[pending], g_new[pending] = xa[pending], fa[pending], ga[pending]
+        t[pending] = 0.0
+    return x_new, f_new, g_new, t, failed, calls
 
 
 def _two_loop(
@@ -153,10 +237,10 @@ def _two_loop(
     alphas = [None] * history
     order = [(newest - i) % history for i in range(history)]  # newest to oldest
     for i in order:
-        alphas[i] = rho[:, i] * (S[:, i] * q).sum(1)
+        alphas[i] = rho[:, i] * torch.linalg.vecdot(S[:, i], q)
         q -= alphas[i][:, None] * Y[:, i]
     r = gamma[:, None] * q if diagonal is None else gamma[:, None] * diagonal * q
     for i in reversed(order):  # oldest to newest
-        beta = rho[:, i] * (Y[:, i] * r).sum(1)
+        beta = rho[:, i] * torch.linalg.vecdot(Y[:, i], r)
         r += (alphas[i] - beta)[:, None] * S[:, i]
     return r
