@@ -54,8 +54,8 @@ class LogisticObjective:
         self.G, self.n, self.D = features.shape
         self.K, self.L = int(num_classes), len(decays)
         self.mixed = mixed
-        self.dtype = torch.float64 if mixed else features.dtype  # of x, values and gradients
-        self.decay = torch.as_tensor(list(decays), dtype=self.dtype, device=features.device)
+        dtype = torch.float64 if mixed else features.dtype  # of x, values and gradients
+        self.decay = torch.as_tensor(list(decays), dtype=dtype, device=features.device)
         self.labels = labels.to(features.device).long()
         # each row's label entry in a member's (K, n) logits, flattened
         self.picked = self.labels * self.n + torch.arange(self.n, device=features.device)
